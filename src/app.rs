@@ -1,0 +1,111 @@
+//! The application context: everything shared by all workers, built once at start-up.
+//!
+//! `App` owns the configuration, the providers (each with its own state), the router,
+//! the clock and the shutdown signals. Workers hold it as `Arc<App>`; per-worker state
+//! (the upstream pool) lives in [`crate::server::Worker`], never here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{MonotonicClock, SharedClock};
+use crate::config::{Config, ProviderConfig};
+use crate::health::Readiness;
+use crate::route::Router;
+use crate::upstream::Connector;
+
+/// One upstream provider and the state it owns.
+#[derive(Debug)]
+pub struct Provider {
+    pub name: Arc<str>,
+    pub config: ProviderConfig,
+    /// Clock time (+1, so 0 means never) of the last upstream answer below 500.
+    last_success: AtomicU64,
+}
+
+impl Provider {
+    pub fn new(config: ProviderConfig) -> Self {
+        Self {
+            name: Arc::from(config.name.as_str()),
+            config,
+            last_success: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes that the upstream answered. Written at most every 100 ms so workers do not
+    /// bounce the cache line on every request.
+    pub fn mark_success(&self, now_nanos: u64) {
+        // Relaxed: a freshness hint for readiness, ordered with nothing else.
+        let last = self.last_success.load(Ordering::Relaxed);
+        if now_nanos.saturating_add(1).saturating_sub(last) > 100_000_000 {
+            self.last_success.store(now_nanos + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the upstream answered within `window` before `now_nanos`.
+    pub fn answered_within(&self, now_nanos: u64, window: Duration) -> bool {
+        let last = self.last_success.load(Ordering::Relaxed);
+        last != 0 && now_nanos.saturating_sub(last - 1) <= window.as_nanos() as u64
+    }
+}
+
+/// Shutdown in two steps: stop accepting, then (after the grace period) cut what is left.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled on SIGTERM/SIGINT: listeners close, connections drain.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period ends: SSE streams end with an error event,
+    /// requests still waiting for the upstream get a 503.
+    pub hard_stop: CancellationToken,
+}
+
+/// Everything the workers share.
+pub struct App {
+    pub config: Config,
+    pub providers: Vec<Provider>,
+    pub router: Router,
+    pub clock: SharedClock,
+    pub connector: Connector,
+    pub shutdown: Shutdown,
+    pub readiness: Readiness,
+    /// Random per process, the high half of generated request ids.
+    pub boot_id: u64,
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<Self> {
+        Self::with_clock(config, Arc::new(MonotonicClock::new()))
+    }
+
+    pub fn with_clock(config: Config, clock: SharedClock) -> Arc<Self> {
+        let providers: Vec<Provider> = config
+            .providers
+            .iter()
+            .cloned()
+            .map(Provider::new)
+            .collect();
+        let router = Router::new(&config.providers, config.default_provider);
+        let boot_id = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            h.finish()
+        };
+        Arc::new(Self {
+            connector: Connector::new(config.timeouts.connect),
+            readiness: Readiness::default(),
+            router,
+            providers,
+            clock,
+            shutdown: Shutdown::default(),
+            boot_id,
+            config,
+        })
+    }
+
+    pub fn default_provider(&self) -> &Provider {
+        &self.providers[self.config.default_provider]
+    }
+}

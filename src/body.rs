@@ -1,0 +1,264 @@
+//! The response body the proxy hands to hyper: a buffered error or an upstream stream.
+//!
+//! An upstream body is passed through frame by frame, never buffered, so an SSE token
+//! reaches the client as soon as it arrives. The wrapper adds what a proxy owes its
+//! client on top: an idle timeout between frames (not a total deadline), an upstream
+//! failure that stays a failure (for SSE a final `event: error` before the connection is
+//! aborted, never a clean end), a clean `event: error` end of SSE streams when the
+//! shutdown grace period runs out, the upstream connection's return to the pool once
+//! the body is complete, and exactly one [`Record`] per request however the body ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::error::error_json;
+use crate::record::{End, Record};
+use crate::upstream::Lease;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body of every response the proxy sends.
+pub enum ProxyBody {
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamBody>),
+}
+
+impl ProxyBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::Full(Some(bytes.into()))
+    }
+    pub fn empty() -> Self {
+        Self::Full(None)
+    }
+}
+
+enum State {
+    Streaming,
+    /// An error frame was sent to an SSE client; abort the stream on the next poll.
+    AbortNext(String),
+    Done,
+}
+
+/// A streamed upstream response body with the proxy's guarantees.
+pub struct UpstreamBody {
+    inner: Incoming,
+    sse: bool,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    last_frame: Instant,
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    lease: Option<Lease>,
+    record: Option<Record>,
+    state: State,
+    bytes: u64,
+    /// The last two bytes sent, to end a half-written SSE event before an error event.
+    tail: [u8; 2],
+}
+
+impl UpstreamBody {
+    /// Wraps `inner`. `shutdown` fires when the grace period ends (SSE streams then end
+    /// with an error event); `lease` goes back to the pool when the body completes.
+    pub fn new(
+        inner: Incoming,
+        sse: bool,
+        idle: Duration,
+        shutdown: Option<WaitForCancellationFutureOwned>,
+        lease: Option<Lease>,
+        record: Record,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            sse,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            last_frame: now,
+            shutdown: if sse { shutdown.map(Box::pin) } else { None },
+            lease,
+            record: Some(record),
+            state: State::Streaming,
+            bytes: 0,
+            tail: *b"\n\n",
+        }
+    }
+
+    /// The upstream body ended cleanly: its connection can serve another request.
+    fn complete(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+        self.finish(End::Complete);
+        self.state = State::Done;
+    }
+
+    fn finish(&mut self, end: End) {
+        if let Some(r) = self.record.take() {
+            r.finish(end, self.bytes);
+        }
+    }
+
+    /// Ends the stream as a failure: SSE clients get an error event first.
+    fn fail(&mut self, end: End, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.lease = None;
+        self.finish(end);
+        if self.sse {
+            self.state = State::AbortNext(message.clone());
+            Poll::Ready(Some(Ok(Frame::data(
+                self.sse_error(&message, "upstream_stream_error"),
+            ))))
+        } else {
+            self.state = State::Done;
+            Poll::Ready(Some(Err(message.into())))
+        }
+    }
+
+    fn sse_error(&self, message: &str, code: &str) -> Bytes {
+        let json = error_json(message, "upstream_error", code);
+        let mut out = Vec::with_capacity(json.len() + 24);
+        if &self.tail != b"\n\n" {
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(&json);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+
+    fn note_data(&mut self, data: &Bytes) {
+        self.bytes += data.len() as u64;
+        match data.len() {
+            0 => {}
+            1 => self.tail = [self.tail[1], data[0]],
+            n => self.tail = [data[n - 2], data[n - 1]],
+        }
+    }
+
+    /// Polls the idle timer, re-arming it lazily from the last frame's time so a busy
+    /// stream never touches the timer wheel per frame.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.idle_timer.as_mut().poll(cx));
+            let due = self.last_frame + self.idle;
+            if due <= Instant::now() {
+                return Poll::Ready(());
+            }
+            self.idle_timer.as_mut().reset(due);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away (or the server shut down).
+        self.finish(End::ClientGone);
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &this.state {
+            State::Done => return Poll::Ready(None),
+            State::AbortNext(msg) => {
+                let msg = msg.clone();
+                this.state = State::Done;
+                return Poll::Ready(Some(Err(msg.into())));
+            }
+            State::Streaming => {}
+        }
+        if let Some(sd) = this.shutdown.as_mut() {
+            if sd.as_mut().poll(cx).is_ready() {
+                this.lease = None;
+                this.finish(End::Shutdown);
+                this.state = State::Done;
+                let frame = this.sse_error(
+                    "the sidecar is shutting down; the stream was cut at the end of the grace period",
+                    "shutting_down",
+                );
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last_frame = Instant::now();
+                if let Some(data) = frame.data_ref() {
+                    let data = data.clone();
+                    this.note_data(&data);
+                }
+                // hyper stops polling once a Content-Length body is complete, so the end
+                // is detected here rather than by waiting for `None`.
+                if this.inner.is_end_stream() {
+                    this.complete();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let msg = format!("upstream stream failed: {e}");
+                this.fail(End::UpstreamError, msg)
+            }
+            Poll::Ready(None) => {
+                this.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                ready!(this.poll_idle(cx));
+                let msg = format!("upstream stream idle for more than {:?}", this.idle);
+                this.fail(End::IdleTimeout, msg)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Streaming if !self.sse => self.inner.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream(u) => Pin::new(u.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upstream(u) => u.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Upstream(u) => u.size_hint(),
+        }
+    }
+}

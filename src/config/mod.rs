@@ -1,0 +1,556 @@
+//! Typed configuration, parsed and validated once at start-up.
+//!
+//! Layers, lowest first: built-in defaults < TOML file (`--config`) < environment (the
+//! process environment over `.env`) < command-line flags. The merged [`Settings`] are
+//! then turned into a [`Config`] whose fields can only hold valid values; every bad
+//! value is reported as one [`ConfigError`] line naming the setting, the value and what
+//! is accepted. Nothing after start-up reads a raw string or an environment variable.
+
+mod settings;
+mod source;
+mod upstream;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use settings::{ParseSetting, SettingDoc, Settings, SETTINGS};
+pub use source::{EnvSource, ProcessEnv};
+pub use upstream::{Scheme, UpstreamUrl};
+
+/// A configuration error: one line, naming the setting, the value and what is accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {setting}={value:?}: expected {expected}")]
+    Invalid {
+        setting: String,
+        value: String,
+        expected: String,
+    },
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path} (line {line}): {message}")]
+    Toml {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("invalid .env file {path}: {reason}")]
+    DotEnv { path: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(setting: impl Into<String>, value: impl ToString, expected: &str) -> Self {
+        Self::Invalid {
+            setting: setting.into(),
+            value: value.to_string(),
+            expected: expected.to_owned(),
+        }
+    }
+}
+
+/// A secret (API key, admin token). `Debug` and [`Secret::masked`] show 4 characters.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// `None` for an empty string: an empty key means "no key".
+    pub fn new(value: String) -> Option<Self> {
+        (!value.is_empty()).then_some(Self(value))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// First four characters followed by `****`.
+    pub fn masked(&self) -> String {
+        let head: String = self.0.chars().take(4).collect();
+        format!("{head}****")
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+/// Output format of the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Client-facing server limits; each maps to a hyper builder setting or a check of ours.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
+    pub keep_alive: bool,
+}
+
+/// Timeouts of the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Arrival to response headers (queue wait included).
+    pub request: Duration,
+    pub connect: Duration,
+    /// Longest silence inside a response body.
+    pub stream_idle: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// One upstream provider and the models routed to it.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub upstream: UpstreamUrl,
+    pub api_key: Option<Secret>,
+    pub rate_rpm: f64,
+    pub bucket_capacity: u32,
+    pub queue_max_size: usize,
+    pub low_priority_timeout: Duration,
+    /// Glob patterns (`*` wildcard) of the models routed here; empty: only as default.
+    pub models: Vec<String>,
+    pub fallback: Option<UpstreamUrl>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub workers: NonZeroUsize,
+    pub log_level: tracing::Level,
+    pub log_format: LogFormat,
+    pub admin_token: Option<Secret>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub fallback_enabled_passthrough: bool,
+    pub ready_cache: Duration,
+    pub providers: Vec<ProviderConfig>,
+    /// Index into `providers` of the route for unmatched models.
+    pub default_provider: usize,
+}
+
+/// One `[[providers]]` table of the TOML file; unset fields inherit the global settings.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderFile {
+    pub name: String,
+    pub upstream_url: Option<String>,
+    pub api_key: Option<String>,
+    pub api_key_env: Option<String>,
+    pub rate_rpm: Option<f64>,
+    pub bucket_capacity: Option<u32>,
+    pub queue_max_size: Option<usize>,
+    pub low_priority_timeout: Option<f64>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    pub fallback_url: Option<String>,
+}
+
+/// The TOML file: global settings at the top level, then providers.
+#[derive(Debug, Default, Clone)]
+pub struct FileConfig {
+    pub settings: Settings,
+    pub providers: Vec<ProviderFile>,
+    pub default_provider: Option<String>,
+}
+
+impl FileConfig {
+    /// Parses TOML text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let toml_err = |e: toml::de::Error| ConfigError::Toml {
+            path: path.to_owned(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(1),
+            message: e.message().replace('\n', " "),
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(toml_err)?;
+        let providers = match table.remove("providers") {
+            Some(v) => Vec::<ProviderFile>::deserialize(v).map_err(|e| ConfigError::Toml {
+                path: path.to_owned(),
+                line: 1,
+                message: format!("providers: {}", e.message().replace('\n', " ")),
+            })?,
+            None => Vec::new(),
+        };
+        let default_provider = match table.remove("default_provider") {
+            Some(toml::Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "default_provider",
+                    other,
+                    "the name of a provider (a string)",
+                ))
+            }
+            None => None,
+        };
+        let settings =
+            Settings::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Toml {
+                path: path.to_owned(),
+                line: 1,
+                message: e.message().replace('\n', " "),
+            })?;
+        Ok(Self {
+            settings,
+            providers,
+            default_provider,
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}
+
+/// Loads the configuration from all layers.
+pub fn load(
+    file: Option<&Path>,
+    env: &dyn EnvSource,
+    flags: Settings,
+) -> Result<Config, ConfigError> {
+    let file = match file {
+        Some(p) => FileConfig::read(p)?,
+        None => FileConfig::default(),
+    };
+    let mut merged = Settings::defaults();
+    merged.overlay(file.settings.clone());
+    merged.overlay(Settings::from_env(env)?);
+    merged.overlay(flags);
+    Config::build(merged, &file, env)
+}
+
+fn seconds(setting: &str, value: f64) -> Result<Duration, ConfigError> {
+    if value.is_finite() && value > 0.0 && value <= 86_400.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::invalid(
+            setting,
+            value,
+            "a number of seconds greater than 0 and at most 86400",
+        ))
+    }
+}
+
+fn rpm(setting: &str, value: f64) -> Result<f64, ConfigError> {
+    if value.is_finite() && value > 0.0 && value <= 6_000_000.0 {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(
+            setting,
+            value,
+            "requests per minute greater than 0 and at most 6000000",
+        ))
+    }
+}
+
+fn at_least<T: PartialOrd + std::fmt::Display + Copy>(
+    setting: &str,
+    value: T,
+    min: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    if value >= min {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(setting, value, expected))
+    }
+}
+
+fn listen_ip(value: &str) -> Result<IpAddr, ConfigError> {
+    if value.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    value.parse().map_err(|_| {
+        ConfigError::invalid(
+            "listen_host",
+            value,
+            "an IP address such as 127.0.0.1, 0.0.0.0 or ::1 (or localhost)",
+        )
+    })
+}
+
+impl Config {
+    /// Validates merged settings (every field `Some`, as after [`Settings::defaults`]).
+    pub fn build(s: Settings, file: &FileConfig, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        // Every field was filled by `Settings::defaults()`, the lowest layer.
+        macro_rules! get {
+            ($f:ident) => {
+                s.$f.clone().unwrap_or_default()
+            };
+        }
+        let ip = listen_ip(&get!(listen_host))?;
+        let listen = SocketAddr::new(ip, get!(listen_port));
+        let metrics_listen = SocketAddr::new(ip, get!(metrics_port));
+        if listen.port() != 0 && listen.port() == metrics_listen.port() {
+            return Err(ConfigError::invalid(
+                "metrics_port",
+                metrics_listen.port(),
+                "a port different from listen_port",
+            ));
+        }
+        let workers = match get!(workers) {
+            0 => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            n if n <= 1024 => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
+            n => {
+                return Err(ConfigError::invalid(
+                    "workers",
+                    n,
+                    "0 (one per core) or a count up to 1024",
+                ))
+            }
+        };
+        let level_raw = get!(log_level);
+        let log_level = level_raw.trim().parse::<tracing::Level>().map_err(|_| {
+            ConfigError::invalid("log_level", &level_raw, "error, warn, info, debug or trace")
+        })?;
+        let log_format = match get!(log_format).trim().to_ascii_lowercase().as_str() {
+            "json" => LogFormat::Json,
+            "pretty" | "text" => LogFormat::Pretty,
+            other => return Err(ConfigError::invalid("log_format", other, "json or pretty")),
+        };
+        let timeouts = Timeouts {
+            request: seconds("request_timeout", get!(request_timeout))?,
+            connect: seconds("connect_timeout", get!(connect_timeout))?,
+            stream_idle: seconds("stream_idle_timeout", get!(stream_idle_timeout))?,
+            shutdown_grace: seconds("shutdown_grace", get!(shutdown_grace))?,
+        };
+        let limits = Limits {
+            header_read_timeout: seconds("header_read_timeout", get!(header_read_timeout))?,
+            max_headers: at_least(
+                "max_headers",
+                get!(max_headers),
+                8,
+                "an integer of at least 8",
+            )?,
+            max_header_bytes: at_least(
+                "max_header_bytes",
+                get!(max_header_bytes),
+                1024,
+                "an integer of at least 1024",
+            )?,
+            max_body_bytes: at_least(
+                "max_body_bytes",
+                get!(max_body_bytes),
+                1024,
+                "an integer of at least 1024",
+            )?,
+            max_connections: at_least(
+                "max_connections",
+                get!(max_connections),
+                1,
+                "an integer of at least 1",
+            )?,
+            h2_max_concurrent_streams: at_least(
+                "h2_max_concurrent_streams",
+                get!(h2_max_concurrent_streams),
+                1,
+                "an integer of at least 1",
+            )?,
+            h2_max_header_list_size: at_least(
+                "h2_max_header_list_size",
+                get!(h2_max_header_list_size),
+                1024,
+                "an integer of at least 1024",
+            )?,
+            keep_alive: get!(keep_alive),
+        };
+
+        let global_key = Secret::new(get!(upstream_api_key))
+            .or_else(|| env.var("NVIDIA_API_KEY").and_then(Secret::new));
+        let inherit = ProviderFile {
+            name: "nvidia".into(),
+            upstream_url: Some(get!(upstream_url)),
+            rate_rpm: Some(get!(rate_rpm)),
+            bucket_capacity: Some(get!(bucket_capacity)),
+            queue_max_size: Some(get!(queue_max_size)),
+            low_priority_timeout: Some(get!(low_priority_timeout)),
+            models: vec!["*".into()],
+            ..ProviderFile::default()
+        };
+        let (providers, default_provider) = if file.providers.is_empty() {
+            let p = provider(&inherit, &inherit, global_key.clone(), "", env)?;
+            if let Some(name) = file.default_provider.as_deref().filter(|n| *n != p.name) {
+                return Err(ConfigError::invalid(
+                    "default_provider",
+                    name,
+                    "the name of a [[providers]] entry (none declared; the implicit one is \"nvidia\")",
+                ));
+            }
+            (vec![p], 0)
+        } else {
+            let mut out: Vec<ProviderConfig> = Vec::with_capacity(file.providers.len());
+            for (i, raw) in file.providers.iter().enumerate() {
+                let prefix = format!("providers[{i}].");
+                let p = provider(raw, &inherit, None, &prefix, env)?;
+                if out.iter().any(|o| o.name == p.name) {
+                    return Err(ConfigError::invalid(
+                        format!("{prefix}name"),
+                        &p.name,
+                        "a name no other provider uses",
+                    ));
+                }
+                out.push(p);
+            }
+            let default = match &file.default_provider {
+                None => 0,
+                Some(name) => out.iter().position(|p| &p.name == name).ok_or_else(|| {
+                    let names: Vec<&str> = out.iter().map(|p| p.name.as_str()).collect();
+                    ConfigError::invalid(
+                        "default_provider",
+                        name,
+                        &format!("one of the declared providers: {}", names.join(", ")),
+                    )
+                })?,
+            };
+            (out, default)
+        };
+
+        Ok(Config {
+            listen,
+            metrics_listen,
+            workers,
+            log_level,
+            log_format,
+            admin_token: Secret::new(get!(admin_token)),
+            timeouts,
+            limits,
+            fallback_enabled_passthrough: get!(fallback_enabled_passthrough),
+            ready_cache: seconds("ready_cache", get!(ready_cache))?,
+            providers,
+            default_provider,
+        })
+    }
+
+    /// The provider for unmatched models.
+    pub fn default_provider(&self) -> &ProviderConfig {
+        &self.providers[self.default_provider]
+    }
+}
+
+/// Validates one provider; unset fields come from `inherit` (the global settings).
+fn provider(
+    raw: &ProviderFile,
+    inherit: &ProviderFile,
+    implicit_key: Option<Secret>,
+    prefix: &str,
+    env: &dyn EnvSource,
+) -> Result<ProviderConfig, ConfigError> {
+    let name = raw.name.trim();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ConfigError::invalid(
+            format!("{prefix}name"),
+            name,
+            "a non-empty name of letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let key_setting = format!("{prefix}upstream_url");
+    let url = raw
+        .upstream_url
+        .as_deref()
+        .or(inherit.upstream_url.as_deref())
+        .unwrap_or_default();
+    let upstream =
+        UpstreamUrl::parse(url).map_err(|e| ConfigError::invalid(&key_setting, url, e))?;
+    let fallback = match &raw.fallback_url {
+        None => None,
+        Some(u) => Some(
+            UpstreamUrl::parse(u)
+                .map_err(|e| ConfigError::invalid(format!("{prefix}fallback_url"), u, e))?,
+        ),
+    };
+    let api_key = match (&raw.api_key, &raw.api_key_env) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                format!("{prefix}api_key_env"),
+                raw.api_key_env.as_deref().unwrap_or_default(),
+                "either api_key or api_key_env, not both",
+            ))
+        }
+        (Some(k), None) => Secret::new(k.clone()),
+        (None, Some(var)) => match env.var(var).and_then(Secret::new) {
+            Some(k) => Some(k),
+            None => {
+                return Err(ConfigError::invalid(
+                    format!("{prefix}api_key_env"),
+                    var,
+                    "the name of an environment variable that is set and not empty",
+                ))
+            }
+        },
+        (None, None) => implicit_key,
+    };
+    let pick = |own: Option<f64>, inh: Option<f64>| own.or(inh).unwrap_or_default();
+    let rate_rpm = rpm(
+        &format!("{prefix}rate_rpm"),
+        pick(raw.rate_rpm, inherit.rate_rpm),
+    )?;
+    let bucket_capacity = at_least(
+        &format!("{prefix}bucket_capacity"),
+        raw.bucket_capacity.or(inherit.bucket_capacity).unwrap_or(1),
+        1,
+        "an integer of at least 1",
+    )?;
+    let queue_max_size = raw
+        .queue_max_size
+        .or(inherit.queue_max_size)
+        .unwrap_or_default();
+    if queue_max_size > 1_000_000 {
+        return Err(ConfigError::invalid(
+            format!("{prefix}queue_max_size"),
+            queue_max_size,
+            "an integer from 0 to 1000000",
+        ));
+    }
+    let low_priority_timeout = seconds(
+        &format!("{prefix}low_priority_timeout"),
+        pick(raw.low_priority_timeout, inherit.low_priority_timeout),
+    )?;
+    for m in &raw.models {
+        if m.trim().is_empty() || m.chars().any(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                format!("{prefix}models"),
+                m,
+                "model patterns without spaces, '*' as wildcard (e.g. \"meta/*\")",
+            ));
+        }
+    }
+    Ok(ProviderConfig {
+        name: name.to_owned(),
+        upstream,
+        api_key,
+        rate_rpm,
+        bucket_capacity,
+        queue_max_size,
+        low_priority_timeout,
+        models: raw.models.clone(),
+        fallback,
+    })
+}
+
+#[cfg(test)]
+mod tests;

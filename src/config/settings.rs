@@ -1,0 +1,161 @@
+//! The one list of global settings.
+//!
+//! `settings!` expands the table below into three things that therefore cannot
+//! drift apart: [`Settings`] (all-`Option` fields, deserialised from the TOML file
+//! and filled from command-line flags by clap), [`Settings::apply_env`] (the
+//! environment layer) and [`SETTINGS`] (name, variable, default and meaning, used by
+//! the README table test and `.env.example` check).
+
+use super::source::EnvSource;
+use super::ConfigError;
+
+/// How one setting is documented: derived from the same table as the struct.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingDoc {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Parses an environment string into a setting's value; the error says what is accepted.
+pub trait ParseSetting: Sized {
+    fn parse_setting(raw: &str) -> Result<Self, &'static str>;
+}
+
+impl ParseSetting for String {
+    fn parse_setting(raw: &str) -> Result<Self, &'static str> {
+        Ok(raw.to_owned())
+    }
+}
+
+impl ParseSetting for bool {
+    fn parse_setting(raw: &str) -> Result<Self, &'static str> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err("true or false (also 1/0, yes/no, on/off)"),
+        }
+    }
+}
+
+macro_rules! parse_number {
+    ($($t:ty => $what:literal),* $(,)?) => {$(
+        impl ParseSetting for $t {
+            fn parse_setting(raw: &str) -> Result<Self, &'static str> {
+                raw.trim().parse::<$t>().map_err(|_| $what)
+            }
+        }
+    )*};
+}
+parse_number!(u16 => "an integer from 0 to 65535", u32 => "a non-negative integer", usize => "a non-negative integer", f64 => "a number");
+
+macro_rules! settings {
+    ($( $(#[doc = $help:literal])+ $key:ident : $ty:ty = $default:literal, env $env:literal; )*) => {
+        /// Global settings as read from one layer: `None` means "not set here".
+        #[derive(Debug, Default, Clone, serde::Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $(
+                $(#[doc = $help])+
+                #[arg(long, value_name = "VALUE")]
+                pub $key: Option<$ty>,
+            )*
+        }
+
+        /// Every global setting with its variable, default and meaning.
+        pub const SETTINGS: &[SettingDoc] = &[
+            $(SettingDoc {
+                key: stringify!($key),
+                env: $env,
+                default: $default,
+                help: concat!($($help),+),
+            },)*
+        ];
+
+        impl Settings {
+            /// Every setting at its documented default (parsed from [`SETTINGS`]).
+            pub fn defaults() -> Settings {
+                Settings {
+                    $($key: Some(<$ty as ParseSetting>::parse_setting($default)
+                        .expect(concat!("default of ", stringify!($key), " parses"))),)*
+                }
+            }
+
+            /// Overlay `other`'s set values onto `self` (later layer wins).
+            pub fn overlay(&mut self, other: Settings) {
+                $( if other.$key.is_some() { self.$key = other.$key; } )*
+            }
+
+            /// Read every setting's variable from `env`.
+            pub fn from_env(env: &dyn EnvSource) -> Result<Settings, ConfigError> {
+                let mut out = Settings::default();
+                $(
+                    if let Some(raw) = env.var($env) {
+                        out.$key = Some(<$ty as ParseSetting>::parse_setting(&raw).map_err(|expected| {
+                            ConfigError::invalid($env, &raw, expected)
+                        })?);
+                    }
+                )*
+                Ok(out)
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address the proxy listens on.
+    listen_host: String = "127.0.0.1", env "SIDECAR_LISTEN_HOST";
+    /// Port the proxy listens on (0 picks a free port).
+    listen_port: u16 = "8080", env "SIDECAR_LISTEN_PORT";
+    /// Port of the Prometheus metrics listener (on the listen host).
+    metrics_port: u16 = "9090", env "SIDECAR_METRICS_PORT";
+    /// Upstream base URL including /v1, as an OpenAI SDK's base_url; /v1/<rest> maps to <url>/<rest>.
+    upstream_url: String = "https://integrate.api.nvidia.com/v1", env "SIDECAR_UPSTREAM_URL";
+    /// Provider API key injected as Authorization: Bearer (falls back to NVIDIA_API_KEY).
+    upstream_api_key: String = "", env "SIDECAR_UPSTREAM_API_KEY";
+    /// Requests per minute admitted to the upstream (steady rate of the token bucket).
+    rate_rpm: f64 = "40", env "SIDECAR_RATE_RPM";
+    /// Token bucket capacity: the largest burst admitted after an idle period.
+    bucket_capacity: u32 = "1", env "SIDECAR_BUCKET_CAPACITY";
+    /// Seconds a request may take from arrival to response headers, queue wait included.
+    request_timeout: f64 = "120", env "SIDECAR_REQUEST_TIMEOUT";
+    /// Most requests waiting for a token per provider, all priorities together.
+    queue_max_size: usize = "64", env "SIDECAR_QUEUE_MAX_SIZE";
+    /// Seconds a low-priority request may wait in the queue before it is dropped.
+    low_priority_timeout: f64 = "30", env "SIDECAR_LOW_PRIORITY_TIMEOUT";
+    /// Send requests the queue cannot take to the fallback upstream (or unmetered) instead of refusing them.
+    fallback_enabled_passthrough: bool = "false", env "SIDECAR_FALLBACK_ENABLED_PASSTHROUGH";
+    /// Log level: error, warn, info, debug or trace.
+    log_level: String = "info", env "SIDECAR_LOG_LEVEL";
+    /// Log format: json (one object per line) or pretty.
+    log_format: String = "json", env "SIDECAR_LOG_FORMAT";
+    /// Bearer token for the admin API (empty: admin writes disabled).
+    admin_token: String = "", env "SIDECAR_ADMIN_TOKEN";
+    /// Worker threads, each with its own runtime, listener and upstream pool (0: one per core).
+    workers: usize = "0", env "SIDECAR_WORKERS";
+    /// Seconds allowed to open a TCP (and TLS) connection to the upstream.
+    connect_timeout: f64 = "10", env "SIDECAR_CONNECT_TIMEOUT";
+    /// Seconds a response stream may stay silent before it is ended as an error.
+    stream_idle_timeout: f64 = "120", env "SIDECAR_STREAM_IDLE_TIMEOUT";
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    shutdown_grace: f64 = "20", env "SIDECAR_SHUTDOWN_GRACE";
+    /// Seconds a client may take to send a request's headers (HTTP/1.1).
+    header_read_timeout: f64 = "10", env "SIDECAR_HEADER_READ_TIMEOUT";
+    /// Most request headers accepted (431 above).
+    max_headers: usize = "100", env "SIDECAR_MAX_HEADERS";
+    /// Most bytes of request header names and values together (431 above).
+    max_header_bytes: usize = "32768", env "SIDECAR_MAX_HEADER_BYTES";
+    /// Most bytes in a request body (413 above).
+    max_body_bytes: usize = "16777216", env "SIDECAR_MAX_BODY_BYTES";
+    /// Most client connections open at once; accepting pauses at the cap.
+    max_connections: usize = "8192", env "SIDECAR_MAX_CONNECTIONS";
+    /// HTTP/2: most concurrent streams per client connection.
+    h2_max_concurrent_streams: u32 = "256", env "SIDECAR_H2_MAX_CONCURRENT_STREAMS";
+    /// HTTP/2: most bytes of decoded request headers.
+    h2_max_header_list_size: u32 = "65536", env "SIDECAR_H2_MAX_HEADER_LIST_SIZE";
+    /// HTTP/1.1 keep-alive for client connections.
+    keep_alive: bool = "true", env "SIDECAR_KEEP_ALIVE";
+    /// Seconds /readyz caches the result of its upstream probe.
+    ready_cache: f64 = "5", env "SIDECAR_READY_CACHE";
+}

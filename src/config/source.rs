@@ -1,0 +1,55 @@
+//! Where raw environment values come from.
+//!
+//! Configuration reads variables through [`EnvSource`] so tests hand in a map instead of
+//! mutating the process environment. In production the process environment wins over
+//! a `.env` file in the working directory, as every dotenv tool does.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A read-only view of environment variables.
+pub trait EnvSource {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+impl EnvSource for HashMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+/// The process environment layered over an optional `.env` file.
+#[derive(Debug, Default)]
+pub struct ProcessEnv {
+    dotenv: HashMap<String, String>,
+}
+
+impl ProcessEnv {
+    /// Reads `.env` from `dir` if it exists; a malformed file is an error naming the line.
+    pub fn with_dotenv(dir: &Path) -> Result<Self, super::ConfigError> {
+        let path = dir.join(".env");
+        let mut dotenv = HashMap::new();
+        if path.is_file() {
+            let iter = dotenvy::from_path_iter(&path).map_err(|e| super::ConfigError::DotEnv {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| super::ConfigError::DotEnv {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                dotenv.insert(k, v);
+            }
+        }
+        Ok(Self { dotenv })
+    }
+}
+
+impl EnvSource for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key)
+            .ok()
+            .or_else(|| self.dotenv.get(key).cloned())
+    }
+}

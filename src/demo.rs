@@ -1,0 +1,172 @@
+//! `nvidia-sidecar demo`: the simulated upstream at 40 RPM, the sidecar in front of it,
+//! and a small synthetic client at mixed priorities — no key and no network needed.
+//!
+//! The client sends chat completions (a third of them streamed) at `client_rpm`, with
+//! `X-Priority` high, normal or low, and prints a summary every few seconds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::{BodyExt, Full};
+
+use crate::app::App;
+use crate::config::{Config, UpstreamUrl};
+use crate::mock::{MockConfig, MockServer};
+use crate::server;
+use crate::upstream::{Connector, Pool};
+
+/// Options of the demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Requests per minute the synthetic client sends.
+    #[arg(long, default_value_t = 50.0)]
+    pub client_rpm: f64,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Requests per minute the simulated upstream allows.
+    #[arg(long, default_value_t = 40.0)]
+    pub upstream_rpm: f64,
+}
+
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    by_status: BTreeMap<u16, u64>,
+    failed: u64,
+    latency_ms_sum: f64,
+}
+
+/// Runs the demo until `stop` resolves or the duration passes. `config` is the
+/// sidecar's configuration; its upstream is replaced by the simulated one.
+pub async fn run(
+    mut config: Config,
+    args: DemoArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let mock = MockServer::start(MockConfig {
+        rpm: args.upstream_rpm,
+        workers: 1,
+        latency_ms: 300,
+        token_delay_ms: 40,
+        tokens: 24,
+        ..MockConfig::default()
+    })
+    .map_err(|e| format!("cannot start the simulated upstream: {e}"))?;
+    let upstream = UpstreamUrl::parse(&mock.base_url()).map_err(str::to_owned)?;
+    for p in &mut config.providers {
+        p.upstream = upstream.clone();
+    }
+    let app = App::new(config);
+    let sidecar = server::start_proxy(Arc::clone(&app))
+        .map_err(|e| format!("cannot listen on {}: {e}", app.config.listen))?;
+    let addr = sidecar.local_addr;
+    println!("nvidia-sidecar demo");
+    println!(
+        "  simulated upstream   {} ({} RPM, no key needed)",
+        mock.base_url(),
+        args.upstream_rpm
+    );
+    println!("  proxy (OpenAI base)  http://{addr}/v1");
+    println!("  health               http://{addr}/healthz  http://{addr}/readyz");
+    println!(
+        "  synthetic client     {} RPM, priorities high/normal/low, 1 in 3 streamed",
+        args.client_rpm
+    );
+    println!(
+        "  try: curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' \\"
+    );
+    println!("         -d '{{\"model\":\"meta/llama-3.1-8b-instruct\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+    println!("Ctrl-C stops the demo.");
+
+    let client = client(addr, args.client_rpm);
+    let limit = async {
+        match args.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
+            None => std::future::pending().await,
+        }
+    };
+    let tally = tokio::select! {
+        t = client => t,
+        _ = stop => None,
+        _ = limit => None,
+    };
+    drop(tally);
+    sidecar.stop();
+    let (requests, limited) = (mock.requests(), mock.rate_limited());
+    mock.stop();
+    println!("demo finished: the simulated upstream saw {requests} requests and refused {limited} with 429");
+    Ok(())
+}
+
+/// Sends requests forever, printing a summary every 5 s.
+async fn client(addr: SocketAddr, rpm: f64) -> Option<Tally> {
+    let base = UpstreamUrl::parse(&format!("http://{addr}/v1")).ok()?;
+    let pool = Pool::new(Connector::new(Duration::from_secs(5)));
+    let tally = Rc::new(std::cell::RefCell::new(Tally::default()));
+    let interval = Duration::from_secs_f64(60.0 / rpm.max(0.1));
+    let mut tick = tokio::time::interval(interval);
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    report.tick().await;
+    let priorities = ["high", "normal", "normal", "low"];
+    let mut n: usize = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                n += 1;
+                let stream = n % 3 == 0;
+                let priority = priorities[n % priorities.len()];
+                let body = format!(
+                    r#"{{"model":"meta/llama-3.1-8b-instruct","stream":{stream},"messages":[{{"role":"user","content":"demo request {n}"}}]}}"#
+                );
+                let req = Request::post(base.path_for("chat/completions", None))
+                    .header(header::HOST, base.authority.as_str())
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header("x-priority", priority)
+                    .body(Full::new(Bytes::from(body)));
+                let Ok(req) = req else { continue };
+                let pool = Rc::clone(&pool);
+                let tally = Rc::clone(&tally);
+                let base = base.clone();
+                tally.borrow_mut().sent += 1;
+                tokio::task::spawn_local(async move {
+                    let started = tokio::time::Instant::now();
+                    let result = async {
+                        let (resp, lease) = pool.send(&base, req).await.map_err(|e| e.to_string())?;
+                        let status = resp.status().as_u16();
+                        resp.into_body().collect().await.map_err(|e| e.to_string())?;
+                        if let Some(l) = lease { l.release(); }
+                        Ok::<u16, String>(status)
+                    }.await;
+                    let mut t = tally.borrow_mut();
+                    match result {
+                        Ok(status) => {
+                            *t.by_status.entry(status).or_default() += 1;
+                            t.latency_ms_sum += started.elapsed().as_secs_f64() * 1e3;
+                        }
+                        Err(_) => t.failed += 1,
+                    }
+                });
+            }
+            _ = report.tick() => {
+                let t = tally.borrow();
+                let done: u64 = t.by_status.values().sum();
+                let statuses: Vec<String> = t.by_status.iter().map(|(s, c)| format!("{s}×{c}")).collect();
+                println!(
+                    "client: sent {} answered {} [{}] failed {} in flight {} mean latency {:.0} ms",
+                    t.sent,
+                    done,
+                    statuses.join(" "),
+                    t.failed,
+                    t.sent - done - t.failed,
+                    if done > 0 { t.latency_ms_sum / done as f64 } else { 0.0 },
+                );
+            }
+        }
+    }
+}

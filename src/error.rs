@@ -1,0 +1,150 @@
+//! Errors the sidecar answers itself, and the one function that renders them.
+//!
+//! Every error a client can see is an OpenAI-style body,
+//! `{"error":{"message":…,"type":…,"code":…}}`, with the matching status and, where a
+//! retry makes sense, `Retry-After`. Messages never contain keys or tokens.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// Why the sidecar answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for {method} {path}; the proxy serves /v1/*, /healthz and /readyz")]
+    NotFound { method: String, path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("request headers exceed the limit of {max_headers} headers or {max_bytes} bytes")]
+    HeadersTooLarge {
+        max_headers: usize,
+        max_bytes: usize,
+    },
+    #[error(transparent)]
+    InvalidPriority(#[from] crate::priority::InvalidPriority),
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    #[error("the request body did not arrive within the request timeout")]
+    BodyTimeout,
+    #[error("could not read the request body: {reason}")]
+    BadBody { reason: String },
+    #[error("upstream {provider} is unreachable: {reason}")]
+    UpstreamConnect { provider: String, reason: String },
+    #[error("upstream {provider} failed before answering: {reason}")]
+    UpstreamFailed { provider: String, reason: String },
+    #[error("upstream {provider} sent no response headers within {timeout:?}")]
+    UpstreamTimeout { provider: String, timeout: Duration },
+    #[error("the sidecar is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BadBody { .. } | Self::InvalidPriority(_) | Self::BadRequest { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UpstreamConnect { .. } | Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// OpenAI `type` and `code` fields.
+    pub fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::NotFound { .. } => ("invalid_request_error", "not_found"),
+            Self::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+            Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::HeadersTooLarge { .. } => ("invalid_request_error", "headers_too_large"),
+            Self::BadBody { .. } => ("invalid_request_error", "bad_request_body"),
+            Self::InvalidPriority(_) => ("invalid_request_error", "invalid_priority"),
+            Self::BadRequest { .. } => ("invalid_request_error", "bad_request"),
+            Self::BodyTimeout => ("invalid_request_error", "request_timeout"),
+            Self::UpstreamConnect { .. } => ("upstream_error", "upstream_unavailable"),
+            Self::UpstreamFailed { .. } => ("upstream_error", "upstream_failed"),
+            Self::UpstreamTimeout { .. } => ("upstream_error", "upstream_timeout"),
+            Self::ShuttingDown => ("server_error", "shutting_down"),
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// The JSON body, also used for the final `event: error` of a broken SSE stream.
+    pub fn json(&self) -> Bytes {
+        error_json(&self.to_string(), self.kind().0, self.kind().1)
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        json_error_response(self.status(), self.json(), self.retry_after())
+    }
+}
+
+/// `{"error":{"message","type","code"}}` as bytes.
+pub fn error_json(message: &str, kind: &str, code: &str) -> Bytes {
+    let v = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
+    Bytes::from(v.to_string())
+}
+
+/// A JSON error response with an optional `Retry-After` (whole seconds, rounded up).
+pub fn json_error_response(
+    status: StatusCode,
+    body: Bytes,
+    retry_after: Option<Duration>,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(after) = retry_after {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_renders_openai_shape() {
+        let e = ProxyError::UpstreamTimeout {
+            provider: "nvidia".into(),
+            timeout: Duration::from_secs(3),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.json()).unwrap();
+        assert_eq!(v["error"]["type"], "upstream_error");
+        assert_eq!(v["error"]["code"], "upstream_timeout");
+        assert!(v["error"]["message"].as_str().unwrap().contains("nvidia"));
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let r = json_error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            Bytes::from_static(b"{}"),
+            Some(Duration::from_millis(1500)),
+        );
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+}

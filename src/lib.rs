@@ -1,0 +1,22 @@
+//! nvidia-sidecar: a lock-free rate-limiting sidecar proxy for OpenAI-compatible LLM APIs.
+//!
+//! The binary (`main.rs`) only parses arguments and starts things; everything lives in
+//! these modules so tests, benches and fuzz targets use the same code.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod body;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod health;
+pub mod logging;
+pub mod mock;
+pub mod priority;
+pub mod proxy;
+pub mod record;
+pub mod route;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,133 @@
+//! Command line: parse arguments, load configuration, start, wait for a signal, drain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nvidia_sidecar::config::{self, Config, ProcessEnv, Settings};
+use nvidia_sidecar::{app::App, demo, logging, mock, server};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "nvidia-sidecar",
+    version,
+    about = "Rate-limiting sidecar proxy that paces traffic to OpenAI-compatible LLM APIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML configuration file (providers, routes, settings).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (the default).
+    Run,
+    /// Run the simulated OpenAI-compatible upstream.
+    MockUpstream(mock::MockConfig),
+    /// Simulated upstream + sidecar + synthetic client; needs no key and no network.
+    Demo(demo::DemoArgs),
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let loaded = ProcessEnv::with_dotenv(&cwd)
+        .and_then(|env| config::load(cli.config.as_deref(), &env, cli.settings.clone()));
+    loaded.map_err(|e| {
+        eprintln!("nvidia-sidecar: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = logging::init(config.log_level, config.log_format) {
+        eprintln!("nvidia-sidecar: cannot start logging: {e}");
+    }
+    let Ok(rt) = runtime() else {
+        eprintln!("nvidia-sidecar: cannot start the runtime");
+        return ExitCode::FAILURE;
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let app = App::new(config);
+            let running = match server::start_proxy(app.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!(
+                        "nvidia-sidecar: cannot listen on {}: {e}",
+                        app.config.listen
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(
+                listen = %running.local_addr,
+                workers = app.config.workers.get(),
+                providers = ?app.providers.iter().map(|p| (p.name.to_string(), p.config.upstream.display(), p.config.api_key.as_ref().map(|k| k.masked()))).collect::<Vec<_>>(),
+                "nvidia-sidecar listening"
+            );
+            rt.block_on(signal());
+            tracing::info!(grace = ?app.config.timeouts.shutdown_grace, "shutting down: draining connections");
+            running.stop();
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Command::MockUpstream(mc) => {
+            let server = match mock::MockServer::start(mc) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("nvidia-sidecar: cannot start the simulated upstream: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(base_url = %server.base_url(), "simulated upstream listening");
+            println!("simulated upstream listening on {}", server.base_url());
+            rt.block_on(signal());
+            server.stop();
+            ExitCode::SUCCESS
+        }
+        Command::Demo(args) => {
+            let local = tokio::task::LocalSet::new();
+            match local.block_on(&rt, demo::run(config, args, signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nvidia-sidecar: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Header rules of the forwarding path: limits, hop-by-hop stripping, key injection.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{Limits, Secret};
+use crate::error::ProxyError;
+
+/// Connection-level headers (RFC 9110 §7.6.1) never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
+
+/// 431 when the request has more headers, or more header bytes, than allowed.
+pub fn check_limits(headers: &HeaderMap, limits: &Limits) -> Result<(), ProxyError> {
+    let too_large = || ProxyError::HeadersTooLarge {
+        max_headers: limits.max_headers,
+        max_bytes: limits.max_header_bytes,
+    };
+    if headers.len() > limits.max_headers {
+        return Err(too_large());
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if bytes > limits.max_header_bytes {
+        return Err(too_large());
+    }
+    Ok(())
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
+/// Names listed in `Connection:` are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// A valid client `X-Request-Id` (visible ASCII, at most 128 bytes) to keep.
+pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(X_REQUEST_ID)?;
+    let b = v.as_bytes();
+    (!b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()))
+        .then(|| v.to_str().ok())
+        .flatten()
+}
+
+/// Headers for the upstream request: the client's minus hop-by-hop, `Host`,
+/// `Content-Length`, `X-Priority` and (when the provider has a key) `Authorization`,
+/// plus the provider's key, the upstream `Host` and the request id.
+pub fn upstream_request_headers(
+    client: &HeaderMap,
+    key: Option<&Secret>,
+    host: &HeaderValue,
+    request_id: &HeaderValue,
+    body_len: usize,
+) -> HeaderMap {
+    let listed = if client.contains_key(header::CONNECTION) {
+        connection_listed(client)
+    } else {
+        Vec::new()
+    };
+    let mut out = HeaderMap::with_capacity(client.len() + 4);
+    for (name, value) in client {
+        if is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == X_PRIORITY
+            || name == X_REQUEST_ID
+            || (key.is_some() && name == header::AUTHORIZATION)
+            || listed.contains(name)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if let Some(key) = key {
+        if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
+            v.set_sensitive(true);
+            out.insert(header::AUTHORIZATION, v);
+        }
+    }
+    out.insert(header::HOST, host.clone());
+    out.insert(X_REQUEST_ID, request_id.clone());
+    if body_len > 0 {
+        out.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    out
+}
+
+/// Removes hop-by-hop headers from an upstream response in place.
+pub fn strip_response(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(&name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: std::time::Duration::from_secs(1),
+            max_headers: 10,
+            max_header_bytes: 1024,
+            max_body_bytes: 1024,
+            max_connections: 1,
+            h2_max_concurrent_streams: 1,
+            h2_max_header_list_size: 1024,
+            keep_alive: true,
+        }
+    }
+
+    #[test]
+    fn client_key_hop_by_hop_and_listed_headers_are_replaced_or_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client-key"),
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(X_PRIORITY, HeaderValue::from_static("high"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        let key = Secret::new("nvapi-provider".into());
+        let out = upstream_request_headers(
+            &h,
+            key.as_ref(),
+            &HeaderValue::from_static("up:1"),
+            &HeaderValue::from_static("rid"),
+            5,
+        );
+        assert_eq!(out[header::AUTHORIZATION], "Bearer nvapi-provider");
+        assert!(out[header::AUTHORIZATION].is_sensitive());
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "x-priority",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(out["x-app"], "kept");
+        assert_eq!(out[header::HOST], "up:1");
+        assert_eq!(out[header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn without_a_provider_key_the_client_authorization_passes() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer own"),
+        );
+        let out = upstream_request_headers(
+            &h,
+            None,
+            &HeaderValue::from_static("up"),
+            &HeaderValue::from_static("rid"),
+            0,
+        );
+        assert_eq!(out[header::AUTHORIZATION], "Bearer own");
+        assert!(!out.contains_key(header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn header_count_and_bytes_are_limited() {
+        let mut h = HeaderMap::new();
+        for i in 0..10 {
+            h.insert(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(check_limits(&h, &limits()).is_ok());
+        h.insert("x-10", HeaderValue::from_static("v"));
+        assert!(matches!(
+            check_limits(&h, &limits()),
+            Err(ProxyError::HeadersTooLarge { .. })
+        ));
+        let mut big = HeaderMap::new();
+        big.insert("x-big", HeaderValue::from_str(&"a".repeat(1100)).unwrap());
+        assert!(check_limits(&big, &limits()).is_err());
+    }
+
+    #[test]
+    fn only_sane_client_request_ids_are_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(client_request_id(&h), Some("abc-123"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_eq!(client_request_id(&h), None);
+        h.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_str(&"a".repeat(129)).unwrap(),
+        );
+        assert_eq!(client_request_id(&h), None);
+    }
+}

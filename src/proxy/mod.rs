@@ -1,0 +1,263 @@
+//! The request path, as explicit phases: `route` → `admit` → `forward` → `respond`,
+//! with the [`Record`] filled in along the way and logged when the response ends.
+//!
+//! Every accepted request gets exactly one answer: the upstream's response streamed
+//! through, or one of the sidecar's OpenAI-shaped errors ([`ProxyError`]). The request
+//! body is read once, bounded, and kept as `Bytes` so later phases (routing by model,
+//! retries) never read the client again.
+
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::app::Provider;
+use crate::body::{ProxyBody, UpstreamBody};
+use crate::error::ProxyError;
+use crate::health;
+use crate::priority::Priority;
+use crate::record::{End, Record};
+use crate::route;
+use crate::server::Worker;
+use crate::upstream::SendError;
+
+/// Entry point for every request a worker accepts.
+pub async fn serve(
+    worker: Rc<Worker>,
+    req: Request<Incoming>,
+    _remote: SocketAddr,
+) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    if path.starts_with("/v1/") {
+        return proxy(&worker, req).await;
+    }
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/healthz") => health::healthz(),
+        (&Method::GET | &Method::HEAD, "/readyz") => health::readyz(&worker).await,
+        (_, "/healthz" | "/readyz") => ProxyError::MethodNotAllowed {
+            method: req.method().to_string(),
+            path: path.to_owned(),
+        }
+        .into_response(),
+        _ => ProxyError::NotFound {
+            method: req.method().to_string(),
+            path: truncate(path, 256),
+        }
+        .into_response(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// Answers `record`'s request with `err` and logs it.
+fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
+    record.status = err.status().as_u16();
+    let mut resp = err.into_response();
+    if let Ok(v) = HeaderValue::from_str(&record.request_id) {
+        resp.headers_mut().insert(headers::X_REQUEST_ID, v);
+    }
+    let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+    record.finish(End::Local, len);
+    resp
+}
+
+/// The `/v1/*` path: everything a client sends to the provider.
+async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let app = &worker.app;
+    let (parts, body) = req.into_parts();
+    let request_id: Arc<str> = match headers::client_request_id(&parts.headers) {
+        Some(id) => Arc::from(id),
+        None => Arc::from(worker.next_request_id()),
+    };
+    let mut record = Record::new(
+        Arc::clone(&request_id),
+        parts.method.clone(),
+        truncate(parts.uri.path(), 256),
+    );
+    let deadline = record.started + app.config.timeouts.request;
+
+    if let Err(e) = headers::check_limits(&parts.headers, &app.config.limits) {
+        return local_error(record, e);
+    }
+    if let Some(v) = parts.headers.get(headers::X_PRIORITY) {
+        match Priority::parse(v.as_bytes()) {
+            Ok(p) => record.priority = p,
+            Err(e) => {
+                return local_error(record, ProxyError::InvalidPriority(e));
+            }
+        }
+    }
+    let body = match read_body(
+        body,
+        &parts.headers,
+        app.config.limits.max_body_bytes,
+        deadline,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => return local_error(record, e),
+    };
+
+    // route
+    let model = route::extract_model(&body).map(|m| truncate(&m, 256));
+    let provider = &app.providers[app.router.provider_for(model.as_deref())];
+    record.provider = Some(Arc::clone(&provider.name));
+    record.model = model;
+
+    // admit
+    if let Err(e) = admit(provider, &mut record).await {
+        return local_error(record, e);
+    }
+
+    // forward
+    let rest = &parts.uri.path()["/v1/".len()..];
+    let up_req = match build_upstream_request(&parts, rest, body, provider, &request_id) {
+        Ok(r) => r,
+        Err(e) => return local_error(record, e),
+    };
+    let sent_at = Instant::now();
+    let hard_stop = &app.shutdown.hard_stop;
+    let result = tokio::select! {
+        r = tokio::time::timeout_at(deadline, worker.pool.send(&provider.config.upstream, up_req)) => r,
+        _ = hard_stop.cancelled() => return local_error(record, ProxyError::ShuttingDown),
+    };
+    let (resp, lease) = match result {
+        Err(_) => {
+            return local_error(
+                record,
+                ProxyError::UpstreamTimeout {
+                    provider: provider.name.to_string(),
+                    timeout: app.config.timeouts.request,
+                },
+            )
+        }
+        Ok(Err(SendError::Connect(e))) => {
+            return local_error(
+                record,
+                ProxyError::UpstreamConnect {
+                    provider: provider.name.to_string(),
+                    reason: e.to_string(),
+                },
+            )
+        }
+        Ok(Err(SendError::Request(e))) => {
+            return local_error(
+                record,
+                ProxyError::UpstreamFailed {
+                    provider: provider.name.to_string(),
+                    reason: e.to_string(),
+                },
+            )
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    // respond
+    record.upstream_latency = Some(sent_at.elapsed());
+    record.status = resp.status().as_u16();
+    if resp.status().as_u16() < 500 {
+        provider.mark_success(app.clock.now_nanos());
+    }
+    let (mut head, incoming) = resp.into_parts();
+    headers::strip_response(&mut head.headers);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        head.headers.insert(headers::X_REQUEST_ID, v);
+    }
+    head.version = Version::HTTP_11;
+    let sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let shutdown = sse.then(|| hard_stop.clone().cancelled_owned());
+    let body = UpstreamBody::new(
+        incoming,
+        sse,
+        app.config.timeouts.stream_idle,
+        shutdown,
+        lease,
+        record,
+    );
+    Response::from_parts(head, ProxyBody::Upstream(Box::new(body)))
+}
+
+/// Admission: the one place a request is let through to its provider before it is
+/// forwarded. Admission control (token bucket, priority queues, retreat) decides here;
+/// `record.queue_wait` carries the time a request waited.
+async fn admit(_provider: &Provider, _record: &mut Record) -> Result<(), ProxyError> {
+    Ok(())
+}
+
+/// Reads the whole body, at most `limit` bytes, before `deadline`.
+async fn read_body(
+    body: Incoming,
+    headers: &http::HeaderMap,
+    limit: usize,
+    deadline: Instant,
+) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    if declared == Some(0) {
+        return Ok(Bytes::new());
+    }
+    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(ProxyError::BadBody {
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The upstream request: origin-form URI under the provider's base path, forwarded
+/// headers, the provider's key.
+fn build_upstream_request(
+    parts: &http::request::Parts,
+    rest: &str,
+    body: Bytes,
+    provider: &Provider,
+    request_id: &str,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let upstream = &provider.config.upstream;
+    let path = upstream.path_for(rest, parts.uri.query());
+    let uri = Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
+        reason: format!("request path cannot be forwarded: {e}"),
+    })?;
+    let host =
+        HeaderValue::from_str(upstream.authority.as_str()).map_err(|e| ProxyError::BadRequest {
+            reason: format!("upstream authority: {e}"),
+        })?;
+    let rid = HeaderValue::from_str(request_id).map_err(|e| ProxyError::BadRequest {
+        reason: format!("request id: {e}"),
+    })?;
+    let headers = headers::upstream_request_headers(
+        &parts.headers,
+        provider.config.api_key.as_ref(),
+        &host,
+        &rid,
+        body.len(),
+    );
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}

@@ -1,0 +1,296 @@
+//! Thread-per-core HTTP server: one current-thread runtime, one `SO_REUSEPORT` listener
+//! and one `LocalSet` per worker.
+//!
+//! A request never leaves the worker that accepted it, so per-worker state (the
+//! upstream pool) needs no lock; state shared by all workers lives in `Arc`s with
+//! atomics. Limits are explicit: a connection cap shared by all workers (accepting
+//! pauses at the cap), a header read timeout (hyper needs a timer for it), header
+//! count and size, HTTP/2 stream and header-list limits, keep-alive. Shutdown: stop
+//! accepting, let connections drain, and at the end of the grace period cut what is
+//! left (SSE bodies end themselves with an error event first, see `body`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::app::{App, Shutdown};
+use crate::body::BoxError;
+use crate::config::Limits;
+use crate::upstream::Pool;
+
+/// Runs `!Send` futures (connections, h2 streams) on the worker's `LocalSet`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// Settings of one server (the proxy or the simulated upstream).
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub name: &'static str,
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub limits: Limits,
+    pub grace: Duration,
+}
+
+/// A started server: its bound address and worker threads.
+#[derive(Debug)]
+pub struct Running {
+    pub local_addr: SocketAddr,
+    pub shutdown: Shutdown,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Begins a graceful shutdown (stop accepting, drain, cut at the grace period).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.draining.cancel();
+    }
+
+    /// Waits for every worker to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Shuts down and waits.
+    pub fn stop(self) {
+        self.begin_shutdown();
+        self.join();
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Binds `spec.workers` listeners to one address and starts a worker on each.
+///
+/// `make_handler` runs once on each worker thread and returns that worker's request
+/// handler, which may own `!Send` state such as an `Rc<Pool>`.
+pub fn spawn<M, H, Fut, B>(
+    spec: ServerSpec,
+    shutdown: Shutdown,
+    make_handler: M,
+) -> std::io::Result<Running>
+where
+    M: Fn(usize) -> H + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
+    Fut: Future<Output = Response<B>> + 'static,
+    B: Body<Data = Bytes> + 'static,
+    B::Error: Into<BoxError>,
+{
+    let first = bind_reuseport(spec.listen)?;
+    let local_addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..spec.workers.max(1) {
+        listeners.push(bind_reuseport(local_addr)?);
+    }
+    let conn_cap = Arc::new(Semaphore::new(spec.limits.max_connections));
+    let make_handler = Arc::new(make_handler);
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let spec = spec.clone();
+        let shutdown = shutdown.clone();
+        let conn_cap = Arc::clone(&conn_cap);
+        let make_handler = Arc::clone(&make_handler);
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-{id}", spec.name))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start worker runtime");
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot register listener");
+                            return;
+                        }
+                    };
+                    let handler = Rc::new(make_handler(id));
+                    worker_loop(&spec, listener, handler, conn_cap, shutdown).await;
+                });
+            })?;
+        threads.push(thread);
+    }
+    Ok(Running {
+        local_addr,
+        shutdown,
+        threads,
+    })
+}
+
+fn builder(limits: &Limits) -> auto::Builder<LocalExec> {
+    let mut b = auto::Builder::new(LocalExec);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's own limits sit above ours so that a request just over our limits gets
+        // our JSON 431; hyper answers a bare 431 only far past them.
+        .max_headers(limits.max_headers.saturating_mul(2))
+        .max_buf_size((limits.max_header_bytes.saturating_mul(2)).max(64 * 1024))
+        .keep_alive(limits.keep_alive);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_size)
+        .max_pending_accept_reset_streams(Some(64))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+async fn worker_loop<H, Fut, B>(
+    spec: &ServerSpec,
+    listener: TcpListener,
+    handler: Rc<H>,
+    conn_cap: Arc<Semaphore>,
+    shutdown: Shutdown,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
+    Fut: Future<Output = Response<B>> + 'static,
+    B: Body<Data = Bytes> + 'static,
+    B::Error: Into<BoxError>,
+{
+    let builder = Rc::new(builder(&spec.limits));
+    let graceful = GracefulShutdown::new();
+    let draining = shutdown.draining.clone();
+    loop {
+        // The permit is taken before accept: at the cap, accepting pauses.
+        let permit = tokio::select! {
+            p = Arc::clone(&conn_cap).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = draining.cancelled() => break,
+        };
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off and retry, never leave the loop.
+                    tracing::warn!(error = %e, server = spec.name, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = draining.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let h = Rc::clone(&handler);
+        let svc = service_fn(move |req| {
+            let fut = h(req, remote);
+            async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        });
+        let builder = Rc::clone(&builder);
+        let watcher = graceful.watcher();
+        tokio::task::spawn_local(async move {
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let all_done = graceful.shutdown();
+    tokio::pin!(all_done);
+    tokio::select! {
+        _ = &mut all_done => {}
+        _ = tokio::time::sleep(spec.grace) => {
+            shutdown.hard_stop.cancel();
+            // Streams end themselves on hard stop; give their last frames a moment.
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut all_done).await;
+        }
+    }
+}
+
+/// One proxy worker: the shared app plus this thread's upstream pool.
+pub struct Worker {
+    pub id: usize,
+    pub app: Arc<App>,
+    pub pool: Rc<Pool>,
+    requests: std::cell::Cell<u64>,
+}
+
+impl Worker {
+    pub fn new(id: usize, app: Arc<App>) -> Self {
+        let pool = Pool::new(app.connector.clone());
+        Self {
+            id,
+            app,
+            pool,
+            requests: std::cell::Cell::new(0),
+        }
+    }
+
+    /// A 32-hex-digit request id unique to this process run.
+    pub fn next_request_id(&self) -> String {
+        let n = self.requests.get().wrapping_add(1);
+        self.requests.set(n);
+        format!(
+            "{:016x}{:04x}{:012x}",
+            self.app.boot_id,
+            self.id & 0xffff,
+            n & 0xffff_ffff_ffff
+        )
+    }
+}
+
+/// Starts the proxy on `app.config.listen`.
+pub fn start_proxy(app: Arc<App>) -> std::io::Result<Running> {
+    let spec = ServerSpec {
+        name: "sidecar",
+        listen: app.config.listen,
+        workers: app.config.workers.get(),
+        limits: app.config.limits.clone(),
+        grace: app.config.timeouts.shutdown_grace,
+    };
+    let shutdown = app.shutdown.clone();
+    spawn(spec, shutdown, move |id| {
+        let worker = Rc::new(Worker::new(id, Arc::clone(&app)));
+        move |req: Request<Incoming>, remote: SocketAddr| {
+            crate::proxy::serve(Rc::clone(&worker), req, remote)
+        }
+    })
+}

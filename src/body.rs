@@ -42,8 +42,13 @@ impl ProxyBody {
 
 enum State {
     Streaming,
-    /// An error frame was sent to an SSE client; abort the stream on the next poll.
-    AbortNext(String),
+    /// An error frame was sent to an SSE client. hyper drops unflushed output when a
+    /// body fails, so the next poll yields once (letting hyper flush the event) and
+    /// the one after aborts the stream.
+    AbortNext {
+        message: String,
+        yielded: bool,
+    },
     Done,
 }
 
@@ -106,17 +111,30 @@ impl UpstreamBody {
     }
 
     /// Ends the stream as a failure: SSE clients get an error event first.
-    fn fail(&mut self, end: End, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(
+        &mut self,
+        cx: &mut Context<'_>,
+        end: End,
+        message: String,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.lease = None;
         self.finish(end);
         if self.sse {
-            self.state = State::AbortNext(message.clone());
+            self.state = State::AbortNext {
+                message: message.clone(),
+                yielded: false,
+            };
             Poll::Ready(Some(Ok(Frame::data(
                 self.sse_error(&message, "upstream_stream_error"),
             ))))
         } else {
-            self.state = State::Done;
-            Poll::Ready(Some(Err(message.into())))
+            // Let hyper flush what the client already has, then abort (see `AbortNext`).
+            self.state = State::AbortNext {
+                message,
+                yielded: true,
+            };
+            cx.waker().wake_by_ref();
+            Poll::Pending
         }
     }
 
@@ -171,10 +189,15 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match &this.state {
+        match &mut this.state {
             State::Done => return Poll::Ready(None),
-            State::AbortNext(msg) => {
-                let msg = msg.clone();
+            State::AbortNext { message, yielded } => {
+                if !*yielded {
+                    *yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                let msg = std::mem::take(message);
                 this.state = State::Done;
                 return Poll::Ready(Some(Err(msg.into())));
             }
@@ -208,7 +231,7 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 let msg = format!("upstream stream failed: {e}");
-                this.fail(End::UpstreamError, msg)
+                this.fail(cx, End::UpstreamError, msg)
             }
             Poll::Ready(None) => {
                 this.complete();
@@ -217,7 +240,7 @@ impl Body for UpstreamBody {
             Poll::Pending => {
                 ready!(this.poll_idle(cx));
                 let msg = format!("upstream stream idle for more than {:?}", this.idle);
-                this.fail(End::IdleTimeout, msg)
+                this.fail(cx, End::IdleTimeout, msg)
             }
         }
     }

@@ -113,6 +113,7 @@ pub struct MockShared {
     pub stats: MockStats,
     limit: Option<WindowLimit>,
     seen: Mutex<Vec<Seen>>,
+    peers: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 /// A running simulated upstream.
@@ -134,6 +135,7 @@ impl MockServer {
             limit: (config.rpm > 0.0).then(|| WindowLimit::per_minute(config.rpm)),
             stats: MockStats::default(),
             seen: Mutex::new(Vec::new()),
+            peers: Mutex::new(std::collections::HashSet::new()),
             config: config.clone(),
         });
         let spec = ServerSpec {
@@ -156,7 +158,7 @@ impl MockServer {
         let running = server::spawn(spec, Shutdown::default(), move |_id| {
             // One `Rc` per worker: cloning it per request costs no atomic operation.
             let s = Rc::new(Arc::clone(&s));
-            move |req: Request<Incoming>, _remote: SocketAddr| handle(Rc::clone(&s), req)
+            move |req: Request<Incoming>, remote: SocketAddr| handle(Rc::clone(&s), req, remote)
         })?;
         Ok(Self {
             addr: running.local_addr,
@@ -173,6 +175,11 @@ impl MockServer {
     /// Requests seen so far (only with `record_requests`).
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.seen.lock().clone()
+    }
+
+    /// Distinct client connections seen (only with `record_requests`).
+    pub fn connections(&self) -> usize {
+        self.shared.peers.lock().len()
     }
 
     pub fn requests(&self) -> u64 {
@@ -239,7 +246,11 @@ impl Knobs {
 
 // `Rc<Arc<_>>` on purpose: the per-request clone is the `Rc`'s, a non-atomic increment.
 #[allow(clippy::redundant_allocation)]
-async fn handle(shared: Rc<Arc<MockShared>>, req: Request<Incoming>) -> Response<MockBody> {
+async fn handle(
+    shared: Rc<Arc<MockShared>>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<MockBody> {
     let s = &**shared;
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
@@ -252,6 +263,7 @@ async fn handle(shared: Rc<Arc<MockShared>>, req: Request<Incoming>) -> Response
         Err(e) => return respond::error(StatusCode::BAD_REQUEST, &format!("bad body: {e}")),
     };
     if s.config.record_requests {
+        s.peers.lock().insert(remote);
         let mut seen = s.seen.lock();
         if seen.len() >= 1000 {
             seen.remove(0);

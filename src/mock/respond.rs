@@ -147,7 +147,7 @@ pub async fn chat(s: &MockShared, body: &[u8], knobs: &Knobs) -> Response<MockBo
         tokio::time::sleep(knobs.latency).await;
     }
     let content: String = (0..knobs.tokens).map(|i| WORDS[i % WORDS.len()]).collect();
-    json_response(
+    let answer = json_response(
         StatusCode::OK,
         &json!({
             "id": id,
@@ -165,7 +165,29 @@ pub async fn chat(s: &MockShared, body: &[u8], knobs: &Knobs) -> Response<MockBo
                 "total_tokens": body.len() / 4 + knobs.tokens
             }
         }),
-    )
+    );
+    match knobs.reset_after {
+        Some(_) => cut_short(answer),
+        None => answer,
+    }
+}
+
+/// The same response with its declared length, but the connection resets halfway.
+fn cut_short(resp: Response<MockBody>) -> Response<MockBody> {
+    let (mut parts, body) = resp.into_parts();
+    let MockBody::Full(Some(full)) = body else {
+        return Response::from_parts(parts, body);
+    };
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(full.len()));
+    let (tx, rx) = mpsc::channel(2);
+    let half = full.slice(..full.len() / 2);
+    tokio::task::spawn_local(async move {
+        let _ = tx.send(Ok(half)).await;
+        reset(&tx, "simulated reset mid-body").await;
+    });
+    Response::from_parts(parts, MockBody::Stream(rx))
 }
 
 fn chunk(id: &str, model: &str, created: u64, delta: Value, finish: Option<&str>) -> Bytes {
@@ -205,7 +227,7 @@ fn stream(id: String, model: String, knobs: Knobs) -> Response<MockBody> {
         frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
         for (n, frame) in frames.into_iter().enumerate() {
             if knobs.reset_after == Some(n) {
-                let _ = tx.send(Err("simulated reset mid-stream".into())).await;
+                reset(&tx, "simulated reset mid-stream").await;
                 return;
             }
             let wait = if n == 0 {
@@ -282,4 +304,11 @@ pub async fn embeddings(body: &[u8], knobs: &Knobs) -> Response<MockBody> {
             "usage": {"prompt_tokens": body.len() / 4, "total_tokens": body.len() / 4}
         }),
     )
+}
+
+/// Fails the body after what was sent has left: hyper discards unflushed output when a
+/// body fails, and it flushes while the body is pending.
+async fn reset(tx: &mpsc::Sender<Result<Bytes, BoxError>>, why: &'static str) {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _ = tx.send(Err(why.into())).await;
 }

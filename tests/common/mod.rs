@@ -1,0 +1,172 @@
+//! Shared test harness: a simulated upstream and a sidecar on ephemeral ports, and a
+//! small HTTP client on hyper's connection API.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use nvidia_sidecar::app::App;
+use nvidia_sidecar::config::{self, Config, Settings};
+use nvidia_sidecar::mock::{MockConfig, MockServer};
+use nvidia_sidecar::server::{self, Running};
+
+/// A simulated upstream and a sidecar in front of it.
+pub struct Stack {
+    pub mock: MockServer,
+    pub sidecar: Running,
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+}
+
+impl Stack {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn stop(self) {
+        self.sidecar.stop();
+        self.mock.stop();
+    }
+}
+
+/// Configuration from an environment map, as the binary would build it.
+pub fn config_from(env: &[(&str, &str)]) -> Config {
+    let mut map: HashMap<String, String> = [
+        ("SIDECAR_LISTEN_PORT", "0"),
+        ("SIDECAR_METRICS_PORT", "0"),
+        ("SIDECAR_WORKERS", "1"),
+        ("SIDECAR_UPSTREAM_API_KEY", "nvapi-provider-key-0001"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in env {
+        map.insert(k.to_string(), v.to_string());
+    }
+    config::load(None, &map, Settings::default()).expect("valid test configuration")
+}
+
+pub fn mock(cfg: MockConfig) -> MockServer {
+    MockServer::start(MockConfig {
+        record_requests: true,
+        ..cfg
+    })
+    .expect("mock starts")
+}
+
+/// Starts a mock with `mock_cfg` and a sidecar configured by `env` in front of it.
+pub fn stack(mock_cfg: MockConfig, env: &[(&str, &str)]) -> Stack {
+    let mock = mock(mock_cfg);
+    let base = mock.base_url();
+    let mut env = env.to_vec();
+    env.push(("SIDECAR_UPSTREAM_URL", &base));
+    let app = App::new(config_from(&env));
+    let sidecar = server::start_proxy(Arc::clone(&app)).expect("sidecar starts");
+    Stack {
+        addr: sidecar.local_addr,
+        mock,
+        sidecar,
+        app,
+    }
+}
+
+/// Opens a fresh HTTP/1.1 connection and sends `req`; returns the response head and
+/// its streaming body.
+pub async fn send(
+    addr: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> hyper::Result<Response<Incoming>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    tx.send_request(req).await
+}
+
+/// Builds a request to the sidecar.
+pub fn req(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request")
+}
+
+/// A whole answer.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an OpenAI-shaped sidecar error with this status and code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
+        let v = self.json();
+        assert_eq!(v["error"]["code"], code, "body: {}", self.text());
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(v["error"]["type"].as_str().is_some());
+        assert_eq!(self.headers["content-type"], "application/json");
+    }
+}
+
+pub async fn call(addr: SocketAddr, r: Request<Full<Bytes>>) -> Answer {
+    let resp = send(addr, r).await.expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub const CHAT: &str =
+    r#"{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}"#;
+pub const CHAT_STREAM: &str = r#"{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Reads the next data frame of a streaming body, with a generous bound so a broken
+/// proxy fails the test instead of hanging it.
+pub async fn next_chunk(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+            .await
+            .expect("a frame within 20 s")?;
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! The forwarding path against the simulated upstream: pass-through, streaming, header
+//! rules and every error the sidecar answers itself.
+
+mod common;
+
+use common::*;
+use http_body_util::BodyExt;
+use nvidia_sidecar::mock::MockConfig;
+
+fn fast_mock() -> MockConfig {
+    MockConfig {
+        rpm: 0.0,
+        ..MockConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streaming_answers_are_identical_to_calling_the_upstream_directly() {
+    let s = stack(fast_mock(), &[]);
+    for (method, path, body) in [
+        ("GET", "/v1/models", ""),
+        (
+            "POST",
+            "/v1/embeddings",
+            r#"{"model":"nvidia/nv-embedqa-e5-v5","input":["a","b"]}"#,
+        ),
+    ] {
+        let via = call(
+            s.addr,
+            req(
+                method,
+                s.addr,
+                path,
+                &[("content-type", "application/json")],
+                body,
+            ),
+        )
+        .await;
+        let direct = call(
+            s.mock.addr,
+            req(
+                method,
+                s.mock.addr,
+                path,
+                &[("content-type", "application/json")],
+                body,
+            ),
+        )
+        .await;
+        assert_eq!(via.status, 200);
+        assert_eq!(via.body, direct.body, "{path}");
+        assert_eq!(via.headers["content-type"], direct.headers["content-type"]);
+    }
+    let chat = call(
+        s.addr,
+        req("POST", s.addr, "/v1/chat/completions", &[], CHAT),
+    )
+    .await;
+    let v = chat.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "meta/llama-3.1-8b-instruct");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_answer_arrives_whole_and_ends_with_done() {
+    let s = stack(
+        MockConfig {
+            tokens: 7,
+            ..fast_mock()
+        },
+        &[],
+    );
+    let a = call(
+        s.addr,
+        req("POST", s.addr, "/v1/chat/completions", &[], CHAT_STREAM),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = a.text();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(
+        events.len(),
+        7 + 3,
+        "role + tokens + stop + DONE: {events:?}"
+    );
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let content: String = events[1..8]
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value =
+                serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(content.starts_with("The sidecar paces"));
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_sse_chunk_reaches_the_client_before_the_upstream_sends_the_second() {
+    // The upstream waits 60 s before its second chunk; the first must arrive long before.
+    let s = stack(fast_mock(), &[]);
+    let r = req(
+        "POST",
+        s.addr,
+        "/v1/chat/completions",
+        &[("x-mock-token-delay-ms", "60000")],
+        CHAT_STREAM,
+    );
+    let resp = send(s.addr, r).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = next_chunk(&mut body).await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    assert!(String::from_utf8_lossy(&first).contains(r#""role":"assistant""#));
+    drop(body);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_sees_the_provider_key_and_never_the_clients() {
+    let s = stack(fast_mock(), &[]);
+    let a = call(
+        s.addr,
+        req(
+            "POST",
+            s.addr,
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer client-own-key"),
+                ("x-priority", "high"),
+            ],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let seen = s.mock.seen();
+    let auth: Vec<_> = seen[0].headers.get_all("authorization").iter().collect();
+    assert_eq!(auth, ["Bearer nvapi-provider-key-0001"]);
+    assert!(
+        !seen[0].headers.contains_key("x-priority"),
+        "X-Priority is the sidecar's, not the upstream's"
+    );
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].body, CHAT.as_bytes());
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped_and_request_ids_kept_or_added() {
+    let s = stack(fast_mock(), &[]);
+    let a = call(
+        s.addr,
+        req(
+            "GET",
+            s.addr,
+            "/v1/models",
+            &[
+                ("connection", "keep-alive, x-drop-me"),
+                ("x-drop-me", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic abc"),
+                ("x-app-header", "kept"),
+                ("x-request-id", "client-chosen-id"),
+            ],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["x-request-id"], "client-chosen-id");
+    let h = &s.mock.seen()[0].headers;
+    for gone in ["x-drop-me", "keep-alive", "te", "proxy-authorization"] {
+        assert!(!h.contains_key(gone), "{gone} was forwarded");
+    }
+    assert_eq!(h["x-app-header"], "kept");
+    assert_eq!(h["x-request-id"], "client-chosen-id");
+    assert_eq!(h["host"], s.mock.addr.to_string());
+
+    let b = call(s.addr, req("GET", s.addr, "/v1/models", &[], "")).await;
+    let id = b.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+    assert_eq!(s.mock.seen()[1].headers["x-request-id"], id.as_str());
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_get_a_json_404() {
+    let s = stack(fast_mock(), &[]);
+    for path in ["/", "/v2/models", "/v1", "/admin"] {
+        call(s.addr, req("GET", s.addr, path, &[], ""))
+            .await
+            .assert_error(404, "not_found");
+    }
+    assert_eq!(s.mock.requests(), 0);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_declared_or_streamed() {
+    let s = stack(fast_mock(), &[("SIDECAR_MAX_BODY_BYTES", "2048")]);
+    let big = format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(4096));
+    call(s.addr, req("POST", s.addr, "/v1/embeddings", &[], &big))
+        .await
+        .assert_error(413, "request_too_large");
+    // Chunked, so no Content-Length tells in advance.
+    let stream = futures_body(big.clone());
+    let resp = send_streaming(s.addr, "/v1/embeddings", stream).await;
+    assert_eq!(resp.0, 413, "{}", resp.1);
+    let ok = format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(1000));
+    assert_eq!(
+        call(s.addr, req("POST", s.addr, "/v1/embeddings", &[], &ok))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(s.mock.requests(), 1);
+    s.stop();
+}
+
+fn futures_body(s: String) -> Vec<bytes::Bytes> {
+    s.into_bytes()
+        .chunks(500)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect()
+}
+
+/// Sends a chunked body (no Content-Length) frame by frame.
+async fn send_streaming(
+    addr: std::net::SocketAddr,
+    path: &str,
+    chunks: Vec<bytes::Bytes>,
+) -> (u16, String) {
+    use http_body_util::StreamBody;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let frames = chunks
+        .into_iter()
+        .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)));
+    let body = StreamBody::new(tokio_stream_iter(frames));
+    let r = http::Request::post(path)
+        .header("host", addr.to_string())
+        .body(body)
+        .unwrap();
+    let resp = tx.send_request(r).await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    (status, text)
+}
+
+/// A `Stream` over an iterator, without pulling in a streams crate.
+fn tokio_stream_iter<I: Iterator + Unpin>(it: I) -> IterStream<I> {
+    IterStream(it)
+}
+struct IterStream<I>(I);
+impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_or_too_large_headers_get_431() {
+    let s = stack(
+        fast_mock(),
+        &[
+            ("SIDECAR_MAX_HEADERS", "20"),
+            ("SIDECAR_MAX_HEADER_BYTES", "2048"),
+        ],
+    );
+    let many: Vec<(String, String)> = (0..25)
+        .map(|i| (format!("x-h-{i}"), "v".to_owned()))
+        .collect();
+    let many_ref: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    call(s.addr, req("GET", s.addr, "/v1/models", &many_ref, ""))
+        .await
+        .assert_error(431, "headers_too_large");
+    let long = "v".repeat(3000);
+    call(
+        s.addr,
+        req("GET", s.addr, "/v1/models", &[("x-long", &long)], ""),
+    )
+    .await
+    .assert_error(431, "headers_too_large");
+    assert_eq!(s.mock.requests(), 0);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gets_502() {
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = nvidia_sidecar::app::App::new(config_from(&[(
+        "SIDECAR_UPSTREAM_URL",
+        &format!("http://{closed}/v1"),
+    )]));
+    let sidecar = nvidia_sidecar::server::start_proxy(app).unwrap();
+    let addr = sidecar.local_addr;
+    let a = call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT)).await;
+    a.assert_error(502, "upstream_unavailable");
+    assert!(a.headers.contains_key("x-request-id"));
+    let ready = call(addr, req("GET", addr, "/readyz", &[], "")).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["status"], "unavailable");
+    assert!(ready.json()["reason"].as_str().unwrap().contains("connect"));
+    sidecar.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_response_headers_within_the_request_timeout_gets_504() {
+    let s = stack(fast_mock(), &[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
+    let a = call(
+        s.addr,
+        req(
+            "POST",
+            s.addr,
+            "/v1/chat/completions",
+            &[("x-mock-header-delay-ms", "5000")],
+            CHAT,
+        ),
+    )
+    .await;
+    a.assert_error(504, "upstream_timeout");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_reset_mid_stream_ends_with_an_error_event_and_never_a_clean_end() {
+    let s = stack(fast_mock(), &[]);
+    let r = req(
+        "POST",
+        s.addr,
+        "/v1/chat/completions",
+        &[("x-mock-reset-after", "3")],
+        CHAT_STREAM,
+    );
+    let resp = send(s.addr, r).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut ended_in_error = false;
+    while let Some(chunk) = next_chunk(&mut body).await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => {
+                ended_in_error = true;
+                break;
+            }
+        }
+    }
+    assert!(ended_in_error, "the stream ended cleanly: {text}");
+    assert_eq!(
+        text.matches("data: {").count(),
+        4,
+        "3 chunks + the error event: {text}"
+    );
+    assert!(!text.contains("[DONE]"));
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: error\ndata: "), "{text}");
+    let v: serde_json::Value = serde_json::from_str(last.split("data: ").nth(1).unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "upstream_stream_error");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_sse_reset_mid_body_is_an_error_to_the_client() {
+    // A plain body cut by the upstream: the client must see a broken body, not a short one.
+    let s = stack(fast_mock(), &[]);
+    let r = req(
+        "POST",
+        s.addr,
+        "/v1/chat/completions",
+        &[("x-mock-reset-after", "1")],
+        CHAT,
+    );
+    let resp = send(s.addr, r).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let collected = resp.into_body().collect().await;
+    assert!(
+        collected.is_err(),
+        "a reset upstream body must not end cleanly"
+    );
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_hits_the_idle_timeout_not_a_total_deadline() {
+    let s = stack(
+        fast_mock(),
+        &[
+            ("SIDECAR_STREAM_IDLE_TIMEOUT", "0.5"),
+            ("SIDECAR_REQUEST_TIMEOUT", "0.5"),
+        ],
+    );
+    // 12 tokens 100 ms apart: 1.2 s in all, longer than both timeouts, never idle for long.
+    let steady = call(
+        s.addr,
+        req(
+            "POST",
+            s.addr,
+            "/v1/chat/completions",
+            &[("x-mock-token-delay-ms", "100"), ("x-mock-tokens", "12")],
+            CHAT_STREAM,
+        ),
+    )
+    .await;
+    assert!(
+        steady.text().ends_with("data: [DONE]\n\n"),
+        "{}",
+        steady.text()
+    );
+    // A 30 s gap after the first chunk is cut by the idle timeout with an error event.
+    let resp = send(
+        s.addr,
+        req(
+            "POST",
+            s.addr,
+            "/v1/chat/completions",
+            &[("x-mock-token-delay-ms", "30000")],
+            CHAT_STREAM,
+        ),
+    )
+    .await
+    .unwrap();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    while let Some(Ok(c)) = next_chunk(&mut body).await {
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("idle"), "{text}");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_answer_and_readiness_probes_the_upstream() {
+    let s = stack(fast_mock(), &[]);
+    let h = call(s.addr, req("GET", s.addr, "/healthz", &[], "")).await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+    let r = call(s.addr, req("GET", s.addr, "/readyz", &[], "")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ready");
+    // The probe went out with the provider key.
+    let seen = s.mock.seen();
+    assert_eq!(seen[0].path, "/v1/models");
+    assert_eq!(
+        seen[0].headers["authorization"],
+        "Bearer nvapi-provider-key-0001"
+    );
+    call(s.addr, req("POST", s.addr, "/healthz", &[], ""))
+        .await
+        .assert_error(405, "method_not_allowed");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_priority_is_a_400_that_says_what_is_accepted() {
+    let s = stack(fast_mock(), &[]);
+    let a = call(
+        s.addr,
+        req(
+            "POST",
+            s.addr,
+            "/v1/chat/completions",
+            &[("x-priority", "urgent")],
+            CHAT,
+        ),
+    )
+    .await;
+    a.assert_error(400, "invalid_priority");
+    assert!(a.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("high, normal or low"));
+    assert_eq!(s.mock.requests(), 0);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_the_upstream_are_reused() {
+    let s = stack(fast_mock(), &[]);
+    for _ in 0..20 {
+        let a = call(s.addr, req("GET", s.addr, "/v1/models", &[], "")).await;
+        assert_eq!(a.status, 200);
+    }
+    // One worker, sequential requests: one upstream connection serves them all.
+    let conns = s.mock.connections();
+    assert_eq!(conns, 1, "upstream connections opened: {conns}");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_may_speak_h2c() {
+    let s = stack(fast_mock(), &[]);
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let r = http::Request::post(format!("http://{}/v1/chat/completions", s.addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            CHAT_STREAM.as_bytes(),
+        )))
+        .unwrap();
+    let resp = tx.send_request(r).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_route_to_providers_by_model_pattern() {
+    let a = common::mock(fast_mock());
+    let b = common::mock(fast_mock());
+    let toml = format!(
+        r#"
+        default_provider = "main"
+        [[providers]]
+        name = "main"
+        upstream_url = "{}"
+        api_key = "key-main"
+        models = ["meta/*"]
+        [[providers]]
+        name = "other"
+        upstream_url = "{}"
+        api_key = "key-other"
+        models = ["mistralai/*", "nvidia/*"]
+        "#,
+        a.base_url(),
+        b.base_url()
+    );
+    let file = nvidia_sidecar::config::FileConfig::parse(&toml, "test.toml").unwrap();
+    let env: std::collections::HashMap<String, String> = [
+        ("SIDECAR_LISTEN_PORT", "0"),
+        ("SIDECAR_METRICS_PORT", "0"),
+        ("SIDECAR_WORKERS", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut settings = nvidia_sidecar::config::Settings::defaults();
+    settings.overlay(file.settings.clone());
+    settings.overlay(nvidia_sidecar::config::Settings::from_env(&env).unwrap());
+    let cfg = nvidia_sidecar::config::Config::build(settings, &file, &env).unwrap();
+    let sidecar = nvidia_sidecar::server::start_proxy(nvidia_sidecar::app::App::new(cfg)).unwrap();
+    let addr = sidecar.local_addr;
+    for model in [
+        "nvidia/nemotron",
+        "meta/llama",
+        "unknown-model",
+        "mistralai/mixtral",
+    ] {
+        let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+        assert_eq!(
+            call(addr, req("POST", addr, "/v1/chat/completions", &[], &body))
+                .await
+                .status,
+            200
+        );
+    }
+    let models = |m: &nvidia_sidecar::mock::MockServer| -> Vec<(String, String)> {
+        m.seen()
+            .iter()
+            .map(|s| {
+                let v: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+                (
+                    v["model"].as_str().unwrap().to_owned(),
+                    s.headers["authorization"].to_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        models(&a),
+        [
+            ("meta/llama".into(), "Bearer key-main".into()),
+            ("unknown-model".into(), "Bearer key-main".into())
+        ]
+    );
+    assert_eq!(
+        models(&b),
+        [
+            ("nvidia/nemotron".into(), "Bearer key-other".into()),
+            ("mistralai/mixtral".into(), "Bearer key-other".into())
+        ]
+    );
+    sidecar.stop();
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_pass_through_unchanged() {
+    let s = stack(fast_mock(), &[]);
+    let a = call(
+        s.addr,
+        req(
+            "POST",
+            s.addr,
+            "/v1/chat/completions",
+            &[("x-mock-status", "503")],
+            CHAT,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.json()["error"]["type"], "mock_error");
+    s.stop();
+}

@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{MonotonicClock, SharedClock};
 use crate::config::{Config, ProviderConfig};
 use crate::health::Readiness;
+use crate::proxy::headers::bearer;
 use crate::route::Router;
 use crate::upstream::Connector;
 
@@ -21,6 +23,10 @@ use crate::upstream::Connector;
 pub struct Provider {
     pub name: Arc<str>,
     pub config: ProviderConfig,
+    /// `Authorization` sent upstream (`None`: the client's passes through).
+    pub auth_header: Option<HeaderValue>,
+    /// `Host` sent upstream.
+    pub host_header: HeaderValue,
     /// Clock time (+1, so 0 means never) of the last upstream answer below 500.
     last_success: AtomicU64,
 }
@@ -29,6 +35,9 @@ impl Provider {
     pub fn new(config: ProviderConfig) -> Self {
         Self {
             name: Arc::from(config.name.as_str()),
+            auth_header: config.api_key.as_ref().and_then(bearer),
+            host_header: HeaderValue::from_str(config.upstream.authority.as_str())
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             config,
             last_success: AtomicU64::new(0),
         }

@@ -114,11 +114,9 @@ async fn probe(
         .header(header::HOST, up.authority.as_str())
         .body(Full::new(bytes::Bytes::new()))
         .map_err(|e| format!("cannot build probe: {e}"))?;
-    if let Some(key) = &provider.config.api_key {
-        if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
-            v.set_sensitive(true);
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
+    if let Some(auth) = &provider.auth_header {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, auth.clone());
     }
     let sent = tokio::time::timeout(timeout, async {
         let (resp, lease) = worker.pool.send(up, req).await.map_err(|e| e.to_string())?;

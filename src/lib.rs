@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fuzz_targets;
 pub mod health;
 pub mod logging;
 pub mod mock;

@@ -34,6 +34,8 @@ enum Command {
     MockUpstream(mock::MockConfig),
     /// Simulated upstream + sidecar + synthetic client; needs no key and no network.
     Demo(demo::DemoArgs),
+    /// Print every setting (variable, flag, default, meaning) as a Markdown table.
+    Settings,
 }
 
 fn load(cli: &Cli) -> Result<Config, ExitCode> {
@@ -69,6 +71,10 @@ async fn signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Settings)) {
+        print!("{}", config::markdown_table());
+        return ExitCode::SUCCESS;
+    }
     let config = match load(&cli) {
         Ok(c) => c,
         Err(code) => return code,
@@ -119,6 +125,7 @@ fn main() -> ExitCode {
             server.stop();
             ExitCode::SUCCESS
         }
+        Command::Settings => ExitCode::SUCCESS,
         Command::Demo(args) => {
             let local = tokio::task::LocalSet::new();
             match local.block_on(&rt, demo::run(config, args, signal())) {

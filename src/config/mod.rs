@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use settings::{ParseSetting, SettingDoc, Settings, SETTINGS};
+pub use settings::{markdown_table, ParseSetting, SettingDoc, Settings, SETTINGS};
 pub use source::{EnvSource, ProcessEnv};
 pub use upstream::{Scheme, UpstreamUrl};
 
@@ -171,42 +171,14 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    /// Parses TOML text; `path` only names the file in errors.
+    /// Parses TOML text; `path` only names the file in errors, with the line.
     pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let toml_err = |e: toml::de::Error| ConfigError::Toml {
+        let layout: settings::FileLayout = toml::from_str(text).map_err(|e| ConfigError::Toml {
             path: path.to_owned(),
-            line: e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-                .unwrap_or(1),
+            line: e.span().map_or(1, |s| line_of(text, s.start)),
             message: e.message().replace('\n', " "),
-        };
-        let mut table: toml::Table = toml::from_str(text).map_err(toml_err)?;
-        let providers = match table.remove("providers") {
-            Some(v) => Vec::<ProviderFile>::deserialize(v).map_err(|e| ConfigError::Toml {
-                path: path.to_owned(),
-                line: 1,
-                message: format!("providers: {}", e.message().replace('\n', " ")),
-            })?,
-            None => Vec::new(),
-        };
-        let default_provider = match table.remove("default_provider") {
-            Some(toml::Value::String(s)) => Some(s),
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    "default_provider",
-                    other,
-                    "the name of a provider (a string)",
-                ))
-            }
-            None => None,
-        };
-        let settings =
-            Settings::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Toml {
-                path: path.to_owned(),
-                line: 1,
-                message: e.message().replace('\n', " "),
-            })?;
+        })?;
+        let (settings, providers, default_provider) = layout.split();
         Ok(Self {
             settings,
             providers,
@@ -240,14 +212,24 @@ pub fn load(
     Config::build(merged, &file, env)
 }
 
+/// 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    let at = at.min(text.len());
+    text.as_bytes()[..at]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
 fn seconds(setting: &str, value: f64) -> Result<Duration, ConfigError> {
-    if value.is_finite() && value > 0.0 && value <= 86_400.0 {
+    if value.is_finite() && (0.001..=86_400.0).contains(&value) {
         Ok(Duration::from_secs_f64(value))
     } else {
         Err(ConfigError::invalid(
             setting,
             value,
-            "a number of seconds greater than 0 and at most 86400",
+            "a number of seconds from 0.001 to 86400",
         ))
     }
 }
@@ -324,10 +306,17 @@ impl Config {
         let log_level = level_raw.trim().parse::<tracing::Level>().map_err(|_| {
             ConfigError::invalid("log_level", &level_raw, "error, warn, info, debug or trace")
         })?;
-        let log_format = match get!(log_format).trim().to_ascii_lowercase().as_str() {
+        let format_raw = get!(log_format);
+        let log_format = match format_raw.trim().to_ascii_lowercase().as_str() {
             "json" => LogFormat::Json,
             "pretty" | "text" => LogFormat::Pretty,
-            other => return Err(ConfigError::invalid("log_format", other, "json or pretty")),
+            _ => {
+                return Err(ConfigError::invalid(
+                    "log_format",
+                    &format_raw,
+                    "json or pretty",
+                ))
+            }
         };
         let timeouts = Timeouts {
             request: seconds("request_timeout", get!(request_timeout))?,

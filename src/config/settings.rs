@@ -63,6 +63,25 @@ macro_rules! settings {
             )*
         }
 
+        /// The TOML file as written: the global settings at the top level, then the
+        /// providers. Deserialised straight from the text so every error has a position.
+        #[derive(Debug, Default, Clone, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct FileLayout {
+            $( pub $key: Option<$ty>, )*
+            #[serde(default)]
+            pub providers: Vec<super::ProviderFile>,
+            pub default_provider: Option<String>,
+        }
+
+        impl FileLayout {
+            /// Splits the file into its global settings and the rest.
+            pub fn split(self) -> (Settings, Vec<super::ProviderFile>, Option<String>) {
+                let settings = Settings { $( $key: self.$key, )* };
+                (settings, self.providers, self.default_provider)
+            }
+        }
+
         /// Every global setting with its variable, default and meaning.
         pub const SETTINGS: &[SettingDoc] = &[
             $(SettingDoc {
@@ -158,4 +177,24 @@ settings! {
     keep_alive: bool = "true", env "SIDECAR_KEEP_ALIVE";
     /// Seconds /readyz caches the result of its upstream probe.
     ready_cache: f64 = "5", env "SIDECAR_READY_CACHE";
+}
+
+/// The settings table of the README, generated from [`SETTINGS`] (a test keeps the
+/// README equal to it).
+pub fn markdown_table() -> String {
+    let mut out = String::from("| Variable | Flag | Default | Meaning |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let default = match s.default {
+            "" => "(none)".to_owned(),
+            d => format!("`{d}`"),
+        };
+        out.push_str(&format!(
+            "| `{}` | `--{}` | {} | {} |\n",
+            s.env,
+            s.key.replace('_', "-"),
+            default,
+            s.help.trim()
+        ));
+    }
+    out
 }

@@ -37,7 +37,7 @@ impl ProcessEnv {
             for item in iter {
                 let (k, v) = item.map_err(|e| super::ConfigError::DotEnv {
                     path: path.display().to_string(),
-                    reason: e.to_string(),
+                    reason: e.to_string().replace('\n', "\\n"),
                 })?;
                 dotenv.insert(k, v);
             }

@@ -1,1 +1,739 @@
+//! The configuration contract: defaults, layering, keys, providers and every error message.
+//!
+//! Environment values come from a `HashMap` (the [`EnvSource`] tests hand in); nothing
+//! here mutates the process environment.
 
+use super::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+// === helpers ===
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A TOML file in its own temporary directory (removed when the guard drops).
+struct TomlFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn toml_file(text: &str) -> TomlFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, text).unwrap();
+    TomlFile { _dir: dir, path }
+}
+
+fn load_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    load(None, &env(pairs), Settings::default())
+}
+
+fn load_toml(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let file = toml_file(text);
+    load(Some(&file.path), &env(pairs), Settings::default())
+}
+
+fn error_of(result: Result<Config, ConfigError>, case: &str) -> ConfigError {
+    match result {
+        Ok(c) => panic!("{case}: accepted, gave {c:?}"),
+        Err(e) => e,
+    }
+}
+
+/// A [`ConfigError::Invalid`] line names the setting, the value (quoted) and what is accepted.
+fn assert_invalid(err: &ConfigError, setting: &str, value: &str, expected: &str) {
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "more than one line: {msg:?}");
+    assert!(
+        matches!(err, ConfigError::Invalid { .. }),
+        "not an Invalid error: {err:?}"
+    );
+    assert!(
+        msg.contains(&format!("{setting}={value:?}")),
+        "{msg:?} does not name {setting}={value:?}"
+    );
+    assert!(
+        msg.contains(&format!("expected {expected}")),
+        "{msg:?} does not say `expected {expected}`"
+    );
+}
+
+// What each check accepts, as its error says.
+const IP: &str = "an IP address such as 127.0.0.1, 0.0.0.0 or ::1 (or localhost)";
+const PORT: &str = "an integer from 0 to 65535";
+const OTHER_PORT: &str = "a port different from listen_port";
+const URL: &str =
+    "an http:// or https:// URL with a host, e.g. https://integrate.api.nvidia.com/v1";
+const NO_USERINFO: &str = "a URL without user:password@ (put the key in upstream_api_key)";
+const NO_QUERY: &str = "a base URL without a query string";
+const RPM: &str = "requests per minute greater than 0 and at most 6000000";
+const SECONDS: &str = "a number of seconds from 0.001 to 86400";
+const NON_NEGATIVE: &str = "a non-negative integer";
+const MIN_1: &str = "an integer of at least 1";
+const MIN_1024: &str = "an integer of at least 1024";
+const QUEUE: &str = "an integer from 0 to 1000000";
+const BOOL: &str = "true or false (also 1/0, yes/no, on/off)";
+const LEVEL: &str = "error, warn, info, debug or trace";
+const WORKERS: &str = "0 (one per core) or a count up to 1024";
+const KEY_VAR: &str = "the name of an environment variable that is set and not empty";
+const NAME: &str = "a non-empty name of letters, digits, '-', '_' or '.'";
+const NO_PROVIDERS: &str =
+    "the name of a [[providers]] entry (none declared; the implicit one is \"nvidia\")";
+const MODELS: &str = "model patterns without spaces, '*' as wildcard (e.g. \"meta/*\")";
+
+// === defaults ===
+
+#[test]
+fn with_nothing_set_the_sidecar_paces_one_nvidia_provider_at_40_rpm() {
+    let c = load(None, &HashMap::new(), Settings::default()).unwrap();
+    assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.metrics_listen, "127.0.0.1:9090".parse().unwrap());
+    assert!(!c.fallback_enabled_passthrough);
+    assert_eq!(c.timeouts.request, Duration::from_secs(120));
+    assert_eq!(c.log_level, tracing::Level::INFO);
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert!(c.admin_token.is_none());
+
+    assert_eq!(c.providers.len(), 1);
+    assert_eq!(c.default_provider, 0);
+    let p = c.default_provider();
+    assert_eq!(p.name, "nvidia");
+    assert_eq!(p.upstream.display(), "https://integrate.api.nvidia.com/v1");
+    assert_eq!(p.upstream.port, 443);
+    assert_eq!(p.models, vec!["*".to_string()]);
+    assert!(p.api_key.is_none());
+    assert_eq!(p.rate_rpm, 40.0);
+    assert_eq!(p.bucket_capacity, 1);
+    assert_eq!(p.queue_max_size, 64);
+    assert_eq!(p.low_priority_timeout, Duration::from_secs(30));
+    assert!(p.fallback.is_none());
+}
+
+#[test]
+fn every_documented_default_parses() {
+    let d = Settings::defaults();
+    assert_eq!(d.rate_rpm, Some(40.0));
+    assert_eq!(d.listen_port, Some(8080));
+    // And the defaults together form a valid configuration.
+    Config::build(d, &FileConfig::default(), &HashMap::new()).unwrap();
+}
+
+#[test]
+fn every_setting_has_a_sidecar_variable_named_after_its_key_and_a_help_text() {
+    let mut keys = std::collections::HashSet::new();
+    for s in SETTINGS {
+        assert!(keys.insert(s.key), "{} listed twice", s.key);
+        assert!(s.env.starts_with("SIDECAR_"), "{}: {}", s.key, s.env);
+        assert_eq!(s.env, format!("SIDECAR_{}", s.key.to_uppercase()));
+        assert!(!s.help.trim().is_empty(), "{} has no help", s.key);
+    }
+}
+
+#[test]
+fn every_setting_is_read_from_its_variable() {
+    // A garbage value in each variable is noticed: the variable is read and validated.
+    // Only the secrets accept any string.
+    for s in SETTINGS {
+        let result = load_env(&[(s.env, "not-a-value")]);
+        if matches!(s.key, "upstream_api_key" | "admin_token") {
+            assert!(result.is_ok(), "{}: {:?}", s.env, result.err());
+            continue;
+        }
+        let msg = error_of(result, s.env).to_string();
+        assert!(
+            msg.contains(s.env) || msg.contains(s.key),
+            "{}: {msg:?} names neither the variable nor the key",
+            s.env
+        );
+        assert!(msg.contains("\"not-a-value\""), "{}: {msg:?}", s.env);
+    }
+}
+
+#[test]
+fn listen_host_localhost_means_the_ipv4_loopback_and_ipv6_is_accepted() {
+    let c = load_env(&[("SIDECAR_LISTEN_HOST", "localhost")]).unwrap();
+    assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    let c = load_env(&[("SIDECAR_LISTEN_HOST", "::1")]).unwrap();
+    assert_eq!(c.listen, "[::1]:8080".parse().unwrap());
+    assert_eq!(c.metrics_listen, "[::1]:9090".parse().unwrap());
+}
+
+#[test]
+fn workers_zero_means_one_per_core_and_both_ports_may_be_zero() {
+    let c = load_env(&[
+        ("SIDECAR_WORKERS", "0"),
+        ("SIDECAR_LISTEN_PORT", "0"),
+        ("SIDECAR_METRICS_PORT", "0"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.workers,
+        std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+    );
+    assert_eq!(c.listen.port(), 0);
+    assert_eq!(c.metrics_listen.port(), 0);
+}
+
+#[test]
+fn booleans_accept_true_false_1_0_yes_no_on_off() {
+    for (raw, want) in [
+        ("true", true),
+        ("1", true),
+        ("YES", true),
+        (" on ", true),
+        ("false", false),
+        ("0", false),
+        ("No", false),
+        ("off", false),
+    ] {
+        let c = load_env(&[("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", raw)]).unwrap();
+        assert_eq!(c.fallback_enabled_passthrough, want, "{raw:?}");
+    }
+}
+
+// === layering ===
+
+#[test]
+fn each_layer_overrides_the_one_below_defaults_file_env_flags() {
+    let file = toml_file("rate_rpm = 10\nqueue_max_size = 11\nbucket_capacity = 12\n");
+    let environment = env(&[
+        ("SIDECAR_QUEUE_MAX_SIZE", "21"),
+        ("SIDECAR_BUCKET_CAPACITY", "22"),
+    ]);
+    let flags = Settings {
+        bucket_capacity: Some(32),
+        ..Settings::default()
+    };
+    let c = load(Some(&file.path), &environment, flags).unwrap();
+    let p = c.default_provider();
+    assert_eq!(p.low_priority_timeout, Duration::from_secs(30), "default");
+    assert_eq!(p.rate_rpm, 10.0, "file over default");
+    assert_eq!(p.queue_max_size, 21, "env over file");
+    assert_eq!(p.bucket_capacity, 32, "flag over env");
+}
+
+#[test]
+fn the_same_setting_at_every_layer_takes_the_highest_value() {
+    let file = toml_file("rate_rpm = 10\n");
+    let environment = env(&[("SIDECAR_RATE_RPM", "20")]);
+    let flag = || Settings {
+        rate_rpm: Some(30.0),
+        ..Settings::default()
+    };
+    let rate = |c: Config| c.default_provider().rate_rpm;
+
+    let none: HashMap<String, String> = HashMap::new();
+    assert_eq!(rate(load(None, &none, Settings::default()).unwrap()), 40.0);
+    assert_eq!(
+        rate(load(Some(&file.path), &none, Settings::default()).unwrap()),
+        10.0
+    );
+    assert_eq!(
+        rate(load(Some(&file.path), &environment, Settings::default()).unwrap()),
+        20.0
+    );
+    assert_eq!(
+        rate(load(Some(&file.path), &environment, flag()).unwrap()),
+        30.0
+    );
+    assert_eq!(rate(load(None, &none, flag()).unwrap()), 30.0);
+}
+
+#[test]
+fn a_valid_higher_layer_does_not_rescue_an_invalid_lower_one_only_replaces_it() {
+    // The file's bad value is overridden by the env: only the merged value is validated.
+    let c = load_toml("rate_rpm = 0\n", &[("SIDECAR_RATE_RPM", "5")]).unwrap();
+    assert_eq!(c.default_provider().rate_rpm, 5.0);
+    // A bad env value that no flag overrides is refused even though the file is fine.
+    let err = error_of(
+        load_toml("rate_rpm = 5\n", &[("SIDECAR_RATE_RPM", "0")]),
+        "env 0",
+    );
+    assert_invalid(&err, "rate_rpm", "0", RPM);
+}
+
+#[test]
+fn file_settings_use_the_setting_keys_and_toml_types() {
+    let c = load_toml(
+        "listen_host = \"0.0.0.0\"\nlisten_port = 8181\nrequest_timeout = 2.5\n\
+         fallback_enabled_passthrough = true\nlog_format = \"pretty\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.listen, "0.0.0.0:8181".parse().unwrap());
+    assert_eq!(c.timeouts.request, Duration::from_millis(2500));
+    assert!(c.fallback_enabled_passthrough);
+    assert_eq!(c.log_format, LogFormat::Pretty);
+}
+
+// === API keys ===
+
+#[test]
+fn sidecar_upstream_api_key_wins_over_nvidia_api_key() {
+    let c = load_env(&[
+        ("SIDECAR_UPSTREAM_API_KEY", "nvapi-from-sidecar"),
+        ("NVIDIA_API_KEY", "nvapi-from-nvidia"),
+    ])
+    .unwrap();
+    let key = c.default_provider().api_key.as_ref().unwrap();
+    assert_eq!(key.expose(), "nvapi-from-sidecar");
+}
+
+#[test]
+fn nvidia_api_key_is_used_when_sidecar_upstream_api_key_is_unset_or_empty() {
+    for pairs in [
+        vec![("NVIDIA_API_KEY", "nvapi-from-nvidia")],
+        vec![
+            ("SIDECAR_UPSTREAM_API_KEY", ""),
+            ("NVIDIA_API_KEY", "nvapi-from-nvidia"),
+        ],
+    ] {
+        let c = load_env(&pairs).unwrap();
+        let key = c.default_provider().api_key.as_ref().unwrap();
+        assert_eq!(key.expose(), "nvapi-from-nvidia", "{pairs:?}");
+    }
+}
+
+#[test]
+fn an_empty_key_means_no_key() {
+    let c = load_env(&[("SIDECAR_UPSTREAM_API_KEY", ""), ("NVIDIA_API_KEY", "")]).unwrap();
+    assert!(c.default_provider().api_key.is_none());
+    assert!(Secret::new(String::new()).is_none());
+}
+
+#[test]
+fn keys_and_tokens_are_masked_in_debug_output() {
+    let key = "nvapi-0123456789-very-secret";
+    let token = "admin-token-very-secret";
+    let c = load_env(&[
+        ("SIDECAR_UPSTREAM_API_KEY", key),
+        ("SIDECAR_ADMIN_TOKEN", token),
+    ])
+    .unwrap();
+    let secret = c.default_provider().api_key.clone().unwrap();
+    assert_eq!(format!("{secret:?}"), "nvap****");
+    assert_eq!(secret.masked(), "nvap****");
+    let whole = format!("{c:?}");
+    assert!(!whole.contains(key), "key leaked: {whole}");
+    assert!(!whole.contains(token), "token leaked: {whole}");
+    assert!(whole.contains("nvap****"), "{whole}");
+    assert!(whole.contains("admi****"), "{whole}");
+}
+
+// === every configuration error ===
+
+#[test]
+fn every_bad_environment_value_is_refused_with_one_line_naming_setting_value_and_range() {
+    // (variable, bad value, name in the message, what is accepted)
+    // Values that do not parse as the setting's type are named by their variable; values
+    // that parse but are out of range are named by the setting's key.
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("SIDECAR_LISTEN_HOST",          "not-an-ip",         "listen_host",          IP),
+        ("SIDECAR_LISTEN_PORT",          "abc",               "SIDECAR_LISTEN_PORT",  PORT),
+        ("SIDECAR_LISTEN_PORT",          "70000",             "SIDECAR_LISTEN_PORT",  PORT),
+        ("SIDECAR_LISTEN_PORT",          "-1",                "SIDECAR_LISTEN_PORT",  PORT),
+        ("SIDECAR_METRICS_PORT",         "8080",              "metrics_port",         OTHER_PORT),
+        ("SIDECAR_UPSTREAM_URL",         "ftp://x",           "upstream_url",         URL),
+        ("SIDECAR_UPSTREAM_URL",         "no-scheme",         "upstream_url",         URL),
+        ("SIDECAR_UPSTREAM_URL",         "",                  "upstream_url",         URL),
+        ("SIDECAR_UPSTREAM_URL",         "https:///v1",       "upstream_url",         URL),
+        ("SIDECAR_UPSTREAM_URL",         "https://u:pw@h/v1", "upstream_url",         NO_USERINFO),
+        ("SIDECAR_UPSTREAM_URL",         "https://h/v1?x=1",  "upstream_url",         NO_QUERY),
+        ("SIDECAR_RATE_RPM",             "0",                 "rate_rpm",             RPM),
+        ("SIDECAR_RATE_RPM",             "-5",                "rate_rpm",             RPM),
+        ("SIDECAR_RATE_RPM",             "abc",               "SIDECAR_RATE_RPM",     "a number"),
+        ("SIDECAR_RATE_RPM",             "NaN",               "rate_rpm",             RPM),
+        ("SIDECAR_RATE_RPM",             "inf",               "rate_rpm",             RPM),
+        ("SIDECAR_RATE_RPM",             "6000001",           "rate_rpm",             RPM),
+        ("SIDECAR_BUCKET_CAPACITY",      "0",                 "bucket_capacity",      MIN_1),
+        ("SIDECAR_BUCKET_CAPACITY",      "1.5",               "SIDECAR_BUCKET_CAPACITY", NON_NEGATIVE),
+        ("SIDECAR_REQUEST_TIMEOUT",      "0",                 "request_timeout",      SECONDS),
+        ("SIDECAR_LOW_PRIORITY_TIMEOUT", "-1",                "low_priority_timeout", SECONDS),
+        ("SIDECAR_CONNECT_TIMEOUT",      "999999",            "connect_timeout",      SECONDS),
+        ("SIDECAR_STREAM_IDLE_TIMEOUT",  "0",                 "stream_idle_timeout",  SECONDS),
+        ("SIDECAR_SHUTDOWN_GRACE",       "86401",             "shutdown_grace",       SECONDS),
+        ("SIDECAR_HEADER_READ_TIMEOUT",  "NaN",               "header_read_timeout",  SECONDS),
+        ("SIDECAR_READY_CACHE",          "0",                 "ready_cache",          SECONDS),
+        ("SIDECAR_QUEUE_MAX_SIZE",       "2000000",           "queue_max_size",       QUEUE),
+        ("SIDECAR_QUEUE_MAX_SIZE",       "-1",                "SIDECAR_QUEUE_MAX_SIZE", NON_NEGATIVE),
+        ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "maybe",     "SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", BOOL),
+        ("SIDECAR_KEEP_ALIVE",           "sometimes",         "SIDECAR_KEEP_ALIVE",   BOOL),
+        ("SIDECAR_LOG_LEVEL",            "loud",              "log_level",            LEVEL),
+        ("SIDECAR_LOG_FORMAT",           "xml",               "log_format",           "json or pretty"),
+        ("SIDECAR_WORKERS",              "5000",              "workers",              WORKERS),
+        ("SIDECAR_MAX_HEADERS",          "1",                 "max_headers",          "an integer of at least 8"),
+        ("SIDECAR_MAX_HEADER_BYTES",     "100",               "max_header_bytes",     MIN_1024),
+        ("SIDECAR_MAX_BODY_BYTES",       "10",                "max_body_bytes",       MIN_1024),
+        ("SIDECAR_MAX_CONNECTIONS",      "0",                 "max_connections",      MIN_1),
+        ("SIDECAR_H2_MAX_CONCURRENT_STREAMS", "0",            "h2_max_concurrent_streams", MIN_1),
+        ("SIDECAR_H2_MAX_HEADER_LIST_SIZE", "1000",           "h2_max_header_list_size", MIN_1024),
+    ];
+    for &(var, value, setting, expected) in cases {
+        let err = error_of(load_env(&[(var, value)]), &format!("{var}={value}"));
+        assert_invalid(&err, setting, value, expected);
+    }
+}
+
+#[test]
+fn the_same_checks_apply_to_file_and_flag_values() {
+    let err = error_of(load_toml("max_body_bytes = 10\n", &[]), "file");
+    assert_invalid(&err, "max_body_bytes", "10", MIN_1024);
+
+    let flags = Settings {
+        workers: Some(5000),
+        ..Settings::default()
+    };
+    let err = error_of(load(None, &HashMap::new(), flags), "flag");
+    assert_invalid(&err, "workers", "5000", WORKERS);
+}
+
+#[test]
+fn a_missing_config_file_is_an_error_naming_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let err = error_of(
+        load(Some(&path), &HashMap::new(), Settings::default()),
+        "absent",
+    );
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(!msg.contains('\n'), "{msg:?}");
+}
+
+#[test]
+fn a_timeout_too_small_to_represent_is_refused() {
+    // Observed: SIDECAR_REQUEST_TIMEOUT=1e-12 loads, with timeouts.request == 0 ns.
+    let err = error_of(load_env(&[("SIDECAR_REQUEST_TIMEOUT", "1e-12")]), "1e-12 s");
+    assert_invalid(&err, "request_timeout", "0.000000000001", SECONDS);
+}
+
+#[test]
+fn log_format_error_shows_the_value_as_given() {
+    // Observed: invalid log_format="xml": expected json or pretty
+    let err = error_of(load_env(&[("SIDECAR_LOG_FORMAT", " XML ")]), "XML");
+    assert_invalid(&err, "log_format", " XML ", "json or pretty");
+}
+
+// === providers in the TOML file ===
+
+const TWO_PROVIDERS: &str = r#"
+rate_rpm = 40
+queue_max_size = 10
+default_provider = "local"
+
+[[providers]]
+name = "nvidia"
+upstream_url = "https://integrate.api.nvidia.com/v1"
+api_key_env = "MY_NVIDIA_KEY"
+models = ["meta/*", "nvidia/*"]
+
+[[providers]]
+name = "local"
+upstream_url = "http://127.0.0.1:8000/v1"
+api_key = "local-key"
+rate_rpm = 6000
+bucket_capacity = 5
+low_priority_timeout = 3
+models = ["mistralai/*"]
+fallback_url = "http://127.0.0.1:8001/v1"
+"#;
+
+#[test]
+fn providers_are_declared_in_order_with_their_models_and_the_named_default() {
+    let c = load_toml(TWO_PROVIDERS, &[("MY_NVIDIA_KEY", "nvapi-by-name")]).unwrap();
+    let names: Vec<&str> = c.providers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["nvidia", "local"]);
+    assert_eq!(c.default_provider, 1);
+    assert_eq!(c.default_provider().name, "local");
+
+    let (nvidia, local) = (&c.providers[0], &c.providers[1]);
+    assert_eq!(nvidia.models, ["meta/*", "nvidia/*"]);
+    assert_eq!(local.models, ["mistralai/*"]);
+    assert_eq!(local.upstream.display(), "http://127.0.0.1:8000/v1");
+    assert_eq!(
+        local.fallback.as_ref().map(UpstreamUrl::display).as_deref(),
+        Some("http://127.0.0.1:8001/v1")
+    );
+    assert!(nvidia.fallback.is_none());
+}
+
+#[test]
+fn unset_provider_fields_inherit_the_global_settings() {
+    let c = load_toml(TWO_PROVIDERS, &[("MY_NVIDIA_KEY", "nvapi-by-name")]).unwrap();
+    let (nvidia, local) = (&c.providers[0], &c.providers[1]);
+    // nvidia sets none of these: global file values, else defaults.
+    assert_eq!(nvidia.rate_rpm, 40.0);
+    assert_eq!(nvidia.queue_max_size, 10);
+    assert_eq!(nvidia.bucket_capacity, 1);
+    assert_eq!(nvidia.low_priority_timeout, Duration::from_secs(30));
+    // local sets its own, and inherits the rest.
+    assert_eq!(local.rate_rpm, 6000.0);
+    assert_eq!(local.bucket_capacity, 5);
+    assert_eq!(local.low_priority_timeout, Duration::from_secs(3));
+    assert_eq!(local.queue_max_size, 10);
+}
+
+#[test]
+fn providers_inherit_globals_from_the_environment_layer_too() {
+    let c = load_toml(
+        TWO_PROVIDERS,
+        &[
+            ("MY_NVIDIA_KEY", "nvapi-by-name"),
+            ("SIDECAR_RATE_RPM", "7"),
+            ("SIDECAR_UPSTREAM_URL", "http://10.0.0.1/v1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.providers[0].rate_rpm, 7.0, "env global over file global");
+    assert_eq!(c.providers[1].rate_rpm, 6000.0, "provider's own value wins");
+
+    let c = load_toml(
+        "[[providers]]\nname = \"bare\"\n",
+        &[("SIDECAR_UPSTREAM_URL", "http://10.0.0.1/v1")],
+    )
+    .unwrap();
+    assert_eq!(c.providers[0].upstream.display(), "http://10.0.0.1/v1");
+    assert!(c.providers[0].models.is_empty(), "no models: default only");
+}
+
+#[test]
+fn provider_keys_come_from_api_key_or_the_variable_named_by_api_key_env() {
+    let c = load_toml(TWO_PROVIDERS, &[("MY_NVIDIA_KEY", "nvapi-by-name")]).unwrap();
+    let key = |i: usize| c.providers[i].api_key.as_ref().map(Secret::expose);
+    assert_eq!(key(0), Some("nvapi-by-name"));
+    assert_eq!(key(1), Some("local-key"));
+}
+
+#[test]
+fn declared_providers_do_not_inherit_the_global_key() {
+    // A key meant for one host is never sent to another one by inheritance.
+    let c = load_toml(
+        "[[providers]]\nname = \"local\"\nupstream_url = \"http://127.0.0.1:8000/v1\"\n",
+        &[
+            ("SIDECAR_UPSTREAM_API_KEY", "nvapi-global"),
+            ("NVIDIA_API_KEY", "nvapi-nvidia"),
+        ],
+    )
+    .unwrap();
+    assert!(c.providers[0].api_key.is_none());
+}
+
+#[test]
+fn without_default_provider_the_first_declared_provider_is_the_default() {
+    let text = TWO_PROVIDERS.replace("default_provider = \"local\"", "");
+    let c = load_toml(&text, &[("MY_NVIDIA_KEY", "k")]).unwrap();
+    assert_eq!(c.default_provider, 0);
+    assert_eq!(c.default_provider().name, "nvidia");
+}
+
+#[test]
+fn default_provider_nvidia_is_allowed_without_declared_providers() {
+    let c = load_toml("default_provider = \"nvidia\"\n", &[]).unwrap();
+    assert_eq!(c.default_provider().name, "nvidia");
+}
+
+#[test]
+fn every_bad_provider_declaration_is_refused_naming_the_provider_field() {
+    type Vars = &'static [(&'static str, &'static str)];
+    const NONE: Vars = &[];
+    let unknown_default = format!(
+        "default_provider = \"c\"\n{}",
+        r#"providers = [{ name = "a" }, { name = "b" }]"#
+    );
+    // (file, environment, setting, value, what is accepted)
+    #[rustfmt::skip]
+    let cases: &[(&str, Vars, &str, &str, &str)] = &[
+        (r#"providers = [{ name = "a" }, { name = "a" }]"#, NONE,
+            "providers[1].name", "a", "a name no other provider uses"),
+        (&unknown_default, NONE,
+            "default_provider", "c", "one of the declared providers: a, b"),
+        (r#"default_provider = "other""#, NONE,
+            "default_provider", "other", NO_PROVIDERS),
+        (r#"providers = [{ name = "a", api_key = "k", api_key_env = "VAR" }]"#, &[("VAR", "v")],
+            "providers[0].api_key_env", "VAR", "either api_key or api_key_env, not both"),
+        (r#"providers = [{ name = "a", api_key_env = "UNSET_VAR" }]"#, NONE,
+            "providers[0].api_key_env", "UNSET_VAR", KEY_VAR),
+        (r#"providers = [{ name = "a", api_key_env = "EMPTY_VAR" }]"#, &[("EMPTY_VAR", "")],
+            "providers[0].api_key_env", "EMPTY_VAR", KEY_VAR),
+        (r#"providers = [{ name = "a", upstream_url = "ftp://x" }]"#, NONE,
+            "providers[0].upstream_url", "ftp://x", URL),
+        (r#"providers = [{ name = "a", fallback_url = "no-scheme" }]"#, NONE,
+            "providers[0].fallback_url", "no-scheme", URL),
+        (r#"providers = [{ name = "has space" }]"#, NONE,
+            "providers[0].name", "has space", NAME),
+        (r#"providers = [{ name = "" }]"#, NONE,
+            "providers[0].name", "", NAME),
+        (r#"providers = [{ name = "a", models = ["meta /*"] }]"#, NONE,
+            "providers[0].models", "meta /*", MODELS),
+        (r#"providers = [{ name = "a", models = [""] }]"#, NONE,
+            "providers[0].models", "", MODELS),
+        (r#"providers = [{ name = "a", rate_rpm = 0 }]"#, NONE,
+            "providers[0].rate_rpm", "0", RPM),
+        (r#"providers = [{ name = "a", bucket_capacity = 0 }]"#, NONE,
+            "providers[0].bucket_capacity", "0", MIN_1),
+        (r#"providers = [{ name = "a", queue_max_size = 2000000 }]"#, NONE,
+            "providers[0].queue_max_size", "2000000", QUEUE),
+        (r#"providers = [{ name = "a", low_priority_timeout = 0 }]"#, NONE,
+            "providers[0].low_priority_timeout", "0", SECONDS),
+        (r#"providers = [{ name = "a" }, { name = "b" }, { name = "c", rate_rpm = -1 }]"#, NONE,
+            "providers[2].rate_rpm", "-1", RPM),
+    ];
+    for &(text, pairs, setting, value, expected) in cases {
+        let err = error_of(load_toml(text, pairs), text);
+        assert_invalid(&err, setting, value, expected);
+    }
+}
+
+#[test]
+fn an_unknown_top_level_key_is_refused_naming_it() {
+    let err = FileConfig::parse("rate_rpm = 1\nrate_rmp = 2\n", "f.toml").unwrap_err();
+    assert!(matches!(err, ConfigError::Toml { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("f.toml"), "{msg}");
+    assert!(msg.contains("unknown field `rate_rmp`"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg:?}");
+}
+
+#[test]
+fn a_default_provider_that_is_not_a_string_is_refused_with_its_line() {
+    let err = FileConfig::parse("rate_rpm = 1\ndefault_provider = 3\n", "f.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ConfigError::Toml { line: 2, .. }), "{err:?}");
+    assert!(msg.contains("expected a string"), "{msg}");
+}
+
+#[test]
+fn an_unknown_provider_key_is_refused_naming_it() {
+    let err =
+        FileConfig::parse("[[providers]]\nname = \"a\"\napi_url = \"x\"\n", "f.toml").unwrap_err();
+    assert!(matches!(err, ConfigError::Toml { line: 3, .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("unknown field `api_url`"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg:?}");
+}
+
+#[test]
+fn a_wrongly_typed_file_value_is_refused_naming_the_type() {
+    let err = FileConfig::parse("bucket_capacity = 1.5\n", "f.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ConfigError::Toml { .. }), "{err:?}");
+    assert!(msg.contains("1.5") && msg.contains("u32"), "{msg}");
+}
+
+#[test]
+fn a_toml_syntax_error_reports_its_line() {
+    let err = FileConfig::parse(
+        "rate_rpm = 1\nqueue_max_size = 2\nlog_level = = 3\n",
+        "f.toml",
+    )
+    .unwrap_err();
+    match &err {
+        ConfigError::Toml { path, line, .. } => {
+            assert_eq!(path, "f.toml");
+            assert_eq!(*line, 3, "{err}");
+        }
+        other => panic!("not a TOML error: {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("invalid config file f.toml (line 3)"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg:?}");
+}
+
+#[test]
+fn a_toml_error_at_the_start_of_a_line_reports_that_line() {
+    // Observed: `invalid config file f.toml (line 1): invalid key` and
+    //           `invalid config file f.toml (line 1): duplicate key `rate_rpm` ...`
+    // (line_of counts `text[..start].lines()`, which misses the line `start` begins).
+    for text in ["rate_rpm = 1\n= 2\n", "rate_rpm = 1\nrate_rpm = 2\n"] {
+        match FileConfig::parse(text, "f.toml").unwrap_err() {
+            ConfigError::Toml { line, message, .. } => {
+                assert_eq!(line, 2, "{text:?}: {message}")
+            }
+            other => panic!("not a TOML error: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_toml_schema_error_reports_the_line_of_the_offending_key() {
+    // Observed: `invalid config file f.toml (line 1): unknown field `bogus`, ...` although
+    // `bogus` is on line 3 (the settings are deserialised from a span-less toml::Value).
+    for text in [
+        "rate_rpm = 1\n\nbogus = 2\n",
+        "rate_rpm = 1\n\nbucket_capacity = \"x\"\n",
+        "rate_rpm = 1\n[[providers]]\nname = \"a\"\nbogus = 1\n",
+    ] {
+        match FileConfig::parse(text, "f.toml").unwrap_err() {
+            ConfigError::Toml { line, message, .. } => {
+                assert_ne!(line, 1, "{text:?}: {message}")
+            }
+            other => panic!("not a TOML error: {other:?}"),
+        }
+    }
+}
+
+// === .env ===
+
+const PROBE: &str = "SIDECAR_TEST_ONLY_DOTENV_PROBE";
+
+#[test]
+fn dotenv_values_are_read_from_the_given_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("# a comment\n{PROBE}=from-dotenv\nSIDECAR_TEST_ONLY_QUOTED=\"a b\"\n"),
+    )
+    .unwrap();
+    let env = ProcessEnv::with_dotenv(dir.path()).unwrap();
+    assert_eq!(env.var(PROBE).as_deref(), Some("from-dotenv"));
+    assert_eq!(env.var("SIDECAR_TEST_ONLY_QUOTED").as_deref(), Some("a b"));
+}
+
+#[test]
+fn a_directory_without_dotenv_is_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = ProcessEnv::with_dotenv(dir.path()).unwrap();
+    assert_eq!(env.var(PROBE), None);
+}
+
+#[test]
+fn the_process_environment_wins_over_dotenv() {
+    // PATH is set in the test process; reading it mutates nothing.
+    let Ok(path) = std::env::var("PATH") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "PATH=/from/dotenv\n").unwrap();
+    let env = ProcessEnv::with_dotenv(dir.path()).unwrap();
+    assert_eq!(env.var("PATH"), Some(path));
+}
+
+#[test]
+fn a_malformed_dotenv_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), format!("{PROBE}=1\nNOT A LINE\n")).unwrap();
+    let err = ProcessEnv::with_dotenv(dir.path()).unwrap_err();
+    assert!(matches!(err, ConfigError::DotEnv { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(".env"), "{msg}");
+    assert!(msg.contains("NOT A LINE"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg:?}");
+}
+
+#[test]
+fn a_dotenv_error_is_one_line() {
+    // Observed: "invalid .env file /tmp/.../.env: Error parsing line: 'A='unterminated\n',
+    // error at line index: 16" — the offending line is quoted with its newline.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "A='unterminated\n").unwrap();
+    let err = ProcessEnv::with_dotenv(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "{msg:?}");
+}

@@ -68,7 +68,7 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
 /// plus the provider's key, the upstream `Host` and the request id.
 pub fn upstream_request_headers(
     client: &HeaderMap,
-    key: Option<&Secret>,
+    auth: Option<&HeaderValue>,
     host: &HeaderValue,
     request_id: &HeaderValue,
     body_len: usize,
@@ -85,18 +85,15 @@ pub fn upstream_request_headers(
             || name == header::CONTENT_LENGTH
             || name == X_PRIORITY
             || name == X_REQUEST_ID
-            || (key.is_some() && name == header::AUTHORIZATION)
+            || (auth.is_some() && name == header::AUTHORIZATION)
             || listed.contains(name)
         {
             continue;
         }
         out.append(name.clone(), value.clone());
     }
-    if let Some(key) = key {
-        if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
-            v.set_sensitive(true);
-            out.insert(header::AUTHORIZATION, v);
-        }
+    if let Some(auth) = auth {
+        out.insert(header::AUTHORIZATION, auth.clone());
     }
     out.insert(header::HOST, host.clone());
     out.insert(X_REQUEST_ID, request_id.clone());
@@ -104,6 +101,14 @@ pub fn upstream_request_headers(
         out.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
     out
+}
+
+/// `Authorization: Bearer <key>`, marked sensitive (hpack never indexes it); built once
+/// per provider, not per request.
+pub fn bearer(key: &Secret) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// Removes hop-by-hop headers from an upstream response in place.
@@ -150,7 +155,7 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(X_PRIORITY, HeaderValue::from_static("high"));
         h.insert("x-app", HeaderValue::from_static("kept"));
-        let key = Secret::new("nvapi-provider".into());
+        let key = Secret::new("nvapi-provider".into()).and_then(|k| bearer(&k));
         let out = upstream_request_headers(
             &h,
             key.as_ref(),

@@ -241,17 +241,13 @@ fn build_upstream_request(
     let uri = Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
         reason: format!("request path cannot be forwarded: {e}"),
     })?;
-    let host =
-        HeaderValue::from_str(upstream.authority.as_str()).map_err(|e| ProxyError::BadRequest {
-            reason: format!("upstream authority: {e}"),
-        })?;
     let rid = HeaderValue::from_str(request_id).map_err(|e| ProxyError::BadRequest {
         reason: format!("request id: {e}"),
     })?;
     let headers = headers::upstream_request_headers(
         &parts.headers,
-        provider.config.api_key.as_ref(),
-        &host,
+        provider.auth_header.as_ref(),
+        &provider.host_header,
         &rid,
         body.len(),
     );

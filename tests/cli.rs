@@ -1,0 +1,208 @@
+//! The command line: a bad configuration stops the binary with exit code 2 and one line
+//! on stderr; `--help` works for every subcommand.
+//!
+//! Every run has a cleared environment (PATH only) and an empty temporary working
+//! directory, so neither the developer's variables nor a `.env` file leak in.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary in `dir` with only `vars` (and PATH) set. A run that has not ended
+/// after 30 s (it would be serving) is killed and fails the test.
+fn sidecar(dir: &Path, vars: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
+    cmd.current_dir(dir)
+        .env_clear()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("the binary starts");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} with {vars:?} did not exit (it started serving?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn stderr_line(run: &Run) -> &str {
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "not exactly one line: {:?}", run.stderr);
+    lines[0]
+}
+
+#[test]
+fn a_bad_setting_exits_2_with_one_line_naming_setting_value_and_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(dir.path(), &[("SIDECAR_RATE_RPM", "0")], &[]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(
+        line.contains("SIDECAR_RATE_RPM") || line.contains("rate_rpm"),
+        "{line}"
+    );
+    assert!(line.contains("\"0\""), "{line}");
+    assert!(
+        line.contains("greater than 0 and at most 6000000"),
+        "{line}"
+    );
+    assert!(run.stdout.is_empty(), "{:?}", run.stdout);
+}
+
+#[test]
+fn a_setting_that_does_not_parse_exits_2_naming_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(dir.path(), &[("SIDECAR_LISTEN_PORT", "70000")], &[]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains("SIDECAR_LISTEN_PORT=\"70000\""), "{line}");
+    assert!(line.contains("an integer from 0 to 65535"), "{line}");
+}
+
+#[test]
+fn a_missing_config_file_exits_2_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-sidecar.toml");
+    let path = path.to_str().unwrap();
+    let run = sidecar(dir.path(), &[], &["--config", path]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains(path), "{line}");
+}
+
+#[test]
+fn an_invalid_config_file_exits_2_naming_the_path_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, "rate_rpm = 40\nqueue_max_size = = 3\n").unwrap();
+    let path = path.to_str().unwrap();
+    let run = sidecar(dir.path(), &[], &["--config", path]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains(path), "{line}");
+    assert!(line.contains("line 2"), "{line}");
+}
+
+#[test]
+fn a_flag_value_of_the_wrong_type_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(dir.path(), &[], &["--listen-port", "abc"]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    assert!(run.stderr.contains("--listen-port"), "{}", run.stderr);
+    assert!(run.stderr.contains("abc"), "{}", run.stderr);
+}
+
+#[test]
+fn a_flag_value_out_of_range_exits_2_with_the_same_message_as_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(dir.path(), &[], &["--rate-rpm", "0"]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains("rate_rpm=\"0\""), "{line}");
+    assert!(
+        line.contains("greater than 0 and at most 6000000"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_dotenv_file_in_the_working_directory_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "SIDECAR_RATE_RPM=0\n").unwrap();
+    let run = sidecar(dir.path(), &[], &[]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains("rate_rpm=\"0\""), "{line}");
+}
+
+#[test]
+fn the_process_environment_wins_over_the_dotenv_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "SIDECAR_RATE_RPM=0\n").unwrap();
+    let run = sidecar(dir.path(), &[("SIDECAR_RATE_RPM", "-7")], &[]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains("rate_rpm=\"-7\""), "{line}");
+}
+
+#[test]
+fn a_malformed_dotenv_file_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "NOT A LINE\n").unwrap();
+    let run = sidecar(dir.path(), &[], &[]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains("invalid .env file"), "{line}");
+    assert!(line.contains(".env"), "{line}");
+}
+
+#[test]
+fn help_exits_0_and_lists_the_setting_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(dir.path(), &[], &["--help"]);
+    assert_eq!(run.code, Some(0), "{:?}", run.stderr);
+    for flag in ["--rate-rpm", "--config", "--listen-port", "--upstream-url"] {
+        assert!(run.stdout.contains(flag), "{flag} missing:\n{}", run.stdout);
+    }
+    for sub in ["mock-upstream", "demo", "settings"] {
+        assert!(run.stdout.contains(sub), "{sub} missing:\n{}", run.stdout);
+    }
+}
+
+#[test]
+fn subcommand_help_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["mock-upstream", "demo", "run", "settings"] {
+        let run = sidecar(dir.path(), &[], &[sub, "--help"]);
+        assert_eq!(run.code, Some(0), "{sub}: {:?}", run.stderr);
+        assert!(run.stdout.contains("Usage"), "{sub}:\n{}", run.stdout);
+    }
+}
+
+#[test]
+fn settings_prints_the_markdown_table_of_every_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(dir.path(), &[], &["settings"]);
+    assert_eq!(run.code, Some(0), "{:?}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("| `SIDECAR_RATE_RPM` | `--rate-rpm` | `40` |"),
+        "{}",
+        run.stdout
+    );
+}

@@ -68,8 +68,12 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// First four characters followed by `****`.
+    /// First four characters followed by `****`; a secret of 8 characters or fewer
+    /// shows none, since four would be half of it.
     pub fn masked(&self) -> String {
+        if self.0.chars().count() <= 8 {
+            return "****".to_owned();
+        }
         let head: String = self.0.chars().take(4).collect();
         format!("{head}****")
     }

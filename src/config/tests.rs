@@ -325,6 +325,16 @@ fn keys_and_tokens_are_masked_in_debug_output() {
     assert!(whole.contains("admi****"), "{whole}");
 }
 
+#[test]
+fn short_secrets_show_nothing_of_themselves() {
+    assert_eq!(Secret::new("abcdefgh".into()).unwrap().masked(), "****");
+    assert_eq!(Secret::new("abc".into()).unwrap().masked(), "****");
+    assert_eq!(
+        Secret::new("abcdefghi".into()).unwrap().masked(),
+        "abcd****"
+    );
+}
+
 // === every configuration error ===
 
 #[test]

@@ -1,0 +1,262 @@
+//! Per-priority lock-free wait queues with an atomically reserved total bound.
+//!
+//! Each priority has two crossbeam `SegQueue`s: `front` (requests put back after the
+//! provider answered 429: they go to the head of their priority) and `back` (new
+//! arrivals). Strict priority between levels, FIFO within one. The total number of
+//! live waiters is reserved with a CAS against `max` *before* pushing, so the bound is
+//! never overshot under concurrency; a shrunk `max` refuses new arrivals until the
+//! depth falls under it, and never drops anyone already queued.
+//!
+//! A waiter is live until it is granted or cancelled; both are one CAS on its state,
+//! so exactly one of them wins and the depth counters move exactly once. A cancelled
+//! waiter (client gone, deadline passed) stays in the `SegQueue` as a tombstone and is
+//! skipped by [`WaitQueues::grant_next`] without consuming a token.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use atomic_waker::AtomicWaker;
+use crossbeam_queue::SegQueue;
+
+use super::sync::{AtomicU64, AtomicUsize, Ordering};
+use crate::priority::Priority;
+
+const WAITING: u8 = 0;
+const GRANTED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// One parked request.
+#[derive(Debug)]
+pub struct Waiter {
+    state: AtomicU8,
+    waker: AtomicWaker,
+    priority: Priority,
+}
+
+impl Waiter {
+    /// WAITING → `to`, once. AcqRel: the winner's view of the queue counters is
+    /// ordered with the loser's.
+    fn settle(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(WAITING, to, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn is_granted(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Acquire) == GRANTED
+    }
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    front: SegQueue<Arc<Waiter>>,
+    back: SegQueue<Arc<Waiter>>,
+    depth: AtomicUsize,
+}
+
+/// The queue is at its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull {
+    /// Live waiters at or above the refused request's priority.
+    pub ahead: usize,
+}
+
+/// A provider's wait queues.
+#[derive(Debug)]
+pub struct WaitQueues {
+    lanes: [Lane; 3],
+    total: AtomicUsize,
+    max: AtomicUsize,
+    enqueued: AtomicU64,
+    dequeued: AtomicU64,
+}
+
+/// Counters of the queues, copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub depth: [usize; 3],
+    pub total: usize,
+    pub max: usize,
+    pub enqueued: u64,
+    pub dequeued: u64,
+}
+
+impl WaitQueues {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            lanes: Default::default(),
+            total: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            enqueued: AtomicU64::new(0),
+            dequeued: AtomicU64::new(0),
+        })
+    }
+
+    /// Live waiters of all priorities.
+    pub fn len(&self) -> usize {
+        // Acquire: pairs with the Release decrements so a zero means the waiters'
+        // settlement is visible.
+        self.total.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn depth(&self, p: Priority) -> usize {
+        self.lanes[p as usize].depth.load(Ordering::Relaxed)
+    }
+
+    /// Live waiters at priority `p` or higher: those a new `p` request would wait behind.
+    pub fn ahead_of(&self, p: Priority) -> usize {
+        self.lanes[..=p as usize]
+            .iter()
+            .map(|l| l.depth.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    pub fn counts(&self) -> QueueCounts {
+        QueueCounts {
+            depth: [0, 1, 2].map(|i| self.lanes[i].depth.load(Ordering::Relaxed)),
+            total: self.len(),
+            max: self.max(),
+            enqueued: self.enqueued.load(Ordering::Relaxed),
+            dequeued: self.dequeued.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reserves one slot under the bound: one CAS loop, never past `max`.
+    fn reserve(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        let mut cur = self.total.load(Ordering::Relaxed);
+        loop {
+            if cur >= max {
+                return false;
+            }
+            // Relaxed: the count orders nothing else; the waiter itself is published by
+            // the SegQueue push that follows.
+            match self.total.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Releases a slot of a waiter that settled (granted or cancelled).
+    fn release(&self, p: Priority) {
+        self.lanes[p as usize].depth.fetch_sub(1, Ordering::Relaxed);
+        // Release: pairs with `len`'s Acquire.
+        self.total.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Parks a request. `front` puts it at the head of its priority (a retry).
+    pub fn enqueue(self: &Arc<Self>, p: Priority, front: bool) -> Result<Ticket, QueueFull> {
+        if !self.reserve() {
+            return Err(QueueFull {
+                ahead: self.ahead_of(p),
+            });
+        }
+        let waiter = Arc::new(Waiter {
+            state: AtomicU8::new(WAITING),
+            waker: AtomicWaker::new(),
+            priority: p,
+        });
+        let lane = &self.lanes[p as usize];
+        lane.depth.fetch_add(1, Ordering::Relaxed);
+        self.enqueued.fetch_add(1, Ordering::Relaxed);
+        if front {
+            lane.front.push(Arc::clone(&waiter));
+        } else {
+            lane.back.push(Arc::clone(&waiter));
+        }
+        Ok(Ticket {
+            queues: Arc::clone(self),
+            waiter,
+            done: false,
+        })
+    }
+
+    /// Grants the highest-priority live waiter (front before back within a priority)
+    /// and wakes it. Tombstones of cancelled waiters are dropped on the way. Returns
+    /// false when nobody is waiting, so the caller can give its token back.
+    pub fn grant_next(&self) -> bool {
+        for lane in &self.lanes {
+            for q in [&lane.front, &lane.back] {
+                while let Some(w) = q.pop() {
+                    if w.settle(GRANTED) {
+                        self.release(w.priority);
+                        self.dequeued.fetch_add(1, Ordering::Relaxed);
+                        w.waker.wake();
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A queued request's claim: a future that resolves when the request is granted.
+/// Dropping it before then cancels the wait and frees its slot at once.
+#[derive(Debug)]
+pub struct Ticket {
+    queues: Arc<WaitQueues>,
+    waiter: Arc<Waiter>,
+    done: bool,
+}
+
+impl Ticket {
+    /// Cancels the wait; `false` if the grant came first (the caller then owns a token).
+    pub fn cancel(&mut self) -> bool {
+        if self.done {
+            return false;
+        }
+        self.done = true;
+        if self.waiter.settle(CANCELLED) {
+            self.queues.release(self.waiter.priority);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.waiter.priority
+    }
+}
+
+impl Future for Ticket {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.waiter.is_granted() {
+            self.done = true;
+            return Poll::Ready(());
+        }
+        self.waiter.waker.register(cx.waker());
+        // Re-check after registering: a grant between the check and the registration
+        // would otherwise be missed.
+        if self.waiter.is_granted() {
+            self.done = true;
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{MonotonicClock, SharedClock};
 use crate::config::{Config, ProviderConfig};
 use crate::health::Readiness;
+use crate::limiter::dispatch::Dispatcher;
+use crate::limiter::{Limiter, RetreatConfig};
+use crate::stats::ProviderStats;
 use crate::proxy::headers::bearer;
 use crate::route::Router;
 use crate::upstream::Connector;
@@ -27,13 +30,23 @@ pub struct Provider {
     pub auth_header: Option<HeaderValue>,
     /// `Host` sent upstream.
     pub host_header: HeaderValue,
+    /// Admission control: bucket, queues, retreat.
+    pub limiter: Arc<Limiter>,
+    pub stats: ProviderStats,
     /// Clock time (+1, so 0 means never) of the last upstream answer below 500.
     last_success: AtomicU64,
 }
 
 impl Provider {
-    pub fn new(config: ProviderConfig) -> Self {
+    pub fn new(config: ProviderConfig, retreat: RetreatConfig) -> Self {
         Self {
+            limiter: Arc::new(Limiter::new(
+                config.rate_rpm,
+                config.bucket_capacity,
+                config.queue_max_size,
+                retreat,
+            )),
+            stats: ProviderStats::default(),
             name: Arc::from(config.name.as_str()),
             auth_header: config.api_key.as_ref().and_then(bearer),
             host_header: HeaderValue::from_str(config.upstream.authority.as_str())
@@ -81,6 +94,8 @@ pub struct App {
     pub readiness: Readiness,
     /// Random per process, the high half of generated request ids.
     pub boot_id: u64,
+    /// Grants queued requests their tokens; stops when the app is dropped.
+    _dispatcher: Option<Dispatcher>,
 }
 
 impl App {
@@ -93,8 +108,19 @@ impl App {
             .providers
             .iter()
             .cloned()
-            .map(Provider::new)
+            .map(|p| Provider::new(p, config.retreat))
             .collect();
+        let limiters = providers
+            .iter()
+            .map(|p| (Arc::clone(&p.name), Arc::clone(&p.limiter)))
+            .collect();
+        let dispatcher = match Dispatcher::spawn(limiters, Arc::clone(&clock)) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the dispatcher thread: queued requests will time out");
+                None
+            }
+        };
         let router = Router::new(&config.providers, config.default_provider);
         let boot_id = {
             use std::hash::{BuildHasher, Hasher};
@@ -111,6 +137,7 @@ impl App {
             shutdown: Shutdown::default(),
             boot_id,
             config,
+            _dispatcher: dispatcher,
         })
     }
 

@@ -41,6 +41,16 @@ pub enum ProxyError {
     UpstreamTimeout { provider: String, timeout: Duration },
     #[error("the sidecar is shutting down")]
     ShuttingDown,
+    #[error("provider {provider} is at its rate limit and its queue is full ({ahead} waiting ahead); retry after {retry_after:?}")]
+    QueueFull {
+        provider: String,
+        ahead: usize,
+        retry_after: Duration,
+    },
+    #[error("low-priority request waited {waited:?} in the {provider} queue, longer than low_priority_timeout; dropped")]
+    LowPriorityDropped { provider: String, waited: Duration },
+    #[error("request waited {waited:?} in the {provider} queue without a token before the request timeout")]
+    QueueTimeout { provider: String, waited: Duration },
 }
 
 impl ProxyError {
@@ -57,6 +67,9 @@ impl ProxyError {
             Self::UpstreamConnect { .. } | Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::LowPriorityDropped { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -75,12 +88,16 @@ impl ProxyError {
             Self::UpstreamFailed { .. } => ("upstream_error", "upstream_failed"),
             Self::UpstreamTimeout { .. } => ("upstream_error", "upstream_timeout"),
             Self::ShuttingDown => ("server_error", "shutting_down"),
+            Self::QueueFull { .. } => ("rate_limit_error", "queue_full"),
+            Self::LowPriorityDropped { .. } => ("rate_limit_error", "low_priority_timeout"),
+            Self::QueueTimeout { .. } => ("rate_limit_error", "queue_timeout"),
         }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::ShuttingDown => Some(Duration::from_secs(1)),
+            Self::QueueFull { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -41,6 +41,24 @@ impl End {
     }
 }
 
+/// Which way a request went to its provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Through the token bucket.
+    Limited,
+    /// Unmetered, or to the fallback upstream.
+    Passthrough,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Limited => "limited",
+            Route::Passthrough => "passthrough",
+        }
+    }
+}
+
 /// What is known about one request, filled in phase by phase.
 #[derive(Debug)]
 pub struct Record {
@@ -50,6 +68,9 @@ pub struct Record {
     pub provider: Option<Arc<str>>,
     pub model: Option<String>,
     pub priority: Priority,
+    pub route: Option<Route>,
+    /// Times the request was queued again after an upstream 429.
+    pub retries: u32,
     pub status: u16,
     pub started: Instant,
     pub queue_wait: Duration,
@@ -66,6 +87,8 @@ impl Record {
             provider: None,
             model: None,
             priority: Priority::Normal,
+            route: None,
+            retries: 0,
             status: 0,
             started: Instant::now(),
             queue_wait: Duration::ZERO,
@@ -88,6 +111,8 @@ impl Record {
                     provider = self.provider.as_deref().unwrap_or("-"),
                     model = self.model.as_deref().unwrap_or("-"),
                     priority = self.priority.as_str(),
+                    route = self.route.map_or("-", Route::as_str),
+                    retries = self.retries,
                     status = self.status,
                     end = end.as_str(),
                     upstream_latency_ms = upstream_ms,

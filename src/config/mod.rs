@@ -17,6 +17,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::limiter::RetreatConfig;
+use crate::priority::Priority;
+use std::collections::HashMap;
+
 pub use settings::{markdown_table, ParseSetting, SettingDoc, Settings, SETTINGS};
 pub use source::{EnvSource, ProcessEnv};
 pub use upstream::{Scheme, UpstreamUrl};
@@ -147,6 +151,11 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     /// Index into `providers` of the route for unmatched models.
     pub default_provider: usize,
+    pub retreat: RetreatConfig,
+    /// Re-queues of a request the upstream answered 429, before the 429 is passed on.
+    pub upstream_429_retries: u32,
+    /// Client bearer token → default priority (`X-Priority` overrides it).
+    pub client_priorities: HashMap<String, Priority>,
 }
 
 /// One `[[providers]]` table of the TOML file; unset fields inherit the global settings.
@@ -172,6 +181,7 @@ pub struct FileConfig {
     pub settings: Settings,
     pub providers: Vec<ProviderFile>,
     pub default_provider: Option<String>,
+    pub client_priorities: std::collections::BTreeMap<String, String>,
 }
 
 impl FileConfig {
@@ -182,12 +192,8 @@ impl FileConfig {
             line: e.span().map_or(1, |s| line_of(text, s.start)),
             message: e.message().replace('\n', " "),
         })?;
-        let (settings, providers, default_provider) = layout.split();
-        Ok(Self {
-            settings,
-            providers,
-            default_provider,
-        })
+        let (_, file) = layout.split();
+        Ok(file)
     }
 
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
@@ -419,7 +425,54 @@ impl Config {
             (out, default)
         };
 
+        let fraction = |setting: &str, v: f64, open_top: bool| {
+            let ok = v.is_finite() && v > 0.0 && if open_top { v < 1.0 } else { v <= 1.0 };
+            if ok {
+                Ok(v)
+            } else {
+                Err(ConfigError::invalid(
+                    setting,
+                    v,
+                    if open_top {
+                        "a fraction greater than 0 and less than 1"
+                    } else {
+                        "a fraction greater than 0 and at most 1"
+                    },
+                ))
+            }
+        };
+        let retreat = RetreatConfig {
+            decrease_factor: fraction("retreat_factor", get!(retreat_factor), true)?,
+            floor_fraction: fraction("retreat_floor", get!(retreat_floor), false)?,
+            quiet_period: seconds("retreat_quiet_period", get!(retreat_quiet_period))?,
+            recovery_step: fraction("recovery_step", get!(recovery_step), false)?,
+            recovery_interval: seconds("recovery_interval", get!(recovery_interval))?,
+            default_pause: seconds("retreat_default_pause", get!(retreat_default_pause))?,
+        };
+        let upstream_429_retries = get!(upstream_429_retries);
+        if upstream_429_retries > 100 {
+            return Err(ConfigError::invalid(
+                "upstream_429_retries",
+                upstream_429_retries,
+                "an integer from 0 to 100",
+            ));
+        }
+        let mut client_priorities = HashMap::new();
+        for (key, value) in &file.client_priorities {
+            let p = Priority::parse(value.as_bytes()).map_err(|_| {
+                ConfigError::invalid(
+                    format!("client_priorities[{}]", Secret(key.clone()).masked()),
+                    value,
+                    "high, normal or low (or 0, 1, 2)",
+                )
+            })?;
+            client_priorities.insert(key.clone(), p);
+        }
+
         Ok(Config {
+            retreat,
+            upstream_429_retries,
+            client_priorities,
             listen,
             metrics_listen,
             workers,

@@ -72,13 +72,22 @@ macro_rules! settings {
             #[serde(default)]
             pub providers: Vec<super::ProviderFile>,
             pub default_provider: Option<String>,
+            /// Client key (the bearer token the app sends) → default priority.
+            #[serde(default)]
+            pub client_priorities: std::collections::BTreeMap<String, String>,
         }
 
         impl FileLayout {
             /// Splits the file into its global settings and the rest.
-            pub fn split(self) -> (Settings, Vec<super::ProviderFile>, Option<String>) {
+            pub fn split(self) -> (Settings, super::FileConfig) {
                 let settings = Settings { $( $key: self.$key, )* };
-                (settings, self.providers, self.default_provider)
+                let file = super::FileConfig {
+                    settings: settings.clone(),
+                    providers: self.providers,
+                    default_provider: self.default_provider,
+                    client_priorities: self.client_priorities,
+                };
+                (settings, file)
             }
         }
 
@@ -177,6 +186,20 @@ settings! {
     keep_alive: bool = "true", env "SIDECAR_KEEP_ALIVE";
     /// Seconds /readyz caches the result of its upstream probe.
     ready_cache: f64 = "5", env "SIDECAR_READY_CACHE";
+    /// Retreat: effective rate multiplier on an upstream 429 (between 0 and 1).
+    retreat_factor: f64 = "0.5", env "SIDECAR_RETREAT_FACTOR";
+    /// Retreat: lowest effective rate, as a fraction of the base rate.
+    retreat_floor: f64 = "0.1", env "SIDECAR_RETREAT_FLOOR";
+    /// Retreat: seconds without an upstream 429 before the rate starts to recover.
+    retreat_quiet_period: f64 = "30", env "SIDECAR_RETREAT_QUIET_PERIOD";
+    /// Retreat: seconds to pause admission after a 429 without Retry-After.
+    retreat_default_pause: f64 = "1", env "SIDECAR_RETREAT_DEFAULT_PAUSE";
+    /// Recovery: rate added per step, as a fraction of the base rate.
+    recovery_step: f64 = "0.1", env "SIDECAR_RECOVERY_STEP";
+    /// Recovery: seconds between steps.
+    recovery_interval: f64 = "10", env "SIDECAR_RECOVERY_INTERVAL";
+    /// Times a request answered 429 by the upstream is queued again (at the head of its priority) before the 429 is passed on.
+    upstream_429_retries: u32 = "2", env "SIDECAR_UPSTREAM_429_RETRIES";
 }
 
 /// The settings table of the README, generated from [`SETTINGS`] (a test keeps the

@@ -97,6 +97,9 @@ impl Limiter {
     /// Grants tokens to waiters while tokens are free. Returns how long until the next
     /// token when waiters remain.
     pub fn dispatch(&self, now: u64) -> Option<Duration> {
+        for _ in 0..self.queues.take_unused_grants() {
+            self.bucket.refund(now);
+        }
         loop {
             if self.queues.is_empty() {
                 return None;
@@ -167,7 +170,7 @@ impl Limiter {
 pub fn parse_delay(raw: &str) -> Option<Duration> {
     let raw = raw.trim();
     if let Ok(secs) = raw.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0 && secs < 86_400.0)
+        return (secs.is_finite() && (0.0..86_400.0).contains(&secs))
             .then(|| Duration::from_secs_f64(secs));
     }
     let mut total = 0.0;

@@ -72,6 +72,8 @@ pub struct WaitQueues {
     max: AtomicUsize,
     enqueued: AtomicU64,
     dequeued: AtomicU64,
+    /// Grants whose ticket was dropped before it saw them: tokens to give back.
+    unused_grants: AtomicU64,
 }
 
 /// Counters of the queues, copied.
@@ -92,6 +94,7 @@ impl WaitQueues {
             max: AtomicUsize::new(max),
             enqueued: AtomicU64::new(0),
             dequeued: AtomicU64::new(0),
+            unused_grants: AtomicU64::new(0),
         })
     }
 
@@ -187,6 +190,14 @@ impl WaitQueues {
         })
     }
 
+    /// Takes the count of grants nobody used (the dispatcher refunds their tokens).
+    pub fn take_unused_grants(&self) -> u64 {
+        if self.unused_grants.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.unused_grants.swap(0, Ordering::Relaxed)
+    }
+
     /// Grants the highest-priority live waiter (front before back within a priority)
     /// and wakes it. Tombstones of cancelled waiters are dropped on the way. Returns
     /// false when nobody is waiting, so the caller can give its token back.
@@ -257,6 +268,10 @@ impl Future for Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.cancel();
+        // Granted, but the grant was never seen (the client left at that moment): the
+        // token is given back rather than lost.
+        if !self.done && !self.cancel() {
+            self.queues.unused_grants.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! body is read once, bounded, and kept as `Bytes` so later phases (routing by model,
 //! retries) never read the client again.
 
+mod admit;
 pub mod headers;
 
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -24,7 +25,8 @@ use crate::body::{ProxyBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::health;
 use crate::priority::Priority;
-use crate::record::{End, Record};
+use crate::record::{End, Record, Route};
+use crate::stats::ProviderStats;
 use crate::route;
 use crate::server::Worker;
 use crate::upstream::SendError;
@@ -89,6 +91,9 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     if let Err(e) = headers::check_limits(&parts.headers, &app.config.limits) {
         return local_error(record, e);
     }
+    if let Some(p) = client_priority(&app.config.client_priorities, &parts.headers) {
+        record.priority = p;
+    }
     if let Some(v) = parts.headers.get(headers::X_PRIORITY) {
         match Priority::parse(v.as_bytes()) {
             Ok(p) => record.priority = p,
@@ -116,51 +121,95 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     record.model = model;
 
     // admit
-    if let Err(e) = admit(provider, &mut record).await {
-        return local_error(record, e);
-    }
-
-    // forward
-    let rest = &parts.uri.path()["/v1/".len()..];
-    let up_req = match build_upstream_request(&parts, rest, body, provider, &request_id) {
+    let route = match admit::admit(app, provider, &mut record, deadline).await {
         Ok(r) => r,
         Err(e) => return local_error(record, e),
     };
-    let sent_at = Instant::now();
+    record.route = Some(route);
+
+    // forward: a limited request the upstream answers 429 is absorbed — parked again
+    // at the head of its priority and re-sent after the retreat pause — while retries
+    // and its deadline allow.
+    let rest = &parts.uri.path()["/v1/".len()..];
     let hard_stop = &app.shutdown.hard_stop;
-    let result = tokio::select! {
-        r = tokio::time::timeout_at(deadline, worker.pool.send(&provider.config.upstream, up_req)) => r,
-        _ = hard_stop.cancelled() => return local_error(record, ProxyError::ShuttingDown),
-    };
-    let (resp, lease) = match result {
-        Err(_) => {
-            return local_error(
-                record,
-                ProxyError::UpstreamTimeout {
-                    provider: provider.name.to_string(),
-                    timeout: app.config.timeouts.request,
-                },
-            )
+    let (resp, lease, sent_at) = loop {
+        let target = match record.route {
+            Some(Route::Passthrough) => provider
+                .config
+                .fallback
+                .as_ref()
+                .unwrap_or(&provider.config.upstream),
+            _ => &provider.config.upstream,
+        };
+        let up_req = match build_upstream_request(&parts, rest, body.clone(), provider, target, &request_id) {
+            Ok(r) => r,
+            Err(e) => return local_error(record, e),
+        };
+        let sent_at = Instant::now();
+        let result = tokio::select! {
+            r = tokio::time::timeout_at(deadline, worker.pool.send(target, up_req)) => r,
+            _ = hard_stop.cancelled() => return local_error(record, ProxyError::ShuttingDown),
+        };
+        let (resp, lease) = match result {
+            Ok(Ok(r)) => r,
+            Err(_) => {
+                ProviderStats::inc(&provider.stats.upstream_errors);
+                return local_error(
+                    record,
+                    ProxyError::UpstreamTimeout {
+                        provider: provider.name.to_string(),
+                        timeout: app.config.timeouts.request,
+                    },
+                );
+            }
+            Ok(Err(e)) => {
+                ProviderStats::inc(&provider.stats.upstream_errors);
+                let (provider, reason) = (provider.name.to_string(), e.to_string());
+                let err = match e {
+                    SendError::Connect(_) => ProxyError::UpstreamConnect { provider, reason },
+                    SendError::Request(_) => ProxyError::UpstreamFailed { provider, reason },
+                };
+                return local_error(record, err);
+            }
+        };
+        let now = app.clock.now_nanos();
+        let limiter = &provider.limiter;
+        limiter.retreat.on_response(now);
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            ProviderStats::inc(&provider.stats.upstream_429);
+            if record.route == Some(Route::Limited) {
+                let pause = header_delay(resp.headers(), header::RETRY_AFTER.as_str());
+                let cut = limiter.on_upstream_429(now, pause);
+                if let Some(t) = cut.transition {
+                    tracing::warn!(
+                        provider = &*provider.name,
+                        from = t.from.as_str(),
+                        to = t.to.as_str(),
+                        effective_rpm = t.effective_rpm,
+                        "retreat state change"
+                    );
+                }
+                if record.retries < app.config.upstream_429_retries && Instant::now() < deadline {
+                    record.retries += 1;
+                    ProviderStats::inc(&provider.stats.retries);
+                    drop((resp, lease));
+                    match admit::readmit(app, provider, &mut record, deadline).await {
+                        Ok(r) => {
+                            record.route = Some(r);
+                            continue;
+                        }
+                        Err(e) => return local_error(record, e),
+                    }
+                }
+            }
+        } else if resp.status().is_server_error() {
+            ProviderStats::inc(&provider.stats.upstream_errors);
+        } else if quota_exhausted(resp.headers()) {
+            if let Some(reset) = header_delay(resp.headers(), "x-ratelimit-reset") {
+                limiter.on_quota_exhausted(now, reset);
+            }
         }
-        Ok(Err(SendError::Connect(e))) => {
-            return local_error(
-                record,
-                ProxyError::UpstreamConnect {
-                    provider: provider.name.to_string(),
-                    reason: e.to_string(),
-                },
-            )
-        }
-        Ok(Err(SendError::Request(e))) => {
-            return local_error(
-                record,
-                ProxyError::UpstreamFailed {
-                    provider: provider.name.to_string(),
-                    reason: e.to_string(),
-                },
-            )
-        }
-        Ok(Ok(r)) => r,
+        break (resp, lease, sent_at);
     };
 
     // respond
@@ -191,11 +240,18 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     Response::from_parts(head, ProxyBody::Upstream(Box::new(body)))
 }
 
-/// Admission: the one place a request is let through to its provider before it is
-/// forwarded. Admission control (token bucket, priority queues, retreat) decides here;
-/// `record.queue_wait` carries the time a request waited.
-async fn admit(_provider: &Provider, _record: &mut Record) -> Result<(), ProxyError> {
-    Ok(())
+/// A delay header (`Retry-After`, `x-ratelimit-reset`) as a duration.
+fn header_delay(h: &http::HeaderMap, name: &str) -> Option<std::time::Duration> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::limiter::parse_delay)
+}
+
+/// `x-ratelimit-remaining: 0` (or `-requests: 0`): the provider's quota is spent.
+fn quota_exhausted(h: &http::HeaderMap) -> bool {
+    ["x-ratelimit-remaining", "x-ratelimit-remaining-requests"]
+        .iter()
+        .any(|n| h.get(*n).is_some_and(|v| v.as_bytes().trim_ascii() == b"0"))
 }
 
 /// Reads the whole body, at most `limit` bytes, before `deadline`.
@@ -234,9 +290,9 @@ fn build_upstream_request(
     rest: &str,
     body: Bytes,
     provider: &Provider,
+    upstream: &crate::config::UpstreamUrl,
     request_id: &str,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
-    let upstream = &provider.config.upstream;
     let path = upstream.path_for(rest, parts.uri.query());
     let uri = Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
         reason: format!("request path cannot be forwarded: {e}"),
@@ -256,4 +312,21 @@ fn build_upstream_request(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Ok(req)
+}
+
+/// The default priority of the client's key, if the configuration maps it.
+fn client_priority(
+    map: &std::collections::HashMap<String, Priority>,
+    h: &http::HeaderMap,
+) -> Option<Priority> {
+    if map.is_empty() {
+        return None;
+    }
+    let token = h
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim();
+    map.get(token).copied()
 }

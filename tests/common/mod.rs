@@ -43,6 +43,9 @@ pub fn config_from(env: &[(&str, &str)]) -> Config {
         ("SIDECAR_METRICS_PORT", "0"),
         ("SIDECAR_WORKERS", "1"),
         ("SIDECAR_UPSTREAM_API_KEY", "nvapi-provider-key-0001"),
+        // Unlimited unless a test is about limiting.
+        ("SIDECAR_RATE_RPM", "6000000"),
+        ("SIDECAR_BUCKET_CAPACITY", "1000"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

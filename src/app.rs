@@ -16,9 +16,9 @@ use crate::config::{Config, ProviderConfig};
 use crate::health::Readiness;
 use crate::limiter::dispatch::Dispatcher;
 use crate::limiter::{Limiter, RetreatConfig};
-use crate::stats::ProviderStats;
 use crate::proxy::headers::bearer;
 use crate::route::Router;
+use crate::stats::ProviderStats;
 use crate::upstream::Connector;
 
 /// One upstream provider and the state it owns.

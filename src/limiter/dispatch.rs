@@ -26,7 +26,10 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Starts the thread for `limiters` (named for the transition log lines).
-    pub fn spawn(limiters: Vec<(Arc<str>, Arc<Limiter>)>, clock: SharedClock) -> std::io::Result<Self> {
+    pub fn spawn(
+        limiters: Vec<(Arc<str>, Arc<Limiter>)>,
+        clock: SharedClock,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()

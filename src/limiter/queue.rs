@@ -41,7 +41,12 @@ impl Waiter {
     /// ordered with the loser's.
     fn settle(&self, to: u8) -> bool {
         self.state
-            .compare_exchange(WAITING, to, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire)
+            .compare_exchange(
+                WAITING,
+                to,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
             .is_ok()
     }
 
@@ -74,6 +79,8 @@ pub struct WaitQueues {
     dequeued: AtomicU64,
     /// Grants whose ticket was dropped before it saw them: tokens to give back.
     unused_grants: AtomicU64,
+    /// Waiters that left without a grant (client gone or deadline passed).
+    abandoned: AtomicU64,
 }
 
 /// Counters of the queues, copied.
@@ -84,6 +91,8 @@ pub struct QueueCounts {
     pub max: usize,
     pub enqueued: u64,
     pub dequeued: u64,
+    /// Left without a grant: client gone or deadline passed.
+    pub abandoned: u64,
 }
 
 impl WaitQueues {
@@ -95,6 +104,7 @@ impl WaitQueues {
             enqueued: AtomicU64::new(0),
             dequeued: AtomicU64::new(0),
             unused_grants: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         })
     }
 
@@ -136,6 +146,7 @@ impl WaitQueues {
             max: self.max(),
             enqueued: self.enqueued.load(Ordering::Relaxed),
             dequeued: self.dequeued.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
         }
     }
 
@@ -149,7 +160,12 @@ impl WaitQueues {
             }
             // Relaxed: the count orders nothing else; the waiter itself is published by
             // the SegQueue push that follows.
-            match self.total.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+            match self.total.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
@@ -236,6 +252,7 @@ impl Ticket {
         self.done = true;
         if self.waiter.settle(CANCELLED) {
             self.queues.release(self.waiter.priority);
+            self.queues.abandoned.fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false

@@ -148,7 +148,8 @@ impl Retreat {
     }
 
     pub fn effective_rpm(&self) -> f64 {
-        self.effective_rpm.load(std::sync::atomic::Ordering::Relaxed)
+        self.effective_rpm
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn base_rpm(&self) -> f64 {
@@ -161,7 +162,8 @@ impl Retreat {
 
     fn enter(&self, to: RetreatState) -> Option<Transition> {
         let from = RetreatState::from_u8(
-            self.state.swap(to as u8, std::sync::atomic::Ordering::AcqRel),
+            self.state
+                .swap(to as u8, std::sync::atomic::Ordering::AcqRel),
         );
         (from != to).then(|| {
             self.entered[to as usize].fetch_add(1, Ordering::Relaxed);
@@ -250,7 +252,8 @@ impl Retreat {
     /// A new base rate (admin change): the effective rate follows at once in `normal`
     /// and is capped by it otherwise. Returns the new effective rate.
     pub fn set_base(&self, rpm: f64) -> f64 {
-        self.base_rpm.store(rpm, std::sync::atomic::Ordering::Relaxed);
+        self.base_rpm
+            .store(rpm, std::sync::atomic::Ordering::Relaxed);
         let normal = self.state() == RetreatState::Normal;
         let _ = self.effective_rpm.fetch_update(
             std::sync::atomic::Ordering::AcqRel,
@@ -269,7 +272,11 @@ impl Retreat {
             effective_rpm: self.effective_rpm(),
             upstream_429_last_minute: c429,
             responses_last_minute: all,
-            rate_429: if all == 0 { 0.0 } else { c429 as f64 / all as f64 },
+            rate_429: if all == 0 {
+                0.0
+            } else {
+                c429 as f64 / all as f64
+            },
             entered: [0, 1, 2].map(|i| self.entered[i].load(Ordering::Relaxed)),
         }
     }
@@ -302,7 +309,11 @@ mod tests {
         assert_eq!(cut.effective_rpm, Some(50.0));
         assert_eq!(
             cut.transition,
-            Some(Transition { from: RetreatState::Normal, to: RetreatState::Retreating, effective_rpm: 50.0 })
+            Some(Transition {
+                from: RetreatState::Normal,
+                to: RetreatState::Retreating,
+                effective_rpm: 50.0
+            })
         );
         assert_eq!(r.state(), RetreatState::Retreating);
     }
@@ -332,7 +343,11 @@ mod tests {
     fn recovery_starts_after_the_quiet_period_and_climbs_additively_to_base() {
         let r = retreat();
         r.on_429(0); // 50 rpm
-        assert_eq!(r.tick(29 * S), (None, None), "still inside the quiet period");
+        assert_eq!(
+            r.tick(29 * S),
+            (None, None),
+            "still inside the quiet period"
+        );
         let (t, _) = r.tick(30 * S);
         assert_eq!(t.map(|t| t.to), Some(RetreatState::Recovering));
         assert_eq!(r.tick(35 * S), (None, None), "steps are 10 s apart");
@@ -352,8 +367,15 @@ mod tests {
         let cut = r.on_429(41 * S);
         assert_eq!(cut.effective_rpm, Some(37.5));
         assert_eq!(cut.transition.map(|t| t.to), Some(RetreatState::Retreating));
-        assert_eq!(r.tick(70 * S).0, None, "quiet period counts from the last 429");
-        assert_eq!(r.tick(71 * S).0.map(|t| t.to), Some(RetreatState::Recovering));
+        assert_eq!(
+            r.tick(70 * S).0,
+            None,
+            "quiet period counts from the last 429"
+        );
+        assert_eq!(
+            r.tick(71 * S).0.map(|t| t.to),
+            Some(RetreatState::Recovering)
+        );
     }
 
     #[test]

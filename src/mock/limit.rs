@@ -10,21 +10,27 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-const WINDOW: Duration = Duration::from_secs(60);
-
 /// Rolling-window request limit.
 #[derive(Debug)]
 pub struct WindowLimit {
     max: usize,
+    window: Duration,
     times: Mutex<VecDeque<Instant>>,
 }
 
 impl WindowLimit {
-    /// `rpm` rounded down, at least 1.
+    /// `rpm` rounded down (at least 1) per rolling minute.
     pub fn per_minute(rpm: f64) -> Self {
-        let max = (rpm.floor() as usize).max(1);
+        Self::new(rpm, Duration::from_secs(60))
+    }
+
+    /// `rpm × window / 60 s` requests (at least 1) per rolling `window`: a short window
+    /// lets tests provoke and clear 429s in seconds.
+    pub fn new(rpm: f64, window: Duration) -> Self {
+        let max = ((rpm * window.as_secs_f64() / 60.0).floor() as usize).max(1);
         Self {
             max,
+            window,
             times: Mutex::new(VecDeque::with_capacity(max.min(1 << 20))),
         }
     }
@@ -43,7 +49,7 @@ impl WindowLimit {
         let mut times = self.times.lock();
         while times
             .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.window)
         {
             times.pop_front();
         }
@@ -52,7 +58,9 @@ impl WindowLimit {
             Ok(self.max - times.len())
         } else {
             let oldest = times.front().copied().unwrap_or(now);
-            Err(WINDOW.saturating_sub(now.saturating_duration_since(oldest)))
+            Err(self
+                .window
+                .saturating_sub(now.saturating_duration_since(oldest)))
         }
     }
 }

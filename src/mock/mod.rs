@@ -41,6 +41,9 @@ pub struct MockConfig {
     /// Requests allowed in any rolling 60 s (0: unlimited).
     #[arg(long, default_value_t = 40.0)]
     pub rpm: f64,
+    /// Seconds of the rolling window the limit applies to (the limit scales with it).
+    #[arg(long, default_value_t = 60.0)]
+    pub window_secs: f64,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
@@ -75,6 +78,7 @@ impl Default for MockConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             rpm: 0.0,
+            window_secs: 60.0,
             workers: 1,
             latency_ms: 0,
             header_delay_ms: 0,
@@ -132,7 +136,12 @@ impl MockServer {
             config.workers
         };
         let shared = Arc::new(MockShared {
-            limit: (config.rpm > 0.0).then(|| WindowLimit::per_minute(config.rpm)),
+            limit: (config.rpm > 0.0).then(|| {
+                WindowLimit::new(
+                    config.rpm,
+                    Duration::from_secs_f64(config.window_secs.clamp(0.001, 86_400.0)),
+                )
+            }),
             stats: MockStats::default(),
             seen: Mutex::new(Vec::new()),
             peers: Mutex::new(std::collections::HashSet::new()),

@@ -26,9 +26,9 @@ use crate::error::ProxyError;
 use crate::health;
 use crate::priority::Priority;
 use crate::record::{End, Record, Route};
-use crate::stats::ProviderStats;
 use crate::route;
 use crate::server::Worker;
+use crate::stats::ProviderStats;
 use crate::upstream::SendError;
 
 /// Entry point for every request a worker accepts.
@@ -141,10 +141,12 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                 .unwrap_or(&provider.config.upstream),
             _ => &provider.config.upstream,
         };
-        let up_req = match build_upstream_request(&parts, rest, body.clone(), provider, target, &request_id) {
-            Ok(r) => r,
-            Err(e) => return local_error(record, e),
-        };
+        let up_req =
+            match build_upstream_request(&parts, rest, body.clone(), provider, target, &request_id)
+            {
+                Ok(r) => r,
+                Err(e) => return local_error(record, e),
+            };
         let sent_at = Instant::now();
         let result = tokio::select! {
             r = tokio::time::timeout_at(deadline, worker.pool.send(target, up_req)) => r,

@@ -66,11 +66,24 @@ pub fn mock(cfg: MockConfig) -> MockServer {
 
 /// Starts a mock with `mock_cfg` and a sidecar configured by `env` in front of it.
 pub fn stack(mock_cfg: MockConfig, env: &[(&str, &str)]) -> Stack {
+    stack_with_clock(
+        mock_cfg,
+        env,
+        Arc::new(nvidia_sidecar::clock::MonotonicClock::new()),
+    )
+}
+
+/// The same, with the limiter on `clock` (a `ManualClock` makes admission deterministic).
+pub fn stack_with_clock(
+    mock_cfg: MockConfig,
+    env: &[(&str, &str)],
+    clock: nvidia_sidecar::clock::SharedClock,
+) -> Stack {
     let mock = mock(mock_cfg);
     let base = mock.base_url();
     let mut env = env.to_vec();
     env.push(("SIDECAR_UPSTREAM_URL", &base));
-    let app = App::new(config_from(&env));
+    let app = App::with_clock(config_from(&env), clock);
     let sidecar = server::start_proxy(Arc::clone(&app)).expect("sidecar starts");
     Stack {
         addr: sidecar.local_addr,
@@ -171,5 +184,17 @@ pub async fn next_chunk(body: &mut Incoming) -> Option<Result<Bytes, hyper::Erro
             }
             Err(e) => return Some(Err(e)),
         }
+    }
+}
+
+/// Waits for `cond` by polling (an observed event, not a sleep), for at most 20 s.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

@@ -1,8 +1,10 @@
 //! `nvidia-sidecar demo`: the simulated upstream at 40 RPM, the sidecar in front of it,
 //! and a small synthetic client at mixed priorities — no key and no network needed.
 //!
-//! The client sends chat completions (a third of them streamed) at `client_rpm`, with
-//! `X-Priority` high, normal or low, and prints a summary every few seconds.
+//! The client sends chat completions (a third of them streamed) at `client_rpm` —
+//! faster than the upstream allows — with `X-Priority` high, normal or low, and prints
+//! every few seconds what it got and what the sidecar and the upstream saw: requests
+//! queue and leave at the upstream's rate, and the upstream refuses none.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -84,7 +86,29 @@ pub async fn run(
     println!("         -d '{{\"model\":\"meta/llama-3.1-8b-instruct\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
     println!("Ctrl-C stops the demo.");
 
-    let client = client(addr, args.client_rpm);
+    let status = {
+        let app = Arc::clone(&app);
+        let mock = Arc::clone(&mock.shared);
+        move || {
+            let p = app.default_provider();
+            let now = app.clock.now_nanos();
+            let q = p.limiter.queues.counts();
+            let r = p.limiter.retreat.view(now);
+            format!(
+                "sidecar: queued {} (high {} normal {} low {}), {} at {:.0}/{:.0} RPM | upstream: {} requests, {} refused with 429",
+                q.total,
+                q.depth[0],
+                q.depth[1],
+                q.depth[2],
+                r.state.as_str(),
+                r.effective_rpm,
+                r.base_rpm,
+                mock.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+                mock.stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        }
+    };
+    let client = client(addr, args.client_rpm, status);
     let limit = async {
         match args.duration {
             Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
@@ -105,7 +129,7 @@ pub async fn run(
 }
 
 /// Sends requests forever, printing a summary every 5 s.
-async fn client(addr: SocketAddr, rpm: f64) -> Option<Tally> {
+async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Option<Tally> {
     let base = UpstreamUrl::parse(&format!("http://{addr}/v1")).ok()?;
     let pool = Pool::new(Connector::new(Duration::from_secs(5)));
     let tally = Rc::new(std::cell::RefCell::new(Tally::default()));
@@ -166,6 +190,7 @@ async fn client(addr: SocketAddr, rpm: f64) -> Option<Tally> {
                     t.sent - done - t.failed,
                     if done > 0 { t.latency_ms_sum / done as f64 } else { 0.0 },
                 );
+                println!("        {}", status());
             }
         }
     }

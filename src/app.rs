@@ -15,10 +15,10 @@ use crate::clock::{MonotonicClock, SharedClock};
 use crate::config::{Config, ProviderConfig};
 use crate::health::Readiness;
 use crate::limiter::dispatch::Dispatcher;
-use crate::limiter::{Limiter, RetreatConfig};
+use crate::limiter::{Limiter, QueueCounts, RetreatConfig, RetreatView};
 use crate::proxy::headers::bearer;
 use crate::route::Router;
-use crate::stats::ProviderStats;
+use crate::stats::{ProviderStats, StatsSnapshot};
 use crate::upstream::Connector;
 
 /// One upstream provider and the state it owns.
@@ -66,11 +66,34 @@ impl Provider {
         }
     }
 
+    /// Everything about this provider's admission, copied at `now_nanos`: the one
+    /// accessor metrics and the dashboard read.
+    pub fn snapshot(&self, now_nanos: u64) -> ProviderSnapshot {
+        let (_, capacity) = self.limiter.bucket.rate();
+        ProviderSnapshot {
+            stats: self.stats.snapshot(),
+            queue: self.limiter.queues.counts(),
+            retreat: self.limiter.retreat.view(now_nanos),
+            bucket_tokens: self.limiter.bucket.tokens(now_nanos).max(0.0),
+            bucket_capacity: capacity,
+        }
+    }
+
     /// Whether the upstream answered within `window` before `now_nanos`.
     pub fn answered_within(&self, now_nanos: u64, window: Duration) -> bool {
         let last = self.last_success.load(Ordering::Relaxed);
         last != 0 && now_nanos.saturating_sub(last - 1) <= window.as_nanos() as u64
     }
+}
+
+/// A provider's counters, queue depths and retreat state at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProviderSnapshot {
+    pub stats: StatsSnapshot,
+    pub queue: QueueCounts,
+    pub retreat: RetreatView,
+    pub bucket_tokens: f64,
+    pub bucket_capacity: u32,
 }
 
 /// Shutdown in two steps: stop accepting, then (after the grace period) cut what is left.

@@ -268,12 +268,15 @@ impl Worker {
     pub fn next_request_id(&self) -> String {
         let n = self.requests.get().wrapping_add(1);
         self.requests.set(n);
-        format!(
-            "{:016x}{:04x}{:012x}",
-            self.app.boot_id,
-            self.id & 0xffff,
-            n & 0xffff_ffff_ffff
-        )
+        let low = ((self.id as u64 & 0xffff) << 48) | (n & 0xffff_ffff_ffff);
+        let mut out = String::with_capacity(32);
+        for word in [self.app.boot_id, low] {
+            for shift in (0..16).rev() {
+                let nibble = (word >> (shift * 4)) & 0xf;
+                out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+            }
+        }
+        out
     }
 }
 

@@ -23,6 +23,8 @@ pub struct UpstreamUrl {
     pub authority: Authority,
     /// Path prefix without a trailing slash (`/v1`, or empty).
     pub base_path: String,
+    /// Hash of scheme and authority, computed once: a cheap first test of "same origin".
+    pub fingerprint: u64,
 }
 
 impl UpstreamUrl {
@@ -53,12 +55,20 @@ impl UpstreamUrl {
             Scheme::Http => 80,
             Scheme::Https => 443,
         });
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            scheme.hash(&mut h);
+            authority.hash(&mut h);
+            h.finish()
+        };
         Ok(Self {
             scheme,
             host: host.to_owned(),
             port,
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
+            fingerprint,
         })
     }
 

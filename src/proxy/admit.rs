@@ -50,7 +50,8 @@ pub async fn admit(
         }
         Decision::Queued(t) => t,
     };
-    match wait(app, provider, ticket, record, deadline).await? {
+    // Boxed: only parked requests pay for the waiting future's size.
+    match Box::pin(wait(app, provider, ticket, record, deadline)).await? {
         Waited::Granted => Ok(limited(provider)),
         Waited::LowPriorityDeadline => Ok(passthrough(provider)),
     }
@@ -77,7 +78,7 @@ pub async fn readmit(
             });
         }
     };
-    match wait(app, provider, ticket, record, deadline).await? {
+    match Box::pin(wait(app, provider, ticket, record, deadline)).await? {
         Waited::Granted => Ok(Route::Limited),
         Waited::LowPriorityDeadline => Ok(passthrough(provider)),
     }

@@ -43,7 +43,7 @@ pub async fn serve(
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => health::healthz(),
-        (&Method::GET | &Method::HEAD, "/readyz") => health::readyz(&worker).await,
+        (&Method::GET | &Method::HEAD, "/readyz") => Box::pin(health::readyz(&worker)).await,
         (_, "/healthz" | "/readyz") => ProxyError::MethodNotAllowed {
             method: req.method().to_string(),
             path: path.to_owned(),
@@ -57,8 +57,16 @@ pub async fn serve(
     }
 }
 
+/// `s` cut to at most `max` bytes, on a character boundary.
 fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// Answers `record`'s request with `err` and logs it.
@@ -195,7 +203,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                     record.retries += 1;
                     ProviderStats::inc(&provider.stats.retries);
                     drop((resp, lease));
-                    match admit::readmit(app, provider, &mut record, deadline).await {
+                    match Box::pin(admit::readmit(app, provider, &mut record, deadline)).await {
                         Ok(r) => {
                             record.route = Some(r);
                             continue;
@@ -331,4 +339,30 @@ fn client_priority(
         .strip_prefix("Bearer ")?
         .trim();
     map.get(token).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapped_client_key_sets_the_default_priority() {
+        let map: std::collections::HashMap<String, Priority> =
+            [("sk-batch".to_owned(), Priority::Low)]
+                .into_iter()
+                .collect();
+        let mut h = http::HeaderMap::new();
+        assert_eq!(client_priority(&map, &h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-batch"),
+        );
+        assert_eq!(client_priority(&map, &h), Some(Priority::Low));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer other"),
+        );
+        assert_eq!(client_priority(&map, &h), None);
+        assert_eq!(client_priority(&Default::default(), &h), None);
+    }
 }

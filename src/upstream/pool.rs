@@ -9,7 +9,6 @@
 //! close never surfaces as a 502.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use http::uri::Authority;
@@ -23,8 +22,9 @@ use crate::config::{Scheme, UpstreamUrl};
 /// Idle HTTP/1.1 connections kept per upstream per worker.
 const MAX_IDLE_PER_UPSTREAM: usize = 512;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 struct Key {
+    fingerprint: u64,
     scheme: Scheme,
     authority: Authority,
 }
@@ -32,9 +32,22 @@ struct Key {
 impl Key {
     fn of(url: &UpstreamUrl) -> Self {
         Self {
+            fingerprint: url.fingerprint,
             scheme: url.scheme,
             authority: url.authority.clone(),
         }
+    }
+
+    fn same(&self, other: &Key) -> bool {
+        self.fingerprint == other.fingerprint
+            && self.scheme == other.scheme
+            && self.authority == other.authority
+    }
+
+    fn is(&self, url: &UpstreamUrl) -> bool {
+        self.fingerprint == url.fingerprint
+            && self.scheme == url.scheme
+            && self.authority == url.authority
     }
 }
 
@@ -50,8 +63,10 @@ pub enum SendError {
 /// The worker's connections.
 pub struct Pool {
     connector: Connector,
-    idle: RefCell<HashMap<Key, Vec<http1::SendRequest<UpBody>>>>,
-    h2: RefCell<HashMap<Key, http2::SendRequest<UpBody>>>,
+    // A worker talks to a handful of upstreams: a short list scanned by a precomputed
+    // fingerprint beats hashing the authority on every checkout and return.
+    idle: RefCell<Vec<(Key, Vec<http1::SendRequest<UpBody>>)>>,
+    h2: RefCell<Vec<(Key, http2::SendRequest<UpBody>)>>,
 }
 
 /// An HTTP/1.1 connection lent to one request; [`Lease::release`] returns it.
@@ -69,7 +84,14 @@ impl Lease {
             return;
         }
         let mut idle = pool.idle.borrow_mut();
-        let list = idle.entry(key).or_default();
+        let pos = match idle.iter().position(|(k, _)| k.same(&key)) {
+            Some(i) => i,
+            None => {
+                idle.push((key, Vec::new()));
+                idle.len() - 1
+            }
+        };
+        let list = &mut idle[pos].1;
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(sender);
         }
@@ -80,19 +102,23 @@ impl Pool {
     pub fn new(connector: Connector) -> Rc<Self> {
         Rc::new(Self {
             connector,
-            idle: RefCell::new(HashMap::new()),
-            h2: RefCell::new(HashMap::new()),
+            idle: RefCell::new(Vec::new()),
+            h2: RefCell::new(Vec::new()),
         })
     }
 
     /// Idle HTTP/1.1 connections to `url` (for tests and the dashboard).
     pub fn idle_count(&self, url: &UpstreamUrl) -> usize {
-        self.idle.borrow().get(&Key::of(url)).map_or(0, Vec::len)
+        self.idle
+            .borrow()
+            .iter()
+            .find(|(k, _)| k.is(url))
+            .map_or(0, |(_, l)| l.len())
     }
 
-    fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<UpBody>> {
+    fn take_idle(&self, url: &UpstreamUrl) -> Option<http1::SendRequest<UpBody>> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(key)?;
+        let list = &mut idle.iter_mut().find(|(k, _)| k.is(url))?.1;
         while let Some(s) = list.pop() {
             if !s.is_closed() {
                 return Some(s);
@@ -101,16 +127,18 @@ impl Pool {
         None
     }
 
-    fn shared_h2(&self, key: &Key) -> Option<http2::SendRequest<UpBody>> {
-        let mut map = self.h2.borrow_mut();
-        match map.get(key) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            Some(_) => {
-                map.remove(key);
-                None
-            }
-            None => None,
+    fn shared_h2(&self, url: &UpstreamUrl) -> Option<http2::SendRequest<UpBody>> {
+        let mut list = self.h2.borrow_mut();
+        let i = list.iter().position(|(k, _)| k.is(url))?;
+        if list[i].1.is_closed() {
+            list.swap_remove(i);
+            return None;
         }
+        Some(list[i].1.clone())
+    }
+
+    fn forget_h2(&self, url: &UpstreamUrl) {
+        self.h2.borrow_mut().retain(|(k, _)| !k.is(url));
     }
 
     /// Sends `req` to `url` on a pooled connection (or a new one) and returns the
@@ -120,16 +148,15 @@ impl Pool {
         url: &UpstreamUrl,
         mut req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        let key = Key::of(url);
         // Reuse first; a connection that closed under us hands the request back unsent.
         loop {
-            if let Some(mut h2) = self.shared_h2(&key) {
+            if let Some(mut h2) = self.shared_h2(url) {
                 absolute_form(&mut req, url);
                 match h2.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, None)),
                     Err(mut e) => match e.take_message() {
                         Some(back) => {
-                            self.h2.borrow_mut().remove(&key);
+                            self.forget_h2(url);
                             req = back;
                             origin_form(&mut req);
                             continue;
@@ -138,27 +165,30 @@ impl Pool {
                     },
                 }
             }
-            let Some(mut sender) = self.take_idle(&key) else {
+            let Some(mut sender) = self.take_idle(url) else {
                 break;
             };
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(self.lease(key, sender)))),
+                Ok(resp) => return Ok((resp, Some(self.lease(url, sender)))),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(SendError::Request(e.into_error())),
                 },
             }
         }
-        match self.connector.connect(url).await? {
+        // Boxed: the TLS handshake future is large and rare; inline it would grow every
+        // request's future (hyper moves that future once per request).
+        match Box::pin(self.connector.connect(url)).await? {
             Handshaken::H1(mut sender) => {
                 let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-                Ok((resp, Some(self.lease(key, sender))))
+                Ok((resp, Some(self.lease(url, sender))))
             }
             Handshaken::H2(mut sender) => {
-                self.h2.borrow_mut().insert(key, sender.clone());
+                self.forget_h2(url);
+                self.h2.borrow_mut().push((Key::of(url), sender.clone()));
                 absolute_form(&mut req, url);
                 let resp = sender.send_request(req).await.map_err(SendError::Request)?;
                 Ok((resp, None))
@@ -166,10 +196,10 @@ impl Pool {
         }
     }
 
-    fn lease(self: &Rc<Self>, key: Key, sender: http1::SendRequest<UpBody>) -> Lease {
+    fn lease(self: &Rc<Self>, url: &UpstreamUrl, sender: http1::SendRequest<UpBody>) -> Lease {
         Lease {
             pool: Rc::clone(self),
-            key,
+            key: Key::of(url),
             sender,
         }
     }

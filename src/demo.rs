@@ -121,7 +121,9 @@ pub async fn run(
         _ = limit => None,
     };
     drop(tally);
-    sidecar.stop();
+    // Stop off the event loop, so the client's aborted requests can close their
+    // connections while the sidecar drains.
+    let _ = tokio::task::spawn_blocking(move || sidecar.stop()).await;
     let (requests, limited) = (mock.requests(), mock.rate_limited());
     mock.stop();
     println!("demo finished: the simulated upstream saw {requests} requests and refused {limited} with 429");
@@ -132,6 +134,8 @@ pub async fn run(
 async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Option<Tally> {
     let base = UpstreamUrl::parse(&format!("http://{addr}/v1")).ok()?;
     let pool = Pool::new(Connector::new(Duration::from_secs(5)));
+    // Dropping the set (when the demo ends) aborts the requests still in flight.
+    let mut in_flight = tokio::task::JoinSet::new();
     let tally = Rc::new(std::cell::RefCell::new(Tally::default()));
     let interval = Duration::from_secs_f64(60.0 / rpm.max(0.1));
     let mut tick = tokio::time::interval(interval);
@@ -158,7 +162,7 @@ async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Opti
                 let tally = Rc::clone(&tally);
                 let base = base.clone();
                 tally.borrow_mut().sent += 1;
-                tokio::task::spawn_local(async move {
+                in_flight.spawn_local(async move {
                     let started = tokio::time::Instant::now();
                     let result = async {
                         let (resp, lease) = pool.send(&base, req).await.map_err(|e| e.to_string())?;
@@ -177,6 +181,7 @@ async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Opti
                     }
                 });
             }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = report.tick() => {
                 let t = tally.borrow();
                 let done: u64 = t.by_status.values().sum();

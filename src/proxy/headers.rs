@@ -63,44 +63,48 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
         .flatten()
 }
 
-/// Headers for the upstream request: the client's minus hop-by-hop, `Host`,
-/// `Content-Length`, `X-Priority` and (when the provider has a key) `Authorization`,
-/// plus the provider's key, the upstream `Host` and the request id.
+/// Turns the client's headers into the upstream request's, in place: drops hop-by-hop
+/// headers (and those `Connection` lists), `X-Priority` and a stale `Content-Length`;
+/// sets the provider's key (replacing the client's, when the provider has one), the
+/// request id and the body length. `Host` is set per attempt ([`with_host`]), since a
+/// passthrough may go to another upstream. One pass to find what to drop: most
+/// requests drop nothing, and nothing is rehashed.
 pub fn upstream_request_headers(
-    client: &HeaderMap,
+    mut headers: HeaderMap,
     auth: Option<&HeaderValue>,
-    host: &HeaderValue,
     request_id: &HeaderValue,
     body_len: usize,
 ) -> HeaderMap {
-    let listed = if client.contains_key(header::CONNECTION) {
-        connection_listed(client)
-    } else {
-        Vec::new()
-    };
-    let mut out = HeaderMap::with_capacity(client.len() + 4);
-    for (name, value) in client {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
         if is_hop_by_hop(name)
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
             || name == X_PRIORITY
-            || name == X_REQUEST_ID
-            || (auth.is_some() && name == header::AUTHORIZATION)
-            || listed.contains(name)
+            || (body_len == 0 && name == header::CONTENT_LENGTH)
         {
-            continue;
+            doomed.push(name.clone());
         }
-        out.append(name.clone(), value.clone());
+    }
+    if headers.contains_key(header::CONNECTION) {
+        doomed.extend(connection_listed(&headers));
+    }
+    for name in doomed {
+        headers.remove(name);
     }
     if let Some(auth) = auth {
-        out.insert(header::AUTHORIZATION, auth.clone());
+        headers.insert(header::AUTHORIZATION, auth.clone());
     }
-    out.insert(header::HOST, host.clone());
-    out.insert(X_REQUEST_ID, request_id.clone());
+    headers.insert(X_REQUEST_ID, request_id.clone());
     if body_len > 0 {
-        out.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
-    out
+    headers
+}
+
+/// A copy of the prepared headers for one attempt, addressed to `host`.
+pub fn with_host(prepared: &HeaderMap, host: &HeaderValue) -> HeaderMap {
+    let mut h = prepared.clone();
+    h.insert(header::HOST, host.clone());
+    h
 }
 
 /// `Authorization: Bearer <key>`, marked sensitive (hpack never indexes it); built once
@@ -111,15 +115,20 @@ pub fn bearer(key: &Secret) -> Option<HeaderValue> {
     Some(v)
 }
 
-/// Removes hop-by-hop headers from an upstream response in place.
+/// Removes hop-by-hop headers from an upstream response in place (one pass to find
+/// them; usually only `Transfer-Encoding` or `Connection`).
 pub fn strip_response(headers: &mut HeaderMap) {
-    for name in connection_listed(headers) {
-        headers.remove(&name);
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    if headers.contains_key(header::CONNECTION) {
+        doomed.extend(connection_listed(headers));
     }
-    for name in &HOP_BY_HOP {
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 #[cfg(test)]
@@ -156,13 +165,9 @@ mod tests {
         h.insert(X_PRIORITY, HeaderValue::from_static("high"));
         h.insert("x-app", HeaderValue::from_static("kept"));
         let key = Secret::new("nvapi-provider".into()).and_then(|k| bearer(&k));
-        let out = upstream_request_headers(
-            &h,
-            key.as_ref(),
-            &HeaderValue::from_static("up:1"),
-            &HeaderValue::from_static("rid"),
-            5,
-        );
+        let prepared =
+            upstream_request_headers(h, key.as_ref(), &HeaderValue::from_static("rid"), 5);
+        let out = with_host(&prepared, &HeaderValue::from_static("up:1"));
         assert_eq!(out[header::AUTHORIZATION], "Bearer nvapi-provider");
         assert!(out[header::AUTHORIZATION].is_sensitive());
         for gone in [
@@ -186,13 +191,8 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer own"),
         );
-        let out = upstream_request_headers(
-            &h,
-            None,
-            &HeaderValue::from_static("up"),
-            &HeaderValue::from_static("rid"),
-            0,
-        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let out = upstream_request_headers(h, None, &HeaderValue::from_static("rid"), 0);
         assert_eq!(out[header::AUTHORIZATION], "Bearer own");
         assert!(!out.contains_key(header::CONTENT_LENGTH));
     }

@@ -84,7 +84,7 @@ fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
 /// The `/v1/*` path: everything a client sends to the provider.
 async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
     let app = &worker.app;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let request_id: Arc<str> = match headers::client_request_id(&parts.headers) {
         Some(id) => Arc::from(id),
         None => Arc::from(worker.next_request_id()),
@@ -138,6 +138,19 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     // forward: a limited request the upstream answers 429 is absorbed — parked again
     // at the head of its priority and re-sent after the retreat pause — while retries
     // and its deadline allow.
+    let rid = match HeaderValue::from_str(&request_id) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = format!("request id: {e}");
+            return local_error(record, ProxyError::BadRequest { reason });
+        }
+    };
+    let prepared = headers::upstream_request_headers(
+        std::mem::take(&mut parts.headers),
+        provider.auth_header.as_ref(),
+        &rid,
+        body.len(),
+    );
     let rest = &parts.uri.path()["/v1/".len()..];
     let hard_stop = &app.shutdown.hard_stop;
     let (resp, lease, sent_at) = loop {
@@ -150,8 +163,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
             _ => &provider.config.upstream,
         };
         let up_req =
-            match build_upstream_request(&parts, rest, body.clone(), provider, target, &request_id)
-            {
+            match build_upstream_request(&parts, &prepared, rest, body.clone(), provider, target) {
                 Ok(r) => r,
                 Err(e) => return local_error(record, e),
             };
@@ -293,34 +305,31 @@ async fn read_body(
     }
 }
 
-/// The upstream request: origin-form URI under the provider's base path, forwarded
-/// headers, the provider's key.
+/// One attempt's upstream request: origin-form URI under the target's base path, the
+/// prepared headers addressed to the target.
 fn build_upstream_request(
     parts: &http::request::Parts,
+    prepared: &http::HeaderMap,
     rest: &str,
     body: Bytes,
     provider: &Provider,
     upstream: &crate::config::UpstreamUrl,
-    request_id: &str,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
     let path = upstream.path_for(rest, parts.uri.query());
     let uri = Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
         reason: format!("request path cannot be forwarded: {e}"),
     })?;
-    let rid = HeaderValue::from_str(request_id).map_err(|e| ProxyError::BadRequest {
-        reason: format!("request id: {e}"),
-    })?;
-    let headers = headers::upstream_request_headers(
-        &parts.headers,
-        provider.auth_header.as_ref(),
-        &provider.host_header,
-        &rid,
-        body.len(),
-    );
+    let host = if std::ptr::eq(upstream, &provider.config.upstream) {
+        provider.host_header.clone()
+    } else {
+        HeaderValue::from_str(upstream.authority.as_str()).map_err(|e| ProxyError::BadRequest {
+            reason: format!("upstream authority: {e}"),
+        })?
+    };
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
+    *req.headers_mut() = headers::with_host(prepared, &host);
     Ok(req)
 }
 

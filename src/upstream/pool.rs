@@ -41,13 +41,13 @@ impl Key {
     fn same(&self, other: &Key) -> bool {
         self.fingerprint == other.fingerprint
             && self.scheme == other.scheme
-            && self.authority == other.authority
+            && self.authority.as_str() == other.authority.as_str()
     }
 
     fn is(&self, url: &UpstreamUrl) -> bool {
         self.fingerprint == url.fingerprint
             && self.scheme == url.scheme
-            && self.authority == url.authority
+            && self.authority.as_str() == url.authority.as_str()
     }
 }
 

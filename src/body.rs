@@ -57,7 +57,9 @@ pub struct UpstreamBody {
     inner: Incoming,
     sse: bool,
     idle: Duration,
-    idle_timer: Pin<Box<Sleep>>,
+    /// Armed the first time the upstream makes us wait: a body that arrives whole
+    /// never touches the timer wheel.
+    idle_timer: Option<Pin<Box<Sleep>>>,
     last_frame: Instant,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     lease: Option<Lease>,
@@ -84,7 +86,7 @@ impl UpstreamBody {
             inner,
             sse,
             idle,
-            idle_timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            idle_timer: None,
             last_frame: now,
             shutdown: if sse { shutdown.map(Box::pin) } else { None },
             lease,
@@ -163,12 +165,15 @@ impl UpstreamBody {
     /// stream never touches the timer wheel per frame.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            ready!(self.idle_timer.as_mut().poll(cx));
             let due = self.last_frame + self.idle;
+            let timer = self
+                .idle_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            ready!(timer.as_mut().poll(cx));
             if due <= Instant::now() {
                 return Poll::Ready(());
             }
-            self.idle_timer.as_mut().reset(due);
+            timer.as_mut().reset(due);
         }
     }
 }

@@ -1,0 +1,55 @@
+//! The official OpenAI Python SDK gets the same answers through the sidecar as from the
+//! upstream directly, streaming included. CI installs the SDK (`pip install openai`);
+//! elsewhere the test says it is skipped when the SDK is missing.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn the_openai_python_sdk_gets_identical_answers_through_the_sidecar() {
+    let has_sdk = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install the openai SDK (.ci/run)"
+        );
+        eprintln!("SKIPPED: python3 with the openai package is not installed");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let s = common::stack(
+        nvidia_sidecar::mock::MockConfig {
+            api_key: Some("nvapi-provider-key-0001".into()),
+            ..Default::default()
+        },
+        &[],
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
+    let out = Command::new("python3")
+        .args([
+            script,
+            &format!("http://{}/v1", s.addr),
+            &s.mock.base_url(),
+            "nvapi-provider-key-0001",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("ok: ").count(), 4, "{stdout}");
+    drop(_guard);
+    s.stop();
+}

@@ -48,21 +48,7 @@ async fn with_a_backlog_high_is_served_before_normal_before_low_and_fifo_within_
     let (s, clock) = paced(&[]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     // The one token goes to the first request.
-    assert_eq!(
-        call(
-            s.addr,
-            req(
-                "POST",
-                s.addr,
-                "/v1/chat/completions",
-                &[],
-                &chat_for("first")
-            )
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(s.chat(&[], &chat_for("first")).await.status, 200);
     // Park nine, lowest priority first, one at a time so arrival order is known.
     let mut clients = Vec::new();
     for (n, p) in [
@@ -121,15 +107,7 @@ async fn with_a_backlog_high_is_served_before_normal_before_low_and_fifo_within_
 async fn a_client_that_disconnects_while_queued_never_reaches_the_upstream_and_leaves_depth_zero() {
     let (s, clock) = paced(&[]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
-    assert_eq!(
-        call(
-            s.addr,
-            req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let addr = s.addr;
     let client = tokio::spawn(async move {
         call(
@@ -149,21 +127,7 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_upstream_and_l
     // Its token was never spent: a second later exactly one is there for the next one.
     clock.advance(Duration::from_secs(1));
     assert_eq!(limiter.bucket.tokens(clock.now_nanos()), 1.0);
-    assert_eq!(
-        call(
-            s.addr,
-            req(
-                "POST",
-                s.addr,
-                "/v1/chat/completions",
-                &[],
-                &chat_for("next")
-            )
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(s.chat(&[], &chat_for("next")).await.status, 200);
     assert_eq!(seen_models(&s), ["meta/llama-3.1-8b-instruct", "next"]);
     s.stop();
 }
@@ -172,15 +136,7 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_upstream_and_l
 async fn a_full_queue_answers_429_with_retry_after_from_the_queue_ahead() {
     let (s, clock) = paced(&[("SIDECAR_QUEUE_MAX_SIZE", "2")]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
-    assert_eq!(
-        call(
-            s.addr,
-            req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let mut parked = Vec::new();
     for n in 0..2 {
         let addr = s.addr;
@@ -191,11 +147,7 @@ async fn a_full_queue_answers_429_with_retry_after_from_the_queue_ahead() {
         }));
         wait_until("the request to park", || limiter.queues.len() == n + 1).await;
     }
-    let refused = call(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT),
-    )
-    .await;
+    let refused = s.chat(&[], CHAT).await;
     refused.assert_error(429, "queue_full");
     // Two ahead plus itself, one a second.
     assert_eq!(refused.headers["retry-after"], "3");
@@ -227,15 +179,7 @@ async fn with_fallback_on_a_request_the_queue_cannot_take_goes_unmetered() {
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
     ]);
     for _ in 0..3 {
-        assert_eq!(
-            call(
-                s.addr,
-                req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-            )
-            .await
-            .status,
-            200
-        );
+        assert_eq!(s.chat(&[], CHAT).await.status, 200);
     }
     let st = s.app.providers[0].stats.snapshot();
     assert_eq!(
@@ -248,21 +192,8 @@ async fn with_fallback_on_a_request_the_queue_cannot_take_goes_unmetered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_fallback_off_the_same_request_gets_429() {
     let (s, _clock) = paced(&[("SIDECAR_QUEUE_MAX_SIZE", "0")]);
-    assert_eq!(
-        call(
-            s.addr,
-            req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-        )
-        .await
-        .status,
-        200
-    );
-    call(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT),
-    )
-    .await
-    .assert_error(429, "queue_full");
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    s.chat(&[], CHAT).await.assert_error(429, "queue_full");
     assert_eq!(s.mock.requests(), 1);
     s.stop();
 }
@@ -277,18 +208,7 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
         main.base_url(),
         fallback.base_url()
     );
-    let file = nvidia_sidecar::config::FileConfig::parse(&toml, "t.toml").unwrap();
-    let env: std::collections::HashMap<String, String> = [
-        ("SIDECAR_LISTEN_PORT", "0"),
-        ("SIDECAR_METRICS_PORT", "0"),
-        ("SIDECAR_WORKERS", "1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let mut settings = nvidia_sidecar::config::Settings::defaults();
-    settings.overlay(file.settings.clone());
-    let cfg = nvidia_sidecar::config::Config::build(settings, &file, &env).unwrap();
+    let cfg = config_from_toml(&toml);
     let clock = ManualClock::new();
     let app = nvidia_sidecar::app::App::with_clock(cfg, Arc::new(clock));
     let sidecar = nvidia_sidecar::server::start_proxy(Arc::clone(&app)).unwrap();
@@ -315,26 +235,8 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_priority_request_past_its_deadline_is_dropped_with_503() {
     let (s, _clock) = paced(&[("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2")]);
-    assert_eq!(
-        call(
-            s.addr,
-            req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-        )
-        .await
-        .status,
-        200
-    );
-    let a = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-priority", "low")],
-            CHAT,
-        ),
-    )
-    .await;
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    let a = s.chat(&[("x-priority", "low")], CHAT).await;
     a.assert_error(503, "low_priority_timeout");
     let st = s.app.providers[0].stats.snapshot();
     assert_eq!(st.dropped_low_priority, 1);
@@ -349,26 +251,8 @@ async fn a_low_priority_request_past_its_deadline_takes_the_passthrough_when_fal
         ("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2"),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
     ]);
-    assert_eq!(
-        call(
-            s.addr,
-            req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-        )
-        .await
-        .status,
-        200
-    );
-    let a = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-priority", "low")],
-            CHAT,
-        ),
-    )
-    .await;
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    let a = s.chat(&[("x-priority", "low")], CHAT).await;
     assert_eq!(a.status, 200);
     let st = s.app.providers[0].stats.snapshot();
     assert_eq!((st.dropped_low_priority, st.passthrough), (1, 1));
@@ -378,21 +262,8 @@ async fn a_low_priority_request_past_its_deadline_takes_the_passthrough_when_fal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_past_the_request_timeout_is_a_504() {
     let (s, _clock) = paced(&[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
-    assert_eq!(
-        call(
-            s.addr,
-            req("POST", s.addr, "/v1/chat/completions", &[], CHAT)
-        )
-        .await
-        .status,
-        200
-    );
-    call(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT),
-    )
-    .await
-    .assert_error(504, "queue_timeout");
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    s.chat(&[], CHAT).await.assert_error(504, "queue_timeout");
     assert_eq!(s.app.providers[0].stats.snapshot().dropped_timeout, 1);
     assert_eq!(s.app.providers[0].limiter.queues.len(), 0);
     s.stop();

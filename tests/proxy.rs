@@ -51,11 +51,7 @@ async fn non_streaming_answers_are_identical_to_calling_the_upstream_directly() 
         assert_eq!(via.body, direct.body, "{path}");
         assert_eq!(via.headers["content-type"], direct.headers["content-type"]);
     }
-    let chat = call(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT),
-    )
-    .await;
+    let chat = s.chat(&[], CHAT).await;
     let v = chat.json();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["model"], "meta/llama-3.1-8b-instruct");
@@ -72,11 +68,7 @@ async fn streaming_answer_arrives_whole_and_ends_with_done() {
         },
         &[],
     );
-    let a = call(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT_STREAM),
-    )
-    .await;
+    let a = s.chat(&[], CHAT_STREAM).await;
     assert_eq!(a.status, 200);
     assert!(a.headers["content-type"]
         .to_str()
@@ -129,20 +121,15 @@ async fn first_sse_chunk_reaches_the_client_before_the_upstream_sends_the_second
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_sees_the_provider_key_and_never_the_clients() {
     let s = stack(fast_mock(), &[]);
-    let a = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
+    let a = s
+        .chat(
             &[
                 ("authorization", "Bearer client-own-key"),
                 ("x-priority", "high"),
             ],
             CHAT,
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(a.status, 200);
     let seen = s.mock.seen();
     let auth: Vec<_> = seen[0].headers.get_all("authorization").iter().collect();
@@ -335,17 +322,7 @@ async fn unreachable_upstream_gets_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_response_headers_within_the_request_timeout_gets_504() {
     let s = stack(fast_mock(), &[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
-    let a = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-mock-header-delay-ms", "5000")],
-            CHAT,
-        ),
-    )
-    .await;
+    let a = s.chat(&[("x-mock-header-delay-ms", "5000")], CHAT).await;
     a.assert_error(504, "upstream_timeout");
     s.stop();
 }
@@ -420,17 +397,12 @@ async fn a_silent_stream_hits_the_idle_timeout_not_a_total_deadline() {
         ],
     );
     // 12 tokens 100 ms apart: 1.2 s in all, longer than both timeouts, never idle for long.
-    let steady = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
+    let steady = s
+        .chat(
             &[("x-mock-token-delay-ms", "100"), ("x-mock-tokens", "12")],
             CHAT_STREAM,
-        ),
-    )
-    .await;
+        )
+        .await;
     assert!(
         steady.text().ends_with("data: [DONE]\n\n"),
         "{}",
@@ -484,17 +456,7 @@ async fn health_endpoints_answer_and_readiness_probes_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_priority_is_a_400_that_says_what_is_accepted() {
     let s = stack(fast_mock(), &[]);
-    let a = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-priority", "urgent")],
-            CHAT,
-        ),
-    )
-    .await;
+    let a = s.chat(&[("x-priority", "urgent")], CHAT).await;
     a.assert_error(400, "invalid_priority");
     assert!(a.json()["error"]["message"]
         .as_str()
@@ -561,19 +523,7 @@ async fn requests_route_to_providers_by_model_pattern() {
         a.base_url(),
         b.base_url()
     );
-    let file = nvidia_sidecar::config::FileConfig::parse(&toml, "test.toml").unwrap();
-    let env: std::collections::HashMap<String, String> = [
-        ("SIDECAR_LISTEN_PORT", "0"),
-        ("SIDECAR_METRICS_PORT", "0"),
-        ("SIDECAR_WORKERS", "1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let mut settings = nvidia_sidecar::config::Settings::defaults();
-    settings.overlay(file.settings.clone());
-    settings.overlay(nvidia_sidecar::config::Settings::from_env(&env).unwrap());
-    let cfg = nvidia_sidecar::config::Config::build(settings, &file, &env).unwrap();
+    let cfg = config_from_toml(&toml);
     let sidecar = nvidia_sidecar::server::start_proxy(nvidia_sidecar::app::App::new(cfg)).unwrap();
     let addr = sidecar.local_addr;
     for model in [
@@ -624,17 +574,7 @@ async fn requests_route_to_providers_by_model_pattern() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_pass_through_unchanged() {
     let s = stack(fast_mock(), &[]);
-    let a = call(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-mock-status", "503")],
-            CHAT,
-        ),
-    )
-    .await;
+    let a = s.chat(&[("x-mock-status", "503")], CHAT).await;
     assert_eq!(a.status, 503);
     assert_eq!(a.json()["error"]["type"], "mock_error");
     s.stop();

@@ -30,6 +30,15 @@ impl Stack {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `POST /v1/chat/completions` with `body` and extra headers, answered whole.
+    pub async fn chat(&self, headers: &[(&str, &str)], body: &str) -> Answer {
+        call(
+            self.addr,
+            req("POST", self.addr, "/v1/chat/completions", headers, body),
+        )
+        .await
+    }
+
     pub fn stop(self) {
         self.sidecar.stop();
         self.mock.stop();
@@ -54,6 +63,23 @@ pub fn config_from(env: &[(&str, &str)]) -> Config {
         map.insert(k.to_string(), v.to_string());
     }
     config::load(None, &map, Settings::default()).expect("valid test configuration")
+}
+
+/// Configuration from a TOML file's text, on ephemeral ports with one worker.
+pub fn config_from_toml(toml: &str) -> Config {
+    let file = config::FileConfig::parse(toml, "test.toml").expect("valid TOML");
+    let env: HashMap<String, String> = [
+        ("SIDECAR_LISTEN_PORT", "0"),
+        ("SIDECAR_METRICS_PORT", "0"),
+        ("SIDECAR_WORKERS", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut settings = Settings::defaults();
+    settings.overlay(file.settings.clone());
+    settings.overlay(Settings::from_env(&env).expect("env"));
+    Config::build(settings, &file, &env).expect("valid test configuration")
 }
 
 pub fn mock(cfg: MockConfig) -> MockServer {

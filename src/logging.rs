@@ -3,7 +3,10 @@
 //!
 //! Per-request lines come from [`crate::record`]; nothing logged carries a key, a token
 //! or an `Authorization` value (secrets are masked by their `Debug` impl and never
-//! passed to a log macro).
+//! passed to a log macro). Lines go through `tracing_appender::non_blocking`: a worker
+//! hands each line to a lock-free channel and a writer thread does the `write(2)`, so
+//! logging takes neither stderr's lock nor a syscall on the request path. Past its
+//! buffer the channel drops lines (counted by the appender) rather than stall requests.
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -15,8 +18,12 @@ use crate::config::LogFormat;
 /// Changes the log level of a running process.
 pub type LevelHandle = reload::Handle<LevelFilter, Registry>;
 
+/// Keeps the log writer thread alive; dropping it flushes what is buffered.
+pub type FlushGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Installs the global subscriber; `Err` if one is already installed.
-pub fn init(level: tracing::Level, format: LogFormat) -> Result<LevelHandle, String> {
+pub fn init(level: tracing::Level, format: LogFormat) -> Result<(LevelHandle, FlushGuard), String> {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let (filter, handle) = reload::Layer::new(LevelFilter::from_level(level));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
@@ -27,13 +34,11 @@ pub fn init(level: tracing::Level, format: LogFormat) -> Result<LevelHandle, Str
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(writer),
             )
             .try_init(),
-        LogFormat::Pretty => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer().with_writer(writer)).try_init(),
     };
     result.map_err(|e| e.to_string())?;
-    Ok(handle)
+    Ok((handle, guard))
 }

@@ -79,9 +79,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Err(e) = logging::init(config.log_level, config.log_format) {
-        eprintln!("nvidia-sidecar: cannot start logging: {e}");
-    }
+    // Held to the end of main: dropping it flushes the log.
+    let _log = match logging::init(config.log_level, config.log_format) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!("nvidia-sidecar: cannot start logging: {e}");
+            None
+        }
+    };
     let Ok(rt) = runtime() else {
         eprintln!("nvidia-sidecar: cannot start the runtime");
         return ExitCode::FAILURE;

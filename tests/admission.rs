@@ -272,11 +272,13 @@ async fn a_wait_past_the_request_timeout_is_a_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_storm_triggers_retreat_and_clients_still_get_200s() {
     // The provider allows 5 requests per rolling second (300 RPM); the sidecar is
-    // configured twice as fast, so the provider starts refusing.
+    // configured twice as fast, so the provider starts refusing. (Without quota
+    // headers: with them, `x-ratelimit-remaining: 0` would hold the sidecar back first.)
     let s = stack(
         MockConfig {
             rpm: 300.0,
             window_secs: 1.0,
+            no_quota_headers: true,
             ..MockConfig::default()
         },
         &[

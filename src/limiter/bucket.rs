@@ -12,20 +12,19 @@
 //! holds at most `b` tokens: idling never earns extra.
 //!
 //! **Changes at run time.** [`TokenBucket::set_rate`] converts the state so that the
-//! number of tokens available (and any waiting debt) is preserved: no reset to full, no
-//! burst, a partial token stays partial. Capacity shrinks clip the tokens; growth adds
-//! none. [`TokenBucket::pause_until`] blocks admission until a time (used when the
+//! tokens available are preserved, fraction included (no reset to full, no burst; a
+//! capacity shrink clips them, growth adds none), and a pause still ends exactly when
+//! the provider said. [`TokenBucket::pause_until`] blocks admission until a time (used when the
 //! provider says `Retry-After`); after the pause exactly one token is available.
 //!
-//! **Orderings.** `set_rate` stores the new parameters, then publishes the converted
-//! TAT with `Release`; `acquire` loads the TAT with `Acquire` before reading the
-//! parameters, so a decision made on a converted TAT always uses the new parameters.
-//! A decision on a pre-change TAT may use either; its CAS then races with the
-//! conversion and one of them retries.
+//! **Consistency.** The rate and capacity live beside the TAT, guarded by a generation
+//! counter (odd while `set_rate` runs): a decision uses a TAT and settings read within
+//! one even generation, and its CAS on the TAT orders it against the conversion. No
+//! decision ever mixes old and new settings (loom-checked).
 
 use std::time::Duration;
 
-use super::sync::{AtomicU64, Ordering};
+use super::sync::{fence, AtomicU64, Ordering};
 
 /// Nanoseconds between tokens for `rpm` requests per minute (at least 1 ns).
 pub fn interval_nanos(rpm: f64) -> u64 {
@@ -45,6 +44,11 @@ pub struct TokenBucket {
     tat: AtomicU64,
     interval: AtomicU64,
     capacity: AtomicU64,
+    /// The latest pause end, so a rate change can keep it exactly.
+    paused_until: AtomicU64,
+    /// Settings generation: odd while `set_rate` is changing them. A decision is made
+    /// only on a TAT and settings read within one even generation.
+    generation: AtomicU64,
 }
 
 impl TokenBucket {
@@ -54,11 +58,37 @@ impl TokenBucket {
             tat: AtomicU64::new(0),
             interval: AtomicU64::new(interval_nanos(rpm)),
             capacity: AtomicU64::new(u64::from(capacity.max(1))),
+            generation: AtomicU64::new(0),
+            paused_until: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads the TAT and the settings as one consistent view: retried while a
+    /// `set_rate` is in progress or completed in between.
+    #[inline]
+    fn view(&self) -> (u64, u64, u64) {
+        loop {
+            // Acquire: pairs with set_rate's Release stores of the generation, so the
+            // settings and TAT read next are at least as new as the generation.
+            let g1 = self.generation.load(Ordering::Acquire);
+            if g1 & 1 == 1 {
+                super::sync::spin();
+                continue;
+            }
+            let tat = self.tat.load(Ordering::Acquire);
+            let (interval, capacity) = self.params();
+            // Seqlock read side: if any read above saw a value set_rate stored after
+            // entering its odd generation, this fence (pairing with set_rate's Release
+            // fence) makes the re-check see that generation too.
+            fence(Ordering::Acquire);
+            if self.generation.load(Ordering::Relaxed) == g1 {
+                return (tat, interval, capacity);
+            }
         }
     }
 
     fn params(&self) -> (u64, u64) {
-        // Relaxed: ordered by the Acquire load of `tat` that precedes every call.
+        // Relaxed: `view` validates these reads against the generation.
         (
             self.interval.load(Ordering::Relaxed),
             self.capacity.load(Ordering::Relaxed),
@@ -82,28 +112,25 @@ impl TokenBucket {
     /// Takes one token at `now` (clock nanoseconds), or says how long until one is free.
     #[inline]
     pub fn try_acquire(&self, now: u64) -> Result<(), Duration> {
-        // Acquire: pairs with set_rate's Release so the parameters read next are at
-        // least as new as the TAT.
-        let mut cur = self.tat.load(Ordering::Acquire);
         loop {
-            let (interval, capacity) = self.params();
+            let (cur, interval, capacity) = self.view();
             let next = Self::decide(cur, now, interval, capacity).map_err(Duration::from_nanos)?;
-            // Release on success publishes nothing but the TAT itself; Acquire on
-            // failure keeps the pairing with set_rate for the retry.
-            match self
+            // AcqRel/Acquire: the TAT is the one word the decision rests on. A set_rate
+            // that began after `view` either converts this new TAT (it runs its CAS
+            // after ours) or made ours fail (it ran first), and we retry on its state.
+            if self
                 .tat
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
             {
-                Ok(_) => return Ok(()),
-                Err(actual) => cur = actual,
+                return Ok(());
             }
         }
     }
 
     /// Time until a token is free at `now`, without taking it (zero if one is free).
     pub fn wait_time(&self, now: u64) -> Duration {
-        let cur = self.tat.load(Ordering::Acquire);
-        let (interval, capacity) = self.params();
+        let (cur, interval, capacity) = self.view();
         match Self::decide(cur, now, interval, capacity) {
             Ok(_) => Duration::ZERO,
             Err(ns) => Duration::from_nanos(ns),
@@ -131,7 +158,9 @@ impl TokenBucket {
 
     /// No token before `until` (clock nanoseconds); at `until` exactly one is free.
     pub fn pause_until(&self, until: u64) {
-        let (interval, capacity) = self.params();
+        // Relaxed: read back only by set_rate, inside its generation.
+        self.paused_until.fetch_max(until, Ordering::Relaxed);
+        let (_, interval, capacity) = self.view();
         let tolerance = (capacity - 1).saturating_mul(interval);
         // AcqRel: a read-modify-write on the one word; later acquires see the pause.
         self.tat
@@ -140,8 +169,7 @@ impl TokenBucket {
 
     /// Tokens available at `now` (fractional; negative while a pause or debt lasts).
     pub fn tokens(&self, now: u64) -> f64 {
-        let cur = self.tat.load(Ordering::Acquire);
-        let (interval, capacity) = self.params();
+        let (cur, interval, capacity) = self.view();
         Self::fill(cur, now, interval, capacity)
     }
 
@@ -159,35 +187,60 @@ impl TokenBucket {
         )
     }
 
-    /// Changes rate and capacity at `now`, keeping the tokens (or the wait) there are.
+    /// Changes rate and capacity at `now`, keeping the tokens there are (and any pause).
     pub fn set_rate(&self, rpm: f64, capacity: u32, now: u64) {
         let new_interval = interval_nanos(rpm);
         let new_capacity = u64::from(capacity.max(1));
+        // Enter an odd generation (one changer at a time; others spin — admin path).
+        let mut g = self.generation.load(Ordering::Acquire);
+        loop {
+            if g & 1 == 1 {
+                super::sync::spin();
+                g = self.generation.load(Ordering::Acquire);
+                continue;
+            }
+            // AcqRel: readers that see the odd generation retry; we see earlier changes.
+            match self.generation.compare_exchange_weak(
+                g,
+                g + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => g = actual,
+            }
+        }
+        // Seqlock write side: the odd generation is ordered before the stores below.
+        fence(Ordering::Release);
         let old_interval = self.interval.swap(new_interval, Ordering::Relaxed);
         let old_capacity = self.capacity.swap(new_capacity, Ordering::Relaxed);
         let mut cur = self.tat.load(Ordering::Acquire);
         loop {
-            let fill = Self::fill(cur, now, old_interval, old_capacity).min(new_capacity as f64);
-            let next = if fill >= 0.0 {
-                // Keep the tokens: the new TAT leaves exactly `fill` of them at `now`.
-                let missing = (new_capacity as f64 - fill) * new_interval as f64;
-                now.saturating_add(missing as u64)
-            } else {
-                // A pause or debt: keep how long it still lasts, in time.
-                let full_at = now.saturating_add(old_capacity.saturating_mul(old_interval));
-                let debt = cur.saturating_sub(full_at);
-                now.saturating_add(new_capacity.saturating_mul(new_interval))
-                    .saturating_add(debt)
-            };
-            // Release: publishes the parameters stored above with the new TAT.
+            // Keep the tokens, fraction included, capped by the new capacity. Acquires
+            // never take the fill below zero; only a pause does, and it is re-applied
+            // below from its own record, so it ends exactly when it said.
+            let fill =
+                Self::fill(cur, now, old_interval, old_capacity).clamp(0.0, new_capacity as f64);
+            let missing = (new_capacity as f64 - fill) * new_interval as f64;
+            let next = now.saturating_add(missing as u64);
             match self
                 .tat
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return,
+                Ok(_) => break,
                 Err(actual) => cur = actual,
             }
         }
+        let paused = self.paused_until.load(Ordering::Relaxed);
+        if paused > now {
+            self.tat.fetch_max(
+                paused.saturating_add((new_capacity - 1).saturating_mul(new_interval)),
+                Ordering::AcqRel,
+            );
+        }
+        // Release: the new settings and TAT are visible to whoever sees the even
+        // generation.
+        self.generation.store(g + 2, Ordering::Release);
     }
 }
 

@@ -169,6 +169,9 @@ impl Limiter {
 /// duration (`"1s"`, `"6m0s"`, `"250ms"`).
 pub fn parse_delay(raw: &str) -> Option<Duration> {
     let raw = raw.trim();
+    if raw.is_empty() {
+        return None;
+    }
     if let Ok(secs) = raw.parse::<f64>() {
         return (secs.is_finite() && (0.0..86_400.0).contains(&secs))
             .then(|| Duration::from_secs_f64(secs));

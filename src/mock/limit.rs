@@ -10,6 +10,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+/// What is left of the window after an admission (sent as `x-ratelimit-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub remaining: usize,
+    /// Until the oldest admission in the window leaves it.
+    pub reset: Duration,
+}
+
 /// Rolling-window request limit.
 #[derive(Debug)]
 pub struct WindowLimit {
@@ -40,12 +48,12 @@ impl WindowLimit {
     }
 
     /// Admits now, or says how long until the oldest admission leaves the window.
-    pub fn try_acquire(&self) -> Result<usize, Duration> {
+    pub fn try_acquire(&self) -> Result<Quota, Duration> {
         self.try_acquire_at(Instant::now())
     }
 
-    /// `Ok(remaining)` after admitting at `now`.
-    pub fn try_acquire_at(&self, now: Instant) -> Result<usize, Duration> {
+    /// Admits at `now` and tells what is left of the window, or how long to wait.
+    pub fn try_acquire_at(&self, now: Instant) -> Result<Quota, Duration> {
         let mut times = self.times.lock();
         while times
             .front()
@@ -55,7 +63,13 @@ impl WindowLimit {
         }
         if times.len() < self.max {
             times.push_back(now);
-            Ok(self.max - times.len())
+            let oldest = times.front().copied().unwrap_or(now);
+            Ok(Quota {
+                remaining: self.max - times.len(),
+                reset: self
+                    .window
+                    .saturating_sub(now.saturating_duration_since(oldest)),
+            })
         } else {
             let oldest = times.front().copied().unwrap_or(now);
             Err(self
@@ -73,9 +87,15 @@ mod tests {
     fn n_per_rolling_minute_then_wait_for_the_oldest() {
         let l = WindowLimit::per_minute(3.0);
         let t0 = Instant::now();
-        assert_eq!(l.try_acquire_at(t0), Ok(2));
-        assert_eq!(l.try_acquire_at(t0 + Duration::from_secs(10)), Ok(1));
-        assert_eq!(l.try_acquire_at(t0 + Duration::from_secs(20)), Ok(0));
+        let q = |remaining, reset| {
+            Ok(Quota {
+                remaining,
+                reset: Duration::from_secs(reset),
+            })
+        };
+        assert_eq!(l.try_acquire_at(t0), q(2, 60));
+        assert_eq!(l.try_acquire_at(t0 + Duration::from_secs(10)), q(1, 50));
+        assert_eq!(l.try_acquire_at(t0 + Duration::from_secs(20)), q(0, 40));
         assert_eq!(
             l.try_acquire_at(t0 + Duration::from_secs(30)),
             Err(Duration::from_secs(30))

@@ -4,7 +4,8 @@
 //! Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (plain and `"stream": true`
 //! SSE ending in `data: [DONE]`), `POST /v1/embeddings`, and `GET /mock/stats`
 //! (counters). It enforces its own limit like the real service — at most `rpm`
-//! requests in any rolling 60 s, 429 with `Retry-After` and `x-ratelimit-*` past it —
+//! requests in any rolling 60 s, 429 with `Retry-After` past it, `x-ratelimit-*` on
+//! every answer —
 //! and has fault knobs, set at start-up or per request with `x-mock-*` headers (which
 //! pass through the sidecar): added latency, slow headers, forced status or error
 //! rate, a reset after N stream chunks, token count and inter-token delay.
@@ -29,7 +30,7 @@ use crate::app::Shutdown;
 use crate::config::Limits;
 use crate::server::{self, Running, ServerSpec};
 
-pub use limit::WindowLimit;
+pub use limit::{Quota, WindowLimit};
 pub use respond::MockBody;
 
 /// Start-up settings of the simulated upstream.
@@ -65,6 +66,9 @@ pub struct MockConfig {
     /// Reset streams after this many chunks.
     #[arg(long)]
     pub reset_after: Option<usize>,
+    /// Leave out the x-ratelimit-* headers on admitted answers (only 429s carry them).
+    #[arg(long)]
+    pub no_quota_headers: bool,
     /// Require this API key (401 otherwise).
     #[arg(long)]
     pub api_key: Option<String>,
@@ -86,6 +90,7 @@ impl Default for MockConfig {
             tokens: 16,
             error_rate: 0.0,
             reset_after: None,
+            no_quota_headers: false,
             api_key: None,
             record_requests: false,
         }
@@ -296,12 +301,34 @@ async fn handle(
             return respond::error(StatusCode::UNAUTHORIZED, "missing or invalid API key");
         }
     }
-    if let Some(limit) = &s.limit {
-        if let Err(retry_after) = limit.try_acquire() {
-            s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            return respond::rate_limited(retry_after, limit);
-        }
+    let quota = match &s.limit {
+        Some(limit) => match limit.try_acquire() {
+            Ok(q) => Some(q),
+            Err(retry_after) => {
+                s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                return respond::rate_limited(retry_after, limit);
+            }
+        },
+        None => None,
+    };
+    let mut resp = answer(s, &parts, &path, &body).await;
+    if let Some(q) = quota.filter(|_| !s.config.no_quota_headers) {
+        respond::quota_headers(
+            resp.headers_mut(),
+            q,
+            s.limit.as_ref().map_or(0, |l| l.max()),
+        );
     }
+    resp
+}
+
+/// The answer to an admitted request, with the fault knobs applied.
+async fn answer(
+    s: &MockShared,
+    parts: &http::request::Parts,
+    path: &str,
+    body: &Bytes,
+) -> Response<MockBody> {
     let knobs = Knobs::from(&s.config, &parts.headers);
     if !knobs.header_delay.is_zero() {
         tokio::time::sleep(knobs.header_delay).await;
@@ -310,10 +337,10 @@ async fn handle(
         s.stats.errors.fetch_add(1, Ordering::Relaxed);
         return respond::error(status, "simulated upstream error");
     }
-    match (&parts.method, path.as_str()) {
+    match (&parts.method, path) {
         (&Method::GET, "/v1/models") => respond::models(),
-        (&Method::POST, "/v1/chat/completions") => respond::chat(s, &body, &knobs).await,
-        (&Method::POST, "/v1/embeddings") => respond::embeddings(&body, &knobs).await,
+        (&Method::POST, "/v1/chat/completions") => respond::chat(s, body, &knobs).await,
+        (&Method::POST, "/v1/embeddings") => respond::embeddings(body, &knobs).await,
         _ => respond::error(StatusCode::NOT_FOUND, &format!("no route {path}")),
     }
 }

@@ -90,6 +90,15 @@ pub fn rate_limited(retry_after: Duration, limit: &WindowLimit) -> Response<Mock
     r
 }
 
+/// `x-ratelimit-limit`, `-remaining` and `-reset` (seconds, millisecond precision).
+pub fn quota_headers(h: &mut http::HeaderMap, q: super::Quota, limit: usize) {
+    h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from(q.remaining));
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", q.reset.as_secs_f64())) {
+        h.insert("x-ratelimit-reset", v);
+    }
+}
+
 pub fn stats(s: &MockShared) -> Response<MockBody> {
     let st = &s.stats;
     json_response(

@@ -355,6 +355,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_spent_quota_is_read_from_the_rate_limit_headers() {
+        let mut h = http::HeaderMap::new();
+        assert!(!quota_exhausted(&h));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("3"));
+        assert!(!quota_exhausted(&h));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static(" 0"));
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("1.250"));
+        assert!(quota_exhausted(&h));
+        assert_eq!(
+            header_delay(&h, "x-ratelimit-reset"),
+            Some(std::time::Duration::from_millis(1250))
+        );
+        let mut openai = http::HeaderMap::new();
+        openai.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("0"),
+        );
+        assert!(quota_exhausted(&openai));
+        openai.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(header_delay(&openai, "retry-after"), None);
+    }
+
+    #[test]
     fn a_mapped_client_key_sets_the_default_priority() {
         let map: std::collections::HashMap<String, Priority> =
             [("sk-batch".to_owned(), Priority::Low)]

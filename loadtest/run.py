@@ -228,7 +228,9 @@ def main() -> int:
             "SIDECAR_LISTEN_PORT": str(sc_port),
             "SIDECAR_METRICS_PORT": str(free_port()),
             "SIDECAR_WORKERS": str(args.workers),
+            # A rate and burst that never bind: this scenario measures forwarding.
             "SIDECAR_RATE_RPM": "6000000",
+            "SIDECAR_BUCKET_CAPACITY": "100000",
             "SIDECAR_LOG_LEVEL": "warn",
         }, port=sc_port)
         procs.append(sidecar)

@@ -152,7 +152,7 @@ impl App {
             h.finish()
         };
         Arc::new(Self {
-            connector: Connector::new(config.timeouts.connect),
+            connector: Connector::with_extra_roots(config.timeouts.connect, &config.upstream_ca),
             readiness: Readiness::default(),
             router,
             providers,

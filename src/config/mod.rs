@@ -156,6 +156,8 @@ pub struct Config {
     pub upstream_429_retries: u32,
     /// Client bearer token → default priority (`X-Priority` overrides it).
     pub client_priorities: HashMap<String, Priority>,
+    /// Extra CA certificates trusted for upstream TLS (from `upstream_ca_file`).
+    pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// One `[[providers]]` table of the TOML file; unset fields inherit the global settings.
@@ -469,7 +471,28 @@ impl Config {
             client_priorities.insert(key.clone(), p);
         }
 
+        let upstream_ca = match get!(upstream_ca_file).as_str() {
+            "" => Vec::new(),
+            path => {
+                use rustls::pki_types::pem::PemObject;
+                let certs: Result<Vec<_>, _> =
+                    rustls::pki_types::CertificateDer::pem_file_iter(path)
+                        .and_then(|it| it.collect());
+                match certs {
+                    Ok(c) if !c.is_empty() => c,
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            "upstream_ca_file",
+                            path,
+                            "a readable PEM file with at least one CERTIFICATE",
+                        ))
+                    }
+                }
+            }
+        };
+
         Ok(Config {
+            upstream_ca,
             retreat,
             upstream_429_retries,
             client_priorities,

@@ -142,6 +142,8 @@ settings! {
     upstream_url: String = "https://integrate.api.nvidia.com/v1", env "SIDECAR_UPSTREAM_URL";
     /// Provider API key injected as Authorization: Bearer (falls back to NVIDIA_API_KEY).
     upstream_api_key: String = "", env "SIDECAR_UPSTREAM_API_KEY";
+    /// PEM file of extra CA certificates trusted for upstream TLS, besides the webpki roots.
+    upstream_ca_file: String = "", env "SIDECAR_UPSTREAM_CA_FILE";
     /// Requests per minute admitted to the upstream (steady rate of the token bucket).
     rate_rpm: f64 = "40", env "SIDECAR_RATE_RPM";
     /// Token bucket capacity: the largest burst admitted after an idle period.

@@ -747,3 +747,23 @@ fn a_dotenv_error_is_one_line() {
     let msg = err.to_string();
     assert!(!msg.contains('\n'), "{msg:?}");
 }
+
+#[test]
+fn an_upstream_ca_file_must_be_a_readable_pem_with_a_certificate() {
+    const PEM: &str = "a readable PEM file with at least one CERTIFICATE";
+    let err = error_of(
+        load_env(&[("SIDECAR_UPSTREAM_CA_FILE", "/nonexistent/ca.pem")]),
+        "missing file",
+    );
+    assert_invalid(&err, "upstream_ca_file", "/nonexistent/ca.pem", PEM);
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let path = empty.to_str().unwrap();
+    let err = error_of(
+        load_env(&[("SIDECAR_UPSTREAM_CA_FILE", path)]),
+        "no certificate",
+    );
+    assert_invalid(&err, "upstream_ca_file", path, PEM);
+    assert!(load_env(&[]).unwrap().upstream_ca.is_empty());
+}

@@ -65,9 +65,26 @@ pub struct Connector {
 
 impl Connector {
     pub fn new(connect_timeout: Duration) -> Self {
-        let roots = rustls::RootCertStore {
+        Self::with_extra_roots(connect_timeout, &[])
+    }
+
+    /// Trusts `extra` CA certificates besides the webpki roots (a private CA, a
+    /// corporate TLS proxy, a test server).
+    pub fn with_extra_roots(
+        connect_timeout: Duration,
+        extra: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Self {
+        let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        let (added, ignored) = roots.add_parsable_certificates(extra.iter().cloned());
+        if ignored > 0 {
+            tracing::warn!(
+                added,
+                ignored,
+                "some upstream CA certificates could not be used"
+            );
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -144,7 +144,7 @@ fn contended<B: Send + Sync + 'static>(
     let start = Arc::new(Barrier::new(threads as usize + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (shared, start) = (Arc::clone(shared), Arc::clone(&start));
+            let (shared, start, clock) = (Arc::clone(shared), Arc::clone(&start), clock.clone());
             thread::spawn(move || {
                 start.wait();
                 for _ in 0..iters {

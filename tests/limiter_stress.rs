@@ -36,7 +36,7 @@ fn hammered_bucket_never_admits_more_than_rate_times_elapsed_plus_capacity() {
     let start = Arc::new(Barrier::new(THREADS));
     let handles: Vec<_> = (0..THREADS)
         .map(|_| {
-            let (bucket, start) = (Arc::clone(&bucket), Arc::clone(&start));
+            let (bucket, start, clock) = (Arc::clone(&bucket), Arc::clone(&start), clock.clone());
             thread::spawn(move || {
                 start.wait();
                 let mut tally = Tally {

@@ -35,9 +35,6 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         Self::Full(Some(bytes.into()))
     }
-    pub fn empty() -> Self {
-        Self::Full(None)
-    }
 }
 
 enum State {

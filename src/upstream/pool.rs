@@ -107,15 +107,6 @@ impl Pool {
         })
     }
 
-    /// Idle HTTP/1.1 connections to `url` (for tests and the dashboard).
-    pub fn idle_count(&self, url: &UpstreamUrl) -> usize {
-        self.idle
-            .borrow()
-            .iter()
-            .find(|(k, _)| k.is(url))
-            .map_or(0, |(_, l)| l.len())
-    }
-
     fn take_idle(&self, url: &UpstreamUrl) -> Option<http1::SendRequest<UpBody>> {
         let mut idle = self.idle.borrow_mut();
         let list = &mut idle.iter_mut().find(|(k, _)| k.is(url))?.1;

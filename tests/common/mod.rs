@@ -26,10 +26,6 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
     /// `POST /v1/chat/completions` with `body` and extra headers, answered whole.
     pub async fn chat(&self, headers: &[(&str, &str)], body: &str) -> Answer {
         call(

@@ -1,33 +1,71 @@
 #!/usr/bin/env python3
 """Load test: the sidecar against direct calls and nginx, on the same simulated upstream.
 
-Every scenario runs oha for a fixed duration and connection count. For each: requests/s,
-latency percentiles, errors, proxy CPU microseconds per request (utime+stime from /proc,
-summed over the proxy's processes) and peak RSS. Results are written as JSON and printed
-as a markdown table with ratios against nginx and against direct.
+Scenarios (each for a fixed duration):
+  direct               oha straight to the simulated upstream (the ceiling)
+  nginx                oha through nginx (keep-alive pool, header injection, no access log)
+  sidecar-limited      oha through the sidecar, a token bucket that never binds
+  sidecar-passthrough  the same through the unmetered route (queue 0 + fallback passthrough)
+  route-ab             limited against passthrough in alternating short runs (full form only):
+                       the throughput ratio with the machine's background load cancelled out
+  overload             6,000 RPM, burst 1, queue 64, no fallback, under an oha flood:
+                       admitted rate accuracy, latency of the 429s, peak RSS
+  streaming            N SSE completions started at once, round after round, and a lone stream,
+                       direct, through nginx and through the sidecar: time to the first
+                       `data:` line (kernel receive timestamps) and to the end
+  dashboard            N dashboard SSE clients: sidecar CPU, frames, snapshot builds
+  idle                 N idle keep-alive connections: sidecar RSS
 
-Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--out target/loadtest]
---short is the CI form: a few seconds per scenario, failing only on errors or crashes,
-never on timing.
+Only the simulated upstream, nginx and the sidecar run, all on this machine; clients.py
+holds the stdlib clients (asyncio and sockets) for what oha cannot measure, prom.py the
+Prometheus parsing and histogram_quantile.
+
+For the oha scenarios: requests/s, p50/p99/p99.9 latency, errors, proxy CPU microseconds
+per request (utime+stime from /proc, summed over the proxy's processes) and peak RSS
+(sampled every 50 ms). The sidecar's own request-duration histogram is read before and
+after the non-binding runs and its quantiles (histogram_quantile's interpolation) are set
+beside oha's. Results go to <out>/results.json and <out>/results.md; the markdown is
+printed at the end.
+
+Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--only a,b] [--no-build]
+--short is the CI form: 3 s per scenario, 100 streams, 200 dashboard clients, 2,000 idle
+connections, no route-ab; about 45 s. Whatever the form, the exit
+status is 1 only for errors that mean a bug (a process that died, a request without an
+answer, a status other than the expected ones, a stream without [DONE], a dashboard
+client without frames, more snapshot builds than ticks), never for timing or throughput.
 """
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import clients  # noqa: E402
+import prom  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "nvidia-sidecar"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHAT = '{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}'
+STREAM_CHAT = '{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+API_KEY = "nvapi-loadtest-key"
+SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "streaming", "dashboard", "idle"]
+# route-ab measures only throughput, which the CI form never judges.
+SHORT_SKIPS = {"route-ab"}
+# oha stops a -z run by aborting the requests still in flight: not proxy errors.
+DEADLINE = "aborted due to deadline"
 
 
 def free_port() -> int:
@@ -36,9 +74,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -62,6 +102,7 @@ def proc_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
+    """utime+stime of the process tree (clock ticks; exited threads included)."""
     total = 0
     for p in proc_tree(pid):
         try:
@@ -70,6 +111,23 @@ def cpu_seconds(pid: int) -> float:
         except (OSError, IndexError):
             pass
     return total / CLK_TCK
+
+
+def cpu_seconds_precise(pid: int) -> float:
+    """CPU time of every live thread of the process tree from schedstat (nanoseconds):
+    for small amounts, where clock ticks are too coarse."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total / 1e9
 
 
 def rss_kib(pid: int) -> int:
@@ -100,14 +158,17 @@ def summarize(name: str, res: dict, cpu: float | None, rss: int | None) -> dict:
     codes = res.get("statusCodeDistribution", {})
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
     total = sum(codes.values())
-    # oha stops a -z run by aborting the requests still in flight: not proxy errors.
-    errors = sum(v for k, v in res.get("errorDistribution", {}).items() if k != "aborted due to deadline")
+    errors = sum(v for k, v in res.get("errorDistribution", {}).items() if k != DEADLINE)
     return {
         "scenario": name,
         "requests": total,
         "ok": ok,
         "non_2xx": total - ok,
+        "statuses": codes,
         "errors": errors,
+        "error_kinds": {k: v for k, v in res.get("errorDistribution", {}).items() if k != DEADLINE},
+        "aborted_at_deadline": res.get("errorDistribution", {}).get(DEADLINE, 0),
+        "elapsed_s": summary.get("total", 0.0),
         "rps": summary.get("requestsPerSec", 0.0),
         "p50_ms": (pct.get("p50") or 0) * 1e3,
         "p99_ms": (pct.get("p99") or 0) * 1e3,
@@ -117,42 +178,88 @@ def summarize(name: str, res: dict, cpu: float | None, rss: int | None) -> dict:
     }
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the load test dies, so that a killed run
+    leaves no upstream, nginx or sidecar behind (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class Proc:
-    def __init__(self, cmd: list[str], env: dict | None = None, port: int | None = None):
-        self.p = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        if port:
-            wait_port(port)
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict | None = None, port: int | None = None):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        with open(self.log, "wb") as log:
+            self.p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                      preexec_fn=_die_with_parent)
         self.peak_rss = 0
+        self.stopped = False
+        if port:
+            wait_port(port, self.p)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
 
     def sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, rss_kib(self.p.pid))
+        if self.alive():
+            self.peak_rss = max(self.peak_rss, rss_kib(self.p.pid))
 
     def alive(self) -> bool:
         return self.p.poll() is None
 
-    def stop(self) -> None:
+    def check(self, what: str) -> None:
+        if not self.alive():
+            raise RuntimeError(f"{what}: {self.name} died (exit {self.p.returncode}); log: {self.log}\n{self.tail()}")
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; the exit status (None if it had to be killed)."""
+        if self.stopped:
+            return self.p.returncode
+        self.stopped = True
         if self.alive():
             self.p.send_signal(signal.SIGTERM)
             try:
                 self.p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.p.kill()
+                self.p.wait()
+                return None
+        return self.p.returncode
 
 
-def measure(name: str, url: str, proc: Proc | None, args, extra: list[str]) -> dict:
-    before = cpu_seconds(proc.p.pid) if proc else None
-    if proc:
-        proc.sample()
-    res = oha(url, args.duration, args.connections, extra)
-    cpu = cpu_seconds(proc.p.pid) - before if proc else None
-    if proc:
-        proc.sample()
-        if not proc.alive():
-            raise RuntimeError(f"{name}: the proxy crashed")
-    return summarize(name, res, cpu, proc.peak_rss if proc else None)
+class Sampling:
+    """Samples a process's RSS every 50 ms while the block runs."""
+
+    def __init__(self, proc: Proc | None):
+        self.proc = proc
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.proc.sample()
+
+    def __enter__(self):
+        if self.proc:
+            self.proc.sample()
+            self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.stop.set()
+            self.t.join()
+            self.proc.sample()
 
 
 def nginx_conf(tmp: Path, listen: int, upstream: int, workers: int) -> Path:
@@ -178,7 +285,7 @@ http {{
       proxy_pass http://mock;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer nvapi-loadtest-key";
+      proxy_set_header Authorization "Bearer {API_KEY}";
       proxy_buffering off;
       client_max_body_size 16m;
     }}
@@ -188,92 +295,631 @@ http {{
     return conf
 
 
+class LoadTest:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.rows: list[dict] = []  # oha scenarios
+        self.extra: dict[str, dict] = {}  # the other scenarios' results
+        self.failures: list[str] = []
+        self.procs: list[Proc] = []
+        self.body = ["-m", "POST", "-H", "content-type: application/json", "-d", CHAT]
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def fail(self, scenario: str, msg: str) -> None:
+        self.failures.append(f"{scenario}: {msg}")
+        print(f"FAIL {scenario}: {msg}", file=sys.stderr)
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None, port: int | None = None) -> Proc:
+        p = Proc(name, cmd, self.logs, env, port)
+        self.procs.append(p)
+        return p
+
+    def mock(self, name: str, *flags: str) -> tuple[Proc, int]:
+        port = free_port()
+        p = self.start(name, [str(BIN), "mock-upstream", "--listen", f"127.0.0.1:{port}", "--rpm", "0",
+                              "--workers", str(self.args.workers), *flags], port=port)
+        return p, port
+
+    def sidecar(self, name: str, upstream: int, **env: str) -> tuple[Proc, int, int]:
+        port, mport = free_port(), free_port()
+        base = {
+            "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{upstream}/v1",
+            "SIDECAR_UPSTREAM_API_KEY": API_KEY,
+            "SIDECAR_LISTEN_PORT": str(port),
+            "SIDECAR_METRICS_PORT": str(mport),
+            "SIDECAR_WORKERS": str(self.args.workers),
+            # A rate and burst that never bind unless the scenario says otherwise.
+            "SIDECAR_RATE_RPM": "6000000",
+            "SIDECAR_BUCKET_CAPACITY": "100000",
+            "SIDECAR_LOG_LEVEL": "warn",
+        }
+        p = self.start(name, [str(BIN)], {**base, **env}, port)
+        wait_port(mport, p.p)
+        return p, port, mport
+
+    def stop(self, scenario: str, p: Proc) -> None:
+        if not p.stopped and not p.alive():
+            p.stopped = True
+            self.fail(scenario, f"{p.name} died (exit {p.p.returncode}); log: {p.log}\n{p.tail()}")
+            return
+        code = p.stop()
+        if code != 0:
+            what = "did not stop within 30 s of SIGTERM" if code is None else f"exited with {code} after SIGTERM"
+            self.fail(scenario, f"{p.name} {what}; log: {p.log}\n{p.tail()}")
+
+    def oha_row(self, name: str, url: str, proc: Proc | None, connections: int, extra: list[str],
+                allowed: set[str] = frozenset({"200"})) -> tuple[dict, dict]:
+        before = cpu_seconds(proc.pid) if proc else None
+        with Sampling(proc):
+            res = oha(url, self.args.duration, connections, extra)
+        cpu = cpu_seconds(proc.pid) - before if proc else None
+        if proc:
+            proc.check(name)
+        row = summarize(name, res, cpu, proc.peak_rss if proc else None)
+        row["connections"] = connections
+        self.rows.append(row)
+        if row["errors"]:
+            self.fail(name, f"{row['errors']} requests without an answer: {row['error_kinds']}")
+        unexpected = {k: v for k, v in row["statuses"].items() if k not in allowed}
+        if unexpected:
+            self.fail(name, f"unexpected statuses {unexpected} (only {sorted(allowed)} expected)")
+        if not row["requests"]:
+            self.fail(name, "no request answered")
+        return row, res
+
+    def sidecar_forwarding(self, name: str, up_port: int, route: str, paced: int = 0, **env: str) -> None:
+        """oha through a sidecar whose requests all take `route`; with `paced`, a second
+        run at that fixed rate (a load that does not saturate the machine), where the
+        sidecar's own histogram and oha should tell the same story."""
+        sc, port, mport = self.sidecar(name, up_port, **env)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        runs = [(name, self.args.connections, self.body)]
+        if paced:
+            runs.append((f"{name} @{paced}/s", 16, [*self.body, "-q", str(paced)]))
+        for label, conns, extra in runs:
+            m0 = prom.scrape(mport)
+            row, _ = self.oha_row(label, url, sc, conns, extra)
+            m1 = prom.scrape(mport)
+            counts = {}
+            for (n, labels), v in sorted(m1.items()):
+                if n == "sidecar_requests_total":
+                    d = v - m0.get((n, labels), 0.0)
+                    if d:
+                        lab = dict(labels)
+                        key = f"{lab.get('route')}/{lab.get('outcome')}"
+                        counts[key] = counts.get(key, 0) + int(d)
+            h = prom.delta(prom.buckets(m1, "sidecar_request_duration_seconds", route=route),
+                           prom.buckets(m0, "sidecar_request_duration_seconds", route=route))
+            row["sidecar_metrics"] = {
+                "requests_by_route_outcome": counts,
+                "histogram_count": h[-1][1] if h else 0,
+                "p50_ms": prom.histogram_quantile(0.5, h) * 1e3,
+                "p99_ms": prom.histogram_quantile(0.99, h) * 1e3,
+                "p999_ms": prom.histogram_quantile(0.999, h) * 1e3,
+            }
+            if label != name:
+                row["paced"] = True
+            other = "passthrough" if route == "limited" else "limited"
+            strays = sum(v for k, v in counts.items() if k.startswith(other + "/"))
+            # Passthrough: the bucket (1 RPM, burst 1) lets its one token through the limited route.
+            if strays > (0 if route == "limited" else 2):
+                self.fail(label, f"{strays} requests took the {other} route: {counts}")
+            if not any(k.startswith(route + "/") for k in counts):
+                self.fail(label, f"no request counted on the {route} route: {counts}")
+        self.stop(name, sc)
+
+    # --- scenarios ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        a = self.args
+        mock, self.up_port = self.mock("mock", "--token-delay-ms", "0")
+        self.mock_proc = mock
+        for s in a.only:
+            print(f"== {s}", file=sys.stderr, flush=True)
+            t = time.time()
+            started = len(self.procs)
+            try:
+                getattr(self, "s_" + s.replace("-", "_"))()
+            except Exception as e:  # a scenario that cannot finish is a failure, the others still run
+                self.fail(s, f"{type(e).__name__}: {e}")
+            for p in self.procs[started:]:
+                if not p.stopped and not p.alive():
+                    self.fail(s, f"{p.name} died (exit {p.p.returncode}); log: {p.log}\n{p.tail()}")
+                p.stop()
+            if not mock.alive():
+                self.fail(s, f"the simulated upstream died (exit {mock.p.returncode})\n{mock.tail()}")
+                mock, self.up_port = self.mock("mock-restarted", "--token-delay-ms", "0")
+                self.mock_proc = mock
+            print(f"   {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+
+    def s_direct(self) -> None:
+        self.oha_row("direct", f"http://127.0.0.1:{self.up_port}/v1/chat/completions", None, self.args.connections, self.body)
+
+    def s_nginx(self) -> None:
+        if not shutil.which("nginx"):
+            print("nginx not installed: skipping the reference proxy", file=sys.stderr)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="sidecar-nginx-"))
+        port = free_port()
+        nginx = self.start("nginx", ["nginx", "-c", str(nginx_conf(tmp, port, self.up_port, self.args.workers)), "-p", str(tmp)], port=port)
+        self.oha_row("nginx", f"http://127.0.0.1:{port}/v1/chat/completions", nginx, self.args.connections, self.body)
+        self.stop("nginx", nginx)
+
+    def s_sidecar_limited(self) -> None:
+        self.sidecar_forwarding("sidecar-limited", self.up_port, "limited", paced=self.args.paced_rate)
+
+    def s_sidecar_passthrough(self) -> None:
+        # No queue, fallback on, a rate that admits one request a minute: every request
+        # the bucket cannot take at once goes the passthrough (unmetered) route.
+        self.sidecar_forwarding("sidecar-passthrough", self.up_port, "passthrough",
+                                SIDECAR_QUEUE_MAX_SIZE="0", SIDECAR_FALLBACK_ENABLED_PASSTHROUGH="true",
+                                SIDECAR_RATE_RPM="1", SIDECAR_BUCKET_CAPACITY="1")
+
+    def s_route_ab(self) -> None:
+        """Limited against passthrough, interleaved: both sidecars run side by side and
+        short oha runs alternate between them, so a change in the machine's background
+        load hits both routes alike; the ratio is the median over the pairs."""
+        a = self.args
+        lim, lport, _ = self.sidecar("sidecar-ab-limited", self.up_port)
+        pas, pport, _ = self.sidecar("sidecar-ab-passthrough", self.up_port, SIDECAR_QUEUE_MAX_SIZE="0",
+                                     SIDECAR_FALLBACK_ENABLED_PASSTHROUGH="true", SIDECAR_RATE_RPM="1", SIDECAR_BUCKET_CAPACITY="1")
+        pairs = []
+        for i in range(a.ab_pairs):
+            order = [("limited", lport), ("passthrough", pport)]
+            if i % 2:
+                order.reverse()
+            rps = {}
+            for route, port in order:
+                proc = lim if route == "limited" else pas
+                c0 = cpu_seconds(proc.pid)
+                res = oha(f"http://127.0.0.1:{port}/v1/chat/completions", a.ab_slice, a.connections, self.body)
+                r = summarize(route, res, cpu_seconds(proc.pid) - c0, None)
+                if r["errors"] or r["non_2xx"]:
+                    self.fail("route-ab", f"{route}: {r['errors']} errors, statuses {r['statuses']}")
+                rps[route] = r["rps"]
+                rps[f"{route}_cpu_us_per_req"] = r["cpu_us_per_req"]
+            pairs.append(rps)
+        lim.check("route-ab")
+        pas.check("route-ab")
+        ratios = sorted(p["limited"] / p["passthrough"] for p in pairs if p["passthrough"])
+
+        def median(key):
+            v = sorted(p[key] for p in pairs if p.get(key) is not None)
+            return v[len(v) // 2] if v else None
+
+        self.extra["route_ab"] = {
+            "pairs": pairs, "slice_s": a.ab_slice,
+            "limited_cpu_us_per_req_median": median("limited_cpu_us_per_req"),
+            "passthrough_cpu_us_per_req_median": median("passthrough_cpu_us_per_req"),
+            "ratio_median": ratios[len(ratios) // 2] if ratios else None,
+            "ratio_min": ratios[0] if ratios else None, "ratio_max": ratios[-1] if ratios else None,
+        }
+        self.stop("route-ab", lim)
+        self.stop("route-ab", pas)
+
+    def s_overload(self) -> None:
+        a = self.args
+        rate_rpm = 6000
+        sc, port, mport = self.sidecar("sidecar-overload", self.up_port, SIDECAR_RATE_RPM=str(rate_rpm),
+                                       SIDECAR_BUCKET_CAPACITY="1", SIDECAR_QUEUE_MAX_SIZE="64",
+                                       SIDECAR_FALLBACK_ENABLED_PASSTHROUGH="false")
+        m0 = prom.scrape(mport)
+        mock0 = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/mock/stats", timeout=5))
+        # A client of our own beside the flood: every answer timed by status, Retry-After checked.
+        stop, probe = threading.Event(), {}
+        raw = clients.request_bytes("POST", "127.0.0.1", port, "/v1/chat/completions", CHAT.encode())
+        t = threading.Thread(target=clients.probe, args=("127.0.0.1", port, raw, stop, probe), daemon=True)
+        # The upstream's request counter every 100 ms: the admitted rate away from the
+        # flood's first and last moments (oha opening its connections, aborting at the end).
+        counter: list[tuple[float, int]] = []
+
+        def count_upstream() -> None:
+            while not stop.wait(0.1):
+                try:
+                    st = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/mock/stats", timeout=5))
+                    counter.append((time.perf_counter(), st["requests"]))
+                except OSError:
+                    pass
+
+        c = threading.Thread(target=count_upstream, daemon=True)
+        t.start()
+        c.start()
+        try:
+            row, res = self.oha_row("overload", f"http://127.0.0.1:{port}/v1/chat/completions", sc,
+                                    a.overload_connections, [*self.body, "--stats-success-breakdown"],
+                                    allowed={"200", "429"})
+        finally:
+            stop.set()
+            t.join(timeout=30)
+            c.join(timeout=10)
+        m1 = prom.scrape(mport)
+        mock1 = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/mock/stats", timeout=5))
+        codes = row["statuses"]
+        ok = codes.get("200", 0) + probe.get("statuses", {}).get("200", 0)
+        elapsed = row["elapsed_s"] or a.duration
+        target = rate_rpm / 60
+        admitted_rate = ok / elapsed
+        nok = res.get("latencyPercentilesNotSuccessful", {})
+        steady = None
+        if len(counter) >= 4:
+            t_first, t_last = counter[0][0], counter[-1][0]
+            span = t_last - t_first
+            mid = [(tt, n) for tt, n in counter if t_first + span * 0.2 <= tt <= t_last - span * 0.2]
+            if len(mid) >= 2 and mid[-1][0] > mid[0][0]:
+                steady = (mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0])
+
+        def ms(v):
+            return None if v is None else v * 1e3
+
+        def delta(outcome):
+            return int(prom.total(m1, "sidecar_requests_total", route="limited", outcome=outcome)
+                       - prom.total(m0, "sidecar_requests_total", route="limited", outcome=outcome))
+
+        self.extra["overload"] = {
+            "rate_rpm": rate_rpm, "bucket_capacity": 1, "queue_max_size": 64,
+            "connections": a.overload_connections, "elapsed_s": elapsed,
+            "admitted_200": ok, "target_per_s": target, "admitted_per_s": admitted_rate,
+            "admitted_error_pct": (admitted_rate - target) / target * 100,
+            "steady_upstream_per_s": steady,
+            "steady_error_pct": None if steady is None else (steady - target) / target * 100,
+            "rejected_429": codes.get("429", 0) + probe.get("statuses", {}).get("429", 0),
+            "rejected_per_s": codes.get("429", 0) / elapsed,
+            "oha_429_ms": {"p50": ms(nok.get("p50")), "p99": ms(nok.get("p99")), "p99.9": ms(nok.get("p99.9"))},
+            "probe": probe,
+            "sidecar_metrics": {"success": delta("success"), "rejected": delta("rejected"), "client_gone": delta("client_gone")},
+            "upstream_requests": mock1["requests"] - mock0["requests"],
+            "upstream_429": mock1["rate_limited"] - mock0["rate_limited"],
+            "peak_rss_mib": sc.peak_rss / 1024,
+            "cpu_us_per_req": row["cpu_us_per_req"],
+        }
+        if not codes.get("200"):
+            self.fail("overload", "no request admitted")
+        if not codes.get("429"):
+            self.fail("overload", f"no 429 with {a.overload_connections} connections against a queue of 64")
+        if t.is_alive():
+            self.fail("overload", "the probe client got no answer 30 s after the flood")
+        if probe.get("errors"):
+            self.fail("overload", f"probe: {probe['errors']} requests without an answer: {probe['error_samples']}")
+        if probe.get("429_without_retry_after"):
+            self.fail("overload", f"probe: {probe['429_without_retry_after']} 429s without Retry-After")
+        odd = {k: v for k, v in probe.get("statuses", {}).items() if k not in ("200", "429")}
+        if odd:
+            self.fail("overload", f"probe: unexpected statuses {odd}")
+        self.stop("overload", sc)
+
+    def s_streaming(self) -> None:
+        a = self.args
+        mock, up = self.mock("mock-streaming", "--token-delay-ms", "20", "--tokens", "20")
+        body = STREAM_CHAT.encode()
+        # One stream at a time, one token (x-mock-tokens passes through the proxies): the
+        # time to first byte of a lone request, the overhead without a crowd.
+        lone = {"x-mock-tokens": "1"}
+        out = {"streams": a.streams}
+
+        def measure(target: str, port: int, proc: Proc | None) -> None:
+            c0 = cpu_seconds(proc.pid) if proc else None
+            with Sampling(proc):
+                r = clients.sse_streams("127.0.0.1", port, a.streams, a.duration, body)
+            if proc:
+                proc.check(f"streaming {target}")
+                r["cpu_us_per_stream"] = (cpu_seconds(proc.pid) - c0) / r["streams"] * 1e6 if r["streams"] else None
+                r["peak_rss_mib"] = proc.peak_rss / 1024
+            out[target] = r
+            out[f"{target}-lone"] = clients.sse_streams("127.0.0.1", port, 1, a.lone_s, body, lone)
+            mock.check(f"streaming {target}")
+
+        try:
+            measure("direct", up, None)
+            # nginx under the same burst: what any proxy costs on this machine.
+            if shutil.which("nginx"):
+                tmp = Path(tempfile.mkdtemp(prefix="sidecar-nginx-"))
+                port = free_port()
+                nginx = self.start("nginx-streaming", ["nginx", "-c", str(nginx_conf(tmp, port, up, a.workers)), "-p", str(tmp)], port=port)
+                measure("nginx", port, nginx)
+                self.stop("streaming", nginx)
+            sc, port, _ = self.sidecar("sidecar-streaming", up, SIDECAR_MAX_CONNECTIONS=str(a.streams * 4 + 1000))
+            measure("sidecar", port, sc)
+            self.stop("streaming", sc)
+            for k, (d, s) in {"ttfb_overhead_ms": ("direct", "sidecar"), "lone_ttfb_overhead_ms": ("direct-lone", "sidecar-lone"),
+                              "ttfb_vs_nginx_ms": ("nginx", "sidecar"), "lone_ttfb_vs_nginx_ms": ("nginx-lone", "sidecar-lone")}.items():
+                if d in out and s in out:
+                    dt, st = out[d]["ttfb_ms"], out[s]["ttfb_ms"]
+                    out[k] = {q: (st[q] - dt[q]) if st[q] is not None and dt[q] is not None else None for q in ("p50", "p99")}
+        finally:
+            self.extra["streaming"] = out
+            mock.stop()
+        for side in ("direct", "nginx", "sidecar", "direct-lone", "nginx-lone", "sidecar-lone"):
+            r = out.get(side)
+            if not r:
+                continue
+            if r["errors"]:
+                self.fail(f"streaming {side}", f"{r['errors']} streams without an answer: {r['error_samples']}")
+            odd = {k: v for k, v in r["statuses"].items() if k != "200"}
+            if odd:
+                self.fail(f"streaming {side}", f"unexpected statuses {odd}")
+            if r["without_done"]:
+                self.fail(f"streaming {side}", f"{r['without_done']} streams ended without data: [DONE]")
+            if not r["streams"]:
+                self.fail(f"streaming {side}", "no stream completed")
+
+    def s_dashboard(self) -> None:
+        a = self.args
+        interval = 1.0
+        sc, port, mport = self.sidecar("sidecar-dashboard", self.up_port, SIDECAR_SNAPSHOT_INTERVAL=str(interval),
+                                       SIDECAR_MAX_CONNECTIONS=str(a.dashboard_clients * 2 + 1000))
+        # The sidecar's CPU with no client, for the same kind of window.
+        time.sleep(0.5)
+        c0, t0 = cpu_seconds_precise(sc.pid), time.perf_counter()
+        time.sleep(a.dashboard_baseline)
+        idle_rate = (cpu_seconds_precise(sc.pid) - c0) / (time.perf_counter() - t0)
+        marks = {}
+
+        def mark(label: str) -> None:
+            marks[label] = {"cpu": cpu_seconds_precise(sc.pid), "t": time.perf_counter(), "m": prom.scrape(mport)}
+            sc.sample()
+
+        with Sampling(sc):
+            r = clients.dashboard_clients("127.0.0.1", port, a.dashboard_clients, a.duration, mark)
+        sc.check("dashboard")
+        s, e = marks["start"], marks["end"]
+        window = e["t"] - s["t"]
+        cpu_rate = (e["cpu"] - s["cpu"]) / window
+        ticks = window / interval
+        builds = prom.total(e["m"], "sidecar_dashboard_snapshot_builds_total") - prom.total(s["m"], "sidecar_dashboard_snapshot_builds_total")
+        n = r["connected"] or 1
+        r.update({
+            "interval_s": interval,
+            "ticks": ticks,
+            "snapshot_builds": builds,
+            "dashboard_clients_gauge": prom.total(s["m"], "sidecar_dashboard_clients"),
+            "cpu_us_per_s": cpu_rate * 1e6,
+            "idle_cpu_us_per_s": idle_rate * 1e6,
+            "cpu_us_per_client_tick": (cpu_rate - idle_rate) * 1e6 * interval / n,
+            "peak_rss_mib": sc.peak_rss / 1024,
+        })
+        self.extra["dashboard"] = r
+        if r["errors"] or r["ended_early"]:
+            self.fail("dashboard", f"{r['errors']} errors, {r['ended_early']} streams ended early: {r['error_samples']}")
+        odd = {k: v for k, v in r["statuses"].items() if k != "200"}
+        if odd:
+            self.fail("dashboard", f"unexpected statuses {odd}")
+        if r["clients_without_frames"]:
+            self.fail("dashboard", f"{r['clients_without_frames']} clients got no frame")
+        if builds > ticks + 2:
+            self.fail("dashboard", f"{builds:.0f} snapshot builds in {ticks:.1f} ticks (one per tick expected)")
+        self.stop("dashboard", sc)
+
+    def s_idle(self) -> None:
+        a = self.args
+        n = a.idle_connections
+        # hyper starts the header read timeout when a keep-alive connection waits for its
+        # next request, so the default 10 s also ends idle connections: longer here, for
+        # the time it takes to open them all and hold them.
+        sc, port, mport = self.sidecar("sidecar-idle", self.up_port, SIDECAR_MAX_CONNECTIONS=str(n + 1000),
+                                       SIDECAR_HEADER_READ_TIMEOUT="120")
+        time.sleep(0.5)
+        base = rss_kib(sc.pid)
+        sc.peak_rss = 0
+        r = clients.idle_connections("127.0.0.1", port, n, a.idle_hold, sc.sample)
+        sc.check("idle")
+        r.update({
+            "rss_before_mib": base / 1024,
+            "peak_rss_mib": sc.peak_rss / 1024,
+            "kib_per_connection": (sc.peak_rss - base) / r["opened"] if r["opened"] else None,
+        })
+        self.extra["idle"] = r
+        if r["opened"] < n:
+            self.fail("idle", f"{n - r['opened']} of {n} connections not opened or not answered: {r['error_samples']}")
+        if r["dropped_while_idle"]:
+            self.fail("idle", f"{r['dropped_while_idle']} connections dropped while idle for {a.idle_hold} s: {r['error_samples']}")
+        odd = {k: v for k, v in r["statuses"].items() if k != "200"}
+        if odd:
+            self.fail("idle", f"unexpected statuses {odd}")
+        self.stop("idle", sc)
+
+    # --- report -------------------------------------------------------------------------
+
+    def report(self) -> str:
+        a = self.args
+        by = {r["scenario"]: r for r in self.rows}
+        direct, nginx = by.get("direct"), by.get("nginx")
+        for r in self.rows:
+            if r["scenario"] == "overload" or r.get("paced"):
+                continue
+            if direct and direct["rps"]:
+                r["rps_vs_direct"] = r["rps"] / direct["rps"]
+            if nginx and nginx["rps"]:
+                r["rps_vs_nginx"] = r["rps"] / nginx["rps"]
+                if r["cpu_us_per_req"] and nginx["cpu_us_per_req"]:
+                    r["cpu_vs_nginx"] = r["cpu_us_per_req"] / nginx["cpu_us_per_req"]
+        lim, pas = by.get("sidecar-limited"), by.get("sidecar-passthrough")
+        summary = {}
+        if lim and pas and pas["rps"]:
+            summary["limited_vs_passthrough_rps"] = lim["rps"] / pas["rps"]
+
+        def f(v, fmt="{:.0f}"):
+            return "-" if v is None else fmt.format(v)
+
+        L = [
+            f"oha -z {a.duration}s, {a.workers} proxy workers, {os.cpu_count()} cores "
+            "(load generator, upstream and proxy share them)",
+            "",
+            "| scenario | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | non-2xx | proxy CPU µs/req | peak RSS MiB | req/s vs nginx | CPU vs nginx | req/s vs direct |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            L.append(
+                f"| {r['scenario']} | {r['connections']} | {f(r['rps'])} | {f(r['p50_ms'], '{:.2f}')} | {f(r['p99_ms'], '{:.2f}')} | "
+                f"{f(r['p999_ms'], '{:.2f}')} | {r['errors']} | {r['non_2xx']} | {f(r['cpu_us_per_req'], '{:.1f}')} | "
+                f"{f(r['peak_rss_mib'], '{:.1f}')} | {f(r.get('rps_vs_nginx'), '{:.2f}')} | {f(r.get('cpu_vs_nginx'), '{:.2f}')} | "
+                f"{f(r.get('rps_vs_direct'), '{:.2f}')} |"
+            )
+        if "limited_vs_passthrough_rps" in summary:
+            L += ["", f"limited / passthrough req/s: {summary['limited_vs_passthrough_rps']:.3f} from the rows above (target ≥ 0.95)"]
+        ab = self.extra.get("route_ab")
+        if ab and ab["ratio_median"]:
+            summary["limited_vs_passthrough_rps_interleaved"] = ab["ratio_median"]
+            L += [f"limited / passthrough req/s, {len(ab['pairs'])} interleaved pairs of {ab['slice_s']} s runs: median "
+                  f"{ab['ratio_median']:.3f} (min {ab['ratio_min']:.3f}, max {ab['ratio_max']:.3f}); median proxy CPU µs/req "
+                  f"limited {f(ab['limited_cpu_us_per_req_median'], '{:.1f}')}, passthrough {f(ab['passthrough_cpu_us_per_req_median'], '{:.1f}')}"]
+        hist = [r for r in self.rows if "sidecar_metrics" in r]
+        if hist:
+            L += ["", "oha against the sidecar's `sidecar_request_duration_seconds` (histogram_quantile over the run's bucket deltas):", "",
+                  "| scenario | oha requests | histogram count | oha p50 ms | histogram p50 ms | oha p99 ms | histogram p99 ms | oha p99.9 ms | histogram p99.9 ms | requests by route/outcome |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in hist:
+                m = r["sidecar_metrics"]
+                L.append(f"| {r['scenario']} | {r['requests']} | {m['histogram_count']:.0f} | {r['p50_ms']:.3f} | {m['p50_ms']:.3f} | "
+                         f"{r['p99_ms']:.3f} | {m['p99_ms']:.3f} | {r['p999_ms']:.3f} | {m['p999_ms']:.3f} | "
+                         f"{', '.join(f'{k} {v}' for k, v in m['requests_by_route_outcome'].items())} |")
+        o = self.extra.get("overload")
+        if o:
+            p = o["probe"]
+            p429 = p.get("latency_ms", {}).get("429", {})
+            L += ["", f"overload: {o['rate_rpm']} RPM, burst {o['bucket_capacity']}, queue {o['queue_max_size']}, no fallback, "
+                      f"oha -c {o['connections']} plus one probe connection", "",
+                  "| admitted 200s | in s | admitted/s | target/s | error | upstream/s mid-flood | error | 429s | 429/s | 429 p50 ms (oha) | 429 p99 ms (oha) | 429 p50 ms (probe) | 429 p99 ms (probe) | probe 429s | upstream requests | upstream 429s | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {o['admitted_200']} | {o['elapsed_s']:.2f} | {o['admitted_per_s']:.2f} | {o['target_per_s']:.0f} | {o['admitted_error_pct']:+.2f}% | "
+                  f"{f(o['steady_upstream_per_s'], '{:.2f}')} | {f(o['steady_error_pct'], '{:+.2f}%')} | "
+                  f"{o['rejected_429']} | {o['rejected_per_s']:.0f} | {f(o['oha_429_ms']['p50'], '{:.3f}')} | {f(o['oha_429_ms']['p99'], '{:.3f}')} | "
+                  f"{f(p429.get('p50'), '{:.3f}')} | {f(p429.get('p99'), '{:.3f}')} | {p.get('statuses', {}).get('429', 0)} | "
+                  f"{o['upstream_requests']} | {o['upstream_429']} | {o['peak_rss_mib']:.1f} |"]
+        s = self.extra.get("streaming")
+        if s and "direct" in s:
+            L += ["", f"streaming: {s['streams']} SSE completions started at once, round after round for {a.duration} s "
+                      "(mock: 20 tokens 20 ms apart), and one lone stream at a time for "
+                      f"{a.lone_s} s (1 token); TTFB = request sent to the kernel's receive time of the first `data:` line", "",
+                  "| target | streams at once | rounds | streams | errors | without [DONE] | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms | proxy CPU µs/stream | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for side in ("direct", "nginx", "sidecar", "direct-lone", "nginx-lone", "sidecar-lone"):
+                r = s.get(side)
+                if r:
+                    L.append(f"| {side} | {r['connections']} | {r['rounds']} | {r['streams']} | {r['errors']} | {r['without_done']} | "
+                             f"{f(r['ttfb_ms']['p50'], '{:.2f}')} | {f(r['ttfb_ms']['p99'], '{:.2f}')} | "
+                             f"{f(r['total_ms']['p50'], '{:.1f}')} | {f(r['total_ms']['p99'], '{:.1f}')} | "
+                             f"{f(r.get('cpu_us_per_stream'), '{:.0f}')} | {f(r.get('peak_rss_mib'), '{:.1f}')} |")
+            L.append("")
+            for k, label in (("ttfb_overhead_ms", f"{s['streams']} at once, vs direct"), ("lone_ttfb_overhead_ms", "lone stream, vs direct"),
+                             ("ttfb_vs_nginx_ms", f"{s['streams']} at once, vs nginx"), ("lone_ttfb_vs_nginx_ms", "lone stream, vs nginx")):
+                if k in s:
+                    ov = s[k]
+                    target = " (target < 1 ms)" if label.endswith("direct") else ""
+                    L.append(f"- sidecar TTFB, {label}: p50 {f(ov['p50'], '{:+.2f}')} ms, p99 {f(ov['p99'], '{:+.2f}')} ms{target}")
+        d = self.extra.get("dashboard")
+        if d:
+            fr = d["frames_in_window"]
+            L += ["", f"dashboard: {d['clients']} SSE clients for {d['window_s']:.1f} s, one snapshot every {d['interval_s']} s", "",
+                  "| clients connected | gauge | ticks | snapshot builds | frames/client min/median/max | without frames | sidecar CPU µs/s | idle CPU µs/s | µs per client per tick | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {d['connected']} | {d['dashboard_clients_gauge']:.0f} | {d['ticks']:.1f} | {d['snapshot_builds']:.0f} | "
+                  f"{fr['min']}/{fr['median']:.0f}/{fr['max']} | {d['clients_without_frames']} | {d['cpu_us_per_s']:.0f} | "
+                  f"{d['idle_cpu_us_per_s']:.0f} | {d['cpu_us_per_client_tick']:.2f} | {d['peak_rss_mib']:.1f} |"]
+        i = self.extra.get("idle")
+        if i:
+            L += ["", f"idle: {i['connections']} keep-alive connections, one GET /healthz each, then idle for {i['held_s']} s "
+                      "(SIDECAR_HEADER_READ_TIMEOUT=120: hyper's header timer also ends idle keep-alive connections, 10 s by default)", "",
+                  "| opened | alive after idling | RSS before MiB | peak RSS MiB | KiB per connection | target |",
+                  "|---|---|---|---|---|---|",
+                  f"| {i['opened']} | {i['alive_after_hold']} | {i['rss_before_mib']:.1f} | {i['peak_rss_mib']:.1f} | "
+                  f"{f(i['kib_per_connection'], '{:.1f}')} | < 64 MiB |"]
+        targets = []
+        r = summary.get("limited_vs_passthrough_rps_interleaved", summary.get("limited_vs_passthrough_rps"))
+        if r is not None:
+            targets.append(f"limited/passthrough req/s ≥ 0.95: {r:.3f} {'met' if r >= 0.95 else 'NOT met'}")
+        if s and "lone_ttfb_overhead_ms" in s and s["lone_ttfb_overhead_ms"]["p50"] is not None:
+            v, w = s["lone_ttfb_overhead_ms"]["p50"], s.get("ttfb_overhead_ms", {}).get("p50")
+            targets.append(f"TTFB overhead < 1 ms (p50): lone stream {v:+.2f} ms {'met' if v < 1 else 'NOT met'}; "
+                           f"{s['streams']} at once {f(w, '{:+.2f}')} ms {'met' if w is not None and w < 1 else 'NOT met'}")
+        if i:
+            v = i["peak_rss_mib"]
+            targets.append(f"RSS with {i['opened']} idle connections < 64 MiB: {v:.1f} MiB {'met' if v < 64 else 'NOT met'}"
+                           + ("" if i["opened"] >= 10000 else f" (10,000 would be about {i['rss_before_mib'] + (i['kib_per_connection'] or 0) * 10000 / 1024:.0f} MiB)"))
+        if d:
+            targets.append(f"snapshot builds = ticks: {d['snapshot_builds']:.0f} builds in {d['ticks']:.1f} ticks for {d['connected']} clients")
+        if o:
+            targets.append(f"admitted rate at 6,000 RPM: {o['admitted_per_s']:.1f}/s ({o['admitted_error_pct']:+.1f}%)")
+        if targets:
+            L += ["", "Targets:", *[f"- {t}" for t in targets]]
+        if self.failures:
+            L += ["", "FAILURES:", *[f"- {x}" for x in self.failures]]
+        meta = {"duration_s": a.duration, "connections": a.connections, "workers": a.workers, "short": a.short,
+                "cores": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (self.out / "results.json").write_text(json.dumps(
+            {"meta": meta, "results": self.rows, **self.extra, "summary": summary, "failures": self.failures}, indent=2))
+        table = "\n".join(L)
+        (self.out / "results.md").write_text(table + "\n")
+        return table
+
+
+def raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft < need:
+        print(f"warning: the open-file limit is {soft}, below the {need} the scenarios need", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--overload-connections", type=int, default=256, help="oha connections of the flood (more than the queue)")
+    ap.add_argument("--paced-rate", type=int, default=1000, help="req/s of the paced run beside sidecar-limited (0: none)")
+    ap.add_argument("--streams", type=int)
+    ap.add_argument("--dashboard-clients", type=int)
+    ap.add_argument("--idle-connections", type=int)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--short", action="store_true", help="CI form: 3 s per scenario")
+    ap.add_argument("--short", action="store_true", help="CI form: 3 s per scenario, smaller counts")
+    ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    ap.add_argument("--no-build", action="store_true", help="use target/release/nvidia-sidecar as it is")
+    ap.add_argument("--bin", help="the sidecar binary (default target/release/nvidia-sidecar; implies --no-build)")
     ap.add_argument("--out", default=str(ROOT / "target" / "loadtest"))
     args = ap.parse_args()
+    global BIN
+    if args.bin:
+        BIN = Path(args.bin).resolve()
+        args.no_build = True
     if args.short:
         args.duration = 3.0
+    small = args.short
+    args.streams = args.streams or (100 if small else 500)
+    args.dashboard_clients = args.dashboard_clients or (200 if small else 1000)
+    args.idle_connections = args.idle_connections or (2000 if small else 10000)
+    args.idle_hold = 2.0 if small else 5.0
+    args.dashboard_baseline = 1.0 if small else 3.0
+    args.lone_s = 1.0 if small else 3.0
+    only_given = args.only != ",".join(SCENARIOS)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.short and not only_given:
+        args.only = [s for s in args.only if s not in SHORT_SKIPS]
+    args.ab_pairs = 2 if small else 6
+    args.ab_slice = 1.0 if small else 2.0
+    unknown = [s for s in args.only if s not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenarios {unknown}")
+    raise_fd_limit(max(args.idle_connections, args.dashboard_clients, args.streams * 2) + 1000)
 
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, procs = [], []
-    body = ["-m", "POST", "-H", "content-type: application/json", "-d", CHAT]
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    started = time.time()
+    lt = LoadTest(args)
     try:
-        up_port = free_port()
-        mock = Proc([str(BIN), "mock-upstream", "--listen", f"127.0.0.1:{up_port}", "--rpm", "0",
-                     "--workers", str(args.workers), "--token-delay-ms", "0"], port=up_port)
-        procs.append(mock)
-        results.append(measure("direct", f"http://127.0.0.1:{up_port}/v1/chat/completions", None, args, body))
-
-        if shutil.which("nginx"):
-            tmp = Path(tempfile.mkdtemp(prefix="sidecar-nginx-"))
-            ng_port = free_port()
-            nginx = Proc(["nginx", "-c", str(nginx_conf(tmp, ng_port, up_port, args.workers)), "-p", str(tmp)], port=ng_port)
-            procs.append(nginx)
-            results.append(measure("nginx", f"http://127.0.0.1:{ng_port}/v1/chat/completions", nginx, args, body))
-            nginx.stop()
-        else:
-            print("nginx not installed: skipping the reference proxy", file=sys.stderr)
-
-        sc_port = free_port()
-        sidecar = Proc([str(BIN)], env={
-            "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1",
-            "SIDECAR_UPSTREAM_API_KEY": "nvapi-loadtest-key",
-            "SIDECAR_LISTEN_PORT": str(sc_port),
-            "SIDECAR_METRICS_PORT": str(free_port()),
-            "SIDECAR_WORKERS": str(args.workers),
-            # A rate and burst that never bind: this scenario measures forwarding.
-            "SIDECAR_RATE_RPM": "6000000",
-            "SIDECAR_BUCKET_CAPACITY": "100000",
-            "SIDECAR_LOG_LEVEL": "warn",
-        }, port=sc_port)
-        procs.append(sidecar)
-        results.append(measure("sidecar", f"http://127.0.0.1:{sc_port}/v1/chat/completions", sidecar, args, body))
-        sidecar.stop()
+        lt.run()
     finally:
-        for p in procs:
+        for p in lt.procs:
             p.stop()
-
-    by = {r["scenario"]: r for r in results}
-    for r in results:
-        r["rps_vs_direct"] = r["rps"] / by["direct"]["rps"] if by["direct"]["rps"] else None
-        if "nginx" in by and by["nginx"]["rps"]:
-            r["rps_vs_nginx"] = r["rps"] / by["nginx"]["rps"]
-            if r["cpu_us_per_req"] and by["nginx"]["cpu_us_per_req"]:
-                r["cpu_vs_nginx"] = r["cpu_us_per_req"] / by["nginx"]["cpu_us_per_req"]
-    meta = {"duration_s": args.duration, "connections": args.connections, "workers": args.workers,
-            "cores": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-
-    def f(v, fmt="{:.0f}"):
-        return "-" if v is None else fmt.format(v)
-
-    lines = [
-        f"oha -z {args.duration}s -c {args.connections}, {args.workers} proxy workers, {os.cpu_count()} cores (load generator, upstream and proxy share them)",
-        "",
-        "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | errors | non-2xx | proxy CPU µs/req | peak RSS MiB | req/s vs nginx | CPU vs nginx | req/s vs direct |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['scenario']} | {f(r['rps'])} | {f(r['p50_ms'], '{:.2f}')} | {f(r['p99_ms'], '{:.2f}')} | "
-            f"{f(r['p999_ms'], '{:.2f}')} | {r['errors']} | {r['non_2xx']} | {f(r['cpu_us_per_req'], '{:.1f}')} | "
-            f"{f(r['peak_rss_mib'], '{:.1f}')} | {f(r.get('rps_vs_nginx'), '{:.2f}')} | {f(r.get('cpu_vs_nginx'), '{:.2f}')} | "
-            f"{f(r.get('rps_vs_direct'), '{:.2f}')} |"
-        )
-    table = "\n".join(lines)
-    (out_dir / "results.md").write_text(table + "\n")
-    print(table)
-
-    failed = [r["scenario"] for r in results if r["errors"] or r["non_2xx"] or not r["requests"]]
-    if failed:
-        print(f"FAILED: errors or lost requests in {failed}", file=sys.stderr)
+    print(lt.report())
+    print(f"\n{time.time() - started:.0f} s; results in {lt.out}", file=sys.stderr)
+    if lt.failures:
+        print(f"FAILED: {len(lt.failures)} checks (see FAILURES above)", file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Load test: installs oha (cargo) and nginx (Debian) when missing, then runs loadtest/run.py.
-# Usage: loadtest/run.sh [--short] [--duration SECS] [--connections N]
+# Load test: builds the release binary, installs oha (cargo) and nginx-light (Debian) when
+# missing, then runs loadtest/run.py (which writes target/loadtest/results.{json,md}).
+# Usage: loadtest/run.sh [--short] [--duration SECS] [--connections N] [--only a,b,...]
+# --short is the CI form (a few seconds per scenario, under two minutes): it fails on
+# crashes, lost requests and wrong statuses, never on timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -11,4 +14,7 @@ if ! command -v nginx >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) \
     || echo "nginx unavailable: the reference proxy is skipped" >&2
 fi
-exec python3 loadtest/run.py "$@"
+cargo build --release --quiet
+# 10,000 idle connections and 1,000 dashboard clients need descriptors on both ends.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec python3 loadtest/run.py --no-build "$@"

@@ -5,7 +5,7 @@
 //! (the upstream pool) lives in [`crate::server::Worker`], never here.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -14,16 +14,22 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{MonotonicClock, SharedClock};
 use crate::config::{Config, ProviderConfig};
 use crate::health::Readiness;
+use crate::hot::{Hot, HotConfig};
 use crate::limiter::dispatch::Dispatcher;
 use crate::limiter::{Limiter, QueueCounts, RetreatConfig, RetreatView};
+use crate::logging::LevelHandle;
+use crate::metrics::Metrics;
 use crate::proxy::headers::bearer;
 use crate::route::Router;
+use crate::snapshot::Hub;
 use crate::stats::{ProviderStats, StatsSnapshot};
 use crate::upstream::Connector;
 
 /// One upstream provider and the state it owns.
 #[derive(Debug)]
 pub struct Provider {
+    /// Position in `App::providers` (and in `Hot::providers`).
+    pub index: usize,
     pub name: Arc<str>,
     pub config: ProviderConfig,
     /// `Authorization` sent upstream (`None`: the client's passes through).
@@ -38,8 +44,9 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(config: ProviderConfig, retreat: RetreatConfig) -> Self {
+    pub fn new(index: usize, config: ProviderConfig, retreat: RetreatConfig) -> Self {
         Self {
+            index,
             limiter: Arc::new(Limiter::new(
                 config.rate_rpm,
                 config.bucket_capacity,
@@ -106,6 +113,13 @@ pub struct Shutdown {
     pub hard_stop: CancellationToken,
 }
 
+/// Admin API changes, for `sidecar_admin_changes_total{result}`.
+#[derive(Debug, Default)]
+pub struct AdminCounters {
+    pub applied: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
 /// Everything the workers share.
 pub struct App {
     pub config: Config,
@@ -117,6 +131,19 @@ pub struct App {
     pub readiness: Readiness,
     /// Random per process, the high half of generated request ids.
     pub boot_id: u64,
+    /// Latency histograms and outcome counters, one shard per worker.
+    pub metrics: Metrics,
+    /// The dashboard snapshot and its readers.
+    pub snapshots: Arc<Hub>,
+    pub admin_changes: AdminCounters,
+    /// When the app was built, for uptime.
+    pub started: std::time::Instant,
+    /// The settings that change at run time (admin API, SIGHUP).
+    pub hot: HotConfig,
+    /// Changes the log level; set by `main` once logging is installed.
+    pub log_level: OnceLock<LevelHandle>,
+    /// Who may use the admin API.
+    pub admin: crate::admin::auth::Mode,
     /// Grants queued requests their tokens; stops when the app is dropped.
     _dispatcher: Option<Dispatcher>,
 }
@@ -131,7 +158,8 @@ impl App {
             .providers
             .iter()
             .cloned()
-            .map(|p| Provider::new(p, config.retreat))
+            .enumerate()
+            .map(|(i, p)| Provider::new(i, p, config.retreat))
             .collect();
         let limiters = providers
             .iter()
@@ -151,7 +179,15 @@ impl App {
             h.write_u32(std::process::id());
             h.finish()
         };
+        let started = std::time::Instant::now();
         Arc::new(Self {
+            metrics: Metrics::new(providers.len(), config.workers.get(), started),
+            snapshots: Arc::new(Hub::default()),
+            admin_changes: AdminCounters::default(),
+            started,
+            hot: HotConfig::new(Hot::of(&config)),
+            log_level: OnceLock::new(),
+            admin: crate::admin::auth::Mode::new(config.admin_token.as_ref(), config.listen.ip()),
             connector: Connector::with_extra_roots(config.timeouts.connect, &config.upstream_ca),
             readiness: Readiness::default(),
             router,
@@ -162,6 +198,11 @@ impl App {
             config,
             _dispatcher: dispatcher,
         })
+    }
+
+    /// Provider names, in configuration order.
+    pub fn provider_names(&self) -> Vec<&str> {
+        self.providers.iter().map(|p| &*p.name).collect()
     }
 
     pub fn default_provider(&self) -> &Provider {

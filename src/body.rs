@@ -29,6 +29,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyBody {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamBody>),
+    /// A body the sidecar streams itself (the dashboard's events).
+    Stream(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
 }
 
 impl ProxyBody {
@@ -222,6 +224,9 @@ impl Body for UpstreamBody {
                 this.last_frame = Instant::now();
                 if let Some(data) = frame.data_ref() {
                     let data = data.clone();
+                    if let Some(r) = this.record.as_mut().filter(|_| !data.is_empty()) {
+                        r.first_byte.get_or_insert(this.last_frame);
+                    }
                     this.note_data(&data);
                 }
                 // hyper stops polling once a Content-Length body is complete, so the end
@@ -270,6 +275,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(u) => Pin::new(u.as_mut()).poll_frame(cx),
+            ProxyBody::Stream(s) => s.as_mut().poll_frame(cx),
         }
     }
 
@@ -277,6 +283,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Upstream(u) => u.is_end_stream(),
+            ProxyBody::Stream(s) => s.is_end_stream(),
         }
     }
 
@@ -284,6 +291,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Upstream(u) => u.size_hint(),
+            ProxyBody::Stream(s) => s.size_hint(),
         }
     }
 }

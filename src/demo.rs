@@ -76,6 +76,10 @@ pub async fn run(
     );
     println!("  proxy (OpenAI base)  http://{addr}/v1");
     println!("  health               http://{addr}/healthz  http://{addr}/readyz");
+    println!("  live dashboard       http://{addr}/api/dashboard");
+    if let Some(m) = sidecar.metrics_addr {
+        println!("  Prometheus metrics   http://{m}/metrics");
+    }
     println!(
         "  synthetic client     {} RPM, priorities high/normal/low, 1 in 3 streamed",
         args.client_rpm

@@ -10,11 +10,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::metrics::{ErrorKind, Outcome};
 
 /// Why the sidecar answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("no route for {method} {path}; the proxy serves /v1/*, /healthz and /readyz")]
+    #[error("no route for {method} {path}; the proxy serves /v1/*, /healthz, /readyz, /api/dashboard and /api/admin/config")]
     NotFound { method: String, path: String },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
@@ -70,6 +71,26 @@ impl ProxyError {
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::LowPriorityDropped { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// How the request ends in the metrics, and which upstream failure it was.
+    pub fn outcome(&self) -> (Outcome, Option<ErrorKind>) {
+        match self {
+            Self::UpstreamConnect { .. } => (Outcome::UpstreamError, Some(ErrorKind::Connect)),
+            Self::UpstreamFailed { .. } => (Outcome::UpstreamError, Some(ErrorKind::Request)),
+            Self::UpstreamTimeout { .. } => (Outcome::UpstreamError, Some(ErrorKind::Timeout)),
+            Self::ShuttingDown => (Outcome::Shutdown, None),
+            Self::QueueFull { .. } => (Outcome::Rejected, None),
+            Self::LowPriorityDropped { .. } | Self::QueueTimeout { .. } => (Outcome::Dropped, None),
+            Self::NotFound { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge { .. }
+            | Self::InvalidPriority(_)
+            | Self::BadRequest { .. }
+            | Self::BodyTimeout
+            | Self::BadBody { .. } => (Outcome::ClientError, None),
         }
     }
 

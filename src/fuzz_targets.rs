@@ -1,5 +1,12 @@
 //! Entry points of the fuzz targets, shared with the corpus replay test so every CI run
 //! (on the stable toolchain) exercises the same code the fuzzer does.
+//!
+//! Each entry point takes arbitrary bytes and must never panic; where an invariant is
+//! cheap to state it is asserted, so a violation shows up as a fuzzer crash. The
+//! targets under `fuzz/fuzz_targets/` are one-line wrappers around these functions.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 /// Request-path parsers: the `model` finder, the priority header, the request id check.
 pub fn request_parsers(data: &[u8]) {
@@ -9,5 +16,305 @@ pub fn request_parsers(data: &[u8]) {
         let mut h = http::HeaderMap::new();
         h.insert(crate::proxy::headers::X_REQUEST_ID, v);
         let _ = crate::proxy::headers::client_request_id(&h);
+    }
+}
+
+/// The provider names of the configuration [`admin_patch`] patches, in order.
+const PATCH_NAMES: [&str; 2] = ["nvidia", "other"];
+
+/// The configuration [`admin_patch`] patches: two providers with different values, so
+/// a change applied to the wrong one shows.
+const PATCH_BASE_TOML: &str = r#"
+request_timeout = 120
+log_level = "info"
+default_provider = "nvidia"
+
+[[providers]]
+name = "nvidia"
+upstream_url = "http://127.0.0.1:9/v1"
+rate_rpm = 40
+bucket_capacity = 1
+queue_max_size = 64
+low_priority_timeout = 30
+
+[[providers]]
+name = "other"
+upstream_url = "http://127.0.0.1:10/v1"
+rate_rpm = 600
+bucket_capacity = 5
+queue_max_size = 8
+low_priority_timeout = 2
+"#;
+
+/// The run-time settings of [`PATCH_BASE_TOML`], built once (as the binary would build
+/// them from that file with ephemeral ports and one worker).
+fn patch_base() -> &'static crate::hot::Hot {
+    static BASE: OnceLock<crate::hot::Hot> = OnceLock::new();
+    BASE.get_or_init(|| {
+        use crate::config::{Config, FileConfig, Settings};
+        let file = FileConfig::parse(PATCH_BASE_TOML, "fuzz-base.toml").expect("base TOML");
+        let env: HashMap<String, String> = [
+            ("SIDECAR_LISTEN_PORT", "0"),
+            ("SIDECAR_METRICS_PORT", "0"),
+            ("SIDECAR_WORKERS", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut settings = Settings::defaults();
+        settings.overlay(file.settings.clone());
+        settings.overlay(Settings::from_env(&env).expect("base env"));
+        let config = Config::build(settings, &file, &env).expect("base configuration");
+        let names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, PATCH_NAMES, "base provider order");
+        crate::hot::Hot::of(&config)
+    })
+}
+
+/// The admin API's `PATCH /admin/config` body: [`crate::admin::patch::parse`], then
+/// [`crate::admin::patch::Patch::apply_to`] a fixed two-provider configuration and
+/// [`crate::admin::patch::diff`].
+///
+/// Checks, when the patch applies: the version is unchanged (the caller numbers
+/// versions); every provider and the global defaults stay within the accepted ranges;
+/// each field holds exactly the value the patch gives it (a `providers.<name>` field
+/// over the top-level one) or its old value; `diff` lists each changed field once and
+/// nothing else.
+pub fn admin_patch(data: &[u8]) {
+    use crate::admin::patch;
+    use crate::hot::HotProvider;
+    use std::time::Duration;
+
+    let p = match patch::parse(data) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    let old = patch_base();
+    let new = match p.apply_to(old, &PATCH_NAMES) {
+        Ok(new) => new,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+
+    assert_eq!(
+        new.version, old.version,
+        "apply_to must not number versions"
+    );
+    assert_eq!(new.providers.len(), old.providers.len());
+
+    fn in_range(what: &str, h: &HotProvider) {
+        assert!(
+            h.rate_rpm.is_finite() && h.rate_rpm > 0.0 && h.rate_rpm <= 6_000_000.0,
+            "{what}.rate_rpm out of range: {}",
+            h.rate_rpm
+        );
+        assert!(
+            (1..=1_000_000).contains(&h.bucket_capacity),
+            "{what}.bucket_capacity out of range: {}",
+            h.bucket_capacity
+        );
+        assert!(
+            h.queue_max_size <= 1_000_000,
+            "{what}.queue_max_size out of range: {}",
+            h.queue_max_size
+        );
+        let t = h.low_priority_timeout.as_secs_f64();
+        assert!(
+            (0.0009..=86_400.0).contains(&t),
+            "{what}.low_priority_timeout out of range: {t}"
+        );
+    }
+    in_range("defaults", &new.defaults);
+    for (h, name) in new.providers.iter().zip(PATCH_NAMES) {
+        in_range(name, h);
+    }
+    let rt = new.request_timeout.as_secs_f64();
+    assert!((0.0009..=86_400.0).contains(&rt), "request_timeout {rt}");
+
+    // The model: each field is the patch's value (named provider over top level) or
+    // the old one.
+    fn expect(
+        old: &HotProvider,
+        top: &patch::ProviderPatch,
+        named: Option<&patch::ProviderPatch>,
+    ) -> HotProvider {
+        let pick = |f: fn(&patch::ProviderPatch) -> Option<f64>| named.and_then(f).or(f(top));
+        HotProvider {
+            rate_rpm: pick(|p| p.rate_rpm).unwrap_or(old.rate_rpm),
+            bucket_capacity: pick(|p| p.bucket_capacity).map_or(old.bucket_capacity, |v| v as u32),
+            queue_max_size: pick(|p| p.queue_max_size).map_or(old.queue_max_size, |v| v as usize),
+            low_priority_timeout: pick(|p| p.low_priority_timeout)
+                .map_or(old.low_priority_timeout, Duration::from_secs_f64),
+        }
+    }
+    let top = patch::ProviderPatch {
+        rate_rpm: p.rate_rpm,
+        bucket_capacity: p.bucket_capacity,
+        queue_max_size: p.queue_max_size,
+        low_priority_timeout: p.low_priority_timeout,
+    };
+    assert_eq!(new.defaults, expect(&old.defaults, &top, None), "defaults");
+    for (i, name) in PATCH_NAMES.iter().enumerate() {
+        let named = p.providers.as_ref().and_then(|m| m.get(*name));
+        assert_eq!(
+            new.providers[i],
+            expect(&old.providers[i], &top, named),
+            "providers.{name}"
+        );
+    }
+    assert_eq!(
+        new.request_timeout,
+        p.request_timeout
+            .map_or(old.request_timeout, Duration::from_secs_f64)
+    );
+    assert_eq!(
+        new.fallback_enabled_passthrough,
+        p.fallback_enabled_passthrough
+            .unwrap_or(old.fallback_enabled_passthrough)
+    );
+    match &p.log_level {
+        None => assert_eq!(new.log_level, old.log_level),
+        Some(v) => assert_eq!(Some(new.log_level), v.trim().parse::<tracing::Level>().ok()),
+    }
+
+    // The diff: every changed field once, nothing unchanged.
+    assert!(patch::diff(old, old, &PATCH_NAMES).is_empty());
+    let changes = patch::diff(old, &new, &PATCH_NAMES);
+    let mut expected: Vec<String> = Vec::new();
+    let mut field = |name: String, changed: bool| {
+        if changed {
+            expected.push(name);
+        }
+    };
+    field(
+        "request_timeout".into(),
+        old.request_timeout != new.request_timeout,
+    );
+    field(
+        "fallback_enabled_passthrough".into(),
+        old.fallback_enabled_passthrough != new.fallback_enabled_passthrough,
+    );
+    field("log_level".into(), old.log_level != new.log_level);
+    let prefixes =
+        std::iter::once(String::new()).chain(PATCH_NAMES.iter().map(|n| format!("providers.{n}.")));
+    let pairs = std::iter::once((&old.defaults, &new.defaults))
+        .chain(old.providers.iter().zip(&new.providers));
+    for (prefix, (a, b)) in prefixes.zip(pairs) {
+        field(format!("{prefix}rate_rpm"), a.rate_rpm != b.rate_rpm);
+        field(
+            format!("{prefix}bucket_capacity"),
+            a.bucket_capacity != b.bucket_capacity,
+        );
+        field(
+            format!("{prefix}queue_max_size"),
+            a.queue_max_size != b.queue_max_size,
+        );
+        field(
+            format!("{prefix}low_priority_timeout"),
+            a.low_priority_timeout != b.low_priority_timeout,
+        );
+    }
+    let listed: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(listed, expected, "diff lists each changed field once");
+    for c in &changes {
+        assert_ne!(c.old, c.new, "{}: a change that changes nothing", c.field);
+    }
+}
+
+/// The TOML configuration file: [`crate::config::FileConfig::parse`], then
+/// [`crate::config::Config::build`] over the built-in defaults with an empty
+/// environment. Non-UTF-8 input goes through `String::from_utf8_lossy` (the loader
+/// itself refuses it before parsing).
+///
+/// Checks: every error renders as one line; a built configuration has at least one
+/// provider, a valid default provider index, unique names and every provider's values
+/// within the accepted ranges.
+///
+/// `upstream_ca_file` is cleared before the build so the fuzzer cannot make the loader
+/// read arbitrary files (`/dev/zero`) from the machine.
+pub fn config_toml(data: &[u8]) {
+    match std::str::from_utf8(data) {
+        Ok(text) => config_text(text),
+        Err(_) => config_text(&String::from_utf8_lossy(data)),
+    }
+}
+
+fn one_line(e: &crate::config::ConfigError) {
+    let s = e.to_string();
+    assert!(
+        !s.contains('\n') && !s.contains('\r'),
+        "a configuration error spans lines: {s:?}"
+    );
+}
+
+fn config_text(text: &str) {
+    use crate::config::{Config, FileConfig, Settings};
+    let file = match FileConfig::parse(text, "fuzz.toml") {
+        Ok(f) => f,
+        Err(e) => return one_line(&e),
+    };
+    let env: HashMap<String, String> = HashMap::new();
+    let mut settings = Settings::defaults();
+    settings.overlay(file.settings.clone());
+    settings.upstream_ca_file = None;
+    let config = match Config::build(settings, &file, &env) {
+        Ok(c) => c,
+        Err(e) => return one_line(&e),
+    };
+    assert!(!config.providers.is_empty(), "no provider");
+    assert!(
+        config.default_provider < config.providers.len(),
+        "default_provider {} of {}",
+        config.default_provider,
+        config.providers.len()
+    );
+    if !file.providers.is_empty() {
+        assert_eq!(config.providers.len(), file.providers.len());
+    }
+    for (i, p) in config.providers.iter().enumerate() {
+        assert!(
+            p.rate_rpm.is_finite() && p.rate_rpm > 0.0 && p.rate_rpm <= 6_000_000.0,
+            "providers[{i}].rate_rpm {}",
+            p.rate_rpm
+        );
+        assert!(p.bucket_capacity >= 1, "providers[{i}].bucket_capacity 0");
+        let t = p.low_priority_timeout.as_secs_f64();
+        assert!(
+            (0.0009..=86_400.0).contains(&t),
+            "providers[{i}].low_priority_timeout {t}"
+        );
+        assert!(!p.name.is_empty(), "providers[{i}] has no name");
+        assert!(
+            config.providers[..i].iter().all(|o| o.name != p.name),
+            "duplicate provider name {:?}",
+            p.name
+        );
+    }
+    assert_eq!(config.client_priorities.len(), file.client_priorities.len());
+    let _ = crate::hot::Hot::of(&config);
+}
+
+/// The `X-Priority` header: [`crate::priority::Priority::parse`].
+///
+/// Checks: a parsed priority round-trips through its name; a refusal is one line that
+/// says what is accepted.
+pub fn priority_header(data: &[u8]) {
+    use crate::priority::Priority;
+    match Priority::parse(data) {
+        Ok(p) => {
+            assert_eq!(Priority::parse(p.as_str().as_bytes()), Ok(p), "round trip");
+            assert_eq!(p.to_string(), p.as_str());
+        }
+        Err(e) => {
+            let s = e.to_string();
+            assert!(!s.contains('\n') && !s.contains('\r'), "multi-line: {s:?}");
+            assert!(s.contains("expected high, normal or low"), "{s}");
+            assert!(e.value.chars().count() <= 64, "value not capped");
+        }
     }
 }

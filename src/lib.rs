@@ -5,21 +5,26 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod fuzz_targets;
 pub mod health;
+pub mod hot;
 pub mod limiter;
 pub mod logging;
+pub mod metrics;
 pub mod mock;
 pub mod priority;
 pub mod proxy;
 pub mod record;
 pub mod route;
 pub mod server;
+pub mod snapshot;
 pub mod stats;
 pub mod upstream;

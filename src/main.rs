@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nvidia_sidecar::admin::{self, auth::Mode};
 use nvidia_sidecar::config::{self, Config, ProcessEnv, Settings};
 use nvidia_sidecar::{app::App, demo, logging, mock, server};
 
@@ -54,6 +55,38 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Waits for SIGTERM or SIGINT; on each SIGHUP re-reads the file and environment and
+/// applies the run-time settings (a bad file keeps the running configuration).
+async fn serve_signals(cli: &Cli, app: &App) {
+    use tokio::signal::unix::{signal as unix_signal, SignalKind};
+    let Ok(mut hup) = unix_signal(SignalKind::hangup()) else {
+        return signal().await;
+    };
+    let stop = signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = hup.recv() => reload(cli, app),
+        }
+    }
+}
+
+fn reload(cli: &Cli, app: &App) {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let loaded = ProcessEnv::with_dotenv(&cwd)
+        .and_then(|env| config::load(cli.config.as_deref(), &env, cli.settings.clone()));
+    match loaded {
+        Err(e) => tracing::error!(error = %e, "reload failed: the running configuration is kept"),
+        Ok(config) => match admin::reload(app, &config) {
+            Ok(changes) => tracing::info!(changed = changes.len(), "reloaded the configuration"),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the running configuration is kept")
+            }
+        },
+    }
+}
+
 async fn signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
@@ -70,7 +103,7 @@ async fn signal() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if matches!(cli.command, Some(Command::Settings)) {
         print!("{}", config::markdown_table());
         return ExitCode::SUCCESS;
@@ -79,21 +112,24 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    // Held to the end of main: dropping it flushes the log.
-    let _log = match logging::init(config.log_level, config.log_format) {
-        Ok(l) => Some(l),
+    // The guard is held to the end of main: dropping it flushes the log.
+    let (level_handle, _log_guard) = match logging::init(config.log_level, config.log_format) {
+        Ok((handle, guard)) => (Some(handle), Some(guard)),
         Err(e) => {
             eprintln!("nvidia-sidecar: cannot start logging: {e}");
-            None
+            (None, None)
         }
     };
     let Ok(rt) = runtime() else {
         eprintln!("nvidia-sidecar: cannot start the runtime");
         return ExitCode::FAILURE;
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.take().unwrap_or(Command::Run) {
         Command::Run => {
             let app = App::new(config);
+            if let Some(h) = level_handle {
+                let _ = app.log_level.set(h);
+            }
             let running = match server::start_proxy(app.clone()) {
                 Ok(r) => r,
                 Err(e) => {
@@ -110,7 +146,12 @@ fn main() -> ExitCode {
                 providers = ?app.providers.iter().map(|p| (p.name.to_string(), p.config.upstream.display(), p.config.api_key.as_ref().map(|k| k.masked()))).collect::<Vec<_>>(),
                 "nvidia-sidecar listening"
             );
-            rt.block_on(signal());
+            tracing::info!(metrics = ?running.metrics_addr, "metrics listening");
+            match &app.admin {
+                Mode::Off => tracing::warn!(admin = app.admin.describe(), "admin API is off"),
+                mode => tracing::info!(admin = mode.describe(), "admin API"),
+            }
+            rt.block_on(serve_signals(&cli, &app));
             tracing::info!(grace = ?app.config.timeouts.shutdown_grace, "shutting down: draining connections");
             running.stop();
             tracing::info!("stopped");

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::metrics::{ErrorKind, Outcome, Sample, ShardHandle};
 use crate::priority::Priority;
 
 /// How a response body ended.
@@ -41,13 +42,13 @@ impl End {
     }
 }
 
-/// Which way a request went to its provider.
+/// Which way a request went to its provider (the discriminant indexes metric arrays).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     /// Through the token bucket.
-    Limited,
+    Limited = 0,
     /// Unmetered, or to the fallback upstream.
-    Passthrough,
+    Passthrough = 1,
 }
 
 impl Route {
@@ -66,6 +67,8 @@ pub struct Record {
     pub method: http::Method,
     pub path: String,
     pub provider: Option<Arc<str>>,
+    /// Index of `provider` in the app's providers.
+    pub provider_index: Option<usize>,
     pub model: Option<String>,
     pub priority: Priority,
     pub route: Option<Route>,
@@ -76,6 +79,14 @@ pub struct Record {
     pub queue_wait: Duration,
     /// From sending upstream to the response head.
     pub upstream_latency: Option<Duration>,
+    /// When the first body byte went to the client.
+    pub first_byte: Option<Instant>,
+    /// Set when the sidecar answered itself.
+    pub outcome: Option<Outcome>,
+    /// Set when the upstream failed.
+    pub error: Option<ErrorKind>,
+    /// The worker's metrics shard (absent in unit tests of other phases).
+    pub metrics: Option<ShardHandle>,
 }
 
 impl Record {
@@ -85,6 +96,7 @@ impl Record {
             method,
             path,
             provider: None,
+            provider_index: None,
             model: None,
             priority: Priority::Normal,
             route: None,
@@ -93,13 +105,68 @@ impl Record {
             started: Instant::now(),
             queue_wait: Duration::ZERO,
             upstream_latency: None,
+            first_byte: None,
+            outcome: None,
+            error: None,
+            metrics: None,
         }
     }
 
+    /// How the request ended, for `sidecar_requests_total{outcome}`.
+    fn outcome(&self, end: End) -> Outcome {
+        if let Some(o) = self.outcome {
+            return o;
+        }
+        match end {
+            End::ClientGone => Outcome::ClientGone,
+            End::Shutdown => Outcome::Shutdown,
+            End::UpstreamError | End::IdleTimeout => Outcome::UpstreamError,
+            End::Complete | End::Local => match self.status {
+                429 => Outcome::Upstream429,
+                500.. => Outcome::UpstreamError,
+                400..=499 => Outcome::ClientError,
+                _ => Outcome::Success,
+            },
+        }
+    }
+
+    /// Records the request in its worker's metrics shard.
+    fn record_metrics(&mut self, end: End, total: Duration) {
+        let Some(shard) = self.metrics.take() else {
+            return;
+        };
+        let Some(provider) = self.provider_index else {
+            shard.lock().record_invalid();
+            return;
+        };
+        let error = match end {
+            End::UpstreamError => Some(ErrorKind::Stream),
+            End::IdleTimeout => Some(ErrorKind::IdleTimeout),
+            _ => self.error,
+        };
+        let route = self.route.unwrap_or(Route::Limited);
+        let sample = Sample {
+            route,
+            outcome: self.outcome(end),
+            error,
+            priority: self.priority,
+            upstream_latency: self.upstream_latency,
+            ttfb: self
+                .first_byte
+                .map(|t| t.saturating_duration_since(self.started))
+                .or_else(|| self.upstream_latency.is_some().then_some(total)),
+            duration: total,
+            // Only requests that got through admission waited in the queue's sense.
+            queue_wait: (self.route == Some(Route::Limited)).then_some(self.queue_wait),
+        };
+        shard.lock().record(provider, &sample);
+    }
+
     /// Emits the request's log line.
-    pub fn finish(self, end: End, bytes: u64) {
+    pub fn finish(mut self, end: End, bytes: u64) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let total = self.started.elapsed();
+        self.record_metrics(end, total);
         let upstream_ms = self.upstream_latency.map(ms);
         macro_rules! line {
             ($lvl:ident) => {

@@ -31,7 +31,11 @@ use tokio::sync::Semaphore;
 use crate::app::{App, Shutdown};
 use crate::body::BoxError;
 use crate::config::Limits;
+use crate::dashboard::FrameCache;
+use crate::metrics::ShardHandle;
+use crate::snapshot::publisher::Publisher;
 use crate::upstream::Pool;
+use tokio_util::sync::CancellationToken;
 
 /// Runs `!Send` futures (connections, h2 streams) on the worker's `LocalSet`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,6 +64,8 @@ pub struct ServerSpec {
 #[derive(Debug)]
 pub struct Running {
     pub local_addr: SocketAddr,
+    /// The metrics listener's address, when this is the proxy.
+    pub metrics_addr: Option<SocketAddr>,
     pub shutdown: Shutdown,
     threads: Vec<JoinHandle<()>>,
 }
@@ -82,6 +88,18 @@ impl Running {
         self.begin_shutdown();
         self.join();
     }
+}
+
+/// `SO_REUSEPORT` would let a second sidecar bind the same port and silently share its
+/// traffic; binding once without it first turns a double start into `AddrInUse`.
+fn ensure_port_free(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{addr} is already in use: {e}")))?;
+    socket.listen(1)?;
+    Ok(())
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -112,6 +130,9 @@ where
     B: Body<Data = Bytes> + 'static,
     B::Error: Into<BoxError>,
 {
+    if spec.listen.port() != 0 {
+        ensure_port_free(spec.listen)?;
+    }
     let first = bind_reuseport(spec.listen)?;
     let local_addr = first.local_addr()?;
     let mut listeners = vec![first];
@@ -156,6 +177,7 @@ where
     }
     Ok(Running {
         local_addr,
+        metrics_addr: None,
         shutdown,
         threads,
     })
@@ -224,7 +246,19 @@ async fn worker_loop<H, Fut, B>(
         });
         let builder = Rc::clone(&builder);
         let watcher = graceful.watcher();
+        let first_byte_timeout = spec.limits.header_read_timeout;
         tokio::task::spawn_local(async move {
+            // hyper's header timer starts only once it reads a request, and the auto
+            // builder's protocol sniff has none: a client that connects and sends nothing
+            // would hold a connection slot for ever.
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(first_byte_timeout, stream.peek(&mut first))
+                .await
+                .is_err()
+            {
+                drop(permit);
+                return;
+            }
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "client connection ended with an error");
@@ -245,11 +279,14 @@ async fn worker_loop<H, Fut, B>(
     }
 }
 
-/// One proxy worker: the shared app plus this thread's upstream pool.
+/// One proxy worker: the shared app plus this thread's upstream pool, metrics shard
+/// and encoded dashboard frame.
 pub struct Worker {
     pub id: usize,
     pub app: Arc<App>,
     pub pool: Rc<Pool>,
+    pub metrics: ShardHandle,
+    pub dashboard: FrameCache,
     requests: std::cell::Cell<u64>,
 }
 
@@ -258,6 +295,8 @@ impl Worker {
         let pool = Pool::new(app.connector.clone());
         Self {
             id,
+            metrics: app.metrics.shard(id),
+            dashboard: FrameCache::default(),
             app,
             pool,
             requests: std::cell::Cell::new(0),
@@ -280,8 +319,40 @@ impl Worker {
     }
 }
 
-/// Starts the proxy on `app.config.listen`.
+/// Starts the proxy on `app.config.listen`, and the metrics listener (which also runs
+/// the snapshot publisher) on `app.config.metrics_listen`.
 pub fn start_proxy(app: Arc<App>) -> std::io::Result<Running> {
+    let metrics = start_metrics(Arc::clone(&app))?;
+    let mut proxy = start_workers(app)?;
+    proxy.metrics_addr = Some(metrics.local_addr);
+    proxy.threads.extend(metrics.threads);
+    Ok(proxy)
+}
+
+/// The metrics listener: one thread serving `GET /metrics`, and the publisher task.
+fn start_metrics(app: Arc<App>) -> std::io::Result<Running> {
+    let spec = ServerSpec {
+        name: "metrics",
+        listen: app.config.metrics_listen,
+        workers: 1,
+        limits: app.config.limits.clone(),
+        grace: Duration::from_secs(1),
+    };
+    let shutdown = Shutdown {
+        draining: app.shutdown.draining.clone(),
+        hard_stop: CancellationToken::new(),
+    };
+    spawn(spec, shutdown, move |_| {
+        tokio::task::spawn_local(Publisher::new(Arc::clone(&app)).run());
+        let app = Arc::clone(&app);
+        move |req: Request<Incoming>, _remote: SocketAddr| {
+            let app = Arc::clone(&app);
+            async move { crate::metrics::endpoint::serve(&app, &req) }
+        }
+    })
+}
+
+fn start_workers(app: Arc<App>) -> std::io::Result<Running> {
     let spec = ServerSpec {
         name: "sidecar",
         listen: app.config.listen,

@@ -43,8 +43,6 @@ counters! {
     dropped_low_priority,
     /// Requests whose wait hit the request timeout (504).
     dropped_timeout,
-    /// Upstream failures: connect errors, resets, timeouts, 5xx.
-    upstream_errors,
     /// 429 answers from the upstream.
     upstream_429,
     /// Requests retried after an upstream 429.

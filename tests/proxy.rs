@@ -579,3 +579,44 @@ async fn upstream_errors_pass_through_unchanged() {
     assert_eq!(a.json()["error"]["type"], "mock_error");
     s.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_closed_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = stack(
+        fast_mock(),
+        &[
+            ("SIDECAR_HEADER_READ_TIMEOUT", "0.3"),
+            ("SIDECAR_MAX_CONNECTIONS", "2"),
+        ],
+    );
+    // Two silent clients take both slots…
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+    }
+    // …until the first-byte timeout closes them (EOF, not a hang).
+    for c in &mut silent {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("the sidecar closes a silent connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+    }
+    // Then a real client gets in.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.read_to_string(&mut out),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    s.stop();
+}

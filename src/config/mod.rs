@@ -148,6 +148,8 @@ pub struct Config {
     pub limits: Limits,
     pub fallback_enabled_passthrough: bool,
     pub ready_cache: Duration,
+    /// Period of the dashboard snapshot publisher.
+    pub snapshot_interval: Duration,
     pub providers: Vec<ProviderConfig>,
     /// Index into `providers` of the route for unmatched models.
     pub default_provider: usize,
@@ -234,7 +236,7 @@ fn line_of(text: &str, at: usize) -> usize {
         + 1
 }
 
-fn seconds(setting: &str, value: f64) -> Result<Duration, ConfigError> {
+pub(crate) fn seconds(setting: &str, value: f64) -> Result<Duration, ConfigError> {
     if value.is_finite() && (0.001..=86_400.0).contains(&value) {
         Ok(Duration::from_secs_f64(value))
     } else {
@@ -246,7 +248,19 @@ fn seconds(setting: &str, value: f64) -> Result<Duration, ConfigError> {
     }
 }
 
-fn rpm(setting: &str, value: f64) -> Result<f64, ConfigError> {
+fn snapshot_interval(value: f64) -> Result<Duration, ConfigError> {
+    if value.is_finite() && (0.05..=60.0).contains(&value) {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::invalid(
+            "snapshot_interval",
+            value,
+            "a number of seconds from 0.05 to 60",
+        ))
+    }
+}
+
+pub(crate) fn rpm(setting: &str, value: f64) -> Result<f64, ConfigError> {
     if value.is_finite() && value > 0.0 && value <= 6_000_000.0 {
         Ok(value)
     } else {
@@ -463,7 +477,7 @@ impl Config {
         for (key, value) in &file.client_priorities {
             let p = Priority::parse(value.as_bytes()).map_err(|_| {
                 ConfigError::invalid(
-                    format!("client_priorities[{}]", Secret(key.clone()).masked()),
+                    format!("client_priorities[{:?}]", Secret(key.clone()).masked()),
                     value,
                     "high, normal or low (or 0, 1, 2)",
                 )
@@ -506,6 +520,7 @@ impl Config {
             limits,
             fallback_enabled_passthrough: get!(fallback_enabled_passthrough),
             ready_cache: seconds("ready_cache", get!(ready_cache))?,
+            snapshot_interval: snapshot_interval(get!(snapshot_interval))?,
             providers,
             default_provider,
         })

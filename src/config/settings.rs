@@ -170,7 +170,7 @@ settings! {
     stream_idle_timeout: f64 = "120", env "SIDECAR_STREAM_IDLE_TIMEOUT";
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     shutdown_grace: f64 = "20", env "SIDECAR_SHUTDOWN_GRACE";
-    /// Seconds a client may take to send a request's headers (HTTP/1.1).
+    /// Seconds a client may take to send a request's headers (HTTP/1.1); also how long a silent new connection or an idle keep-alive one stays open.
     header_read_timeout: f64 = "10", env "SIDECAR_HEADER_READ_TIMEOUT";
     /// Most request headers accepted (431 above).
     max_headers: usize = "100", env "SIDECAR_MAX_HEADERS";
@@ -188,6 +188,8 @@ settings! {
     keep_alive: bool = "true", env "SIDECAR_KEEP_ALIVE";
     /// Seconds /readyz caches the result of its upstream probe.
     ready_cache: f64 = "5", env "SIDECAR_READY_CACHE";
+    /// Seconds between dashboard snapshots (and SSE frames), from 0.05 to 60.
+    snapshot_interval: f64 = "1", env "SIDECAR_SNAPSHOT_INTERVAL";
     /// Retreat: effective rate multiplier on an upstream 429 (between 0 and 1).
     retreat_factor: f64 = "0.5", env "SIDECAR_RETREAT_FACTOR";
     /// Retreat: lowest effective rate, as a fraction of the base rate.

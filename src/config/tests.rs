@@ -370,6 +370,8 @@ fn every_bad_environment_value_is_refused_with_one_line_naming_setting_value_and
         ("SIDECAR_SHUTDOWN_GRACE",       "86401",             "shutdown_grace",       SECONDS),
         ("SIDECAR_HEADER_READ_TIMEOUT",  "NaN",               "header_read_timeout",  SECONDS),
         ("SIDECAR_READY_CACHE",          "0",                 "ready_cache",          SECONDS),
+        ("SIDECAR_SNAPSHOT_INTERVAL",    "0.01",              "snapshot_interval",    "a number of seconds from 0.05 to 60"),
+        ("SIDECAR_SNAPSHOT_INTERVAL",    "61",                "snapshot_interval",    "a number of seconds from 0.05 to 60"),
         ("SIDECAR_QUEUE_MAX_SIZE",       "2000000",           "queue_max_size",       QUEUE),
         ("SIDECAR_QUEUE_MAX_SIZE",       "-1",                "SIDECAR_QUEUE_MAX_SIZE", NON_NEGATIVE),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "maybe",     "SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", BOOL),

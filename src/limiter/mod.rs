@@ -13,7 +13,7 @@ pub mod bucket;
 pub mod dispatch;
 pub mod queue;
 pub mod retreat;
-mod sync;
+pub(crate) mod sync;
 pub mod window;
 
 use std::sync::{Arc, OnceLock};

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::app::{App, Provider};
 use crate::error::ProxyError;
+use crate::hot::Hot;
 use crate::limiter::{Decision, Ticket};
 use crate::priority::Priority;
 use crate::record::{Record, Route};
@@ -28,6 +29,7 @@ enum Waited {
 /// Decides the route of a new request.
 pub async fn admit(
     app: &App,
+    hot: &Hot,
     provider: &Provider,
     record: &mut Record,
     deadline: Instant,
@@ -38,7 +40,7 @@ pub async fn admit(
         Decision::Admitted => return Ok(limited(provider)),
         Decision::Full(full) => {
             ProviderStats::inc(&provider.stats.queue_full);
-            if app.config.fallback_enabled_passthrough {
+            if hot.fallback_enabled_passthrough {
                 return Ok(passthrough(provider));
             }
             ProviderStats::inc(&provider.stats.rate_limited);
@@ -51,7 +53,7 @@ pub async fn admit(
         Decision::Queued(t) => t,
     };
     // Boxed: only parked requests pay for the waiting future's size.
-    match Box::pin(wait(app, provider, ticket, record, deadline)).await? {
+    match Box::pin(wait(app, hot, provider, ticket, record, deadline)).await? {
         Waited::Granted => Ok(limited(provider)),
         Waited::LowPriorityDeadline => Ok(passthrough(provider)),
     }
@@ -60,6 +62,7 @@ pub async fn admit(
 /// Parks a request the upstream answered 429 at the head of its priority and waits.
 pub async fn readmit(
     app: &App,
+    hot: &Hot,
     provider: &Provider,
     record: &mut Record,
     deadline: Instant,
@@ -78,7 +81,7 @@ pub async fn readmit(
             });
         }
     };
-    match Box::pin(wait(app, provider, ticket, record, deadline)).await? {
+    match Box::pin(wait(app, hot, provider, ticket, record, deadline)).await? {
         Waited::Granted => Ok(Route::Limited),
         Waited::LowPriorityDeadline => Ok(passthrough(provider)),
     }
@@ -97,6 +100,7 @@ fn passthrough(provider: &Provider) -> Route {
 /// Waits for the grant; adds the time waited to `record.queue_wait`.
 async fn wait(
     app: &App,
+    hot: &Hot,
     provider: &Provider,
     mut ticket: Ticket,
     record: &mut Record,
@@ -104,7 +108,7 @@ async fn wait(
 ) -> Result<Waited, ProxyError> {
     let started = Instant::now();
     let low_deadline = (record.priority == Priority::Low)
-        .then(|| started + provider.config.low_priority_timeout)
+        .then(|| started + hot.providers[provider.index].low_priority_timeout)
         .filter(|d| *d < deadline);
     let until = low_deadline.unwrap_or(deadline);
     let outcome = tokio::select! {
@@ -127,7 +131,7 @@ async fn wait(
         Ok(w) => Ok(w),
         Err(_) if low_deadline.is_some() => {
             ProviderStats::inc(&provider.stats.dropped_low_priority);
-            if app.config.fallback_enabled_passthrough {
+            if hot.fallback_enabled_passthrough {
                 Ok(Waited::LowPriorityDeadline)
             } else {
                 Err(ProxyError::LowPriorityDropped {

@@ -35,11 +35,19 @@ use crate::upstream::SendError;
 pub async fn serve(
     worker: Rc<Worker>,
     req: Request<Incoming>,
-    _remote: SocketAddr,
+    remote: SocketAddr,
 ) -> Response<ProxyBody> {
     let path = req.uri().path();
     if path.starts_with("/v1/") {
         return proxy(&worker, req).await;
+    }
+    if path.starts_with("/api/admin/") {
+        return Box::pin(crate::admin::serve(&worker.app, req, remote)).await;
+    }
+    if path.starts_with("/api/dashboard") {
+        if let Some(resp) = crate::dashboard::serve(&worker, req.method(), path) {
+            return resp;
+        }
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => health::healthz(),
@@ -72,6 +80,9 @@ fn truncate(s: &str, max: usize) -> String {
 /// Answers `record`'s request with `err` and logs it.
 fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
     record.status = err.status().as_u16();
+    let (outcome, kind) = err.outcome();
+    record.outcome = Some(outcome);
+    record.error = record.error.or(kind);
     let mut resp = err.into_response();
     if let Ok(v) = HeaderValue::from_str(&record.request_id) {
         resp.headers_mut().insert(headers::X_REQUEST_ID, v);
@@ -94,7 +105,10 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         parts.method.clone(),
         truncate(parts.uri.path(), 256),
     );
-    let deadline = record.started + app.config.timeouts.request;
+    record.metrics = Some(Arc::clone(&worker.metrics));
+    // One version of the run-time settings for the whole request.
+    let hot = app.hot.load();
+    let deadline = record.started + hot.request_timeout;
 
     if let Err(e) = headers::check_limits(&parts.headers, &app.config.limits) {
         return local_error(record, e);
@@ -124,12 +138,14 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
 
     // route
     let model = route::extract_model(&body).map(|m| truncate(&m, 256));
-    let provider = &app.providers[app.router.provider_for(model.as_deref())];
+    let provider_index = app.router.provider_for(model.as_deref());
+    let provider = &app.providers[provider_index];
     record.provider = Some(Arc::clone(&provider.name));
+    record.provider_index = Some(provider_index);
     record.model = model;
 
     // admit
-    let route = match admit::admit(app, provider, &mut record, deadline).await {
+    let route = match admit::admit(app, &hot, provider, &mut record, deadline).await {
         Ok(r) => r,
         Err(e) => return local_error(record, e),
     };
@@ -175,17 +191,15 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         let (resp, lease) = match result {
             Ok(Ok(r)) => r,
             Err(_) => {
-                ProviderStats::inc(&provider.stats.upstream_errors);
                 return local_error(
                     record,
                     ProxyError::UpstreamTimeout {
                         provider: provider.name.to_string(),
-                        timeout: app.config.timeouts.request,
+                        timeout: hot.request_timeout,
                     },
                 );
             }
             Ok(Err(e)) => {
-                ProviderStats::inc(&provider.stats.upstream_errors);
                 let (provider, reason) = (provider.name.to_string(), e.to_string());
                 let err = match e {
                     SendError::Connect(_) => ProxyError::UpstreamConnect { provider, reason },
@@ -215,7 +229,8 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                     record.retries += 1;
                     ProviderStats::inc(&provider.stats.retries);
                     drop((resp, lease));
-                    match Box::pin(admit::readmit(app, provider, &mut record, deadline)).await {
+                    match Box::pin(admit::readmit(app, &hot, provider, &mut record, deadline)).await
+                    {
                         Ok(r) => {
                             record.route = Some(r);
                             continue;
@@ -225,7 +240,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                 }
             }
         } else if resp.status().is_server_error() {
-            ProviderStats::inc(&provider.stats.upstream_errors);
+            record.error = Some(crate::metrics::ErrorKind::Status5xx);
         } else if quota_exhausted(resp.headers()) {
             if let Some(reset) = header_delay(resp.headers(), "x-ratelimit-reset") {
                 limiter.on_quota_exhausted(now, reset);

@@ -22,6 +22,8 @@ pub struct Stack {
     pub mock: MockServer,
     pub sidecar: Running,
     pub addr: SocketAddr,
+    /// The metrics listener (`GET /metrics`).
+    pub metrics_addr: SocketAddr,
     pub app: Arc<App>,
 }
 
@@ -109,6 +111,9 @@ pub fn stack_with_clock(
     let sidecar = server::start_proxy(Arc::clone(&app)).expect("sidecar starts");
     Stack {
         addr: sidecar.local_addr,
+        metrics_addr: sidecar
+            .metrics_addr
+            .expect("the proxy starts a metrics listener"),
         mock,
         sidecar,
         app,

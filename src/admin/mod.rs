@@ -1,0 +1,331 @@
+//! The admin API, on the proxy's listener (authentication: see [`auth`]):
+//!
+//! - `GET /api/admin/config`: the effective configuration, keys masked, with its
+//!   `version` (also the `ETag`);
+//! - `POST` or `PATCH /api/admin/config`: a JSON patch of the run-time fields
+//!   ([`patch::Patch`]), all or nothing; `If-Match: <version>` makes it conditional
+//!   (412 when the configuration moved on). The answer lists each change, old → new.
+//!
+//! A change is validated whole, then applied under one writer lock: rates and queue
+//! bounds go into the limiters (a rate keeps the bucket's tokens; a smaller queue
+//! bound refuses new arrivals until the depth falls under it, dropping nobody), the log
+//! level changes at once, and the new [`Hot`] value is swapped in for the requests
+//! that follow. Every attempt to change is written to the audit log (remote address,
+//! fields, old → new; never the token) and counted in `sidecar_admin_changes_total`.
+//! SIGHUP reloads go through [`reload`], with the same validation and the same log.
+
+pub mod auth;
+pub mod patch;
+mod view;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::app::App;
+use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::error::error_json;
+use crate::hot::Hot;
+use auth::{Access, Denied};
+use patch::{Change, PatchError};
+
+/// Routes `/api/admin/*`.
+pub async fn serve(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    if path != "/api/admin/config" {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no admin route {path:?}; the admin API serves /api/admin/config"),
+            "not_found",
+        );
+    }
+    let access = match *req.method() {
+        Method::GET | Method::HEAD => Access::Read,
+        Method::POST | Method::PATCH => Access::Write,
+        _ => {
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!(
+                    "method {} is not allowed on /api/admin/config; use GET, POST or PATCH",
+                    req.method()
+                ),
+                "method_not_allowed",
+            );
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PATCH"),
+            );
+            return resp;
+        }
+    };
+    if let Err(denied) = app.admin.check(access, req.headers(), remote) {
+        if access == Access::Write {
+            app.admin_changes.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: crate::logging::AUDIT_TARGET, remote = %remote, reason = %denied, "admin change refused");
+        }
+        return denied_response(&denied);
+    }
+    match access {
+        Access::Read => read(app),
+        Access::Write => write(app, req, remote).await,
+    }
+}
+
+fn error(status: StatusCode, message: &str, code: &str) -> Response<ProxyBody> {
+    let kind = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "authentication_error",
+        _ => "invalid_request_error",
+    };
+    let mut resp = Response::new(ProxyBody::full(error_json(message, kind, code)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn denied_response(d: &Denied) -> Response<ProxyBody> {
+    let (status, code) = match d {
+        Denied::Off => (StatusCode::NOT_FOUND, "admin_off"),
+        Denied::MissingToken => (StatusCode::UNAUTHORIZED, "missing_token"),
+        Denied::WrongToken => (StatusCode::FORBIDDEN, "wrong_token"),
+        Denied::WritesDisabled => (StatusCode::FORBIDDEN, "writes_disabled"),
+        Denied::ForeignOrigin { .. } => (StatusCode::FORBIDDEN, "foreign_origin"),
+        Denied::NotLoopback => (StatusCode::FORBIDDEN, "not_loopback"),
+    };
+    let mut resp = error(status, &d.to_string(), code);
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"nvidia-sidecar admin\""),
+        );
+    }
+    resp
+}
+
+fn json_response(
+    status: StatusCode,
+    body: &serde_json::Value,
+    version: u64,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    resp
+}
+
+fn read(app: &App) -> Response<ProxyBody> {
+    let hot = app.hot.get();
+    json_response(StatusCode::OK, &view::config(app, &hot), hot.version)
+}
+
+/// The version an `If-Match` asks for: `"7"`, `7` or `W/"7"`; `*` matches any.
+fn if_match(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().map_err(|_| ())?.trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    s.parse().map(Some).map_err(|_| ())
+}
+
+/// Why a write failed after authentication.
+enum WriteError {
+    TooLarge,
+    Body(String),
+    Patch(PatchError),
+    Precondition { want: u64, have: u64 },
+    BadIfMatch,
+}
+
+async fn write(app: &Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let result = async {
+        let want = if_match(&parts.headers).map_err(|()| WriteError::BadIfMatch)?;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > patch::MAX_BODY as u64) {
+            return Err(WriteError::TooLarge);
+        }
+        let bytes = match Limited::new(body, patch::MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(WriteError::TooLarge)
+            }
+            Err(e) => return Err(WriteError::Body(e.to_string())),
+        };
+        let patch = patch::parse(&bytes).map_err(WriteError::Patch)?;
+        let names = app.provider_names();
+        app.hot
+            .update(
+                |old| {
+                    if let Some(want) = want.filter(|w| *w != old.version) {
+                        return Err(WriteError::Precondition {
+                            want,
+                            have: old.version,
+                        });
+                    }
+                    patch.apply_to(old, &names).map_err(WriteError::Patch)
+                },
+                |old, new| apply(app, old, new),
+            )
+            .map(|(old, new)| (patch::diff(&old, &new, &names), new))
+    }
+    .await;
+    match result {
+        Ok((changes, new)) => {
+            app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
+            audit(&remote.to_string(), "admin", &changes, new.version);
+            let body = serde_json::json!({"version": new.version.to_string(), "changed": changes});
+            json_response(StatusCode::OK, &body, new.version)
+        }
+        Err(e) => {
+            app.admin_changes.rejected.fetch_add(1, Ordering::Relaxed);
+            let (status, message, code) = match e {
+                WriteError::TooLarge => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the patch exceeds the limit of {} bytes", patch::MAX_BODY),
+                    "body_too_large",
+                ),
+                WriteError::Body(m) => (StatusCode::BAD_REQUEST, format!("could not read the body: {m}"), "bad_body"),
+                WriteError::BadIfMatch => (
+                    StatusCode::BAD_REQUEST,
+                    "If-Match must be a configuration version, such as \"7\"".to_owned(),
+                    "bad_if_match",
+                ),
+                WriteError::Precondition { want, have } => (
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("the configuration is at version {have}, not {want}: read it again and retry"),
+                    "version_mismatch",
+                ),
+                WriteError::Patch(p) => {
+                    let code = match p {
+                        PatchError::Malformed(_) => "invalid_json",
+                        PatchError::UnknownField { .. } => "unknown_field",
+                        PatchError::Invalid { .. } => "invalid_value",
+                        PatchError::UnknownProvider { .. } => "unknown_provider",
+                        PatchError::Empty => "empty_patch",
+                    };
+                    (StatusCode::BAD_REQUEST, p.to_string(), code)
+                }
+            };
+            tracing::warn!(target: crate::logging::AUDIT_TARGET, remote = %remote, status = status.as_u16(), reason = %message, "admin change refused");
+            error(status, &message, code)
+        }
+    }
+}
+
+/// Pushes a new value into the running parts. Called under the writer lock, before the
+/// value becomes current.
+fn apply(app: &App, old: &Hot, new: &Hot) {
+    let now = app.clock.now_nanos();
+    for ((provider, a), b) in app.providers.iter().zip(&old.providers).zip(&new.providers) {
+        if a.rate_rpm != b.rate_rpm || a.bucket_capacity != b.bucket_capacity {
+            provider
+                .limiter
+                .set_rate(b.rate_rpm, b.bucket_capacity, now);
+        }
+        if a.queue_max_size != b.queue_max_size {
+            provider.limiter.queues.set_max(b.queue_max_size);
+        }
+    }
+    if old.log_level != new.log_level {
+        if let Some(handle) = app.log_level.get() {
+            if let Err(e) = crate::logging::set_level(handle, new.log_level) {
+                tracing::error!(error = %e, "cannot change the log level");
+            }
+        }
+    }
+}
+
+fn audit(remote: &str, source: &str, changes: &[Change], version: u64) {
+    let fields: Vec<String> = changes
+        .iter()
+        .map(|c| format!("{}: {} -> {}", c.field, c.old, c.new))
+        .collect();
+    tracing::info!(
+        target: crate::logging::AUDIT_TARGET,
+        remote,
+        source,
+        version,
+        changes = %fields.join("; "),
+        "configuration changed"
+    );
+}
+
+/// Why a reload left the configuration as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the providers changed ({0}); adding, removing or renaming providers needs a restart")]
+    Providers(String),
+}
+
+/// Applies the run-time fields of a freshly loaded configuration (SIGHUP). Settings
+/// that need a restart and differ are named in the log and left alone.
+pub fn reload(app: &App, config: &Config) -> Result<Vec<Change>, ReloadError> {
+    let names = app.provider_names();
+    let new_names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
+    if names != new_names {
+        return Err(ReloadError::Providers(format!(
+            "running: {}; file: {}",
+            names.join(", "),
+            new_names.join(", ")
+        )));
+    }
+    let restart = view::needs_restart(&app.config, config);
+    if !restart.is_empty() {
+        tracing::warn!(settings = %restart.join(", "), "reload: these settings change only on restart; kept as they are");
+    }
+    let fresh = Hot::of(config);
+    let current = app.hot.get();
+    if (Hot {
+        version: current.version,
+        ..fresh.clone()
+    }) == *current
+    {
+        tracing::info!(
+            version = current.version,
+            "reload: the run-time settings are unchanged"
+        );
+        return Ok(Vec::new());
+    }
+    let (old, new) = app.hot.update(
+        |old| -> Result<Hot, ReloadError> {
+            Ok(Hot {
+                version: old.version,
+                ..fresh
+            })
+        },
+        |old, new| apply(app, old, new),
+    )?;
+    let changes = patch::diff(&old, &new, &names);
+    app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
+    audit("-", "sighup", &changes, new.version);
+    Ok(changes)
+}

@@ -1,0 +1,182 @@
+//! The effective configuration as the admin API shows it: every setting, secrets
+//! masked to their first four characters, run-time fields from the current [`Hot`].
+
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::config::{Config, LogFormat, Secret};
+use crate::hot::Hot;
+
+fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn level(l: tracing::Level) -> String {
+    l.as_str().to_ascii_lowercase()
+}
+
+/// The fields the admin API can change.
+pub const HOT_FIELDS: [&str; 7] = [
+    "rate_rpm",
+    "bucket_capacity",
+    "queue_max_size",
+    "low_priority_timeout",
+    "request_timeout",
+    "fallback_enabled_passthrough",
+    "log_level",
+];
+
+/// `GET /api/admin/config`.
+pub fn config(app: &App, hot: &Hot) -> Value {
+    let c = &app.config;
+    let mut providers = serde_json::Map::new();
+    for ((p, h), provider) in c.providers.iter().zip(&hot.providers).zip(&app.providers) {
+        let effective = provider
+            .limiter
+            .retreat
+            .view(app.clock.now_nanos())
+            .effective_rpm;
+        providers.insert(
+            p.name.clone(),
+            json!({
+                "upstream": p.upstream.display(),
+                "api_key": p.api_key.as_ref().map(Secret::masked),
+                "rate_rpm": h.rate_rpm,
+                "effective_rpm": effective,
+                "bucket_capacity": h.bucket_capacity,
+                "queue_max_size": h.queue_max_size,
+                "low_priority_timeout": secs(h.low_priority_timeout),
+                "models": p.models,
+                "fallback": p.fallback.as_ref().map(|f| f.display()),
+                "default": std::ptr::eq(p, c.default_provider()),
+            }),
+        );
+    }
+    let priorities: serde_json::Map<String, Value> = c
+        .client_priorities
+        .iter()
+        .map(|(k, v)| (mask(k), json!(v.as_str())))
+        .collect();
+    json!({
+        "version": hot.version.to_string(),
+        "hot_fields": HOT_FIELDS,
+        "admin": app.admin.describe(),
+        "global": {
+            "listen": c.listen.to_string(),
+            "metrics_listen": c.metrics_listen.to_string(),
+            "workers": c.workers.get(),
+            "log_level": level(hot.log_level),
+            "log_format": match c.log_format { LogFormat::Json => "json", LogFormat::Pretty => "pretty" },
+            "admin_token": c.admin_token.as_ref().map(Secret::masked),
+            "request_timeout": secs(hot.request_timeout),
+            "connect_timeout": secs(c.timeouts.connect),
+            "stream_idle_timeout": secs(c.timeouts.stream_idle),
+            "shutdown_grace": secs(c.timeouts.shutdown_grace),
+            "fallback_enabled_passthrough": hot.fallback_enabled_passthrough,
+            "rate_rpm": hot.defaults.rate_rpm,
+            "bucket_capacity": hot.defaults.bucket_capacity,
+            "queue_max_size": hot.defaults.queue_max_size,
+            "low_priority_timeout": secs(hot.defaults.low_priority_timeout),
+            "upstream_429_retries": c.upstream_429_retries,
+            "ready_cache": secs(c.ready_cache),
+            "snapshot_interval": secs(c.snapshot_interval),
+            "max_headers": c.limits.max_headers,
+            "max_header_bytes": c.limits.max_header_bytes,
+            "max_body_bytes": c.limits.max_body_bytes,
+            "max_connections": c.limits.max_connections,
+            "keep_alive": c.limits.keep_alive,
+            "retreat_factor": c.retreat.decrease_factor,
+            "retreat_floor": c.retreat.floor_fraction,
+            "retreat_quiet_period": secs(c.retreat.quiet_period),
+            "retreat_default_pause": secs(c.retreat.default_pause),
+            "recovery_step": c.retreat.recovery_step,
+            "recovery_interval": secs(c.retreat.recovery_interval),
+            "client_priorities": priorities,
+            "default_provider": c.default_provider().name,
+        },
+        "providers": providers,
+    })
+}
+
+/// A client token as a map key: masked like every secret.
+fn mask(token: &str) -> String {
+    Secret::new(token.to_owned()).map_or_else(String::new, |s| s.masked())
+}
+
+/// Settings that differ between `running` and `loaded` but change only on restart.
+pub fn needs_restart(running: &Config, loaded: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, differs: bool| {
+        if differs {
+            out.push(name);
+        }
+    };
+    let expose = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
+    check("listen", running.listen != loaded.listen);
+    check(
+        "metrics_port",
+        running.metrics_listen != loaded.metrics_listen,
+    );
+    check("workers", running.workers != loaded.workers);
+    check("log_format", running.log_format != loaded.log_format);
+    check(
+        "admin_token",
+        expose(&running.admin_token) != expose(&loaded.admin_token),
+    );
+    check(
+        "timeouts",
+        (
+            running.timeouts.connect,
+            running.timeouts.stream_idle,
+            running.timeouts.shutdown_grace,
+        ) != (
+            loaded.timeouts.connect,
+            loaded.timeouts.stream_idle,
+            loaded.timeouts.shutdown_grace,
+        ),
+    );
+    check(
+        "limits",
+        format!("{:?}", running.limits) != format!("{:?}", loaded.limits),
+    );
+    check("ready_cache", running.ready_cache != loaded.ready_cache);
+    check(
+        "snapshot_interval",
+        running.snapshot_interval != loaded.snapshot_interval,
+    );
+    check(
+        "upstream_429_retries",
+        running.upstream_429_retries != loaded.upstream_429_retries,
+    );
+    check(
+        "retreat",
+        format!("{:?}", running.retreat) != format!("{:?}", loaded.retreat),
+    );
+    check(
+        "client_priorities",
+        running.client_priorities != loaded.client_priorities,
+    );
+    check(
+        "upstream_ca_file",
+        running.upstream_ca != loaded.upstream_ca,
+    );
+    let provider_static = |c: &Config| -> Vec<String> {
+        c.providers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:?} {:?} {:?}",
+                    p.upstream.display(),
+                    expose(&p.api_key),
+                    p.models,
+                    p.fallback.as_ref().map(|f| f.display()),
+                )
+            })
+            .collect()
+    };
+    check(
+        "providers (upstream, key, models, fallback)",
+        provider_static(running) != provider_static(loaded),
+    );
+    out
+}

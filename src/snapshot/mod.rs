@@ -1,0 +1,169 @@
+//! The dashboard snapshot: built once per tick by one publisher, read by every client.
+//!
+//! A [`Snapshot`] is plain fixed-size data (`Pod`: counters, gauges, percentiles and a
+//! minute of history per provider) published through a [`SeqLock`]: the publisher
+//! never waits for readers, and a reader copies it without allocating and retries if
+//! a publish tore its copy. The [`Hub`] adds a build counter, a count of open SSE
+//! clients and a `watch` channel that wakes the streams when a new sequence is out.
+//! However many clients there are, a tick costs one build; each worker then turns a
+//! sequence into JSON once and every stream on that worker sends the same bytes.
+//!
+//! The snapshot holds the first [`MAX_PROVIDERS`] providers; `/metrics` has them all.
+
+pub mod json;
+pub mod publisher;
+pub mod seqlock;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytemuck::{Pod, Zeroable};
+use tokio::sync::watch;
+
+pub use seqlock::SeqLock;
+
+/// Providers a snapshot has room for.
+pub const MAX_PROVIDERS: usize = 16;
+/// Points of history kept per provider (one per tick).
+pub const HISTORY: usize = 60;
+
+/// One history point; `NaN` where there was no value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
+pub struct Point {
+    pub rps: f32,
+    pub p99_ms: f32,
+    pub queue: f32,
+    pub effective_rpm: f32,
+}
+
+/// One provider at one tick. Percentiles cover the last minute; `NaN` means no data.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Panel {
+    pub total: u64,
+    pub limited: u64,
+    pub passthrough: u64,
+    pub rate_limited: u64,
+    pub queue_full: u64,
+    pub dropped_low_priority: u64,
+    pub dropped_timeout: u64,
+    pub upstream_errors: u64,
+    pub upstream_429: u64,
+    pub retries: u64,
+    pub queue_depth: [u64; 3],
+    pub queue_total: u64,
+    pub queue_max: u64,
+    /// `RetreatState as u64`.
+    pub retreat_state: u64,
+    pub upstream_429_last_minute: u64,
+    pub responses_last_minute: u64,
+    pub base_rpm: f64,
+    pub effective_rpm: f64,
+    pub rate_429: f64,
+    pub bucket_tokens: f64,
+    pub bucket_capacity: u64,
+    /// Requests routed per second over the last tick.
+    pub per_second: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p90_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_count: u64,
+    pub wait_p50_ms: f64,
+    pub wait_p99_ms: f64,
+    pub wait_count: u64,
+    /// Oldest first; the first `Snapshot::history_len` points are valid.
+    pub history: [Point; HISTORY],
+}
+
+/// Everything the dashboard shows, at one tick.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Snapshot {
+    /// Builds so far, this one included (1 for the first).
+    pub build: u64,
+    pub built_at_unix_ms: u64,
+    pub uptime_ms: u64,
+    pub tick_ms: u64,
+    /// Panels filled (at most `MAX_PROVIDERS`).
+    pub providers_len: u64,
+    /// Providers configured.
+    pub providers_total: u64,
+    pub history_len: u64,
+    pub panels: [Panel; MAX_PROVIDERS],
+}
+
+impl Snapshot {
+    pub fn panels(&self) -> &[Panel] {
+        &self.panels[..(self.providers_len as usize).min(MAX_PROVIDERS)]
+    }
+}
+
+/// Where snapshots are published and how readers hear about them.
+#[derive(Debug)]
+pub struct Hub {
+    lock: SeqLock<Snapshot>,
+    builds: AtomicU64,
+    clients: AtomicU64,
+    notify: watch::Sender<u64>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            lock: SeqLock::new(Snapshot::zeroed()),
+            builds: AtomicU64::new(0),
+            clients: AtomicU64::new(0),
+            notify: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Hub {
+    /// Publishes `snap` and wakes the streams. Only the publisher calls this.
+    pub fn publish(&self, snap: &Snapshot) -> u64 {
+        let seq = self.lock.publish(snap);
+        // Relaxed: a statistic; the seqlock orders the data itself.
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        self.notify.send_replace(seq);
+        seq
+    }
+
+    /// Copies the latest snapshot into `out` (no allocation); returns its sequence.
+    pub fn read_into(&self, out: &mut Snapshot) -> u64 {
+        self.lock.read_into(out)
+    }
+
+    /// The sequence of the latest snapshot (0 before the first).
+    pub fn sequence(&self) -> u64 {
+        self.lock.sequence()
+    }
+
+    /// A receiver that wakes at each publish.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    pub fn builds(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
+    }
+
+    pub fn clients(&self) -> u64 {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counts an open stream until the guard drops.
+    pub fn client(self: &std::sync::Arc<Self>) -> ClientGuard {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        ClientGuard(std::sync::Arc::clone(self))
+    }
+}
+
+/// One open dashboard stream.
+#[derive(Debug)]
+pub struct ClientGuard(std::sync::Arc<Hub>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}

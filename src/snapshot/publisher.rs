@@ -1,0 +1,143 @@
+//! The one publisher: every tick it reads each provider once, drains the metrics
+//! shards, builds a [`Snapshot`] and publishes it.
+//!
+//! It runs as a task on the metrics listener's thread, away from the proxy workers, and
+//! owns the history (a minute of points per provider) so nothing else has to.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytemuck::Zeroable;
+
+use super::{Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
+use crate::app::App;
+
+/// Builds snapshots; keeps what one build needs from the previous one.
+pub struct Publisher {
+    app: Arc<App>,
+    history: Vec<VecDeque<Point>>,
+    last_total: Vec<u64>,
+    last_at: Option<Instant>,
+    snap: Box<Snapshot>,
+}
+
+impl Publisher {
+    pub fn new(app: Arc<App>) -> Self {
+        let n = app.providers.len().min(MAX_PROVIDERS);
+        if app.providers.len() > MAX_PROVIDERS {
+            tracing::warn!(
+                providers = app.providers.len(),
+                shown = MAX_PROVIDERS,
+                "the dashboard shows the first {MAX_PROVIDERS} providers; /metrics has them all"
+            );
+        }
+        Self {
+            app,
+            history: vec![VecDeque::with_capacity(HISTORY); n],
+            last_total: vec![0; n],
+            last_at: None,
+            snap: Box::new(Snapshot::zeroed()),
+        }
+    }
+
+    /// Builds the snapshot for `now` (without publishing it).
+    pub fn build(&mut self, now: Instant) -> &Snapshot {
+        let app = &*self.app;
+        let clock_now = app.clock.now_nanos();
+        let elapsed = self
+            .last_at
+            .map(|t| now.saturating_duration_since(t).as_secs_f64());
+        self.last_at = Some(now);
+        let totals = app.metrics.collect(now);
+        let snap = &mut *self.snap;
+        snap.build = app.snapshots.builds() + 1;
+        snap.built_at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        snap.uptime_ms = app.started.elapsed().as_millis() as u64;
+        snap.tick_ms = app.config.snapshot_interval.as_millis() as u64;
+        snap.providers_total = app.providers.len() as u64;
+        snap.providers_len = self.history.len() as u64;
+        for (i, provider) in app.providers.iter().take(MAX_PROVIDERS).enumerate() {
+            let s = provider.snapshot(clock_now);
+            let (latency, wait) = totals.windows[i].merged();
+            let series = &totals.providers[i];
+            let per_second = match elapsed {
+                Some(e) if e > 0.0 => s.stats.total.saturating_sub(self.last_total[i]) as f64 / e,
+                _ => 0.0,
+            };
+            self.last_total[i] = s.stats.total;
+            let nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
+            let p = &mut snap.panels[i];
+            *p = Panel {
+                total: s.stats.total,
+                limited: s.stats.limited,
+                passthrough: s.stats.passthrough,
+                rate_limited: s.stats.rate_limited,
+                queue_full: s.stats.queue_full,
+                dropped_low_priority: s.stats.dropped_low_priority,
+                dropped_timeout: s.stats.dropped_timeout,
+                upstream_errors: series.errors_total(),
+                upstream_429: s.stats.upstream_429,
+                retries: s.stats.retries,
+                queue_depth: s.queue.depth.map(|d| d as u64),
+                queue_total: s.queue.total as u64,
+                queue_max: s.queue.max as u64,
+                retreat_state: s.retreat.state as u64,
+                upstream_429_last_minute: s.retreat.upstream_429_last_minute,
+                responses_last_minute: s.retreat.responses_last_minute,
+                base_rpm: s.retreat.base_rpm,
+                effective_rpm: s.retreat.effective_rpm,
+                rate_429: s.retreat.rate_429,
+                bucket_tokens: s.bucket_tokens,
+                bucket_capacity: u64::from(s.bucket_capacity),
+                per_second,
+                latency_p50_ms: nan(latency.quantile_ms(0.5)),
+                latency_p90_ms: nan(latency.quantile_ms(0.9)),
+                latency_p99_ms: nan(latency.quantile_ms(0.99)),
+                latency_count: latency.count(),
+                wait_p50_ms: nan(wait.quantile_ms(0.5)),
+                wait_p99_ms: nan(wait.quantile_ms(0.99)),
+                wait_count: wait.count(),
+                history: p.history,
+            };
+            let h = &mut self.history[i];
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(Point {
+                rps: per_second as f32,
+                p99_ms: p.latency_p99_ms as f32,
+                queue: s.queue.total as f32,
+                effective_rpm: s.retreat.effective_rpm as f32,
+            });
+            for (slot, point) in p.history.iter_mut().zip(h.iter()) {
+                *slot = *point;
+            }
+        }
+        snap.history_len = self.history.first().map_or(0, |h| h.len() as u64);
+        &self.snap
+    }
+
+    /// Builds and publishes one snapshot.
+    pub fn tick(&mut self, now: Instant) -> u64 {
+        self.build(now);
+        self.app.snapshots.publish(&self.snap)
+    }
+
+    /// Publishes every `interval` until the app starts draining.
+    pub async fn run(mut self) {
+        let interval = self.app.config.snapshot_interval;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let draining = self.app.shutdown.draining.clone();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = draining.cancelled() => break,
+            }
+            self.tick(Instant::now());
+        }
+    }
+}

@@ -1,0 +1,987 @@
+//! The live dashboard in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver + fantoccini) loads `GET /api/dashboard`, goes live on the SSE stream,
+//! shows the configured rate, a queue that fills under a burst, request counts and
+//! latency that move with the traffic, and the stale overlay once the sidecar stops.
+//! On the way it changes the configuration through the page's configuration panel (the
+//! admin API, with the token asked once in the page's dialog and kept for the session),
+//! and checks that neither the admin token nor the provider key ever reaches the DOM.
+//! Screenshots land in `target/dashboard.png`, `target/dashboard-admin.png` and
+//! `target/dashboard-stale.png`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (CI installs them in `.ci/run`);
+//! without them the test is skipped locally and fails under `CI`.
+//!
+//! Real time throughout, but nothing asserts on how long anything takes: every check
+//! polls the page until it holds, with a generous deadline.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fantoccini::Locator;
+use fantoccini::{Client, ClientBuilder};
+use http_body_util::BodyExt;
+use nvidia_sidecar::mock::MockConfig;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// How long any one condition may take to show up on the page.
+const DEADLINE: Duration = Duration::from_secs(20);
+/// Logged to the page's console to prove the console is read.
+const CONSOLE_MARKER: &str = "dashboard_browser: console capture check";
+/// Concurrent chats in the burst; the bucket admits about two a second, so most park.
+const BURST: usize = 16;
+/// The sidecar's `SIDECAR_ADMIN_TOKEN`: typed into the page's token dialog once.
+const ADMIN_TOKEN: &str = "dashboard-browser-admin-token-5d9e2c71";
+/// The provider key `tests/common` configures; the page may only show it masked.
+const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
+
+/// chromedriver on an ephemeral port, killed on drop.
+struct Driver {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Driver {
+    fn start(dir: &Path) -> Driver {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+            l.local_addr().expect("local addr").port()
+        };
+        let log = dir.join("chromedriver.log");
+        let out = std::fs::File::create(&log).expect("chromedriver log file");
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start chromedriver");
+        Driver {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until `GET /status` answers `ready: true`.
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "chromedriver exited ({status}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(2), raw(self.addr, "GET", "/status", ""))
+                    .await
+            {
+                if resp["value"]["ready"] == true {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver on {} not ready: {}",
+                self.addr,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A JSON request straight to chromedriver, on a connection of its own.
+async fn raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<Value, String> {
+    let r = req(
+        method,
+        addr,
+        path,
+        &[("content-type", "application/json; charset=utf-8")],
+        body,
+    );
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(r).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{status}: {e}: {}", String::from_utf8_lossy(&bytes)))?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(format!("{status}: {v}"))
+    }
+}
+
+/// Chromium's console since the last call (chromedriver clears what it returns).
+///
+/// fantoccini has no "get log" command, and a custom `WebDriverCompatibleCommand` has to
+/// spell `url::Url` in its signature, which this crate cannot name (`url` is not a
+/// dependency). So this sends chromedriver's `POST /session/{id}/se/log` itself, for
+/// the same session, over plain HTTP.
+async fn browser_log(driver: SocketAddr, session: &str) -> Vec<LogEntry> {
+    let v = raw(
+        driver,
+        "POST",
+        &format!("/session/{session}/se/log"),
+        r#"{"type":"browser"}"#,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("chromedriver's se/log: {e}"));
+    serde_json::from_value(v["value"].clone()).unwrap_or_else(|e| panic!("log entries ({e}): {v}"))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogEntry {
+    level: String,
+    #[serde(default)]
+    source: Option<String>,
+    message: String,
+}
+
+impl LogEntry {
+    /// A console error, or anything worse (Chromium reports both as SEVERE).
+    fn is_error(&self) -> bool {
+        self.level == "SEVERE"
+    }
+
+    /// A failed load of the stream or snapshot with nothing listening: expected only
+    /// after the test stopped the sidecar (EventSource retries every 3 s).
+    fn is_sidecar_gone(&self) -> bool {
+        self.source.as_deref() == Some("network")
+            && (self.message.contains("/api/dashboard/stream")
+                || self.message.contains("/api/dashboard/snapshot"))
+            && self.message.contains("net::ERR_CONNECTION_REFUSED")
+    }
+}
+
+fn assert_no_console_errors(when: &str, entries: &[LogEntry], allowed: impl Fn(&LogEntry) -> bool) {
+    for e in entries.iter().filter(|e| e.is_error()) {
+        println!("console {when}: {} {}", e.level, e.message);
+    }
+    let bad: Vec<&LogEntry> = entries
+        .iter()
+        .filter(|e| e.is_error() && !allowed(e))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "console errors {when}: {bad:#?}\n(all entries: {entries:#?})"
+    );
+}
+
+/// Everything the test reads from the page, in one script run so it is consistent.
+#[derive(Debug, Deserialize)]
+struct View {
+    title: String,
+    status: Option<String>,
+    uptime: Option<String>,
+    rpm: Option<String>,
+    tokens: Option<String>,
+    retreat: Option<String>,
+    total: Option<String>,
+    p99: Option<String>,
+    queue_title: Option<String>,
+    /// `(data-priority, data-depth)` of each bar in the queue chart.
+    bars: Vec<(String, String)>,
+    stale: Option<bool>,
+}
+
+const READ_VIEW: &str = r#"
+const text = id => { const e = document.getElementById(id); return e ? e.textContent.trim() : null; };
+const bars = Array.from(document.querySelectorAll('#queue-chart-nvidia [data-priority]'))
+  .map(b => [b.getAttribute('data-priority'), b.getAttribute('data-depth')]);
+const overlay = document.getElementById('stale-overlay');
+return {
+  title: document.title,
+  status: text('status'),
+  uptime: text('uptime'),
+  rpm: text('card-nvidia-effective-rpm'),
+  tokens: text('card-nvidia-tokens'),
+  retreat: text('card-nvidia-retreat'),
+  total: text('card-nvidia-requests-total'),
+  p99: text('latency-nvidia-p99'),
+  queue_title: text('queue-title-nvidia'),
+  bars: bars,
+  stale: overlay ? overlay.classList.contains('visible') : null,
+};
+"#;
+
+impl View {
+    fn requests_total(&self) -> Option<u64> {
+        self.total.as_deref()?.parse().ok()
+    }
+
+    fn p99_ms(&self) -> Option<f64> {
+        self.p99.as_deref()?.parse().ok()
+    }
+
+    /// The number in "Queue — N queued (max M)".
+    fn queued(&self) -> Option<u64> {
+        let t = self.queue_title.as_deref()?;
+        let (head, _) = t.split_once(" queued")?;
+        head.rsplit(' ').next()?.parse().ok()
+    }
+
+    fn deepest_bar(&self) -> u64 {
+        self.bars
+            .iter()
+            .filter_map(|(_, d)| d.parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Runs a script that returns what the test reads from the page, as `T`.
+async fn read<T: DeserializeOwned>(c: &Client, script: &str) -> T {
+    let v = c.execute(script, vec![]).await.expect("read the page");
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("page read ({e}): {v}"))
+}
+
+/// Polls the page with `script` until `cond` holds; on timeout shows the last read.
+async fn poll<T: DeserializeOwned + std::fmt::Debug>(
+    c: &Client,
+    script: &str,
+    what: &str,
+    deadline: Duration,
+    cond: impl Fn(&T) -> bool,
+) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        let v: T = read(c, script).await;
+        if cond(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}; the page shows {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn view(c: &Client) -> View {
+    read(c, READ_VIEW).await
+}
+
+/// Polls the page until `cond` holds; on timeout shows the last view.
+async fn until(c: &Client, what: &str, deadline: Duration, cond: impl Fn(&View) -> bool) -> View {
+    poll(c, READ_VIEW, what, deadline, cond).await
+}
+
+/// The configuration panel, the change form, its result and the token dialog.
+#[derive(Debug, Deserialize)]
+struct ConfigView {
+    /// `#config-status` when shown ("loading…", "admin API unavailable: …").
+    status: Option<String>,
+    /// The version badge when shown ("version 1").
+    version: Option<String>,
+    /// The read-only providers table: one map of column to cell per row; the row's
+    /// name is under "provider".
+    providers: Vec<std::collections::BTreeMap<String, String>>,
+    /// Whether the change form (`<details id="config-edit">`) is shown, and open.
+    edit_shown: bool,
+    edit_open: bool,
+    /// The nvidia provider's fieldset in the form: label to input value.
+    nvidia_form: std::collections::BTreeMap<String, String>,
+    submit_enabled: bool,
+    submit_label: String,
+    /// The result box: its kind (ok, error, warn, info), title and listed changes.
+    result_kind: Option<String>,
+    result_title: Option<String>,
+    result_items: Vec<String>,
+    dialog_open: bool,
+    /// How often the token dialog opened since the test started counting.
+    dialog_opens: Option<u64>,
+    forget_token_shown: bool,
+    /// `#card-nvidia-effective-rpm` and `#queue-title-nvidia`, from the stream.
+    rpm: Option<String>,
+    queue_title: Option<String>,
+}
+
+impl ConfigView {
+    fn provider(&self, name: &str) -> Option<&std::collections::BTreeMap<String, String>> {
+        self.providers
+            .iter()
+            .find(|r| r.get("provider").map(String::as_str) == Some(name))
+    }
+
+    fn provider_cell(&self, name: &str, column: &str) -> Option<&str> {
+        self.provider(name)?.get(column).map(String::as_str)
+    }
+
+    fn result_ok(&self) -> bool {
+        self.result_kind.as_deref() == Some("ok")
+    }
+
+    fn result_lists(&self, item: &str) -> bool {
+        self.result_items.iter().any(|i| i == item)
+    }
+}
+
+const READ_CONFIG: &str = r#"
+const $ = id => document.getElementById(id);
+const shownText = e => e && !e.hidden ? e.textContent.trim() : null;
+const text = id => { const e = $(id); return e ? e.textContent.trim() : null; };
+const table = document.querySelector('#config-view table.prov');
+let providers = [];
+if (table) {
+  const heads = Array.from(table.querySelectorAll('thead th')).map(th => th.textContent.trim());
+  providers = Array.from(table.querySelectorAll('tbody tr')).map(tr => {
+    const row = {};
+    Array.from(tr.children).forEach((cell, i) => { row[heads[i] || ('#' + i)] = cell.textContent.trim(); });
+    return row;
+  });
+}
+const nvidiaForm = {};
+document.querySelectorAll('#config-fields fieldset').forEach(fs => {
+  const legend = fs.querySelector('legend');
+  if (!legend || legend.textContent.trim() !== 'Provider nvidia') return;
+  fs.querySelectorAll('.field').forEach(f => {
+    const label = f.querySelector('label'), input = f.querySelector('input, select');
+    if (label && input) nvidiaForm[label.textContent.trim()] = input.value;
+  });
+});
+const msg = document.querySelector('#config-result .msg');
+const edit = $('config-edit');
+return {
+  status: shownText($('config-status')),
+  version: shownText($('config-version')),
+  providers: providers,
+  edit_shown: !edit.hidden,
+  edit_open: edit.open,
+  nvidia_form: nvidiaForm,
+  submit_enabled: !$('config-submit').disabled,
+  submit_label: $('config-submit').textContent.trim(),
+  result_kind: msg ? Array.from(msg.classList).filter(k => k !== 'msg').join(' ') : null,
+  result_title: msg && msg.firstElementChild ? msg.firstElementChild.textContent.trim() : null,
+  result_items: msg ? Array.from(msg.querySelectorAll('li')).map(li => li.textContent.trim()) : [],
+  dialog_open: $('token-dialog').open,
+  dialog_opens: typeof window.__tokenDialogOpens === 'number' ? window.__tokenDialogOpens : null,
+  forget_token_shown: !$('forget-token').hidden,
+  rpm: text('card-nvidia-effective-rpm'),
+  queue_title: text('queue-title-nvidia'),
+};
+"#;
+
+/// Counts each time the token dialog opens (its `open` attribute appears), so the test
+/// can tell the page did not ask again even if the dialog were closed in between.
+const COUNT_DIALOG_OPENS: &str = r#"
+const d = document.getElementById('token-dialog');
+window.__tokenDialogOpens = d.open ? 1 : 0;
+new MutationObserver(records => {
+  records.forEach(r => { if (r.oldValue === null && d.hasAttribute('open')) window.__tokenDialogOpens++; });
+}).observe(d, { attributes: true, attributeFilter: ['open'], attributeOldValue: true });
+"#;
+
+/// The whole DOM as markup, and every form control's current value (a property the
+/// markup does not show).
+#[derive(Debug, Deserialize)]
+struct Secrets {
+    html: String,
+    /// `(id, type, value)` of every input, select and textarea.
+    controls: Vec<(String, String, String)>,
+}
+
+const READ_SECRETS: &str = r#"
+return {
+  html: document.documentElement.outerHTML,
+  controls: Array.from(document.querySelectorAll('input, select, textarea'))
+    .map(e => [e.id || e.name || e.tagName, e.type || e.tagName.toLowerCase(), String(e.value)]),
+};
+"#;
+
+/// The nvidia provider's input for the form field labelled `label`.
+fn nvidia_field(label: &str) -> String {
+    format!(
+        "//fieldset[legend[normalize-space()='Provider nvidia']]\
+         //div[contains(concat(' ', @class, ' '), ' field ')][label[normalize-space()='{label}']]//input"
+    )
+}
+
+/// Types `value` into the nvidia provider's field labelled `label`, as a user would.
+async fn set_nvidia_field(c: &Client, label: &str, value: &str) {
+    let xpath = nvidia_field(label);
+    let input = c
+        .find(Locator::XPath(&xpath))
+        .await
+        .unwrap_or_else(|e| panic!("the form's field {label:?} for nvidia ({e})"));
+    input.clear().await.expect("clear the field");
+    input.send_keys(value).await.expect("type into the field");
+}
+
+/// `GET /api/admin/config` from loopback (no token needed for reads).
+async fn admin_config(addr: SocketAddr) -> Value {
+    let a = call(addr, req("GET", addr, "/api/admin/config", &[], "")).await;
+    assert_eq!(
+        a.status.as_u16(),
+        200,
+        "GET /api/admin/config: {}",
+        a.text()
+    );
+    a.json()
+}
+
+/// Polls `GET /api/admin/config` until `cond` holds.
+async fn until_admin_config(addr: SocketAddr, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let v = admin_config(addr).await;
+        if cond(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for the admin API to show {what}: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn screenshot(c: &Client, name: &str) -> PathBuf {
+    let png = c.screenshot().await.expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).expect("create target/");
+    std::fs::write(&path, &png).expect("write the screenshot");
+    println!("screenshot: {}", path.display());
+    path
+}
+
+/// Whether Chromium and chromedriver are installed; under `CI` they must be.
+fn browser_available() -> bool {
+    let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("CI must install chromium and chromium-driver (.ci/run); missing {missing:?}");
+    }
+    println!("SKIPPED: {missing:?} not installed (apt-get install chromium chromium-driver)");
+    false
+}
+
+fn capabilities(profile: &Path) -> serde_json::Map<String, Value> {
+    let caps = json!({
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--window-size=1400,1100",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        },
+        "goog:loggingPrefs": { "browser": "ALL" },
+    });
+    match caps {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn dashboard_goes_live_shows_traffic_and_queue_and_marks_a_dead_stream_stale() {
+    if !browser_available() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let profile = tmp.path().join("profile");
+        std::fs::create_dir_all(&profile).expect("profile dir");
+        let mut driver = Driver::start(tmp.path());
+        driver.wait_ready().await;
+        // chromedriver speaks plain HTTP on loopback: no TLS connector (and no CA roots) needed.
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities(&profile))
+            .connect(&driver.url())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "WebDriver session ({e}); chromedriver log: {}",
+                    std::fs::read_to_string(&driver.log).unwrap_or_default()
+                )
+            });
+        // The scenario runs as a task so that a failed assertion still closes the
+        // browser (and the driver) before the panic is passed on.
+        let outcome = tokio::spawn(scenario(client.clone(), driver.addr)).await;
+        let closed = client.close().await;
+        drop(driver);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        closed.expect("close the WebDriver session");
+    });
+}
+
+async fn scenario(c: Client, driver: SocketAddr) {
+    let started = Instant::now();
+    let session = c
+        .session_id()
+        .await
+        .expect("session id")
+        .expect("an open session");
+
+    // 1. A paced sidecar (2 tokens a second, capacity 1) in front of a quick upstream,
+    //    with the admin API open for changes to holders of the token.
+    let stack = stack(
+        MockConfig {
+            rpm: 0.0,
+            latency_ms: 50,
+            ..MockConfig::default()
+        },
+        &[
+            ("SIDECAR_RATE_RPM", "120"),
+            ("SIDECAR_BUCKET_CAPACITY", "1"),
+            ("SIDECAR_QUEUE_MAX_SIZE", "100"),
+            ("SIDECAR_SNAPSHOT_INTERVAL", "0.2"),
+            ("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    );
+    let addr = stack.addr;
+    c.goto(&format!("http://{addr}/api/dashboard"))
+        .await
+        .expect("open the dashboard");
+
+    // 2. The page loads and goes live.
+    let v = until(&c, "the stream to go live", DEADLINE, |v| {
+        v.status.as_deref() == Some("live") && v.rpm.is_some()
+    })
+    .await;
+    assert!(v.title.contains("nvidia-sidecar"), "title: {:?}", v.title);
+    let v = until(&c, "the first numbers", DEADLINE, |v| {
+        v.rpm.as_deref() == Some("120")
+            && v.requests_total().is_some()
+            && v.uptime.as_deref().is_some_and(|u| u != "—")
+    })
+    .await;
+    assert_eq!(v.retreat.as_deref(), Some("normal"), "{v:#?}");
+    assert!(
+        v.tokens.as_deref().is_some_and(|t| t.ends_with("/ 1")),
+        "bucket capacity 1: {v:#?}"
+    );
+    assert_eq!(
+        v.bars.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        ["high", "normal", "low"],
+        "one queue bar per priority"
+    );
+    let total_before = v.requests_total().unwrap();
+
+    // 3. A burst: the bucket admits about two a second, so most of it parks.
+    let chats: Vec<_> = (0..BURST)
+        .map(|_| {
+            tokio::spawn(async move {
+                let r = req("POST", addr, "/v1/chat/completions", &[], CHAT);
+                match send(addr, r).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        match resp.into_body().collect().await {
+                            Ok(_) => Ok(status),
+                            Err(e) => Err(format!("{status}, body cut: {e}")),
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        })
+        .collect();
+    let v = until(&c, "the queue chart to show depth", DEADLINE, |v| {
+        v.deepest_bar() > 0 && v.queued().is_some_and(|n| n > 0)
+    })
+    .await;
+    println!("queue on the page: {:?}, bars {:?}", v.queue_title, v.bars);
+    let v = until(&c, "requests total to go up", DEADLINE, |v| {
+        v.requests_total().is_some_and(|n| n > total_before)
+    })
+    .await;
+    println!("requests total: {total_before} -> {:?}", v.total);
+    let v = until(&c, "a p99 latency", DEADLINE, |v| v.p99_ms().is_some()).await;
+    println!("p99: {:?} ms", v.p99);
+
+    // 4. A picture of the busy page (after the bars' 300 ms transition).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let busy = screenshot(&c, "dashboard.png").await;
+    let v = view(&c).await;
+    assert!(
+        v.deepest_bar() > 0,
+        "the queue still had depth when {} was taken: {v:#?}",
+        busy.display()
+    );
+
+    // Nothing in the console so far: the admin API answers the page's config load too.
+    // A marker logged first proves the console really is captured (no vacuous pass).
+    c.execute("console.info(arguments[0]);", vec![json!(CONSOLE_MARKER)])
+        .await
+        .expect("log the console marker");
+    let log = browser_log(driver, &session).await;
+    assert!(
+        log.iter().any(|e| e.message.contains(CONSOLE_MARKER)),
+        "the browser console is not captured: {log:#?}"
+    );
+    assert_no_console_errors("while live", &log, |_| false);
+
+    // 5. The configuration panel, and changes made through it.
+    change_the_configuration(&c, addr).await;
+    no_secrets_in_the_dom(&c).await;
+    let log = browser_log(driver, &session).await;
+    assert_no_console_errors("while changing the configuration", &log, |_| false);
+    // Back to the provider cards for the stale picture.
+    c.execute("window.scrollTo(0, 0);", vec![])
+        .await
+        .expect("scroll to the top");
+
+    // 6. Stop the sidecar: the stream ends on draining and nothing accepts anymore.
+    let Stack { mock, sidecar, .. } = stack;
+    let stopping = tokio::task::spawn_blocking(move || sidecar.stop());
+    let v = until(&c, "the stale overlay", Duration::from_secs(15), |v| {
+        v.stale == Some(true)
+    })
+    .await;
+    assert_ne!(v.status.as_deref(), Some("live"), "{v:#?}");
+    screenshot(&c, "dashboard-stale.png").await;
+
+    // The burst is over: every chat was answered or cut, none hangs.
+    stopping.await.expect("the sidecar stops");
+    let mut outcomes = Vec::new();
+    for chat in chats {
+        let r = tokio::time::timeout(Duration::from_secs(10), chat)
+            .await
+            .expect("every chat ends once the sidecar has stopped")
+            .expect("chat task");
+        outcomes.push(r);
+    }
+    let ok = outcomes.iter().filter(|r| matches!(r, Ok(200))).count();
+    println!("burst of {BURST}: {ok} answered 200; all: {outcomes:?}");
+    assert!(ok > 0, "some of the burst was served: {outcomes:?}");
+    mock.stop();
+
+    // 7. After the stop, only the stream's failed reconnects are added.
+    let log = browser_log(driver, &session).await;
+    assert_no_console_errors("after the sidecar stopped", &log, LogEntry::is_sidecar_gone);
+    println!("scenario took {:?}", started.elapsed());
+}
+
+/// The panel shows the configuration; a first change asks for the token in the page's
+/// dialog, a second one reuses it; both reach the server and the live cards.
+async fn change_the_configuration(c: &Client, addr: SocketAddr) {
+    // The read-only view: the provider row, its key masked.
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the configuration panel",
+        DEADLINE,
+        |v: &ConfigView| v.provider("nvidia").is_some() && v.edit_shown,
+    )
+    .await;
+    assert_eq!(v.status, None, "no error or loading note: {v:#?}");
+    assert_eq!(v.version.as_deref(), Some("version 1"), "{v:#?}");
+    assert_eq!(v.provider_cell("nvidia", "rate_rpm"), Some("120"), "{v:#?}");
+    assert_eq!(
+        v.provider_cell("nvidia", "api_key"),
+        Some("nvap****"),
+        "{v:#?}"
+    );
+    assert_eq!(
+        v.provider_cell("nvidia", "queue_max_size"),
+        Some("100"),
+        "{v:#?}"
+    );
+    assert!(!v.edit_open, "the change form starts folded: {v:#?}");
+    assert!(
+        !v.dialog_open && !v.forget_token_shown,
+        "no token yet: {v:#?}"
+    );
+    c.execute(COUNT_DIALOG_OPENS, vec![])
+        .await
+        .expect("count the token dialog's openings");
+
+    // The first change: nvidia's rate 120 -> 90.
+    c.find(Locator::Css("#config-edit > summary"))
+        .await
+        .expect("the change form's summary")
+        .click()
+        .await
+        .expect("open the change form");
+    poll(
+        c,
+        READ_CONFIG,
+        "the change form to open",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.edit_open && v.nvidia_form.get("Rate").map(String::as_str) == Some("120")
+        },
+    )
+    .await;
+    set_nvidia_field(c, "Rate", "90").await;
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "one pending change",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.submit_enabled && v.nvidia_form.get("Rate").map(String::as_str) == Some("90")
+        },
+    )
+    .await;
+    assert_eq!(v.submit_label, "Apply 1 change", "{v:#?}");
+    c.find(Locator::Id("config-submit"))
+        .await
+        .expect("the submit button")
+        .click()
+        .await
+        .expect("submit the change");
+
+    // No token yet: the page asks for it in its dialog, in a password field.
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the token dialog",
+        DEADLINE,
+        |v: &ConfigView| v.dialog_open,
+    )
+    .await;
+    assert_eq!(v.dialog_opens, Some(1), "{v:#?}");
+    let input = c
+        .find(Locator::Id("token-input"))
+        .await
+        .expect("the token input");
+    assert_eq!(
+        input
+            .attr("type")
+            .await
+            .expect("the input's type")
+            .as_deref(),
+        Some("password"),
+        "the token is typed into a password field"
+    );
+    input.send_keys(ADMIN_TOKEN).await.expect("type the token");
+    c.find(Locator::Css("#token-form button[type='submit']"))
+        .await
+        .expect("the dialog's confirm button")
+        .click()
+        .await
+        .expect("confirm the token");
+
+    // The result lists the change, the server has it, and the stream shows the new rate.
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the first change's result",
+        DEADLINE,
+        |v: &ConfigView| v.result_ok() && v.result_lists("providers.nvidia.rate_rpm: 120 → 90"),
+    )
+    .await;
+    println!("first change: {:?} {:?}", v.result_title, v.result_items);
+    assert_eq!(
+        v.result_title.as_deref(),
+        Some("Applied — now version 2."),
+        "{v:#?}"
+    );
+    assert!(!v.dialog_open, "the dialog closed: {v:#?}");
+    c.execute(
+        "document.getElementById('config-panel').scrollIntoView({block: 'end'});",
+        vec![],
+    )
+    .await
+    .expect("scroll to the configuration panel");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    screenshot(c, "dashboard-admin.png").await;
+
+    let server = until_admin_config(addr, "rate_rpm 90 at version 2", |v| {
+        v["providers"]["nvidia"]["rate_rpm"] == 90.0 && v["version"] == "2"
+    })
+    .await;
+    assert_eq!(
+        server["providers"]["nvidia"]["queue_max_size"], 100,
+        "{server:#}"
+    );
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the panel to reload at version 2",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.version.as_deref() == Some("version 2")
+                && v.provider_cell("nvidia", "rate_rpm") == Some("90")
+                && v.nvidia_form.get("Rate").map(String::as_str) == Some("90")
+                && !v.submit_enabled
+        },
+    )
+    .await;
+    assert!(
+        v.forget_token_shown,
+        "the token is kept for the session: {v:#?}"
+    );
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the effective rate card to show 90",
+        DEADLINE,
+        |v: &ConfigView| v.rpm.as_deref() == Some("90"),
+    )
+    .await;
+    println!("effective rpm on the page: {:?}", v.rpm);
+
+    // The second change: nvidia's queue bound 100 -> 50, with the token kept.
+    set_nvidia_field(c, "Queue max size", "50").await;
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the second pending change",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.submit_enabled
+                && v.nvidia_form.get("Queue max size").map(String::as_str) == Some("50")
+        },
+    )
+    .await;
+    assert_eq!(v.submit_label, "Apply 1 change", "{v:#?}");
+    c.find(Locator::Id("config-submit"))
+        .await
+        .expect("the submit button")
+        .click()
+        .await
+        .expect("submit the second change");
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the second change's result (or the dialog)",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.dialog_open
+                || v.dialog_opens != Some(1)
+                || (v.result_ok() && v.result_lists("providers.nvidia.queue_max_size: 100 → 50"))
+        },
+    )
+    .await;
+    println!("second change: {:?} {:?}", v.result_title, v.result_items);
+    assert!(
+        !v.dialog_open && v.dialog_opens == Some(1),
+        "the token is kept for the session: the page must not ask again: {v:#?}"
+    );
+    assert_eq!(
+        v.result_title.as_deref(),
+        Some("Applied — now version 3."),
+        "{v:#?}"
+    );
+    assert_eq!(
+        v.result_items.len(),
+        1,
+        "only the queue bound changed: {v:#?}"
+    );
+    let server = until_admin_config(addr, "queue_max_size 50 at version 3", |v| {
+        v["providers"]["nvidia"]["queue_max_size"] == 50 && v["version"] == "3"
+    })
+    .await;
+    assert_eq!(
+        server["providers"]["nvidia"]["rate_rpm"], 90.0,
+        "{server:#}"
+    );
+    let v: ConfigView = poll(
+        c,
+        READ_CONFIG,
+        "the new queue bound on the page",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.version.as_deref() == Some("version 3")
+                && v.provider_cell("nvidia", "queue_max_size") == Some("50")
+                && v.queue_title
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with("(max 50)"))
+        },
+    )
+    .await;
+    assert_eq!(v.rpm.as_deref(), Some("90"), "{v:#?}");
+    assert!(!v.dialog_open && v.dialog_opens == Some(1), "{v:#?}");
+}
+
+/// Neither the admin token nor the provider key is in the markup or in any form
+/// control; the password field was emptied after use.
+async fn no_secrets_in_the_dom(c: &Client) {
+    let s: Secrets = read(c, READ_SECRETS).await;
+    for secret in [ADMIN_TOKEN, PROVIDER_KEY] {
+        if let Some(at) = s.html.find(secret) {
+            let from = s.html[..at]
+                .char_indices()
+                .rev()
+                .nth(200)
+                .map_or(0, |(i, _)| i);
+            panic!(
+                "the DOM contains a secret at byte {at}: …{}…",
+                &s.html[from..(at + secret.len()).min(s.html.len())]
+            );
+        }
+    }
+    assert!(s.html.contains("nvap****"), "the masked key is shown");
+    let mut password_fields = 0;
+    for (id, kind, value) in &s.controls {
+        if kind == "password" {
+            password_fields += 1;
+            assert_eq!(value, "", "the password field {id:?} is emptied after use");
+        }
+        for secret in [ADMIN_TOKEN, PROVIDER_KEY] {
+            assert!(
+                !value.contains(secret),
+                "the {kind} control {id:?} holds a secret"
+            );
+        }
+    }
+    assert_eq!(
+        password_fields, 1,
+        "one password field (the token dialog's): {:?}",
+        s.controls
+    );
+    println!(
+        "secrets: none in {} bytes of markup or {} form controls",
+        s.html.len(),
+        s.controls.len()
+    );
+}

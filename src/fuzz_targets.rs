@@ -51,7 +51,7 @@ low_priority_timeout = 2
 fn patch_base() -> &'static crate::hot::Hot {
     static BASE: OnceLock<crate::hot::Hot> = OnceLock::new();
     BASE.get_or_init(|| {
-        use crate::config::{Config, FileConfig, Settings};
+        use crate::config::{FileConfig, Settings};
         let file = FileConfig::parse(PATCH_BASE_TOML, "fuzz-base.toml").expect("base TOML");
         let env: HashMap<String, String> = [
             ("SIDECAR_LISTEN_PORT", "0"),
@@ -61,10 +61,8 @@ fn patch_base() -> &'static crate::hot::Hot {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let mut settings = Settings::defaults();
-        settings.overlay(file.settings.clone());
-        settings.overlay(Settings::from_env(&env).expect("base env"));
-        let config = Config::build(settings, &file, &env).expect("base configuration");
+        let config =
+            crate::config::from_file(&file, &env, Settings::default()).expect("base configuration");
         let names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, PATCH_NAMES, "base provider order");
         crate::hot::Hot::of(&config)
@@ -253,16 +251,15 @@ fn one_line(e: &crate::config::ConfigError) {
 }
 
 fn config_text(text: &str) {
-    use crate::config::{Config, FileConfig, Settings};
-    let file = match FileConfig::parse(text, "fuzz.toml") {
+    use crate::config::{FileConfig, Settings};
+    let mut file = match FileConfig::parse(text, "fuzz.toml") {
         Ok(f) => f,
         Err(e) => return one_line(&e),
     };
+    // Never let the fuzzer make the loader read files (`/dev/zero` as a CA bundle).
+    file.settings.upstream_ca_file = None;
     let env: HashMap<String, String> = HashMap::new();
-    let mut settings = Settings::defaults();
-    settings.overlay(file.settings.clone());
-    settings.upstream_ca_file = None;
-    let config = match Config::build(settings, &file, &env) {
+    let config = match crate::config::from_file(&file, &env, Settings::default()) {
         Ok(c) => c,
         Err(e) => return one_line(&e),
     };

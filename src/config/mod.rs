@@ -219,11 +219,21 @@ pub fn load(
         Some(p) => FileConfig::read(p)?,
         None => FileConfig::default(),
     };
+    from_file(&file, env, flags)
+}
+
+/// Builds the configuration from an already parsed file: defaults < file < environment
+/// < flags.
+pub fn from_file(
+    file: &FileConfig,
+    env: &dyn EnvSource,
+    flags: Settings,
+) -> Result<Config, ConfigError> {
     let mut merged = Settings::defaults();
     merged.overlay(file.settings.clone());
     merged.overlay(Settings::from_env(env)?);
     merged.overlay(flags);
-    Config::build(merged, &file, env)
+    Config::build(merged, file, env)
 }
 
 /// 1-based line of byte offset `at`.

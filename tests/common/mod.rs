@@ -74,10 +74,7 @@ pub fn config_from_toml(toml: &str) -> Config {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let mut settings = Settings::defaults();
-    settings.overlay(file.settings.clone());
-    settings.overlay(Settings::from_env(&env).expect("env"));
-    Config::build(settings, &file, &env).expect("valid test configuration")
+    config::from_file(&file, &env, Settings::default()).expect("valid test configuration")
 }
 
 pub fn mock(cfg: MockConfig) -> MockServer {

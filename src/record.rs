@@ -12,6 +12,15 @@ use tokio::time::Instant;
 use crate::metrics::{ErrorKind, Outcome, Sample, ShardHandle};
 use crate::priority::Priority;
 
+/// The target of the per-request log lines.
+pub const ACCESS_TARGET: &str = "nvidia_sidecar::access";
+
+/// Whether every request's line is logged (the access log is at `info`); per-request
+/// detail only a log line uses (the model) is worth reading only then.
+pub fn access_log_enabled() -> bool {
+    tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+}
+
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -63,7 +72,7 @@ impl Route {
 /// What is known about one request, filled in phase by phase.
 #[derive(Debug)]
 pub struct Record {
-    pub request_id: Arc<str>,
+    pub request_id: http::HeaderValue,
     pub method: http::Method,
     pub path: String,
     pub provider: Option<Arc<str>>,
@@ -90,7 +99,7 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new(request_id: Arc<str>, method: http::Method, path: String) -> Self {
+    pub fn new(request_id: http::HeaderValue, method: http::Method, path: String) -> Self {
         Self {
             request_id,
             method,
@@ -171,8 +180,8 @@ impl Record {
         macro_rules! line {
             ($lvl:ident) => {
                 tracing::$lvl!(
-                    target: "nvidia_sidecar::access",
-                    request_id = %self.request_id,
+                    target: ACCESS_TARGET,
+                    request_id = self.request_id.to_str().unwrap_or("-"),
                     method = %self.method,
                     path = %self.path,
                     provider = self.provider.as_deref().unwrap_or("-"),

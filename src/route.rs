@@ -27,6 +27,12 @@ impl Router {
         Self { rules, default }
     }
 
+    /// Whether the model can pick another provider than the default (with one provider,
+    /// or every pattern naming the default, the body need not be read for routing).
+    pub fn routes_by_model(&self) -> bool {
+        self.rules.iter().any(|(_, i)| *i != self.default)
+    }
+
     /// Index of the provider for `model` (the default when `None` or unmatched).
     pub fn provider_for(&self, model: Option<&str>) -> usize {
         model
@@ -85,6 +91,18 @@ mod tests {
         assert_eq!(r.provider_for(Some("gpt-4o")), 1);
         assert_eq!(r.provider_for(Some("mistral")), 2);
         assert_eq!(r.provider_for(None), 2);
+        assert!(r.routes_by_model());
+    }
+
+    #[test]
+    fn patterns_that_all_name_the_default_need_no_model() {
+        let one = Router::new(&[provider("nvidia", &["*"])], 0);
+        assert!(!one.routes_by_model());
+        assert_eq!(one.provider_for(Some("anything")), 0);
+        let to_default = Router::new(&[provider("a", &[]), provider("b", &["meta/*"])], 1);
+        assert!(!to_default.routes_by_model());
+        let away = Router::new(&[provider("a", &[]), provider("b", &["meta/*"])], 0);
+        assert!(away.routes_by_model());
     }
 
     #[test]

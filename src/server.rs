@@ -240,8 +240,10 @@ async fn worker_loop<H, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let h = Rc::clone(&handler);
+        // Boxed: hyper keeps the service future's slot for the connection's whole life,
+        // so an unboxed future (several KiB) would stay allocated while it idles.
         let svc = service_fn(move |req| {
-            let fut = h(req, remote);
+            let fut = Box::pin(h(req, remote));
             async move { Ok::<_, std::convert::Infallible>(fut.await) }
         });
         let builder = Rc::clone(&builder);
@@ -303,19 +305,20 @@ impl Worker {
         }
     }
 
-    /// A 32-hex-digit request id unique to this process run.
-    pub fn next_request_id(&self) -> String {
+    /// A 32-hex-digit request id unique to this process run, built straight into the
+    /// header value it is sent and logged as.
+    pub fn next_request_id(&self) -> http::HeaderValue {
         let n = self.requests.get().wrapping_add(1);
         self.requests.set(n);
         let low = ((self.id as u64 & 0xffff) << 48) | (n & 0xffff_ffff_ffff);
-        let mut out = String::with_capacity(32);
-        for word in [self.app.boot_id, low] {
-            for shift in (0..16).rev() {
-                let nibble = (word >> (shift * 4)) & 0xf;
-                out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+        let mut out = [0u8; 32];
+        for (i, word) in [self.app.boot_id, low].into_iter().enumerate() {
+            for j in 0..16 {
+                let nibble = (word >> ((15 - j) * 4)) & 0xf;
+                out[i * 16 + j] = b"0123456789abcdef"[nibble as usize];
             }
         }
-        out
+        http::HeaderValue::from_bytes(&out).unwrap_or(http::HeaderValue::from_static("-"))
     }
 }
 

@@ -1,7 +1,8 @@
 //! The limiter's lock-free parts under real threads: exact totals, never timing.
 //!
 //! Each test runs for a bounded time and checks invariants that hold whatever the
-//! scheduling: the bucket never admits more than `rate × elapsed + capacity`, and every
+//! scheduling: the bucket never admits more than `rate × (elapsed + slack) + capacity`,
+//! and every
 //! queued ticket ends granted or cancelled exactly once with the counters back at zero.
 
 use std::future::Future;
@@ -12,7 +13,7 @@ use std::task::{Context, Wake, Waker};
 use std::thread;
 
 use nvidia_sidecar::clock::{Clock, MonotonicClock};
-use nvidia_sidecar::limiter::bucket::interval_nanos;
+use nvidia_sidecar::limiter::bucket::{interval_nanos, slack_nanos};
 use nvidia_sidecar::limiter::{Ticket, TokenBucket, WaitQueues};
 use nvidia_sidecar::priority::Priority;
 
@@ -27,7 +28,7 @@ struct Tally {
 }
 
 #[test]
-fn hammered_bucket_never_admits_more_than_rate_times_elapsed_plus_capacity() {
+fn hammered_bucket_never_admits_more_than_rate_times_elapsed_plus_slack_plus_capacity() {
     const THREADS: usize = 6;
     const RPM: f64 = 600_000.0; // one token per 100 µs
     const CAPACITY: u32 = 10;
@@ -64,11 +65,13 @@ fn hammered_bucket_never_admits_more_than_rate_times_elapsed_plus_capacity() {
     let first = tallies.iter().map(|t| t.first_now).min().unwrap();
     let last = tallies.iter().map(|t| t.last_now).max().unwrap();
     let interval = u128::from(interval_nanos(RPM));
+    let slack = u128::from(slack_nanos(interval_nanos(RPM)));
     // Every admission moves the TAT one interval; the TAT never passes the latest
-    // admission time plus `capacity` intervals. Exact integers.
+    // admission time plus `capacity` intervals, and starts at most `slack` before the
+    // first. Exact integers.
     assert!(
         u128::from(admitted) * interval
-            <= u128::from(last - first) + u128::from(CAPACITY) * interval,
+            <= u128::from(last - first) + slack + u128::from(CAPACITY) * interval,
         "{admitted} admitted in {} ns at one per {interval} ns + {CAPACITY}",
         last - first
     );

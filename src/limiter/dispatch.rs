@@ -2,9 +2,11 @@
 //!
 //! It sleeps (`park_timeout`, ~50 µs precision, unlike a millisecond async timer) until
 //! the earliest next token of any provider with waiters, and is unparked when a request
-//! is parked or a rate changes. A late wake-up only delays a grant: the bucket never
-//! backdates, so consecutive grants stay at least one interval apart and a provider's
-//! rolling-window limit is never exceeded. It also drives retreat recovery.
+//! is parked or a rate changes. It always wakes a little late; the bucket anchors a grant
+//! late by at most its slack (`min(T/4, 20 ms)`) on the token's due time, so the lateness
+//! is caught up and the long-run rate stays the configured one, while grants stay at
+//! least `T - slack` apart. Later than the slack, a wake-up only delays the grant. It
+//! also drives retreat recovery.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

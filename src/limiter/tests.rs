@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::*;
+use crate::clock::{Clock, ManualClock};
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
@@ -340,6 +341,66 @@ fn a_grant_dropped_before_it_was_seen_gives_its_token_back() {
     drop((seen, kept));
     assert_eq!(l.dispatch(S), None);
     assert_eq!(l.bucket.tokens(S), 0.0);
+}
+
+/// The dispatcher's loop on a manual clock: it wakes `lateness[k % len]` after each
+/// wait `dispatch` asked for, until `end`. Returns the time of every grant.
+fn late_dispatcher(l: &Limiter, clock: &ManualClock, lateness: &[Duration], end: u64) -> Vec<u64> {
+    let mut grants = Vec::new();
+    for late in lateness.iter().cycle() {
+        let now = clock.now_nanos();
+        if now > end {
+            break;
+        }
+        let before = l.queues.counts().dequeued;
+        let wait = l.dispatch(now).expect("waiters remain");
+        grants.extend((before..l.queues.counts().dequeued).map(|_| now));
+        clock.advance(wait + *late);
+    }
+    grants
+}
+
+/// A limiter at 6000 RPM (T = 10 ms, slack 2.5 ms), burst 1, with `n` parked waiters.
+fn saturated(n: usize) -> (Limiter, Vec<Ticket>) {
+    let l = limiter(6000.0, 1, n);
+    let tickets = (0..n)
+        .map(|_| l.queues.enqueue(Priority::Normal, false).unwrap())
+        .collect();
+    (l, tickets)
+}
+
+#[test]
+fn a_dispatcher_late_by_less_than_the_slack_still_grants_exactly_n_in_n_intervals() {
+    const N: u64 = 1_000;
+    let t0 = 1_000 * S;
+    let (l, _tickets) = saturated(N as usize + 10);
+    let clock = ManualClock::new();
+    clock.set(t0);
+    let us = Duration::from_micros;
+    // Every wake-up late, by varying amounts up to the whole slack.
+    let lateness = [us(2_000), us(50), us(1_300), us(2_500), us(700)];
+    let grants = late_dispatcher(&l, &clock, &lateness, t0 + N * 10 * MS);
+    // The k-th grant is late by its own wake-up only: nothing accumulates.
+    for (k, &at) in grants.iter().enumerate().skip(1) {
+        let late = lateness[(k - 1) % lateness.len()].as_nanos() as u64;
+        assert_eq!(at, t0 + k as u64 * 10 * MS + late, "grant {k}");
+    }
+    let in_n_intervals = grants.iter().filter(|&&at| at < t0 + N * 10 * MS).count();
+    assert_eq!(in_n_intervals as u64, N, "the long-run rate is exact");
+}
+
+#[test]
+fn a_dispatcher_late_by_more_than_the_slack_loses_its_lateness_as_before() {
+    let t0 = 1_000 * S;
+    let (l, _tickets) = saturated(200);
+    let clock = ManualClock::new();
+    clock.set(t0);
+    // 3 ms late each time (slack 2.5 ms): every grant one interval after the last.
+    let grants = late_dispatcher(&l, &clock, &[Duration::from_millis(3)], t0 + S);
+    for (k, &at) in grants.iter().enumerate() {
+        assert_eq!(at, t0 + k as u64 * 13 * MS, "grant {k}");
+    }
+    assert_eq!(grants.len(), 77, "1 s / 13 ms, plus the grant at t0");
 }
 
 #[test]

@@ -55,18 +55,16 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// A valid client `X-Request-Id` (visible ASCII, at most 128 bytes) to keep.
-pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+pub fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
     let v = headers.get(X_REQUEST_ID)?;
     let b = v.as_bytes();
-    (!b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()))
-        .then(|| v.to_str().ok())
-        .flatten()
+    (!b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())).then_some(v)
 }
 
 /// Turns the client's headers into the upstream request's, in place: drops hop-by-hop
 /// headers (and those `Connection` lists), `X-Priority` and a stale `Content-Length`;
 /// sets the provider's key (replacing the client's, when the provider has one), the
-/// request id and the body length. `Host` is set per attempt ([`with_host`]), since a
+/// request id and the body length. `Host` is set per attempt, since a
 /// passthrough may go to another upstream. One pass to find what to drop: most
 /// requests drop nothing, and nothing is rehashed.
 pub fn upstream_request_headers(
@@ -94,17 +92,15 @@ pub fn upstream_request_headers(
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
     headers.insert(X_REQUEST_ID, request_id.clone());
-    if body_len > 0 {
+    // Usually the client's own Content-Length already says it: keep it as it is.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if body_len > 0 && declared != Some(body_len) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     }
     headers
-}
-
-/// A copy of the prepared headers for one attempt, addressed to `host`.
-pub fn with_host(prepared: &HeaderMap, host: &HeaderValue) -> HeaderMap {
-    let mut h = prepared.clone();
-    h.insert(header::HOST, host.clone());
-    h
 }
 
 /// `Authorization: Bearer <key>`, marked sensitive (hpack never indexes it); built once
@@ -167,7 +163,7 @@ mod tests {
         let key = Secret::new("nvapi-provider".into()).and_then(|k| bearer(&k));
         let prepared =
             upstream_request_headers(h, key.as_ref(), &HeaderValue::from_static("rid"), 5);
-        let out = with_host(&prepared, &HeaderValue::from_static("up:1"));
+        let out = prepared;
         assert_eq!(out[header::AUTHORIZATION], "Bearer nvapi-provider");
         assert!(out[header::AUTHORIZATION].is_sensitive());
         for gone in [
@@ -180,8 +176,22 @@ mod tests {
             assert!(!out.contains_key(gone), "{gone} forwarded");
         }
         assert_eq!(out["x-app"], "kept");
-        assert_eq!(out[header::HOST], "up:1");
         assert_eq!(out[header::CONTENT_LENGTH], "5");
+    }
+
+    #[test]
+    fn content_length_says_the_length_of_the_body_sent() {
+        let rid = HeaderValue::from_static("rid");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let out = upstream_request_headers(h, None, &rid, 5);
+        assert_eq!(out[header::CONTENT_LENGTH], "5");
+        let mut stale = HeaderMap::new();
+        stale.insert(header::CONTENT_LENGTH, HeaderValue::from_static("9"));
+        let out = upstream_request_headers(stale, None, &rid, 5);
+        assert_eq!(out[header::CONTENT_LENGTH], "5");
+        let out = upstream_request_headers(HeaderMap::new(), None, &rid, 12);
+        assert_eq!(out[header::CONTENT_LENGTH], "12");
     }
 
     #[test]
@@ -221,13 +231,16 @@ mod tests {
     fn only_sane_client_request_ids_are_kept() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(client_request_id(&h), Some("abc-123"));
+        assert_eq!(
+            client_request_id(&h).map(HeaderValue::as_bytes),
+            Some(&b"abc-123"[..])
+        );
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_eq!(client_request_id(&h), None);
+        assert!(client_request_id(&h).is_none());
         h.insert(
             X_REQUEST_ID,
             HeaderValue::from_str(&"a".repeat(129)).unwrap(),
         );
-        assert_eq!(client_request_id(&h), None);
+        assert!(client_request_id(&h).is_none());
     }
 }

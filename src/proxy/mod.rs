@@ -10,18 +10,19 @@ mod admit;
 pub mod headers;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::app::Provider;
-use crate::body::{ProxyBody, UpstreamBody};
+use crate::body::{BoxError, ProxyBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::health;
 use crate::priority::Priority;
@@ -84,9 +85,8 @@ fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
     record.outcome = Some(outcome);
     record.error = record.error.or(kind);
     let mut resp = err.into_response();
-    if let Ok(v) = HeaderValue::from_str(&record.request_id) {
-        resp.headers_mut().insert(headers::X_REQUEST_ID, v);
-    }
+    resp.headers_mut()
+        .insert(headers::X_REQUEST_ID, record.request_id.clone());
     let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
     record.finish(End::Local, len);
     resp
@@ -96,12 +96,12 @@ fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
 async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
     let app = &worker.app;
     let (mut parts, body) = req.into_parts();
-    let request_id: Arc<str> = match headers::client_request_id(&parts.headers) {
-        Some(id) => Arc::from(id),
-        None => Arc::from(worker.next_request_id()),
+    let request_id = match headers::client_request_id(&parts.headers) {
+        Some(id) => id.clone(),
+        None => worker.next_request_id(),
     };
     let mut record = Record::new(
-        Arc::clone(&request_id),
+        request_id.clone(),
         parts.method.clone(),
         truncate(parts.uri.path(), 256),
     );
@@ -109,6 +109,9 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     // One version of the run-time settings for the whole request.
     let hot = app.hot.load();
     let deadline = record.started + hot.request_timeout;
+    // One timer for the request's whole deadline (reading the body, then the upstream).
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
 
     if let Err(e) = headers::check_limits(&parts.headers, &app.config.limits) {
         return local_error(record, e);
@@ -128,7 +131,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         body,
         &parts.headers,
         app.config.limits.max_body_bytes,
-        deadline,
+        timer.as_mut(),
     )
     .await
     {
@@ -136,8 +139,12 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         Err(e) => return local_error(record, e),
     };
 
-    // route
-    let model = route::extract_model(&body).map(|m| truncate(&m, 256));
+    // route: the model is read when it picks the provider or the access log shows it
+    // (parsing the body is the costliest step of a small request otherwise).
+    let want_model = app.router.routes_by_model() || crate::record::access_log_enabled();
+    let model = want_model
+        .then(|| route::extract_model(&body).map(|m| truncate(&m, 256)))
+        .flatten();
     let provider_index = app.router.provider_for(model.as_deref());
     let provider = &app.providers[provider_index];
     record.provider = Some(Arc::clone(&provider.name));
@@ -154,17 +161,10 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     // forward: a limited request the upstream answers 429 is absorbed — parked again
     // at the head of its priority and re-sent after the retreat pause — while retries
     // and its deadline allow.
-    let rid = match HeaderValue::from_str(&request_id) {
-        Ok(v) => v,
-        Err(e) => {
-            let reason = format!("request id: {e}");
-            return local_error(record, ProxyError::BadRequest { reason });
-        }
-    };
-    let prepared = headers::upstream_request_headers(
+    let mut prepared = headers::upstream_request_headers(
         std::mem::take(&mut parts.headers),
         provider.auth_header.as_ref(),
-        &rid,
+        &request_id,
         body.len(),
     );
     let rest = &parts.uri.path()["/v1/".len()..];
@@ -178,19 +178,35 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                 .unwrap_or(&provider.config.upstream),
             _ => &provider.config.upstream,
         };
-        let up_req =
-            match build_upstream_request(&parts, &prepared, rest, body.clone(), provider, target) {
-                Ok(r) => r,
-                Err(e) => return local_error(record, e),
-            };
+        // The headers are copied only when a 429 could send this request again.
+        let may_retry = record.route == Some(Route::Limited)
+            && record.retries < app.config.upstream_429_retries;
+        let attempt_headers = if may_retry {
+            prepared.clone()
+        } else {
+            std::mem::take(&mut prepared)
+        };
+        let up_req = match build_upstream_request(
+            &parts,
+            attempt_headers,
+            rest,
+            body.clone(),
+            provider,
+            target,
+        ) {
+            Ok(r) => r,
+            Err(e) => return local_error(record, e),
+        };
         let sent_at = Instant::now();
         let result = tokio::select! {
-            r = tokio::time::timeout_at(deadline, worker.pool.send(target, up_req)) => r,
+            biased;
+            r = worker.pool.send(target, up_req) => Ok(r),
+            _ = &mut timer => Err(()),
             _ = hard_stop.cancelled() => return local_error(record, ProxyError::ShuttingDown),
         };
         let (resp, lease) = match result {
             Ok(Ok(r)) => r,
-            Err(_) => {
+            Err(()) => {
                 return local_error(
                     record,
                     ProxyError::UpstreamTimeout {
@@ -214,7 +230,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             ProviderStats::inc(&provider.stats.upstream_429);
             if record.route == Some(Route::Limited) {
-                let pause = header_delay(resp.headers(), header::RETRY_AFTER.as_str());
+                let pause = header_delay(resp.headers(), &header::RETRY_AFTER);
                 let cut = limiter.on_upstream_429(now, pause);
                 if let Some(t) = cut.transition {
                     tracing::warn!(
@@ -225,7 +241,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                         "retreat state change"
                     );
                 }
-                if record.retries < app.config.upstream_429_retries && Instant::now() < deadline {
+                if may_retry && Instant::now() < deadline {
                     record.retries += 1;
                     ProviderStats::inc(&provider.stats.retries);
                     drop((resp, lease));
@@ -242,7 +258,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         } else if resp.status().is_server_error() {
             record.error = Some(crate::metrics::ErrorKind::Status5xx);
         } else if quota_exhausted(resp.headers()) {
-            if let Some(reset) = header_delay(resp.headers(), "x-ratelimit-reset") {
+            if let Some(reset) = header_delay(resp.headers(), &X_RATELIMIT_RESET) {
                 limiter.on_quota_exhausted(now, reset);
             }
         }
@@ -250,6 +266,10 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     };
 
     // respond
+    if !want_model && resp.status().is_server_error() {
+        // A failure is logged at `warn` with its model even when the access log is off.
+        record.model = route::extract_model(&body).map(|m| truncate(&m, 256));
+    }
     record.upstream_latency = Some(sent_at.elapsed());
     record.status = resp.status().as_u16();
     if resp.status().as_u16() < 500 {
@@ -257,9 +277,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     }
     let (mut head, incoming) = resp.into_parts();
     headers::strip_response(&mut head.headers);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        head.headers.insert(headers::X_REQUEST_ID, v);
-    }
+    head.headers.insert(headers::X_REQUEST_ID, request_id);
     head.version = Version::HTTP_11;
     let sse = head
         .headers
@@ -277,8 +295,14 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     Response::from_parts(head, ProxyBody::Upstream(Box::new(body)))
 }
 
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const X_RATELIMIT_REMAINING: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+];
+
 /// A delay header (`Retry-After`, `x-ratelimit-reset`) as a duration.
-fn header_delay(h: &http::HeaderMap, name: &str) -> Option<std::time::Duration> {
+fn header_delay(h: &http::HeaderMap, name: &HeaderName) -> Option<std::time::Duration> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::limiter::parse_delay)
@@ -286,17 +310,18 @@ fn header_delay(h: &http::HeaderMap, name: &str) -> Option<std::time::Duration> 
 
 /// `x-ratelimit-remaining: 0` (or `-requests: 0`): the provider's quota is spent.
 fn quota_exhausted(h: &http::HeaderMap) -> bool {
-    ["x-ratelimit-remaining", "x-ratelimit-remaining-requests"]
+    X_RATELIMIT_REMAINING
         .iter()
-        .any(|n| h.get(*n).is_some_and(|v| v.as_bytes().trim_ascii() == b"0"))
+        .any(|n| h.get(n).is_some_and(|v| v.as_bytes().trim_ascii() == b"0"))
 }
 
-/// Reads the whole body, at most `limit` bytes, before `deadline`.
+/// Reads the whole body, at most `limit` bytes, before `timer` fires. A body that
+/// arrives in one frame (most do) is kept as that frame, without buffering a copy.
 async fn read_body(
     body: Incoming,
     headers: &http::HeaderMap,
     limit: usize,
-    deadline: Instant,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<Bytes, ProxyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -308,32 +333,62 @@ async fn read_body(
     if declared == Some(0) {
         return Ok(Bytes::new());
     }
-    match tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ProxyError::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    let body_error = |e: BoxError| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            ProxyError::BodyTooLarge { limit }
+        } else {
+            ProxyError::BadBody {
+                reason: e.to_string(),
+            }
         }
-        Ok(Err(e)) => Err(ProxyError::BadBody {
-            reason: e.to_string(),
-        }),
+    };
+    let mut body = Limited::new(body, limit);
+    let first = tokio::select! {
+        biased;
+        f = body.frame() => f,
+        _ = &mut timer => return Err(ProxyError::BodyTimeout),
+    };
+    let first = match first {
+        None => return Ok(Bytes::new()),
+        Some(Err(e)) => return Err(body_error(e)),
+        Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+    };
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(first);
     }
+    let rest = tokio::select! {
+        biased;
+        r = body.collect() => r.map_err(body_error)?.to_bytes(),
+        _ = &mut timer => return Err(ProxyError::BodyTimeout),
+    };
+    if first.is_empty() {
+        return Ok(rest);
+    }
+    let mut all = bytes::BytesMut::with_capacity(first.len() + rest.len());
+    all.extend_from_slice(&first);
+    all.extend_from_slice(&rest);
+    Ok(all.freeze())
 }
 
 /// One attempt's upstream request: origin-form URI under the target's base path, the
 /// prepared headers addressed to the target.
 fn build_upstream_request(
     parts: &http::request::Parts,
-    prepared: &http::HeaderMap,
+    mut headers: http::HeaderMap,
     rest: &str,
     body: Bytes,
     provider: &Provider,
     upstream: &crate::config::UpstreamUrl,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
-    let path = upstream.path_for(rest, parts.uri.query());
-    let uri = Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
-        reason: format!("request path cannot be forwarded: {e}"),
-    })?;
+    let uri = if upstream.base_path == "/v1" && parts.uri.authority().is_none() {
+        // The upstream's path is the client's: share it rather than parse it again.
+        parts.uri.clone()
+    } else {
+        let path = upstream.path_for(rest, parts.uri.query());
+        Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
+            reason: format!("request path cannot be forwarded: {e}"),
+        })?
+    };
     let host = if std::ptr::eq(upstream, &provider.config.upstream) {
         provider.host_header.clone()
     } else {
@@ -344,7 +399,8 @@ fn build_upstream_request(
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = headers::with_host(prepared, &host);
+    headers.insert(header::HOST, host);
+    *req.headers_mut() = headers;
     Ok(req)
 }
 
@@ -379,7 +435,7 @@ mod tests {
         h.insert("x-ratelimit-reset", HeaderValue::from_static("1.250"));
         assert!(quota_exhausted(&h));
         assert_eq!(
-            header_delay(&h, "x-ratelimit-reset"),
+            header_delay(&h, &X_RATELIMIT_RESET),
             Some(std::time::Duration::from_millis(1250))
         );
         let mut openai = http::HeaderMap::new();
@@ -392,7 +448,7 @@ mod tests {
             header::RETRY_AFTER,
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
-        assert_eq!(header_delay(&openai, "retry-after"), None);
+        assert_eq!(header_delay(&openai, &header::RETRY_AFTER), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::limiter::queue::WaitQueues;
 use crate::priority::Priority;
 
 const S: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
 const NOW: u64 = 100 * S;
 
 /// Three-thread models with every preemption take minutes; three preemptions cover
@@ -125,6 +126,34 @@ fn loom_an_acquire_racing_a_capacity_growth_takes_no_token_that_was_not_there() 
         let won = acquirer.join().unwrap();
         changer.join().unwrap();
         assert!(!won, "admitted with zero tokens in every linearization");
+    });
+}
+
+#[test]
+fn loom_a_late_acquire_racing_a_rate_change_is_never_admitted_early_after_it() {
+    loom::model(|| {
+        // 60 RPM (slack 20 ms): the token due at NOW + 1 s is taken 10 ms late while the
+        // rate goes to 6000 RPM (slack 2.5 ms). Before the change it is caught up, after
+        // it the bucket was full at the change. A view mixing old TAT and new slack (or the
+        // reverse) would leave the next token too soon (or too late).
+        let b = Arc::new(TokenBucket::new(60.0, 1));
+        assert!(b.try_acquire(NOW).is_ok());
+        let late = NOW + S + 10 * MS;
+        let acquirer = {
+            let b = Arc::clone(&b);
+            thread::spawn(move || b.try_acquire(late).is_ok())
+        };
+        let changer = {
+            let b = Arc::clone(&b);
+            thread::spawn(move || b.set_rate(6000.0, 1, late))
+        };
+        assert!(acquirer.join().unwrap(), "the token was due");
+        changer.join().unwrap();
+        assert_eq!(b.rate(), (6000.0, 1));
+        // Caught up then converted: 0.01 token left, the next 9.9 ms on; converted
+        // then taken: the next one new interval (10 ms) on. Never sooner.
+        assert_eq!(drain(&b, late + 9 * MS), 0, "admitted early");
+        assert_eq!(drain(&b, late + 10 * MS), 1);
     });
 }
 

@@ -218,6 +218,118 @@ fn wait_time_agrees_with_try_acquire() {
     }
 }
 
+#[test]
+fn the_slack_is_a_quarter_interval_capped_at_twenty_milliseconds() {
+    assert_eq!(slack_nanos(interval_nanos(6000.0)), 2_500_000, "10 ms / 4");
+    assert_eq!(slack_nanos(interval_nanos(600_000.0)), 25_000, "100 µs / 4");
+    assert_eq!(
+        slack_nanos(interval_nanos(60.0)),
+        20 * MS,
+        "1 s / 4, capped"
+    );
+    assert_eq!(slack_nanos(interval_nanos(3000.0)), 5 * MS);
+    assert_eq!(
+        slack_nanos(interval_nanos(750.0)),
+        20 * MS,
+        "exactly at the cap"
+    );
+    assert_eq!(slack_nanos(1), 0, "no slack below four nanoseconds");
+}
+
+#[test]
+fn a_request_late_by_at_most_the_slack_is_anchored_on_its_tokens_due_time() {
+    // 6000 RPM, burst 1: T = 10 ms, slack 2.5 ms.
+    let b = TokenBucket::new(6000.0, 1);
+    let t0 = 1_000 * S;
+    assert_eq!(b.try_acquire(t0), Ok(()));
+    // Due at t0 + 10 ms, taken 2 ms late: the next is still due at t0 + 20 ms.
+    assert_eq!(b.try_acquire(t0 + 12 * MS), Ok(()));
+    assert_eq!(
+        b.try_acquire(t0 + 20 * MS - 1),
+        Err(Duration::from_nanos(1))
+    );
+    // Exactly the slack late is still caught up.
+    assert_eq!(b.try_acquire(t0 + 22 * MS + 500_000), Ok(()));
+    assert_eq!(
+        b.wait_time(t0 + 22 * MS + 500_000),
+        Duration::from_micros(7_500)
+    );
+    assert_eq!(b.try_acquire(t0 + 30 * MS), Ok(()));
+    // Never before the token is due: burst 1 has no tolerance.
+    assert_eq!(
+        b.try_acquire(t0 + 40 * MS - 1),
+        Err(Duration::from_nanos(1))
+    );
+}
+
+#[test]
+fn lateness_past_the_slack_is_not_caught_up() {
+    let b = TokenBucket::new(6000.0, 1);
+    let t0 = 1_000 * S;
+    assert_eq!(b.try_acquire(t0), Ok(()));
+    // Due at t0 + 10 ms, taken 2.5 ms + 1 ns late: anchored on now, as without a slack.
+    let late = t0 + 12 * MS + 500_000 + 1;
+    assert_eq!(b.try_acquire(late), Ok(()));
+    assert_eq!(b.wait_time(late), Duration::from_millis(10));
+    assert_eq!(
+        b.try_acquire(late + 10 * MS - 1),
+        Err(Duration::from_nanos(1))
+    );
+    assert_eq!(b.try_acquire(late + 10 * MS), Ok(()));
+}
+
+#[test]
+fn the_slack_never_lets_a_request_in_before_a_pause_ends() {
+    // Full for 1 ms (within the 2.5 ms slack) when a 5 s pause starts.
+    let b = TokenBucket::new(6000.0, 1);
+    let t0 = 1_000 * S;
+    assert_eq!(b.try_acquire(t0), Ok(()));
+    let now = t0 + 11 * MS;
+    b.pause_until(now + 5 * S);
+    assert_eq!(b.wait_time(now), Duration::from_secs(5));
+    assert_eq!(b.try_acquire(now + 5 * S - 1), Err(Duration::from_nanos(1)));
+    // Taken 2 ms after the pause end: the next token is one interval after the end.
+    assert_eq!(b.try_acquire(now + 5 * S + 2 * MS), Ok(()));
+    assert_eq!(
+        b.try_acquire(now + 5 * S + 10 * MS - 1),
+        Err(Duration::from_nanos(1))
+    );
+    assert_eq!(b.try_acquire(now + 5 * S + 10 * MS), Ok(()));
+    // With a burst: exactly one token at the end, none before, the rest one per T.
+    let b = TokenBucket::new(6000.0, 3);
+    b.pause_until(t0);
+    assert_eq!(b.try_acquire(t0 - 1), Err(Duration::from_nanos(1)));
+    assert_eq!(drain(&b, t0), 1);
+    assert_eq!(drain(&b, t0 + 10 * MS - 1), 0);
+    assert_eq!(drain(&b, t0 + 10 * MS), 1);
+}
+
+#[test]
+fn idling_earns_no_more_than_capacity_and_at_most_the_slack_toward_the_next_token() {
+    for capacity in [1u32, 3] {
+        let cap = u64::from(capacity);
+        // 60 RPM: T = 1 s, slack 20 ms. Drained at 0, full again at cap seconds.
+        for (full_for, next_after) in [
+            (0, S),                 // full just now: the next token one interval on
+            (10 * MS, S - 10 * MS), // full 10 ms: 10 ms of it count toward the next
+            (20 * MS, S - 20 * MS), // the whole slack
+            (20 * MS + 1, S),       // past the slack: idling earns nothing
+            (3600 * S, S),          // an hour
+        ] {
+            let b = TokenBucket::new(60.0, capacity);
+            assert_eq!(drain(&b, 0), cap);
+            let now = cap * S + full_for;
+            assert_eq!(b.tokens(now), cap as f64, "b={cap} full for {full_for}");
+            assert_eq!(drain(&b, now), cap, "b={cap} full for {full_for}");
+            assert_eq!(
+                b.wait_time(now),
+                Duration::from_nanos(next_after),
+                "b={cap} full for {full_for}"
+            );
+        }
+    }
+}
+
 // === Properties ===
 
 /// Replays `arrivals` (sorted nanos) and returns the admitted times.
@@ -227,6 +339,25 @@ fn admitted(b: &TokenBucket, arrivals: &[u64]) -> Vec<u64> {
         .copied()
         .filter(|&t| b.try_acquire(t).is_ok())
         .collect()
+}
+
+/// Checks `j - i + 1 <= (a_j - a_i + s) / T + capacity` for every pair of admitted
+/// times, in exact integers; says which window broke it.
+fn window_bound_holds(a: &[u64], t_ns: u64, capacity: u32) -> Result<(), String> {
+    let cap = u128::from(capacity);
+    let s_ns = u128::from(slack_nanos(t_ns));
+    for i in 0..a.len() {
+        for j in i..a.len() {
+            let count = (j - i + 1) as u128;
+            if count > cap && (count - cap) * u128::from(t_ns) > u128::from(a[j] - a[i]) + s_ns {
+                return Err(format!(
+                    "{count} admitted in [{}, {}] at T={t_ns} s={s_ns} b={capacity}",
+                    a[i], a[j]
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn schedule(max_gap: u64) -> impl Strategy<Value = Vec<u64>> {
@@ -242,10 +373,11 @@ fn schedule(max_gap: u64) -> impl Strategy<Value = Vec<u64>> {
 }
 
 proptest! {
-    /// For admitted times `a_i <= a_j`, `j - i + 1 <= (a_j - a_i) / T + capacity`:
-    /// no window of any length admits more than its share plus one burst.
+    /// For admitted times `a_i <= a_j`, `j - i + 1 <= (a_j - a_i + s) / T + capacity`:
+    /// no window of any length admits more than its share, stretched by the slack, plus
+    /// one burst.
     #[test]
-    fn no_window_admits_more_than_rate_times_length_plus_capacity(
+    fn no_window_admits_more_than_rate_times_length_plus_slack_plus_capacity(
         rpm in 1.0f64..100_000.0,
         capacity in 1u32..50,
         gap_scale in prop::sample::select(vec![MS, 10 * MS, 100 * MS, S]),
@@ -262,20 +394,65 @@ proptest! {
             })
             .collect();
         let a = admitted(&b, &arrivals);
-        let cap = u128::from(capacity);
-        for i in 0..a.len() {
-            for j in i..a.len() {
-                let count = (j - i + 1) as u128;
-                if count > cap {
-                    prop_assert!(
-                        (count - cap) * u128::from(t_ns) <= u128::from(a[j] - a[i]),
-                        "{count} admitted in [{}, {}] at T={t_ns} b={capacity}",
-                        a[i],
-                        a[j]
-                    );
-                }
-            }
+        prop_assert_eq!(window_bound_holds(&a, t_ns, capacity), Ok(()));
+    }
+
+    /// Arrivals a whole number of intervals apart give or take up to twice the slack:
+    /// the schedule of a late dispatcher, and of a client probing the slack's edge.
+    #[test]
+    fn arrivals_around_each_due_time_never_beat_the_window_bound(
+        rpm in prop::sample::select(vec![60.0, 600.0, 1_200.0, 6_000.0, 60_000.0]),
+        capacity in 1u32..4,
+        steps in prop::collection::vec((0u64..3, 0u64..=400), 1..400),
+    ) {
+        let t_ns = interval_nanos(rpm);
+        let s_ns = slack_nanos(t_ns);
+        let b = TokenBucket::new(rpm, capacity);
+        let mut due = 1_000 * S;
+        let arrivals: Vec<u64> = steps
+            .into_iter()
+            .map(|(k, jitter)| {
+                due += k * t_ns;
+                // From `s` early to `s` late, in hundredths of the slack.
+                due - s_ns + jitter * s_ns / 200
+            })
+            .collect();
+        let mut sorted = arrivals.clone();
+        sorted.sort_unstable();
+        let a = admitted(&b, &sorted);
+        prop_assert_eq!(window_bound_holds(&a, t_ns, capacity), Ok(()));
+    }
+
+    /// However long and however it ends, an idle period leaves at most `capacity`
+    /// tokens, and the slack earns no extra one: from the end of the idle, a window
+    /// shorter than `T - s` admits at most `capacity`.
+    #[test]
+    fn idling_never_earns_more_than_capacity(
+        rpm in 1.0f64..100_000.0,
+        capacity in 1u32..20,
+        takes in 0u32..40,
+        // Idle for whole intervals plus up to twice the slack (the bucket fills again a
+        // whole number of intervals after `t0`), or for up to a year.
+        intervals in 0u64..25,
+        jitter in 0u64..=200,
+        long_idle in prop::option::of(0u64..31_536_000 * S),
+    ) {
+        let t_ns = interval_nanos(rpm);
+        let s_ns = slack_nanos(t_ns);
+        let b = TokenBucket::new(rpm, capacity);
+        let t0 = 1_000 * S;
+        for _ in 0..takes {
+            let _ = b.try_acquire(t0);
         }
+        let idle = long_idle.unwrap_or(intervals * t_ns + jitter * s_ns / 100);
+        let now = t0 + idle;
+        let at_once = drain(&b, now);
+        let soon = drain(&b, now + t_ns - s_ns - 1);
+        prop_assert!(at_once <= u64::from(capacity));
+        prop_assert!(
+            at_once + soon <= u64::from(capacity),
+            "{at_once} then {soon} within T - s at T={t_ns} after {idle} ns idle"
+        );
     }
 
     /// Whatever the schedule, the first `capacity` arrivals at one instant are admitted.

@@ -4,8 +4,8 @@
   all at once, round after round: time to the first `data:` line and to the end.
 - `dashboard_clients`: N `GET /api/dashboard/stream` readers counting SSE frames.
 - `idle_connections`: N keep-alive connections that each send one request, then sit idle.
-- `probe`: one keep-alive connection timing answers by status (for 429 latency under a
-  flood).
+- `probe`: keep-alive connections timing answers by status (for 429 latency under a
+  flood): one back to back, or requests on a fixed schedule over a few.
 
 Responses are parsed by hand (status line, headers, chunked or Content-Length bodies), so
 every byte the server sends is accounted for: a connection closed mid-answer is an error,
@@ -14,6 +14,7 @@ not a short read.
 
 import asyncio
 import math
+import queue
 import socket
 import statistics
 import struct
@@ -533,44 +534,101 @@ def idle_connections(host: str, port: int, n: int, hold: float, sample: Callable
     }
 
 
-def probe(host: str, port: int, raw: bytes, stop: threading.Event, out: dict) -> None:
-    """Send `raw` back to back on one keep-alive connection until `stop`; latencies by
-    status into `out` (for a thread: results land in `out` when it returns)."""
+def probe(host: str, port: int, raw: bytes, stop: threading.Event, out: dict,
+          interval: float = 0.0, connections: int = 1, grace: float = 20.0) -> None:
+    """Time answers to `raw` by status until `stop`; results land in `out` when it returns
+    (for a thread). Without `interval`: one keep-alive connection, back to back. With it:
+    one request every `interval` seconds on a fixed schedule, each on whichever of
+    `connections` keep-alive connections is free (an admitted request waits in the queue
+    for a while and should not hold up the next 429s); a request due while all are busy
+    is skipped and counted. Latency runs from the send to the end of the answer. A paced
+    request still unanswered `grace` seconds after `stop` is counted in
+    `unanswered_at_end`, and the results are returned without it."""
     lat: dict[str, list[float]] = {}
     errors: list[str] = []
-    no_retry_after = 0
-    reconnects = 0
-    s = None
-    while not stop.is_set():
-        try:
-            if s is None:
-                s = socket.create_connection((host, port), timeout=30)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t0 = now()
-            s.sendall(raw)
-            p = read_response(s)
-        except (OSError, ConnectionError) as e:
-            errors.append(repr(e))
-            if s:
+    counts = {"no_retry_after": 0, "reconnects": 0, "skipped": 0, "busy": 0}
+    lock = threading.Lock()
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    inflight: dict[int, float] = {}  # thread id -> send time of its unanswered request
+
+    def conn_loop(paced: bool) -> None:
+        s = None
+        me = threading.get_ident()
+        while not stop.is_set():
+            if paced:
+                try:
+                    jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            t0 = None
+            try:
+                if s is None:
+                    s = socket.create_connection((host, port), timeout=30)
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                t0 = inflight[me] = now()
+                s.sendall(raw)
+                r = read_response(s)
+                dt = now() - t0
+                del inflight[me]
+            except (OSError, ConnectionError) as e:
+                with lock:
+                    inflight.pop(me, None)
+                    errors.append(f"connect: {e!r}" if t0 is None else f"{e!r} {now() - t0:.3f} s after the send")
+                    counts["busy"] -= paced
+                if s:
+                    s.close()
+                s = None
+                if not paced:
+                    time.sleep(0.01)
+                continue
+            with lock:
+                lat.setdefault(str(r.status), []).append(dt)
+                if r.status == 429 and "retry-after" not in r.headers:
+                    counts["no_retry_after"] += 1
+                if not r.keep_alive:
+                    counts["reconnects"] += 1
+                counts["busy"] -= paced
+            if not r.keep_alive:
                 s.close()
-            s = None
-            time.sleep(0.01)
-            continue
-        dt = now() - t0
-        lat.setdefault(str(p.status), []).append(dt)
-        if p.status == 429 and "retry-after" not in p.headers:
-            no_retry_after += 1
-        if not p.keep_alive:
+                s = None
+        if s:
             s.close()
-            s = None
-            reconnects += 1
-    if s:
-        s.close()
+
+    if not interval:
+        conn_loop(False)
+    else:
+        threads = [threading.Thread(target=conn_loop, args=(True,), daemon=True) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        due = now()
+        while True:
+            due += interval
+            if stop.wait(max(0.0, due - now())):
+                break
+            with lock:
+                if counts["busy"] >= connections:
+                    counts["skipped"] += 1
+                    continue
+                counts["busy"] += 1
+            jobs.put(due)
+        # Whatever is still unanswered after `grace` is reported as such, not waited for.
+        end = now() + grace
+        for t in threads:
+            t.join(timeout=max(0.0, end - now()))
+    with lock:  # a late answer may still land meanwhile
+        stuck = sorted(now() - t0 for t0 in list(inflight.values()))
+        got = {k: list(v) for k, v in lat.items()}
+        errs = list(errors)
     out.update({
-        "statuses": {k: len(v) for k, v in lat.items()},
-        "latency_ms": {k: {f"p{q}": _ms(pct(v, q)) for q in (50, 99)} for k, v in lat.items()},
-        "errors": len(errors),
-        "error_samples": errors[:5],
-        "429_without_retry_after": no_retry_after,
-        "reconnects": reconnects,
+        "unanswered_at_end": len(stuck),
+        "unanswered_waited_s": [round(x, 3) for x in stuck],
+        "statuses": {k: len(v) for k, v in got.items()},
+        "latency_ms": {k: {f"p{q}": _ms(pct(v, q)) for q in (50, 99, 99.9)} for k, v in got.items()},
+        "interval_s": interval,
+        "connections": connections,
+        "skipped_all_busy": counts["skipped"],
+        "errors": len(errs),
+        "error_samples": errs[:5],
+        "429_without_retry_after": counts["no_retry_after"],
+        "reconnects": counts["reconnects"],
     })

@@ -87,3 +87,15 @@ def histogram_quantile(q: float, bkts: list[tuple[float, float]]) -> float:
     if count <= 0:
         return end
     return start + (end - start) * ((rank - below) / count)
+
+
+def lowest(bkts: list[tuple[float, float]], n: float) -> list[tuple[float, float]]:
+    """The cumulative buckets of the `n` lowest observations of `bkts`: each count capped
+    at `n`. When a series mixes two populations and one lies wholly below the other (the
+    sidecar's rejections under its queued admissions), this is the lower one's histogram."""
+    return [(le, min(c, n)) for le, c in bkts]
+
+
+def count_le(bkts: list[tuple[float, float]], bound: float) -> float:
+    """Observations at or below `bound`, which must be one of the bucket bounds."""
+    return next((c for le, c in bkts if le == bound), math.nan)

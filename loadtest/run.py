@@ -8,8 +8,14 @@ Scenarios (each for a fixed duration):
   sidecar-passthrough  the same through the unmetered route (queue 0 + fallback passthrough)
   route-ab             limited against passthrough in alternating short runs (full form only):
                        the throughput ratio with the machine's background load cancelled out
-  overload             6,000 RPM, burst 1, queue 64, no fallback, under an oha flood:
-                       admitted rate accuracy, latency of the 429s, peak RSS
+  overload             6,000 RPM, burst 1, queue 64, no fallback, under a closed-loop oha
+                       flood (-c 256, back to back): admitted rate accuracy under
+                       saturation, peak RSS; its 429 latency is Little's law (connections /
+                       throughput), the wait behind the other connections
+  overload-paced       the same sidecar under an open-loop flood: oha -q 2000 (20x the rate,
+                       far under the sidecar's saturation) --latency-correction, -c 128 (64
+                       sit in the queue): the latency of a rejection (oha's 429s, a paced
+                       probe's, and the sidecar's own histogram), admitted rate, CPU/request
   streaming            N SSE completions started at once, round after round, and a lone stream,
                        direct, through nginx and through the sidecar: time to the first
                        `data:` line (kernel receive timestamps) and to the end
@@ -29,7 +35,7 @@ printed at the end.
 
 Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--only a,b] [--no-build]
 --short is the CI form: 3 s per scenario, 100 streams, 200 dashboard clients, 2,000 idle
-connections, no route-ab; about 45 s. Whatever the form, the exit
+connections, no route-ab; about 50 s. Whatever the form, the exit
 status is 1 only for errors that mean a bug (a process that died, a request without an
 answer, a status other than the expected ones, a stream without [DONE], a dashboard
 client without frames, more snapshot builds than ticks), never for timing or throughput.
@@ -61,7 +67,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHAT = '{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = '{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 API_KEY = "nvapi-loadtest-key"
-SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "streaming", "dashboard", "idle"]
+SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "overload-paced", "streaming", "dashboard", "idle"]
 # route-ab measures only throughput, which the CI form never judges.
 SHORT_SKIPS = {"route-ab"}
 # oha stops a -z run by aborting the requests still in flight: not proxy errors.
@@ -128,6 +134,20 @@ def cpu_seconds_precise(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 pass
     return total / 1e9
+
+
+def cpu_pressure_us() -> float | None:
+    """The kernel's CPU pressure: microseconds in which some runnable task waited for a
+    core (/proc/pressure/cpu, `some` total); None without PSI. Over a run, its share of
+    the run's time says how crowded the cores were (the other sessions on the machine
+    included), which is what tail latencies on a shared machine mostly measure."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some "):
+                return float(dict(f.split("=") for f in line.split()[1:])["total"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
 
 
 def rss_kib(pid: int) -> int:
@@ -503,17 +523,48 @@ class LoadTest:
         self.stop("route-ab", pas)
 
     def s_overload(self) -> None:
+        self.overload("overload", self.args.overload_connections)
+
+    def s_overload_paced(self) -> None:
+        self.overload("overload-paced", self.args.overload_paced_connections, qps=self.args.overload_rate)
+
+    def overload(self, name: str, connections: int, qps: int | None = None) -> None:
+        """6,000 RPM, burst 1, queue 64, no fallback: everything past the queue is a 429.
+        Closed loop (qps None): `connections` oha connections back to back, the admitted
+        rate under saturation; the latencies are Little's law (connections / throughput).
+        Open loop (qps): oha sends `qps` requests a second whatever the answers take
+        (--latency-correction: from the time each request was due), with connections to
+        spare beside the 64 that sit in the queue; the 429s' latency is then the
+        sidecar's cost of a rejection, not the wait behind the other connections."""
         a = self.args
-        rate_rpm = 6000
-        sc, port, mport = self.sidecar("sidecar-overload", self.up_port, SIDECAR_RATE_RPM=str(rate_rpm),
-                                       SIDECAR_BUCKET_CAPACITY="1", SIDECAR_QUEUE_MAX_SIZE="64",
+        rate_rpm, queue = 6000, 64
+        extra = [*self.body, "--stats-success-breakdown"]
+        floor = None
+        if qps:
+            extra += ["-q", str(qps), "--latency-correction"]
+            # The same open-loop load straight to the simulated upstream (200s, no sidecar):
+            # what oha measures on this machine for a request that costs next to nothing,
+            # its own scheduling and the kernel's included. A rejection cannot look faster.
+            psi0, w0 = cpu_pressure_us(), time.perf_counter()
+            res = oha(f"http://127.0.0.1:{self.up_port}/v1/chat/completions", a.duration, connections, extra)
+            psi1, w1 = cpu_pressure_us(), time.perf_counter()
+            floor = summarize(f"{name} floor", res, None, None)
+            floor["connections"] = connections
+            floor["cpu_pressure_pct"] = None if psi0 is None else (psi1 - psi0) / 1e6 / (w1 - w0) * 100
+            if floor["errors"] or floor["non_2xx"]:
+                self.fail(name, f"direct to the upstream: {floor['errors']} errors, statuses {floor['statuses']}")
+        sc, port, mport = self.sidecar(f"sidecar-{name}", self.up_port, SIDECAR_RATE_RPM=str(rate_rpm),
+                                       SIDECAR_BUCKET_CAPACITY="1", SIDECAR_QUEUE_MAX_SIZE=str(queue),
                                        SIDECAR_FALLBACK_ENABLED_PASSTHROUGH="false")
         m0 = prom.scrape(mport)
         mock0 = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/mock/stats", timeout=5))
-        # A client of our own beside the flood: every answer timed by status, Retry-After checked.
+        # A client of our own beside the flood: every answer timed by status, Retry-After
+        # checked. Back to back under the closed-loop flood; under the open-loop one, paced
+        # (back to back it would be a second flood of its own, from Python, and load the cores).
         stop, probe = threading.Event(), {}
         raw = clients.request_bytes("POST", "127.0.0.1", port, "/v1/chat/completions", CHAT.encode())
-        t = threading.Thread(target=clients.probe, args=("127.0.0.1", port, raw, stop, probe), daemon=True)
+        interval, pconns = (a.probe_interval, a.probe_connections) if qps else (0.0, 1)
+        t = threading.Thread(target=clients.probe, args=("127.0.0.1", port, raw, stop, probe, interval, pconns), daemon=True)
         # The upstream's request counter every 100 ms: the admitted rate away from the
         # flood's first and last moments (oha opening its connections, aborting at the end).
         counter: list[tuple[float, int]] = []
@@ -529,18 +580,22 @@ class LoadTest:
         c = threading.Thread(target=count_upstream, daemon=True)
         t.start()
         c.start()
+        psi0, w0 = cpu_pressure_us(), time.perf_counter()
         try:
-            row, res = self.oha_row("overload", f"http://127.0.0.1:{port}/v1/chat/completions", sc,
-                                    a.overload_connections, [*self.body, "--stats-success-breakdown"],
-                                    allowed={"200", "429"})
+            row, res = self.oha_row(name, f"http://127.0.0.1:{port}/v1/chat/completions", sc,
+                                    connections, extra, allowed={"200", "429"})
         finally:
+            psi1, w1 = cpu_pressure_us(), time.perf_counter()
             stop.set()
             t.join(timeout=30)
             c.join(timeout=10)
+        if qps:
+            row["paced"] = True
         m1 = prom.scrape(mport)
         mock1 = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/mock/stats", timeout=5))
         codes = row["statuses"]
-        ok = codes.get("200", 0) + probe.get("statuses", {}).get("200", 0)
+        pst = probe.get("statuses", {})
+        ok = codes.get("200", 0) + pst.get("200", 0)
         elapsed = row["elapsed_s"] or a.duration
         target = rate_rpm / 60
         admitted_rate = ok / elapsed
@@ -554,43 +609,84 @@ class LoadTest:
                 steady = (mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0])
 
         def ms(v):
-            return None if v is None else v * 1e3
+            return None if v is None or v != v else v * 1e3
 
         def delta(outcome):
             return int(prom.total(m1, "sidecar_requests_total", route="limited", outcome=outcome)
                        - prom.total(m0, "sidecar_requests_total", route="limited", outcome=outcome))
 
-        self.extra["overload"] = {
-            "rate_rpm": rate_rpm, "bucket_capacity": 1, "queue_max_size": 64,
-            "connections": a.overload_connections, "elapsed_s": elapsed,
+        # The sidecar's own view of a rejection. A 429 for a full queue is recorded with no
+        # route, which record.rs counts as `limited`: `sidecar_request_duration_seconds
+        # {route="limited"}` holds the rejections (from the request's arrival, after its
+        # head is parsed, to the 429 built, before it is written) together with the admitted
+        # requests, which waited in the queue. The admissions lie above the rejections (a
+        # full queue of 64 at 100/s is a wait of 0.64 s), so the `rejected` lowest
+        # observations are the rejections; an admission with a short queue wait (from
+        # sidecar_queue_wait_seconds) is one that could sit among them.
+        h = prom.delta(prom.buckets(m1, "sidecar_request_duration_seconds", route="limited"),
+                       prom.buckets(m0, "sidecar_request_duration_seconds", route="limited"))
+        qw = prom.delta(prom.buckets(m1, "sidecar_queue_wait_seconds"), prom.buckets(m0, "sidecar_queue_wait_seconds"))
+        rejected = delta("rejected")
+        hr = prom.lowest(h, rejected)
+        le1, le025 = prom.count_le(h, 0.001), prom.count_le(h, 0.00025)
+        hist = {
+            "series": 'sidecar_request_duration_seconds{route="limited"}',
+            "count": h[-1][1] if h else 0,
+            "rejected": rejected,
+            "rejected_ms": {k: ms(prom.histogram_quantile(q, hr)) if rejected else None
+                            for k, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))},
+            "rejected_le_1ms_pct": min(le1, rejected) / rejected * 100 if rejected and le1 == le1 else None,
+            "rejected_le_250us_pct": min(le025, rejected) / rejected * 100 if rejected and le025 == le025 else None,
+            "series_ms": {k: ms(prom.histogram_quantile(q, h)) for k, q in (("p50", 0.5), ("p99", 0.99))},
+            "admitted_queue_wait_le_10ms": prom.count_le(qw, 0.01) if qw else 0,
+        }
+        clients_429 = codes.get("429", 0) + pst.get("429", 0)
+        sent = row["requests"] + row["aborted_at_deadline"]
+        self.extra[name.replace("-", "_")] = {
+            "mode": f"open loop, oha -q {qps} --latency-correction" if qps else "closed loop",
+            "offered_per_s": qps,
+            "sent_per_s": sent / elapsed if qps else None,
+            "rate_rpm": rate_rpm, "bucket_capacity": 1, "queue_max_size": queue,
+            "connections": connections, "elapsed_s": elapsed,
             "admitted_200": ok, "target_per_s": target, "admitted_per_s": admitted_rate,
             "admitted_error_pct": (admitted_rate - target) / target * 100,
             "steady_upstream_per_s": steady,
             "steady_error_pct": None if steady is None else (steady - target) / target * 100,
-            "rejected_429": codes.get("429", 0) + probe.get("statuses", {}).get("429", 0),
+            "rejected_429": clients_429,
             "rejected_per_s": codes.get("429", 0) / elapsed,
             "oha_429_ms": {"p50": ms(nok.get("p50")), "p99": ms(nok.get("p99")), "p99.9": ms(nok.get("p99.9"))},
+            "oha_200_ms": {k: ms(v) for k, v in res.get("latencyPercentilesSuccessful", {}).items() if k in ("p50", "p99")},
             "probe": probe,
-            "sidecar_metrics": {"success": delta("success"), "rejected": delta("rejected"), "client_gone": delta("client_gone")},
+            "floor": floor,
+            "cpu_pressure_pct": None if psi0 is None else (psi1 - psi0) / 1e6 / (w1 - w0) * 100,
+            "sidecar_metrics": {"success": delta("success"), "rejected": rejected, "client_gone": delta("client_gone")},
+            "sidecar_histogram": hist,
             "upstream_requests": mock1["requests"] - mock0["requests"],
             "upstream_429": mock1["rate_limited"] - mock0["rate_limited"],
             "peak_rss_mib": sc.peak_rss / 1024,
             "cpu_us_per_req": row["cpu_us_per_req"],
         }
         if not codes.get("200"):
-            self.fail("overload", "no request admitted")
+            self.fail(name, "no request admitted")
         if not codes.get("429"):
-            self.fail("overload", f"no 429 with {a.overload_connections} connections against a queue of 64")
+            self.fail(name, f"no 429 with {connections} connections against a queue of {queue}")
         if t.is_alive():
-            self.fail("overload", "the probe client got no answer 30 s after the flood")
+            self.fail(name, "the probe client got no answer 30 s after the flood")
+        if probe.get("unanswered_at_end"):
+            self.fail(name, f"probe: {probe['unanswered_at_end']} requests without an answer 20 s after the flood "
+                            f"(sent {probe['unanswered_waited_s']} s before)")
         if probe.get("errors"):
-            self.fail("overload", f"probe: {probe['errors']} requests without an answer: {probe['error_samples']}")
+            self.fail(name, f"probe: {probe['errors']} requests without an answer: {probe['error_samples']}")
         if probe.get("429_without_retry_after"):
-            self.fail("overload", f"probe: {probe['429_without_retry_after']} 429s without Retry-After")
-        odd = {k: v for k, v in probe.get("statuses", {}).items() if k not in ("200", "429")}
+            self.fail(name, f"probe: {probe['429_without_retry_after']} 429s without Retry-After")
+        odd = {k: v for k, v in pst.items() if k not in ("200", "429")}
         if odd:
-            self.fail("overload", f"probe: unexpected statuses {odd}")
-        self.stop("overload", sc)
+            self.fail(name, f"probe: unexpected statuses {odd}")
+        # Every 429 a client saw was a rejection the sidecar counted (it may count a few
+        # more: answers oha dropped at its deadline).
+        if rejected < clients_429:
+            self.fail(name, f"the clients got {clients_429} 429s, the sidecar counted {rejected} rejections")
+        self.stop(name, sc)
 
     def s_streaming(self) -> None:
         a = self.args
@@ -729,7 +825,7 @@ class LoadTest:
         by = {r["scenario"]: r for r in self.rows}
         direct, nginx = by.get("direct"), by.get("nginx")
         for r in self.rows:
-            if r["scenario"] == "overload" or r.get("paced"):
+            if r["scenario"].startswith("overload") or r.get("paced"):
                 continue
             if direct and direct["rps"]:
                 r["rps_vs_direct"] = r["rps"] / direct["rps"]
@@ -744,6 +840,11 @@ class LoadTest:
 
         def f(v, fmt="{:.0f}"):
             return "-" if v is None else fmt.format(v)
+
+        def hq(v):
+            """A quantile of the sidecar's histogram, in ms: within the first bucket,
+            interpolation says nothing more than the bound."""
+            return "-" if v is None else "≤ 0.25" if v <= 0.25 else f"{v:.3f}"
 
         L = [
             f"oha -z {a.duration}s, {a.workers} proxy workers, {os.cpu_count()} cores "
@@ -777,19 +878,49 @@ class LoadTest:
                 L.append(f"| {r['scenario']} | {r['requests']} | {m['histogram_count']:.0f} | {r['p50_ms']:.3f} | {m['p50_ms']:.3f} | "
                          f"{r['p99_ms']:.3f} | {m['p99_ms']:.3f} | {r['p999_ms']:.3f} | {m['p999_ms']:.3f} | "
                          f"{', '.join(f'{k} {v}' for k, v in m['requests_by_route_outcome'].items())} |")
-        o = self.extra.get("overload")
-        if o:
-            p = o["probe"]
-            p429 = p.get("latency_ms", {}).get("429", {})
-            L += ["", f"overload: {o['rate_rpm']} RPM, burst {o['bucket_capacity']}, queue {o['queue_max_size']}, no fallback, "
-                      f"oha -c {o['connections']} plus one probe connection", "",
-                  "| admitted 200s | in s | admitted/s | target/s | error | upstream/s mid-flood | error | 429s | 429/s | 429 p50 ms (oha) | 429 p99 ms (oha) | 429 p50 ms (probe) | 429 p99 ms (probe) | probe 429s | upstream requests | upstream 429s | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {o['admitted_200']} | {o['elapsed_s']:.2f} | {o['admitted_per_s']:.2f} | {o['target_per_s']:.0f} | {o['admitted_error_pct']:+.2f}% | "
-                  f"{f(o['steady_upstream_per_s'], '{:.2f}')} | {f(o['steady_error_pct'], '{:+.2f}%')} | "
-                  f"{o['rejected_429']} | {o['rejected_per_s']:.0f} | {f(o['oha_429_ms']['p50'], '{:.3f}')} | {f(o['oha_429_ms']['p99'], '{:.3f}')} | "
-                  f"{f(p429.get('p50'), '{:.3f}')} | {f(p429.get('p99'), '{:.3f}')} | {p.get('statuses', {}).get('429', 0)} | "
-                  f"{o['upstream_requests']} | {o['upstream_429']} | {o['peak_rss_mib']:.1f} |"]
+        ov = [(k, self.extra[k]) for k in ("overload", "overload_paced") if k in self.extra]
+        if ov:
+            L += ["", "overload: 6,000 RPM (100/s), burst 1, queue 64, no fallback; the flood from oha plus one probe "
+                      "connection of our own back to back beside the closed-loop flood; beside the open-loop one, a probe "
+                      f"request every {a.probe_interval * 1e3:g} ms on whichever of {a.probe_connections} connections is free", ""]
+            for k, o in ov:
+                how = (f"oha -c {o['connections']}, each connection back to back: latency = connections / throughput"
+                       if not o["offered_per_s"] else
+                       f"oha -q {o['offered_per_s']} --latency-correction -c {o['connections']} "
+                       f"({o['offered_per_s'] / o['target_per_s']:.0f}× the rate; 64 connections wait in the queue, the rest "
+                       f"answer the 429s), {f(o['sent_per_s'])} requests/s sent")
+                psi = f"; CPU pressure {f(o['cpu_pressure_pct'], '{:.0f}%')} of the time"
+                if o.get("floor"):
+                    psi += f" ({f(o['floor']['cpu_pressure_pct'], '{:.0f}%')} during the floor run)"
+                L.append(f"- {k.replace('_', '-')}: {how}{psi}")
+            L += ["", "(CPU pressure: the share of the time some runnable task waited for a core, from /proc/pressure/cpu, "
+                      "this machine's other work included; the tail latencies follow it)",
+                  "", "| scenario | admitted 200s | in s | admitted/s | target/s | error | upstream/s mid-flood | error | upstream requests | upstream 429s | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for k, o in ov:
+                L.append(f"| {k.replace('_', '-')} | {o['admitted_200']} | {o['elapsed_s']:.2f} | {o['admitted_per_s']:.2f} | {o['target_per_s']:.0f} | "
+                         f"{o['admitted_error_pct']:+.2f}% | {f(o['steady_upstream_per_s'], '{:.2f}')} | {f(o['steady_error_pct'], '{:+.2f}%')} | "
+                         f"{o['upstream_requests']} | {o['upstream_429']} | {o['peak_rss_mib']:.1f} |")
+            L += ["", "The 429s: oha's latency of its not-successful answers, the probe's, and the sidecar's "
+                      '`sidecar_request_duration_seconds{route="limited"}`: rejections have no route and are counted as limited, '
+                      "beside the admitted requests; the rejections' quantiles are those of the series' `rejected` lowest "
+                      "observations (the admissions waited in the queue, 0.64 s when full), with histogram_quantile's "
+                      "interpolation (buckets 0.25, 0.5, 1 ms, ...) and from arrival to the 429 built, before it is written", "",
+                  "| scenario | 429s | 429/s | oha p50 ms | oha p99 ms | oha p99.9 ms | probe 429s | probe p50 ms | probe p99 ms | "
+                  "sidecar p50 ms | sidecar p99 ms | sidecar p99.9 ms | sidecar ≤ 0.25 ms | sidecar ≤ 1 ms | admissions waiting ≤ 10 ms | proxy CPU µs/req |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for k, o in ov:
+                p429 = o["probe"].get("latency_ms", {}).get("429", {})
+                hs = o["sidecar_histogram"]
+                L.append(f"| {k.replace('_', '-')} | {o['rejected_429']} | {o['rejected_per_s']:.0f} | {f(o['oha_429_ms']['p50'], '{:.3f}')} | "
+                         f"{f(o['oha_429_ms']['p99'], '{:.3f}')} | {f(o['oha_429_ms']['p99.9'], '{:.3f}')} | "
+                         f"{o['probe'].get('statuses', {}).get('429', 0)} | {f(p429.get('p50'), '{:.3f}')} | {f(p429.get('p99'), '{:.3f}')} | "
+                         f"{hq(hs['rejected_ms']['p50'])} | {hq(hs['rejected_ms']['p99'])} | {hq(hs['rejected_ms']['p99.9'])} | "
+                         f"{f(hs['rejected_le_250us_pct'], '{:.2f}%')} | {f(hs['rejected_le_1ms_pct'], '{:.2f}%')} | {f(hs['admitted_queue_wait_le_10ms'])} | {f(o['cpu_us_per_req'], '{:.1f}')} |")
+                fl = o.get("floor")
+                if fl:
+                    L.append(f"| floor: the same oha load straight to the upstream (200s) | {fl['ok']} | {fl['rps']:.0f} | {fl['p50_ms']:.3f} | "
+                             f"{fl['p99_ms']:.3f} | {fl['p999_ms']:.3f} | - | - | - | - | - | - | - | - | - | - |")
         s = self.extra.get("streaming")
         if s and "direct" in s:
             L += ["", f"streaming: {s['streams']} SSE completions started at once, round after round for {a.duration} s "
@@ -842,8 +973,15 @@ class LoadTest:
                            + ("" if i["opened"] >= 10000 else f" (10,000 would be about {i['rss_before_mib'] + (i['kib_per_connection'] or 0) * 10000 / 1024:.0f} MiB)"))
         if d:
             targets.append(f"snapshot builds = ticks: {d['snapshot_builds']:.0f} builds in {d['ticks']:.1f} ticks for {d['connected']} clients")
-        if o:
-            targets.append(f"admitted rate at 6,000 RPM: {o['admitted_per_s']:.1f}/s ({o['admitted_error_pct']:+.1f}%)")
+        for k, o in ov:
+            targets.append(f"admitted rate at 6,000 RPM, {k.replace('_', '-')}: {o['admitted_per_s']:.1f}/s ({o['admitted_error_pct']:+.1f}%)")
+        op = self.extra.get("overload_paced")
+        if op:
+            v, hs = op["oha_429_ms"]["p99"], op["sidecar_histogram"]
+            targets.append(f"rejections < 1 ms p99 (open loop, oha -q {op['offered_per_s']}): {f(v, '{:.3f}')} ms "
+                           f"{'met' if v is not None and v < 1 else 'NOT met'} (oha's floor, the same load straight to the upstream: "
+                           f"p99 {f(op['floor'] and op['floor']['p99_ms'], '{:.3f}')} ms); the sidecar's own: p99 "
+                           f"{hq(hs['rejected_ms']['p99'])} ms, {f(hs['rejected_le_1ms_pct'], '{:.2f}%')} ≤ 1 ms")
         if targets:
             L += ["", "Targets:", *[f"- {t}" for t in targets]]
         if self.failures:
@@ -872,6 +1010,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--overload-connections", type=int, default=256, help="oha connections of the flood (more than the queue)")
+    ap.add_argument("--overload-rate", type=int, default=2000,
+                    help="req/s of overload-paced, oha's open loop (20x the sidecar's 100/s, well under its saturation)")
+    ap.add_argument("--overload-paced-connections", type=int, default=128,
+                    help="oha connections of overload-paced: 64 wait in the queue, the rest answer the 429s")
+    ap.add_argument("--probe-interval", type=float, default=0.01, help="seconds between the probe's requests in overload-paced")
+    ap.add_argument("--probe-connections", type=int, default=16,
+                    help="connections the paced probe spreads its requests over (an admitted one holds its connection in the queue)")
     ap.add_argument("--paced-rate", type=int, default=1000, help="req/s of the paced run beside sidecar-limited (0: none)")
     ap.add_argument("--streams", type=int)
     ap.add_argument("--dashboard-clients", type=int)

@@ -20,13 +20,16 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::TokioTimer;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+mod connection;
+
+use connection::Conns;
+pub use connection::{Tracked, CROWDED, PARK_AFTER};
 
 use crate::app::{App, Shutdown};
 use crate::body::BoxError;
@@ -127,7 +130,7 @@ where
     M: Fn(usize) -> H + Send + Sync + 'static,
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
     Fut: Future<Output = Response<B>> + 'static,
-    B: Body<Data = Bytes> + 'static,
+    B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     if spec.listen.port() != 0 {
@@ -183,18 +186,21 @@ where
     })
 }
 
-fn builder(limits: &Limits) -> auto::Builder<LocalExec> {
-    let mut b = auto::Builder::new(LocalExec);
-    b.http1()
-        .timer(TokioTimer::new())
+fn h1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // hyper's own limits sit above ours so that a request just over our limits gets
         // our JSON 431; hyper answers a bare 431 only far past them.
         .max_headers(limits.max_headers.saturating_mul(2))
         .max_buf_size((limits.max_header_bytes.saturating_mul(2)).max(64 * 1024))
         .keep_alive(limits.keep_alive);
-    b.http2()
-        .timer(TokioTimer::new())
+    b
+}
+
+fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {
+    let mut b = http2::Builder::new(LocalExec);
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.h2_max_header_list_size)
         .max_pending_accept_reset_streams(Some(64))
@@ -211,11 +217,12 @@ async fn worker_loop<H, Fut, B>(
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
     Fut: Future<Output = Response<B>> + 'static,
-    B: Body<Data = Bytes> + 'static,
+    B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let builder = Rc::new(builder(&spec.limits));
-    let graceful = GracefulShutdown::new();
+    let h1 = Rc::new(h1_builder(&spec.limits));
+    let h2 = Rc::new(h2_builder(&spec.limits));
+    let conns = Rc::new(Conns::new(connection::CROWDED));
     let draining = shutdown.draining.clone();
     loop {
         // The permit is taken before accept: at the cap, accepting pauses.
@@ -239,37 +246,26 @@ async fn worker_loop<H, Fut, B>(
             _ = draining.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let h = Rc::clone(&handler);
-        // Boxed: hyper keeps the service future's slot for the connection's whole life,
-        // so an unboxed future (several KiB) would stay allocated while it idles.
-        let svc = service_fn(move |req| {
-            let fut = Box::pin(h(req, remote));
-            async move { Ok::<_, std::convert::Infallible>(fut.await) }
-        });
-        let builder = Rc::clone(&builder);
-        let watcher = graceful.watcher();
-        let first_byte_timeout = spec.limits.header_read_timeout;
-        tokio::task::spawn_local(async move {
-            // hyper's header timer starts only once it reads a request, and the auto
-            // builder's protocol sniff has none: a client that connects and sends nothing
-            // would hold a connection slot for ever.
-            let mut first = [0u8; 1];
-            if tokio::time::timeout(first_byte_timeout, stream.peek(&mut first))
-                .await
-                .is_err()
-            {
-                drop(permit);
-                return;
-            }
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-            drop(permit);
-        });
+        tokio::task::spawn_local(connection::serve(
+            stream,
+            remote,
+            Rc::clone(&handler),
+            Rc::clone(&h1),
+            Rc::clone(&h2),
+            spec.limits.header_read_timeout,
+            draining.clone(),
+            Rc::clone(&conns),
+            permit,
+        ));
     }
     drop(listener);
-    let all_done = graceful.shutdown();
+    tracing::debug!(
+        server = spec.name,
+        open = conns.open(),
+        parked = conns.parked(),
+        "draining connections"
+    );
+    let all_done = conns.none_left();
     tokio::pin!(all_done);
     tokio::select! {
         _ = &mut all_done => {}

@@ -1,0 +1,717 @@
+//! One client connection, from its first byte to its close.
+//!
+//! The protocol is told from the first bytes (peeked, not read): the HTTP/2 preface
+//! means h2c, anything else HTTP/1. An HTTP/1 connection that sits idle is *parked*:
+//! hyper keeps a connection's read and write buffers (8 KiB each, not configurable
+//! lower) and its state for the connection's whole life, about 28 KiB per idle
+//! keep-alive connection; parked, one costs little more than its socket. After
+//! [`PARK_AFTER`] with no request in flight and no byte moved, hyper is asked to close
+//! gracefully (it does at once when idle), the socket is taken back without a shutdown
+//! (`into_parts`), and the task waits for the next byte; the next request gets a fresh
+//! hyper connection. Bytes hyper had read but not yet parsed (the start of a pipelined
+//! request) are handed to that connection first, so nothing is lost. A parked
+//! connection is closed after the header read timeout, as hyper closed idle ones before.
+//!
+//! When a worker holds many connections ([`CROWDED`]), memory matters more than the few
+//! microseconds a fresh hyper connection costs: connections are then parked as soon as
+//! they are idle, so hyper's buffers are reused by whichever connection is busy rather
+//! than held by every idle one.
+//!
+//! Draining: an HTTP/1 connection notices it on its next wake (at worst its park timer)
+//! and closes once its request is answered; a parked one closes at once; HTTP/2 gets a
+//! GOAWAY.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::BoxError;
+
+/// How long an HTTP/1 connection stays idle (nothing in flight, no byte moved) before
+/// it is parked. It is parked between one and two of these after its last activity.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Open connections on one worker above which an idle connection is parked at once.
+pub const CROWDED: usize = 512;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The connections of one worker: how many are open and how many parked. The worker
+/// waits for none to be left when it drains.
+#[derive(Debug)]
+pub(super) struct Conns {
+    crowded: usize,
+    open: Cell<usize>,
+    parked: Cell<usize>,
+    none_left: tokio::sync::Notify,
+}
+
+impl Conns {
+    /// Above `crowded` open connections, idle ones are parked at once.
+    pub(super) fn new(crowded: usize) -> Self {
+        Self {
+            crowded,
+            open: Cell::new(0),
+            parked: Cell::new(0),
+            none_left: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Connections open now.
+    pub(super) fn open(&self) -> usize {
+        self.open.get()
+    }
+
+    /// Connections parked now.
+    pub(super) fn parked(&self) -> usize {
+        self.parked.get()
+    }
+
+    /// Resolves once no connection is open.
+    pub(super) async fn none_left(&self) {
+        while self.open.get() > 0 {
+            self.none_left.notified().await;
+        }
+    }
+}
+
+/// One open connection in its worker's count, released when dropped.
+struct Open(Rc<Conns>);
+
+impl Open {
+    fn new(conns: Rc<Conns>) -> Self {
+        conns.open.set(conns.open.get() + 1);
+        Self(conns)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let n = self.0.open.get().saturating_sub(1);
+        self.0.open.set(n);
+        if n == 0 {
+            self.0.none_left.notify_one();
+        }
+    }
+}
+
+/// What the parts of one connection share (all on the worker's thread).
+#[derive(Default)]
+struct Activity {
+    /// Requests whose response has not been dropped yet.
+    in_flight: Cell<usize>,
+    /// Reads and writes that moved bytes, ever.
+    moves: Cell<u64>,
+    /// Set by the park timer; the connection loop then closes hyper's side.
+    park: Cell<bool>,
+    /// hyper's connection started on a partial request left by the last one: it is
+    /// not parked again before that request is read, so its header timer runs out.
+    partial: Cell<bool>,
+    /// The connection's task, when it must look again once no request is in flight.
+    waiter: Cell<Option<std::task::Waker>>,
+}
+
+impl std::fmt::Debug for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activity")
+            .field("in_flight", &self.in_flight.get())
+            .field("park", &self.park.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Activity {
+    fn moved(&self) {
+        self.moves.set(self.moves.get().wrapping_add(1));
+    }
+}
+
+/// Counts a request in flight from the service call until its response body is gone.
+#[derive(Debug)]
+struct Busy(Rc<Activity>);
+
+impl Busy {
+    fn new(activity: &Rc<Activity>) -> Self {
+        activity.in_flight.set(activity.in_flight.get() + 1);
+        activity.partial.set(false);
+        Self(Rc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.get().saturating_sub(1);
+        self.0.in_flight.set(n);
+        if n == 0 {
+            if let Some(w) = self.0.waiter.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is dropped.
+#[derive(Debug)]
+pub struct Tracked<B> {
+    body: B,
+    _busy: Option<Busy>,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The handler's future, boxed (hyper keeps the slot of a connection's service future
+/// for the connection's life: a few KiB if unboxed), and never failing.
+struct Answer<F> {
+    fut: Pin<Box<F>>,
+    busy: Option<Busy>,
+}
+
+impl<F, B> Future for Answer<F>
+where
+    F: Future<Output = Response<B>>,
+{
+    type Output = Result<Response<Tracked<B>>, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = std::task::ready!(self.fut.as_mut().poll(cx));
+        let busy = self.busy.take();
+        Poll::Ready(Ok(resp.map(|body| Tracked { body, _busy: busy })))
+    }
+}
+
+/// The socket as hyper sees it: counts bytes moved, replays bytes a previous hyper
+/// connection read but did not parse, and runs the park timer while hyper waits for
+/// a request with none in flight.
+struct ParkIo {
+    stream: TcpStream,
+    conns: Rc<Conns>,
+    replay: Bytes,
+    activity: Rc<Activity>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// `activity.moves` when the timer was last armed.
+    armed_at: u64,
+}
+
+impl ParkIo {
+    /// hyper's read is pending: with nothing in flight, the connection is idle, and
+    /// a timer that fires with no byte moved since it was armed parks it.
+    fn idle(&mut self, cx: &mut Context<'_>) {
+        let a = &self.activity;
+        if a.park.get() || a.partial.get() {
+            return;
+        }
+        if self.conns.open.get() > self.conns.crowded {
+            if a.in_flight.get() == 0 {
+                a.park.set(true);
+                cx.waker().wake_by_ref();
+            } else {
+                // hyper may not read again once the response is done: look then.
+                a.waiter.set(Some(cx.waker().clone()));
+            }
+            return;
+        }
+        // The timer runs whether or not a request is in flight (hyper may not read
+        // again when one ends); it parks only a connection quiet since it was armed.
+        let moves = a.moves.get();
+        let quiet = a.in_flight.get() == 0 && moves == self.armed_at;
+        if self.timer.is_none() {
+            self.timer = Some(Box::pin(tokio::time::sleep(PARK_AFTER)));
+            self.armed_at = moves;
+            if let Some(timer) = self.timer.as_mut() {
+                let _ = timer.as_mut().poll(cx);
+            }
+            return;
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        if quiet {
+            self.activity.park.set(true);
+            cx.waker().wake_by_ref();
+        } else {
+            self.armed_at = moves;
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + PARK_AFTER);
+            let _ = timer.as_mut().poll(cx);
+        }
+    }
+}
+
+impl AsyncRead for ParkIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            this.activity.moved();
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.activity.moved();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                this.idle(cx);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ParkIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.moved();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.moved();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// What the first bytes of a connection, or of a parked one's next request, say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Http1,
+    Http2,
+    /// Closed by the client, timed out, failed, or the server is draining.
+    Close,
+}
+
+/// Waits (up to `limit`) for the client's next bytes without reading them.
+async fn next_request(stream: &TcpStream, limit: Duration, draining: &CancellationToken) -> Next {
+    let sniff = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return Next::Close,
+                Ok(n) => n,
+            };
+            if buf[..n] != H2_PREFACE[..n] {
+                return Next::Http1;
+            }
+            if n == H2_PREFACE.len() {
+                return Next::Http2;
+            }
+            // A partial preface: the rest is on its way (peek would return at once).
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = draining.cancelled() => Next::Close,
+        r = tokio::time::timeout(limit, sniff) => r.unwrap_or(Next::Close),
+    }
+}
+
+/// Serves one accepted connection until it closes; `hold` (its connection permit) is
+/// released then.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn serve<H, Fut, B, G>(
+    stream: TcpStream,
+    remote: SocketAddr,
+    handler: Rc<H>,
+    h1: Rc<http1::Builder>,
+    h2: Rc<http2::Builder<super::LocalExec>>,
+    idle_limit: Duration,
+    draining: CancellationToken,
+    conns: Rc<Conns>,
+    hold: G,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
+    Fut: Future<Output = Response<B>> + 'static,
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let _hold = hold;
+    let open = Open::new(Rc::clone(&conns));
+    let activity = Rc::new(Activity::default());
+    let shared = Rc::clone(&activity);
+    let mut svc = service_fn(move |req| Answer {
+        fut: Box::pin(handler(req, remote)),
+        busy: Some(Busy::new(&shared)),
+    });
+    // hyper's header timer starts only once it reads a request: a client that
+    // connects and sends nothing is closed here after the header read timeout.
+    match next_request(&stream, idle_limit, &draining).await {
+        Next::Close => return,
+        Next::Http2 => {
+            // Boxed, like HTTP/1's: inline, hyper's h2 state would size every
+            // connection's task, HTTP/1 ones included.
+            let mut conn = Box::pin(h2.serve_connection(TokioIo::new(stream), svc));
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = draining.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "h2 client connection ended with an error");
+            }
+            return;
+        }
+        Next::Http1 => {}
+    }
+    let mut io = ParkIo {
+        stream,
+        replay: Bytes::new(),
+        conns,
+        activity: Rc::clone(&activity),
+        timer: None,
+        armed_at: 0,
+    };
+    loop {
+        // Boxed: while parked, the task holds only the socket, not hyper's state.
+        let mut conn = Box::new(h1.serve_connection(TokioIo::new(io), svc));
+        let mut closing = false;
+        let done = std::future::poll_fn(|cx| {
+            if !closing && (activity.park.get() || draining.is_cancelled()) {
+                closing = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
+            conn.poll_without_shutdown(cx)
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::debug!(error = %e, "client connection ended with an error");
+            return;
+        }
+        let parts = (*conn).into_parts();
+        io = parts.io.into_inner();
+        svc = parts.service;
+        // A copy (rare: a pipelined request's start), and hyper's Bytes dropped before
+        // any wait: it keeps hyper's whole 8 KiB read buffer alive, even when empty.
+        let leftover = parts.read_buf;
+        io.replay = if leftover.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&leftover)
+        };
+        drop(leftover);
+        if !activity.park.replace(false) || draining.is_cancelled() {
+            // The client closed, or keep-alive is off, or the server is draining.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.stream).await;
+            return;
+        }
+        io.timer = None;
+        activity.partial.set(!io.replay.is_empty());
+        if io.replay.is_empty() {
+            let conns = &open.0;
+            conns.parked.set(conns.parked.get() + 1);
+            let next = next_request(&io.stream, idle_limit, &draining).await;
+            conns.parked.set(conns.parked.get().saturating_sub(1));
+            if next == Next::Close {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    struct Server {
+        addr: SocketAddr,
+        conns: Rc<Conns>,
+        draining: CancellationToken,
+    }
+
+    /// A server on this thread's `LocalSet` answering each path with itself; `/slow`
+    /// answers after 2.5 s of silence.
+    async fn server(idle_limit: Duration) -> Server {
+        server_with(idle_limit, CROWDED).await
+    }
+
+    async fn server_with(idle_limit: Duration, crowded: usize) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Rc::new(Conns::new(crowded));
+        let draining = CancellationToken::new();
+        let handler = Rc::new(|req: Request<Incoming>, _remote: SocketAddr| async move {
+            let path = req.uri().path().to_owned();
+            if path == "/slow" {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+            }
+            Response::new(Full::new(Bytes::from(path)))
+        });
+        let mut h1 = http1::Builder::new();
+        h1.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        let (h1, h2) = (
+            Rc::new(h1),
+            Rc::new(http2::Builder::new(super::super::LocalExec)),
+        );
+        let (c, d) = (Rc::clone(&conns), draining.clone());
+        tokio::task::spawn_local(async move {
+            loop {
+                let (stream, remote) = listener.accept().await.unwrap();
+                let task = serve(
+                    stream,
+                    remote,
+                    Rc::clone(&handler),
+                    Rc::clone(&h1),
+                    Rc::clone(&h2),
+                    idle_limit,
+                    d.clone(),
+                    Rc::clone(&c),
+                    (),
+                );
+                tokio::task::spawn_local(task);
+            }
+        });
+        Server {
+            addr,
+            conns,
+            draining,
+        }
+    }
+
+    /// A raw HTTP/1.1 client that reads responses one by one.
+    struct Client {
+        stream: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        async fn connect(addr: SocketAddr) -> Self {
+            Self {
+                stream: TcpStream::connect(addr).await.unwrap(),
+                buf: Vec::new(),
+            }
+        }
+
+        async fn send(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).await.unwrap();
+        }
+
+        /// The next response's head and body (by Content-Length).
+        async fn response(&mut self) -> (String, String) {
+            loop {
+                if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if self.buf.len() >= end + 4 + len {
+                        let body = String::from_utf8_lossy(&self.buf[end + 4..end + 4 + len]);
+                        let body = body.into_owned();
+                        self.buf.drain(..end + 4 + len);
+                        return (head, body);
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed before a whole response");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        /// True when the server closed the connection.
+        async fn closed(&mut self) -> bool {
+            let mut chunk = [0u8; 64];
+            matches!(self.stream.read(&mut chunk).await, Ok(0) | Err(_))
+        }
+    }
+
+    fn get(path: &str) -> Vec<u8> {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes()
+    }
+
+    /// Longest a connection idles before it is parked, plus a margin.
+    const PARKED: Duration = Duration::from_millis(2 * PARK_AFTER.as_millis() as u64 + 500);
+
+    fn local_test(f: impl Future<Output = ()>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f);
+    }
+
+    #[test]
+    fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
+        local_test(async {
+            let s = server(Duration::from_secs(30)).await;
+            let mut c = Client::connect(s.addr).await;
+            c.send(&get("/a")).await;
+            assert_eq!(c.response().await.1, "/a");
+            assert_eq!(s.conns.parked(), 0, "parked at once");
+            tokio::time::sleep(PARKED).await;
+            assert_eq!((s.conns.open(), s.conns.parked()), (1, 1));
+            c.send(&get("/b")).await;
+            let (head, body) = c.response().await;
+            assert_eq!(body, "/b");
+            assert!(!head.contains("connection: close"), "{head}");
+            assert_eq!(s.conns.parked(), 0);
+            // Parked again, and again served.
+            tokio::time::sleep(PARKED).await;
+            assert_eq!(s.conns.parked(), 1);
+            c.send(&get("/c")).await;
+            assert_eq!(c.response().await.1, "/c");
+        });
+    }
+
+    #[test]
+    fn a_pipelined_request_cut_in_half_survives_parking() {
+        local_test(async {
+            let s = server(Duration::from_secs(30)).await;
+            let mut c = Client::connect(s.addr).await;
+            c.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")
+                .await;
+            assert_eq!(c.response().await.1, "/first");
+            tokio::time::sleep(PARKED).await;
+            c.send(b"st: x\r\n\r\n").await;
+            assert_eq!(c.response().await.1, "/second");
+            assert_eq!(s.conns.open(), 1);
+        });
+    }
+
+    #[test]
+    fn a_crowded_worker_parks_idle_connections_at_once() {
+        local_test(async {
+            let s = server_with(Duration::from_secs(30), 1).await;
+            let mut a = Client::connect(s.addr).await;
+            let mut b = Client::connect(s.addr).await;
+            for (i, c) in [&mut a, &mut b].into_iter().enumerate() {
+                c.send(&get(&format!("/{i}"))).await;
+                assert_eq!(c.response().await.1, format!("/{i}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!((s.conns.open(), s.conns.parked()), (2, 2));
+            // Pipelined requests still each get their answer.
+            a.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            assert_eq!(a.response().await.1, "/x");
+            assert_eq!(a.response().await.1, "/y");
+            b.send(&get("/z")).await;
+            assert_eq!(b.response().await.1, "/z");
+        });
+    }
+
+    #[test]
+    fn a_request_in_flight_is_never_parked_however_quiet() {
+        local_test(async {
+            let s = server(Duration::from_secs(30)).await;
+            let mut c = Client::connect(s.addr).await;
+            c.send(&get("/slow")).await;
+            let (head, body) = c.response().await;
+            assert_eq!(body, "/slow");
+            assert!(!head.contains("connection: close"), "{head}");
+            assert_eq!(s.conns.parked(), 0);
+            c.send(&get("/after")).await;
+            assert_eq!(c.response().await.1, "/after");
+        });
+    }
+
+    #[test]
+    fn parked_connections_close_after_the_idle_limit_and_on_drain() {
+        local_test(async {
+            let s = server(Duration::from_millis(600)).await;
+            let mut idle = Client::connect(s.addr).await;
+            idle.send(&get("/a")).await;
+            idle.response().await;
+            let t0 = tokio::time::Instant::now();
+            assert!(idle.closed().await);
+            assert!(
+                t0.elapsed() < PARKED + Duration::from_secs(1),
+                "{:?}",
+                t0.elapsed()
+            );
+
+            let s = server(Duration::from_secs(30)).await;
+            let mut parked = Client::connect(s.addr).await;
+            parked.send(&get("/a")).await;
+            parked.response().await;
+            tokio::time::sleep(PARKED).await;
+            assert_eq!(s.conns.parked(), 1);
+            s.draining.cancel();
+            tokio::time::timeout(Duration::from_secs(1), s.conns.none_left())
+                .await
+                .expect("a parked connection outlived the drain");
+            assert!(parked.closed().await);
+        });
+    }
+}

@@ -939,9 +939,9 @@ class LoadTest:
             for k, label in (("ttfb_overhead_ms", f"{s['streams']} at once, vs direct"), ("lone_ttfb_overhead_ms", "lone stream, vs direct"),
                              ("ttfb_vs_nginx_ms", f"{s['streams']} at once, vs nginx"), ("lone_ttfb_vs_nginx_ms", "lone stream, vs nginx")):
                 if k in s:
-                    ov = s[k]
+                    over = s[k]
                     target = " (target < 1 ms)" if label.endswith("direct") else ""
-                    L.append(f"- sidecar TTFB, {label}: p50 {f(ov['p50'], '{:+.2f}')} ms, p99 {f(ov['p99'], '{:+.2f}')} ms{target}")
+                    L.append(f"- sidecar TTFB, {label}: p50 {f(over['p50'], '{:+.2f}')} ms, p99 {f(over['p99'], '{:+.2f}')} ms{target}")
         d = self.extra.get("dashboard")
         if d:
             fr = d["frames_in_window"]

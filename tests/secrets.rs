@@ -93,6 +93,8 @@ fn the_provider_key_never_reaches_logs_or_clients_even_at_trace_level() {
 }
 
 /// The child's listening TCP port, from /proc (the child binds port 0).
+/// The proxy's address: among the process's listening sockets (the metrics listener is
+/// one of them and starts first), the one answering `GET /healthz` with 200.
 fn wait_for_listener(pid: u32) -> std::net::SocketAddr {
     for _ in 0..200 {
         let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -112,10 +114,28 @@ fn wait_for_listener(pid: u32) -> std::net::SocketAddr {
             // state 0A = LISTEN
             if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
                 let port = u16::from_str_radix(f[1].split(':').nth(1).unwrap(), 16).unwrap();
-                return std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                if answers_healthz(addr) {
+                    return addr;
+                }
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
     panic!("the sidecar never listened");
+}
+
+fn answers_healthz(addr: std::net::SocketAddr) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }

@@ -3,8 +3,11 @@
 
 Scenarios (each for a fixed duration):
   direct               oha straight to the simulated upstream (the ceiling)
-  nginx                oha through nginx (keep-alive pool, header injection, no access log)
-  sidecar-limited      oha through the sidecar, a token bucket that never binds
+  nginx                oha through nginx (keep-alive pool, header injection, no access log),
+                       then at --paced-rate req/s over 16 connections
+  sidecar-limited      oha through the sidecar, a token bucket that never binds, then paced
+                       as nginx was (CPU per request against nginx's where the machine is
+                       not saturated, the load a sidecar usually sees)
   sidecar-passthrough  the same through the unmetered route (queue 0 + fallback passthrough)
   route-ab             limited against passthrough in alternating short runs (full form only):
                        the throughput ratio with the machine's background load cancelled out
@@ -467,7 +470,14 @@ class LoadTest:
         tmp = Path(tempfile.mkdtemp(prefix="sidecar-nginx-"))
         port = free_port()
         nginx = self.start("nginx", ["nginx", "-c", str(nginx_conf(tmp, port, self.up_port, self.args.workers)), "-p", str(tmp)], port=port)
-        self.oha_row("nginx", f"http://127.0.0.1:{port}/v1/chat/completions", nginx, self.args.connections, self.body)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        self.oha_row("nginx", url, nginx, self.args.connections, self.body)
+        if self.args.paced_rate:
+            # The same paced load as the sidecar's paced row: CPU per request where the
+            # machine is not saturated, the load a sidecar usually sees.
+            row, _ = self.oha_row(f"nginx @{self.args.paced_rate}/s", url, nginx, 16,
+                                  [*self.body, "-q", str(self.args.paced_rate)])
+            row["paced"] = True
         self.stop("nginx", nginx)
 
     def s_sidecar_limited(self) -> None:
@@ -825,6 +835,10 @@ class LoadTest:
         by = {r["scenario"]: r for r in self.rows}
         direct, nginx = by.get("direct"), by.get("nginx")
         for r in self.rows:
+            if r.get("paced") and nginx and not r["scenario"].startswith("overload"):
+                ref = by.get(f"nginx @{a.paced_rate}/s")
+                if ref and r is not ref and r["cpu_us_per_req"] and ref["cpu_us_per_req"]:
+                    r["cpu_vs_nginx"] = r["cpu_us_per_req"] / ref["cpu_us_per_req"]
             if r["scenario"].startswith("overload") or r.get("paced"):
                 continue
             if direct and direct["rps"]:

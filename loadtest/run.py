@@ -70,6 +70,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHAT = '{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}'
 STREAM_CHAT = '{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 API_KEY = "nvapi-loadtest-key"
+# Connections of the paced runs (nginx and sidecar-limited at --paced-rate).
+PACED_CONNECTIONS = 16
 SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "overload-paced", "streaming", "dashboard", "idle"]
 # route-ab measures only throughput, which the CI form never judges.
 SHORT_SKIPS = {"route-ab"}
@@ -403,7 +405,7 @@ class LoadTest:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         runs = [(name, self.args.connections, self.body)]
         if paced:
-            runs.append((f"{name} @{paced}/s", 16, [*self.body, "-q", str(paced)]))
+            runs.append((f"{name} @{paced}/s", PACED_CONNECTIONS, [*self.body, "-q", str(paced)]))
         for label, conns, extra in runs:
             m0 = prom.scrape(mport)
             row, _ = self.oha_row(label, url, sc, conns, extra)
@@ -475,7 +477,7 @@ class LoadTest:
         if self.args.paced_rate:
             # The same paced load as the sidecar's paced row: CPU per request where the
             # machine is not saturated, the load a sidecar usually sees.
-            row, _ = self.oha_row(f"nginx @{self.args.paced_rate}/s", url, nginx, 16,
+            row, _ = self.oha_row(f"nginx @{self.args.paced_rate}/s", url, nginx, PACED_CONNECTIONS,
                                   [*self.body, "-q", str(self.args.paced_rate)])
             row["paced"] = True
         self.stop("nginx", nginx)

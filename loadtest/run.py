@@ -624,33 +624,29 @@ class LoadTest:
             return None if v is None or v != v else v * 1e3
 
         def delta(outcome):
-            return int(prom.total(m1, "sidecar_requests_total", route="limited", outcome=outcome)
-                       - prom.total(m0, "sidecar_requests_total", route="limited", outcome=outcome))
+            return int(prom.total(m1, "sidecar_requests_total", outcome=outcome)
+                       - prom.total(m0, "sidecar_requests_total", outcome=outcome))
 
-        # The sidecar's own view of a rejection. A 429 for a full queue is recorded with no
-        # route, which record.rs counts as `limited`: `sidecar_request_duration_seconds
-        # {route="limited"}` holds the rejections (from the request's arrival, after its
-        # head is parsed, to the 429 built, before it is written) together with the admitted
-        # requests, which waited in the queue. The admissions lie above the rejections (a
-        # full queue of 64 at 100/s is a wait of 0.64 s), so the `rejected` lowest
-        # observations are the rejections; an admission with a short queue wait (from
-        # sidecar_queue_wait_seconds) is one that could sit among them.
-        h = prom.delta(prom.buckets(m1, "sidecar_request_duration_seconds", route="limited"),
-                       prom.buckets(m0, "sidecar_request_duration_seconds", route="limited"))
-        qw = prom.delta(prom.buckets(m1, "sidecar_queue_wait_seconds"), prom.buckets(m0, "sidecar_queue_wait_seconds"))
+        # The sidecar's own view of a rejection: a 429 for a full queue is recorded under
+        # route="none" (never sent upstream), from the request's arrival, after its head is
+        # parsed, to the 429 built, before it is written. The series also holds requests
+        # whose client left while they waited in the queue (oha's at the end of the run),
+        # which lie above the rejections, so the `rejected` lowest observations are the
+        # rejections.
+        h = prom.delta(prom.buckets(m1, "sidecar_request_duration_seconds", route="none"),
+                       prom.buckets(m0, "sidecar_request_duration_seconds", route="none"))
         rejected = delta("rejected")
         hr = prom.lowest(h, rejected)
-        le1, le025 = prom.count_le(h, 0.001), prom.count_le(h, 0.00025)
+        le1, le025 = prom.count_le(hr, 0.001), prom.count_le(hr, 0.00025)
         hist = {
-            "series": 'sidecar_request_duration_seconds{route="limited"}',
+            "series": 'sidecar_request_duration_seconds{route="none"}',
             "count": h[-1][1] if h else 0,
             "rejected": rejected,
             "rejected_ms": {k: ms(prom.histogram_quantile(q, hr)) if rejected else None
                             for k, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))},
-            "rejected_le_1ms_pct": min(le1, rejected) / rejected * 100 if rejected and le1 == le1 else None,
-            "rejected_le_250us_pct": min(le025, rejected) / rejected * 100 if rejected and le025 == le025 else None,
+            "rejected_le_1ms_pct": le1 / rejected * 100 if rejected and le1 == le1 else None,
+            "rejected_le_250us_pct": le025 / rejected * 100 if rejected and le025 == le025 else None,
             "series_ms": {k: ms(prom.histogram_quantile(q, h)) for k, q in (("p50", 0.5), ("p99", 0.99))},
-            "admitted_queue_wait_le_10ms": prom.count_le(qw, 0.01) if qw else 0,
         }
         clients_429 = codes.get("429", 0) + pst.get("429", 0)
         sent = row["requests"] + row["aborted_at_deadline"]
@@ -918,13 +914,12 @@ class LoadTest:
                          f"{o['admitted_error_pct']:+.2f}% | {f(o['steady_upstream_per_s'], '{:.2f}')} | {f(o['steady_error_pct'], '{:+.2f}%')} | "
                          f"{o['upstream_requests']} | {o['upstream_429']} | {o['peak_rss_mib']:.1f} |")
             L += ["", "The 429s: oha's latency of its not-successful answers, the probe's, and the sidecar's "
-                      '`sidecar_request_duration_seconds{route="limited"}`: rejections have no route and are counted as limited, '
-                      "beside the admitted requests; the rejections' quantiles are those of the series' `rejected` lowest "
-                      "observations (the admissions waited in the queue, 0.64 s when full), with histogram_quantile's "
+                      '`sidecar_request_duration_seconds{route="none"}` (requests never sent upstream): its `rejected` lowest '
+                      "observations (above them: clients that left while queued), with histogram_quantile's "
                       "interpolation (buckets 0.25, 0.5, 1 ms, ...) and from arrival to the 429 built, before it is written", "",
                   "| scenario | 429s | 429/s | oha p50 ms | oha p99 ms | oha p99.9 ms | probe 429s | probe p50 ms | probe p99 ms | "
-                  "sidecar p50 ms | sidecar p99 ms | sidecar p99.9 ms | sidecar ≤ 0.25 ms | sidecar ≤ 1 ms | admissions waiting ≤ 10 ms | proxy CPU µs/req |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "sidecar p50 ms | sidecar p99 ms | sidecar p99.9 ms | sidecar ≤ 0.25 ms | sidecar ≤ 1 ms | proxy CPU µs/req |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for k, o in ov:
                 p429 = o["probe"].get("latency_ms", {}).get("429", {})
                 hs = o["sidecar_histogram"]
@@ -932,11 +927,11 @@ class LoadTest:
                          f"{f(o['oha_429_ms']['p99'], '{:.3f}')} | {f(o['oha_429_ms']['p99.9'], '{:.3f}')} | "
                          f"{o['probe'].get('statuses', {}).get('429', 0)} | {f(p429.get('p50'), '{:.3f}')} | {f(p429.get('p99'), '{:.3f}')} | "
                          f"{hq(hs['rejected_ms']['p50'])} | {hq(hs['rejected_ms']['p99'])} | {hq(hs['rejected_ms']['p99.9'])} | "
-                         f"{f(hs['rejected_le_250us_pct'], '{:.2f}%')} | {f(hs['rejected_le_1ms_pct'], '{:.2f}%')} | {f(hs['admitted_queue_wait_le_10ms'])} | {f(o['cpu_us_per_req'], '{:.1f}')} |")
+                         f"{f(hs['rejected_le_250us_pct'], '{:.2f}%')} | {f(hs['rejected_le_1ms_pct'], '{:.2f}%')} | {f(o['cpu_us_per_req'], '{:.1f}')} |")
                 fl = o.get("floor")
                 if fl:
                     L.append(f"| floor: the same oha load straight to the upstream (200s) | {fl['ok']} | {fl['rps']:.0f} | {fl['p50_ms']:.3f} | "
-                             f"{fl['p99_ms']:.3f} | {fl['p999_ms']:.3f} | - | - | - | - | - | - | - | - | - | - |")
+                             f"{fl['p99_ms']:.3f} | {fl['p999_ms']:.3f} | - | - | - | - | - | - | - | - | - |")
         s = self.extra.get("streaming")
         if s and "direct" in s:
             L += ["", f"streaming: {s['streams']} SSE completions started at once, round after round for {a.duration} s "

@@ -58,13 +58,20 @@ pub enum Route {
     Limited = 0,
     /// Unmetered, or to the fallback upstream.
     Passthrough = 1,
+    /// Never sent upstream: refused at a full queue, or dropped, abandoned or cut while
+    /// it waited in the queue. Its own series, so that a flood of sub-millisecond 429s
+    /// does not pass for the limited route's latency.
+    None = 2,
 }
 
 impl Route {
+    pub const ALL: [Route; 3] = [Route::Limited, Route::Passthrough, Route::None];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Limited => "limited",
             Route::Passthrough => "passthrough",
+            Route::None => "none",
         }
     }
 }
@@ -153,7 +160,7 @@ impl Record {
             End::IdleTimeout => Some(ErrorKind::IdleTimeout),
             _ => self.error,
         };
-        let route = self.route.unwrap_or(Route::Limited);
+        let route = self.route.unwrap_or(Route::None);
         let sample = Sample {
             route,
             outcome: self.outcome(end),

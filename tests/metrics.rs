@@ -774,9 +774,24 @@ async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_a
     assert_eq!(
         m.value(
             "sidecar_requests_total",
-            &[NVIDIA, ("route", "limited"), ("outcome", "rejected")]
+            &[NVIDIA, ("route", "none"), ("outcome", "rejected")]
         ),
         1.0
+    );
+    // Its time is in the route="none" series, not in the limited route's latency.
+    assert_eq!(
+        m.value(
+            "sidecar_request_duration_seconds_count",
+            &[NVIDIA, ("route", "none")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "sidecar_request_duration_seconds_count",
+            &[NVIDIA, ("route", "limited")]
+        ),
+        m.sum("sidecar_requests_total", &[NVIDIA, ("route", "limited")])
     );
 
     // One token a second of the manual clock releases them; the queue empties.

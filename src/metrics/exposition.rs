@@ -119,11 +119,11 @@ impl Collector for AppCollector {
         let mut f = family(
             &mut enc,
             "sidecar_request_duration_seconds",
-            "From a request's arrival to its last byte, by route.",
+            "From a request's arrival to its last byte, by route (none: answered by the sidecar without going upstream).",
             MetricType::Histogram,
         )?;
         for (name, s) in names.iter().zip(series) {
-            for r in [Route::Limited, Route::Passthrough] {
+            for r in Route::ALL {
                 f.histogram(
                     &[("provider", name), ("route", r.as_str())],
                     &s.duration[r as usize],
@@ -148,11 +148,11 @@ impl Collector for AppCollector {
         let mut f = family(
             &mut enc,
             "sidecar_requests",
-            "Requests answered, by route (limited: through the token bucket; passthrough: unmetered or fallback) and outcome.",
+            "Requests answered, by route (limited: through the token bucket; passthrough: unmetered or fallback; none: never sent upstream) and outcome.",
             MetricType::Counter,
         )?;
         for (name, s) in names.iter().zip(series) {
-            for r in [Route::Limited, Route::Passthrough] {
+            for r in Route::ALL {
                 for o in Outcome::ALL {
                     f.counter(
                         &[

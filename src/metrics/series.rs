@@ -204,11 +204,11 @@ pub struct ProviderSeries {
     pub upstream_latency: Latency,
     pub ttfb: Latency,
     /// By route (`Route as usize`).
-    pub duration: [Latency; 2],
+    pub duration: [Latency; Route::ALL.len()],
     /// By priority (`Priority as usize`).
     pub queue_wait: [Latency; 3],
     /// `[route][outcome]`.
-    pub requests: [[u64; Outcome::ALL.len()]; 2],
+    pub requests: [[u64; Outcome::ALL.len()]; Route::ALL.len()],
     pub errors: [u64; ErrorKind::ALL.len()],
 }
 
@@ -341,14 +341,25 @@ mod tests {
             queue_wait: None,
             ..s
         });
+        a.record(&Sample {
+            route: Route::None,
+            outcome: Outcome::Rejected,
+            error: None,
+            upstream_latency: None,
+            ttfb: None,
+            queue_wait: None,
+            ..s
+        });
         let mut total = ProviderSeries::default();
         total.add(&a);
         a.reset();
         assert_eq!(a.requests_total(), 0);
         assert_eq!(a.upstream_latency.count(), 0);
-        assert_eq!(total.requests_total(), 2);
+        assert_eq!(total.requests_total(), 3);
         assert_eq!(total.requests[0][Outcome::UpstreamError as usize], 1);
         assert_eq!(total.requests[1][Outcome::Success as usize], 1);
+        assert_eq!(total.requests[2][Outcome::Rejected as usize], 1);
+        assert_eq!(total.duration[2].count(), 1);
         assert_eq!(total.errors[ErrorKind::Status5xx as usize], 1);
         assert_eq!(total.queue_wait[Priority::Low as usize].count(), 1);
         assert_eq!(total.duration[1].count(), 1);

@@ -87,7 +87,8 @@ pub struct Record {
     pub provider_index: Option<usize>,
     pub model: Option<String>,
     pub priority: Priority,
-    pub route: Option<Route>,
+    /// `Route::None` until admission lets the request through.
+    pub route: Route,
     /// Times the request was queued again after an upstream 429.
     pub retries: u32,
     pub status: u16,
@@ -115,7 +116,7 @@ impl Record {
             provider_index: None,
             model: None,
             priority: Priority::Normal,
-            route: None,
+            route: Route::None,
             retries: 0,
             status: 0,
             started: Instant::now(),
@@ -160,9 +161,8 @@ impl Record {
             End::IdleTimeout => Some(ErrorKind::IdleTimeout),
             _ => self.error,
         };
-        let route = self.route.unwrap_or(Route::None);
         let sample = Sample {
-            route,
+            route: self.route,
             outcome: self.outcome(end),
             error,
             priority: self.priority,
@@ -173,7 +173,7 @@ impl Record {
                 .or_else(|| self.upstream_latency.is_some().then_some(total)),
             duration: total,
             // Only requests that got through admission waited in the queue's sense.
-            queue_wait: (self.route == Some(Route::Limited)).then_some(self.queue_wait),
+            queue_wait: (self.route == Route::Limited).then_some(self.queue_wait),
         };
         shard.lock().record(provider, &sample);
     }
@@ -194,7 +194,7 @@ impl Record {
                     provider = self.provider.as_deref().unwrap_or("-"),
                     model = self.model.as_deref().unwrap_or("-"),
                     priority = self.priority.as_str(),
-                    route = self.route.map_or("-", Route::as_str),
+                    route = self.route.as_str(),
                     retries = self.retries,
                     status = self.status,
                     end = end.as_str(),

@@ -156,7 +156,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         Ok(r) => r,
         Err(e) => return local_error(record, e),
     };
-    record.route = Some(route);
+    record.route = route;
 
     // forward: a limited request the upstream answers 429 is absorbed — parked again
     // at the head of its priority and re-sent after the retreat pause — while retries
@@ -171,7 +171,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     let hard_stop = &app.shutdown.hard_stop;
     let (resp, lease, sent_at) = loop {
         let target = match record.route {
-            Some(Route::Passthrough) => provider
+            Route::Passthrough => provider
                 .config
                 .fallback
                 .as_ref()
@@ -179,8 +179,8 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
             _ => &provider.config.upstream,
         };
         // The headers are copied only when a 429 could send this request again.
-        let may_retry = record.route == Some(Route::Limited)
-            && record.retries < app.config.upstream_429_retries;
+        let may_retry =
+            record.route == Route::Limited && record.retries < app.config.upstream_429_retries;
         let attempt_headers = if may_retry {
             prepared.clone()
         } else {
@@ -229,7 +229,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         limiter.retreat.on_response(now);
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             ProviderStats::inc(&provider.stats.upstream_429);
-            if record.route == Some(Route::Limited) {
+            if record.route == Route::Limited {
                 let pause = header_delay(resp.headers(), &header::RETRY_AFTER);
                 let cut = limiter.on_upstream_429(now, pause);
                 if let Some(t) = cut.transition {
@@ -248,7 +248,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                     match Box::pin(admit::readmit(app, &hot, provider, &mut record, deadline)).await
                     {
                         Ok(r) => {
-                            record.route = Some(r);
+                            record.route = r;
                             continue;
                         }
                         Err(e) => return local_error(record, e),

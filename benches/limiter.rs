@@ -138,7 +138,7 @@ fn contended<B: Send + Sync + 'static>(
     shared: &Arc<B>,
     threads: u64,
     iters: u64,
-    op: fn(&B, &MonotonicClock) -> bool,
+    op: impl Fn(&B, &MonotonicClock) -> bool + Copy + Send + 'static,
 ) -> Duration {
     let clock = MonotonicClock::new();
     let start = Arc::new(Barrier::new(threads as usize + 1));
@@ -186,7 +186,24 @@ fn acquire_contended(c: &mut Criterion) {
 }
 
 /// One request parked and granted: enqueue, grant, see the grant, drop the ticket.
+/// A claim from a guard that never binds: the queues carry it, the bench times them.
+fn any_claim() -> nvidia_sidecar::limiter::Claim {
+    let margin = nvidia_sidecar::limiter::Margin {
+        fraction: 0.0,
+        floor: std::time::Duration::ZERO,
+    };
+    nvidia_sidecar::limiter::WindowGuard::new(
+        std::time::Duration::from_secs(60),
+        margin,
+        1 << 30,
+        1 << 30,
+    )
+    .try_claim(0)
+    .expect("room")
+}
+
 fn enqueue_grant(c: &mut Criterion) {
+    let claim = any_claim();
     let mut g = c.benchmark_group("enqueue_grant");
     g.throughput(Throughput::Elements(1));
     let waker = Waker::from(Arc::new(NoopWake));
@@ -195,7 +212,7 @@ fn enqueue_grant(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("segqueue_atomic", p), &p, |b, &p| {
             b.iter(|| {
                 let mut t = q.enqueue(p, false).expect("room");
-                assert!(q.grant_next());
+                assert!(q.grant_next(claim).is_ok());
                 let ready = Pin::new(&mut t).poll(&mut Context::from_waker(&waker));
                 black_box(ready.is_ready())
             })
@@ -219,15 +236,16 @@ fn enqueue_grant(c: &mut Criterion) {
 /// Producers that are also dispatchers: each thread parks one request and grants one,
 /// so both ends of the queues are hit from every thread at once.
 fn enqueue_grant_contended(c: &mut Criterion) {
+    let claim = any_claim();
     for threads in [2u64, 4] {
         let mut g = c.benchmark_group(format!("enqueue_grant_contended/{threads}_threads"));
         g.throughput(Throughput::Elements(1));
         let q = Arc::new(WaitQueues::new(1_024));
         g.bench_function("segqueue_atomic", |b| {
             b.iter_custom(|iters| {
-                contended(&q, threads, iters, |q, _| {
+                contended(&q, threads, iters, move |q, _| {
                     let t = q.enqueue(Priority::Normal, false);
-                    let granted = q.grant_next();
+                    let granted = q.grant_next(claim).is_ok();
                     drop(t);
                     granted
                 })
@@ -255,7 +273,7 @@ fn admit_fast_path(c: &mut Criterion) {
     g.bench_function("limiter_admit", |b| {
         b.iter(
             || match limiter.admit(Priority::Normal, clock.now_nanos()) {
-                Decision::Admitted => true,
+                Decision::Admitted(_) => true,
                 other => panic!("not the fast path: {other:?}"),
             },
         )
@@ -270,12 +288,115 @@ fn admit_fast_path(c: &mut Criterion) {
     g.finish();
 }
 
+// === Window guard ===
+
+/// The naive sliding log: every send time in a `VecDeque` behind a lock, expired ones
+/// popped from the front.
+struct MutexLog {
+    times: Mutex<VecDeque<u64>>,
+    span: u64,
+    limit: usize,
+}
+
+impl MutexLog {
+    fn try_send(&self, now: u64) -> bool {
+        let mut times = self.times.lock();
+        while times.front().is_some_and(|&t| t + self.span <= now) {
+            times.pop_front();
+        }
+        let admitted = times.len() < self.limit;
+        if admitted {
+            times.push_back(now);
+        }
+        admitted
+    }
+}
+
+/// A claim stamped at once, with time moving `step` per send: at least span/limit apart,
+/// so every claim is admitted while the window stays full (the exact ring scans its
+/// slots and reuses the one that just expired; sub-window mode reads two words, at half
+/// the limit as near it), beside the naive sliding log. No clock read: `now` is a
+/// counter. Then the sub-window hot path from several threads, clock read included.
+fn window_guard(c: &mut Criterion) {
+    use nvidia_sidecar::limiter::guard::{Margin, WindowGuard};
+
+    let margin = Margin {
+        fraction: 0.005,
+        floor: Duration::from_millis(50),
+    };
+    let window = Duration::from_secs(60);
+    let mut g = c.benchmark_group("window_guard");
+    g.throughput(Throughput::Elements(1));
+    for (name, limit, max_limit, per_span) in [
+        ("exact_claim_stamp/L=40", 40, 40, 40),
+        ("exact_claim_stamp/L=4096", 4_096, 4_096, 4_096),
+        ("subwindow_claim_stamp/L=1e6", 1_000_000, 1_000_000, 500_000),
+        (
+            "subwindow_claim_stamp/L=1e6_near_limit",
+            1_000_000,
+            1_000_000,
+            950_000,
+        ),
+    ] {
+        let guard = WindowGuard::new(window, margin, limit, max_limit);
+        let step = guard.span_nanos() / per_span + 1;
+        let mut now = 0;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                now += step;
+                let claim = guard
+                    .try_claim(black_box(now))
+                    .expect("one span/limit apart");
+                guard.stamp(claim.slot, now)
+            })
+        });
+    }
+    let log = MutexLog {
+        times: Mutex::new(VecDeque::new()),
+        span: 60_300_000_000,
+        limit: 40,
+    };
+    let step = log.span / 40 + 1;
+    let mut now = 0;
+    g.bench_function("baseline_mutex_vecdeque/L=40", |b| {
+        b.iter(|| {
+            now += step;
+            assert!(log.try_send(black_box(now)));
+        })
+    });
+    g.finish();
+
+    // The hot path of a limit that never binds, from every thread at once, clock read
+    // included.
+    for threads in [2u64, 4] {
+        let mut g = c.benchmark_group(format!("window_guard_contended/{threads}_threads"));
+        g.throughput(Throughput::Elements(1));
+        let guard = Arc::new(WindowGuard::new(window, margin, 1_000_000, 1_000_000));
+        g.bench_function("subwindow_claim_stamp/L=1e6", |b| {
+            b.iter_custom(|iters| {
+                contended(&guard, threads, iters, |g, clock| {
+                    let now = clock.now_nanos();
+                    match g.try_claim(now) {
+                        Ok(claim) => {
+                            g.stamp(claim.slot, now);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
 criterion_group!(
     limiter,
     acquire_uncontended,
     acquire_contended,
     enqueue_grant,
     enqueue_grant_contended,
-    admit_fast_path
+    admit_fast_path,
+    window_guard
 );
 criterion_main!(limiter);

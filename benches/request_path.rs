@@ -54,6 +54,9 @@ fn route_and_headers(c: &mut Criterion) {
         low_priority_timeout: std::time::Duration::from_secs(30),
         models: models.iter().map(|s| s.to_string()).collect(),
         fallback: None,
+        window: std::time::Duration::from_secs(60),
+        rate_limit_headers: Default::default(),
+        limit_scope: Default::default(),
     };
     let router = Router::new(
         &[

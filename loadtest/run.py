@@ -24,6 +24,11 @@ Scenarios (each for a fixed duration):
                        `data:` line (kernel receive timestamps) and to the end
   dashboard            N dashboard SSE clients: sidecar CPU, frames, snapshot builds
   idle                 N idle keep-alive connections: sidecar RSS
+  pacing               closed-loop pacing against a provider's rolling-window limit, on a
+                       shortened time scale (window 6 s, sidecar times / 10): per situation
+                       of issue 13, the provider's 429s and admissions per window (from the
+                       simulated provider's own record), the learned limit's convergence;
+                       the situations run side by side, about 3 minutes (pacing.py)
 
 Only the simulated upstream, nginx and the sidecar run, all on this machine; clients.py
 holds the stdlib clients (asyncio and sockets) for what oha cannot measure, prom.py the
@@ -38,7 +43,9 @@ printed at the end.
 
 Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--only a,b] [--no-build]
 --short is the CI form: 3 s per scenario, 100 streams, 200 dashboard clients, 2,000 idle
-connections, no route-ab; about 50 s. Whatever the form, the exit
+connections, no route-ab, pacing on a 2 s window for 3 windows (about 20 s); about 70 s.
+--pacing-realtime adds pacing's situation 1 in real time (3 minutes, side by side with the
+others). Whatever the form, the exit
 status is 1 only for errors that mean a bug (a process that died, a request without an
 answer, a status other than the expected ones, a stream without [DONE], a dashboard
 client without frames, more snapshot builds than ticks), never for timing or throughput.
@@ -62,6 +69,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clients  # noqa: E402
+import pacing  # noqa: E402
 import prom  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +80,8 @@ STREAM_CHAT = '{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{
 API_KEY = "nvapi-loadtest-key"
 # Connections of the paced runs (nginx and sidecar-limited at --paced-rate).
 PACED_CONNECTIONS = 16
-SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "overload-paced", "streaming", "dashboard", "idle"]
+SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "overload-paced", "streaming", "dashboard", "idle",
+             "pacing"]
 # route-ab measures only throughput, which the CI form never judges.
 SHORT_SKIPS = {"route-ab"}
 # oha stops a -z run by aborting the requests still in flight: not proxy errors.
@@ -826,6 +835,9 @@ class LoadTest:
             self.fail("idle", f"unexpected statuses {odd}")
         self.stop("idle", sc)
 
+    def s_pacing(self) -> None:
+        pacing.run(self, BIN, free_port)
+
     # --- report -------------------------------------------------------------------------
 
     def report(self) -> str:
@@ -970,6 +982,8 @@ class LoadTest:
                   "|---|---|---|---|---|---|",
                   f"| {i['opened']} | {i['alive_after_hold']} | {i['rss_before_mib']:.1f} | {i['peak_rss_mib']:.1f} | "
                   f"{f(i['kib_per_connection'], '{:.1f}')} | < 64 MiB |"]
+        if "pacing" in self.extra:
+            L += pacing.report(self.extra["pacing"])
         targets = []
         r = summary.get("limited_vs_passthrough_rps_interleaved", summary.get("limited_vs_passthrough_rps"))
         if r is not None:
@@ -1034,6 +1048,10 @@ def main() -> int:
     ap.add_argument("--idle-connections", type=int)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--short", action="store_true", help="CI form: 3 s per scenario, smaller counts")
+    ap.add_argument("--pacing-realtime", action="store_true",
+                    help="pacing: also run situation 1 in real time (600 RPM, 60 s window, 3 minutes)")
+    ap.add_argument("--pacing-situations", help="pacing: comma-separated subset of its situations (1,2-bare,2-openai,3,4,5,1-realtime)")
+    ap.add_argument("--pacing-serial", action="store_true", help="pacing: one situation after the other instead of side by side")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--no-build", action="store_true", help="use target/release/nvidia-sidecar as it is")
     ap.add_argument("--bin", help="the sidecar binary (default target/release/nvidia-sidecar; implies --no-build)")
@@ -1058,6 +1076,7 @@ def main() -> int:
         args.only = [s for s in args.only if s not in SHORT_SKIPS]
     args.ab_pairs = 2 if small else 6
     args.ab_slice = 1.0 if small else 2.0
+    args.pacing_situations = [s.strip() for s in args.pacing_situations.split(",") if s.strip()] if args.pacing_situations else None
     unknown = [s for s in args.only if s not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenarios {unknown}")

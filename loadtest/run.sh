@@ -2,6 +2,7 @@
 # Load test: builds the release binary, installs oha (cargo) and nginx-light (Debian) when
 # missing, then runs loadtest/run.py (which writes target/loadtest/results.{json,md}).
 # Usage: loadtest/run.sh [--short] [--duration SECS] [--connections N] [--only a,b,...]
+#        [--pacing-realtime] [--pacing-situations 1,2-bare,...] [--pacing-serial]
 # --short is the CI form (a few seconds per scenario, under two minutes): it fails on
 # crashes, lost requests and wrong statuses, never on timing.
 set -euo pipefail

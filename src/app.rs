@@ -12,11 +12,11 @@ use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{MonotonicClock, SharedClock};
-use crate::config::{Config, ProviderConfig};
+use crate::config::{Config, LimitScope, ProviderConfig};
 use crate::health::Readiness;
 use crate::hot::{Hot, HotConfig};
 use crate::limiter::dispatch::Dispatcher;
-use crate::limiter::{Limiter, QueueCounts, RetreatConfig, RetreatView};
+use crate::limiter::{Limiter, Pacing, PacingView, QueueCounts, RetreatConfig, RetreatView};
 use crate::logging::LevelHandle;
 use crate::metrics::Metrics;
 use crate::proxy::headers::bearer;
@@ -44,15 +44,32 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(index: usize, config: ProviderConfig, retreat: RetreatConfig) -> Self {
+    pub fn new(
+        index: usize,
+        config: ProviderConfig,
+        retreat: RetreatConfig,
+        pacing: Pacing,
+        now: u64,
+    ) -> Self {
         Self {
             index,
-            limiter: Arc::new(Limiter::new(
-                config.rate_rpm,
-                config.bucket_capacity,
-                config.queue_max_size,
-                retreat,
-            )),
+            limiter: Arc::new({
+                let l = Limiter::with_pacing(
+                    config.rate_rpm,
+                    config.bucket_capacity,
+                    config.queue_max_size,
+                    retreat,
+                    Pacing {
+                        window: config.window,
+                        ..pacing
+                    },
+                    now,
+                );
+                match config.limit_scope {
+                    LimitScope::Key => l,
+                    LimitScope::Model => l.model_scoped(crate::limiter::scopes::MAX_MODELS),
+                }
+            }),
             stats: ProviderStats::default(),
             name: Arc::from(config.name.as_str()),
             auth_header: config.api_key.as_ref().and_then(bearer),
@@ -68,7 +85,7 @@ impl Provider {
     pub fn mark_success(&self, now_nanos: u64) {
         // Relaxed: a freshness hint for readiness, ordered with nothing else.
         let last = self.last_success.load(Ordering::Relaxed);
-        if now_nanos.saturating_add(1).saturating_sub(last) > 100_000_000 {
+        if last == 0 || now_nanos.saturating_add(1).saturating_sub(last) > 100_000_000 {
             self.last_success.store(now_nanos + 1, Ordering::Relaxed);
         }
     }
@@ -80,7 +97,8 @@ impl Provider {
         ProviderSnapshot {
             stats: self.stats.snapshot(),
             queue: self.limiter.queues.counts(),
-            retreat: self.limiter.retreat.view(now_nanos),
+            retreat: self.limiter.retreat_view(now_nanos),
+            pacing: self.limiter.pacing_view(now_nanos),
             bucket_tokens: self.limiter.bucket.tokens(now_nanos).max(0.0),
             bucket_capacity: capacity,
         }
@@ -93,12 +111,51 @@ impl Provider {
     }
 }
 
+/// Puts back the limits learned before a restart; a bad state file is logged and
+/// ignored (the limits are learned again).
+fn restore(providers: &[Provider], path: &std::path::Path, now: u64) {
+    let saved = match crate::state_file::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "learned limits not restored");
+            return;
+        }
+    };
+    for p in providers {
+        let models: std::collections::HashMap<String, u32> = saved
+            .iter()
+            .filter_map(|(k, e)| {
+                let model = k
+                    .strip_prefix(&*p.name)?
+                    .strip_prefix(crate::state_file::MODEL_SEP)?;
+                Some((model.to_owned(), e.learned_for(p.config.window)))
+            })
+            .collect();
+        if !models.is_empty() {
+            p.limiter.restore_models(models);
+        }
+        if let Some(entry) = saved.get(&*p.name) {
+            let learned = entry.learned_for(p.config.window);
+            if let Some(c) = p.limiter.restore(learned, now) {
+                tracing::info!(
+                    provider = &*p.name,
+                    from = c.from,
+                    to = c.to,
+                    saved_source = %entry.source,
+                    "learned limit restored from the state file"
+                );
+            }
+        }
+    }
+}
+
 /// A provider's counters, queue depths and retreat state at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProviderSnapshot {
     pub stats: StatsSnapshot,
     pub queue: QueueCounts,
     pub retreat: RetreatView,
+    pub pacing: PacingView,
     pub bucket_tokens: f64,
     pub bucket_capacity: u32,
 }
@@ -144,6 +201,8 @@ pub struct App {
     pub log_level: OnceLock<LevelHandle>,
     /// Who may use the admin API.
     pub admin: crate::admin::auth::Mode,
+    /// Some provider learns limits per model: every request's model is read.
+    pub model_scoped: bool,
     /// Grants queued requests their tokens; stops when the app is dropped.
     _dispatcher: Option<Dispatcher>,
 }
@@ -159,13 +218,27 @@ impl App {
             .iter()
             .cloned()
             .enumerate()
-            .map(|(i, p)| Provider::new(i, p, config.retreat))
+            .map(|(i, p)| {
+                let pacing = Pacing {
+                    window: p.window,
+                    margin: config.margin,
+                    probe_interval: config.probe_interval,
+                };
+                Provider::new(i, p, config.retreat, pacing, clock.now_nanos())
+            })
             .collect();
         let limiters = providers
             .iter()
             .map(|p| (Arc::clone(&p.name), Arc::clone(&p.limiter)))
             .collect();
-        let dispatcher = match Dispatcher::spawn(limiters, Arc::clone(&clock)) {
+        if let Some(path) = &config.state_file {
+            restore(&providers, path, clock.now_nanos());
+        }
+        let dispatcher = match Dispatcher::spawn(
+            limiters,
+            Arc::clone(&clock),
+            config.state_file.clone(),
+        ) {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the dispatcher thread: queued requests will time out");
@@ -180,7 +253,9 @@ impl App {
             h.finish()
         };
         let started = std::time::Instant::now();
+        let model_scoped = providers.iter().any(|p| p.limiter.is_model_scoped());
         Arc::new(Self {
+            model_scoped,
             metrics: Metrics::new(providers.len(), config.workers.get(), started),
             snapshots: Arc::new(Hub::default()),
             admin_changes: AdminCounters::default(),

@@ -67,6 +67,8 @@ pub struct UpstreamBody {
     bytes: u64,
     /// The last two bytes sent, to end a half-written SSE event before an error event.
     tail: [u8; 2],
+    /// The start of the body, already read by the proxy (a 429's, to classify it).
+    prefix: Option<Bytes>,
 }
 
 impl UpstreamBody {
@@ -93,7 +95,14 @@ impl UpstreamBody {
             state: State::Streaming,
             bytes: 0,
             tail: *b"\n\n",
+            prefix: None,
         }
+    }
+
+    /// The body's first bytes were read already: they are sent first.
+    pub fn with_prefix(mut self, prefix: Bytes) -> Self {
+        self.prefix = (!prefix.is_empty()).then_some(prefix);
+        self
     }
 
     /// The upstream body ended cleanly: its connection can serve another request.
@@ -219,6 +228,17 @@ impl Body for UpstreamBody {
                 return Poll::Ready(Some(Ok(Frame::data(frame))));
             }
         }
+        if let Some(data) = this.prefix.take() {
+            this.last_frame = Instant::now();
+            if let Some(r) = this.record.as_mut() {
+                r.first_byte.get_or_insert(this.last_frame);
+            }
+            this.note_data(&data);
+            if this.inner.is_end_stream() {
+                this.complete();
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.last_frame = Instant::now();
@@ -258,7 +278,16 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
-            State::Streaming if !self.sse => self.inner.size_hint(),
+            State::Streaming if !self.sse => {
+                let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = self.inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + prefix);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + prefix);
+                }
+                hint
+            }
             _ => SizeHint::default(),
         }
     }

@@ -97,9 +97,10 @@ pub async fn run(
             let p = app.default_provider();
             let now = app.clock.now_nanos();
             let q = p.limiter.queues.counts();
-            let r = p.limiter.retreat.view(now);
+            let r = p.limiter.retreat_view(now);
+            let v = p.limiter.pacing_view(now);
             format!(
-                "sidecar: queued {} (high {} normal {} low {}), {} at {:.0}/{:.0} RPM | upstream: {} requests, {} refused with 429",
+                "sidecar: queued {} (high {} normal {} low {}), {} at {:.0}/{:.0} RPM, limit {}/window ({}) | upstream: {} requests, {} refused with 429",
                 q.total,
                 q.depth[0],
                 q.depth[1],
@@ -107,6 +108,8 @@ pub async fn run(
                 r.state.as_str(),
                 r.effective_rpm,
                 r.base_rpm,
+                v.limit,
+                v.source.as_str(),
                 mock.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
                 mock.stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed),
             )

@@ -48,6 +48,14 @@ pub enum ProxyError {
         ahead: usize,
         retry_after: Duration,
     },
+    #[error("provider {provider} is at its rate limit: the {ahead} requests ahead drain in about {wait:?} at the rate paced now, past this request's remaining {budget:?}; retry after {retry_after:?}")]
+    QueueBeyondDeadline {
+        provider: String,
+        ahead: usize,
+        wait: Duration,
+        budget: Duration,
+        retry_after: Duration,
+    },
     #[error("low-priority request waited {waited:?} in the {provider} queue, longer than low_priority_timeout; dropped")]
     LowPriorityDropped { provider: String, waited: Duration },
     #[error("request waited {waited:?} in the {provider} queue without a token before the request timeout")]
@@ -68,7 +76,9 @@ impl ProxyError {
             Self::UpstreamConnect { .. } | Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::QueueFull { .. } | Self::QueueBeyondDeadline { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::LowPriorityDropped { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::QueueTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -81,7 +91,7 @@ impl ProxyError {
             Self::UpstreamFailed { .. } => (Outcome::UpstreamError, Some(ErrorKind::Request)),
             Self::UpstreamTimeout { .. } => (Outcome::UpstreamError, Some(ErrorKind::Timeout)),
             Self::ShuttingDown => (Outcome::Shutdown, None),
-            Self::QueueFull { .. } => (Outcome::Rejected, None),
+            Self::QueueFull { .. } | Self::QueueBeyondDeadline { .. } => (Outcome::Rejected, None),
             Self::LowPriorityDropped { .. } | Self::QueueTimeout { .. } => (Outcome::Dropped, None),
             Self::NotFound { .. }
             | Self::MethodNotAllowed { .. }
@@ -110,6 +120,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => ("upstream_error", "upstream_timeout"),
             Self::ShuttingDown => ("server_error", "shutting_down"),
             Self::QueueFull { .. } => ("rate_limit_error", "queue_full"),
+            Self::QueueBeyondDeadline { .. } => ("rate_limit_error", "queue_beyond_deadline"),
             Self::LowPriorityDropped { .. } => ("rate_limit_error", "low_priority_timeout"),
             Self::QueueTimeout { .. } => ("rate_limit_error", "queue_timeout"),
         }
@@ -118,7 +129,9 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::ShuttingDown => Some(Duration::from_secs(1)),
-            Self::QueueFull { retry_after, .. } => Some(*retry_after),
+            Self::QueueFull { retry_after, .. } | Self::QueueBeyondDeadline { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }

@@ -5,7 +5,10 @@
 //! traffic counts as proof: an upstream that answered a request within the cache
 //! window is ready without a probe, so readiness costs no provider quota under load.
 //! Otherwise a cheap `GET <upstream>/models` goes out over the worker's pooled
-//! connections, and its result is cached for `ready_cache` seconds.
+//! connections, and its result is cached for `ready_cache` seconds. The probe uses the
+//! provider's key, so it takes a token and a window slot like a request: when none is
+//! free (requests are waiting, or the window is full) it is not sent, and the sidecar
+//! counts as ready — it is pacing real traffic.
 
 use std::time::Duration;
 
@@ -66,8 +69,12 @@ pub async fn readyz(worker: &Worker) -> Response<ProxyBody> {
     let provider = app.default_provider();
     let check = if provider.answered_within(now, ttl) {
         Ok("answered a request within the cache window")
-    } else {
+    } else if let Some(claim) = provider.limiter.try_admit_now(now) {
+        let mut permit = crate::limiter::Permit::new(&provider.limiter, claim);
+        permit.stamp(app.clock.now_nanos());
         probe(worker, provider, app.config.timeouts.connect).await
+    } else {
+        Ok("no token or window slot is free (the provider's quota is in use); not probed")
     };
     let verdict = match check {
         Ok(how) => Verdict {

@@ -26,5 +26,6 @@ pub mod record;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod state_file;
 pub mod stats;
 pub mod upstream;

@@ -73,6 +73,9 @@ mod tests {
             low_priority_timeout: Duration::from_secs(1),
             models: models.iter().map(|s| s.to_string()).collect(),
             fallback: None,
+            window: Duration::from_secs(60),
+            rate_limit_headers: Default::default(),
+            limit_scope: Default::default(),
         }
     }
 

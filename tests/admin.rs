@@ -1152,12 +1152,210 @@ async fn concurrent_patches_under_traffic_never_tear() {
     let (rpm, capacity) = limiter.bucket.rate();
     assert_eq!(f64::from(capacity), x);
     assert!((rpm - x).abs() / x < 1e-6, "bucket rate {rpm}, config {x}");
-    assert_eq!(limiter.retreat.base_rpm(), x);
+    let pacing = limiter.pacing_view(s.app.clock.now_nanos());
+    assert_eq!(pacing.ceiling_rpm, x);
     let hot = s.app.hot.load();
     assert_eq!(hot.version, 1 + WRITERS * PATCHES);
     assert_eq!(hot.providers[0].rate_rpm, x);
     let (applied, rejected) = admin_changes(s.metrics_addr).await;
     assert_eq!((applied, rejected), ((WRITERS * PATCHES) as f64, 0.0));
+    s.stop();
+}
+
+const FORGET: &str = "/api/admin/providers/nvidia/forget";
+
+async fn forget(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    call(addr, req("POST", addr, path, headers, "")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_shows_each_providers_learned_limit() {
+    let clock = ManualClock::new();
+    let s = stack_with_clock(
+        unlimited_mock(),
+        &with_token(&[
+            ("SIDECAR_RATE_RPM", "600"),
+            ("SIDECAR_PROVIDER_WINDOW", "6"),
+            ("SIDECAR_PROBE_INTERVAL", "60"),
+        ]),
+        Arc::new(clock.clone()),
+    );
+    let v = get_config(s.addr, &[]).await.json();
+    let nvidia = &v["providers"]["nvidia"];
+    assert_eq!(nvidia["provider_window"], 6.0, "{nvidia}");
+    assert_eq!(nvidia["limit_scope"], "key");
+    assert_eq!(
+        nvidia["pacing"],
+        serde_json::json!({
+            "window": 6.0,
+            "limit": 60,
+            "learned": 60,
+            "ceiling": 60,
+            "learned_rpm": 600.0,
+            "ceiling_rpm": 600.0,
+            "source": "config",
+            "probing": false,
+            "relearning": false,
+            "next_probe_in": null,
+            "pause": null,
+            "sent_in_window": 0,
+            "changes": 0,
+            "retreat": {"state": "normal", "factor": 1.0},
+        }),
+        "{nvidia}"
+    );
+    assert_eq!(v["global"]["probe_interval"], 60.0);
+
+    // A restored limit and a pause show at once.
+    let limiter = Arc::clone(&s.app.providers[0].limiter);
+    limiter.restore(30, clock.now_nanos());
+    limiter.pause(
+        clock.now_nanos() + 2_000_000_000,
+        nvidia_sidecar::limiter::PauseReason::Quota,
+    );
+    clock.advance(Duration::from_millis(500));
+    let v = get_config(s.addr, &[]).await.json();
+    let pacing = &v["providers"]["nvidia"]["pacing"];
+    assert_eq!(pacing["limit"], 30, "{pacing}");
+    assert_eq!(pacing["learned_rpm"], 300.0);
+    assert_eq!(pacing["ceiling_rpm"], 600.0);
+    assert_eq!(pacing["source"], "state");
+    assert_eq!(pacing["next_probe_in"], 59.5);
+    assert_eq!(
+        pacing["pause"],
+        serde_json::json!({"reason": "quota", "seconds": 1.5})
+    );
+    assert_eq!(pacing["changes"], 1);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_learned_limit_needs_the_token_and_returns_to_the_configured_rate() {
+    let clock = ManualClock::new();
+    let s = stack_with_clock(
+        unlimited_mock(),
+        &with_token(&[
+            ("SIDECAR_RATE_RPM", "600"),
+            ("SIDECAR_PROVIDER_WINDOW", "6"),
+        ]),
+        Arc::new(clock.clone()),
+    );
+    let addr = s.addr;
+    let limiter = Arc::clone(&s.app.providers[0].limiter);
+    limiter.restore(45, clock.now_nanos());
+    let mut rejected = 0.0;
+
+    // Refused like a configuration write, and nothing is forgotten.
+    let a = forget(addr, FORGET, &[]).await;
+    a.assert_error(401, "missing_token");
+    assert!(a.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer realm="));
+    rejected += 1.0;
+    for wrong in ["Bearer not-the-token", "Bearer a"] {
+        forget(addr, FORGET, &[("authorization", wrong)])
+            .await
+            .assert_error(403, "wrong_token");
+        rejected += 1.0;
+    }
+    forget(
+        addr,
+        FORGET,
+        &[
+            ("authorization", BEARER),
+            ("origin", "https://evil.example"),
+        ],
+    )
+    .await
+    .assert_error(403, "foreign_origin");
+    rejected += 1.0;
+    for method in ["GET", "HEAD", "PUT", "PATCH", "DELETE"] {
+        let a = call(
+            addr,
+            req(method, addr, FORGET, &[("authorization", BEARER)], ""),
+        )
+        .await;
+        assert_eq!(a.status, 405, "{method}: {}", a.text());
+        if method != "HEAD" {
+            a.assert_error(405, "method_not_allowed");
+        }
+        assert_eq!(a.headers["allow"], "POST");
+    }
+    let a = forget(
+        addr,
+        "/api/admin/providers/openai/forget",
+        &[("authorization", BEARER)],
+    )
+    .await;
+    a.assert_error(404, "unknown_provider");
+    assert!(message(&a).contains("configured: nvidia"), "{}", a.text());
+    rejected += 1.0;
+    for path in [
+        "/api/admin/providers/nvidia",
+        "/api/admin/providers//forget",
+        "/api/admin/providers/nvidia/forget/again",
+    ] {
+        forget(addr, path, &[("authorization", BEARER)])
+            .await
+            .assert_error(404, "not_found");
+    }
+    let get = get_config(addr, &[]).await.json();
+    assert_eq!(get["providers"]["nvidia"]["pacing"]["source"], "state");
+    assert_eq!(get["providers"]["nvidia"]["pacing"]["limit"], 45);
+    assert_eq!(admin_changes(s.metrics_addr).await, (0.0, rejected));
+
+    // With the token: back to the configured rate, at once.
+    let a = forget(addr, FORGET, &[("authorization", BEARER)]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.headers["content-type"], "application/json");
+    assert_eq!(a.headers["cache-control"], "no-store");
+    let v = a.json();
+    assert_eq!(v["provider"], "nvidia");
+    assert_eq!(v["changed"], serde_json::json!({"from": 45, "to": 60}));
+    assert_eq!(v["pacing"]["source"], "config", "{v}");
+    assert_eq!(v["pacing"]["limit"], 60);
+    assert_eq!(v["pacing"]["learned_rpm"], 600.0);
+    assert_eq!(v["pacing"]["changes"], 2);
+    assert_eq!(limiter.bucket.rate().0, 600.0);
+    assert_eq!(limiter.guard.limit(), 60);
+    let get = get_config(addr, &[]).await.json();
+    assert_eq!(get["providers"]["nvidia"]["pacing"], v["pacing"]);
+    assert_eq!(get["version"], "1", "the configuration did not change");
+
+    // Again: nothing left to forget, still 200.
+    let a = forget(addr, FORGET, &[("authorization", BEARER)]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["changed"], serde_json::Value::Null);
+    assert_eq!(a.json()["pacing"]["source"], "config");
+    assert_eq!(admin_changes(s.metrics_addr).await, (2.0, rejected));
+    let text = metrics_text(s.metrics_addr).await;
+    assert_eq!(
+        sample(
+            &text,
+            "sidecar_limit_source{provider=\"nvidia\",source=\"config\"}"
+        ),
+        Some(1.0)
+    );
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_forgetting_is_refused_or_off() {
+    let s = stack(unlimited_mock(), &[]);
+    forget(s.addr, FORGET, &[])
+        .await
+        .assert_error(403, "writes_disabled");
+    forget(s.addr, FORGET, &[("authorization", BEARER)])
+        .await
+        .assert_error(403, "writes_disabled");
+    assert_eq!(admin_changes(s.metrics_addr).await, (0.0, 2.0));
+    s.stop();
+    let s = stack(unlimited_mock(), &[("SIDECAR_LISTEN_HOST", "0.0.0.0")]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], s.addr.port()));
+    forget(addr, FORGET, &[("authorization", BEARER)])
+        .await
+        .assert_error(404, "admin_off");
     s.stop();
 }
 

@@ -235,7 +235,8 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_priority_request_past_its_deadline_is_dropped_with_503() {
-    let (s, _clock) = paced(&[("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2")]);
+    // 1.5 s is enough for the one token ahead (1 s), but the manual clock never moves.
+    let (s, _clock) = paced(&[("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let a = s.chat(&[("x-priority", "low")], CHAT).await;
     a.assert_error(503, "low_priority_timeout");
@@ -249,7 +250,7 @@ async fn a_low_priority_request_past_its_deadline_is_dropped_with_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_priority_request_past_its_deadline_takes_the_passthrough_when_fallback_is_on() {
     let (s, _clock) = paced(&[
-        ("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2"),
+        ("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5"),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
     ]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
@@ -261,8 +262,39 @@ async fn a_low_priority_request_past_its_deadline_takes_the_passthrough_when_fal
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wait_past_the_request_timeout_is_a_504() {
+async fn a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once_with_retry_after()
+{
+    // One token a second: with 0.3 s to live, the next request could not be served in
+    // time, so it is told at once when to come back instead of waiting for a 504.
     let (s, _clock) = paced(&[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    let started = std::time::Instant::now();
+    let a = s.chat(&[], CHAT).await;
+    a.assert_error(429, "queue_beyond_deadline");
+    assert_eq!(a.headers["retry-after"], "1");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(300),
+        "not after the deadline"
+    );
+    let st = s.app.providers[0].stats.snapshot();
+    assert_eq!((st.dropped_timeout, st.rate_limited), (0, 1));
+    assert_eq!(s.app.providers[0].limiter.queues.len(), 0);
+    // A low-priority one is measured against its own deadline; with fallback it goes
+    // through at once.
+    s.stop();
+    let (s, _clock) = paced(&[
+        ("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2"),
+        ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
+    ]);
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    assert_eq!(s.chat(&[("x-priority", "low")], CHAT).await.status, 200);
+    assert_eq!(s.app.providers[0].stats.snapshot().passthrough, 1);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_past_the_request_timeout_is_a_504() {
+    let (s, _clock) = paced(&[("SIDECAR_REQUEST_TIMEOUT", "1.5")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     s.chat(&[], CHAT).await.assert_error(504, "queue_timeout");
     assert_eq!(s.app.providers[0].stats.snapshot().dropped_timeout, 1);
@@ -271,7 +303,7 @@ async fn a_wait_past_the_request_timeout_is_a_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_429_storm_triggers_retreat_and_clients_still_get_200s() {
+async fn an_upstream_429_storm_teaches_the_limit_and_clients_still_get_200s() {
     // The provider allows 5 requests per rolling second (300 RPM); the sidecar is
     // configured twice as fast, so the provider starts refusing. (Without quota
     // headers: with them, `x-ratelimit-remaining: 0` would hold the sidecar back first.)
@@ -286,6 +318,7 @@ async fn an_upstream_429_storm_triggers_retreat_and_clients_still_get_200s() {
             ("SIDECAR_RATE_RPM", "600"),
             ("SIDECAR_BUCKET_CAPACITY", "1"),
             ("SIDECAR_UPSTREAM_429_RETRIES", "10"),
+            ("SIDECAR_PROVIDER_WINDOW", "1"),
         ],
     );
     let mut clients = Vec::new();
@@ -314,10 +347,14 @@ async fn an_upstream_429_storm_triggers_retreat_and_clients_still_get_200s() {
     assert!(s.mock.rate_limited() > 0, "the storm never happened");
     assert_eq!(st.upstream_429, s.mock.rate_limited());
     assert!(st.retries >= st.upstream_429);
-    let view = p.limiter.retreat.view(s.app.clock.now_nanos());
-    assert!(view.entered[1] >= 1, "never retreated: {view:?}");
-    assert!(view.effective_rpm < view.base_rpm, "{view:?}");
+    let now = s.app.clock.now_nanos();
+    let view = p.limiter.retreat_view(now);
     assert!(view.upstream_429_last_minute >= 1);
+    let pacing = p.limiter.pacing_view(now);
+    assert!(
+        pacing.learned <= 5 && pacing.source != nvidia_sidecar::limiter::Source::Config,
+        "a 429 teaches the limit: {pacing:?}"
+    );
     s.stop();
 }
 

@@ -6,10 +6,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::body::Incoming;
+use nvidia_sidecar::clock::{Clock, ManualClock};
+use nvidia_sidecar::limiter::PauseReason;
 use nvidia_sidecar::mock::MockConfig;
 
 /// Snapshot period in the tests, in seconds.
@@ -298,7 +301,14 @@ async fn the_snapshot_reflects_the_traffic() {
     );
     let rps = p["history"]["rps"].as_array().expect("history.rps");
     assert!(!rps.is_empty(), "{p}");
-    for series in ["rps", "p99_ms", "queue", "effective_rpm"] {
+    for series in [
+        "rps",
+        "p99_ms",
+        "queue",
+        "effective_rpm",
+        "learned_rpm",
+        "ceiling_rpm",
+    ] {
         assert_eq!(
             p["history"][series].as_array().map(Vec::len),
             Some(rps.len()),
@@ -315,6 +325,136 @@ async fn the_snapshot_reflects_the_traffic() {
         !p["upstream"].as_str().unwrap_or("").is_empty(),
         "upstream shown: {p}"
     );
+    s.stop();
+}
+
+/// Polls `/api/dashboard/snapshot` until the first provider satisfies `cond`.
+async fn snapshot_until(
+    addr: SocketAddr,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = call(addr, req("GET", addr, "/api/dashboard/snapshot", &[], "")).await;
+        assert_eq!(a.status, 200);
+        let v = a.json();
+        if cond(&v["providers"][0]) {
+            return v["providers"][0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the snapshot never showed {what}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
+    let clock = ManualClock::new();
+    let s = stack_with_clock(
+        fast_mock(),
+        &[
+            INTERVAL_ENV,
+            ("SIDECAR_RATE_RPM", "600"),
+            ("SIDECAR_BUCKET_CAPACITY", "10"),
+            ("SIDECAR_PROVIDER_WINDOW", "6"),
+            ("SIDECAR_PROBE_INTERVAL", "60"),
+        ],
+        Arc::new(clock.clone()),
+    );
+    let limiter = Arc::clone(&s.app.providers[0].limiter);
+
+    // Fresh: the configured rate, nothing to probe, no pause.
+    let p = snapshot_until(s.addr, "a first build", |p| p["pacing"].is_object()).await;
+    assert_eq!(
+        p["pacing"],
+        serde_json::json!({
+            "window_s": 6.0,
+            "limit": 60,
+            "learned": 60,
+            "ceiling": 60,
+            "learned_rpm": 600.0,
+            "ceiling_rpm": 600.0,
+            "source": "config",
+            "probing": false,
+            "next_probe_s": null,
+            "pause": null,
+            "sent_in_window": 0,
+            "changes": 0,
+            "models": [],
+        }),
+        "{p}"
+    );
+    let history = |p: &serde_json::Value, series: &str| -> Vec<f64> {
+        p["history"][series]
+            .as_array()
+            .unwrap_or_else(|| panic!("history.{series}: {p}"))
+            .iter()
+            .map(|v| v.as_f64().expect("a number"))
+            .collect()
+    };
+    assert_eq!(history(&p, "learned_rpm").last(), Some(&600.0));
+    assert_eq!(history(&p, "ceiling_rpm").last(), Some(&600.0));
+
+    // Two sends count in the window.
+    for _ in 0..2 {
+        assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    }
+    snapshot_until(s.addr, "two sends in the window", |p| {
+        p["pacing"]["sent_in_window"] == 2
+    })
+    .await;
+
+    // A limit restored from before a restart, and a pause for a Retry-After.
+    assert!(limiter.restore(45, clock.now_nanos()).is_some());
+    limiter.pause(
+        clock.now_nanos() + Duration::from_millis(1500).as_nanos() as u64,
+        PauseReason::RetryAfter,
+    );
+    let p = snapshot_until(s.addr, "the restored limit", |p| {
+        p["pacing"]["source"] == "state" && !p["pacing"]["pause"].is_null()
+    })
+    .await;
+    let pacing = &p["pacing"];
+    assert_eq!(pacing["limit"], 45, "{p}");
+    assert_eq!(pacing["learned"], 45);
+    assert_eq!(pacing["ceiling"], 60);
+    assert_eq!(pacing["learned_rpm"], 450.0);
+    assert_eq!(pacing["ceiling_rpm"], 600.0);
+    assert_eq!(pacing["next_probe_s"], 60.0);
+    assert_eq!(pacing["changes"], 1);
+    assert_eq!(
+        pacing["pause"],
+        serde_json::json!({"reason": "retry_after", "seconds": 1.5})
+    );
+    let p = snapshot_until(s.addr, "the restored limit in the history", |p| {
+        p["history"]["learned_rpm"]
+            .as_array()
+            .and_then(|h| h.last())
+            .and_then(serde_json::Value::as_f64)
+            == Some(450.0)
+    })
+    .await;
+    assert_eq!(history(&p, "ceiling_rpm").last(), Some(&600.0));
+    assert_eq!(
+        history(&p, "learned_rpm").len(),
+        history(&p, "ceiling_rpm").len()
+    );
+    assert!(
+        history(&p, "learned_rpm").contains(&600.0),
+        "the history keeps the line before the change: {p}"
+    );
+
+    // Time passes: the pause ends, the window empties, the probe comes closer.
+    clock.advance(Duration::from_secs(20));
+    let p = snapshot_until(s.addr, "the pause to end", |p| {
+        p["pacing"]["pause"].is_null()
+    })
+    .await;
+    assert_eq!(p["pacing"]["next_probe_s"], 40.0, "{p}");
+    assert_eq!(p["pacing"]["sent_in_window"], 0);
     s.stop();
 }
 

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nvidia_sidecar::clock::ManualClock;
+use nvidia_sidecar::clock::{Clock, ManualClock};
+use nvidia_sidecar::limiter::PauseReason;
 use nvidia_sidecar::mock::MockConfig;
 
 const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
@@ -820,12 +821,15 @@ async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_429_is_counted_and_puts_the_provider_in_retreat() {
+async fn an_upstream_429_is_counted_and_teaches_the_limit_and_an_overload_puts_the_provider_in_retreat(
+) {
     let s = stack(
         fast_mock(),
         &[
             ("SIDECAR_UPSTREAM_429_RETRIES", "1"),
             ("SIDECAR_RETREAT_DEFAULT_PAUSE", "0.1"),
+            // The 429 teaches a limit of one a window: the retry waits for the next.
+            ("SIDECAR_PROVIDER_WINDOW", "1"),
         ],
     );
     let before = scrape(s.metrics_addr).await;
@@ -838,30 +842,34 @@ async fn an_upstream_429_is_counted_and_puts_the_provider_in_retreat() {
     let a = s.chat(&[("x-mock-status", "429")], CHAT).await;
     assert_eq!(a.status, 429, "{}", a.text());
     assert_eq!(s.mock.requests(), 2);
-    let m = scrape_until(s.metrics_addr, "the 429 outcome", |m| {
-        m.sum("sidecar_requests_total", &[("outcome", "upstream_429")]) == 1.0
-    })
+    let m = scrape_until(
+        s.metrics_addr,
+        "the 429 outcome and the learned limit",
+        |m| {
+            m.sum("sidecar_requests_total", &[("outcome", "upstream_429")]) == 1.0
+                && m.get("sidecar_limit_source", &[NVIDIA, ("source", "learned_429")]) == Some(1.0)
+        },
+    )
     .await;
     assert_eq!(m.value("sidecar_upstream_429_total", &[NVIDIA]), 2.0);
     assert_eq!(m.value("sidecar_retries_total", &[NVIDIA]), 1.0);
-    assert_eq!(
-        m.value("sidecar_retreat_state", &[NVIDIA, ("state", "retreating")]),
-        1.0
+    assert_eq!(m.sum("sidecar_limit_source", &[NVIDIA]), 1.0, "one source");
+    assert!(m.value("sidecar_limit_changes_total", &[NVIDIA]) >= 1.0);
+    let (learned, ceiling) = (
+        m.value("sidecar_limit_learned_rpm", &[NVIDIA]),
+        m.value("sidecar_limit_ceiling_rpm", &[NVIDIA]),
     );
-    assert_eq!(
-        m.value("sidecar_retreat_state", &[NVIDIA, ("state", "normal")]),
-        0.0
-    );
-    assert_eq!(
-        m.sum("sidecar_retreat_state", &[NVIDIA]),
-        1.0,
-        "one state at a time"
-    );
+    assert!(learned < ceiling, "learned {learned} not below {ceiling}");
     let (base, eff) = (
         m.value("sidecar_rate_base_rpm", &[NVIDIA]),
         m.value("sidecar_rate_effective_rpm", &[NVIDIA]),
     );
     assert!(eff < base, "effective {eff} not below base {base}");
+    // A 429 that teaches a limit is no reason to retreat.
+    assert_eq!(
+        m.value("sidecar_retreat_state", &[NVIDIA, ("state", "normal")]),
+        1.0
+    );
     assert_eq!(
         m.value(
             "sidecar_requests_total",
@@ -871,6 +879,168 @@ async fn an_upstream_429_is_counted_and_puts_the_provider_in_retreat() {
     );
     // A 429 is not an upstream error.
     assert_eq!(m.sum("sidecar_upstream_errors_total", &[]), 0.0);
+
+    // An overloaded provider (503) teaches nothing about the rate: it retreats.
+    s.app.providers[0].limiter.forget(s.app.clock.now_nanos());
+    let a = s.chat(&[("x-mock-status", "503")], CHAT).await;
+    assert_eq!(a.status, 503, "{}", a.text());
+    let m = scrape_until(s.metrics_addr, "the retreat", |m| {
+        m.get("sidecar_retreat_state", &[NVIDIA, ("state", "retreating")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        m.value("sidecar_retreat_state", &[NVIDIA, ("state", "normal")]),
+        0.0
+    );
+    assert_eq!(
+        m.sum("sidecar_retreat_state", &[NVIDIA]),
+        1.0,
+        "one state at a time"
+    );
+    assert_source(&m, "config");
+    let (base, eff) = (
+        m.value("sidecar_rate_base_rpm", &[NVIDIA]),
+        m.value("sidecar_rate_effective_rpm", &[NVIDIA]),
+    );
+    assert!(eff < base, "effective {eff} not below base {base}");
+    s.stop();
+}
+
+/// The `sidecar_limit_*` families and their neighbours, one value per provider.
+const PACING_GAUGES: [&str; 8] = [
+    "sidecar_limit_learned_rpm",
+    "sidecar_limit_ceiling_rpm",
+    "sidecar_limit_per_window",
+    "sidecar_provider_window_seconds",
+    "sidecar_limit_probing",
+    "sidecar_limit_next_probe_seconds",
+    "sidecar_sent_in_window",
+    "sidecar_limit_changes_total",
+];
+const SOURCES: [&str; 5] = ["config", "header", "learned_429", "probe", "state"];
+const PAUSE_REASONS: [&str; 4] = ["retry_after", "quota", "window", "overload"];
+
+/// `sidecar_limit_source` is 1 for `want` only.
+fn assert_source(m: &Exposition, want: &str) {
+    for source in SOURCES {
+        assert_eq!(
+            m.value("sidecar_limit_source", &[NVIDIA, ("source", source)]),
+            f64::from(u8::from(source == want)),
+            "source {source}, want {want}:\n{}",
+            m.dump("sidecar_limit_source")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_and_pauses() {
+    let clock = ManualClock::new();
+    let s = stack_with_clock(
+        fast_mock(),
+        &[
+            ("SIDECAR_RATE_RPM", "600"),
+            ("SIDECAR_BUCKET_CAPACITY", "10"),
+            ("SIDECAR_PROVIDER_WINDOW", "6"),
+            ("SIDECAR_PROBE_INTERVAL", "60"),
+        ],
+        Arc::new(clock.clone()),
+    );
+    let limiter = Arc::clone(&s.app.providers[0].limiter);
+
+    // Fresh: nothing learned, the configured rate is the limit.
+    let m = scrape(s.metrics_addr).await;
+    for (family, ty) in PACING_GAUGES.iter().map(|f| (*f, "gauge")).chain([
+        ("sidecar_limit_source", "gauge"),
+        ("sidecar_pause_seconds", "gauge"),
+    ]) {
+        let ty = if family.ends_with("_total") {
+            "counter"
+        } else {
+            ty
+        };
+        assert_eq!(
+            m.types.get(family).map(String::as_str),
+            Some(ty),
+            "{family}"
+        );
+    }
+    for g in PACING_GAUGES {
+        let series: Vec<_> = m.samples.iter().filter(|x| x.name == g).collect();
+        assert_eq!(series.len(), 1, "{g}: one series per provider");
+        assert!(series[0].is(&[NVIDIA]), "{g}: {:?}", series[0].labels);
+    }
+    assert_eq!(m.value("sidecar_limit_learned_rpm", &[NVIDIA]), 600.0);
+    assert_eq!(m.value("sidecar_limit_ceiling_rpm", &[NVIDIA]), 600.0);
+    assert_eq!(m.value("sidecar_limit_per_window", &[NVIDIA]), 60.0);
+    assert_eq!(m.value("sidecar_provider_window_seconds", &[NVIDIA]), 6.0);
+    assert_eq!(m.value("sidecar_limit_probing", &[NVIDIA]), 0.0);
+    assert_eq!(
+        m.value("sidecar_limit_next_probe_seconds", &[NVIDIA]),
+        0.0,
+        "nothing above the ceiling to probe"
+    );
+    assert_eq!(m.value("sidecar_limit_changes_total", &[NVIDIA]), 0.0);
+    assert_eq!(m.value("sidecar_sent_in_window", &[NVIDIA]), 0.0);
+    assert_eq!(m.value("sidecar_rate_effective_rpm", &[NVIDIA]), 600.0);
+    assert_source(&m, "config");
+    for reason in PAUSE_REASONS {
+        assert_eq!(
+            m.value("sidecar_pause_seconds", &[NVIDIA, ("reason", reason)]),
+            0.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(m.sum("sidecar_pause_seconds", &[]), 0.0, "no other reason");
+
+    // Sends count in the window until it has passed.
+    for _ in 0..3 {
+        assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    }
+    let m = scrape(s.metrics_addr).await;
+    assert_eq!(m.value("sidecar_sent_in_window", &[NVIDIA]), 3.0);
+
+    // A limit from before a restart: 45 a window is 450 rpm, probed after the interval.
+    let now = clock.now_nanos();
+    assert!(limiter.restore(45, now).is_some());
+    let m = scrape(s.metrics_addr).await;
+    assert_eq!(m.value("sidecar_limit_learned_rpm", &[NVIDIA]), 450.0);
+    assert_eq!(m.value("sidecar_limit_ceiling_rpm", &[NVIDIA]), 600.0);
+    assert_eq!(m.value("sidecar_limit_per_window", &[NVIDIA]), 45.0);
+    assert_eq!(m.value("sidecar_limit_changes_total", &[NVIDIA]), 1.0);
+    assert_eq!(m.value("sidecar_limit_next_probe_seconds", &[NVIDIA]), 60.0);
+    // The bucket keeps its rate as nanoseconds per token: within a millionth.
+    let eff = m.value("sidecar_rate_effective_rpm", &[NVIDIA]);
+    assert!((eff - 450.0).abs() < 1e-3, "effective {eff}");
+    assert_eq!(m.value("sidecar_rate_base_rpm", &[NVIDIA]), 600.0);
+    assert_source(&m, "state");
+
+    // The countdown follows the clock; the window forgets old sends.
+    clock.advance(Duration::from_secs(20));
+    let m = scrape(s.metrics_addr).await;
+    assert_eq!(m.value("sidecar_limit_next_probe_seconds", &[NVIDIA]), 40.0);
+    assert_eq!(m.value("sidecar_sent_in_window", &[NVIDIA]), 0.0);
+
+    // A pause shows its time left under its reason only.
+    limiter.pause(
+        clock.now_nanos() + Duration::from_millis(2500).as_nanos() as u64,
+        PauseReason::RetryAfter,
+    );
+    let m = scrape(s.metrics_addr).await;
+    for reason in PAUSE_REASONS {
+        let want = if reason == "retry_after" { 2.5 } else { 0.0 };
+        assert_eq!(
+            m.value("sidecar_pause_seconds", &[NVIDIA, ("reason", reason)]),
+            want,
+            "{reason}"
+        );
+    }
+    clock.advance(Duration::from_secs(3));
+    let m = scrape(s.metrics_addr).await;
+    assert_eq!(
+        m.sum("sidecar_pause_seconds", &[NVIDIA]),
+        0.0,
+        "the pause is over"
+    );
     s.stop();
 }
 
@@ -995,8 +1165,8 @@ async fn no_model_label_anywhere_and_the_provider_key_never_shows() {
         .collect();
     assert!(!labels.contains("model"), "a model label: {labels:?}");
     let allowed = [
-        "provider", "route", "outcome", "kind", "priority", "reason", "state", "result", "version",
-        "le",
+        "provider", "route", "outcome", "kind", "priority", "reason", "state", "source", "result",
+        "version", "le",
     ];
     for l in &labels {
         assert!(allowed.contains(l), "unexpected label {l:?}");

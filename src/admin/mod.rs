@@ -5,13 +5,18 @@
 //! - `POST` or `PATCH /api/admin/config`: a JSON patch of the run-time fields
 //!   ([`patch::Patch`]), all or nothing; `If-Match: <version>` makes it conditional
 //!   (412 when the configuration moved on). The answer lists each change, old → new.
+//! - `POST /api/admin/providers/{name}/forget`: forgets the limit learned for provider
+//!   `name` (from 429s, headers, probes or the state file): it is paced at its configured
+//!   `rate_rpm` again. Authenticated like a write; answers the provider's new `pacing`
+//!   (as in `GET /api/admin/config`), 404 for an unknown provider.
 //!
 //! A change is validated whole, then applied under one writer lock: rates and queue
 //! bounds go into the limiters (a rate keeps the bucket's tokens; a smaller queue
 //! bound refuses new arrivals until the depth falls under it, dropping nobody), the log
 //! level changes at once, and the new [`Hot`] value is swapped in for the requests
-//! that follow. Every attempt to change is written to the audit log (remote address,
-//! fields, old → new; never the token) and counted in `sidecar_admin_changes_total`.
+//! that follow. Every attempt to change (a forget included) is written to the audit log
+//! (remote address, fields, old → new; never the token) and counted in
+//! `sidecar_admin_changes_total`.
 //! SIGHUP reloads go through [`reload`], with the same validation and the same log.
 
 pub mod auth;
@@ -35,6 +40,18 @@ use crate::hot::Hot;
 use auth::{Access, Denied};
 use patch::{Change, PatchError};
 
+const CONFIG_PATH: &str = "/api/admin/config";
+const PROVIDERS_PATH: &str = "/api/admin/providers/";
+const FORGET_SUFFIX: &str = "/forget";
+
+/// The provider named by `/api/admin/providers/{name}/forget`.
+fn forget_target(path: &str) -> Option<&str> {
+    let name = path
+        .strip_prefix(PROVIDERS_PATH)?
+        .strip_suffix(FORGET_SUFFIX)?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
+}
+
 /// Routes `/api/admin/*`.
 pub async fn serve(
     app: &Arc<App>,
@@ -42,10 +59,14 @@ pub async fn serve(
     remote: SocketAddr,
 ) -> Response<ProxyBody> {
     let path = req.uri().path();
-    if path != "/api/admin/config" {
+    if let Some(name) = forget_target(path) {
+        let name = name.to_owned();
+        return forget(app, &req, remote, &name);
+    }
+    if path != CONFIG_PATH {
         return error(
             StatusCode::NOT_FOUND,
-            &format!("no admin route {path:?}; the admin API serves /api/admin/config"),
+            &format!("no admin route {path:?}; the admin API serves {CONFIG_PATH} and {PROVIDERS_PATH}{{name}}{FORGET_SUFFIX}"),
             "not_found",
         );
     }
@@ -68,17 +89,92 @@ pub async fn serve(
             return resp;
         }
     };
-    if let Err(denied) = app.admin.check(access, req.headers(), remote) {
-        if access == Access::Write {
-            app.admin_changes.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: crate::logging::AUDIT_TARGET, remote = %remote, reason = %denied, "admin change refused");
-        }
-        return denied_response(&denied);
+    if let Some(refused) = check(app, access, req.headers(), remote) {
+        return refused;
     }
     match access {
         Access::Read => read(app),
         Access::Write => write(app, req, remote).await,
     }
+}
+
+/// Authenticates `access`: the answer when it is refused. A refused write is counted
+/// and written to the audit log.
+fn check(
+    app: &App,
+    access: Access,
+    headers: &http::HeaderMap,
+    remote: SocketAddr,
+) -> Option<Response<ProxyBody>> {
+    let denied = app.admin.check(access, headers, remote).err()?;
+    if access == Access::Write {
+        app.admin_changes.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: crate::logging::AUDIT_TARGET, remote = %remote, reason = %denied, "admin change refused");
+    }
+    Some(denied_response(&denied))
+}
+
+/// `POST /api/admin/providers/{name}/forget`: back to the configured rate.
+fn forget(
+    app: &App,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+    name: &str,
+) -> Response<ProxyBody> {
+    if req.method() != Method::POST {
+        let mut resp = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!(
+                "method {} is not allowed on {PROVIDERS_PATH}{{name}}{FORGET_SUFFIX}; use POST",
+                req.method()
+            ),
+            "method_not_allowed",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
+    if let Some(refused) = check(app, Access::Write, req.headers(), remote) {
+        return refused;
+    }
+    let Some(provider) = app.providers.iter().find(|p| &*p.name == name) else {
+        app.admin_changes.rejected.fetch_add(1, Ordering::Relaxed);
+        let message = format!(
+            "no provider {name:?}; configured: {}",
+            app.provider_names().join(", ")
+        );
+        tracing::warn!(target: crate::logging::AUDIT_TARGET, remote = %remote, status = 404, reason = %message, "admin change refused");
+        return error(StatusCode::NOT_FOUND, &message, "unknown_provider");
+    };
+    let now = app.clock.now_nanos();
+    let change = provider.limiter.forget(now);
+    app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
+    let limit = |n: Option<u32>| n.map_or_else(|| "unchanged".to_owned(), |n| n.to_string());
+    tracing::info!(
+        target: crate::logging::AUDIT_TARGET,
+        remote = %remote,
+        source = "admin",
+        provider = name,
+        from = %limit(change.map(|c| c.from)),
+        to = %limit(change.map(|c| c.to)),
+        "learned limit forgotten"
+    );
+    if let Some(c) = change {
+        tracing::warn!(
+            provider = name,
+            from = c.from,
+            to = c.to,
+            source = c.source.as_str(),
+            why = %c.why,
+            "learned limit change"
+        );
+    }
+    let body = serde_json::json!({
+        "provider": name,
+        "changed": change.map(|c| serde_json::json!({"from": c.from, "to": c.to})),
+        "pacing": view::pacing(&provider.limiter.pacing_view(now), now),
+    });
+    json_response(StatusCode::OK, &body, app.hot.get().version)
 }
 
 fn error(status: StatusCode, message: &str, code: &str) -> Response<ProxyBody> {
@@ -247,12 +343,22 @@ fn apply(app: &App, old: &Hot, new: &Hot) {
     let now = app.clock.now_nanos();
     for ((provider, a), b) in app.providers.iter().zip(&old.providers).zip(&new.providers) {
         if a.rate_rpm != b.rate_rpm || a.bucket_capacity != b.bucket_capacity {
-            provider
+            let change = provider
                 .limiter
                 .set_rate(b.rate_rpm, b.bucket_capacity, now);
+            if let Some(c) = change {
+                tracing::warn!(
+                    provider = &*provider.name,
+                    from = c.from,
+                    to = c.to,
+                    source = c.source.as_str(),
+                    why = %c.why,
+                    "learned limit change"
+                );
+            }
         }
         if a.queue_max_size != b.queue_max_size {
-            provider.limiter.queues.set_max(b.queue_max_size);
+            provider.limiter.set_queue_max(b.queue_max_size);
         }
     }
     if old.log_level != new.log_level {

@@ -1,11 +1,13 @@
 //! The effective configuration as the admin API shows it: every setting, secrets
-//! masked to their first four characters, run-time fields from the current [`Hot`].
+//! masked to their first four characters, run-time fields from the current [`Hot`],
+//! and each provider's learned limit ([`pacing`]) as it is now.
 
 use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::config::{Config, LogFormat, Secret};
 use crate::hot::Hot;
+use crate::limiter::PacingView;
 
 fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
@@ -29,13 +31,10 @@ pub const HOT_FIELDS: [&str; 7] = [
 /// `GET /api/admin/config`.
 pub fn config(app: &App, hot: &Hot) -> Value {
     let c = &app.config;
+    let now = app.clock.now_nanos();
     let mut providers = serde_json::Map::new();
     for ((p, h), provider) in c.providers.iter().zip(&hot.providers).zip(&app.providers) {
-        let effective = provider
-            .limiter
-            .retreat
-            .view(app.clock.now_nanos())
-            .effective_rpm;
+        let effective = provider.limiter.retreat_view(now).effective_rpm;
         providers.insert(
             p.name.clone(),
             json!({
@@ -48,7 +47,12 @@ pub fn config(app: &App, hot: &Hot) -> Value {
                 "low_priority_timeout": secs(h.low_priority_timeout),
                 "models": p.models,
                 "fallback": p.fallback.as_ref().map(|f| f.display()),
+                "provider_window": secs(p.window),
+                "rate_limit_headers": p.rate_limit_headers.as_str(),
+                "limit_scope": p.limit_scope.as_str(),
                 "default": std::ptr::eq(p, c.default_provider()),
+                "pacing": pacing(&provider.limiter.pacing_view(now), now),
+                "model_pacing": model_pacing(&provider.limiter, now),
             }),
         );
     }
@@ -91,10 +95,54 @@ pub fn config(app: &App, hot: &Hot) -> Value {
             "retreat_default_pause": secs(c.retreat.default_pause),
             "recovery_step": c.retreat.recovery_step,
             "recovery_interval": secs(c.retreat.recovery_interval),
+            "window_margin": c.margin.fraction,
+            "window_margin_floor": secs(c.margin.floor),
+            "probe_interval": secs(c.probe_interval),
+            "state_file": c.state_file.as_ref().map(|p| p.display().to_string()),
             "client_priorities": priorities,
             "default_provider": c.default_provider().name,
         },
         "providers": providers,
+    })
+}
+
+/// A provider's learned limit at clock time `now`. Counts are sends per `window`
+/// (seconds); `next_probe_in` is `null` when there is nothing to probe, `pause` when
+/// admission is not paused.
+/// With `limit_scope = "model"`: each live model scope's pacing, by model name (an
+/// empty object otherwise).
+pub fn model_pacing(limiter: &crate::limiter::Limiter, now: u64) -> Value {
+    let models: serde_json::Map<String, Value> = limiter
+        .models()
+        .into_iter()
+        .map(|(name, m)| (name.to_string(), pacing(&m.pacing_view(now), now)))
+        .collect();
+    Value::Object(models)
+}
+
+pub fn pacing(v: &PacingView, now: u64) -> Value {
+    let secs_until = |at: u64| at.saturating_sub(now) as f64 / 1e9;
+    json!({
+        "window": secs(v.window),
+        "limit": v.limit,
+        "learned": v.learned,
+        "ceiling": v.ceiling,
+        "learned_rpm": v.learned_rpm,
+        "ceiling_rpm": v.ceiling_rpm,
+        "source": v.source.as_str(),
+        "probing": v.probing,
+        "relearning": v.relearning,
+        "next_probe_in": v.next_probe_at.map(secs_until),
+        "pause": v.pause.map(|(reason, until)| json!({
+            "reason": reason.as_str(),
+            "seconds": secs_until(until),
+        })),
+        "sent_in_window": v.sent_in_window,
+        "changes": v.changes,
+        "retreat": {
+            "state": v.retreat_state.as_str(),
+            "factor": v.retreat_factor,
+        },
     })
 }
 
@@ -160,22 +208,34 @@ pub fn needs_restart(running: &Config, loaded: &Config) -> Vec<&'static str> {
         "upstream_ca_file",
         running.upstream_ca != loaded.upstream_ca,
     );
+    check(
+        "window_margin",
+        format!("{:?}", running.margin) != format!("{:?}", loaded.margin),
+    );
+    check(
+        "probe_interval",
+        running.probe_interval != loaded.probe_interval,
+    );
+    check("state_file", running.state_file != loaded.state_file);
     let provider_static = |c: &Config| -> Vec<String> {
         c.providers
             .iter()
             .map(|p| {
                 format!(
-                    "{} {:?} {:?} {:?}",
+                    "{} {:?} {:?} {:?} {:?} {:?} {:?}",
                     p.upstream.display(),
                     expose(&p.api_key),
                     p.models,
                     p.fallback.as_ref().map(|f| f.display()),
+                    p.window,
+                    p.rate_limit_headers,
+                    p.limit_scope,
                 )
             })
             .collect()
     };
     check(
-        "providers (upstream, key, models, fallback)",
+        "providers (upstream, key, models, fallback, provider_window, rate_limit_headers, limit_scope)",
         provider_static(running) != provider_static(loaded),
     );
     out

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::limiter::RetreatConfig;
+use crate::limiter::signal::Dialect;
+use crate::limiter::{Margin, RetreatConfig};
 use crate::priority::Priority;
 use std::collections::HashMap;
 
@@ -133,6 +134,31 @@ pub struct ProviderConfig {
     /// Glob patterns (`*` wildcard) of the models routed here; empty: only as default.
     pub models: Vec<String>,
     pub fallback: Option<UpstreamUrl>,
+    /// The window the provider counts requests in.
+    pub window: Duration,
+    /// The rate-limit header dialect the provider speaks.
+    pub rate_limit_headers: Dialect,
+    /// What a learned limit applies to.
+    pub limit_scope: LimitScope,
+}
+
+/// What a learned limit (and its window guard) applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LimitScope {
+    /// The provider key as a whole.
+    #[default]
+    Key,
+    /// Each model on its own, with the key's budget on top.
+    Model,
+}
+
+impl LimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Model => "model",
+        }
+    }
 }
 
 /// The whole validated configuration.
@@ -160,6 +186,11 @@ pub struct Config {
     pub client_priorities: HashMap<String, Priority>,
     /// Extra CA certificates trusted for upstream TLS (from `upstream_ca_file`).
     pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Window guard margin and probe interval, shared by the providers.
+    pub margin: Margin,
+    pub probe_interval: Duration,
+    /// Where learned limits are kept across restarts.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// One `[[providers]]` table of the TOML file; unset fields inherit the global settings.
@@ -177,6 +208,9 @@ pub struct ProviderFile {
     #[serde(default)]
     pub models: Vec<String>,
     pub fallback_url: Option<String>,
+    pub provider_window: Option<f64>,
+    pub rate_limit_headers: Option<String>,
+    pub limit_scope: Option<String>,
 }
 
 /// The TOML file: global settings at the top level, then providers.
@@ -410,6 +444,9 @@ impl Config {
             bucket_capacity: Some(get!(bucket_capacity)),
             queue_max_size: Some(get!(queue_max_size)),
             low_priority_timeout: Some(get!(low_priority_timeout)),
+            provider_window: Some(get!(provider_window)),
+            rate_limit_headers: Some(get!(rate_limit_headers)),
+            limit_scope: Some(get!(limit_scope)),
             models: vec!["*".into()],
             ..ProviderFile::default()
         };
@@ -515,7 +552,52 @@ impl Config {
             }
         };
 
+        let margin = Margin {
+            fraction: {
+                let v = get!(window_margin);
+                if v.is_finite() && (0.0..0.5).contains(&v) {
+                    v
+                } else {
+                    return Err(ConfigError::invalid(
+                        "window_margin",
+                        v,
+                        "a fraction from 0 to less than 0.5 of the provider window",
+                    ));
+                }
+            },
+            floor: {
+                let v = get!(window_margin_floor);
+                if v.is_finite() && (0.0..=60.0).contains(&v) {
+                    Duration::from_secs_f64(v)
+                } else {
+                    return Err(ConfigError::invalid(
+                        "window_margin_floor",
+                        v,
+                        "a number of seconds from 0 to 60",
+                    ));
+                }
+            },
+        };
+        let state_file = match get!(state_file).trim() {
+            "" => None,
+            path => {
+                let p = std::path::PathBuf::from(path);
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+                if dir.is_some_and(|d| !d.is_dir()) || p.is_dir() {
+                    return Err(ConfigError::invalid(
+                        "state_file",
+                        path,
+                        "a file path in an existing directory (the file is created when a limit is learned)",
+                    ));
+                }
+                Some(p)
+            }
+        };
+
         Ok(Config {
+            margin,
+            probe_interval: seconds("probe_interval", get!(probe_interval))?,
+            state_file,
             upstream_ca,
             retreat,
             upstream_429_retries,
@@ -624,6 +706,38 @@ fn provider(
         &format!("{prefix}low_priority_timeout"),
         pick(raw.low_priority_timeout, inherit.low_priority_timeout),
     )?;
+    let window = seconds(
+        &format!("{prefix}provider_window"),
+        pick(raw.provider_window, inherit.provider_window),
+    )?;
+    let dialect_raw = raw
+        .rate_limit_headers
+        .as_deref()
+        .or(inherit.rate_limit_headers.as_deref())
+        .unwrap_or("openai");
+    let rate_limit_headers = Dialect::parse(dialect_raw).ok_or_else(|| {
+        ConfigError::invalid(
+            format!("{prefix}rate_limit_headers"),
+            dialect_raw,
+            "openai or none",
+        )
+    })?;
+    let scope_raw = raw
+        .limit_scope
+        .as_deref()
+        .or(inherit.limit_scope.as_deref())
+        .unwrap_or("key");
+    let limit_scope = match scope_raw.trim().to_ascii_lowercase().as_str() {
+        "key" => LimitScope::Key,
+        "model" => LimitScope::Model,
+        _ => {
+            return Err(ConfigError::invalid(
+                format!("{prefix}limit_scope"),
+                scope_raw,
+                "key or model",
+            ))
+        }
+    };
     for m in &raw.models {
         if m.trim().is_empty() || m.chars().any(char::is_whitespace) {
             return Err(ConfigError::invalid(
@@ -643,6 +757,9 @@ fn provider(
         low_priority_timeout,
         models: raw.models.clone(),
         fallback,
+        window,
+        rate_limit_headers,
+        limit_scope,
     })
 }
 

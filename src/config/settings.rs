@@ -144,7 +144,7 @@ settings! {
     upstream_api_key: String = "", env "SIDECAR_UPSTREAM_API_KEY";
     /// PEM file of extra CA certificates trusted for upstream TLS, besides the webpki roots.
     upstream_ca_file: String = "", env "SIDECAR_UPSTREAM_CA_FILE";
-    /// Requests per minute admitted to the upstream (steady rate of the token bucket).
+    /// Requests per minute sent to the upstream at most: the ceiling. The sidecar paces at the provider's learned limit when that is lower.
     rate_rpm: f64 = "40", env "SIDECAR_RATE_RPM";
     /// Token bucket capacity: the largest burst admitted after an idle period.
     bucket_capacity: u32 = "1", env "SIDECAR_BUCKET_CAPACITY";
@@ -190,18 +190,32 @@ settings! {
     ready_cache: f64 = "5", env "SIDECAR_READY_CACHE";
     /// Seconds between dashboard snapshots (and SSE frames), from 0.05 to 60.
     snapshot_interval: f64 = "1", env "SIDECAR_SNAPSHOT_INTERVAL";
-    /// Retreat: effective rate multiplier on an upstream 429 (between 0 and 1).
+    /// Retreat (after 503, 529 and concurrency refusals, which teach nothing about the limit): pacing-rate multiplier per refusal (between 0 and 1).
     retreat_factor: f64 = "0.5", env "SIDECAR_RETREAT_FACTOR";
-    /// Retreat: lowest effective rate, as a fraction of the base rate.
+    /// Retreat: lowest pacing rate, as a fraction of the learned limit.
     retreat_floor: f64 = "0.1", env "SIDECAR_RETREAT_FLOOR";
-    /// Retreat: seconds without an upstream 429 before the rate starts to recover.
+    /// Retreat: seconds without such a refusal before the rate starts to recover.
     retreat_quiet_period: f64 = "30", env "SIDECAR_RETREAT_QUIET_PERIOD";
-    /// Retreat: seconds to pause admission after a 429 without Retry-After.
+    /// Seconds to pause admission after a 429, 503 or 529 without Retry-After.
     retreat_default_pause: f64 = "1", env "SIDECAR_RETREAT_DEFAULT_PAUSE";
-    /// Recovery: rate added per step, as a fraction of the base rate.
+    /// Recovery: rate added per step, as a fraction of the learned limit (never above it).
     recovery_step: f64 = "0.1", env "SIDECAR_RECOVERY_STEP";
     /// Recovery: seconds between steps.
     recovery_interval: f64 = "10", env "SIDECAR_RECOVERY_INTERVAL";
+    /// Seconds of the window the provider counts requests in; the sidecar never sends more than rate_rpm × provider_window / 60 (at least 1) in any such window.
+    provider_window: f64 = "60", env "SIDECAR_PROVIDER_WINDOW";
+    /// Window guard safety margin for jitter, as a fraction of the provider window (the larger of this and window_margin_floor applies).
+    window_margin: f64 = "0.005", env "SIDECAR_WINDOW_MARGIN";
+    /// Window guard safety margin floor, in seconds.
+    window_margin_floor: f64 = "0.05", env "SIDECAR_WINDOW_MARGIN_FLOOR";
+    /// Least seconds between two probes above a learned limit (a probe runs only while demand exceeds the limit).
+    probe_interval: f64 = "600", env "SIDECAR_PROBE_INTERVAL";
+    /// Rate-limit headers the provider sends: openai (x-ratelimit-*-requests) or none (learn from 429s alone).
+    rate_limit_headers: String = "openai", env "SIDECAR_RATE_LIMIT_HEADERS";
+    /// What a learned limit applies to: key (the whole provider) or model (each model its own, under the key's).
+    limit_scope: String = "key", env "SIDECAR_LIMIT_SCOPE";
+    /// File that keeps learned limits across restarts (empty: not kept).
+    state_file: String = "", env "SIDECAR_STATE_FILE";
     /// Times a request answered 429 by the upstream is queued again (at the head of its priority) before the 429 is passed on.
     upstream_429_retries: u32 = "2", env "SIDECAR_UPSTREAM_429_RETRIES";
 }

@@ -137,10 +137,11 @@ fn every_setting_has_a_sidecar_variable_named_after_its_key_and_a_help_text() {
 #[test]
 fn every_setting_is_read_from_its_variable() {
     // A garbage value in each variable is noticed: the variable is read and validated.
-    // Only the secrets accept any string.
+    // Only the secrets and the state file (a relative path in the working directory)
+    // accept any string.
     for s in SETTINGS {
         let result = load_env(&[(s.env, "not-a-value")]);
-        if matches!(s.key, "upstream_api_key" | "admin_token") {
+        if matches!(s.key, "upstream_api_key" | "admin_token" | "state_file") {
             assert!(result.is_ok(), "{}: {:?}", s.env, result.err());
             continue;
         }
@@ -768,4 +769,19 @@ fn an_upstream_ca_file_must_be_a_readable_pem_with_a_certificate() {
     );
     assert_invalid(&err, "upstream_ca_file", path, PEM);
     assert!(load_env(&[]).unwrap().upstream_ca.is_empty());
+}
+
+#[test]
+fn a_state_file_in_a_missing_directory_stops_start_up_naming_the_setting() {
+    let e = load_env(&[("SIDECAR_STATE_FILE", "/no/such/dir/state.json")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("state_file") && e.contains("/no/such/dir"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let c = load_env(&[("SIDECAR_STATE_FILE", path.to_str().unwrap())]).unwrap();
+    assert_eq!(c.state_file.as_deref(), Some(path.as_path()));
 }

@@ -1,62 +1,275 @@
-//! Admission control for one provider: token bucket, wait queues, retreat.
+//! Admission control for one provider: token bucket, window guard, wait queues, and the
+//! controller that learns the provider's limit.
 //!
-//! Plain data structures on atomics — no hyper, no tokio, no lock on any path — so each
-//! rule is unit-tested on a fake clock and the CAS protocols under loom. The async
-//! waiting lives in the request path (`proxy`), the granting in [`dispatch`], a thread
-//! that sleeps until the next token is due.
+//! Plain data structures on atomics — no hyper, no tokio, no lock on the request path —
+//! so each rule is unit-tested on a fake clock and the CAS protocols under loom. The
+//! async waiting lives in the request path (`proxy`), the granting in [`dispatch`], a
+//! thread that sleeps until the next grant is due and also runs the controller.
 //!
-//! Fast path: when nobody waits and a token is free, a request is admitted with one CAS.
+//! A request goes when the bucket has a token (even spacing at the paced rate) *and*
+//! the window guard has room (never more than the limit in any rolling window, as
+//! counted at the sidecar); the guard's claim travels with the request and is stamped
+//! with the time it is written upstream. Fast path: when nobody waits, one CAS each.
 //! Otherwise it is parked (never jumping those already waiting) and granted in strict
-//! priority order as tokens free up.
+//! priority order.
 
 pub mod bucket;
+pub mod control;
 pub mod dispatch;
+pub mod guard;
+pub mod learn;
 pub mod queue;
 pub mod retreat;
+pub mod scopes;
+pub mod signal;
 pub(crate) mod sync;
 pub mod window;
 
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering as StdOrdering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
 
+use crossbeam_queue::SegQueue;
+
 use crate::priority::Priority;
 pub use bucket::TokenBucket;
+pub use control::{Event, Note, PacingView, PauseReason};
+pub use guard::{Claim, Margin, WindowGuard};
+pub use learn::{Change, Source};
 pub use queue::{QueueCounts, QueueFull, Ticket, WaitQueues};
-pub use retreat::{Cut, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
+pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
+pub use signal::{Quota, Refusal};
+
+use control::Control;
+use learn::{per_window, Learner};
+use sync::Mutex;
 
 /// What admission decided.
 #[derive(Debug)]
 pub enum Decision {
-    /// A token was free and nobody waited: go now.
-    Admitted,
-    /// Parked: await the ticket.
+    /// A token and a window slot were free and nobody waited: go now.
+    Admitted(Claim),
+    /// Parked: await the ticket (it resolves to the claim).
     Queued(Ticket),
     /// The queue is at its bound.
     Full(QueueFull),
+}
+
+/// How a provider is paced: the window it counts in and how limits are learned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pacing {
+    /// The window the provider counts requests in.
+    pub window: Duration,
+    /// Safety margin of the window guard.
+    pub margin: Margin,
+    /// Least time between two probes above the learned limit.
+    pub probe_interval: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            margin: Margin {
+                fraction: 0.005,
+                floor: Duration::from_millis(50),
+            },
+            probe_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What one upstream answer said, as the proxy read it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Answer {
+    /// A 2xx answer.
+    pub ok: bool,
+    pub refusal: Option<Refusal>,
+    /// The provider's `Retry-After` (or `retry-after-ms`).
+    pub retry_after: Option<Duration>,
+    pub quota: Option<Quota>,
 }
 
 /// A provider's limiter.
 #[derive(Debug)]
 pub struct Limiter {
     pub bucket: TokenBucket,
+    pub guard: WindowGuard,
     pub queues: Arc<WaitQueues>,
-    pub retreat: Retreat,
+    /// Upstream answers and 429s over the last minute.
+    pub answers: AnswerCounts,
+    pacing: Pacing,
+    default_pause: Duration,
+    control: Mutex<Control>,
+    inbox: SegQueue<Event>,
+    /// The highest count-in-window answered without a 429 since the limit last changed.
+    proven: AtomicU32,
+    /// Rate-limit refusals among the sends in the guard's span (kept by the controller).
+    refused_in_span: AtomicU32,
+    /// Clock time + 1 a request last had to wait for the limit (0: never).
+    demand_at: AtomicU64,
+    /// The last limit the provider's headers stated (rpm; 0: none).
+    header_limit: AtomicU64,
+    /// Admission paused until (clock nanoseconds), and why (`PauseReason as u8`).
+    pause_until: AtomicU64,
+    pause_reason: AtomicU8,
     dispatcher: OnceLock<Thread>,
+    /// `limit_scope = "model"`: the models' own limiters under this (the key's) one.
+    models: Option<scopes::Models>,
+}
+
+/// A claim held by a request on its way upstream: stamped with the time it is written,
+/// or released when it never is (dropped unstamped).
+#[derive(Debug)]
+pub struct Permit<'a> {
+    limiter: &'a Limiter,
+    claim: Claim,
+    sent_at: Option<u64>,
+}
+
+impl<'a> Permit<'a> {
+    pub fn new(limiter: &'a Limiter, claim: Claim) -> Self {
+        Self {
+            limiter,
+            claim,
+            sent_at: None,
+        }
+    }
+
+    /// The request is being written upstream now.
+    pub fn stamp(&mut self, now: u64) {
+        self.sent_at = Some(self.limiter.guard.stamp(self.claim.slot, now));
+    }
+
+    /// Sends in the window including this one, when it was claimed.
+    pub fn count(&self) -> u32 {
+        self.claim.count
+    }
+
+    pub fn sent_at(&self) -> Option<u64> {
+        self.sent_at
+    }
+
+    /// Not sent after all: the window slot and the token go back at once, to the next
+    /// waiter.
+    pub fn give_back(mut self, now: u64) {
+        if self.sent_at.is_none() {
+            self.sent_at = Some(now);
+            self.limiter.refund(self.claim, now);
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.sent_at.is_none() {
+            self.limiter.guard.release(self.claim.slot);
+        }
+    }
 }
 
 impl Limiter {
+    /// A limiter on a 60 s window with the default margin and probe interval.
     pub fn new(rate_rpm: f64, capacity: u32, queue_max: usize, retreat: RetreatConfig) -> Self {
+        Self::with_pacing(rate_rpm, capacity, queue_max, retreat, Pacing::default(), 0)
+    }
+
+    pub fn with_pacing(
+        rate_rpm: f64,
+        capacity: u32,
+        queue_max: usize,
+        retreat: RetreatConfig,
+        pacing: Pacing,
+        now: u64,
+    ) -> Self {
+        let ceiling = per_window(rate_rpm, pacing.window);
         Self {
             bucket: TokenBucket::new(rate_rpm, capacity),
+            guard: WindowGuard::new(pacing.window, pacing.margin, ceiling, ceiling),
             queues: WaitQueues::new(queue_max),
-            retreat: Retreat::new(rate_rpm, retreat),
+            answers: AnswerCounts::default(),
+            default_pause: retreat.default_pause,
+            control: Mutex::new(Control {
+                learner: Learner::new(ceiling, pacing.window, pacing.probe_interval, now),
+                retreat: Retreat::new(retreat, pacing.window),
+                ceiling_rpm: rate_rpm,
+                capacity,
+                window: pacing.window,
+                published: Some((ceiling, rate_rpm, capacity)),
+                changes: 0,
+                logged_pause: 0,
+                refused: std::collections::VecDeque::new(),
+            }),
+            pacing,
+            inbox: SegQueue::new(),
+            proven: AtomicU32::new(0),
+            refused_in_span: AtomicU32::new(0),
+            demand_at: AtomicU64::new(0),
+            header_limit: AtomicU64::new(0),
+            pause_until: AtomicU64::new(0),
+            pause_reason: AtomicU8::new(0),
             dispatcher: OnceLock::new(),
+            models: None,
         }
+    }
+
+    /// Gives each model its own limiter (made like this one) under this one, at most
+    /// `max` at once.
+    pub fn model_scoped(mut self, max: usize) -> Self {
+        let template = {
+            let c = self.control.lock();
+            scopes::Template {
+                rate_rpm: c.ceiling_rpm,
+                capacity: c.capacity,
+                queue_max: self.queues.max(),
+                retreat: c.retreat.config(),
+                pacing: self.pacing,
+            }
+        };
+        self.models = Some(scopes::Models::new(template, max));
+        self
+    }
+
+    /// The limiter of `model` when limits are per model (`None`: per key, or no scope
+    /// could be made for it).
+    pub fn scope(&self, model: &str, now: u64) -> Option<Arc<Limiter>> {
+        self.models.as_ref()?.get(model, now, self.dispatcher.get())
+    }
+
+    /// Whether limits are learned per model.
+    pub fn is_model_scoped(&self) -> bool {
+        self.models.is_some()
+    }
+
+    /// The live model scopes, by name (empty when limits are per key).
+    pub fn models(&self) -> Vec<(Arc<str>, Arc<Limiter>)> {
+        self.models
+            .as_ref()
+            .map_or_else(Vec::new, scopes::Models::all)
+    }
+
+    /// Limits learned per model before a restart, applied as each model is seen.
+    pub fn restore_models(&self, limits: std::collections::HashMap<String, u32>) {
+        if let Some(m) = &self.models {
+            m.restore(limits);
+        }
+    }
+
+    /// Model scopes evicted so far (the bound was reached).
+    pub fn models_evicted(&self) -> u64 {
+        self.models.as_ref().map_or(0, scopes::Models::evicted)
+    }
+
+    pub fn pacing(&self) -> Pacing {
+        self.pacing
     }
 
     /// The thread to wake when a request is parked (set once by the dispatcher).
     pub fn set_dispatcher(&self, thread: Thread) {
+        for (_, m) in self.models() {
+            m.set_dispatcher(thread.clone());
+        }
         let _ = self.dispatcher.set(thread);
     }
 
@@ -66,12 +279,47 @@ impl Limiter {
         }
     }
 
+    /// A token and a window slot at `now`, or nothing (neither is kept).
+    #[inline]
+    fn try_take(&self, now: u64) -> Option<Claim> {
+        // The bucket first: one CAS, and where a busy limiter refuses most often.
+        self.bucket.try_acquire(now).ok()?;
+        match self.guard.try_claim(now) {
+            Ok(c) => Some(c),
+            Err(_) => {
+                self.bucket.refund(now);
+                None
+            }
+        }
+    }
+
+    /// Whether the window holds more sends (pending claims included) than the limit now
+    /// allows: claims granted before the limit fell.
+    pub fn over_limit(&self, now: u64) -> bool {
+        self.guard.in_span(now) > self.guard.limit()
+    }
+
+    /// Time until both a token and a window slot are free (zero if they are now).
+    pub fn wait_time(&self, now: u64) -> Duration {
+        self.bucket.wait_time(now).max(self.guard.wait_time(now))
+    }
+
+    fn note_demand(&self, now: u64) {
+        // Relaxed: a hint for probing, read by the controller a tick later.
+        if self.demand_at.load(StdOrdering::Relaxed) <= now {
+            self.demand_at.store(now + 1, StdOrdering::Relaxed);
+        }
+    }
+
     /// Admits at `now`, parks, or refuses.
     #[inline]
     pub fn admit(&self, priority: Priority, now: u64) -> Decision {
-        if self.queues.is_empty() && self.bucket.try_acquire(now).is_ok() {
-            return Decision::Admitted;
+        if self.queues.is_empty() {
+            if let Some(c) = self.try_take(now) {
+                return Decision::Admitted(c);
+            }
         }
+        self.note_demand(now);
         match self.queues.enqueue(priority, false) {
             Ok(ticket) => {
                 self.wake_dispatcher();
@@ -88,118 +336,138 @@ impl Limiter {
         Ok(t)
     }
 
-    /// A granted token that was not used (the client left first): give it back.
-    pub fn refund(&self, now: u64) {
-        self.bucket.refund(now);
+    /// A granted claim that was not used (the client left first): give its window slot
+    /// and its token back.
+    pub fn refund(&self, claim: Claim, now: u64) {
+        self.give_back(claim, now);
         self.wake_dispatcher();
     }
 
-    /// Grants tokens to waiters while tokens are free. Returns how long until the next
-    /// token when waiters remain.
+    fn give_back(&self, claim: Claim, now: u64) {
+        self.guard.release(claim.slot);
+        self.bucket.refund(now);
+    }
+
+    /// A token and a window slot at `now` when nobody waits, without queueing: for a
+    /// send that may be skipped (a readiness probe), so it spends the provider's quota
+    /// only where a request could have.
+    pub fn try_admit_now(&self, now: u64) -> Option<Claim> {
+        if self.queues.is_empty() {
+            self.try_take(now)
+        } else {
+            None
+        }
+    }
+
+    /// A send that goes out whatever the limit says (unmetered passthrough to the same
+    /// upstream, a readiness probe that found room): counted in the window.
+    pub fn record_forced_send(&self, now: u64) {
+        let slot = self.guard.force_claim(now);
+        self.guard.stamp(slot, now);
+    }
+
+    /// Grants tokens to waiters while tokens and window slots are free. Returns how long
+    /// until the next grant could be due when waiters remain.
     pub fn dispatch(&self, now: u64) -> Option<Duration> {
-        for _ in 0..self.queues.take_unused_grants() {
-            self.bucket.refund(now);
+        while let Some(c) = self.queues.take_unused_grant() {
+            self.give_back(c, now);
         }
         loop {
             if self.queues.is_empty() {
                 return None;
             }
-            match self.bucket.try_acquire(now) {
-                Ok(()) => {
-                    if !self.queues.grant_next() {
-                        // Every remaining waiter had cancelled: the token was not used.
-                        self.bucket.refund(now);
+            match self.try_take(now) {
+                Some(claim) => {
+                    if let Err(c) = self.queues.grant_next(claim) {
+                        // Every remaining waiter had cancelled: nothing was used.
+                        self.give_back(c, now);
                         return None;
                     }
                 }
-                Err(wait) => return Some(wait),
+                None => {
+                    // A zero wait is a race with a fast-path admission: look again soon.
+                    let wait = self.wait_time(now);
+                    return Some(if wait.is_zero() {
+                        Duration::from_micros(50)
+                    } else {
+                        wait
+                    });
+                }
             }
         }
     }
 
-    /// An upstream 429 at `now`: retreat, apply the new rate, and pause admission for
-    /// `pause` (the provider's `Retry-After`, or the configured default).
-    pub fn on_upstream_429(&self, now: u64, pause: Option<Duration>) -> Cut {
-        let cut = self.retreat.on_429(now);
-        if let Some(rpm) = cut.effective_rpm {
-            let (_, capacity) = self.bucket.rate();
-            self.bucket.set_rate(rpm, capacity, now);
+    /// [`Self::dispatch`] for this limiter and each model scope: the soonest next wait.
+    pub fn dispatch_all(&self, now: u64) -> Option<Duration> {
+        let mut wait = self.dispatch(now);
+        for (_, m) in self.models() {
+            if let Some(w) = m.dispatch(now) {
+                wait = Some(wait.map_or(w, |x| x.min(w)));
+            }
         }
-        let pause = pause.unwrap_or(self.retreat.config().default_pause);
-        self.bucket
-            .pause_until(now.saturating_add(pause.as_nanos() as u64));
-        cut
+        wait
     }
 
-    /// Honours `x-ratelimit-remaining: 0` with its reset time on a successful answer.
-    pub fn on_quota_exhausted(&self, now: u64, reset: Duration) {
-        self.bucket
-            .pause_until(now.saturating_add(reset.as_nanos() as u64));
-    }
-
-    /// Advances retreat recovery; applies a changed rate to the bucket.
-    pub fn tick(&self, now: u64) -> Option<Transition> {
-        let (transition, rate) = self.retreat.tick(now);
-        if let Some(rpm) = rate {
-            let (_, capacity) = self.bucket.rate();
-            self.bucket.set_rate(rpm, capacity, now);
-            self.wake_dispatcher();
+    /// [`Self::control`] for this limiter and each model scope; notes name the model.
+    pub fn control_all(&self, now: u64, note: &mut dyn FnMut(Option<&str>, Note)) {
+        self.control(now, &mut |n| note(None, n));
+        for (name, m) in self.models() {
+            m.control(now, &mut |n| note(Some(&name), n));
         }
-        transition
     }
 
-    /// Changes the base rate and capacity at run time, keeping the bucket's state.
-    pub fn set_rate(&self, base_rpm: f64, capacity: u32, now: u64) {
-        let effective = self.retreat.set_base(base_rpm);
-        self.bucket.set_rate(effective, capacity, now);
-        self.wake_dispatcher();
+    /// Pauses admission until `until` for `reason` (the latest end wins).
+    pub fn pause(&self, until: u64, reason: PauseReason) {
+        self.bucket.pause_until(until);
+        // Relaxed: a display value; the bucket holds the pause itself.
+        if self.pause_until.fetch_max(until, StdOrdering::Relaxed) < until {
+            self.pause_reason.store(reason as u8, StdOrdering::Relaxed);
+        }
+    }
+
+    /// A new queue bound, for this limiter and its model scopes.
+    pub fn set_queue_max(&self, max: usize) {
+        self.queues.set_max(max);
+        if let Some(models) = &self.models {
+            models.set_queue_max(max);
+        }
+    }
+
+    /// Seconds between grants: the bucket's interval, and the guarded span's share of
+    /// each send (the guard spaces `limit` sends over window + margin), which binds
+    /// once a window's worth has gone.
+    fn intervals(&self) -> (f64, f64) {
+        let (rpm, _) = self.bucket.rate();
+        let bucket = 60.0 / rpm.max(1e-9);
+        let guard = self.guard.span_nanos() as f64 / 1e9 / f64::from(self.guard.limit().max(1));
+        (bucket, bucket.max(guard))
+    }
+
+    /// How long a request would wait with `ahead` waiters granted before it: the
+    /// current wait, then one bucket interval each for the first window's worth, and
+    /// the guard's share of the span each after that.
+    pub fn expected_wait(&self, ahead: usize, now: u64) -> Duration {
+        let (bucket, guarded) = self.intervals();
+        let within = ahead.min(self.guard.limit() as usize);
+        let beyond = ahead - within;
+        let secs = bucket * within as f64 + guarded * beyond as f64;
+        self.wait_time(now) + Duration::from_secs_f64(secs)
     }
 
     /// `Retry-After` for a refused request: the time for the queue ahead of it (and it)
-    /// to drain at the effective rate.
+    /// to drain at the rate paced now.
     pub fn retry_after(&self, ahead: usize, now: u64) -> Duration {
-        let interval = 60.0 / self.retreat.effective_rpm().max(1e-9);
-        let drain = Duration::from_secs_f64(interval * (ahead as f64 + 1.0));
-        drain.max(self.bucket.wait_time(now))
+        self.expected_wait(ahead, now)
+            .max(Duration::from_secs_f64(self.intervals().0))
     }
 }
 
-/// Parses `Retry-After` (seconds; HTTP dates are treated as absent) and the
-/// `x-ratelimit-reset` forms providers send: seconds (`"2"`, `"1.5"`) or a Go-style
-/// duration (`"1s"`, `"6m0s"`, `"250ms"`).
-pub fn parse_delay(raw: &str) -> Option<Duration> {
-    let raw = raw.trim();
-    if raw.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = raw.parse::<f64>() {
-        return (secs.is_finite() && (0.0..86_400.0).contains(&secs))
-            .then(|| Duration::from_secs_f64(secs));
-    }
-    let mut total = 0.0;
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(num_end);
-        let value: f64 = num.parse().ok()?;
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, next) = tail.split_at(unit_end);
-        total += value
-            * match unit {
-                "h" => 3600.0,
-                "m" => 60.0,
-                "s" => 1.0,
-                "ms" => 1e-3,
-                _ => return None,
-            };
-        rest = next;
-    }
-    (total < 86_400.0).then(|| Duration::from_secs_f64(total))
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(all(test, not(sidecar_loom)))]
 mod tests;
+
+#[cfg(all(test, sidecar_loom))]
+mod loom_tests;

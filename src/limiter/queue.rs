@@ -15,12 +15,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU8;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 
+use super::guard::Claim;
 use super::sync::{AtomicU64, AtomicUsize, Ordering};
 use crate::priority::Priority;
 
@@ -34,6 +35,9 @@ pub struct Waiter {
     state: AtomicU8,
     waker: AtomicWaker,
     priority: Priority,
+    /// The window-guard claim the grant carries: set once, before the state turns
+    /// GRANTED, read by the waiter after it sees GRANTED.
+    grant: OnceLock<Claim>,
 }
 
 impl Waiter {
@@ -77,8 +81,8 @@ pub struct WaitQueues {
     max: AtomicUsize,
     enqueued: AtomicU64,
     dequeued: AtomicU64,
-    /// Grants whose ticket was dropped before it saw them: tokens to give back.
-    unused_grants: AtomicU64,
+    /// Grants whose ticket was dropped before it saw them: claims and tokens to give back.
+    unused_grants: SegQueue<Claim>,
     /// Waiters that left without a grant (client gone or deadline passed).
     abandoned: AtomicU64,
 }
@@ -103,7 +107,7 @@ impl WaitQueues {
             max: AtomicUsize::new(max),
             enqueued: AtomicU64::new(0),
             dequeued: AtomicU64::new(0),
-            unused_grants: AtomicU64::new(0),
+            unused_grants: SegQueue::new(),
             abandoned: AtomicU64::new(0),
         })
     }
@@ -190,6 +194,7 @@ impl WaitQueues {
             state: AtomicU8::new(WAITING),
             waker: AtomicWaker::new(),
             priority: p,
+            grant: OnceLock::new(),
         });
         let lane = &self.lanes[p as usize];
         lane.depth.fetch_add(1, Ordering::Relaxed);
@@ -206,31 +211,31 @@ impl WaitQueues {
         })
     }
 
-    /// Takes the count of grants nobody used (the dispatcher refunds their tokens).
-    pub fn take_unused_grants(&self) -> u64 {
-        if self.unused_grants.load(Ordering::Relaxed) == 0 {
-            return 0;
-        }
-        self.unused_grants.swap(0, Ordering::Relaxed)
+    /// The next grant nobody used (the dispatcher gives its claim and token back).
+    pub fn take_unused_grant(&self) -> Option<Claim> {
+        self.unused_grants.pop()
     }
 
-    /// Grants the highest-priority live waiter (front before back within a priority)
-    /// and wakes it. Tombstones of cancelled waiters are dropped on the way. Returns
-    /// false when nobody is waiting, so the caller can give its token back.
-    pub fn grant_next(&self) -> bool {
+    /// Grants `claim` to the highest-priority live waiter (front before back within a
+    /// priority) and wakes it. Tombstones of cancelled waiters are dropped on the way.
+    /// Gives the claim back when nobody is waiting, so the caller can release it.
+    pub fn grant_next(&self, claim: Claim) -> Result<(), Claim> {
         for lane in &self.lanes {
             for q in [&lane.front, &lane.back] {
                 while let Some(w) = q.pop() {
+                    // Set before the CAS: a waiter that sees GRANTED finds it. A waiter
+                    // that cancelled first leaves it unread; the waiter is dropped.
+                    let _ = w.grant.set(claim);
                     if w.settle(GRANTED) {
                         self.release(w.priority);
                         self.dequeued.fetch_add(1, Ordering::Relaxed);
                         w.waker.wake();
-                        return true;
+                        return Ok(());
                     }
                 }
             }
         }
-        false
+        Err(claim)
     }
 }
 
@@ -262,24 +267,42 @@ impl Ticket {
     pub fn priority(&self) -> Priority {
         self.waiter.priority
     }
+
+    /// The claim of the grant, once granted (after a `cancel` that lost to it).
+    pub fn grant(&self) -> Option<Claim> {
+        self.waiter
+            .is_granted()
+            .then(|| self.waiter.grant.get().copied())
+            .flatten()
+    }
+}
+
+impl Ticket {
+    /// The claim of a granted waiter.
+    fn granted(&mut self) -> Option<Claim> {
+        if !self.waiter.is_granted() {
+            return None;
+        }
+        self.done = true;
+        self.waiter.grant.get().copied()
+    }
 }
 
 impl Future for Ticket {
-    type Output = ();
+    /// The window-guard claim that came with the grant.
+    type Output = Claim;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.waiter.is_granted() {
-            self.done = true;
-            return Poll::Ready(());
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Claim> {
+        if let Some(c) = self.granted() {
+            return Poll::Ready(c);
         }
         self.waiter.waker.register(cx.waker());
         // Re-check after registering: a grant between the check and the registration
         // would otherwise be missed.
-        if self.waiter.is_granted() {
-            self.done = true;
-            return Poll::Ready(());
+        match self.granted() {
+            Some(c) => Poll::Ready(c),
+            None => Poll::Pending,
         }
-        Poll::Pending
     }
 }
 
@@ -288,7 +311,9 @@ impl Drop for Ticket {
         // Granted, but the grant was never seen (the client left at that moment): the
         // token is given back rather than lost.
         if !self.done && !self.cancel() {
-            self.queues.unused_grants.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = self.waiter.grant.get() {
+                self.queues.unused_grants.push(*c);
+            }
         }
     }
 }

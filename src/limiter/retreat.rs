@@ -1,22 +1,22 @@
-//! Retreat: the adaptive effective rate of one provider.
+//! Retreat: the fallback for refusals that teach nothing about the rate.
 //!
-//! States `normal → retreating → recovering → normal`. An upstream 429 cuts the
-//! effective rate multiplicatively (not below the floor) and moves to `retreating`; a
-//! burst of 429s from requests already in flight cuts once, not once each (cuts are at
-//! least `cut_spacing` apart). After `quiet_period` with no 429 the state becomes
-//! `recovering`, and every `recovery_interval` the rate climbs by `recovery_step × base`
-//! until it reaches the base rate (`normal`). A 429 while recovering retreats again.
+//! A 503/529 (provider overloaded) or a per-model concurrency refusal says "slow down"
+//! without saying how far, so it cannot move the learned limit. Retreat scales the
+//! pacing rate *below* the learned limit instead: states `normal → retreating →
+//! recovering → normal`. A refusal cuts the factor multiplicatively (not below the
+//! floor) and moves to `retreating`; refusals of requests already in flight are one
+//! signal (cuts at least `cut_spacing` apart, which follows the provider window). After
+//! `quiet_period` without one the state becomes `recovering`, and every
+//! `recovery_interval` the factor climbs by `recovery_step` until it is 1: the learned
+//! limit, never above it.
 //!
-//! All state is atomics: a 429 is handled on the request path, which takes no lock.
-//! `tick` is called by the dispatcher thread only. The caller applies the returned
-//! rate to the bucket; this module knows nothing of buckets or clocks.
+//! Plain owned state: the controller changes it together with the learned limit and
+//! publishes the rate once, so a tick, a refusal and an admin change cannot interleave
+//! (the race of the atomic version: a refusal between the last recovery step and the
+//! switch to `normal` left a cut rate in `normal`).
 
-use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use atomic_float::AtomicF64;
-
-use super::sync::{AtomicU64, Ordering};
 use super::window::SlidingCount;
 
 /// Retreat tuning (validated by the configuration).
@@ -67,14 +67,6 @@ impl RetreatState {
             Self::Recovering => "recovering",
         }
     }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Retreating,
-            2 => Self::Recovering,
-            _ => Self::Normal,
-        }
-    }
 }
 
 /// A state change, for the log line and the counters.
@@ -82,22 +74,130 @@ impl RetreatState {
 pub struct Transition {
     pub from: RetreatState,
     pub to: RetreatState,
-    pub effective_rpm: f64,
+    /// The factor of the learned rate after the change.
+    pub factor: f64,
 }
 
-/// What a 429 changed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cut {
-    /// The new effective rate, when this 429 cut it.
-    pub effective_rpm: Option<f64>,
-    pub transition: Option<Transition>,
+/// One scope's retreat state, owned by its controller.
+#[derive(Debug, Clone)]
+pub struct Retreat {
+    config: RetreatConfig,
+    state: RetreatState,
+    factor: f64,
+    /// Clock time of the last cut and of the last refusal (`None`: never).
+    last_cut: Option<u64>,
+    last_refusal: u64,
+    last_step: u64,
+    cut_spacing: u64,
+    entered: [u64; 3],
+}
+
+impl Retreat {
+    /// `window`: the provider's window; cuts are at least a sixtieth of it apart (1 s
+    /// for a minute), so the refusals of one burst cut once.
+    pub fn new(config: RetreatConfig, window: Duration) -> Self {
+        Self {
+            config,
+            state: RetreatState::Normal,
+            factor: 1.0,
+            last_cut: None,
+            last_refusal: 0,
+            last_step: 0,
+            cut_spacing: u64::try_from(window.as_nanos() / 60).unwrap_or(u64::MAX),
+            entered: [0; 3],
+        }
+    }
+
+    pub fn config(&self) -> RetreatConfig {
+        self.config
+    }
+
+    pub fn state(&self) -> RetreatState {
+        self.state
+    }
+
+    /// The share of the learned rate paced now (1 in `normal`).
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+
+    /// Times each state was entered.
+    pub fn entered(&self) -> [u64; 3] {
+        self.entered
+    }
+
+    fn enter(&mut self, to: RetreatState) -> Option<Transition> {
+        let from = std::mem::replace(&mut self.state, to);
+        (from != to).then(|| {
+            self.entered[to as usize] += 1;
+            Transition {
+                from,
+                to,
+                factor: self.factor,
+            }
+        })
+    }
+
+    /// A refusal that teaches nothing at `now`: cut (at most once per spacing), retreat.
+    pub fn on_refusal(&mut self, now: u64) -> Option<Transition> {
+        self.last_refusal = self.last_refusal.max(now);
+        let due = self
+            .last_cut
+            .map_or(true, |last| now >= last.saturating_add(self.cut_spacing));
+        let cut = due.then(|| {
+            self.last_cut = Some(now);
+            self.factor =
+                (self.factor * self.config.decrease_factor).max(self.config.floor_fraction);
+        });
+        match self.enter(RetreatState::Retreating) {
+            Some(t) => Some(t),
+            // Already retreating: a further cut is still worth a line.
+            None => cut.map(|()| Transition {
+                from: RetreatState::Retreating,
+                to: RetreatState::Retreating,
+                factor: self.factor,
+            }),
+        }
+    }
+
+    /// Advances recovery at `now`.
+    pub fn tick(&mut self, now: u64) -> Option<Transition> {
+        if self.state == RetreatState::Normal {
+            return None;
+        }
+        let quiet = u64::try_from(self.config.quiet_period.as_nanos()).unwrap_or(u64::MAX);
+        if now.saturating_sub(self.last_refusal) < quiet {
+            return None;
+        }
+        if self.state == RetreatState::Retreating {
+            self.last_step = now;
+            return self.enter(RetreatState::Recovering);
+        }
+        let every = u64::try_from(self.config.recovery_interval.as_nanos()).unwrap_or(u64::MAX);
+        if now.saturating_sub(self.last_step) < every {
+            return None;
+        }
+        self.last_step = now;
+        self.factor = (self.factor + self.config.recovery_step).min(1.0);
+        if self.factor >= 1.0 {
+            self.enter(RetreatState::Normal)
+        } else {
+            Some(Transition {
+                from: RetreatState::Recovering,
+                to: RetreatState::Recovering,
+                factor: self.factor,
+            })
+        }
+    }
 }
 
 /// Copied view for metrics and the dashboard.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetreatView {
     pub state: RetreatState,
+    /// The configured rate (the ceiling).
     pub base_rpm: f64,
+    /// The rate paced now: learned limit × retreat factor, or zero while paused.
     pub effective_rpm: f64,
     pub upstream_429_last_minute: u64,
     pub responses_last_minute: u64,
@@ -107,178 +207,32 @@ pub struct RetreatView {
     pub entered: [u64; 3],
 }
 
-/// One provider's retreat state.
-#[derive(Debug)]
-pub struct Retreat {
-    config: RetreatConfig,
-    base_rpm: AtomicF64,
-    effective_rpm: AtomicF64,
-    state: AtomicU8,
-    /// Clock nanoseconds + 1 of the last 429 and the last cut (0: never).
-    last_429: AtomicU64,
-    last_cut: AtomicU64,
-    last_step: AtomicU64,
-    entered: [AtomicU64; 3],
-    window_429: SlidingCount,
-    window_all: SlidingCount,
+/// Upstream answers and 429s over the last minute, counted on the request path.
+#[derive(Debug, Default)]
+pub struct AnswerCounts {
+    all: SlidingCount,
+    refused: SlidingCount,
 }
 
-impl Retreat {
-    pub fn new(base_rpm: f64, config: RetreatConfig) -> Self {
-        Self {
-            config,
-            base_rpm: AtomicF64::new(base_rpm),
-            effective_rpm: AtomicF64::new(base_rpm),
-            state: AtomicU8::new(RetreatState::Normal as u8),
-            last_429: AtomicU64::new(0),
-            last_cut: AtomicU64::new(0),
-            last_step: AtomicU64::new(0),
-            entered: Default::default(),
-            window_429: SlidingCount::default(),
-            window_all: SlidingCount::default(),
-        }
-    }
-
-    pub fn config(&self) -> RetreatConfig {
-        self.config
-    }
-
-    pub fn state(&self) -> RetreatState {
-        RetreatState::from_u8(self.state.load(std::sync::atomic::Ordering::Acquire))
-    }
-
-    pub fn effective_rpm(&self) -> f64 {
-        self.effective_rpm
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn base_rpm(&self) -> f64 {
-        self.base_rpm.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn floor(&self) -> f64 {
-        self.base_rpm() * self.config.floor_fraction
-    }
-
-    fn enter(&self, to: RetreatState) -> Option<Transition> {
-        let from = RetreatState::from_u8(
-            self.state
-                .swap(to as u8, std::sync::atomic::Ordering::AcqRel),
-        );
-        (from != to).then(|| {
-            self.entered[to as usize].fetch_add(1, Ordering::Relaxed);
-            Transition {
-                from,
-                to,
-                effective_rpm: self.effective_rpm(),
-            }
-        })
-    }
-
-    /// Counts an upstream answer (for the 429 rate).
+impl AnswerCounts {
     pub fn on_response(&self, now: u64) {
-        self.window_all.record(now);
+        self.all.record(now);
     }
 
-    /// An upstream 429 at `now`: cut the rate (at most once per `cut_spacing`), retreat.
-    pub fn on_429(&self, now: u64) -> Cut {
-        self.window_429.record(now);
-        self.last_429.fetch_max(now + 1, Ordering::Relaxed);
-        let eff = self.effective_rpm();
-        // Cuts at least one effective interval (and one second) apart: the 429s of
-        // requests already in flight when the first arrived are one signal.
-        let spacing = Duration::from_secs_f64((60.0 / eff).max(1.0)).as_nanos() as u64;
-        let last = self.last_cut.load(Ordering::Relaxed);
-        let due = last == 0 || now + 1 >= last.saturating_add(spacing);
-        let mut effective = None;
-        if due
-            && self
-                .last_cut
-                .compare_exchange(last, now + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let floor = self.floor();
-            let factor = self.config.decrease_factor;
-            let _ = self.effective_rpm.fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |e| Some((e * factor).max(floor)),
-            );
-            effective = Some(self.effective_rpm());
-        }
-        Cut {
-            effective_rpm: effective,
-            transition: self.enter(RetreatState::Retreating),
-        }
+    pub fn on_429(&self, now: u64) {
+        self.refused.record(now);
     }
 
-    /// Advances recovery at `now`; returns the transition and the new effective rate
-    /// when either changed. Called by one thread (the dispatcher).
-    pub fn tick(&self, now: u64) -> (Option<Transition>, Option<f64>) {
-        let state = self.state();
-        if state == RetreatState::Normal {
-            return (None, None);
-        }
-        let last_429 = self.last_429.load(Ordering::Relaxed).saturating_sub(1);
-        let quiet = self.config.quiet_period.as_nanos() as u64;
-        if now.saturating_sub(last_429) < quiet {
-            return (None, None);
-        }
-        let mut transition = None;
-        if state == RetreatState::Retreating {
-            self.last_step.store(now, Ordering::Relaxed);
-            transition = self.enter(RetreatState::Recovering);
-            return (transition, None);
-        }
-        let step_every = self.config.recovery_interval.as_nanos() as u64;
-        if now.saturating_sub(self.last_step.load(Ordering::Relaxed)) < step_every {
-            return (None, None);
-        }
-        self.last_step.store(now, Ordering::Relaxed);
-        let base = self.base_rpm();
-        let step = base * self.config.recovery_step;
-        let _ = self.effective_rpm.fetch_update(
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-            |e| Some((e + step).min(base)),
-        );
-        let eff = self.effective_rpm();
-        if eff >= base {
-            transition = self.enter(RetreatState::Normal);
-        }
-        (transition, Some(eff))
-    }
-
-    /// A new base rate (admin change): the effective rate follows at once in `normal`
-    /// and is capped by it otherwise. Returns the new effective rate.
-    pub fn set_base(&self, rpm: f64) -> f64 {
-        self.base_rpm
-            .store(rpm, std::sync::atomic::Ordering::Relaxed);
-        let normal = self.state() == RetreatState::Normal;
-        let _ = self.effective_rpm.fetch_update(
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-            |e| Some(if normal { rpm } else { e.min(rpm) }),
-        );
-        self.effective_rpm()
-    }
-
-    pub fn view(&self, now: u64) -> RetreatView {
-        let c429 = self.window_429.total(now);
-        let all = self.window_all.total(now);
-        RetreatView {
-            state: self.state(),
-            base_rpm: self.base_rpm(),
-            effective_rpm: self.effective_rpm(),
-            upstream_429_last_minute: c429,
-            responses_last_minute: all,
-            rate_429: if all == 0 {
-                0.0
-            } else {
-                c429 as f64 / all as f64
-            },
-            entered: [0, 1, 2].map(|i| self.entered[i].load(Ordering::Relaxed)),
-        }
+    /// `(429s, answers, 429s per answer)` over the last minute.
+    pub fn last_minute(&self, now: u64) -> (u64, u64, f64) {
+        let c429 = self.refused.total(now);
+        let all = self.all.total(now);
+        let rate = if all == 0 {
+            0.0
+        } else {
+            c429 as f64 / all as f64
+        };
+        (c429, all, rate)
     }
 }
 
@@ -290,7 +244,6 @@ mod tests {
 
     fn retreat() -> Retreat {
         Retreat::new(
-            100.0,
             RetreatConfig {
                 decrease_factor: 0.5,
                 floor_fraction: 0.1,
@@ -299,104 +252,91 @@ mod tests {
                 recovery_interval: Duration::from_secs(10),
                 default_pause: Duration::from_secs(1),
             },
+            Duration::from_secs(60),
         )
     }
 
     #[test]
-    fn a_429_halves_the_rate_and_retreats() {
-        let r = retreat();
-        let cut = r.on_429(S);
-        assert_eq!(cut.effective_rpm, Some(50.0));
+    fn a_refusal_halves_the_factor_and_retreats() {
+        let mut r = retreat();
         assert_eq!(
-            cut.transition,
+            r.on_refusal(S),
             Some(Transition {
                 from: RetreatState::Normal,
                 to: RetreatState::Retreating,
-                effective_rpm: 50.0
+                factor: 0.5
             })
         );
         assert_eq!(r.state(), RetreatState::Retreating);
     }
 
     #[test]
-    fn a_burst_of_429s_from_requests_in_flight_cuts_once() {
-        let r = retreat();
-        r.on_429(S);
-        // 50 rpm: cuts are at least 1.2 s apart.
-        for i in 0..10 {
-            assert_eq!(r.on_429(S + i * 100_000_000).effective_rpm, None);
+    fn refusals_of_one_burst_cut_once_and_spacing_follows_the_window() {
+        let mut r = retreat();
+        r.on_refusal(S);
+        for i in 0..9 {
+            assert_eq!(r.on_refusal(S + i * 100_000_000), None);
         }
-        assert_eq!(r.effective_rpm(), 50.0);
-        assert_eq!(r.on_429(S + 1_300_000_000).effective_rpm, Some(25.0));
+        assert_eq!(r.factor(), 0.5);
+        assert_eq!(r.on_refusal(2 * S).map(|t| t.factor), Some(0.25));
+        let mut short = Retreat::new(RetreatConfig::default(), Duration::from_secs(6));
+        short.on_refusal(0);
+        assert_eq!(
+            short.on_refusal(100_000_000).map(|t| t.factor),
+            Some(0.25),
+            "6 s window: 0.1 s apart"
+        );
     }
 
     #[test]
-    fn the_rate_never_falls_below_the_floor() {
-        let r = retreat();
+    fn the_factor_never_falls_below_the_floor() {
+        let mut r = retreat();
         for i in 0..20 {
-            r.on_429(i * 100 * S);
+            r.on_refusal(i * 100 * S);
         }
-        assert_eq!(r.effective_rpm(), 10.0);
+        assert_eq!(r.factor(), 0.1);
     }
 
     #[test]
-    fn recovery_starts_after_the_quiet_period_and_climbs_additively_to_base() {
-        let r = retreat();
-        r.on_429(0); // 50 rpm
-        assert_eq!(
-            r.tick(29 * S),
-            (None, None),
-            "still inside the quiet period"
-        );
-        let (t, _) = r.tick(30 * S);
-        assert_eq!(t.map(|t| t.to), Some(RetreatState::Recovering));
-        assert_eq!(r.tick(35 * S), (None, None), "steps are 10 s apart");
-        assert_eq!(r.tick(40 * S).1, Some(75.0));
-        let (t, eff) = r.tick(50 * S);
-        assert_eq!(eff, Some(100.0));
-        assert_eq!(t.map(|t| t.to), Some(RetreatState::Normal));
-        assert_eq!(r.view(50 * S).entered, [1, 1, 1]);
+    fn recovery_starts_after_the_quiet_period_and_climbs_back_to_the_learned_rate_not_above() {
+        let mut r = retreat();
+        r.on_refusal(0);
+        assert_eq!(r.tick(29 * S), None, "still inside the quiet period");
+        assert_eq!(r.tick(30 * S).map(|t| t.to), Some(RetreatState::Recovering));
+        assert_eq!(r.tick(35 * S), None, "steps are 10 s apart");
+        assert_eq!(r.tick(40 * S).map(|t| t.factor), Some(0.75));
+        let t = r.tick(50 * S).expect("back to normal");
+        assert_eq!((t.to, t.factor), (RetreatState::Normal, 1.0));
+        assert_eq!(r.entered(), [1, 1, 1]);
+        assert_eq!(r.tick(100 * S), None);
     }
 
     #[test]
-    fn a_429_while_recovering_retreats_again_and_restarts_the_quiet_period() {
-        let r = retreat();
-        r.on_429(0);
+    fn a_refusal_while_recovering_retreats_again_and_restarts_the_quiet_period() {
+        let mut r = retreat();
+        r.on_refusal(0);
         r.tick(30 * S);
-        r.tick(40 * S); // 75
-        let cut = r.on_429(41 * S);
-        assert_eq!(cut.effective_rpm, Some(37.5));
-        assert_eq!(cut.transition.map(|t| t.to), Some(RetreatState::Retreating));
+        r.tick(40 * S); // 0.75
+        let t = r.on_refusal(41 * S).expect("retreat again");
+        assert_eq!((t.to, t.factor), (RetreatState::Retreating, 0.375));
         assert_eq!(
-            r.tick(70 * S).0,
+            r.tick(70 * S),
             None,
-            "quiet period counts from the last 429"
+            "quiet period counts from the last refusal"
         );
-        assert_eq!(
-            r.tick(71 * S).0.map(|t| t.to),
-            Some(RetreatState::Recovering)
-        );
+        assert_eq!(r.tick(71 * S).map(|t| t.to), Some(RetreatState::Recovering));
     }
 
     #[test]
-    fn the_429_rate_is_measured_over_the_last_minute() {
-        let r = retreat();
+    fn answers_and_429s_are_counted_over_the_last_minute() {
+        let c = AnswerCounts::default();
         for i in 0..10 {
-            r.on_response(i * S);
+            c.on_response(i * S);
         }
-        r.on_429(5 * S);
-        let v = r.view(9 * S);
-        assert_eq!(v.upstream_429_last_minute, 1);
-        assert!((v.rate_429 - 0.1).abs() < 1e-9);
-        assert_eq!(r.view(100 * S).rate_429, 0.0);
-    }
-
-    #[test]
-    fn a_new_base_rate_is_followed_in_normal_and_caps_a_retreat() {
-        let r = retreat();
-        assert_eq!(r.set_base(200.0), 200.0);
-        r.on_429(0); // 100
-        assert_eq!(r.set_base(80.0), 80.0);
-        assert_eq!(r.set_base(300.0), 80.0, "a retreat keeps its lower rate");
+        c.on_429(5 * S);
+        let (n429, all, rate) = c.last_minute(9 * S);
+        assert_eq!((n429, all), (1, 10));
+        assert!((rate - 0.1).abs() < 1e-9);
+        assert_eq!(c.last_minute(100 * S).2, 0.0);
     }
 }

@@ -15,3 +15,23 @@ pub fn spin() {
     #[cfg(not(sidecar_loom))]
     std::hint::spin_loop();
 }
+
+/// The controller's mutex: parking_lot's, or loom's under the model checker so a model
+/// explores every order of the dispatcher, the request path and an admin change.
+#[cfg(not(sidecar_loom))]
+pub use parking_lot::Mutex;
+
+#[cfg(sidecar_loom)]
+#[derive(Debug)]
+pub struct Mutex<T>(loom::sync::Mutex<T>);
+
+#[cfg(sidecar_loom)]
+impl<T> Mutex<T> {
+    pub fn new(value: T) -> Self {
+        Self(loom::sync::Mutex::new(value))
+    }
+
+    pub fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+        self.0.lock().expect("a model thread panicked")
+    }
+}

@@ -30,7 +30,20 @@ impl CountingWaker {
 }
 
 fn poll_with(ticket: &mut Ticket, waker: &Waker) -> Poll<()> {
-    Pin::new(ticket).poll(&mut Context::from_waker(waker))
+    Pin::new(ticket)
+        .poll(&mut Context::from_waker(waker))
+        .map(|_| ())
+}
+
+/// A claim from a guard that never binds, for grants in queue-only tests.
+fn claim() -> Claim {
+    let margin = Margin {
+        fraction: 0.0,
+        floor: Duration::ZERO,
+    };
+    WindowGuard::new(Duration::from_secs(60), margin, 1_000_000, 1_000_000)
+        .try_claim(0)
+        .expect("room")
 }
 
 fn is_granted(ticket: &mut Ticket) -> bool {
@@ -40,7 +53,7 @@ fn is_granted(ticket: &mut Ticket) -> bool {
 
 /// Grants one waiter and returns the label of the ticket that became ready.
 fn grant_one(q: &WaitQueues, tickets: &mut Vec<(&'static str, Ticket)>) -> &'static str {
-    assert!(q.grant_next(), "someone was waiting");
+    assert!(q.grant_next(claim()).is_ok(), "someone was waiting");
     let i = tickets
         .iter_mut()
         .position(|(_, t)| is_granted(t))
@@ -80,7 +93,7 @@ fn grants_follow_strict_priority_between_levels_and_fifo_within_one() {
         order,
         ["high1", "high2", "normal1", "normal2", "low1", "low2"]
     );
-    assert!(!q.grant_next(), "nobody left");
+    assert!(q.grant_next(claim()).is_err(), "nobody left");
 }
 
 #[test]
@@ -147,18 +160,18 @@ fn shrinking_the_bound_keeps_everyone_queued_and_refuses_arrivals_until_depth_fa
     q.set_max(1);
     assert_eq!(q.len(), 3, "nobody already queued is dropped");
     assert!(q.enqueue(Priority::High, false).is_err());
-    assert!(q.grant_next());
+    assert!(q.grant_next(claim()).is_ok());
     assert_eq!(q.len(), 2);
     assert!(
         q.enqueue(Priority::High, false).is_err(),
         "2 is not below 1"
     );
-    assert!(q.grant_next());
+    assert!(q.grant_next(claim()).is_ok());
     assert!(
         q.enqueue(Priority::High, false).is_err(),
         "1 is not below 1"
     );
-    assert!(q.grant_next());
+    assert!(q.grant_next(claim()).is_ok());
     assert_eq!(q.len(), 0);
     let _t = q.enqueue(Priority::High, false).expect("room again");
     assert!(tickets.iter_mut().all(is_granted));
@@ -174,7 +187,7 @@ fn a_dropped_ticket_frees_its_slot_at_once_and_is_skipped_without_a_grant() {
     assert_eq!(q.len(), 1);
     assert_eq!(q.counts().depth, [0, 1, 0]);
     let _room = q.enqueue(Priority::Low, false).expect("the slot was freed");
-    assert!(q.grant_next());
+    assert!(q.grant_next(claim()).is_ok());
     assert!(is_granted(&mut stays), "the tombstone was skipped");
     assert_eq!(
         q.counts().dequeued,
@@ -195,7 +208,10 @@ fn a_cancelled_queue_drains_to_zero() {
         (c.depth, c.total, c.enqueued, c.dequeued),
         ([0; 3], 0, 6, 0)
     );
-    assert!(!q.grant_next(), "only tombstones: nothing granted");
+    assert!(
+        q.grant_next(claim()).is_err(),
+        "only tombstones: nothing granted"
+    );
 }
 
 #[test]
@@ -206,7 +222,7 @@ fn a_ticket_resolves_after_its_grant_and_wakes_its_task() {
     let waker = Waker::from(Arc::clone(&counter));
     assert_eq!(poll_with(&mut t, &waker), Poll::Pending);
     assert_eq!(counter.wakes(), 0);
-    assert!(q.grant_next());
+    assert!(q.grant_next(claim()).is_ok());
     assert_eq!(counter.wakes(), 1);
     assert_eq!(poll_with(&mut t, &waker), Poll::Ready(()));
     assert!(!t.cancel(), "granted first: the caller owns the token");
@@ -217,7 +233,7 @@ fn a_ticket_resolves_after_its_grant_and_wakes_its_task() {
 fn cancel_after_a_grant_returns_false_and_moves_no_counter() {
     let q = WaitQueues::new(2);
     let mut t = q.enqueue(Priority::Low, false).unwrap();
-    assert!(q.grant_next());
+    assert!(q.grant_next(claim()).is_ok());
     assert!(!t.cancel());
     assert!(!t.cancel());
     let c = q.counts();
@@ -232,7 +248,7 @@ fn cancel_before_a_grant_wins_once() {
     assert!(t.cancel());
     assert!(!t.cancel(), "only once");
     assert_eq!(q.len(), 0);
-    assert!(!q.grant_next());
+    assert!(q.grant_next(claim()).is_err());
     assert!(!is_granted(&mut t));
 }
 
@@ -241,8 +257,11 @@ fn cancel_before_a_grant_wins_once() {
 #[test]
 fn admit_takes_the_fast_path_when_nobody_waits_and_a_token_is_free() {
     let l = limiter(60.0, 2, 4);
-    assert!(matches!(l.admit(Priority::Normal, 0), Decision::Admitted));
-    assert!(matches!(l.admit(Priority::Low, 0), Decision::Admitted));
+    assert!(matches!(
+        l.admit(Priority::Normal, 0),
+        Decision::Admitted(_)
+    ));
+    assert!(matches!(l.admit(Priority::Low, 0), Decision::Admitted(_)));
     assert_eq!(l.bucket.tokens(0), 0.0);
     assert!(l.queues.is_empty());
     let mut t = queued(l.admit(Priority::Normal, 0));
@@ -252,7 +271,10 @@ fn admit_takes_the_fast_path_when_nobody_waits_and_a_token_is_free() {
 #[test]
 fn admit_parks_behind_waiters_even_when_a_token_is_free() {
     let l = limiter(60.0, 1, 4);
-    assert!(matches!(l.admit(Priority::Normal, 0), Decision::Admitted));
+    assert!(matches!(
+        l.admit(Priority::Normal, 0),
+        Decision::Admitted(_)
+    ));
     let mut first = queued(l.admit(Priority::Normal, 0));
     // A second later a token is free, but someone waits: no jumping, not even by a
     // higher priority; the dispatcher decides.
@@ -269,7 +291,10 @@ fn admit_parks_behind_waiters_even_when_a_token_is_free() {
 #[test]
 fn admit_refuses_at_the_bound_with_those_ahead() {
     let l = limiter(60.0, 1, 2);
-    assert!(matches!(l.admit(Priority::Normal, 0), Decision::Admitted));
+    assert!(matches!(
+        l.admit(Priority::Normal, 0),
+        Decision::Admitted(_)
+    ));
     let _a = queued(l.admit(Priority::Low, 0));
     let _b = queued(l.admit(Priority::Normal, 0));
     match l.admit(Priority::Normal, 0) {
@@ -281,7 +306,10 @@ fn admit_refuses_at_the_bound_with_those_ahead() {
 #[test]
 fn a_requeued_request_is_granted_before_new_arrivals_of_its_priority() {
     let l = limiter(60.0, 1, 4);
-    assert!(matches!(l.admit(Priority::Normal, 0), Decision::Admitted));
+    assert!(matches!(
+        l.admit(Priority::Normal, 0),
+        Decision::Admitted(_)
+    ));
     let mut new = queued(l.admit(Priority::Normal, 0));
     let mut retry = l.requeue(Priority::Normal).unwrap();
     assert_eq!(l.dispatch(S), Some(Duration::from_secs(1)));
@@ -406,161 +434,326 @@ fn a_dispatcher_late_by_more_than_the_slack_loses_its_lateness_as_before() {
 #[test]
 fn a_refund_returns_the_token_to_the_bucket() {
     let l = limiter(60.0, 1, 4);
-    assert!(matches!(l.admit(Priority::Normal, 0), Decision::Admitted));
-    l.refund(0);
-    assert!(matches!(l.admit(Priority::Normal, 0), Decision::Admitted));
+    let Decision::Admitted(c) = l.admit(Priority::Normal, 0) else {
+        panic!("a token was free")
+    };
+    assert_eq!(l.guard.in_span(0), 1);
+    l.refund(c, 0);
+    assert_eq!(l.guard.in_span(0), 0, "the window slot is free again");
+    assert!(matches!(
+        l.admit(Priority::Normal, 0),
+        Decision::Admitted(_)
+    ));
 }
 
-// === Limiter: retreat and pauses ===
+// === Limiter: learning, window guard, retreat and pauses ===
+
+const W6: Duration = Duration::from_secs(6);
+
+/// 600 RPM on a 6 s window: a ceiling of 60 per window, T = 100 ms; margin 50 ms.
+fn paced(capacity: u32) -> Limiter {
+    Limiter::with_pacing(
+        600.0,
+        capacity,
+        64,
+        RetreatConfig {
+            default_pause: Duration::from_millis(100),
+            quiet_period: Duration::from_secs(3),
+            recovery_interval: Duration::from_secs(1),
+            recovery_step: 0.25,
+            ..RetreatConfig::default()
+        },
+        Pacing {
+            window: W6,
+            margin: Margin {
+                fraction: 0.0,
+                floor: Duration::from_millis(50),
+            },
+            probe_interval: Duration::from_secs(60),
+        },
+        0,
+    )
+}
+
+/// Admits and stamps one request at `now` on the fast path; its claim.
+fn send(l: &Limiter, now: u64) -> Claim {
+    match l.admit(Priority::Normal, now) {
+        Decision::Admitted(c) => {
+            l.guard.stamp(c.slot, now);
+            c
+        }
+        other => panic!("expected Admitted at {now}, got {other:?}"),
+    }
+}
+
+fn refusal(kind: Refusal, retry_after: Option<Duration>) -> Answer {
+    Answer {
+        ok: false,
+        refusal: Some(kind),
+        retry_after,
+        quota: None,
+    }
+}
+
+fn control(l: &Limiter, now: u64) -> Vec<Note> {
+    let mut notes = Vec::new();
+    l.control(now, &mut |n| notes.push(n));
+    notes
+}
 
 #[test]
-fn an_upstream_429_halves_the_effective_rate_and_pauses_for_retry_after() {
-    let l = limiter(60.0, 1, 4);
-    let cut = l.on_upstream_429(10 * S, Some(Duration::from_secs(5)));
-    assert_eq!(cut.effective_rpm, Some(30.0));
-    assert_eq!(cut.transition.map(|t| t.to), Some(RetreatState::Retreating));
-    assert_eq!(l.bucket.rate(), (30.0, 1), "capacity kept");
-    assert_eq!(l.bucket.wait_time(10 * S), Duration::from_secs(5));
-    assert_eq!(
-        l.bucket.try_acquire(15 * S - 1),
-        Err(Duration::from_nanos(1))
+fn a_rate_limit_429_on_the_kth_send_teaches_k_minus_one_and_pauses_for_retry_after() {
+    let l = paced(1);
+    let mut last = None;
+    for k in 0..49u64 {
+        last = Some(send(&l, k * 100 * MS));
+    }
+    let c = last.unwrap();
+    assert_eq!(c.count, 49);
+    let now = 4_850 * MS;
+    l.on_answer(
+        now,
+        4_800 * MS,
+        c.count,
+        &refusal(Refusal::RateLimit, Some(Duration::from_secs(2))),
     );
-    assert_eq!(l.bucket.try_acquire(15 * S), Ok(()));
-    // Then one token per new interval (2 s).
-    assert_eq!(l.bucket.wait_time(15 * S), Duration::from_secs(2));
+    assert_eq!(
+        l.bucket.wait_time(now),
+        Duration::from_secs(2),
+        "paused at once"
+    );
+    let notes = control(&l, now);
+    assert!(
+        notes.iter().any(
+            |n| matches!(n, Note::Limit(ch) if ch.to == 48 && ch.source == Source::Learned429)
+        ),
+        "{notes:?}"
+    );
+    assert!(notes.iter().any(|n| matches!(
+        n,
+        Note::Pause {
+            reason: PauseReason::RetryAfter,
+            ..
+        }
+    )));
+    assert_eq!(l.guard.limit(), 48);
+    let (rpm, _) = l.bucket.rate();
+    assert!((rpm - 480.0).abs() < 1e-6, "paced at 48 per 6 s: {rpm}");
+    let v = l.pacing_view(now);
+    assert_eq!(
+        (v.learned, v.ceiling, v.source),
+        (48, 60, Source::Learned429)
+    );
 }
 
 #[test]
 fn a_429_without_retry_after_pauses_for_the_configured_default() {
-    let l = Limiter::new(
-        60.0,
-        1,
-        4,
-        RetreatConfig {
-            default_pause: Duration::from_millis(1500),
-            ..RetreatConfig::default()
-        },
-    );
-    l.on_upstream_429(0, None);
-    assert_eq!(l.bucket.wait_time(0), Duration::from_millis(1500));
+    let l = paced(1);
+    let c = send(&l, 0);
+    l.on_answer(10 * MS, 0, c.count, &refusal(Refusal::RateLimit, None));
+    assert_eq!(l.bucket.wait_time(10 * MS), Duration::from_millis(100));
 }
 
 #[test]
-fn a_second_429_in_the_same_burst_pauses_but_does_not_cut_again() {
-    let l = limiter(60.0, 1, 4);
-    l.on_upstream_429(0, Some(Duration::from_secs(1)));
-    let cut = l.on_upstream_429(100 * MS, Some(Duration::from_secs(3)));
-    assert_eq!(cut.effective_rpm, None);
-    assert_eq!(l.bucket.rate(), (30.0, 1));
-    assert_eq!(l.bucket.wait_time(100 * MS), Duration::from_secs(3));
-}
-
-#[test]
-fn quota_exhausted_pauses_until_the_reset() {
-    let l = limiter(60.0, 3, 4);
-    l.on_quota_exhausted(S, Duration::from_secs(6));
-    assert_eq!(l.bucket.wait_time(S), Duration::from_secs(6));
-    assert_eq!(l.bucket.try_acquire(7 * S), Ok(()));
-}
-
-#[test]
-fn recovery_ticks_apply_the_climbing_rate_to_the_bucket() {
-    let l = limiter(100.0, 2, 4);
-    l.on_upstream_429(0, Some(Duration::ZERO));
-    assert_eq!(l.bucket.rate(), (50.0, 2));
-    assert_eq!(l.tick(29 * S), None);
-    let t = l.tick(30 * S).expect("quiet period over");
-    assert_eq!(t.to, RetreatState::Recovering);
-    assert_eq!(
-        l.bucket.rate(),
-        (50.0, 2),
-        "entering recovery changes no rate"
-    );
-    assert_eq!(l.tick(40 * S), None, "a step is no transition");
-    assert_eq!(l.bucket.rate(), (60.0, 2));
-    for k in 5..9 {
-        l.tick(k * 10 * S);
+fn the_window_guard_holds_the_limit_when_the_bucket_would_grant_a_burst() {
+    // A bucket that could burst 100: the guard still lets 60 through per window + margin.
+    let l = paced(100);
+    for _ in 0..60 {
+        send(&l, 0);
     }
-    let (rpm, _) = l.bucket.rate();
-    assert!((rpm - 100.0).abs() < 1e-6, "back at base: {rpm}");
-    assert_eq!(l.retreat.state(), RetreatState::Normal);
+    assert_eq!(l.guard.in_span(0), 60);
+    assert!(l.guard.try_claim(S).is_err(), "window full: {:?}", l.guard);
+    let _waiting = queued(l.admit(Priority::Normal, 0));
+    assert_eq!(
+        l.dispatch(S),
+        Some(Duration::from_millis(5_050)),
+        "the first send leaves at 6.05 s"
+    );
+    assert_eq!(l.dispatch(6_050 * MS), None, "then the waiter goes");
 }
 
 #[test]
-fn a_recovery_step_keeps_the_tokens_there_are() {
-    let l = limiter(100.0, 2, 4);
-    l.on_upstream_429(0, Some(Duration::ZERO));
-    l.tick(30 * S);
-    // Drain at 40 s, then step: still nothing free.
-    while l.bucket.try_acquire(40 * S).is_ok() {}
-    l.tick(40 * S);
-    assert_eq!(l.bucket.rate(), (60.0, 2));
-    assert_eq!(l.bucket.tokens(40 * S), 0.0);
-    assert_eq!(l.bucket.wait_time(40 * S), Duration::from_secs(1));
+fn a_header_limit_is_taken_as_stated_and_a_repeat_changes_nothing() {
+    let l = paced(1);
+    let c = send(&l, 0);
+    let quota = Some(Quota {
+        limit_rpm: Some(300),
+        remaining: Some(10),
+        reset: Some(Duration::from_secs(1)),
+    });
+    let ok = Answer {
+        ok: true,
+        quota,
+        ..Answer::default()
+    };
+    l.on_answer(MS, 0, c.count, &ok);
+    assert!(control(&l, MS)
+        .iter()
+        .any(|n| matches!(n, Note::Limit(ch) if ch.to == 30 && ch.source == Source::Header)));
+    l.on_answer(2 * MS, 0, c.count, &ok);
+    assert!(control(&l, 2 * MS).is_empty());
+    assert_eq!(l.guard.limit(), 30);
 }
 
 #[test]
-fn set_rate_follows_the_base_in_normal_and_is_capped_while_retreating() {
-    let l = limiter(60.0, 1, 4);
-    l.set_rate(120.0, 3, 0);
-    assert_eq!(l.bucket.rate(), (120.0, 3));
-    l.on_upstream_429(0, Some(Duration::ZERO)); // 60
-    l.set_rate(240.0, 3, 0);
-    assert_eq!(l.bucket.rate(), (60.0, 3), "a retreat keeps its lower rate");
+fn a_spent_quota_pauses_until_its_reset_and_the_pause_is_visible() {
+    let l = paced(3);
+    let c = send(&l, S);
+    let spent = Answer {
+        ok: true,
+        quota: Some(Quota {
+            limit_rpm: None,
+            remaining: Some(0),
+            reset: Some(Duration::from_secs(6)),
+        }),
+        ..Answer::default()
+    };
+    l.on_answer(S, S, c.count, &spent);
+    assert_eq!(l.bucket.wait_time(S), Duration::from_secs(6));
+    assert_eq!(l.pacing_view(S).pause, Some((PauseReason::Quota, 7 * S)));
+    assert!(control(&l, S).iter().any(
+        |n| matches!(n, Note::Pause { reason: PauseReason::Quota, until, .. } if *until == 7 * S)
+    ));
+    assert_eq!(l.pacing_view(7 * S).pause, None, "over at its end");
 }
 
 #[test]
-fn retry_after_grows_with_the_queue_ahead() {
+fn an_overload_refusal_cuts_under_the_learned_limit_and_recovery_stops_at_it() {
+    let l = paced(1);
+    l.restore(40, 0); // 400 rpm
+    let c = send(&l, 0);
+    l.on_answer(MS, 0, c.count, &refusal(Refusal::Overload, None));
+    control(&l, MS);
+    assert!((l.bucket.rate().0 - 200.0).abs() < 1e-6);
+    assert_eq!(
+        l.guard.limit(),
+        40,
+        "overload teaches nothing about the limit"
+    );
+    // Quiet for 3 s, then +0.25 a second: back at 400, never the ceiling's 600.
+    for t in 1..20 {
+        control(&l, t * S);
+    }
+    assert!(
+        (l.bucket.rate().0 - 400.0).abs() < 1e-6,
+        "{:?}",
+        l.bucket.rate()
+    );
+    assert_eq!(l.pacing_view(20 * S).retreat_state, RetreatState::Normal);
+}
+
+#[test]
+fn set_rate_moves_the_ceiling_and_keeps_what_was_learned_below_it() {
+    let l = paced(1);
+    l.restore(48, 0);
+    l.set_rate(1200.0, 3, 0); // ceiling 120
+    assert_eq!(l.guard.limit(), 48, "the learned limit stays");
+    assert_eq!(l.bucket.rate().1, 3, "capacity applied");
+    let ch = l
+        .set_rate(300.0, 3, 0)
+        .expect("ceiling below the learned limit");
+    assert_eq!((ch.to, l.guard.limit()), (30, 30));
+    assert!((l.bucket.rate().0 - 300.0).abs() < 1e-6);
+    l.set_rate(1200.0, 3, 0);
+    assert_eq!(l.guard.limit(), 30, "what was capped stays capped");
+    let ch = l.forget(0).expect("back to the ceiling");
+    assert_eq!((ch.to, ch.source), (120, Source::Config));
+}
+
+#[test]
+fn a_probe_lifts_the_guard_to_the_ceiling_only_while_requests_wait() {
+    let l = paced(1);
+    l.restore(30, 0);
+    control(&l, 61 * S);
+    assert_eq!(l.guard.limit(), 30, "no demand: no probe");
+    let _t = queued({
+        // Fill the window so the next request waits: demand.
+        for k in 0..30u64 {
+            send(&l, 61 * S + k * 200 * MS);
+        }
+        l.admit(Priority::Normal, 67 * S)
+    });
+    let notes = control(&l, 67 * S);
+    assert!(
+        notes
+            .iter()
+            .any(|n| matches!(n, Note::Limit(ch) if ch.to == 60 && ch.source == Source::Probe)),
+        "{notes:?}"
+    );
+    assert!(l.pacing_view(67 * S).probing);
+}
+
+#[test]
+fn retry_after_is_the_drain_time_at_the_rate_paced_now() {
     let l = limiter(60.0, 1, 4);
     assert_eq!(l.retry_after(0, 0), Duration::from_secs(1));
-    assert_eq!(l.retry_after(4, 0), Duration::from_secs(5));
+    assert_eq!(l.retry_after(4, 0), Duration::from_secs(4));
     assert!(l.retry_after(9, 0) > l.retry_after(8, 0));
-    // Never sooner than the bucket's own wait (a pause).
+    // Past a window's worth (60), the guard spaces sends over 60.3 s: 1.005 s each.
+    assert_eq!(l.retry_after(70, 0), Duration::from_millis(70_050));
+    // A pause comes first.
     l.bucket.pause_until(30 * S);
-    assert_eq!(l.retry_after(2, 0), Duration::from_secs(30));
-    // At the retreated rate the drain is slower.
+    assert_eq!(l.retry_after(2, 0), Duration::from_secs(32));
+    // At a learned lower limit the drain is slower: 30 per minute, 2 s each.
     let l = limiter(60.0, 1, 4);
-    l.on_upstream_429(0, Some(Duration::ZERO));
-    assert_eq!(l.retry_after(4, 0), Duration::from_secs(10));
-}
-
-// === parse_delay ===
-
-#[test]
-fn delays_parse_as_seconds_or_go_durations() {
-    let ms = Duration::from_millis;
-    assert_eq!(parse_delay("2"), Some(ms(2000)));
-    assert_eq!(parse_delay(" 1.5 "), Some(ms(1500)));
-    assert_eq!(parse_delay("0"), Some(Duration::ZERO));
-    assert_eq!(parse_delay("1s"), Some(ms(1000)));
-    assert_eq!(parse_delay("6m0s"), Some(ms(360_000)));
-    assert_eq!(parse_delay("250ms"), Some(ms(250)));
-    assert_eq!(parse_delay("1h2m3s"), Some(ms(3_723_000)));
-    assert_eq!(parse_delay("1.5s"), Some(ms(1500)));
+    l.restore(30, 0);
+    assert_eq!(l.retry_after(4, 0), Duration::from_secs(8));
 }
 
 #[test]
-fn garbage_negative_huge_and_http_dates_are_absent() {
-    for raw in [
-        "soon",
-        "-1",
-        "-1s",
-        "1x",
-        "s",
-        "1s2",
-        "1.2.3s",
-        "NaN",
-        "inf",
-        "86400",
-        "24h",
-        "Wed, 21 Oct 2015 07:28:00 GMT",
-    ] {
-        assert_eq!(parse_delay(raw), None, "{raw:?}");
+fn refusals_ticks_and_admin_changes_in_any_order_publish_what_the_final_state_implies() {
+    // Every order of: a rate 429, an overload refusal, a recovery tick, two ceiling
+    // changes. After each step the bucket and the guard must match the state.
+    let steps = [0, 1, 2, 3, 4];
+    let mut orders = vec![vec![]];
+    for _ in 0..steps.len() {
+        orders = orders
+            .into_iter()
+            .flat_map(|o: Vec<usize>| {
+                steps
+                    .iter()
+                    .filter(|s| !o.contains(s))
+                    .map(|s| {
+                        let mut n = o.clone();
+                        n.push(*s);
+                        n
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
     }
-}
-
-#[test]
-fn an_empty_value_is_absent() {
-    assert_eq!(parse_delay(""), None);
-    assert_eq!(parse_delay("   "), None);
+    assert_eq!(orders.len(), 120);
+    for order in orders {
+        let l = paced(1);
+        let mut now = 0;
+        for step in order {
+            now += 4 * S;
+            match step {
+                0 => l.on_answer(
+                    now,
+                    now,
+                    41,
+                    &refusal(Refusal::RateLimit, Some(Duration::ZERO)),
+                ),
+                1 => l.on_answer(
+                    now,
+                    now,
+                    1,
+                    &refusal(Refusal::Overload, Some(Duration::ZERO)),
+                ),
+                2 => {}
+                3 => drop(l.set_rate(300.0, 1, now)),
+                _ => drop(l.set_rate(900.0, 2, now)),
+            }
+            control(&l, now);
+            let c = l.control.lock();
+            let (limit, rpm, capacity) = c.targets();
+            assert_eq!(l.guard.limit(), limit);
+            let (brpm, bcap) = l.bucket.rate();
+            assert!(
+                (brpm - rpm).abs() / rpm < 1e-6 && bcap == capacity,
+                "{brpm} vs {rpm}"
+            );
+        }
+    }
 }

@@ -3,8 +3,9 @@
 //!
 //! Nothing here runs on the request path: a scrape drains the workers' shards
 //! ([`super::Metrics::collect`]) and copies each provider's atomics. Labels are
-//! `provider` and small fixed sets (route, outcome, kind, priority, reason, state),
-//! never the model: per-model detail stays in the JSON logs.
+//! `provider` and small fixed sets (route, outcome, kind, priority, reason, state,
+//! source), never the model: model names come from clients, so per-model detail stays
+//! in the JSON logs.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,8 +19,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::series::{ErrorKind, Latency, Outcome};
-use crate::app::App;
-use crate::limiter::RetreatState;
+use crate::app::{App, ProviderSnapshot};
+use crate::limiter::{PauseReason, RetreatState, Source};
 use crate::priority::Priority;
 use crate::record::Route;
 
@@ -49,7 +50,7 @@ impl std::fmt::Debug for AppCollector {
 type Res = Result<(), std::fmt::Error>;
 
 /// Reads one gauge from a provider's snapshot.
-type Read = fn(&crate::app::ProviderSnapshot) -> f64;
+type Read = fn(&ProviderSnapshot) -> f64;
 
 /// One metric family, written label set by label set.
 struct Family<'a> {
@@ -248,7 +249,7 @@ impl Collector for AppCollector {
             }),
             (
                 "sidecar_rate_effective_rpm",
-                "Requests per minute the bucket admits now (below base while retreating).",
+                "Requests per minute the bucket admits now: the learned limit times the retreat factor (below it while retreating).",
                 |s| s.retreat.effective_rpm,
             ),
             (
@@ -286,6 +287,8 @@ impl Collector for AppCollector {
             }
         }
 
+        pacing(&mut enc, &names, &snaps, now)?;
+
         let hub = &app.snapshots;
         let mut f = family(
             &mut enc,
@@ -304,7 +307,7 @@ impl Collector for AppCollector {
         let mut f = family(
             &mut enc,
             "sidecar_admin_changes",
-            "Configuration changes through the admin API, by result (applied, rejected).",
+            "Changes through the admin API (configuration patches, forgotten learned limits), by result (applied, rejected).",
             MetricType::Counter,
         )?;
         for (result, v) in [
@@ -380,4 +383,108 @@ impl Collector for AppCollector {
         }
         Ok(())
     }
+}
+
+/// The learned limit of each provider ([`crate::limiter::PacingView`]): what the window
+/// guard allows, where that comes from, probing and pauses.
+fn pacing(
+    enc: &mut DescriptorEncoder,
+    names: &[&str],
+    snaps: &[ProviderSnapshot],
+    now: u64,
+) -> Res {
+    let secs = |nanos: u64| nanos as f64 / 1e9;
+    let gauges: [(&str, &str, Read); 6] = [
+        (
+            "sidecar_limit_learned_rpm",
+            "The provider's limit as learned, in requests per minute (the configured rate while nothing lower was learned).",
+            |s| s.pacing.learned_rpm,
+        ),
+        (
+            "sidecar_limit_ceiling_rpm",
+            "The configured rate_rpm: the most the learned limit may reach.",
+            |s| s.pacing.ceiling_rpm,
+        ),
+        (
+            "sidecar_limit_per_window",
+            "Sends per provider window the window guard allows now (the learned limit, or the ceiling while probing).",
+            |s| f64::from(s.pacing.limit),
+        ),
+        (
+            "sidecar_provider_window_seconds",
+            "Length of the rolling window the provider counts requests in.",
+            |s| s.pacing.window.as_secs_f64(),
+        ),
+        (
+            "sidecar_limit_probing",
+            "1 while a probe lifts the limit to the ceiling for one window, else 0.",
+            |s| f64::from(u8::from(s.pacing.probing)),
+        ),
+        (
+            "sidecar_sent_in_window",
+            "Sends stamped in the last provider window, as the window guard counts them.",
+            |s| f64::from(s.pacing.sent_in_window),
+        ),
+    ];
+    for (metric, help, get) in gauges {
+        let mut f = family(enc, metric, help, MetricType::Gauge)?;
+        for (name, s) in names.iter().zip(snaps) {
+            f.gauge(&[("provider", name)], get(s))?;
+        }
+    }
+    let mut f = family(
+        enc,
+        "sidecar_limit_next_probe_seconds",
+        "Seconds until the next probe above the learned limit may start (it starts only while demand exceeds the limit); 0 when one may start now or there is nothing to probe (the learned limit is the ceiling, or the provider's headers state it).",
+        MetricType::Gauge,
+    )?;
+    for (name, s) in names.iter().zip(snaps) {
+        let left = s
+            .pacing
+            .next_probe_at
+            .map_or(0, |at| at.saturating_sub(now));
+        f.gauge(&[("provider", name)], secs(left))?;
+    }
+    let mut f = family(
+        enc,
+        "sidecar_limit_source",
+        "1 for where the limit in force comes from (config, header, learned_429, probe, state), 0 for the others.",
+        MetricType::Gauge,
+    )?;
+    for (name, s) in names.iter().zip(snaps) {
+        for src in Source::ALL {
+            f.gauge(
+                &[("provider", name), ("source", src.as_str())],
+                i64::from(s.pacing.source == src),
+            )?;
+        }
+    }
+    let mut f = family(
+        enc,
+        "sidecar_limit_changes",
+        "Changes of the limit in force: learned from a 429 or headers, probed, restored, forgotten, or capped by a new ceiling.",
+        MetricType::Counter,
+    )?;
+    for (name, s) in names.iter().zip(snaps) {
+        f.counter(&[("provider", name)], s.pacing.changes)?;
+    }
+    let mut f = family(
+        enc,
+        "sidecar_pause_seconds",
+        "Seconds left of the current admission pause for its reason (retry_after, quota, window, overload), 0 for the others.",
+        MetricType::Gauge,
+    )?;
+    for (name, s) in names.iter().zip(snaps) {
+        for reason in PauseReason::ALL {
+            let left = match s.pacing.pause {
+                Some((r, until)) if r == reason => until.saturating_sub(now),
+                _ => 0,
+            };
+            f.gauge(
+                &[("provider", name), ("reason", reason.as_str())],
+                secs(left),
+            )?;
+        }
+    }
+    Ok(())
 }

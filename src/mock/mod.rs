@@ -1,24 +1,41 @@
 //! The simulated upstream: an OpenAI-compatible server that behaves like NVIDIA's hosted
-//! API, for the demo, the tests and the load test.
+//! API, for the demo, the tests and the load test, and the independent judge of whether
+//! the sidecar kept to a provider's limits.
 //!
 //! Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (plain and `"stream": true`
-//! SSE ending in `data: [DONE]`), `POST /v1/embeddings`, and `GET /mock/stats`
-//! (counters). It enforces its own limit like the real service — at most `rpm`
-//! requests in any rolling 60 s, 429 with `Retry-After` past it, `x-ratelimit-*` on
-//! every answer —
-//! and has fault knobs, set at start-up or per request with `x-mock-*` headers (which
-//! pass through the sidecar): added latency, slow headers, forced status or error
-//! rate, a reset after N stream chunks, token count and inter-token delay.
-//! It runs on the same thread-per-core server as the proxy.
+//! SSE ending in `data: [DONE]`), `POST /v1/embeddings`, and the mock's own
+//! `/mock/stats`, `/mock/limit` and `/mock/windows` (see `control.rs`).
+//!
+//! Limits, like a provider's: at most `rpm × window / 60` requests in any rolling window
+//! (`limit`), optionally a tighter window per model (`--model-limit`), all changeable at
+//! run time without forgetting history (`POST /mock/limit`, [`MockServer::set_limit`]),
+//! and optionally NVIDIA's per-model cap on requests in flight (`--worker-limit`), checked
+//! first (`admit`). A 429 speaks one of three dialects: bare `x-ratelimit-*` with
+//! `Retry-After` in seconds or as a date, OpenAI's `x-ratelimit-*-requests`, or NVIDIA's
+//! header-less body (`headers`). Every window decision is recorded with its time and
+//! model (`judge`), so tests assert what the provider saw — per fixed window, or the most
+//! in any rolling window — never the sidecar's own gauges.
+//!
+//! Fault knobs, set at start-up or per request with `x-mock-*` headers (which pass
+//! through the sidecar): added latency, slow headers, forced status or error rate, a
+//! reset after N stream chunks, token count and inter-token delay. It runs on the same
+//! thread-per-core server as the proxy.
 
+mod admit;
+mod config;
+mod control;
+mod headers;
+mod judge;
 mod limit;
 mod respond;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -30,78 +47,21 @@ use crate::app::Shutdown;
 use crate::config::Limits;
 use crate::server::{self, Running, ServerSpec};
 
-pub use limit::{Quota, WindowLimit};
+pub use admit::{LimitsState, WorkerSlot};
+pub use config::{MockConfig, MockConfigError};
+pub use headers::go_duration;
+pub use judge::{Filter, Verdicts, WindowCount};
+pub use limit::{LimitState, Quota, Refusal, WindowLimit};
 pub use respond::MockBody;
-
-/// Start-up settings of the simulated upstream.
-#[derive(Debug, Clone, clap::Args)]
-pub struct MockConfig {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    pub listen: SocketAddr,
-    /// Requests allowed in any rolling 60 s (0: unlimited).
-    #[arg(long, default_value_t = 40.0)]
-    pub rpm: f64,
-    /// Seconds of the rolling window the limit applies to (the limit scales with it).
-    #[arg(long, default_value_t = 60.0)]
-    pub window_secs: f64,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
-    /// Milliseconds of simulated compute: before the response, or before a stream's first token.
-    #[arg(long, default_value_t = 0)]
-    pub latency_ms: u64,
-    /// Milliseconds before response headers are sent (slow headers).
-    #[arg(long, default_value_t = 0)]
-    pub header_delay_ms: u64,
-    /// Milliseconds between streamed tokens.
-    #[arg(long, default_value_t = 20)]
-    pub token_delay_ms: u64,
-    /// Tokens per completion.
-    #[arg(long, default_value_t = 16)]
-    pub tokens: usize,
-    /// Fraction of requests answered with a 500 (0.0 to 1.0).
-    #[arg(long, default_value_t = 0.0)]
-    pub error_rate: f64,
-    /// Reset streams after this many chunks.
-    #[arg(long)]
-    pub reset_after: Option<usize>,
-    /// Leave out the x-ratelimit-* headers on admitted answers (only 429s carry them).
-    #[arg(long)]
-    pub no_quota_headers: bool,
-    /// Require this API key (401 otherwise).
-    #[arg(long)]
-    pub api_key: Option<String>,
-    /// Keep the headers of the last 1000 requests for tests (`MockServer::seen`).
-    #[arg(skip)]
-    pub record_requests: bool,
-}
-
-impl Default for MockConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            rpm: 0.0,
-            window_secs: 60.0,
-            workers: 1,
-            latency_ms: 0,
-            header_delay_ms: 0,
-            token_delay_ms: 0,
-            tokens: 16,
-            error_rate: 0.0,
-            reset_after: None,
-            no_quota_headers: false,
-            api_key: None,
-            record_requests: false,
-        }
-    }
-}
 
 /// Counters of the simulated upstream.
 #[derive(Debug, Default)]
 pub struct MockStats {
     pub requests: AtomicU64,
+    /// Every 429 of a limit: a rolling window's or a full worker's.
     pub rate_limited: AtomicU64,
+    /// 429s of a full worker (`--worker-limit`), also in `rate_limited`.
+    pub worker_limited: AtomicU64,
     pub errors: AtomicU64,
     pub unauthorized: AtomicU64,
     pub streams: AtomicU64,
@@ -120,7 +80,10 @@ pub struct Seen {
 pub struct MockShared {
     pub config: MockConfig,
     pub stats: MockStats,
-    limit: Option<WindowLimit>,
+    gate: admit::Gate,
+    headers: headers::HeaderPolicy,
+    /// The start-up window, for limits set without one.
+    window: Duration,
     seen: Mutex<Vec<Seen>>,
     peers: Mutex<std::collections::HashSet<SocketAddr>>,
 }
@@ -140,13 +103,19 @@ impl MockServer {
         } else {
             config.workers
         };
+        let window = config.window()?;
+        let models = config.parsed_model_limits()?;
         let shared = Arc::new(MockShared {
-            limit: (config.rpm > 0.0).then(|| {
-                WindowLimit::new(
-                    config.rpm,
-                    Duration::from_secs_f64(config.window_secs.clamp(0.001, 86_400.0)),
-                )
-            }),
+            gate: admit::Gate::new(
+                limit::max_for(config.rpm, window),
+                window,
+                &models,
+                config.worker_limit,
+                config.judge || config.record_requests,
+                Instant::now(),
+            ),
+            headers: headers::HeaderPolicy::from(&config),
+            window,
             stats: MockStats::default(),
             seen: Mutex::new(Vec::new()),
             peers: Mutex::new(std::collections::HashSet::new()),
@@ -202,6 +171,68 @@ impl MockServer {
 
     pub fn rate_limited(&self) -> u64 {
         self.shared.stats.rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// 429s of a full worker (`worker_limit`), also counted in `rate_limited`.
+    pub fn worker_limited(&self) -> u64 {
+        self.shared.stats.worker_limited.load(Ordering::Relaxed)
+    }
+
+    /// Sets the global limit to `rpm` a minute over a rolling `window` (`rpm` 0:
+    /// unlimited), keeping the admissions on record: a lowered limit refuses until the
+    /// window holds fewer than the new maximum.
+    pub fn set_limit(&self, rpm: f64, window: Duration) {
+        self.shared.gate.set_limit(rpm, window);
+    }
+
+    /// Sets `model`'s own limit, on top of the global one (`rpm` 0: unlimited).
+    pub fn set_model_limit(&self, model: &str, rpm: f64, window: Duration) {
+        self.shared.gate.set_model_limit(model, rpm, window);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> LimitsState {
+        self.shared.gate.state_at(Instant::now())
+    }
+
+    /// Everything the judge can say about `filter`'s decisions, counted per `window`.
+    pub fn verdicts(&self, filter: Filter<'_>, window: Duration) -> Verdicts {
+        self.shared
+            .gate
+            .judge
+            .verdicts(filter, window, Instant::now())
+    }
+
+    /// Admissions and refusals of the rolling windows per fixed `window` since start (the
+    /// last one still running). Empty until some limit exists, unless `judge` or
+    /// `record_requests` is set.
+    pub fn window_counts(&self, window: Duration) -> Vec<WindowCount> {
+        self.verdicts(Filter::All, window).windows
+    }
+
+    /// The same for requests naming `model`.
+    pub fn window_counts_for(&self, model: &str, window: Duration) -> Vec<WindowCount> {
+        self.verdicts(Filter::Model(model), window).windows
+    }
+
+    /// The most admissions in any rolling `window`: what the provider saw at its worst.
+    pub fn max_in_rolling(&self, window: Duration) -> usize {
+        self.verdicts(Filter::All, window).max_in_rolling
+    }
+
+    /// The same for requests naming `model`.
+    pub fn max_in_rolling_for(&self, model: &str, window: Duration) -> usize {
+        self.verdicts(Filter::Model(model), window).max_in_rolling
+    }
+
+    /// Requests the rolling windows refused since start (not the worker limit's).
+    pub fn refused_total(&self) -> u64 {
+        self.shared.gate.judge.refused_total()
+    }
+
+    /// Requests the rolling windows admitted since start.
+    pub fn admitted_total(&self) -> u64 {
+        self.shared.gate.judge.admitted_total()
     }
 
     /// Stops accepting and waits for in-flight responses (at most the grace period).
@@ -268,8 +299,14 @@ async fn handle(
     let s = &**shared;
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
-    if path == "/mock/stats" {
-        return respond::stats(s);
+    if path.starts_with("/mock/") {
+        let body = match Limited::new(body, 1 << 20).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return respond::error(StatusCode::BAD_REQUEST, &format!("bad body: {e}")),
+        };
+        let query = parts.uri.query().unwrap_or("");
+        return control::route(s, &parts.method, &path, query, &body)
+            .unwrap_or_else(|| respond::error(StatusCode::NOT_FOUND, &format!("no route {path}")));
     }
     s.stats.requests.fetch_add(1, Ordering::Relaxed);
     let body = match Limited::new(body, 64 << 20).collect().await {
@@ -301,25 +338,35 @@ async fn handle(
             return respond::error(StatusCode::UNAUTHORIZED, "missing or invalid API key");
         }
     }
-    let quota = match &s.limit {
-        Some(limit) => match limit.try_acquire() {
-            Ok(q) => Some(q),
-            Err(retry_after) => {
-                s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                return respond::rate_limited(retry_after, limit);
-            }
-        },
-        None => None,
+    let model = if s.gate.wants_model() {
+        crate::route::extract_model(&body)
+    } else {
+        None
+    };
+    // The worker first: a request no worker takes never reaches the windows.
+    let slot = match s.gate.worker(model.as_deref()) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            s.stats.worker_limited.fetch_add(1, Ordering::Relaxed);
+            return headers::worker_limited(limit);
+        }
+    };
+    let binding = match s.gate.admit(model.as_deref()) {
+        Ok(b) => b,
+        Err(refusal) => {
+            s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return headers::rate_limited(s.headers, refusal);
+        }
     };
     let mut resp = answer(s, &parts, &path, &body).await;
-    if let Some(q) = quota.filter(|_| !s.config.no_quota_headers) {
-        respond::quota_headers(
-            resp.headers_mut(),
-            q,
-            s.limit.as_ref().map_or(0, |l| l.max()),
-        );
+    if let Some(b) = binding {
+        headers::admitted(resp.headers_mut(), s.headers, b);
     }
-    resp
+    match slot {
+        Some(slot) => resp.map(|b| MockBody::Held(Box::new(b), slot)),
+        None => resp,
+    }
 }
 
 /// The answer to an admitted request, with the fault knobs applied.

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -11,7 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{Knobs, MockShared, WindowLimit};
+use super::admit::WorkerSlot;
+use super::{Knobs, MockShared};
 use crate::body::BoxError;
 
 const WORDS: &[&str] = &[
@@ -30,10 +31,12 @@ const WORDS: &[&str] = &[
     ".",
 ];
 
-/// Body of every mock response: whole, or a stream fed by a task.
+/// Body of every mock response: whole, or a stream fed by a task; `Held` keeps a worker
+/// slot taken until the body ends or is dropped.
 pub enum MockBody {
     Full(Option<Bytes>),
     Stream(mpsc::Receiver<Result<Bytes, BoxError>>),
+    Held(Box<MockBody>, WorkerSlot),
 }
 
 impl Body for MockBody {
@@ -47,22 +50,27 @@ impl Body for MockBody {
         match self.get_mut() {
             MockBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             MockBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            MockBody::Held(body, _) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, MockBody::Full(None))
+        match self {
+            MockBody::Held(body, _) => body.is_end_stream(),
+            _ => matches!(self, MockBody::Full(None)),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             MockBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             MockBody::Stream(_) => SizeHint::default(),
+            MockBody::Held(body, _) => body.size_hint(),
         }
     }
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<MockBody> {
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<MockBody> {
     let mut r = Response::new(MockBody::Full(Some(Bytes::from(v.to_string()))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -79,26 +87,6 @@ pub fn error(status: StatusCode, message: &str) -> Response<MockBody> {
     )
 }
 
-pub fn rate_limited(retry_after: Duration, limit: &WindowLimit) -> Response<MockBody> {
-    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-    let mut r = error(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
-    let h = r.headers_mut();
-    h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    h.insert("x-ratelimit-limit", HeaderValue::from(limit.max()));
-    h.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
-    h.insert("x-ratelimit-reset", HeaderValue::from(secs.max(1)));
-    r
-}
-
-/// `x-ratelimit-limit`, `-remaining` and `-reset` (seconds, millisecond precision).
-pub fn quota_headers(h: &mut http::HeaderMap, q: super::Quota, limit: usize) {
-    h.insert("x-ratelimit-limit", HeaderValue::from(limit));
-    h.insert("x-ratelimit-remaining", HeaderValue::from(q.remaining));
-    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", q.reset.as_secs_f64())) {
-        h.insert("x-ratelimit-reset", v);
-    }
-}
-
 pub fn stats(s: &MockShared) -> Response<MockBody> {
     let st = &s.stats;
     json_response(
@@ -109,7 +97,11 @@ pub fn stats(s: &MockShared) -> Response<MockBody> {
             "errors": st.errors.load(Ordering::Relaxed),
             "unauthorized": st.unauthorized.load(Ordering::Relaxed),
             "streams": st.streams.load(Ordering::Relaxed),
-            "rpm_limit": s.config.rpm,
+            "worker_limited": st.worker_limited.load(Ordering::Relaxed),
+            "rpm_limit": s.gate.state_at(Instant::now()).global.per_minute(),
+            "judging": s.gate.is_judging(),
+            "admitted": s.gate.judge.admitted_total(),
+            "refused": s.gate.judge.refused_total(),
         }),
     )
 }

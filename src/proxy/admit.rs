@@ -4,8 +4,11 @@
 //! in its priority queue and waits for the dispatcher's grant, bounded by the request
 //! timeout (504) and, for low priority, by `low_priority_timeout` (503, or the
 //! passthrough route when fallback is on). A full queue answers 429 with
-//! `Retry-After`, or takes the passthrough route when fallback is on. A client that
-//! leaves while parked drops its ticket: the slot frees at once and no token is spent.
+//! `Retry-After`, or takes the passthrough route when fallback is on. So does a request
+//! that the queue ahead of it, drained at the rate paced now (the learned limit, not the
+//! configured one), could not serve before its deadline: it is refused at once with an
+//! honest `Retry-After` instead of waiting for a 504. A client that leaves while parked
+//! drops its ticket: the slot frees at once and no token is spent.
 
 use std::time::Duration;
 
@@ -14,87 +17,197 @@ use tokio::time::Instant;
 use crate::app::{App, Provider};
 use crate::error::ProxyError;
 use crate::hot::Hot;
-use crate::limiter::{Decision, Ticket};
+use crate::limiter::{Claim, Decision, Limiter, Permit, Ticket};
 use crate::priority::Priority;
 use crate::record::{Record, Route};
 use crate::stats::ProviderStats;
 
+/// The route a request takes, with the window claims of a limited one: the key's, and
+/// the model's when limits are per model. Dropped unsent, they are released.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    pub route: Route,
+    pub key: Option<Permit<'a>>,
+    pub model: Option<Permit<'a>>,
+}
+
 /// How a parked request's wait ended, when it did not fail.
 enum Waited {
-    Granted,
+    Granted(Claim),
     /// A low-priority request's deadline passed (the caller picks 503 or passthrough).
     LowPriorityDeadline,
 }
 
-/// Decides the route of a new request.
-pub async fn admit(
+/// How one limiter let a request through.
+enum Stage {
+    Claim(Claim),
+    Passthrough,
+}
+
+/// Decides the route of a new request: through its model's limiter first (`scope`,
+/// when limits are per model), then the key's.
+pub async fn admit<'a>(
+    app: &App,
+    hot: &Hot,
+    provider: &'a Provider,
+    scope: Option<&'a Limiter>,
+    record: &mut Record,
+    deadline: Instant,
+) -> Result<Admitted<'a>, ProxyError> {
+    ProviderStats::inc(&provider.stats.total);
+    through(app, hot, provider, scope, record, deadline, false).await
+}
+
+/// Parks a request the upstream answered 429 at the head of its priority and waits.
+pub async fn readmit<'a>(
+    app: &App,
+    hot: &Hot,
+    provider: &'a Provider,
+    scope: Option<&'a Limiter>,
+    record: &mut Record,
+    deadline: Instant,
+) -> Result<Admitted<'a>, ProxyError> {
+    through(app, hot, provider, scope, record, deadline, true).await
+}
+
+async fn through<'a>(
+    app: &App,
+    hot: &Hot,
+    provider: &'a Provider,
+    scope: Option<&'a Limiter>,
+    record: &mut Record,
+    deadline: Instant,
+    retry: bool,
+) -> Result<Admitted<'a>, ProxyError> {
+    let mut requeue = retry;
+    loop {
+        let model = match scope {
+            Some(m) => match stage(app, hot, provider, m, record, deadline, requeue).await? {
+                Stage::Claim(c) => Some(Permit::new(m, c)),
+                Stage::Passthrough => return Ok(passthrough(provider)),
+            },
+            None => None,
+        };
+        let key = &provider.limiter;
+        let claim = match stage(app, hot, provider, key, record, deadline, requeue).await? {
+            Stage::Claim(c) => Permit::new(key, c),
+            Stage::Passthrough => return Ok(passthrough(provider)),
+        };
+        // While this request waited for the key, a 429 may have taught its model a lower
+        // limit: a model claim granted under the old one would be sent into a window
+        // now known to be full. It goes back to the head of its model's queue instead
+        // (dropping both claims releases them).
+        if scope.is_some_and(|m| m.over_limit(app.clock.now_nanos())) {
+            requeue = true;
+            continue;
+        }
+        if !retry {
+            ProviderStats::inc(&provider.stats.limited);
+        }
+        return Ok(Admitted {
+            route: Route::Limited,
+            key: Some(claim),
+            model,
+        });
+    }
+}
+
+/// One limiter's admission: the fast path, or a parked wait.
+async fn stage(
     app: &App,
     hot: &Hot,
     provider: &Provider,
+    limiter: &Limiter,
     record: &mut Record,
     deadline: Instant,
-) -> Result<Route, ProxyError> {
-    ProviderStats::inc(&provider.stats.total);
+    retry: bool,
+) -> Result<Stage, ProxyError> {
     let now = app.clock.now_nanos();
-    let ticket = match provider.limiter.admit(record.priority, now) {
-        Decision::Admitted => return Ok(limited(provider)),
-        Decision::Full(full) => {
+    let parked = if retry {
+        limiter.requeue(record.priority)
+    } else {
+        match limiter.admit(record.priority, now) {
+            Decision::Admitted(claim) => return Ok(Stage::Claim(claim)),
+            Decision::Queued(t) => Ok(t),
+            Decision::Full(full) => Err(full),
+        }
+    };
+    let mut ticket = match parked {
+        Ok(t) => t,
+        Err(full) => {
             ProviderStats::inc(&provider.stats.queue_full);
             if hot.fallback_enabled_passthrough {
-                return Ok(passthrough(provider));
+                return Ok(Stage::Passthrough);
             }
             ProviderStats::inc(&provider.stats.rate_limited);
             return Err(ProxyError::QueueFull {
                 provider: provider.name.to_string(),
                 ahead: full.ahead,
-                retry_after: provider.limiter.retry_after(full.ahead, now),
+                retry_after: limiter.retry_after(full.ahead, now),
             });
         }
-        Decision::Queued(t) => t,
     };
+    if let Some(decided) =
+        beyond_deadline(hot, provider, limiter, record, &mut ticket, deadline, now)
+    {
+        return decided;
+    }
     // Boxed: only parked requests pay for the waiting future's size.
     match Box::pin(wait(app, hot, provider, ticket, record, deadline)).await? {
-        Waited::Granted => Ok(limited(provider)),
-        Waited::LowPriorityDeadline => Ok(passthrough(provider)),
+        Waited::Granted(claim) => Ok(Stage::Claim(claim)),
+        Waited::LowPriorityDeadline => Ok(Stage::Passthrough),
     }
 }
 
-/// Parks a request the upstream answered 429 at the head of its priority and waits.
-pub async fn readmit(
-    app: &App,
+/// A parked request the queue ahead of it could not serve before its deadline, at the
+/// rate paced now: refused at once (or sent through when fallback is on). `None`: it
+/// may wait.
+fn beyond_deadline(
     hot: &Hot,
     provider: &Provider,
-    record: &mut Record,
+    limiter: &Limiter,
+    record: &Record,
+    ticket: &mut Ticket,
     deadline: Instant,
-) -> Result<Route, ProxyError> {
-    let ticket = match provider.limiter.requeue(record.priority) {
-        Ok(t) => t,
-        Err(full) => {
-            ProviderStats::inc(&provider.stats.queue_full);
-            ProviderStats::inc(&provider.stats.rate_limited);
-            return Err(ProxyError::QueueFull {
-                provider: provider.name.to_string(),
-                ahead: full.ahead,
-                retry_after: provider
-                    .limiter
-                    .retry_after(full.ahead, app.clock.now_nanos()),
-            });
-        }
-    };
-    match Box::pin(wait(app, hot, provider, ticket, record, deadline)).await? {
-        Waited::Granted => Ok(Route::Limited),
-        Waited::LowPriorityDeadline => Ok(passthrough(provider)),
+    now: u64,
+) -> Option<Result<Stage, ProxyError>> {
+    let ahead = limiter.queues.ahead_of(record.priority).saturating_sub(1);
+    let expected = limiter.expected_wait(ahead, now);
+    // Time to send it must be left (a request granted later is not sent).
+    let mut budget = deadline
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(super::MIN_TIME_TO_SEND);
+    if record.priority == Priority::Low {
+        budget = budget.min(hot.providers[provider.index].low_priority_timeout);
     }
+    if expected <= budget {
+        return None;
+    }
+    if !ticket.cancel() {
+        // Granted meanwhile: it goes.
+        return ticket.grant().map(|c| Ok(Stage::Claim(c)));
+    }
+    ProviderStats::inc(&provider.stats.queue_full);
+    if hot.fallback_enabled_passthrough {
+        return Some(Ok(Stage::Passthrough));
+    }
+    ProviderStats::inc(&provider.stats.rate_limited);
+    Some(Err(ProxyError::QueueBeyondDeadline {
+        provider: provider.name.to_string(),
+        ahead,
+        wait: round_ms(expected),
+        budget: round_ms(budget),
+        retry_after: expected,
+    }))
 }
 
-fn limited(provider: &Provider) -> Route {
-    ProviderStats::inc(&provider.stats.limited);
-    Route::Limited
-}
-
-fn passthrough(provider: &Provider) -> Route {
+fn passthrough(provider: &Provider) -> Admitted<'static> {
     ProviderStats::inc(&provider.stats.passthrough);
-    Route::Passthrough
+    Admitted {
+        route: Route::Passthrough,
+        key: None,
+        model: None,
+    }
 }
 
 /// Waits for the grant; adds the time waited to `record.queue_wait`.
@@ -112,12 +225,13 @@ async fn wait(
         .filter(|d| *d < deadline);
     let until = low_deadline.unwrap_or(deadline);
     let outcome = tokio::select! {
-        () = &mut ticket => Ok(Waited::Granted),
+        claim = &mut ticket => Ok(Waited::Granted(claim)),
         () = tokio::time::sleep_until(until) => {
             if ticket.cancel() {
                 Err(until)
             } else {
-                Ok(Waited::Granted) // the grant won the race with the deadline
+                // The grant won the race with the deadline.
+                ticket.grant().map(Waited::Granted).ok_or(until)
             }
         }
         () = app.shutdown.hard_stop.cancelled() => {

@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -25,6 +25,7 @@ use crate::app::Provider;
 use crate::body::{BoxError, ProxyBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::health;
+use crate::limiter::Answer;
 use crate::priority::Priority;
 use crate::record::{End, Record, Route};
 use crate::route;
@@ -141,7 +142,8 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
 
     // route: the model is read when it picks the provider or the access log shows it
     // (parsing the body is the costliest step of a small request otherwise).
-    let want_model = app.router.routes_by_model() || crate::record::access_log_enabled();
+    let want_model =
+        app.router.routes_by_model() || app.model_scoped || crate::record::access_log_enabled();
     let model = want_model
         .then(|| route::extract_model(&body).map(|m| truncate(&m, 256)))
         .flatten();
@@ -151,16 +153,23 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     record.provider_index = Some(provider_index);
     record.model = model;
 
-    // admit
-    let route = match admit::admit(app, &hot, provider, &mut record, deadline).await {
-        Ok(r) => r,
+    // admit: through the model's own limiter first when limits are per model.
+    let limiter = &provider.limiter;
+    let scope = record
+        .model
+        .as_deref()
+        .and_then(|m| limiter.scope(m, app.clock.now_nanos()));
+    let scope = scope.as_deref();
+    let admitted = match admit::admit(app, &hot, provider, scope, &mut record, deadline).await {
+        Ok(a) => a,
         Err(e) => return local_error(record, e),
     };
-    record.route = route;
+    record.route = admitted.route;
+    let (mut permit, mut model_permit) = (admitted.key, admitted.model);
 
     // forward: a limited request the upstream answers 429 is absorbed — parked again
-    // at the head of its priority and re-sent after the retreat pause — while retries
-    // and its deadline allow.
+    // at the head of its priority and re-sent after the pause — while retries and its
+    // deadline allow.
     let mut prepared = headers::upstream_request_headers(
         std::mem::take(&mut parts.headers),
         provider.auth_header.as_ref(),
@@ -169,7 +178,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     );
     let rest = &parts.uri.path()["/v1/".len()..];
     let hard_stop = &app.shutdown.hard_stop;
-    let (resp, lease, sent_at) = loop {
+    let (head, incoming, prefix, lease, sent_at) = loop {
         let target = match record.route {
             Route::Passthrough => provider
                 .config
@@ -197,6 +206,36 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
             Ok(r) => r,
             Err(e) => return local_error(record, e),
         };
+        // Granted too close to its deadline: not sent. It could not be answered in time,
+        // and a send the deadline cuts off may or may not have reached the provider,
+        // which would make the window's count (and what is learned from it) wrong.
+        if deadline.saturating_duration_since(Instant::now()) < MIN_TIME_TO_SEND {
+            let now = app.clock.now_nanos();
+            for p in [permit.take(), model_permit.take()].into_iter().flatten() {
+                p.give_back(now);
+            }
+            ProviderStats::inc(&provider.stats.dropped_timeout);
+            let waited = round_ms(record.queue_wait);
+            return local_error(
+                record,
+                ProxyError::QueueTimeout {
+                    provider: provider.name.to_string(),
+                    waited,
+                },
+            );
+        }
+        // Every send with the provider's key is counted in its window, stamped now.
+        let send_clock = app.clock.now_nanos();
+        match permit.as_mut() {
+            Some(p) => p.stamp(send_clock),
+            None if std::ptr::eq(target, &provider.config.upstream) => {
+                limiter.record_forced_send(send_clock)
+            }
+            None => {}
+        }
+        if let Some(p) = model_permit.as_mut() {
+            p.stamp(send_clock);
+        }
         let sent_at = Instant::now();
         let result = tokio::select! {
             biased;
@@ -224,58 +263,84 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
                 return local_error(record, err);
             }
         };
+        let (head, mut incoming) = resp.into_parts();
+        let status = head.status;
+        // A 429's body says which limit it is (rate, tokens, a model's concurrency).
+        let prefix = if status == StatusCode::TOO_MANY_REQUESTS {
+            read_prefix(&mut incoming, REFUSAL_PREFIX, timer.as_mut()).await
+        } else {
+            Bytes::new()
+        };
         let now = app.clock.now_nanos();
-        let limiter = &provider.limiter;
-        limiter.retreat.on_response(now);
-        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-            ProviderStats::inc(&provider.stats.upstream_429);
-            if record.route == Route::Limited {
-                let pause = header_delay(resp.headers(), &header::RETRY_AFTER);
-                let cut = limiter.on_upstream_429(now, pause);
-                if let Some(t) = cut.transition {
-                    tracing::warn!(
-                        provider = &*provider.name,
-                        from = t.from.as_str(),
-                        to = t.to.as_str(),
-                        effective_rpm = t.effective_rpm,
-                        "retreat state change"
-                    );
-                }
-                if may_retry && Instant::now() < deadline {
-                    record.retries += 1;
-                    ProviderStats::inc(&provider.stats.retries);
-                    drop((resp, lease));
-                    match Box::pin(admit::readmit(app, &hot, provider, &mut record, deadline)).await
-                    {
-                        Ok(r) => {
-                            record.route = r;
-                            continue;
-                        }
-                        Err(e) => return local_error(record, e),
-                    }
-                }
-            }
-        } else if resp.status().is_server_error() {
+        if status.is_server_error() {
             record.error = Some(crate::metrics::ErrorKind::Status5xx);
-        } else if quota_exhausted(resp.headers()) {
-            if let Some(reset) = header_delay(resp.headers(), &X_RATELIMIT_RESET) {
-                limiter.on_quota_exhausted(now, reset);
+        }
+        let Some(sent) = permit.take() else {
+            // Passthrough: counted, teaches nothing about the paced limit.
+            limiter.answers.on_response(now);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                limiter.answers.on_429(now);
+                ProviderStats::inc(&provider.stats.upstream_429);
+            }
+            break (head, incoming, prefix, lease, sent_at);
+        };
+        let (sent_at_clock, sent_count) = (sent.sent_at().unwrap_or(now), sent.count());
+        drop(sent);
+        let answer = read_answer(&head, &prefix, provider.config.rate_limit_headers);
+        match (model_permit.take(), scope) {
+            // Per model: the key counts the answer and takes its quota headers; the
+            // model's limiter learns from it.
+            (Some(m), Some(model)) => {
+                limiter.observe(now, &answer);
+                let own = Answer {
+                    quota: None,
+                    ..answer
+                };
+                model.observe(now, &own);
+                model.learn(now, sent_at_clock, m.count(), &own);
+            }
+            _ => limiter.on_answer(now, sent_at_clock, sent_count, &answer),
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            ProviderStats::inc(&provider.stats.upstream_429);
+            let retryable = answer.refusal != Some(crate::limiter::Refusal::Billing);
+            if may_retry && retryable && Instant::now() < deadline {
+                record.retries += 1;
+                ProviderStats::inc(&provider.stats.retries);
+                drop((head, incoming, lease));
+                match Box::pin(admit::readmit(
+                    app,
+                    &hot,
+                    provider,
+                    scope,
+                    &mut record,
+                    deadline,
+                ))
+                .await
+                {
+                    Ok(a) => {
+                        record.route = a.route;
+                        (permit, model_permit) = (a.key, a.model);
+                        continue;
+                    }
+                    Err(e) => return local_error(record, e),
+                }
             }
         }
-        break (resp, lease, sent_at);
+        break (head, incoming, prefix, lease, sent_at);
     };
 
     // respond
-    if !want_model && resp.status().is_server_error() {
+    if !want_model && head.status.is_server_error() {
         // A failure is logged at `warn` with its model even when the access log is off.
         record.model = route::extract_model(&body).map(|m| truncate(&m, 256));
     }
     record.upstream_latency = Some(sent_at.elapsed());
-    record.status = resp.status().as_u16();
-    if resp.status().as_u16() < 500 {
+    record.status = head.status.as_u16();
+    if head.status.as_u16() < 500 {
         provider.mark_success(app.clock.now_nanos());
     }
-    let (mut head, incoming) = resp.into_parts();
+    let mut head = head;
     headers::strip_response(&mut head.headers);
     head.headers.insert(headers::X_REQUEST_ID, request_id);
     head.version = Version::HTTP_11;
@@ -291,28 +356,58 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         shutdown,
         lease,
         record,
-    );
+    )
+    .with_prefix(prefix);
     Response::from_parts(head, ProxyBody::Upstream(Box::new(body)))
 }
 
-const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-const X_RATELIMIT_REMAINING: [HeaderName; 2] = [
-    HeaderName::from_static("x-ratelimit-remaining"),
-    HeaderName::from_static("x-ratelimit-remaining-requests"),
-];
+/// Least time left before its deadline for a request to be sent upstream.
+pub(crate) const MIN_TIME_TO_SEND: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// A delay header (`Retry-After`, `x-ratelimit-reset`) as a duration.
-fn header_delay(h: &http::HeaderMap, name: &HeaderName) -> Option<std::time::Duration> {
-    h.get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::limiter::parse_delay)
+fn round_ms(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(d.as_millis() as u64)
 }
 
-/// `x-ratelimit-remaining: 0` (or `-requests: 0`): the provider's quota is spent.
-fn quota_exhausted(h: &http::HeaderMap) -> bool {
-    X_RATELIMIT_REMAINING
-        .iter()
-        .any(|n| h.get(n).is_some_and(|v| v.as_bytes().trim_ascii() == b"0"))
+/// Most bytes of a 429's body read to classify it (the rest streams to the client).
+const REFUSAL_PREFIX: usize = 4096;
+
+/// What an upstream answer says about the provider's limits.
+fn read_answer(
+    head: &http::response::Parts,
+    prefix: &[u8],
+    dialect: crate::limiter::signal::Dialect,
+) -> Answer {
+    use crate::limiter::signal;
+    Answer {
+        ok: head.status.is_success(),
+        refusal: signal::classify(head.status, &head.headers, prefix),
+        retry_after: signal::retry_after(&head.headers, std::time::SystemTime::now()),
+        quota: signal::quota(&head.headers, dialect),
+    }
+}
+
+/// Reads the first frames of `body`, up to about `max` bytes, before `timer` fires. What
+/// is read is sent to the client first ([`UpstreamBody::with_prefix`]).
+async fn read_prefix(body: &mut Incoming, max: usize, mut timer: Pin<&mut Sleep>) -> Bytes {
+    let mut out = bytes::BytesMut::new();
+    while out.len() < max && !http_body::Body::is_end_stream(body) {
+        let frame = tokio::select! {
+            biased;
+            f = body.frame() => f,
+            _ = &mut timer => break,
+        };
+        match frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    out.extend_from_slice(d);
+                }
+            }
+            // An error or the end: what was read is all there is; the rest of the
+            // stream reports its own end.
+            _ => break,
+        }
+    }
+    out.freeze()
 }
 
 /// Reads the whole body, at most `limit` bytes, before `timer` fires. A body that
@@ -424,32 +519,6 @@ fn client_priority(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_spent_quota_is_read_from_the_rate_limit_headers() {
-        let mut h = http::HeaderMap::new();
-        assert!(!quota_exhausted(&h));
-        h.insert("x-ratelimit-remaining", HeaderValue::from_static("3"));
-        assert!(!quota_exhausted(&h));
-        h.insert("x-ratelimit-remaining", HeaderValue::from_static(" 0"));
-        h.insert("x-ratelimit-reset", HeaderValue::from_static("1.250"));
-        assert!(quota_exhausted(&h));
-        assert_eq!(
-            header_delay(&h, &X_RATELIMIT_RESET),
-            Some(std::time::Duration::from_millis(1250))
-        );
-        let mut openai = http::HeaderMap::new();
-        openai.insert(
-            "x-ratelimit-remaining-requests",
-            HeaderValue::from_static("0"),
-        );
-        assert!(quota_exhausted(&openai));
-        openai.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
-        assert_eq!(header_delay(&openai, &header::RETRY_AFTER), None);
-    }
 
     #[test]
     fn a_mapped_client_key_sets_the_default_priority() {

@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
-use super::{Panel, Snapshot};
+use super::{PacingPanel, Panel, Snapshot};
 use crate::app::App;
-use crate::limiter::RetreatState;
+use crate::limiter::{PauseReason, RetreatState, Source};
 use crate::priority::Priority;
 
 /// Encodes `snap` (sequence `seq`) for `app`'s providers.
@@ -22,7 +22,11 @@ pub fn encode(app: &App, snap: &Snapshot, seq: u64) -> Vec<u8> {
             .panels()
             .iter()
             .zip(&app.providers)
-            .map(|(p, provider)| ProviderView::new(p, &provider.name, &provider.config, snap))
+            .map(|(p, provider)| {
+                let mut v = ProviderView::new(p, &provider.name, &provider.config, snap);
+                v.pacing.models = models(provider, app.clock.now_nanos());
+                v
+            })
             .collect(),
     };
     // Serialising plain numbers and strings into a Vec cannot fail.
@@ -51,6 +55,7 @@ struct ProviderView<'a> {
     upstream: String,
     rate: Rate,
     retreat: Retreat,
+    pacing: Pacing,
     requests: Requests,
     errors: Errors,
     queue: Queue,
@@ -73,6 +78,107 @@ struct Retreat {
     rate_429: f64,
     upstream_429_last_minute: u64,
     responses_last_minute: u64,
+}
+
+/// The learned limit, key scope, and each model's with `limit_scope = "model"`.
+#[derive(Serialize)]
+struct Pacing {
+    window_s: f64,
+    /// Sends per window: allowed now (the ceiling while probing), learned, configured.
+    limit: u64,
+    learned: u64,
+    ceiling: u64,
+    learned_rpm: f64,
+    ceiling_rpm: f64,
+    /// `config`, `header`, `learned_429`, `probe` or `state`.
+    source: &'static str,
+    probing: bool,
+    /// Seconds until the next probe may start (0: now); `null`: nothing to probe.
+    next_probe_s: Option<f64>,
+    /// `null` while admission is not paused.
+    pause: Option<Pause>,
+    sent_in_window: u64,
+    changes: u64,
+    /// Per-model scopes, read live when the frame is encoded (they vary in number, so
+    /// they are not part of the fixed-size snapshot); empty with `limit_scope = "key"`.
+    models: Vec<ModelPacing>,
+}
+
+/// One model scope's learned limit.
+#[derive(Serialize)]
+struct ModelPacing {
+    model: String,
+    limit: u32,
+    learned: u32,
+    learned_rpm: f64,
+    source: &'static str,
+    probing: bool,
+    pause: Option<Pause>,
+    sent_in_window: u32,
+}
+
+fn models(provider: &crate::app::Provider, now: u64) -> Vec<ModelPacing> {
+    let mut out: Vec<ModelPacing> = provider
+        .limiter
+        .models()
+        .into_iter()
+        .map(|(name, m)| {
+            let v = m.pacing_view(now);
+            ModelPacing {
+                model: name.to_string(),
+                limit: v.limit,
+                learned: v.learned,
+                learned_rpm: (v.learned_rpm * 1e3).round() / 1e3,
+                source: v.source.as_str(),
+                probing: v.probing,
+                pause: v.pause.map(|(r, until)| Pause {
+                    reason: r.as_str(),
+                    seconds: (until.saturating_sub(now) as f64 / 1e6).round() / 1e3,
+                }),
+                sent_in_window: v.sent_in_window,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.model.cmp(&b.model));
+    out
+}
+
+#[derive(Serialize)]
+struct Pause {
+    reason: &'static str,
+    seconds: f64,
+}
+
+impl Pacing {
+    fn new(p: &PacingPanel) -> Self {
+        let ms = |s: f64| (s * 1e3).round() / 1e3;
+        let source = usize::try_from(p.source)
+            .ok()
+            .and_then(|i| Source::ALL.get(i))
+            .copied()
+            .unwrap_or(Source::Config);
+        Self {
+            window_s: ms(p.window_s),
+            limit: p.limit,
+            learned: p.learned,
+            ceiling: p.ceiling,
+            learned_rpm: p.learned_rpm,
+            ceiling_rpm: p.ceiling_rpm,
+            source: source.as_str(),
+            probing: p.probing != 0,
+            next_probe_s: opt(p.next_probe_s).map(ms),
+            pause: u8::try_from(p.pause_reason)
+                .ok()
+                .and_then(PauseReason::from_u8)
+                .map(|r| Pause {
+                    reason: r.as_str(),
+                    seconds: ms(p.pause_s),
+                }),
+            sent_in_window: p.sent_in_window,
+            changes: p.changes,
+            models: Vec::new(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -122,6 +228,8 @@ struct History {
     p99_ms: Vec<Option<f32>>,
     queue: Vec<Option<f32>>,
     effective_rpm: Vec<Option<f32>>,
+    learned_rpm: Vec<Option<f32>>,
+    ceiling_rpm: Vec<Option<f32>>,
 }
 
 impl<'a> ProviderView<'a> {
@@ -152,6 +260,7 @@ impl<'a> ProviderView<'a> {
                 upstream_429_last_minute: p.upstream_429_last_minute,
                 responses_last_minute: p.responses_last_minute,
             },
+            pacing: Pacing::new(&p.pacing),
             requests: Requests {
                 total: p.total,
                 limited: p.limited,
@@ -192,6 +301,8 @@ impl<'a> ProviderView<'a> {
                 p99_ms: series(|pt| pt.p99_ms),
                 queue: series(|pt| pt.queue),
                 effective_rpm: series(|pt| pt.effective_rpm),
+                learned_rpm: series(|pt| pt.learned_rpm),
+                ceiling_rpm: series(|pt| pt.ceiling_rpm),
             },
         }
     }

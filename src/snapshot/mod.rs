@@ -34,6 +34,8 @@ pub struct Point {
     pub p99_ms: f32,
     pub queue: f32,
     pub effective_rpm: f32,
+    pub learned_rpm: f32,
+    pub ceiling_rpm: f32,
 }
 
 /// One provider at one tick. Percentiles cover the last minute; `NaN` means no data.
@@ -71,8 +73,37 @@ pub struct Panel {
     pub wait_p50_ms: f64,
     pub wait_p99_ms: f64,
     pub wait_count: u64,
+    /// The learned limit ([`crate::limiter::PacingView`]), key scope. Per-model limits
+    /// (`limit_scope = "model"`) are not in the snapshot yet.
+    pub pacing: PacingPanel,
     /// Oldest first; the first `Snapshot::history_len` points are valid.
     pub history: [Point; HISTORY],
+}
+
+/// A provider's learned limit at one tick; `NaN` means no value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
+pub struct PacingPanel {
+    pub learned_rpm: f64,
+    pub ceiling_rpm: f64,
+    /// Sends per window: what the guard allows now, the learned limit, the ceiling.
+    pub limit: u64,
+    pub learned: u64,
+    pub ceiling: u64,
+    pub window_s: f64,
+    /// Index into `Source::ALL`.
+    pub source: u64,
+    /// 0 or 1.
+    pub probing: u64,
+    /// Seconds until the next probe may start (0: now); `NaN`: nothing to probe.
+    pub next_probe_s: f64,
+    /// `PauseReason as u64`; 0 when admission is not paused.
+    pub pause_reason: u64,
+    /// Seconds left of the pause (0 when not paused).
+    pub pause_s: f64,
+    pub sent_in_window: u64,
+    /// Limit changes since start.
+    pub changes: u64,
 }
 
 /// Everything the dashboard shows, at one tick.

@@ -10,8 +10,33 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytemuck::Zeroable;
 
-use super::{Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
+use super::{PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
 use crate::app::App;
+use crate::limiter::{PacingView, Source};
+
+/// A provider's pacing view at clock time `now`, as the snapshot holds it.
+fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
+    let secs = |nanos: u64| nanos as f64 / 1e9;
+    PacingPanel {
+        learned_rpm: v.learned_rpm,
+        ceiling_rpm: v.ceiling_rpm,
+        limit: u64::from(v.limit),
+        learned: u64::from(v.learned),
+        ceiling: u64::from(v.ceiling),
+        window_s: v.window.as_secs_f64(),
+        source: Source::ALL.iter().position(|s| *s == v.source).unwrap_or(0) as u64,
+        probing: u64::from(v.probing),
+        next_probe_s: v
+            .next_probe_at
+            .map_or(f64::NAN, |at| secs(at.saturating_sub(now))),
+        pause_reason: v.pause.map_or(0, |(r, _)| r as u64),
+        pause_s: v
+            .pause
+            .map_or(0.0, |(_, until)| secs(until.saturating_sub(now))),
+        sent_in_window: u64::from(v.sent_in_window),
+        changes: v.changes,
+    }
+}
 
 /// Builds snapshots; keeps what one build needs from the previous one.
 pub struct Publisher {
@@ -100,6 +125,7 @@ impl Publisher {
                 wait_p50_ms: nan(wait.quantile_ms(0.5)),
                 wait_p99_ms: nan(wait.quantile_ms(0.99)),
                 wait_count: wait.count(),
+                pacing: pacing_panel(&s.pacing, clock_now),
                 history: p.history,
             };
             let h = &mut self.history[i];
@@ -111,6 +137,8 @@ impl Publisher {
                 p99_ms: p.latency_p99_ms as f32,
                 queue: s.queue.total as f32,
                 effective_rpm: s.retreat.effective_rpm as f32,
+                learned_rpm: s.pacing.learned_rpm as f32,
+                ceiling_rpm: s.pacing.ceiling_rpm as f32,
             });
             for (slot, point) in p.history.iter_mut().zip(h.iter()) {
                 *slot = *point;

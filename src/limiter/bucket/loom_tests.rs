@@ -212,10 +212,19 @@ fn loom_three_arrivals_at_a_bound_of_two_reserve_exactly_two_slots() {
 fn loom_a_grant_racing_a_cancel_settles_the_waiter_once() {
     loom::model(|| {
         let q = WaitQueues::new(1);
+        // The claim the grant carries, made before the threads start (not under test).
+        let margin = crate::limiter::Margin {
+            fraction: 0.0,
+            floor: std::time::Duration::ZERO,
+        };
+        let claim =
+            crate::limiter::WindowGuard::new(std::time::Duration::from_secs(60), margin, 1, 1)
+                .try_claim(0)
+                .unwrap();
         let mut ticket = q.enqueue(Priority::Low, false).unwrap();
         let granter = {
             let q = std::sync::Arc::clone(&q);
-            thread::spawn(move || q.grant_next())
+            thread::spawn(move || q.grant_next(claim).is_ok())
         };
         let canceller = thread::spawn(move || ticket.cancel());
         let granted = granter.join().unwrap();

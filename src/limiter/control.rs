@@ -1,0 +1,428 @@
+//! The controller of one limiter: the learned limit and the retreat, changed together.
+//!
+//! Both are plain owned state ([`Control`]) behind one mutex that only the dispatcher
+//! thread and the admin path take; the request path never does. It reports what the
+//! provider answered as [`Event`]s in a lock-free inbox (and applies pauses to the
+//! bucket itself, at once); the dispatcher drains the inbox, lets the learner and the
+//! retreat decide, and publishes the result — the guard's limit and the bucket's rate —
+//! in one step under the mutex. So a tick, a refusal and an admin change are applied in
+//! some order, each on the state the previous one left, and the published rate is
+//! always the one the final state implies.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering as StdOrdering;
+use std::time::Duration;
+
+use super::learn::{self, per_window, rpm_of, Change, Learner, Source};
+use super::retreat::{Retreat, RetreatState, RetreatView, Transition};
+use super::signal::Refusal;
+use super::{nanos, Answer, Limiter};
+
+/// Why admission is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PauseReason {
+    /// A 429 (its `Retry-After`, or the configured default pause).
+    RetryAfter = 1,
+    /// `x-ratelimit-remaining-requests: 0`: the quota is spent until its reset.
+    Quota = 2,
+    /// A 429 at a count that was fine before: the window must empty before the limit
+    /// is learned again.
+    Window = 3,
+    /// The provider is overloaded (503/529, concurrency cap).
+    Overload = 4,
+}
+
+impl PauseReason {
+    pub const ALL: [PauseReason; 4] = [Self::RetryAfter, Self::Quota, Self::Window, Self::Overload];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RetryAfter => "retry_after",
+            Self::Quota => "quota",
+            Self::Window => "window",
+            Self::Overload => "overload",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u8 == v)
+    }
+}
+
+/// What the request path reports to the controller.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Event {
+    /// A refusal at `at` of a send made at `sent_at`, the `count`-th of its window.
+    Refused {
+        at: u64,
+        sent_at: u64,
+        count: u32,
+        kind: Refusal,
+    },
+    /// The provider's headers stated a new limit, in requests per minute.
+    HeaderLimit { limit_rpm: u64 },
+}
+
+/// Something worth a log line, reported by [`super::Limiter::control`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Note {
+    Limit(Change),
+    Retreat(Transition),
+    /// Admission paused until `until` (clock nanoseconds); `now` for the duration.
+    Pause {
+        reason: PauseReason,
+        until: u64,
+        now: u64,
+    },
+    /// 429s about tokens while no token budget is configured.
+    TokenLimit,
+}
+
+/// Learned limit and retreat of one limiter, with what was last published.
+#[derive(Debug)]
+pub struct Control {
+    pub learner: Learner,
+    pub retreat: Retreat,
+    /// The configured `rate_rpm`: paced exactly while nothing lower was learned.
+    pub ceiling_rpm: f64,
+    pub capacity: u32,
+    pub window: Duration,
+    /// `(limit, rpm, capacity)` last given to the guard and the bucket.
+    pub published: Option<(u32, f64, u32)>,
+    /// Limit changes so far.
+    pub changes: u64,
+    /// End of the last pause that was logged.
+    pub logged_pause: u64,
+    /// Send times of the rate-limit refusals still in the guard's span, oldest first.
+    pub refused: VecDeque<u64>,
+}
+
+/// Most refusals remembered (a provider refusing faster than this per span is already
+/// being paused).
+const REFUSED_KEPT: usize = 4096;
+
+impl Control {
+    /// A refused send at `sent_at`, reported at `now`.
+    fn note_refused(&mut self, sent_at: u64, now: u64, span: u64) {
+        self.forget_refused_before(now, span);
+        if self.refused.len() == REFUSED_KEPT {
+            self.refused.pop_front();
+        }
+        let at = self.refused.partition_point(|&t| t <= sent_at);
+        self.refused.insert(at, sent_at);
+    }
+
+    /// Drops the refusals that left the span ending at `now`.
+    fn forget_refused_before(&mut self, now: u64, span: u64) {
+        while self
+            .refused
+            .front()
+            .is_some_and(|&t| t.saturating_add(span) <= now)
+        {
+            self.refused.pop_front();
+        }
+    }
+
+    /// The guard's limit and the bucket's rate the state implies: the learned limit
+    /// spread evenly over the window, times the retreat factor.
+    pub fn targets(&self) -> (u32, f64, u32) {
+        let limit = self.learner.limit();
+        let base = if limit >= self.learner.ceiling() {
+            self.ceiling_rpm
+        } else {
+            rpm_of(limit, self.window).min(self.ceiling_rpm)
+        };
+        (limit, base * self.retreat.factor(), self.capacity)
+    }
+}
+
+/// The pacing state of one limiter, copied for metrics, the dashboard and the admin view.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PacingView {
+    pub window: Duration,
+    /// Per window: the limit the guard enforces, the learned limit, the ceiling.
+    pub limit: u32,
+    pub learned: u32,
+    pub ceiling: u32,
+    pub learned_rpm: f64,
+    pub ceiling_rpm: f64,
+    pub source: Source,
+    pub probing: bool,
+    /// Clock nanoseconds of the next possible probe (`None`: nothing to probe).
+    pub next_probe_at: Option<u64>,
+    pub relearning: bool,
+    /// Admission paused until (clock nanoseconds), and why; `None` when not paused.
+    pub pause: Option<(PauseReason, u64)>,
+    /// Sends stamped in the last window.
+    pub sent_in_window: u32,
+    pub retreat_state: RetreatState,
+    pub retreat_factor: f64,
+    /// Limit changes since start.
+    pub changes: u64,
+}
+
+// === impl Limiter: what the request path reports, and the controller step ===
+
+impl Limiter {
+    /// What the upstream answered to a limited request sent at `sent_at` as the
+    /// `count`-th of its window: [`Self::observe`] then [`Self::learn`].
+    pub fn on_answer(&self, now: u64, sent_at: u64, count: u32, answer: &Answer) {
+        self.observe(now, answer);
+        self.learn(now, sent_at, count, answer);
+    }
+
+    /// Counts an upstream answer, and takes what its rate-limit headers say: a stated
+    /// limit goes to the controller, a spent quota pauses admission until its reset.
+    pub fn observe(&self, now: u64, answer: &Answer) {
+        self.answers.on_response(now);
+        if matches!(
+            answer.refusal,
+            Some(Refusal::RateLimit | Refusal::Tokens | Refusal::Concurrency)
+        ) {
+            self.answers.on_429(now);
+        }
+        let Some(q) = answer.quota else { return };
+        if let Some(rpm) = q.limit_rpm {
+            // Relaxed: deduplication only; the controller keeps the truth.
+            if self.header_limit.swap(rpm, StdOrdering::Relaxed) != rpm {
+                self.inbox.push(Event::HeaderLimit { limit_rpm: rpm });
+                self.wake_dispatcher();
+            }
+        }
+        if let (Some(0), Some(reset), None) = (q.remaining, q.reset, answer.refusal) {
+            self.pause(now.saturating_add(nanos(reset)), PauseReason::Quota);
+        }
+    }
+
+    /// What an answer teaches about the limit: a success proves its count; a refusal
+    /// pauses admission at once (its `Retry-After`, or the default pause) and goes to
+    /// the controller.
+    pub fn learn(&self, now: u64, sent_at: u64, count: u32, answer: &Answer) {
+        let Some(kind) = answer.refusal else {
+            // Refused sends still in the window are in `count` but not in the
+            // provider's; Relaxed: both are hints the controller reads a tick later.
+            let admitted = count.saturating_sub(self.refused_in_span.load(StdOrdering::Relaxed));
+            if answer.ok && self.proven.load(StdOrdering::Relaxed) < admitted {
+                self.proven.fetch_max(admitted, StdOrdering::Relaxed);
+            }
+            return;
+        };
+        let pause = now.saturating_add(nanos(answer.retry_after.unwrap_or(self.default_pause)));
+        match kind {
+            Refusal::Billing => return,
+            Refusal::RateLimit | Refusal::Tokens => self.pause(pause, PauseReason::RetryAfter),
+            Refusal::Concurrency | Refusal::Overload => self.pause(pause, PauseReason::Overload),
+        }
+        self.inbox.push(Event::Refused {
+            at: now,
+            sent_at,
+            count,
+            kind,
+        });
+        self.wake_dispatcher();
+    }
+
+    /// Runs the controller at `now`: applies what the request path reported, starts and
+    /// ends probes, advances retreat recovery, and publishes the limit and rate.
+    /// Reports what is worth a log line to `note`. Called by the dispatcher.
+    pub fn control(&self, now: u64, note: &mut dyn FnMut(Note)) {
+        let mut c = self.control.lock();
+        while let Some(ev) = self.inbox.pop() {
+            self.apply(&mut c, ev, note);
+        }
+        let window = nanos(self.pacing.window);
+        let demand_at = self.demand_at.load(StdOrdering::Relaxed);
+        let demand = demand_at != 0 && now.saturating_sub(demand_at - 1) < window;
+        c.forget_refused_before(now, self.guard.span_nanos());
+        self.refused_in_span
+            .store(c.refused.len() as u32, StdOrdering::Relaxed);
+        let sent = self
+            .guard
+            .sent_in(now, window)
+            .saturating_sub(self.refused_in_span.load(StdOrdering::Relaxed));
+        if let Some(ch) = c.learner.tick(now, demand, sent) {
+            self.changed(&mut c, ch, note);
+        }
+        if let Some(t) = c.retreat.tick(now) {
+            note(Note::Retreat(t));
+        }
+        let until = self.pause_until.load(StdOrdering::Relaxed);
+        if until > now && until > c.logged_pause {
+            c.logged_pause = until;
+            if let Some(reason) = PauseReason::from_u8(self.pause_reason.load(StdOrdering::Relaxed))
+            {
+                note(Note::Pause { reason, until, now });
+            }
+        }
+        self.publish(&mut c, now);
+    }
+
+    fn apply(&self, c: &mut Control, ev: Event, note: &mut dyn FnMut(Note)) {
+        match ev {
+            Event::HeaderLimit { limit_rpm } => {
+                if let Some(ch) = c.learner.on_header_limit(limit_rpm) {
+                    self.changed(c, ch, note);
+                }
+            }
+            Event::Refused {
+                at,
+                sent_at,
+                count,
+                kind,
+            } => match kind {
+                Refusal::RateLimit => {
+                    let span = self.guard.span_nanos();
+                    let empty_at = self.guard.newest().map_or(at, |t| t.saturating_add(span));
+                    // What the provider saw: the sends stamped in the window (not the
+                    // guard's span, which is longer by the margin) up to this one, less
+                    // those it refused (the guard counts them: safe whether or not the
+                    // provider does; learning must not).
+                    let window = nanos(self.pacing.window);
+                    let seen = self.guard.sent_in(sent_at, window).clamp(1, count.max(1));
+                    let before = c
+                        .refused
+                        .iter()
+                        .filter(|&&t| t < sent_at && t.saturating_add(window) > sent_at)
+                        .count();
+                    let admitted = seen.saturating_sub(u32::try_from(before).unwrap_or(u32::MAX));
+                    c.note_refused(sent_at, at, span);
+                    self.refused_in_span
+                        .store(c.refused.len() as u32, StdOrdering::Relaxed);
+                    let proven = self.proven.load(StdOrdering::Relaxed);
+                    let r = c
+                        .learner
+                        .on_refused(at, sent_at, admitted.max(1), proven, empty_at);
+                    if let Some(until) = r.pause_until {
+                        self.pause(until, PauseReason::Window);
+                    }
+                    if let Some(ch) = r.change {
+                        self.changed(c, ch, note);
+                    }
+                }
+                Refusal::Concurrency | Refusal::Overload => {
+                    if let Some(t) = c.retreat.on_refusal(at) {
+                        note(Note::Retreat(t));
+                    }
+                }
+                Refusal::Tokens => note(Note::TokenLimit),
+                Refusal::Billing => {}
+            },
+        }
+    }
+
+    fn changed(&self, c: &mut Control, ch: Change, note: &mut dyn FnMut(Note)) {
+        c.changes += 1;
+        // What was proven held under the old limit.
+        self.proven.store(0, StdOrdering::Relaxed);
+        note(Note::Limit(ch));
+    }
+
+    /// Gives the guard and the bucket what the state implies, if it changed.
+    fn publish(&self, c: &mut Control, now: u64) {
+        let targets = c.targets();
+        if c.published == Some(targets) {
+            return;
+        }
+        let (limit, rpm, capacity) = targets;
+        self.guard.set_limit(limit);
+        self.bucket.set_rate(rpm, capacity, now);
+        c.published = Some(targets);
+        self.wake_dispatcher();
+    }
+
+    /// Changes the configured rate (the ceiling) and capacity at run time: what was
+    /// learned is kept, capped by the new ceiling; the bucket keeps its tokens.
+    pub fn set_rate(&self, rate_rpm: f64, capacity: u32, now: u64) -> Option<Change> {
+        if let Some(models) = &self.models {
+            models.set_rate(rate_rpm, capacity);
+            for (_, m) in models.all() {
+                m.set_rate(rate_rpm, capacity, now);
+            }
+        }
+        let mut c = self.control.lock();
+        c.ceiling_rpm = rate_rpm;
+        c.capacity = capacity;
+        let ch = c
+            .learner
+            .set_ceiling(per_window(rate_rpm, self.pacing.window));
+        if let Some(ch) = ch {
+            self.changed(&mut c, ch, &mut |_| {});
+        }
+        self.publish(&mut c, now);
+        ch
+    }
+
+    /// Forgets what was learned: back to the configured rate.
+    pub fn forget(&self, now: u64) -> Option<Change> {
+        for (_, m) in self.models() {
+            m.forget(now);
+        }
+        let mut c = self.control.lock();
+        let ch = c.learner.forget(now);
+        self.header_limit.store(0, StdOrdering::Relaxed);
+        if let Some(ch) = ch {
+            self.changed(&mut c, ch, &mut |_| {});
+        }
+        self.publish(&mut c, now);
+        ch
+    }
+
+    /// A learned limit from before a restart.
+    pub fn restore(&self, learned: u32, now: u64) -> Option<Change> {
+        let mut c = self.control.lock();
+        let ch = c.learner.restore(learned);
+        if let Some(ch) = ch {
+            self.changed(&mut c, ch, &mut |_| {});
+        }
+        self.publish(&mut c, now);
+        ch
+    }
+
+    /// Pacing state for metrics, the dashboard and the admin view.
+    pub fn pacing_view(&self, now: u64) -> PacingView {
+        let c = self.control.lock();
+        let until = self.pause_until.load(StdOrdering::Relaxed);
+        let pause = (until > now)
+            .then(|| PauseReason::from_u8(self.pause_reason.load(StdOrdering::Relaxed)))
+            .flatten()
+            .map(|r| (r, until));
+        let window = self.pacing.window;
+        PacingView {
+            window,
+            limit: c.learner.limit(),
+            learned: c.learner.learned(),
+            ceiling: c.learner.ceiling(),
+            learned_rpm: learn::rpm_of(c.learner.learned(), window).min(c.ceiling_rpm),
+            ceiling_rpm: c.ceiling_rpm,
+            source: c.learner.source(),
+            probing: c.learner.probing(),
+            next_probe_at: c.learner.next_probe_at(),
+            relearning: c.learner.relearning(),
+            pause,
+            sent_in_window: self.guard.sent_in(now, nanos(window)),
+            retreat_state: c.retreat.state(),
+            retreat_factor: c.retreat.factor(),
+            changes: c.changes,
+        }
+    }
+
+    /// Retreat state and answer counts, for metrics and the dashboard.
+    pub fn retreat_view(&self, now: u64) -> RetreatView {
+        let (state, entered, ceiling_rpm, paced_rpm) = {
+            let c = self.control.lock();
+            let paced = c.published.map_or(c.ceiling_rpm, |(_, rpm, _)| rpm);
+            (c.retreat.state(), c.retreat.entered(), c.ceiling_rpm, paced)
+        };
+        let (c429, all, rate) = self.answers.last_minute(now);
+        RetreatView {
+            state,
+            base_rpm: ceiling_rpm,
+            // The rate published, not the bucket's (rebuilt from nanoseconds per token).
+            effective_rpm: paced_rpm,
+            upstream_429_last_minute: c429,
+            responses_last_minute: all,
+            rate_429: rate,
+            entered,
+        }
+    }
+}

@@ -236,9 +236,11 @@ impl Limiter {
         c.forget_refused_before(now, self.guard.span_nanos());
         self.refused_in_span
             .store(c.refused.len() as u32, StdOrdering::Relaxed);
+        // Sends over the guard's span (what it paces: `limit` per span), less refusals:
+        // a probe that ends without a 429 proves that many per span safe.
         let sent = self
             .guard
-            .sent_in(now, window)
+            .sent_in(now, self.guard.span_nanos())
             .saturating_sub(self.refused_in_span.load(StdOrdering::Relaxed));
         if let Some(ch) = c.learner.tick(now, demand, sent) {
             self.changed(&mut c, ch, note);

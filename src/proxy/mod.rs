@@ -378,10 +378,13 @@ fn read_answer(
     dialect: crate::limiter::signal::Dialect,
 ) -> Answer {
     use crate::limiter::signal;
+    let refusal = signal::classify(head.status, &head.headers, prefix);
     Answer {
         ok: head.status.is_success(),
-        refusal: signal::classify(head.status, &head.headers, prefix),
-        retry_after: signal::retry_after(&head.headers, std::time::SystemTime::now()),
+        refusal,
+        // Read only where it applies (a refusal): it may need the wall clock.
+        retry_after: refusal
+            .and_then(|_| signal::retry_after(&head.headers, std::time::SystemTime::now())),
         quota: signal::quota(&head.headers, dialect),
     }
 }

@@ -56,6 +56,11 @@ fn assert_published(l: &Limiter) {
 fn loom_a_429_a_control_step_and_an_admin_change_publish_the_final_state() {
     model(|| {
         let l = Arc::new(limiter());
+        // Five sends a second apart (set up before the threads, not under test).
+        for k in 0..5 {
+            let c = l.guard.try_claim(k * S).unwrap();
+            l.guard.stamp(c.slot, k * S);
+        }
         let refused = {
             let l = Arc::clone(&l);
             thread::spawn(move || {
@@ -66,14 +71,14 @@ fn loom_a_429_a_control_step_and_an_admin_change_publish_the_final_state() {
                     quota: None,
                 };
                 // The 5th send of its window was refused: the limit is 4.
-                l.on_answer(S, S, 5, &answer);
-                l.control(S, &mut |_| {});
+                l.on_answer(4 * S + 1, 4 * S, 5, &answer);
+                l.control(4 * S + 1, &mut |_| {});
             })
         };
         let admin = {
             let l = Arc::clone(&l);
             thread::spawn(move || {
-                l.set_rate(120.0, 2, S);
+                l.set_rate(120.0, 2, 4 * S + 1);
             })
         };
         l.control(S, &mut |_| {});

@@ -23,8 +23,9 @@
 //! least `T - s` apart, and a grant late by at most `s` costs nothing, so the long-run
 //! rate is the configured one despite late wake-ups. The price: a window up to `s`
 //! shorter than `n` intervals can hold `n + b` admissions, so a provider counting
-//! exactly `rate` per rolling minute may see one request too many after a caught-up
-//! grant (pace a little below such a limit). After an idle period the bucket holds at
+//! exactly `rate` per rolling minute could see one request too many after a caught-up
+//! grant; the window guard beside the bucket (`guard.rs`) is what rules that out. After
+//! an idle period the bucket holds at
 //! most `b` tokens; the slack's fraction of one interval only brings the token after
 //! them up to `s` sooner.
 //!

@@ -22,17 +22,17 @@ use super::window::SlidingCount;
 /// Retreat tuning (validated by the configuration).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetreatConfig {
-    /// Effective rate multiplier on a 429 (0 < f < 1).
+    /// Factor multiplier per refusal that teaches nothing (0 < f < 1).
     pub decrease_factor: f64,
-    /// Lowest effective rate, as a fraction of the base rate.
+    /// Lowest factor: the pacing rate never falls below this share of the learned limit.
     pub floor_fraction: f64,
-    /// Time without a 429 before recovery starts.
+    /// Time without such a refusal before recovery starts.
     pub quiet_period: Duration,
-    /// Rate added per step while recovering, as a fraction of the base rate.
+    /// Factor added per step while recovering (back to 1: the learned limit).
     pub recovery_step: f64,
     /// Time between recovery steps.
     pub recovery_interval: Duration,
-    /// Pause after a 429 that names no `Retry-After`.
+    /// Pause after a 429, 503 or 529 that names no `Retry-After`.
     pub default_pause: Duration,
 }
 

@@ -208,10 +208,7 @@ pub fn needs_restart(running: &Config, loaded: &Config) -> Vec<&'static str> {
         "upstream_ca_file",
         running.upstream_ca != loaded.upstream_ca,
     );
-    check(
-        "window_margin",
-        format!("{:?}", running.margin) != format!("{:?}", loaded.margin),
-    );
+    check("window_margin", running.margin != loaded.margin);
     check(
         "probe_interval",
         running.probe_interval != loaded.probe_interval,

@@ -184,7 +184,11 @@ impl Limiter {
         let Some(q) = answer.quota else { return };
         if let Some(rpm) = q.limit_rpm {
             // Relaxed: deduplication only; the controller keeps the truth.
-            if self.header_limit.swap(rpm, StdOrdering::Relaxed) != rpm {
+            // Read first: the same figure on every answer writes nothing (no shared
+            // cache line bounced between workers).
+            if self.header_limit.load(StdOrdering::Relaxed) != rpm
+                && self.header_limit.swap(rpm, StdOrdering::Relaxed) != rpm
+            {
                 self.inbox.push(Event::HeaderLimit { limit_rpm: rpm });
                 self.wake_dispatcher();
             }

@@ -278,6 +278,18 @@ fn admit_fast_path(c: &mut Criterion) {
             },
         )
     });
+    // Cluster mode with a lease in hand: the token comes from the leased pot.
+    let pot = std::sync::Arc::new(nvidia_sidecar::limiter::LeasePot::new());
+    pot.set_mode(nvidia_sidecar::limiter::Mode::Shared);
+    pot.fill(u32::MAX, 0, u64::MAX, 0);
+    let leased = Limiter::new(ALWAYS_RPM, ALWAYS_CAPACITY, 64, RetreatConfig::default())
+        .leased(std::sync::Arc::clone(&pot));
+    g.bench_function("limiter_admit_cluster_lease_in_hand", |b| {
+        b.iter(|| match leased.admit(Priority::Normal, clock.now_nanos()) {
+            Decision::Admitted(_) => true,
+            other => panic!("not the fast path: {other:?}"),
+        })
+    });
     let (bucket, queues) = (
         MutexBucket::new(ALWAYS_RPM, ALWAYS_CAPACITY),
         MutexQueues::default(),

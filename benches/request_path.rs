@@ -57,6 +57,7 @@ fn route_and_headers(c: &mut Criterion) {
         window: std::time::Duration::from_secs(60),
         rate_limit_headers: Default::default(),
         limit_scope: Default::default(),
+        budget: name.into(),
     };
     let router = Router::new(
         &[

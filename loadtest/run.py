@@ -29,6 +29,10 @@ Scenarios (each for a fixed duration):
                        of issue 13, the provider's 429s and admissions per window (from the
                        simulated provider's own record), the learned limit's convergence;
                        the situations run side by side, about 3 minutes (pacing.py)
+  cluster              one budget shared by 3 replicas through a redis-server of our own
+                       (6,000 and 60,000 RPM), a flood of 2x the budget spread over them,
+                       against one sidecar alone at the same rate and flood: admitted vs
+                       budget, Redis round trips and CPU per admitted request (cluster.py)
 
 Only the simulated upstream, nginx and the sidecar run, all on this machine; clients.py
 holds the stdlib clients (asyncio and sockets) for what oha cannot measure, prom.py the
@@ -43,12 +47,16 @@ printed at the end.
 
 Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--only a,b] [--no-build]
 --short is the CI form: 3 s per scenario, 100 streams, 200 dashboard clients, 2,000 idle
-connections, no route-ab, pacing on a 2 s window for 3 windows (about 20 s); about 70 s.
+connections, no route-ab, pacing on a 2 s window for 3 windows (about 20 s), cluster
+4 runs of 3 s (about 25 s); about 100 s.
 --pacing-realtime adds pacing's situation 1 in real time (3 minutes, side by side with the
 others). Whatever the form, the exit
 status is 1 only for errors that mean a bug (a process that died, a request without an
 answer, a status other than the expected ones, a stream without [DONE], a dashboard
-client without frames, more snapshot builds than ticks), never for timing or throughput.
+client without frames, more snapshot builds than ticks), never for timing or throughput,
+except the cluster scenario's bounds of issue 14 (admitted at least 90% of the shared
+budget and, beyond the shared bucket's burst, at most 2% above it; at most 0.1 Redis round
+trips per admitted request).
 """
 
 import argparse
@@ -69,6 +77,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import clients  # noqa: E402
+import cluster  # noqa: E402
 import pacing  # noqa: E402
 import prom  # noqa: E402
 
@@ -81,7 +90,7 @@ API_KEY = "nvapi-loadtest-key"
 # Connections of the paced runs (nginx and sidecar-limited at --paced-rate).
 PACED_CONNECTIONS = 16
 SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "overload-paced", "streaming", "dashboard", "idle",
-             "pacing"]
+             "pacing", "cluster"]
 # route-ab measures only throughput, which the CI form never judges.
 SHORT_SKIPS = {"route-ab"}
 # oha stops a -z run by aborting the requests still in flight: not proxy errors.
@@ -838,6 +847,9 @@ class LoadTest:
     def s_pacing(self) -> None:
         pacing.run(self, BIN, free_port)
 
+    def s_cluster(self) -> None:
+        cluster.run(self, free_port, cpu_seconds_precise)
+
     # --- report -------------------------------------------------------------------------
 
     def report(self) -> str:
@@ -984,6 +996,8 @@ class LoadTest:
                   f"{f(i['kib_per_connection'], '{:.1f}')} | < 64 MiB |"]
         if "pacing" in self.extra:
             L += pacing.report(self.extra["pacing"])
+        if "cluster" in self.extra:
+            L += cluster.report(self.extra["cluster"])
         targets = []
         r = summary.get("limited_vs_passthrough_rps_interleaved", summary.get("limited_vs_passthrough_rps"))
         if r is not None:
@@ -1052,6 +1066,8 @@ def main() -> int:
                     help="pacing: also run situation 1 in real time (600 RPM, 60 s window, 3 minutes)")
     ap.add_argument("--pacing-situations", help="pacing: comma-separated subset of its situations (1,2-bare,2-openai,3,4,5,1-realtime)")
     ap.add_argument("--pacing-serial", action="store_true", help="pacing: one situation after the other instead of side by side")
+    ap.add_argument("--cluster-rates", default="6000,60000",
+                    help="cluster: comma-separated budgets in RPM, each run single then cluster")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--no-build", action="store_true", help="use target/release/nvidia-sidecar as it is")
     ap.add_argument("--bin", help="the sidecar binary (default target/release/nvidia-sidecar; implies --no-build)")
@@ -1076,6 +1092,7 @@ def main() -> int:
         args.only = [s for s in args.only if s not in SHORT_SKIPS]
     args.ab_pairs = 2 if small else 6
     args.ab_slice = 1.0 if small else 2.0
+    args.cluster_rates = [int(float(r)) for r in args.cluster_rates.split(",") if r.strip()]
     args.pacing_situations = [s.strip() for s in args.pacing_situations.split(",") if s.strip()] if args.pacing_situations else None
     unknown = [s for s in args.only if s not in SCENARIOS]
     if unknown:

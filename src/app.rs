@@ -38,6 +38,8 @@ pub struct Provider {
     pub host_header: HeaderValue,
     /// Admission control: bucket, queues, retreat.
     pub limiter: Arc<Limiter>,
+    /// Cluster mode: the budget shared with other replicas through Redis.
+    pub budget: Option<Arc<crate::budget::Budget>>,
     pub stats: ProviderStats,
     /// Clock time (+1, so 0 means never) of the last upstream answer below 500.
     last_success: AtomicU64,
@@ -51,6 +53,28 @@ impl Provider {
         pacing: Pacing,
         now: u64,
     ) -> Self {
+        Self::with_budget(index, config, retreat, pacing, now, None)
+    }
+
+    /// A provider whose limiter takes its tokens from `replica`'s share of a shared
+    /// budget (`None`: alone).
+    pub fn with_budget(
+        index: usize,
+        config: ProviderConfig,
+        retreat: RetreatConfig,
+        pacing: Pacing,
+        now: u64,
+        replica: Option<&Arc<str>>,
+    ) -> Self {
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        let budget = replica.map(|r| {
+            Arc::new(crate::budget::Budget::new(
+                Arc::clone(&name),
+                index,
+                &config.budget,
+                Arc::clone(r),
+            ))
+        });
         Self {
             index,
             limiter: Arc::new({
@@ -65,13 +89,18 @@ impl Provider {
                     },
                     now,
                 );
+                let l = match &budget {
+                    Some(b) => l.leased(b.pot()),
+                    None => l,
+                };
                 match config.limit_scope {
                     LimitScope::Key => l,
                     LimitScope::Model => l.model_scoped(crate::limiter::scopes::MAX_MODELS),
                 }
             }),
+            budget,
             stats: ProviderStats::default(),
-            name: Arc::from(config.name.as_str()),
+            name,
             auth_header: config.api_key.as_ref().and_then(bearer),
             host_header: HeaderValue::from_str(config.upstream.authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
@@ -213,6 +242,7 @@ impl App {
     }
 
     pub fn with_clock(config: Config, clock: SharedClock) -> Arc<Self> {
+        let replica = config.redis.as_ref().map(|_| crate::budget::replica_id());
         let providers: Vec<Provider> = config
             .providers
             .iter()
@@ -224,7 +254,14 @@ impl App {
                     margin: config.margin,
                     probe_interval: config.probe_interval,
                 };
-                Provider::new(i, p, config.retreat, pacing, clock.now_nanos())
+                Provider::with_budget(
+                    i,
+                    p,
+                    config.retreat,
+                    pacing,
+                    clock.now_nanos(),
+                    replica.as_ref(),
+                )
             })
             .collect();
         let limiters = providers

@@ -154,7 +154,7 @@ async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Opti
         tokio::select! {
             _ = tick.tick() => {
                 n += 1;
-                let stream = n % 3 == 0;
+                let stream = n.is_multiple_of(3);
                 let priority = priorities[n % priorities.len()];
                 let body = format!(
                     r#"{{"model":"meta/llama-3.1-8b-instruct","stream":{stream},"messages":[{{"role":"user","content":"demo request {n}"}}]}}"#

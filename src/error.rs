@@ -60,6 +60,11 @@ pub enum ProxyError {
     LowPriorityDropped { provider: String, waited: Duration },
     #[error("request waited {waited:?} in the {provider} queue without a token before the request timeout")]
     QueueTimeout { provider: String, waited: Duration },
+    #[error("provider {provider} shares its budget through Redis, which this replica has not reached for longer than redis_fallback_for: nothing is sent with the shared key until it answers again; retry after {retry_after:?}")]
+    BudgetUnavailable {
+        provider: String,
+        retry_after: Duration,
+    },
 }
 
 impl ProxyError {
@@ -75,7 +80,7 @@ impl ProxyError {
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect { .. } | Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::BudgetUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::QueueFull { .. } | Self::QueueBeyondDeadline { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -91,7 +96,9 @@ impl ProxyError {
             Self::UpstreamFailed { .. } => (Outcome::UpstreamError, Some(ErrorKind::Request)),
             Self::UpstreamTimeout { .. } => (Outcome::UpstreamError, Some(ErrorKind::Timeout)),
             Self::ShuttingDown => (Outcome::Shutdown, None),
-            Self::QueueFull { .. } | Self::QueueBeyondDeadline { .. } => (Outcome::Rejected, None),
+            Self::QueueFull { .. }
+            | Self::QueueBeyondDeadline { .. }
+            | Self::BudgetUnavailable { .. } => (Outcome::Rejected, None),
             Self::LowPriorityDropped { .. } | Self::QueueTimeout { .. } => (Outcome::Dropped, None),
             Self::NotFound { .. }
             | Self::MethodNotAllowed { .. }
@@ -123,15 +130,16 @@ impl ProxyError {
             Self::QueueBeyondDeadline { .. } => ("rate_limit_error", "queue_beyond_deadline"),
             Self::LowPriorityDropped { .. } => ("rate_limit_error", "low_priority_timeout"),
             Self::QueueTimeout { .. } => ("rate_limit_error", "queue_timeout"),
+            Self::BudgetUnavailable { .. } => ("server_error", "budget_unavailable"),
         }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::ShuttingDown => Some(Duration::from_secs(1)),
-            Self::QueueFull { retry_after, .. } | Self::QueueBeyondDeadline { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::QueueFull { retry_after, .. }
+            | Self::QueueBeyondDeadline { retry_after, .. }
+            | Self::BudgetUnavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -258,6 +258,8 @@ fn config_text(text: &str) {
     };
     // Never let the fuzzer make the loader read files (`/dev/zero` as a CA bundle).
     file.settings.upstream_ca_file = None;
+    file.settings.redis_url_file = None;
+    file.settings.redis_password_file = None;
     let env: HashMap<String, String> = HashMap::new();
     let config = match crate::config::from_file(&file, &env, Settings::default()) {
         Ok(c) => c,

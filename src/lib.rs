@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod dashboard;

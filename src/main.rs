@@ -147,6 +147,21 @@ fn main() -> ExitCode {
                 "nvidia-sidecar listening"
             );
             tracing::info!(metrics = ?running.metrics_addr, "metrics listening");
+            let budgets = match nvidia_sidecar::budget::Runner::spawn(&app) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("nvidia-sidecar: cannot start the shared budget thread: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Some(redis) = &app.config.redis {
+                tracing::info!(
+                    redis = redis.url.masked(),
+                    prefix = %redis.prefix,
+                    budgets = ?app.providers.iter().map(|p| p.config.budget.as_str()).collect::<Vec<_>>(),
+                    "shared budget: pacing with the other replicas through Redis"
+                );
+            }
             match &app.admin {
                 Mode::Off => tracing::warn!(admin = app.admin.describe(), "admin API is off"),
                 mode => tracing::info!(admin = mode.describe(), "admin API"),
@@ -154,6 +169,9 @@ fn main() -> ExitCode {
             rt.block_on(serve_signals(&cli, &app));
             tracing::info!(grace = ?app.config.timeouts.shutdown_grace, "shutting down: draining connections");
             running.stop();
+            if let Some(b) = budgets {
+                b.stop();
+            }
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }

@@ -76,6 +76,7 @@ mod tests {
             window: Duration::from_secs(60),
             rate_limit_headers: Default::default(),
             limit_scope: Default::default(),
+            budget: name.into(),
         }
     }
 

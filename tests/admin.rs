@@ -1472,3 +1472,84 @@ async fn keys_and_the_admin_token_never_appear_in_answers() {
     }
     s.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_config_has_no_redis_and_no_cluster() {
+    let s = stack(unlimited_mock(), &with_token(&[]));
+    let a = get_config(s.addr, &[]).await;
+    assert_eq!(a.status, 200);
+    let v = a.json();
+    assert!(v.get("redis").is_none(), "{v}");
+    assert!(v["providers"]["nvidia"].get("cluster").is_none(), "{v}");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_the_config_shows_redis_masked_and_each_budget_without_the_password() {
+    const PASSWORD: &str = "s3cret-redis-admin-4f1c";
+    // Nothing listens there and no budget task runs: the replica has not reached Redis.
+    let port = common::redis::free_port();
+    let url = format!("redis://sidecar:{PASSWORD}@127.0.0.1:{port}/3");
+    let s = stack(
+        unlimited_mock(),
+        &[
+            ("SIDECAR_ADMIN_TOKEN", TOKEN),
+            ("SIDECAR_REDIS_URL", &url),
+            ("SIDECAR_REDIS_PREFIX", "admin-test:"),
+            ("SIDECAR_REDIS_TIMEOUT", "0.5"),
+            ("SIDECAR_REDIS_REPLICAS", "3"),
+            ("SIDECAR_REDIS_FALLBACK_FOR", "30"),
+        ],
+    );
+    let replica = s.app.providers[0]
+        .budget
+        .as_ref()
+        .expect("a budget in cluster mode")
+        .view()
+        .replica
+        .to_string();
+    for headers in [&[][..], &[("authorization", BEARER)][..]] {
+        let a = get_config(s.addr, headers).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let all = everything(&a);
+        assert!(!all.contains(PASSWORD), "the Redis password: {all}");
+        assert!(!all.contains("s3cret"), "part of the Redis password: {all}");
+        let v = a.json();
+        assert_eq!(
+            v["redis"],
+            serde_json::json!({
+                "url": format!("redis://sidecar:****@127.0.0.1:{port}/3"),
+                "prefix": "admin-test:",
+                "timeout_secs": 0.5,
+                "replicas": 3,
+                "fallback_for_secs": 30.0,
+            }),
+            "{v}"
+        );
+        let c = &v["providers"]["nvidia"]["cluster"];
+        assert_eq!(c["budget"], "nvidia", "{v}");
+        assert!(c["record"].is_null(), "nothing read from Redis yet: {c}");
+        let r = &c["replica"];
+        assert_eq!(r["id"], replica.as_str());
+        assert_eq!(r["mode"], "fallback");
+        assert_eq!(r["backend_up"], false);
+        assert_eq!(r["replicas"], 0);
+        assert_eq!(r["share"], 0.0);
+        assert_eq!(r["shares"], serde_json::json!({ replica.clone(): 0 }));
+        assert!(r["fallback_limit"].is_u64(), "{r}");
+        assert!(r["generation"].is_null(), "{r}");
+        // The cluster object is live state: the rest of the provider is unchanged.
+        assert!(v["providers"]["nvidia"]["pacing"].is_object());
+    }
+    // The password shows nowhere else either.
+    let snapshot = call(
+        s.addr,
+        req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
+    )
+    .await;
+    let metrics = metrics_text(s.metrics_addr).await;
+    for (what, text) in [("snapshot", snapshot.text()), ("metrics", metrics)] {
+        assert!(!text.contains(PASSWORD), "the Redis password in the {what}");
+    }
+    s.stop();
+}

@@ -595,3 +595,89 @@ async fn the_page_is_self_contained_html_and_the_api_refuses_other_methods() {
     assert_eq!(s.mock.requests(), 0);
     s.stop();
 }
+
+/// Polls the snapshot until a build has the first provider (the first tick).
+async fn first_provider(addr: SocketAddr) -> (serde_json::Value, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = call(addr, req("GET", addr, "/api/dashboard/snapshot", &[], "")).await;
+        assert_eq!(a.status, 200);
+        let v = a.json();
+        if v["providers"][0].is_object() {
+            return (v["providers"][0].clone(), a.text());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no provider in the snapshot: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_process_snapshot_has_no_cluster_object() {
+    let s = stack(fast_mock(), &[INTERVAL_ENV]);
+    let (p, text) = first_provider(s.addr).await;
+    assert!(p.get("cluster").is_none(), "{p}");
+    assert!(!text.contains("\"cluster\""), "{text}");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_the_snapshot_and_the_stream_carry_the_replicas_view_of_the_budget() {
+    const PASSWORD: &str = "r3dis-pass-dashboard-5be0";
+    // Nothing listens there and no budget task runs: the replica's first view of the
+    // cluster, before Redis ever answered.
+    let port = common::redis::free_port();
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}/0");
+    let s = stack(fast_mock(), &[INTERVAL_ENV, ("SIDECAR_REDIS_URL", &url)]);
+    let replica = s.app.providers[0]
+        .budget
+        .as_ref()
+        .expect("a budget in cluster mode")
+        .view()
+        .replica
+        .to_string();
+    let (p, text) = first_provider(s.addr).await;
+    let c = &p["cluster"];
+    assert_eq!(c["budget"], "nvidia", "{p}");
+    assert_eq!(c["replica"], replica.as_str());
+    assert_eq!(c["mode"], "fallback");
+    assert_eq!(c["backend_up"], false);
+    assert_eq!(c["replicas"], 0);
+    assert_eq!(c["share"], 0.0);
+    assert_eq!(
+        c["shares"],
+        serde_json::json!([{ "replica": replica, "sends": 0 }]),
+        "this replica is always listed"
+    );
+    assert_eq!(c["learning"], false);
+    assert!(c["generation"].is_null(), "{c}");
+    assert!(c["record"].is_null(), "not read from Redis yet: {c}");
+    assert!(c["down_for_secs"].is_null(), "{c}");
+    for result in ["granted", "partial", "empty", "returned", "error"] {
+        assert_eq!(c["leases"][result], 0, "{result}");
+    }
+    assert_eq!(c["round_trips"], 0);
+    assert_eq!(c["admitted"], 0);
+    assert!(c["round_trip_ms"]["p50"].is_null(), "{c}");
+    assert!(c["round_trip_ms"]["p99"].is_null(), "{c}");
+    assert!(
+        !text.contains(PASSWORD),
+        "the Redis password in the snapshot"
+    );
+
+    // The stream sends the same object.
+    let mut client = SseReader::open(s.addr).await;
+    let frame = client.next().await.expect("a frame");
+    let v: serde_json::Value = serde_json::from_str(&frame.data).unwrap();
+    assert_eq!(v["providers"][0]["cluster"]["replica"], replica.as_str());
+    assert!(!frame.raw.contains(PASSWORD));
+
+    // The page has the card that shows it.
+    let page = call(s.addr, req("GET", s.addr, "/api/dashboard", &[], "")).await;
+    for needle in ["buildCluster", "c-cluster", "data-mode=\"isolated\""] {
+        assert!(page.text().contains(needle), "the page lacks {needle}");
+    }
+    s.stop();
+}

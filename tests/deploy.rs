@@ -4,13 +4,21 @@
 //! - `.env.example` lists exactly the settings of `config::SETTINGS`, at their defaults.
 //! - Every YAML file under deploy/ parses (through `python3` with PyYAML, which also
 //!   turns it into JSON for the structural checks) and every JSON file does.
-//! - The Kubernetes manifest, the compose file and the Dockerfile have what a working
-//!   deployment needs (probes, ports, non-root user, files they mount...).
+//! - The Kubernetes manifests, the compose files and the Dockerfile have what a working
+//!   deployment needs (probes, ports, non-root user, files they mount...), and the
+//!   sidecar's settings in them load as a configuration.
+//! - Every `SIDECAR_*` variable named under deploy/ is a setting.
+//! - The cluster examples (docker-compose.cluster.yml, kubernetes/cluster/): replicas
+//!   sharing one Redis, `SIDECAR_REDIS_REPLICAS` equal to the replica count, the
+//!   password from the same secret for Redis and the sidecars; their Redis start
+//!   script and health probe, run with a local redis-server, require the password,
+//!   persist nothing and never evict.
 //! - The systemd unit passes `systemd-analyze verify` and keeps a low exposure score.
 //! - The container health probe (deploy/healthcheck.rs) tells a live sidecar from a dead one.
 //!
-//! `python3` with PyYAML and `systemd-analyze` are needed (.ci/run installs them); without
-//! them those tests are skipped locally and fail under `CI`.
+//! `python3` with PyYAML, `systemd-analyze` and `redis-server` are needed (.ci/run
+//! installs them); without them those tests are skipped locally and fail under `CI`.
+//! `kubectl kustomize` and `docker compose config` run where they are installed.
 
 mod common;
 
@@ -260,90 +268,211 @@ fn number_of(v: &Value) -> f64 {
     }
 }
 
-#[test]
-fn kubernetes_manifest_probes_secures_and_monitors_the_sidecar() {
-    let Some(docs) = yaml_documents() else { return };
-    let docs: Vec<Value> = docs["deploy/kubernetes/sidecar.yaml"]
-        .iter()
-        .filter(|d| !d.is_null())
-        .cloned()
-        .collect();
-    let kind = |k: &str| -> Value {
-        docs.iter()
-            .find(|d| d["kind"] == k)
-            .unwrap_or_else(|| panic!("no {k} in the manifest"))
-            .clone()
-    };
-    let known: HashSet<&str> = SETTINGS.iter().map(|s| s.env).collect();
+/// What [`check_sidecar_pods`] found in a manifest: the Deployment running the sidecar,
+/// its sidecar container, and the sidecar's settings with every `*_FILE` setting pointed
+/// at a copy (in `files`) of the Secret it mounts.
+struct SidecarPods {
+    deployment: Value,
+    sidecar: Value,
+    /// ConfigMap data, Secret stringData (both through envFrom) and the container's env.
+    env: HashMap<String, String>,
+    config: config::Config,
+    _files: tempfile::TempDir,
+}
 
-    let secret = kind("Secret");
-    for key in ["SIDECAR_UPSTREAM_API_KEY", "SIDECAR_ADMIN_TOKEN"] {
-        assert!(
-            secret["stringData"].get(key).is_some(),
-            "Secret lacks {key}"
-        );
-    }
-    let config_map = kind("ConfigMap");
-    let data = config_map["data"].as_object().unwrap();
-    for key in data.keys() {
-        assert!(
-            known.contains(key.as_str()),
-            "ConfigMap: unknown setting {key}"
-        );
-    }
-    assert_eq!(
-        data["SIDECAR_LISTEN_HOST"], "0.0.0.0",
-        "probes and scrapes come from outside the Pod"
-    );
-    let grace = data.get("SIDECAR_SHUTDOWN_GRACE").map_or_else(
-        || number_of(&Value::from(default_of("SIDECAR_SHUTDOWN_GRACE"))),
-        number_of,
-    );
-    let proxy_port = data.get("SIDECAR_LISTEN_PORT").map_or(8080.0, number_of);
-    let metrics_port = data.get("SIDECAR_METRICS_PORT").map_or(9090.0, number_of);
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
 
-    let deployment = kind("Deployment");
-    let pod = &deployment["spec"]["template"];
-    let spec = &pod["spec"];
-    assert!(
-        number_of(&spec["terminationGracePeriodSeconds"]) > grace,
-        "terminationGracePeriodSeconds must exceed the sidecar's shutdown grace ({grace} s)"
-    );
-    let containers: Vec<&Value> = ["initContainers", "containers"]
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    of_kind(docs, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifest"))
+}
+
+fn pod_containers(spec: &Value) -> Vec<&Value> {
+    ["initContainers", "containers"]
         .iter()
         .filter_map(|k| spec[*k].as_array())
         .flatten()
+        .collect()
+}
+
+/// `labels` has every pair of `selector`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let (Some(sel), Some(labels)) = (selector.as_object(), labels.as_object()) else {
+        return false;
+    };
+    !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The files a container sees from the Secrets it mounts: container path → content.
+fn mounted_secret_files(
+    docs: &[Value],
+    pod_spec: &Value,
+    container: &Value,
+) -> HashMap<String, (String, String, String)> {
+    let mut out = HashMap::new();
+    for m in container["volumeMounts"].as_array().into_iter().flatten() {
+        let name = &m["name"];
+        let volume = pod_spec["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| &v["name"] == name))
+            .unwrap_or_else(|| panic!("volumeMount {name}: no such volume"));
+        let Some(secret_name) = volume["secret"]["secretName"].as_str() else {
+            continue;
+        };
+        let secret = named(docs, "Secret", secret_name);
+        let data = secret["stringData"].as_object().expect("Secret stringData");
+        let items: Vec<(String, String)> = match volume["secret"]["items"].as_array() {
+            Some(items) => items
+                .iter()
+                .map(|i| {
+                    (
+                        str_of(&i["key"], "key").to_owned(),
+                        str_of(&i["path"], "path").to_owned(),
+                    )
+                })
+                .collect(),
+            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+        };
+        let dir = str_of(&m["mountPath"], "mountPath").trim_end_matches('/');
+        for (key, path) in items {
+            let content = str_of(
+                data.get(&key)
+                    .unwrap_or_else(|| panic!("Secret {secret_name} has no key {key}")),
+                "secret value",
+            );
+            out.insert(
+                format!("{dir}/{path}"),
+                (secret_name.to_owned(), key, content.to_owned()),
+            );
+        }
+    }
+    out
+}
+
+/// The sidecar next to an app: probes, security context, resources, settings from a
+/// ConfigMap and a Secret, metrics scraped through a Service and a ServiceMonitor, and
+/// a configuration that loads.
+fn check_sidecar_pods(what: &str, docs: &[Value]) -> SidecarPods {
+    let known: HashSet<&str> = SETTINGS.iter().map(|s| s.env).collect();
+    let sidecar_image = |c: &Value| str_of(&c["image"], "image").contains("nvidia-sidecar");
+    let deployments: Vec<&Value> = of_kind(docs, "Deployment")
+        .into_iter()
+        .filter(|d| {
+            pod_containers(&d["spec"]["template"]["spec"])
+                .into_iter()
+                .any(sidecar_image)
+        })
         .collect();
-    let sidecar = containers
-        .iter()
-        .find(|c| str_of(&c["image"], "image").contains("nvidia-sidecar"))
-        .expect("a container running the nvidia-sidecar image");
+    assert_eq!(
+        deployments.len(),
+        1,
+        "{what}: one Deployment with the sidecar"
+    );
+    let deployment = deployments[0].clone();
+    let pod = &deployment["spec"]["template"];
+    let spec = &pod["spec"];
+    assert!(
+        selects(
+            &deployment["spec"]["selector"]["matchLabels"],
+            &pod["metadata"]["labels"]
+        ),
+        "{what}: the Deployment's selector must match its Pods"
+    );
+    let containers = pod_containers(spec);
+    let sidecar = *containers.iter().find(|c| sidecar_image(c)).unwrap();
     if spec["initContainers"]
         .as_array()
-        .is_some_and(|a| a.iter().any(|c| c == *sidecar))
+        .is_some_and(|a| a.iter().any(|c| c == sidecar))
     {
         assert_eq!(
             sidecar["restartPolicy"], "Always",
-            "an init container sidecar must keep running"
+            "{what}: an init container sidecar must keep running"
         );
     }
+
+    // Settings: envFrom a ConfigMap and a Secret, and the container's own env.
+    let mut env: HashMap<String, String> = HashMap::new();
+    let mut put = |from: &str, k: &str, v: &Value| {
+        assert!(known.contains(k), "{what}: {from}: unknown setting {k}");
+        let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+        assert!(
+            env.insert(k.to_owned(), v).is_none(),
+            "{what}: {k} set twice"
+        );
+    };
+    let env_from = sidecar["envFrom"].as_array().expect("envFrom");
+    let config_map = env_from
+        .iter()
+        .find_map(|e| e["configMapRef"]["name"].as_str())
+        .map(|n| named(docs, "ConfigMap", n))
+        .unwrap_or_else(|| panic!("{what}: settings from a ConfigMap"));
+    let secret = env_from
+        .iter()
+        .find_map(|e| e["secretRef"]["name"].as_str())
+        .map(|n| named(docs, "Secret", n))
+        .unwrap_or_else(|| panic!("{what}: the key from a Secret"));
+    for (k, v) in config_map["data"].as_object().unwrap() {
+        put("ConfigMap", k, v);
+    }
+    for key in ["SIDECAR_UPSTREAM_API_KEY", "SIDECAR_ADMIN_TOKEN"] {
+        assert!(
+            secret["stringData"].get(key).is_some(),
+            "{what}: Secret lacks {key}"
+        );
+    }
+    for (k, v) in secret["stringData"].as_object().unwrap() {
+        put("Secret", k, v);
+    }
+    for e in sidecar["env"].as_array().into_iter().flatten() {
+        let name = str_of(&e["name"], "env name");
+        if name.starts_with("SIDECAR_") {
+            put("env", name, &e["value"]);
+        }
+    }
+    assert_eq!(
+        env["SIDECAR_LISTEN_HOST"], "0.0.0.0",
+        "{what}: probes and scrapes come from outside the Pod"
+    );
+    let get = |k: &str| {
+        env.get(k)
+            .cloned()
+            .unwrap_or_else(|| default_of(k).to_owned())
+    };
+    let grace: f64 = get("SIDECAR_SHUTDOWN_GRACE").parse().unwrap();
+    let proxy_port: f64 = get("SIDECAR_LISTEN_PORT").parse().unwrap();
+    let metrics_port: f64 = get("SIDECAR_METRICS_PORT").parse().unwrap();
+
+    // Every file setting names a file the sidecar mounts; the configuration then loads
+    // with those files (copied from their Secrets) in place.
+    let files = tempfile::tempdir().unwrap();
+    let mounted = mounted_secret_files(docs, spec, sidecar);
+    let mut load_env = env.clone();
+    for (k, v) in load_env.iter_mut() {
+        if k.ends_with("_FILE") && !v.is_empty() {
+            let (_, _, content) = mounted
+                .get(v.as_str())
+                .unwrap_or_else(|| panic!("{what}: {k}={v} is no file the sidecar mounts"));
+            let copy = files.path().join(k.as_str());
+            std::fs::write(&copy, content).unwrap();
+            *v = copy.display().to_string();
+        }
+    }
+    let config = config::load(None, &load_env, Default::default())
+        .unwrap_or_else(|e| panic!("{what}: the sidecar's settings do not load: {e}"));
+
+    assert!(
+        number_of(&spec["terminationGracePeriodSeconds"]) > grace,
+        "{what}: terminationGracePeriodSeconds must exceed the sidecar's shutdown grace ({grace} s)"
+    );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         let get = &sidecar[probe]["httpGet"];
-        assert_eq!(get["path"], path, "{probe}");
-        assert_eq!(number_of(&get["port"]), proxy_port, "{probe} port");
+        assert_eq!(get["path"], path, "{what}: {probe}");
+        assert_eq!(number_of(&get["port"]), proxy_port, "{what}: {probe} port");
     }
-    let env_from: Vec<(&str, &str)> = sidecar["envFrom"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|e| {
-            [("configMapRef", "ConfigMap"), ("secretRef", "Secret")]
-                .into_iter()
-                .filter_map(move |(r, k)| e[r]["name"].as_str().map(|n| (k, n)))
-        })
-        .collect();
-    assert!(env_from.contains(&("ConfigMap", str_of(&config_map["metadata"]["name"], "name"))));
-    assert!(env_from.contains(&("Secret", str_of(&secret["metadata"]["name"], "name"))));
     let sc = &sidecar["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -354,8 +483,15 @@ fn kubernetes_manifest_probes_secures_and_monitors_the_sidecar() {
     assert!(sidecar["resources"]["requests"]["cpu"].is_string());
     let app = containers
         .iter()
-        .find(|c| c != &sidecar)
+        .find(|c| **c != sidecar)
         .expect("an app container");
+    // The app does not need the sidecar's secret files (the Redis password...).
+    for (path, (secret, key, _)) in mounted_secret_files(docs, spec, app) {
+        assert!(
+            !mounted.values().any(|(s, k, _)| *s == secret && *k == key),
+            "{what}: the app container mounts the sidecar's secret {secret}/{key} at {path}"
+        );
+    }
     let base_url = app["env"]
         .as_array()
         .unwrap()
@@ -368,41 +504,441 @@ fn kubernetes_manifest_probes_secures_and_monitors_the_sidecar() {
     );
 
     // Service → Pods, ServiceMonitor → Service, by labels and port name.
-    let pod_labels = pod["metadata"]["labels"].as_object().unwrap();
-    let service = kind("Service");
-    for (k, v) in service["spec"]["selector"].as_object().unwrap() {
-        assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}");
-    }
-    let metrics = service["spec"]["ports"]
-        .as_array()
-        .unwrap()
+    let services: Vec<&Value> = of_kind(docs, "Service")
+        .into_iter()
+        .filter(|s| selects(&s["spec"]["selector"], &pod["metadata"]["labels"]))
+        .collect();
+    assert_eq!(
+        services.len(),
+        1,
+        "{what}: one Service for the sidecar's Pods"
+    );
+    let service = services[0];
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    let metrics = ports
         .iter()
         .find(|p| number_of(&p["targetPort"]) == metrics_port)
         .expect("the Service exposes the metrics port");
     assert!(
-        !service["spec"]["ports"]
-            .as_array()
-            .unwrap()
+        !ports
             .iter()
             .any(|p| number_of(&p["targetPort"]) == proxy_port),
-        "the proxy port (it spends the provider key) must not be a Service port"
+        "{what}: the proxy port (it spends the provider key) must not be a Service port"
     );
-    let monitor = kind("ServiceMonitor");
+    let monitors = of_kind(docs, "ServiceMonitor");
+    assert_eq!(monitors.len(), 1, "{what}: one ServiceMonitor");
+    let monitor = monitors[0];
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
-    let service_labels = service["metadata"]["labels"].as_object().unwrap();
-    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .unwrap()
-    {
-        assert_eq!(
-            service_labels.get(k),
-            Some(v),
-            "ServiceMonitor selector {k}"
-        );
-    }
+    assert!(
+        selects(
+            &monitor["spec"]["selector"]["matchLabels"],
+            &service["metadata"]["labels"]
+        ),
+        "{what}: the ServiceMonitor must select the metrics Service"
+    );
     let endpoint = &monitor["spec"]["endpoints"][0];
     assert_eq!(endpoint["port"], metrics["name"]);
     assert_eq!(endpoint["path"], "/metrics");
+
+    // The NetworkPolicy of the Pods admits the metrics port, never the proxy port.
+    let policies: Vec<&Value> = of_kind(docs, "NetworkPolicy")
+        .into_iter()
+        .filter(|p| {
+            selects(
+                &p["spec"]["podSelector"]["matchLabels"],
+                &pod["metadata"]["labels"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        policies.len(),
+        1,
+        "{what}: one NetworkPolicy for the sidecar's Pods"
+    );
+    let admitted: Vec<f64> = policies[0]["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default())
+        .map(|p| number_of(&p["port"]))
+        .collect();
+    assert!(
+        admitted.contains(&metrics_port),
+        "{what}: metrics port not admitted"
+    );
+    assert!(
+        !admitted.contains(&proxy_port),
+        "{what}: the proxy port must stay private"
+    );
+
+    let sidecar = sidecar.clone();
+    SidecarPods {
+        deployment,
+        sidecar,
+        env,
+        config,
+        _files: files,
+    }
+}
+
+fn k8s_docs(docs: &BTreeMap<String, Vec<Value>>, rel: &str) -> Vec<Value> {
+    docs.get(rel)
+        .unwrap_or_else(|| panic!("{rel} missing"))
+        .iter()
+        .filter(|d| !d.is_null())
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifest_probes_secures_and_monitors_the_sidecar() {
+    let Some(docs) = yaml_documents() else { return };
+    let docs = k8s_docs(&docs, "deploy/kubernetes/sidecar.yaml");
+    let pods = check_sidecar_pods("kubernetes/sidecar.yaml", &docs);
+    assert!(
+        pods.config.redis.is_none(),
+        "the single-Pod example paces alone"
+    );
+    assert_eq!(number_of(&pods.deployment["spec"]["replicas"]), 1.0);
+}
+
+const CLUSTER_DIR: &str = "deploy/kubernetes/cluster";
+
+#[test]
+fn kubernetes_cluster_example_shares_one_budget_through_redis() {
+    let Some(all) = yaml_documents() else { return };
+    let what = "kubernetes/cluster";
+    // The kustomization lists every manifest of the directory.
+    let kustomization = single(&all, &format!("{CLUSTER_DIR}/kustomization.yaml"));
+    assert_eq!(kustomization["kind"], "Kustomization");
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| str_of(r, "resource"))
+        .collect();
+    let mut in_dir: Vec<String> = std::fs::read_dir(root().join(CLUSTER_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| (n.ends_with(".yaml") || n.ends_with(".yml")) && n != "kustomization.yaml")
+        .collect();
+    in_dir.sort();
+    let mut listed: Vec<String> = resources.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, in_dir, "{what}: kustomization.yaml resources");
+    let docs: Vec<Value> = resources
+        .iter()
+        .flat_map(|r| k8s_docs(&all, &format!("{CLUSTER_DIR}/{r}")))
+        .collect();
+
+    let pods = check_sidecar_pods(what, &docs);
+    let replicas = number_of(&pods.deployment["spec"]["replicas"]);
+    let redis = pods
+        .config
+        .redis
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: SIDECAR_REDIS_URL is not set"));
+    assert!(replicas >= 2.0, "{what}: several replicas, not {replicas}");
+    assert_eq!(
+        f64::from(redis.replicas),
+        replicas,
+        "{what}: SIDECAR_REDIS_REPLICAS must equal the Deployment's replicas"
+    );
+    assert!(
+        pods.env.contains_key("SIDECAR_REDIS_PASSWORD_FILE")
+            && !pods.env["SIDECAR_REDIS_URL"].contains('@'),
+        "{what}: the Redis password comes from a file, not the URL"
+    );
+
+    // SIDECAR_REDIS_URL names the Redis Service, which selects the Redis Pods.
+    let service = named(&docs, "Service", redis.url.host());
+    let port = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| number_of(&p["port"]) == f64::from(redis.url.port()))
+        .unwrap_or_else(|| panic!("{what}: the Redis Service has no port {}", redis.url.port()));
+    let redis_deployment = of_kind(&docs, "Deployment")
+        .into_iter()
+        .find(|d| {
+            selects(
+                &service["spec"]["selector"],
+                &d["spec"]["template"]["metadata"]["labels"],
+            )
+        })
+        .unwrap_or_else(|| panic!("{what}: no Deployment behind the Redis Service"));
+    assert_eq!(
+        number_of(&redis_deployment["spec"]["replicas"]),
+        1.0,
+        "{what}: one Redis"
+    );
+    assert_eq!(
+        redis_deployment["spec"]["strategy"]["type"], "Recreate",
+        "{what}: never two Redis at once (a rolling update would split the budget)"
+    );
+    let redis_spec = &redis_deployment["spec"]["template"]["spec"];
+    let containers = pod_containers(redis_spec);
+    assert_eq!(containers.len(), 1);
+    let server = containers[0];
+    assert_eq!(server["image"], "redis:7-alpine");
+    assert!(
+        server["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| number_of(&p["containerPort"]) == number_of(&port["targetPort"])),
+        "{what}: the Redis Service's targetPort is not Redis' port"
+    );
+    let sc = &server["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(server["resources"]["limits"]["memory"].is_string());
+    assert!(server["livenessProbe"].is_object());
+
+    // The sidecars' password file and Redis' come from the same Secret key.
+    let sidecar_files = mounted_secret_files(
+        &docs,
+        &pods.deployment["spec"]["template"]["spec"],
+        &pods.sidecar,
+    );
+    let (secret, key, password) = &sidecar_files[&pods.env["SIDECAR_REDIS_PASSWORD_FILE"]];
+    let server_files = mounted_secret_files(&docs, redis_spec, server);
+    let (server_path, _) = server_files
+        .iter()
+        .find(|(_, (s, k, _))| s == secret && k == key)
+        .unwrap_or_else(|| panic!("{what}: Redis does not mount Secret {secret} key {key}"));
+    let mut script = server["command"].as_array().unwrap().clone();
+    script.extend(server["args"].as_array().cloned().unwrap_or_default());
+    assert_eq!(script[..2], [Value::from("/bin/sh"), Value::from("-c")]);
+    let script = str_of(&script[2], "script");
+    assert!(
+        script.contains(&format!("requirepass $(cat {server_path})")),
+        "{what}: Redis must take its password from {server_path}:\n{script}"
+    );
+    let probe = server["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .unwrap();
+    let probe = str_of(probe.last().unwrap(), "probe");
+    check_redis_script(what, script, probe, server_path, password);
+
+    // Only the app's Pods may reach Redis.
+    let policy = of_kind(&docs, "NetworkPolicy")
+        .into_iter()
+        .find(|p| {
+            selects(
+                &p["spec"]["podSelector"]["matchLabels"],
+                &redis_deployment["spec"]["template"]["metadata"]["labels"],
+            )
+        })
+        .unwrap_or_else(|| panic!("{what}: no NetworkPolicy for Redis"));
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{what}: one ingress rule for Redis");
+    let app_labels = &pods.deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(rules[0]["from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| selects(&f["podSelector"]["matchLabels"], app_labels)));
+    assert!(rules[0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| number_of(&p["port"]) == number_of(&port["targetPort"])));
+
+    // kubectl builds the same objects from the kustomization (where it is installed; CI
+    // does not need it).
+    let Ok(out) = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root().join(CLUSTER_DIR))
+        .output()
+    else {
+        eprintln!("SKIPPED: kubectl kustomize (kubectl is not installed)");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {CLUSTER_DIR}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = yaml_text_documents(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let ids = |docs: &[Value]| -> Vec<String> {
+        let mut v: Vec<String> = docs
+            .iter()
+            .map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"]))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&built), ids(&docs), "kubectl kustomize {CLUSTER_DIR}");
+}
+
+/// The documents of a YAML text (through python3 and PyYAML).
+fn yaml_text_documents(text: &str) -> Option<Vec<Value>> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout, default=str)",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+// ---------------------------------------------------------------- Redis start script
+
+/// A Redis started by a deployment file's script; killed on drop.
+struct ScriptRedis(std::process::Child);
+
+impl Drop for ScriptRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .env_remove("REDISCLI_AUTH");
+    if let Some(pw) = password {
+        cmd.env("REDISCLI_AUTH", pw);
+    }
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Runs a deployment file's Redis start `script` (sh -c, as the container does) with a
+/// local redis-server, the secret file at `secret_path` replaced by a copy holding
+/// `password`, and checks: the password is required and accepted, nothing persists,
+/// keys are never evicted, the password is on no command line, and the health `probe`
+/// passes with the right password and fails with a wrong one.
+fn check_redis_script(what: &str, script: &str, probe: &str, secret_path: &str, password: &str) {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return missing("redis-server (Debian package redis-server)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, format!("{password}\n")).unwrap();
+    let secret = secret.display().to_string();
+    let port = free_port();
+    assert_eq!(
+        script.matches("exec redis-server - ").count(),
+        1,
+        "{what}: the script should `exec redis-server -` (configuration on stdin)"
+    );
+    let local = script.replace(secret_path, &secret).replace(
+        "exec redis-server - ",
+        &format!(
+            "exec redis-server - --port {port} --bind 127.0.0.1 --dir {} ",
+            dir.path().display()
+        ),
+    );
+    let child = Command::new("sh")
+        .args(["-c", &local])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = ScriptRedis(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let answer = redis_cli(port, Some(password), &["ping"]);
+        if answer.contains("PONG") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: Redis from the script does not answer: {answer}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        redis_cli(port, None, &["ping"]).contains("NOAUTH"),
+        "{what}: Redis must require the password"
+    );
+    assert!(
+        !redis_cli(port, Some("wrong"), &["ping"]).contains("PONG"),
+        "{what}: Redis accepts a wrong password"
+    );
+    let config = |key: &str| -> String {
+        let out = redis_cli(port, Some(password), &["config", "get", key]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.first(), Some(&key), "{what}: config get {key}: {out}");
+        lines.get(1).unwrap_or(&"").to_string()
+    };
+    assert_eq!(config("save"), "", "{what}: no RDB snapshots");
+    assert_eq!(config("appendonly"), "no", "{what}: no AOF");
+    assert_eq!(
+        config("maxmemory-policy"),
+        "noeviction",
+        "{what}: keys must not be evicted"
+    );
+    // `exec`: the shell is gone, the password is on no command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.0.id())).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(
+        cmdline.contains("redis-server"),
+        "{what}: no exec: {cmdline:?}"
+    );
+    assert!(
+        !cmdline.contains(password),
+        "{what}: the password is on the command line"
+    );
+
+    let run_probe = |secret: &str| -> bool {
+        let local = probe
+            .replace(secret_path, secret)
+            .replace("redis-cli ", &format!("redis-cli -h 127.0.0.1 -p {port} "));
+        Command::new("sh")
+            .args(["-c", &local])
+            .env_remove("REDISCLI_AUTH")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        run_probe(&secret),
+        "{what}: the health probe fails: {probe}"
+    );
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "wrong\n").unwrap();
+    assert!(
+        !run_probe(&wrong.display().to_string()),
+        "{what}: the health probe passes with a wrong password: {probe}"
+    );
+    drop(server);
 }
 
 /// `${VAR:-default}` → `default`; anything else as it is.
@@ -524,6 +1060,338 @@ fn compose_file_references_files_that_exist_and_wires_the_stack() {
             mounted.contains_key(&format!("grafana:/etc/grafana/provisioning/{dir}")),
             "grafana: provisioning/{dir} not mounted"
         );
+    }
+}
+
+const CLUSTER_COMPOSE: &str = "deploy/docker-compose.cluster.yml";
+
+/// A compose service's `environment`, a mapping or a list of `KEY=VALUE`.
+fn compose_env(s: &Value) -> BTreeMap<String, String> {
+    let scalar = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    match &s["environment"] {
+        Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), scalar(v))).collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|e| {
+                let (k, v) = str_of(e, "environment").split_once('=').unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// `127.0.0.1:8081:8080` → (host address, host port, container port).
+fn published(port: &Value) -> (String, u16, u16) {
+    let p = str_of(port, "port");
+    let parts: Vec<&str> = p.rsplitn(3, ':').collect();
+    assert_eq!(
+        parts.len(),
+        3,
+        "port {p}: publish as HOST_IP:HOST_PORT:CONTAINER_PORT"
+    );
+    (
+        parts[2].to_owned(),
+        parts[1].parse().unwrap(),
+        parts[0].trim_end_matches("/tcp").parse().unwrap(),
+    )
+}
+
+/// Seconds of a compose duration such as `30s` or `1m30s`.
+fn compose_seconds(v: &Value) -> f64 {
+    let s = str_of(v, "duration");
+    let mut total = 0.0;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+        } else {
+            let n: f64 = std::mem::take(&mut num).parse().unwrap();
+            total += n * match c {
+                'h' => 3600.0,
+                'm' => 60.0,
+                's' => 1.0,
+                _ => panic!("duration {s}"),
+            };
+        }
+    }
+    assert!(num.is_empty(), "duration {s}: no unit");
+    total
+}
+
+#[test]
+fn compose_files_publish_ports_on_the_loopback_only() {
+    let Some(docs) = yaml_documents() else { return };
+    for file in ["deploy/docker-compose.yml", CLUSTER_COMPOSE] {
+        let compose = single(&docs, file);
+        let mut host_ports = HashSet::new();
+        for (name, s) in compose["services"].as_object().unwrap() {
+            for p in s["ports"].as_array().into_iter().flatten() {
+                let (ip, host, _) = published(p);
+                assert_eq!(
+                    ip, "127.0.0.1",
+                    "{file}: {name} publishes {p} beyond the loopback"
+                );
+                assert!(
+                    host_ports.insert(host),
+                    "{file}: host port {host} published twice"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn compose_cluster_file_runs_replicas_sharing_one_budget_through_redis() {
+    let Some(docs) = yaml_documents() else { return };
+    let what = "docker-compose.cluster.yml";
+    let deploy = root().join("deploy");
+    let compose = single(&docs, CLUSTER_COMPOSE);
+    let single_host = &single(&docs, "deploy/docker-compose.yml")["services"]["sidecar"];
+    let services = compose["services"].as_object().unwrap();
+    let known: HashSet<&str> = SETTINGS.iter().map(|s| s.env).collect();
+    let healthy = |s: &Value, on: &str| {
+        assert_eq!(
+            s["depends_on"][on]["condition"], "service_healthy",
+            "{what}: must wait for {on} to be healthy"
+        );
+    };
+
+    // The replicas: the services with a Redis URL, all alike but for their ports.
+    let replicas: Vec<(&String, &Value)> = services
+        .iter()
+        .filter(|(_, s)| compose_env(s).contains_key("SIDECAR_REDIS_URL"))
+        .collect();
+    assert!(
+        replicas.len() >= 2,
+        "{what}: several replicas, found {}",
+        replicas.len()
+    );
+    let env = compose_env(replicas[0].1);
+    for (name, s) in &replicas {
+        assert_eq!(
+            s["image"], single_host["image"],
+            "{name}: the image docker-compose.yml builds"
+        );
+        assert_eq!(
+            s["build"], single_host["build"],
+            "{name}: built like docker-compose.yml's"
+        );
+        assert_eq!(
+            compose_env(s),
+            env,
+            "{name}: every replica has the same settings"
+        );
+        assert!(
+            s["command"].is_null() || s["command"] == serde_json::json!(["run"]),
+            "{name}: runs the proxy"
+        );
+        assert!(
+            s["healthcheck"]["test"].to_string().contains("healthcheck"),
+            "{name}"
+        );
+        assert_eq!(s["read_only"], true, "{name}");
+        assert_eq!(s["cap_drop"], serde_json::json!(["ALL"]), "{name}");
+        let grace: f64 = env
+            .get("SIDECAR_SHUTDOWN_GRACE")
+            .map_or(default_of("SIDECAR_SHUTDOWN_GRACE"), |v| v.as_str())
+            .parse()
+            .unwrap();
+        assert!(
+            compose_seconds(&s["stop_grace_period"]) > grace,
+            "{name}: stop_grace_period"
+        );
+        healthy(s, "redis");
+        // Its own host ports for the proxy and the metrics listener.
+        let inside: Vec<u16> = s["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| published(p).2)
+            .collect();
+        for (var, default) in [
+            ("SIDECAR_LISTEN_PORT", 8080),
+            ("SIDECAR_METRICS_PORT", 9090),
+        ] {
+            let port = env.get(var).map_or(default, |v| v.parse().unwrap());
+            assert!(
+                inside.contains(&port),
+                "{name}: {var} {port} is not published"
+            );
+        }
+    }
+    for k in env.keys() {
+        assert!(known.contains(k.as_str()), "{what}: unknown setting {k}");
+    }
+    assert_eq!(env["SIDECAR_LISTEN_HOST"], "0.0.0.0");
+
+    // The password: a compose secret, mounted at /run/secrets/<name> in every replica
+    // and in Redis; its file (relative to deploy/) exists.
+    let password_file = &env["SIDECAR_REDIS_PASSWORD_FILE"];
+    let secret = password_file
+        .strip_prefix("/run/secrets/")
+        .unwrap_or_else(|| {
+            panic!("{what}: SIDECAR_REDIS_PASSWORD_FILE={password_file} is no compose secret")
+        });
+    let uses_secret = |s: &Value| {
+        s["secrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x == secret || (x["source"] == secret && x["target"].is_null()))
+    };
+    for (name, s) in &replicas {
+        assert!(
+            uses_secret(s),
+            "{what}: {name} does not mount the secret {secret}"
+        );
+    }
+    let source = compose_default(str_of(&compose["secrets"][secret]["file"], "secret file"));
+    let source = deploy.join(source);
+    let password = std::fs::read_to_string(&source)
+        .unwrap_or_else(|e| panic!("{what}: secret {secret}: {}: {e}", source.display()));
+    let password = password.lines().next().unwrap().trim();
+
+    // The replicas' settings load, with the secret's file in place.
+    let mut load_env: HashMap<String, String> = env.clone().into_iter().collect();
+    load_env.insert(
+        "SIDECAR_REDIS_PASSWORD_FILE".into(),
+        source.display().to_string(),
+    );
+    let c = config::load(None, &load_env, Default::default())
+        .unwrap_or_else(|e| panic!("{what}: the replicas' settings do not load: {e}"));
+    let redis = c.redis.expect("cluster mode");
+    assert_eq!(
+        redis.replicas as usize,
+        replicas.len(),
+        "{what}: SIDECAR_REDIS_REPLICAS must be the number of replicas"
+    );
+    assert!(
+        !env["SIDECAR_REDIS_URL"].contains('@')
+            && redis.url.expose().contains(&format!(":{password}@")),
+        "{what}: the password comes from the secret, not the URL"
+    );
+
+    // Redis: the official image, the same secret, a health check, in memory only.
+    let server = &services.get(redis.url.host()).unwrap_or_else(|| {
+        panic!(
+            "{what}: SIDECAR_REDIS_URL names no service {}",
+            redis.url.host()
+        )
+    });
+    assert_eq!(redis.url.port(), 6379);
+    assert_eq!(server["image"], "redis:7-alpine");
+    assert!(
+        uses_secret(server),
+        "{what}: Redis does not mount the secret {secret}"
+    );
+    assert!(
+        server["ports"].is_null(),
+        "{what}: Redis need not be published"
+    );
+    assert_eq!(server["read_only"], true);
+    assert_eq!(server["cap_drop"], serde_json::json!(["ALL"]));
+    assert_eq!(server["entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    // `$$` is compose's escape for `$`.
+    let unescape = |s: &str| s.replace("$$", "$");
+    let script = unescape(str_of(&server["command"][0], "Redis command"));
+    assert!(
+        script.contains(&format!("requirepass $(cat {password_file})")),
+        "{what}: Redis must take its password from {password_file}:\n{script}"
+    );
+    let test = server["healthcheck"]["test"].as_array().unwrap();
+    assert_eq!(test[0], "CMD-SHELL");
+    let probe = unescape(str_of(&test[1], "healthcheck"));
+    check_redis_script(what, &script, &probe, password_file, password);
+
+    // The upstream is the simulated one, so no key is needed.
+    let upstream = &env["SIDECAR_UPSTREAM_URL"];
+    let host_port = upstream
+        .strip_prefix("http://")
+        .and_then(|r| r.strip_suffix("/v1"))
+        .unwrap_or_else(|| panic!("{what}: upstream {upstream}"));
+    let (mock, mock_port) = host_port.split_once(':').unwrap();
+    let mock_service = &services[mock];
+    let command = mock_service["command"].to_string();
+    assert!(
+        command.contains("mock-upstream"),
+        "{what}: {mock} runs {command}"
+    );
+    assert!(
+        command.contains(&format!("--listen=0.0.0.0:{mock_port}")),
+        "{command}"
+    );
+    assert!(mock_service["healthcheck"].is_object());
+    for (_, s) in &replicas {
+        healthy(s, mock);
+    }
+    // The demo traffic uses the replicas.
+    let traffic = services["traffic"]["command"].to_string();
+    assert!(traffic.contains("/readyz") && traffic.contains(&format!("{mock}:{mock_port}")));
+
+    // Where Compose is installed, it accepts the file (CI does not need it).
+    match Command::new("docker")
+        .args(["compose", "-f"])
+        .arg(root().join(CLUSTER_COMPOSE))
+        .args(["config", "--quiet"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) if String::from_utf8_lossy(&out.stderr).contains("unknown") => {
+            eprintln!("SKIPPED: docker compose config (no compose plugin)")
+        }
+        Ok(out) => panic!(
+            "docker compose config {CLUSTER_COMPOSE}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!("SKIPPED: docker compose config (docker is not installed)"),
+    }
+}
+
+/// Names a compose file interpolates (`${NAME}`, `${NAME:-default}`): not settings.
+fn compose_variables(text: &str) -> HashSet<&str> {
+    text.split("${")
+        .skip(1)
+        .map(|r| {
+            r.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn every_sidecar_variable_named_under_deploy_is_a_setting() {
+    let known: HashSet<&str> = SETTINGS.iter().map(|s| s.env).collect();
+    let mut files = Vec::new();
+    files_under(&root().join("deploy"), &mut files);
+    files.sort();
+    let texts: Vec<(PathBuf, String)> = files
+        .into_iter()
+        .filter_map(|f| std::fs::read_to_string(&f).ok().map(|t| (f, t)))
+        .collect();
+    let interpolated: HashSet<String> = texts
+        .iter()
+        .filter(|(f, _)| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("docker-compose")
+        })
+        .flat_map(|(_, t)| compose_variables(t).into_iter().map(str::to_owned))
+        .collect();
+    assert!(
+        interpolated.contains("SIDECAR_ENV_FILE"),
+        "{interpolated:?}"
+    );
+    for (f, text) in &texts {
+        let mut unknown: Vec<&str> = sidecar_words(text)
+            .into_iter()
+            // `SIDECAR_*` names the family, not a variable.
+            .filter(|w| !w.ends_with('_') && !known.contains(w) && !interpolated.contains(*w))
+            .collect();
+        unknown.sort();
+        assert!(unknown.is_empty(), "{}: not settings: {unknown:?}", rel(f));
     }
 }
 

@@ -1261,3 +1261,266 @@ async fn the_metrics_listener_serves_get_metrics_only_and_the_proxy_does_not_ser
     assert_eq!(s.mock.requests(), 0, "nothing reached the upstream");
     s.stop();
 }
+
+// ---------------------------------------------------------------------------------------
+// Cluster mode: the shared budget's series (only with `redis_url`).
+// ---------------------------------------------------------------------------------------
+
+/// A password in the Redis URL of the cluster tests: it must never show.
+const REDIS_PASSWORD: &str = "r3dis-pass-metrics-91d2";
+
+/// Redis for the cluster tests: a URL on which nothing listens (the replica stays in
+/// fallback mode with the backend down), password included.
+fn dead_redis_url() -> String {
+    let port = common::redis::free_port();
+    format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0")
+}
+
+/// The replica id of the first provider's budget.
+fn replica_of(s: &Stack) -> String {
+    s.app.providers[0]
+        .budget
+        .as_ref()
+        .expect("cluster mode: the provider has a budget")
+        .view()
+        .replica
+        .to_string()
+}
+
+/// Every family the shared budget adds to `/metrics`, with its type.
+const CLUSTER_FAMILIES: [(&str, &str); 14] = [
+    ("sidecar_budget_info", "gauge"),
+    ("sidecar_budget_backend_up", "gauge"),
+    ("sidecar_budget_round_trip_seconds", "histogram"),
+    ("sidecar_budget_leases_total", "counter"),
+    ("sidecar_budget_round_trips_total", "counter"),
+    ("sidecar_budget_admitted_total", "counter"),
+    ("sidecar_cluster_replicas", "gauge"),
+    ("sidecar_cluster_mode", "gauge"),
+    ("sidecar_cluster_share", "gauge"),
+    ("sidecar_cluster_replica_window_sends", "gauge"),
+    ("sidecar_budget_fallback_limit", "gauge"),
+    ("sidecar_budget_reserved", "gauge"),
+    ("sidecar_budget_learning", "gauge"),
+    ("sidecar_budget_record_version", "gauge"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_process_sidecar_exposes_no_cluster_series() {
+    let s = stack(fast_mock(), &[]);
+    assert!(s.app.providers.iter().all(|p| p.budget.is_none()));
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    let text = scrape_text(s.metrics_addr).await;
+    let cluster: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sidecar_budget") || l.contains("sidecar_cluster"))
+        .collect();
+    assert!(
+        cluster.is_empty(),
+        "cluster lines without redis_url: {cluster:?}"
+    );
+    for l in text.lines() {
+        assert!(
+            !l.contains("replica=") && !l.contains("mode="),
+            "a cluster label without redis_url: {l}"
+        );
+    }
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_before_redis_answers_shows_fallback_a_backend_down_and_passes_promtool() {
+    let url = dead_redis_url();
+    let s = stack(fast_mock(), &[("SIDECAR_REDIS_URL", &url)]);
+    let replica = replica_of(&s);
+    let text = scrape_text(s.metrics_addr).await;
+    let m = parse(&text).unwrap_or_else(|e| panic!("the exposition does not parse: {e}\n{text}"));
+    for (family, ty) in CLUSTER_FAMILIES {
+        assert_eq!(
+            m.types.get(family).map(String::as_str),
+            Some(ty),
+            "{family}: {}",
+            m.dump(family)
+        );
+    }
+    assert_eq!(m.value("sidecar_budget_backend_up", &[NVIDIA]), 0.0);
+    for (mode, want) in [("shared", 0.0), ("fallback", 1.0), ("isolated", 0.0)] {
+        assert_eq!(
+            m.value("sidecar_cluster_mode", &[NVIDIA, ("mode", mode)]),
+            want,
+            "{mode}"
+        );
+    }
+    assert_eq!(m.value("sidecar_cluster_replicas", &[NVIDIA]), 0.0);
+    assert_eq!(m.value("sidecar_cluster_share", &[NVIDIA]), 0.0);
+    assert_eq!(
+        m.value(
+            "sidecar_cluster_replica_window_sends",
+            &[NVIDIA, ("replica", &replica)]
+        ),
+        0.0,
+        "this replica is always listed"
+    );
+    assert_eq!(
+        m.value(
+            "sidecar_budget_info",
+            &[NVIDIA, ("budget", "nvidia"), ("replica", &replica)]
+        ),
+        1.0
+    );
+    for result in ["granted", "partial", "empty", "returned", "error"] {
+        assert_eq!(
+            m.value("sidecar_budget_leases_total", &[NVIDIA, ("result", result)]),
+            0.0,
+            "{result}"
+        );
+    }
+    assert_eq!(m.value("sidecar_budget_record_version", &[NVIDIA]), 0.0);
+    let rt = m.histogram("sidecar_budget_round_trip_seconds", &[NVIDIA]);
+    assert_eq!(rt.count, 0.0);
+    assert_eq!(
+        rt.buckets.len(),
+        16,
+        "15 bounds plus +Inf: {:?}",
+        rt.buckets
+    );
+    assert!(
+        !text.contains(REDIS_PASSWORD),
+        "the Redis password in /metrics"
+    );
+    if let Some((ok, report)) = promtool_check(&text) {
+        assert!(
+            ok,
+            "promtool check metrics failed:\n{report}\n--- exposition ---\n{text}"
+        );
+    }
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_budget() {
+    // `tests/common/redis.rs`: a redis-server of this test (never skipped).
+    let redis = common::redis::Redis::start_with(&["--requirepass", REDIS_PASSWORD]);
+    let url = format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}/0", redis.port);
+    let s = stack(
+        fast_mock(),
+        &[
+            ("SIDECAR_REDIS_URL", &url),
+            ("SIDECAR_REDIS_PREFIX", "metrics-test:"),
+            ("SIDECAR_REDIS_TIMEOUT", "1"),
+            ("SIDECAR_SNAPSHOT_INTERVAL", "0.1"),
+            ("SIDECAR_RATE_RPM", "6000"),
+        ],
+    );
+    let replica = replica_of(&s);
+    let runner = nvidia_sidecar::budget::Runner::spawn(&s.app)
+        .expect("the budget thread starts")
+        .expect("cluster mode runs a budget task");
+
+    let m = scrape_until(s.metrics_addr, "shared mode with Redis up", |m| {
+        m.get("sidecar_budget_backend_up", &[NVIDIA]) == Some(1.0)
+            && m.get("sidecar_cluster_mode", &[NVIDIA, ("mode", "shared")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(m.value("sidecar_cluster_replicas", &[NVIDIA]), 1.0);
+    assert!(m.value("sidecar_budget_record_version", &[NVIDIA]) >= 1.0);
+    for _ in 0..20 {
+        assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    }
+    let m = scrape_until(s.metrics_addr, "20 requests on leased tokens", |m| {
+        m.get("sidecar_budget_admitted_total", &[NVIDIA]) >= Some(20.0)
+            && m.sum("sidecar_cluster_replica_window_sends", &[NVIDIA]) > 0.0
+    })
+    .await;
+    let granted = m.value(
+        "sidecar_budget_leases_total",
+        &[NVIDIA, ("result", "granted")],
+    ) + m.value(
+        "sidecar_budget_leases_total",
+        &[NVIDIA, ("result", "partial")],
+    );
+    assert!(granted >= 1.0, "{}", m.dump("sidecar_budget_leases"));
+    let round_trips = m.value("sidecar_budget_round_trips_total", &[NVIDIA]);
+    let rt = m.histogram("sidecar_budget_round_trip_seconds", &[NVIDIA]);
+    assert!(rt.count >= 1.0, "{rt:?}");
+    assert!(
+        (rt.count - round_trips).abs() <= 2.0,
+        "one histogram sample per round trip: {} vs {round_trips}",
+        rt.count
+    );
+    assert!(
+        rt.sum / rt.count < 1.0,
+        "a local Redis answers well within the timeout: {rt:?}"
+    );
+    assert_eq!(m.value("sidecar_cluster_share", &[NVIDIA]), 1.0, "alone");
+    assert!(
+        m.value(
+            "sidecar_cluster_replica_window_sends",
+            &[NVIDIA, ("replica", &replica)]
+        ) >= 1.0
+    );
+
+    // The snapshot says the same.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let cluster = loop {
+        let a = call(
+            s.addr,
+            req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
+        )
+        .await;
+        let v = a.json();
+        let c = v["providers"][0]["cluster"].clone();
+        if c["mode"] == "shared" && c["leases"]["granted"].as_u64() > Some(0) {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the snapshot never showed shared mode: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(cluster["replica"], replica.as_str(), "{cluster}");
+    assert_eq!(cluster["budget"], "nvidia");
+    assert_eq!(cluster["backend_up"], true);
+    assert_eq!(cluster["replicas"], 1);
+    assert_eq!(cluster["share"], 1.0);
+    assert_eq!(cluster["shares"][0]["replica"], replica.as_str());
+    assert!(
+        cluster["record"]["version"].as_u64() >= Some(1),
+        "{cluster}"
+    );
+    assert_eq!(cluster["record"]["rate_rpm"], 6000.0, "{cluster}");
+    assert!(cluster["round_trip_ms"]["p99"].is_number(), "{cluster}");
+    assert!(cluster["down_for_secs"].is_null(), "{cluster}");
+    assert!(cluster["generation"].is_string(), "{cluster}");
+
+    // And the admin view: the cluster's values and this replica's own view.
+    let a = call(s.addr, req("GET", s.addr, "/api/admin/config", &[], "")).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v = a.json();
+    let c = &v["providers"]["nvidia"]["cluster"];
+    assert_eq!(c["budget"], "nvidia", "{v}");
+    assert_eq!(c["replica"]["id"], replica.as_str());
+    assert_eq!(c["replica"]["mode"], "shared");
+    assert_eq!(c["replica"]["backend_up"], true);
+    assert_eq!(c["replica"]["replicas"], 1);
+    assert_eq!(c["record"]["rate_rpm"], 6000.0, "{c}");
+    assert!(c["record"]["version"].as_u64() >= Some(1), "{c}");
+    let masked = format!("redis://:****@127.0.0.1:{}/0", redis.port);
+    assert_eq!(v["redis"]["url"], masked.as_str());
+    assert_eq!(v["redis"]["prefix"], "metrics-test:");
+
+    let text = scrape_text(s.metrics_addr).await;
+    for (what, body) in [("/metrics", text.as_str()), ("admin GET", &a.text())] {
+        assert!(
+            !body.contains(REDIS_PASSWORD),
+            "the Redis password in {what}"
+        );
+    }
+    if let Some((ok, report)) = promtool_check(&text) {
+        assert!(ok, "promtool check metrics failed:\n{report}\n{text}");
+    }
+    s.stop();
+    runner.stop();
+    drop(redis);
+}

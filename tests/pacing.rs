@@ -313,7 +313,7 @@ fn refusal_gaps(mock: &MockServer, limit: u64) -> String {
                 .map_or_else(|| "-".to_owned(), |i| (c.index - admitted[i]).to_string());
             out.push_str(&format!(" {:.3}: {gap};", c.index as f64 / 1000.0));
         }
-        admitted.extend(std::iter::repeat(c.index).take(c.admitted as usize));
+        admitted.extend(std::iter::repeat_n(c.index, c.admitted as usize));
     }
     out.push('\n');
     out

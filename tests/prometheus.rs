@@ -1,6 +1,10 @@
 //! A real Prometheus scrapes the sidecar under traffic: the latency histogram gives a
 //! plausible p99 through `histogram_quantile`, and every metric the Grafana dashboard
-//! and the alerting rules use exists (in Prometheus and in a direct scrape).
+//! and the alerting rules use exists (in Prometheus and in a direct scrape). A second
+//! sidecar in cluster mode (`redis_url` set, Redis never reached) serves the shared
+//! budget's series; Prometheus loads the alerting rules, and the lost backend makes
+//! `SidecarBudgetBackendDown` pending for it. `promtool` checks the rules and runs their
+//! unit tests (`deploy/prometheus/alerts_test.yml`).
 //!
 //! Needs `/usr/bin/prometheus` (Debian package `prometheus`): without it the test is
 //! skipped, except in CI (`CI` set), where it fails.
@@ -65,14 +69,23 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_prometheus(binary: &Path, target: SocketAddr) -> Prometheus {
+/// Prometheus scraping `targets` every second, with the repository's alerting rules.
+fn start_prometheus(binary: &Path, targets: &[SocketAddr]) -> Prometheus {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        dir.path().join("alerts.yml"),
+        repo_file("deploy/prometheus/alerts.yml"),
+    )
+    .unwrap();
+    let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
     std::fs::write(
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: nvidia-sidecar\n    static_configs:\n      - targets: [\"{target}\"]\n"
+             rule_files:\n  - alerts.yml\n\
+             scrape_configs:\n  - job_name: nvidia-sidecar\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
         ),
     )
     .unwrap();
@@ -311,7 +324,16 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
         },
         &[],
     );
-    let prom = start_prometheus(&binary, s.metrics_addr);
+    // Cluster mode with a Redis that never answers (nothing listens on the port).
+    let dead_redis = format!("redis://:never-shown-pw@127.0.0.1:{}/0", free_port());
+    let cluster = stack(
+        MockConfig {
+            rpm: 0.0,
+            ..MockConfig::default()
+        },
+        &[("SIDECAR_REDIS_URL", &dead_redis)],
+    );
+    let prom = start_prometheus(&binary, &[s.metrics_addr, cluster.metrics_addr]);
 
     // Ready.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -332,7 +354,7 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let up = query(&prom, "up{job=\"nvidia-sidecar\"}").await;
-        if up.first().is_some_and(|e| sample_value(e) == 1.0) {
+        if up.len() == 2 && up.iter().all(|e| sample_value(e) == 1.0) {
             break;
         }
         assert!(
@@ -414,7 +436,28 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
         rules.len()
     );
 
-    let scraped = scraped_names(s.metrics_addr).await;
+    let mut scraped = scraped_names(s.metrics_addr).await;
+    let single = scraped.clone();
+    scraped.extend(scraped_names(cluster.metrics_addr).await);
+    assert!(
+        !single
+            .iter()
+            .any(|n| n.starts_with("sidecar_budget_") || n.starts_with("sidecar_cluster_")),
+        "cluster series without redis_url: {single:?}"
+    );
+    for name in [
+        "sidecar_budget_backend_up",
+        "sidecar_cluster_replicas",
+        "sidecar_cluster_mode",
+        "sidecar_budget_round_trip_seconds_bucket",
+    ] {
+        assert!(
+            from_dashboard.contains(name),
+            "the dashboard's Cluster row uses {name}"
+        );
+    }
+    assert!(from_alerts.contains("sidecar_budget_backend_up"));
+    assert!(from_alerts.contains("sidecar_cluster_mode"));
     for (source, names) in [
         ("deploy/grafana/nvidia-sidecar.json", &from_dashboard),
         ("deploy/prometheus/alerts.yml", &from_alerts),
@@ -436,11 +479,116 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
             "{source} uses metrics Prometheus does not have: {missing:?}"
         );
     }
-    // The scrape target is healthy.
+    // The scrape targets are healthy.
     let up = query(&prom, "up{job=\"nvidia-sidecar\"}").await;
-    assert_eq!(up.len(), 1, "{up:?}");
-    assert_eq!(sample_value(&up[0]), 1.0);
+    assert_eq!(up.len(), 2, "{up:?}");
+    assert!(up.iter().all(|e| sample_value(e) == 1.0), "{up:?}");
+
+    // Prometheus loaded every alerting rule, and the cluster sidecar's lost backend makes
+    // SidecarBudgetBackendDown pending (it fires after its `for: 1m`), for it alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http_get(prom.addr, "/api/v1/rules").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rules: Vec<&serde_json::Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        let names: BTreeSet<&str> = rules.iter().filter_map(|r| r["name"].as_str()).collect();
+        assert!(
+            names.contains("SidecarBudgetBackendDown") && names.contains("SidecarBudgetIsolated"),
+            "{names:?}"
+        );
+        if rules.iter().all(|r| r["health"] == "ok") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rules not all healthy within 30 s: {body}\n{}",
+            prom.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let pending = loop {
+        let result = query(
+            &prom,
+            "ALERTS{alertname=\"SidecarBudgetBackendDown\", alertstate=\"pending\"}",
+        )
+        .await;
+        if !result.is_empty() {
+            break result;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SidecarBudgetBackendDown never pending: {}",
+            prom.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(
+        pending[0]["metric"]["instance"],
+        cluster.metrics_addr.to_string().as_str()
+    );
+    assert_eq!(pending[0]["metric"]["provider"], "nvidia");
+    assert_eq!(pending[0]["metric"]["severity"], "warning");
+    let isolated = query(&prom, "ALERTS{alertname=\"SidecarBudgetIsolated\"}").await;
+    assert!(
+        isolated.is_empty(),
+        "fallback is not isolated: {isolated:?}"
+    );
 
     drop(prom);
     s.stop();
+    cluster.stop();
+}
+
+fn promtool_binary() -> Option<PathBuf> {
+    let found = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("promtool is missing: CI must install prometheus (.ci/run)");
+        }
+        eprintln!("SKIPPED: /usr/bin/promtool is not installed");
+    }
+    found
+}
+
+#[test]
+fn promtool_checks_the_alerting_rules_and_runs_their_unit_tests() {
+    let Some(promtool) = promtool_binary() else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool runs");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The unit tests cover both cluster alerts.
+    let tests = repo_file("deploy/prometheus/alerts_test.yml");
+    for alert in ["SidecarBudgetBackendDown", "SidecarBudgetIsolated"] {
+        assert!(
+            tests.contains(alert),
+            "alerts_test.yml does not test {alert}"
+        );
+    }
 }

@@ -148,6 +148,9 @@ fn forget(
     };
     let now = app.clock.now_nanos();
     let change = provider.limiter.forget(now);
+    if let Some(b) = &provider.budget {
+        b.command(crate::budget::Command::Forget);
+    }
     app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
     let limit = |n: Option<u32>| n.map_or_else(|| "unchanged".to_owned(), |n| n.to_string());
     tracing::info!(
@@ -291,7 +294,10 @@ async fn write(app: &Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Re
                 },
                 |old, new| apply(app, old, new),
             )
-            .map(|(old, new)| (patch::diff(&old, &new, &names), new))
+            .map(|(old, new)| {
+                publish(app, &old, &new);
+                (patch::diff(&old, &new, &names), new)
+            })
     }
     .await;
     match result {
@@ -334,6 +340,47 @@ async fn write(app: &Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Re
             tracing::warn!(target: crate::logging::AUDIT_TARGET, remote = %remote, status = status.as_u16(), reason = %message, "admin change refused");
             error(status, &message, code)
         }
+    }
+}
+
+/// Sends the shared fields of a change made here to every replica of each shared
+/// budget (through Redis).
+fn publish(app: &App, old: &Hot, new: &Hot) {
+    for ((provider, a), b) in app.providers.iter().zip(&old.providers).zip(&new.providers) {
+        let Some(budget) = &provider.budget else {
+            continue;
+        };
+        if a.rate_rpm != b.rate_rpm
+            || a.bucket_capacity != b.bucket_capacity
+            || old.fallback_enabled_passthrough != new.fallback_enabled_passthrough
+        {
+            budget.command(crate::budget::Command::Configure {
+                rate_rpm: b.rate_rpm,
+                bucket_capacity: b.bucket_capacity,
+                fallback: new.fallback_enabled_passthrough,
+            });
+        }
+    }
+}
+
+/// Applies the shared budget's values for provider `index` here: a change made at
+/// another replica (or the budget's record, which wins over this replica's file).
+pub fn apply_cluster(app: &App, index: usize, rate_rpm: f64, bucket_capacity: u32, fallback: bool) {
+    let names = app.provider_names();
+    let Ok((old, new)) = app.hot.update(
+        |old| -> Result<Hot, std::convert::Infallible> {
+            let mut new = old.clone();
+            new.providers[index].rate_rpm = rate_rpm;
+            new.providers[index].bucket_capacity = bucket_capacity;
+            new.fallback_enabled_passthrough = fallback;
+            Ok(new)
+        },
+        |old, new| apply(app, old, new),
+    );
+    let changes = patch::diff(&old, &new, &names);
+    if !changes.is_empty() {
+        app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
+        audit("-", "cluster", &changes, new.version);
     }
 }
 
@@ -430,6 +477,7 @@ pub fn reload(app: &App, config: &Config) -> Result<Vec<Change>, ReloadError> {
         },
         |old, new| apply(app, old, new),
     )?;
+    publish(app, &old, &new);
     let changes = patch::diff(&old, &new, &names);
     app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
     audit("-", "sighup", &changes, new.version);

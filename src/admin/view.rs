@@ -1,11 +1,14 @@
 //! The effective configuration as the admin API shows it: every setting, secrets
 //! masked to their first four characters, run-time fields from the current [`Hot`],
-//! and each provider's learned limit ([`pacing`]) as it is now.
+//! and each provider's learned limit ([`pacing`]) as it is now. In cluster mode
+//! (`redis_url` set) also the Redis settings (the URL masked) and each shared budget
+//! ([`cluster`]): the cluster's values and this replica's own view.
 
 use serde_json::{json, Value};
 
 use crate::app::App;
-use crate::config::{Config, LogFormat, Secret};
+use crate::budget::ClusterView;
+use crate::config::{Config, LogFormat, RedisConfig, Secret};
 use crate::hot::Hot;
 use crate::limiter::PacingView;
 
@@ -35,9 +38,7 @@ pub fn config(app: &App, hot: &Hot) -> Value {
     let mut providers = serde_json::Map::new();
     for ((p, h), provider) in c.providers.iter().zip(&hot.providers).zip(&app.providers) {
         let effective = provider.limiter.retreat_view(now).effective_rpm;
-        providers.insert(
-            p.name.clone(),
-            json!({
+        let mut entry = json!({
                 "upstream": p.upstream.display(),
                 "api_key": p.api_key.as_ref().map(Secret::masked),
                 "rate_rpm": h.rate_rpm,
@@ -53,15 +54,18 @@ pub fn config(app: &App, hot: &Hot) -> Value {
                 "default": std::ptr::eq(p, c.default_provider()),
                 "pacing": pacing(&provider.limiter.pacing_view(now), now),
                 "model_pacing": model_pacing(&provider.limiter, now),
-            }),
-        );
+        });
+        if let (Some(budget), Value::Object(map)) = (&provider.budget, &mut entry) {
+            map.insert("cluster".to_owned(), cluster(&budget.view()));
+        }
+        providers.insert(p.name.clone(), entry);
     }
     let priorities: serde_json::Map<String, Value> = c
         .client_priorities
         .iter()
         .map(|(k, v)| (mask(k), json!(v.as_str())))
         .collect();
-    json!({
+    let mut out = json!({
         "version": hot.version.to_string(),
         "hot_fields": HOT_FIELDS,
         "admin": app.admin.describe(),
@@ -103,6 +107,67 @@ pub fn config(app: &App, hot: &Hot) -> Value {
             "default_provider": c.default_provider().name,
         },
         "providers": providers,
+    });
+    if let (Some(r), Value::Object(map)) = (&c.redis, &mut out) {
+        map.insert("redis".to_owned(), redis(r));
+    }
+    out
+}
+
+/// The Redis settings of cluster mode; the URL masked (`redis://user:****@host:6379/0`).
+pub fn redis(r: &RedisConfig) -> Value {
+    json!({
+        "url": r.url.masked(),
+        "prefix": r.prefix,
+        "timeout_secs": secs(r.timeout),
+        "replicas": r.replicas,
+        "fallback_for_secs": secs(r.fallback_for),
+    })
+}
+
+/// A provider's shared budget: `record`, the cluster's values as this replica last read
+/// them from Redis (`null` before it did; they win over this replica's file once the
+/// budget exists), and `replica`, this replica's own view of the cluster.
+pub fn cluster(v: &ClusterView) -> Value {
+    let r = &v.record;
+    let record = (r.version != 0).then(|| {
+        json!({
+            "version": r.version,
+            "rate_rpm": r.rate_rpm,
+            "bucket_capacity": r.bucket_capacity,
+            "window": secs(r.window),
+            "fallback_enabled_passthrough": r.fallback,
+            "learned": r.learned,
+            "limit": r.limit,
+            "source": r.source,
+            "probing": r.probing,
+            "rpm": r.rpm,
+            "retreat_factor": r.retreat_factor,
+            "pause_reason": (r.pause_until_ms != 0 && !r.pause_reason.is_empty())
+                .then_some(r.pause_reason.as_str()),
+            "changes": r.changes,
+        })
+    });
+    let shares: serde_json::Map<String, Value> = crate::metrics::cluster::shares(v)
+        .into_iter()
+        .map(|(replica, n)| (replica.to_owned(), json!(n)))
+        .collect();
+    json!({
+        "budget": &*v.budget,
+        "record": record,
+        "replica": {
+            "id": &*v.replica,
+            "mode": v.mode.as_str(),
+            "backend_up": v.backend_up,
+            "down_for": v.down_for.map(secs),
+            "replicas": v.replicas,
+            "share": v.own_share(),
+            "shares": shares,
+            "fallback_limit": v.fallback_limit,
+            "reserved": v.reserved,
+            "learning": v.learning,
+            "generation": Some(v.generation.as_str()).filter(|g| !g.is_empty()),
+        },
     })
 }
 
@@ -236,4 +301,59 @@ pub fn needs_restart(running: &Config, loaded: &Config) -> Vec<&'static str> {
         provider_static(running) != provider_static(loaded),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::cluster::tests::view;
+
+    #[test]
+    fn a_budget_shows_the_clusters_record_and_the_replicas_own_view() {
+        let v = cluster(&view());
+        assert_eq!(v["budget"], "shared-nv");
+        assert_eq!(v["record"]["version"], 7);
+        assert_eq!(v["record"]["rate_rpm"], 40.0);
+        assert_eq!(v["record"]["bucket_capacity"], 5);
+        assert_eq!(v["record"]["window"], 60.0);
+        assert_eq!(v["record"]["fallback_enabled_passthrough"], true);
+        assert_eq!(v["record"]["limit"], 36);
+        assert_eq!(v["record"]["source"], "learned_429");
+        assert!(v["record"]["pause_reason"].is_null());
+        let r = &v["replica"];
+        assert_eq!(r["id"], "host-a-12-00ff");
+        assert_eq!(r["mode"], "shared");
+        assert_eq!(r["backend_up"], true);
+        assert_eq!(r["replicas"], 3);
+        assert_eq!(r["share"], 0.5);
+        assert_eq!(r["fallback_limit"], 13);
+        assert_eq!(
+            r["shares"],
+            json!({"host-a-12-00ff": 30, "host-b-7-abcd": 20, "host-c-9-0001": 10})
+        );
+        assert!(r["down_for"].is_null());
+    }
+
+    #[test]
+    fn the_redis_settings_show_the_url_masked() {
+        let r = RedisConfig {
+            url: crate::config::RedisUrl::parse("redis://app:hunter2-secret@redis:6380/2").unwrap(),
+            prefix: "p:".into(),
+            timeout: std::time::Duration::from_millis(250),
+            replicas: 3,
+            fallback_for: std::time::Duration::from_secs(120),
+        };
+        let v = redis(&r);
+        assert_eq!(
+            v,
+            json!({
+                "url": "redis://app:****@redis:6380/2",
+                "prefix": "p:",
+                "timeout_secs": 0.25,
+                "replicas": 3,
+                "fallback_for_secs": 120.0,
+            })
+        );
+        assert!(!v.to_string().contains("hunter2"));
+    }
 }

@@ -6,6 +6,7 @@
 //! value is reported as one [`ConfigError`] line naming the setting, the value and what
 //! is accepted. Nothing after start-up reads a raw string or an environment variable.
 
+mod redis;
 mod settings;
 mod source;
 mod upstream;
@@ -22,6 +23,7 @@ use crate::limiter::{Margin, RetreatConfig};
 use crate::priority::Priority;
 use std::collections::HashMap;
 
+pub use self::redis::{RedisConfig, RedisUrl};
 pub use settings::{markdown_table, ParseSetting, SettingDoc, Settings, SETTINGS};
 pub use source::{EnvSource, ProcessEnv};
 pub use upstream::{Scheme, UpstreamUrl};
@@ -140,6 +142,9 @@ pub struct ProviderConfig {
     pub rate_limit_headers: Dialect,
     /// What a learned limit applies to.
     pub limit_scope: LimitScope,
+    /// Name of the budget shared with other replicas through Redis (`budget` in the
+    /// provider's table; default: the provider's name).
+    pub budget: String,
 }
 
 /// What a learned limit (and its window guard) applies to.
@@ -191,6 +196,9 @@ pub struct Config {
     pub probe_interval: Duration,
     /// Where learned limits are kept across restarts.
     pub state_file: Option<std::path::PathBuf>,
+    /// The Redis backend of the budgets shared across replicas; `None` (no URL): this
+    /// replica paces alone.
+    pub redis: Option<RedisConfig>,
 }
 
 /// One `[[providers]]` table of the TOML file; unset fields inherit the global settings.
@@ -211,6 +219,8 @@ pub struct ProviderFile {
     pub provider_window: Option<f64>,
     pub rate_limit_headers: Option<String>,
     pub limit_scope: Option<String>,
+    /// Budget shared through Redis with the replicas that use the same name.
+    pub budget: Option<String>,
 }
 
 /// The TOML file: global settings at the top level, then providers.
@@ -594,7 +604,37 @@ impl Config {
             }
         };
 
+        let redis = self::redis::RedisSettings {
+            url: get!(redis_url),
+            url_file: get!(redis_url_file),
+            password_file: get!(redis_password_file),
+            prefix: get!(redis_prefix),
+            timeout: get!(redis_timeout),
+            replicas: get!(redis_replicas),
+            fallback_for: get!(redis_fallback_for),
+        }
+        .build(env)?;
+        if redis.is_some() {
+            // The shared budget is per key: per-model scopes are not shared (yet).
+            let declared = !file.providers.is_empty();
+            for (i, p) in providers.iter().enumerate() {
+                if p.limit_scope == LimitScope::Model {
+                    let setting = if declared {
+                        format!("providers[{i}].limit_scope")
+                    } else {
+                        "limit_scope".to_owned()
+                    };
+                    return Err(ConfigError::invalid(
+                        setting,
+                        p.limit_scope.as_str(),
+                        "key (limit_scope = \"model\" is not shared across replicas; unset redis_url or use key)",
+                    ));
+                }
+            }
+        }
+
         Ok(Config {
+            redis,
             margin,
             probe_interval: seconds("probe_interval", get!(probe_interval))?,
             state_file,
@@ -738,6 +778,18 @@ fn provider(
             ))
         }
     };
+    let budget = raw.budget.as_deref().unwrap_or(name);
+    if !(1..=128).contains(&budget.len())
+        || !budget
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(ConfigError::invalid(
+            format!("{prefix}budget"),
+            budget,
+            "1 to 128 letters, digits, '.', '_' or '-'",
+        ));
+    }
     for m in &raw.models {
         if m.trim().is_empty() || m.chars().any(char::is_whitespace) {
             return Err(ConfigError::invalid(
@@ -760,6 +812,7 @@ fn provider(
         window,
         rate_limit_headers,
         limit_scope,
+        budget: budget.to_owned(),
     })
 }
 

@@ -218,6 +218,20 @@ settings! {
     state_file: String = "", env "SIDECAR_STATE_FILE";
     /// Times a request answered 429 by the upstream is queued again (at the head of its priority) before the 429 is passed on.
     upstream_429_retries: u32 = "2", env "SIDECAR_UPSTREAM_429_RETRIES";
+    /// Redis of the budget shared across replicas: redis://[user:password@]host[:port][/db], or rediss:// for TLS (empty: this replica paces alone, no Redis).
+    redis_url: String = "", env "SIDECAR_REDIS_URL";
+    /// File holding the Redis URL (its first non-empty line); wins over redis_url.
+    redis_url_file: String = "", env "SIDECAR_REDIS_URL_FILE";
+    /// File holding the Redis password (its first non-empty line); replaces the password of the URL.
+    redis_password_file: String = "", env "SIDECAR_REDIS_PASSWORD_FILE";
+    /// Prefix of every Redis key: 1 to 64 printable ASCII characters without spaces, '{' or '}'.
+    redis_prefix: String = "nvidia-sidecar:", env "SIDECAR_REDIS_PREFIX";
+    /// Seconds any Redis call may take (0.01 to 5) before the replica treats Redis as down.
+    redis_timeout: f64 = "0.25", env "SIDECAR_REDIS_TIMEOUT";
+    /// Replicas assumed while Redis is down by a replica that never saw the cluster (1 to 1000).
+    redis_replicas: u32 = "1", env "SIDECAR_REDIS_REPLICAS";
+    /// Seconds a replica cut off from Redis keeps sending on its fallback share (1 to 3600), then stops until Redis is back; Redis keeps a vanished replica's share reserved this long plus one window.
+    redis_fallback_for: f64 = "120", env "SIDECAR_REDIS_FALLBACK_FOR";
 }
 
 /// The settings table of the README, generated from [`SETTINGS`] (a test keeps the

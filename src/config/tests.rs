@@ -112,6 +112,8 @@ fn with_nothing_set_the_sidecar_paces_one_nvidia_provider_at_40_rpm() {
     assert_eq!(p.queue_max_size, 64);
     assert_eq!(p.low_priority_timeout, Duration::from_secs(30));
     assert!(p.fallback.is_none());
+    assert_eq!(p.budget, "nvidia");
+    assert!(c.redis.is_none(), "no Redis unless a URL is set");
 }
 
 #[test]
@@ -137,11 +139,14 @@ fn every_setting_has_a_sidecar_variable_named_after_its_key_and_a_help_text() {
 #[test]
 fn every_setting_is_read_from_its_variable() {
     // A garbage value in each variable is noticed: the variable is read and validated.
-    // Only the secrets and the state file (a relative path in the working directory)
-    // accept any string.
+    // Only the secrets, the state file (a relative path in the working directory) and
+    // the Redis key prefix accept any such string.
     for s in SETTINGS {
         let result = load_env(&[(s.env, "not-a-value")]);
-        if matches!(s.key, "upstream_api_key" | "admin_token" | "state_file") {
+        if matches!(
+            s.key,
+            "upstream_api_key" | "admin_token" | "state_file" | "redis_prefix"
+        ) {
             assert!(result.is_ok(), "{}: {:?}", s.env, result.err());
             continue;
         }
@@ -151,7 +156,12 @@ fn every_setting_is_read_from_its_variable() {
             "{}: {msg:?} names neither the variable nor the key",
             s.env
         );
-        assert!(msg.contains("\"not-a-value\""), "{}: {msg:?}", s.env);
+        // A Redis URL may hold a password: one that cannot be parsed is not shown.
+        let shown = match s.key {
+            "redis_url" => "\"<redacted>\"",
+            _ => "\"not-a-value\"",
+        };
+        assert!(msg.contains(shown), "{}: {msg:?}", s.env);
     }
 }
 
@@ -784,4 +794,452 @@ fn a_state_file_in_a_missing_directory_stops_start_up_naming_the_setting() {
     let path = dir.path().join("state.json");
     let c = load_env(&[("SIDECAR_STATE_FILE", path.to_str().unwrap())]).unwrap();
     assert_eq!(c.state_file.as_deref(), Some(path.as_path()));
+}
+
+// === Redis: the budget shared across replicas ===
+
+const REDIS_URL: &str = super::redis::URL_EXPECTED;
+const REDIS_USER: &str =
+    "user:password@ or :password@ before the host (a user alone needs redis_password_file)";
+const REDIS_QUERY: &str =
+    "a URL without ?query or #fragment: redis://[user:password@]host[:port][/db]";
+const REDIS_WILDCARD: &str =
+    "a host to connect to, not the wildcard address 0.0.0.0 or [::] (e.g. redis://127.0.0.1:6379)";
+const BUDGET: &str = "1 to 128 letters, digits, '.', '_' or '-'";
+const PREFIX: &str = "1 to 64 printable ASCII characters without spaces, '{' or '}'";
+const SHARED_SCOPE: &str =
+    "key (limit_scope = \"model\" is not shared across replicas; unset redis_url or use key)";
+
+/// A file holding `text` in its own temporary directory.
+fn secret_file(text: &str) -> TomlFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret");
+    std::fs::write(&path, text).unwrap();
+    TomlFile { _dir: dir, path }
+}
+
+fn redis_of(c: &Config) -> &RedisConfig {
+    c.redis.as_ref().expect("a Redis configuration")
+}
+
+/// What the redis client itself reads from the URL: (password, db).
+fn client_view(url: &RedisUrl) -> (Option<String>, i64) {
+    use ::redis::IntoConnectionInfo;
+    let info = url.expose().into_connection_info().unwrap();
+    let r = info.redis_settings();
+    (r.password().map(str::to_owned), r.db())
+}
+
+#[test]
+fn redis_settings_default_to_single_process_mode_and_documented_values() {
+    let d = Settings::defaults();
+    assert_eq!(d.redis_url.as_deref(), Some(""));
+    assert_eq!(d.redis_url_file.as_deref(), Some(""));
+    assert_eq!(d.redis_password_file.as_deref(), Some(""));
+    assert_eq!(d.redis_prefix.as_deref(), Some("nvidia-sidecar:"));
+    assert_eq!(d.redis_timeout, Some(0.25));
+    assert_eq!(d.redis_replicas, Some(1));
+    assert_eq!(d.redis_fallback_for, Some(120.0));
+    assert!(load_env(&[]).unwrap().redis.is_none());
+    assert!(load_env(&[("SIDECAR_REDIS_URL", "  ")])
+        .unwrap()
+        .redis
+        .is_none());
+
+    let c = load_env(&[("SIDECAR_REDIS_URL", "redis://127.0.0.1")]).unwrap();
+    let r = redis_of(&c);
+    assert_eq!(r.url.masked(), "redis://127.0.0.1:6379/0");
+    assert_eq!(r.prefix, "nvidia-sidecar:");
+    assert_eq!(r.timeout, Duration::from_millis(250));
+    assert_eq!(r.replicas, 1);
+    assert_eq!(r.fallback_for, Duration::from_secs(120));
+}
+
+#[test]
+fn redis_settings_are_read_from_every_layer() {
+    let file = toml_file(
+        "redis_url = \"redis://from-file\"\nredis_prefix = \"file:\"\nredis_timeout = 0.5\n\
+         redis_replicas = 3\nredis_fallback_for = 30\n",
+    );
+    let environment = env(&[
+        ("SIDECAR_REDIS_URL", "redis://from-env:7000"),
+        ("SIDECAR_REDIS_PREFIX", "env:"),
+    ]);
+    let flags = Settings {
+        redis_replicas: Some(5),
+        ..Settings::default()
+    };
+    let c = load(Some(&file.path), &environment, flags).unwrap();
+    let r = redis_of(&c);
+    assert_eq!(r.url.masked(), "redis://from-env:7000/0");
+    assert_eq!(r.prefix, "env:");
+    assert_eq!(r.timeout, Duration::from_millis(500));
+    assert_eq!(r.replicas, 5);
+    assert_eq!(r.fallback_for, Duration::from_secs(30));
+}
+
+/// (URL, masked form, TLS, host, port, db, password as the client reads it)
+type ValidUrl = (
+    &'static str,
+    &'static str,
+    bool,
+    &'static str,
+    u16,
+    u32,
+    Option<&'static str>,
+);
+
+#[test]
+fn valid_redis_urls_are_accepted_and_masked() {
+    #[rustfmt::skip]
+    let cases: &[ValidUrl] = &[
+        ("redis://127.0.0.1", "redis://127.0.0.1:6379/0", false, "127.0.0.1", 6379, 0, None),
+        ("redis://localhost:6380/2", "redis://localhost:6380/2", false, "localhost", 6380, 2, None),
+        ("  redis://redis/  ", "redis://redis:6379/0", false, "redis", 6379, 0, None),
+        ("redis://:s3cret-pw@redis:6379/0", "redis://:****@redis:6379/0", false, "redis", 6379, 0, Some("s3cret-pw")),
+        ("redis://alice:s3cret-pw@redis.internal:7000/15", "redis://alice:****@redis.internal:7000/15",
+            false, "redis.internal", 7000, 15, Some("s3cret-pw")),
+        ("rediss://alice:p%40ss%2Fw0rd@cache.example.com:6380", "rediss://alice:****@cache.example.com:6380/0",
+            true, "cache.example.com", 6380, 0, Some("p@ss/w0rd")),
+        ("rediss://:s3cret-pw@10.0.0.7", "rediss://:****@10.0.0.7:6379/0", true, "10.0.0.7", 6379, 0, Some("s3cret-pw")),
+        ("redis://[::1]:6379/1", "redis://[::1]:6379/1", false, "::1", 6379, 1, None),
+        ("redis://h:65535/0", "redis://h:65535/0", false, "h", 65535, 0, None),
+        ("redis://My_Redis-1.svc.cluster.local", "redis://My_Redis-1.svc.cluster.local:6379/0",
+            false, "My_Redis-1.svc.cluster.local", 6379, 0, None),
+    ];
+    for &(raw, masked, tls, host, port, db, password) in cases {
+        let url = RedisUrl::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+        assert_eq!(url.masked(), masked, "{raw}");
+        assert_eq!(format!("{url:?}"), masked, "{raw}");
+        assert_eq!(url.to_string(), masked, "{raw}");
+        assert_eq!(url.is_tls(), tls, "{raw}");
+        assert_eq!(
+            (url.host(), url.port(), url.db()),
+            (host, port, db),
+            "{raw}"
+        );
+        assert_eq!(
+            client_view(&url),
+            (password.map(str::to_owned), i64::from(db)),
+            "{raw}"
+        );
+        if let Some(pw) = password {
+            assert!(!url.masked().contains(pw), "{raw}");
+            assert!(!format!("{url:?}").contains(pw), "{raw}");
+        }
+        // The same through the configuration.
+        let c = load_env(&[("SIDECAR_REDIS_URL", raw)]).unwrap();
+        assert_eq!(redis_of(&c).url, url, "{raw}");
+    }
+}
+
+#[test]
+fn a_malformed_redis_url_is_refused_naming_the_setting_without_its_password() {
+    // (URL, value shown in the error, what is accepted); every password is "hunter2".
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("http://:hunter2@h:6379",           "http://****@h:6379",    REDIS_URL),
+        ("valkey://:hunter2@h:6379",         "valkey://****@h:6379",  REDIS_URL),
+        ("unix:///tmp/redis.sock",           "unix:///tmp/redis.sock", REDIS_URL),
+        ("redis://:hunter2@",                "redis://****@",         REDIS_URL),
+        ("redis://",                         "redis://",              REDIS_URL),
+        ("redis://:hunter2@:6379",           "redis://****@:6379",    REDIS_URL),
+        ("redis://:hunter2@h:0",             "redis://****@h:0",      REDIS_URL),
+        ("redis://:hunter2@h:65536",         "redis://****@h:65536",  REDIS_URL),
+        ("redis://:hunter2@h:abc",           "redis://****@h:abc",    REDIS_URL),
+        ("redis://:hunter2@h:",              "redis://****@h:",       REDIS_URL),
+        ("redis://:hunter2@h:6379/x",        "redis://****@h:6379/x", REDIS_URL),
+        ("redis://:hunter2@h:6379/-1",       "redis://****@h:6379/-1", REDIS_URL),
+        ("redis://:hunter2@h:6379/1/2",      "redis://****@h:6379/1/2", REDIS_URL),
+        ("redis://:hunter2@bad_host!:6379",  "redis://****@bad_host!:6379", REDIS_URL),
+        ("redis://:hun/ter2@h",              "redis://****@h",        REDIS_URL),
+        ("redis://:hunter2%zz@h",            "redis://****@h",        REDIS_URL),
+        ("redis://:hunter2@[::1",            "redis://****@[::1",     REDIS_URL),
+        ("redis://:hunter2@h/0?protocol=resp3", "redis://****@h/0?****", REDIS_QUERY),
+        ("redis://h/0?password=hunter2",     "redis://h/0?****",      REDIS_QUERY),
+        ("rediss://:hunter2@h/#insecure",    "rediss://****@h/#****", REDIS_QUERY),
+        ("redis://hunter2@h",                "redis://****@h",        REDIS_USER),
+        ("redis://alice:@h",                 "redis://****@h",        REDIS_USER),
+        ("redis://:hunter2@0.0.0.0:6379",    "redis://****@0.0.0.0:6379", REDIS_WILDCARD),
+        ("redis://:hunter2@[::]:6379",       "redis://****@[::]:6379", REDIS_WILDCARD),
+        ("hunter2",                          "<redacted>",            REDIS_URL),
+        ("redis//:hunter2@h",                "<redacted>",            REDIS_URL),
+        (":hunter2@h://x",                   "<redacted>",            REDIS_URL),
+    ];
+    for &(raw, shown, expected) in cases {
+        assert!(RedisUrl::parse(raw).is_err(), "{raw} accepted");
+        let err = error_of(load_env(&[("SIDECAR_REDIS_URL", raw)]), raw);
+        assert_invalid(&err, "SIDECAR_REDIS_URL", shown, expected);
+        let msg = err.to_string();
+        for part in ["hunter2", "hunter", "ter2"] {
+            assert!(!msg.contains(part), "{raw}: password in {msg:?}");
+        }
+    }
+    // From the file or a flag, the error names the key.
+    let err = error_of(load_toml("redis_url = \"ftp://:hunter2@h\"\n", &[]), "file");
+    assert_invalid(&err, "redis_url", "ftp://****@h", REDIS_URL);
+    let flags = Settings {
+        redis_url: Some("redis://:hunter2@h:99999".into()),
+        ..Settings::default()
+    };
+    let err = error_of(
+        load(None, &env(&[("SIDECAR_REDIS_URL", "redis://h")]), flags),
+        "flag",
+    );
+    assert_invalid(&err, "redis_url", "redis://****@h:99999", REDIS_URL);
+}
+
+#[test]
+fn the_redis_password_never_shows_in_the_configuration_debug_output() {
+    let c = load_env(&[("SIDECAR_REDIS_URL", "redis://alice:hunter2-secret@h:6379/3")]).unwrap();
+    let whole = format!("{c:?}");
+    assert!(!whole.contains("hunter2-secret"), "{whole}");
+    assert!(whole.contains("redis://alice:****@h:6379/3"), "{whole}");
+    let r = redis_of(&c);
+    assert_eq!(r.url.expose(), "redis://alice:hunter2-secret@h:6379/3");
+}
+
+#[test]
+fn the_redis_url_file_wins_over_redis_url() {
+    let f = secret_file("\n   redis://:from-file-pw@fromfile:6380/1  \nredis://second-line\n");
+    let path = f.path.to_str().unwrap();
+    let c = load_env(&[
+        ("SIDECAR_REDIS_URL", "redis://from-env"),
+        ("SIDECAR_REDIS_URL_FILE", path),
+    ])
+    .unwrap();
+    let r = redis_of(&c);
+    assert_eq!(r.url.masked(), "redis://:****@fromfile:6380/1");
+    assert_eq!(client_view(&r.url), (Some("from-file-pw".into()), 1));
+    // Also from the TOML file.
+    let text = format!("redis_url_file = {path:?}\n");
+    let c = load_toml(&text, &[]).unwrap();
+    assert_eq!(redis_of(&c).url.masked(), "redis://:****@fromfile:6380/1");
+}
+
+#[test]
+fn an_unreadable_or_empty_or_malformed_redis_url_file_is_refused_naming_the_setting() {
+    const FILE: &str = "a readable file whose first non-empty line is the Redis URL";
+    let err = error_of(
+        load_env(&[("SIDECAR_REDIS_URL_FILE", "/nonexistent/redis-url")]),
+        "missing",
+    );
+    assert_invalid(
+        &err,
+        "SIDECAR_REDIS_URL_FILE",
+        "/nonexistent/redis-url",
+        FILE,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let err = error_of(load_env(&[("SIDECAR_REDIS_URL_FILE", d)]), "directory");
+    assert_invalid(&err, "SIDECAR_REDIS_URL_FILE", d, FILE);
+    let empty = secret_file("\n  \n");
+    let p = empty.path.to_str().unwrap();
+    let err = error_of(load_env(&[("SIDECAR_REDIS_URL_FILE", p)]), "empty");
+    assert_invalid(&err, "SIDECAR_REDIS_URL_FILE", p, FILE);
+    let err = error_of(
+        load_toml("redis_url_file = \"/nonexistent/redis-url\"\n", &[]),
+        "toml",
+    );
+    assert_invalid(&err, "redis_url_file", "/nonexistent/redis-url", FILE);
+
+    let bad = secret_file("redis://:hunter2@h:0\n");
+    let p = bad.path.to_str().unwrap();
+    let err = error_of(load_env(&[("SIDECAR_REDIS_URL_FILE", p)]), "bad URL");
+    assert_invalid(
+        &err,
+        "SIDECAR_REDIS_URL_FILE",
+        "redis://****@h:0",
+        REDIS_URL,
+    );
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[test]
+fn the_redis_password_file_replaces_the_password_and_keeps_the_user() {
+    let f = secret_file("p@ss:w/rd%20?#\n");
+    let path = f.path.to_str().unwrap();
+    for (url, masked) in [
+        ("redis://alice@h", "redis://alice:****@h:6379/0"),
+        ("redis://alice:old-pw@h", "redis://alice:****@h:6379/0"),
+        ("rediss://:old-pw@h:6380/2", "rediss://:****@h:6380/2"),
+        ("redis://h/4", "redis://:****@h:6379/4"),
+    ] {
+        let c = load_env(&[
+            ("SIDECAR_REDIS_URL", url),
+            ("SIDECAR_REDIS_PASSWORD_FILE", path),
+        ])
+        .unwrap();
+        let r = redis_of(&c);
+        assert_eq!(r.url.masked(), masked, "{url}");
+        assert_eq!(
+            client_view(&r.url).0.as_deref(),
+            Some("p@ss:w/rd%20?#"),
+            "{url}"
+        );
+        assert!(!r.url.expose().contains("old-pw"), "{url}");
+        assert!(!format!("{c:?}").contains("w/rd"), "{url}");
+    }
+    // The password file also applies to the URL file's URL.
+    let u = secret_file("redis://bob@fromfile\n");
+    let c = load_env(&[
+        ("SIDECAR_REDIS_URL_FILE", u.path.to_str().unwrap()),
+        ("SIDECAR_REDIS_PASSWORD_FILE", path),
+    ])
+    .unwrap();
+    assert_eq!(
+        redis_of(&c).url.masked(),
+        "redis://bob:****@fromfile:6379/0"
+    );
+}
+
+#[test]
+fn an_unreadable_or_empty_redis_password_file_is_refused_naming_the_setting() {
+    const FILE: &str = "a readable file whose first non-empty line is the Redis password";
+    let url = ("SIDECAR_REDIS_URL", "redis://h");
+    let err = error_of(
+        load_env(&[url, ("SIDECAR_REDIS_PASSWORD_FILE", "/nonexistent/pw")]),
+        "missing",
+    );
+    assert_invalid(&err, "SIDECAR_REDIS_PASSWORD_FILE", "/nonexistent/pw", FILE);
+    let empty = secret_file("  \n\n");
+    let p = empty.path.to_str().unwrap();
+    let err = error_of(
+        load_env(&[url, ("SIDECAR_REDIS_PASSWORD_FILE", p)]),
+        "empty",
+    );
+    assert_invalid(&err, "SIDECAR_REDIS_PASSWORD_FILE", p, FILE);
+    let err = error_of(
+        load_toml("redis_password_file = \"/nonexistent/pw\"\n", &[url]),
+        "toml",
+    );
+    assert_invalid(&err, "redis_password_file", "/nonexistent/pw", FILE);
+}
+
+#[test]
+fn with_password_encodes_the_new_password_and_keeps_the_rest() {
+    let url = RedisUrl::parse("rediss://alice:old@h:7000/3").unwrap();
+    let new = url.with_password("n e/w@pw");
+    assert_eq!(new.masked(), "rediss://alice:****@h:7000/3");
+    assert_eq!(new.expose(), "rediss://alice:n%20e%2Fw%40pw@h:7000/3");
+    assert!(new.is_tls());
+    assert_eq!(client_view(&new), (Some("n e/w@pw".into()), 3));
+    assert_eq!(
+        url.expose(),
+        "rediss://alice:old@h:7000/3",
+        "the original is kept"
+    );
+}
+
+#[test]
+fn bad_redis_prefix_timeout_replicas_or_fallback_for_are_refused() {
+    let long = "p".repeat(65);
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("SIDECAR_REDIS_PREFIX",       "",              "redis_prefix",       PREFIX),
+        ("SIDECAR_REDIS_PREFIX",       "has space:",    "redis_prefix",       PREFIX),
+        ("SIDECAR_REDIS_PREFIX",       "a{b}:",         "redis_prefix",       PREFIX),
+        ("SIDECAR_REDIS_PREFIX",       "tab\t",         "redis_prefix",       PREFIX),
+        ("SIDECAR_REDIS_PREFIX",       "é:",            "redis_prefix",       PREFIX),
+        ("SIDECAR_REDIS_PREFIX",       &long,           "redis_prefix",       PREFIX),
+        ("SIDECAR_REDIS_TIMEOUT",      "0.001",         "redis_timeout",      "a number of seconds from 0.01 to 5"),
+        ("SIDECAR_REDIS_TIMEOUT",      "5.5",           "redis_timeout",      "a number of seconds from 0.01 to 5"),
+        ("SIDECAR_REDIS_TIMEOUT",      "NaN",           "redis_timeout",      "a number of seconds from 0.01 to 5"),
+        ("SIDECAR_REDIS_TIMEOUT",      "fast",          "SIDECAR_REDIS_TIMEOUT", "a number"),
+        ("SIDECAR_REDIS_REPLICAS",     "0",             "redis_replicas",     "an integer from 1 to 1000"),
+        ("SIDECAR_REDIS_REPLICAS",     "1001",          "redis_replicas",     "an integer from 1 to 1000"),
+        ("SIDECAR_REDIS_REPLICAS",     "-1",            "SIDECAR_REDIS_REPLICAS", NON_NEGATIVE),
+        ("SIDECAR_REDIS_FALLBACK_FOR", "0.5",           "redis_fallback_for", "a number of seconds from 1 to 3600"),
+        ("SIDECAR_REDIS_FALLBACK_FOR", "3601",          "redis_fallback_for", "a number of seconds from 1 to 3600"),
+    ];
+    for &(var, value, setting, expected) in cases {
+        // Checked with and without a URL: a typo shows before Redis is switched on.
+        for url in ["", "redis://h"] {
+            let err = error_of(
+                load_env(&[(var, value), ("SIDECAR_REDIS_URL", url)]),
+                &format!("{var}={value:?} url={url:?}"),
+            );
+            assert_invalid(&err, setting, value, expected);
+        }
+    }
+    let max = "p".repeat(64);
+    for ok in ["a", "team-a:", "x.y/z|1:", max.as_str()] {
+        let c = load_env(&[
+            ("SIDECAR_REDIS_PREFIX", ok),
+            ("SIDECAR_REDIS_URL", "redis://h"),
+        ])
+        .unwrap();
+        assert_eq!(redis_of(&c).prefix, ok);
+    }
+    let c = load_env(&[
+        ("SIDECAR_REDIS_URL", "redis://h"),
+        ("SIDECAR_REDIS_TIMEOUT", "0.01"),
+        ("SIDECAR_REDIS_REPLICAS", "1000"),
+        ("SIDECAR_REDIS_FALLBACK_FOR", "3600"),
+    ])
+    .unwrap();
+    let r = redis_of(&c);
+    assert_eq!(r.timeout, Duration::from_millis(10));
+    assert_eq!(r.replicas, 1000);
+    assert_eq!(r.fallback_for, Duration::from_secs(3600));
+}
+
+#[test]
+fn a_provider_budget_defaults_to_its_name_and_can_be_overridden() {
+    let c = load_toml(
+        "[[providers]]\nname = \"nvidia\"\n\n[[providers]]\nname = \"local\"\nbudget = \"team-a.gpu_1\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.providers[0].budget, "nvidia");
+    assert_eq!(c.providers[1].budget, "team-a.gpu_1");
+    // The implicit provider of an environment-only configuration.
+    assert_eq!(load_env(&[]).unwrap().default_provider().budget, "nvidia");
+    let max = "b".repeat(128);
+    let c = load_toml(
+        &format!("providers = [{{ name = \"a\", budget = \"{max}\" }}]"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.providers[0].budget, max);
+}
+
+#[test]
+fn a_bad_budget_name_is_refused_naming_the_provider_field() {
+    let long = "b".repeat(129);
+    for bad in ["", "has space", "a/b", "a{b}", "é", long.as_str()] {
+        let text =
+            format!("providers = [{{ name = \"a\" }}, {{ name = \"b\", budget = {bad:?} }}]");
+        let err = error_of(load_toml(&text, &[]), &text);
+        assert_invalid(&err, "providers[1].budget", bad, BUDGET);
+    }
+}
+
+#[test]
+fn limit_scope_model_is_refused_with_a_redis_url() {
+    let redis = ("SIDECAR_REDIS_URL", "redis://h");
+    // Without Redis the scope is free.
+    let c = load_env(&[("SIDECAR_LIMIT_SCOPE", "model")]).unwrap();
+    assert_eq!(c.default_provider().limit_scope, LimitScope::Model);
+    let err = error_of(load_env(&[("SIDECAR_LIMIT_SCOPE", "model"), redis]), "env");
+    assert_invalid(&err, "limit_scope", "model", SHARED_SCOPE);
+
+    let text =
+        "[[providers]]\nname = \"a\"\n\n[[providers]]\nname = \"b\"\nlimit_scope = \"model\"\n";
+    assert!(load_toml(text, &[]).is_ok());
+    let err = error_of(load_toml(text, &[redis]), "declared provider");
+    assert_invalid(&err, "providers[1].limit_scope", "model", SHARED_SCOPE);
+    // Inherited from the global setting by a declared provider.
+    let err = error_of(
+        load_toml(
+            "limit_scope = \"model\"\nredis_url = \"redis://h\"\n[[providers]]\nname = \"a\"\n",
+            &[],
+        ),
+        "inherited",
+    );
+    assert_invalid(&err, "providers[0].limit_scope", "model", SHARED_SCOPE);
+    // key with Redis is fine.
+    let c = load_env(&[("SIDECAR_LIMIT_SCOPE", "key"), redis]).unwrap();
+    assert!(c.redis.is_some());
 }

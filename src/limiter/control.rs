@@ -58,9 +58,14 @@ pub enum Event {
         sent_at: u64,
         count: u32,
         kind: Refusal,
+        /// The provider's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
     },
     /// The provider's headers stated a new limit, in requests per minute.
     HeaderLimit { limit_rpm: u64 },
+    /// `x-ratelimit-remaining-requests: 0`: the quota is spent for `reset` (applied
+    /// locally at once; reported so a shared budget pauses every replica).
+    QuotaSpent { reset: Duration },
 }
 
 /// Something worth a log line, reported by [`super::Limiter::control`].
@@ -95,6 +100,25 @@ pub struct Control {
     pub logged_pause: u64,
     /// Send times of the rate-limit refusals still in the guard's span, oldest first.
     pub refused: VecDeque<u64>,
+    /// Cluster mode: what the shared budget decided, which replaces the local learner
+    /// and retreat (they only run alone).
+    pub cluster: Option<ClusterPacing>,
+}
+
+/// The pacing a shared budget decided for this replica (cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClusterPacing {
+    /// Per window: the guard's limit here (the cluster's, or this replica's fallback
+    /// share), and the cluster's learned limit (0: none).
+    pub limit: u32,
+    pub learned: u32,
+    /// The rate the bucket paces at here.
+    pub rpm: f64,
+    pub source: Source,
+    pub probing: bool,
+    pub retreat_state: RetreatState,
+    pub retreat_factor: f64,
+    pub changes: u64,
 }
 
 /// Most refusals remembered (a provider refusing faster than this per span is already
@@ -126,6 +150,9 @@ impl Control {
     /// The guard's limit and the bucket's rate the state implies: the learned limit
     /// spread evenly over the window, times the retreat factor.
     pub fn targets(&self) -> (u32, f64, u32) {
+        if let Some(p) = &self.cluster {
+            return (p.limit.max(1), p.rpm, self.capacity);
+        }
         let limit = self.learner.limit();
         let base = if limit >= self.learner.ceiling() {
             self.ceiling_rpm
@@ -189,12 +216,14 @@ impl Limiter {
             if self.header_limit.load(StdOrdering::Relaxed) != rpm
                 && self.header_limit.swap(rpm, StdOrdering::Relaxed) != rpm
             {
-                self.inbox.push(Event::HeaderLimit { limit_rpm: rpm });
-                self.wake_dispatcher();
+                self.report(Event::HeaderLimit { limit_rpm: rpm });
             }
         }
         if let (Some(0), Some(reset), None) = (q.remaining, q.reset, answer.refusal) {
             self.pause(now.saturating_add(nanos(reset)), PauseReason::Quota);
+            if let Some(pot) = &self.lease {
+                pot.report(Event::QuotaSpent { reset });
+            }
         }
     }
 
@@ -217,13 +246,35 @@ impl Limiter {
             Refusal::RateLimit | Refusal::Tokens => self.pause(pause, PauseReason::RetryAfter),
             Refusal::Concurrency | Refusal::Overload => self.pause(pause, PauseReason::Overload),
         }
-        self.inbox.push(Event::Refused {
+        self.report(Event::Refused {
             at: now,
             sent_at,
             count,
             kind,
+            retry_after: answer.retry_after,
         });
-        self.wake_dispatcher();
+    }
+
+    /// To the shared budget in cluster mode, else to the local controller.
+    fn report(&self, ev: Event) {
+        match &self.lease {
+            Some(pot) => pot.report(ev),
+            None => {
+                self.inbox.push(ev);
+                self.wake_dispatcher();
+            }
+        }
+    }
+
+    /// Cluster mode: the pacing the shared budget decided (`None`: back to the local
+    /// learner). Published at once.
+    pub fn set_cluster(&self, pacing: Option<ClusterPacing>, now: u64) {
+        let mut c = self.control.lock();
+        if c.cluster == pacing {
+            return;
+        }
+        c.cluster = pacing;
+        self.publish(&mut c, now);
     }
 
     /// Runs the controller at `now`: applies what the request path reported, starts and
@@ -246,11 +297,14 @@ impl Limiter {
             .guard
             .sent_in(now, self.guard.span_nanos())
             .saturating_sub(self.refused_in_span.load(StdOrdering::Relaxed));
-        if let Some(ch) = c.learner.tick(now, demand, sent) {
-            self.changed(&mut c, ch, note);
-        }
-        if let Some(t) = c.retreat.tick(now) {
-            note(Note::Retreat(t));
+        // In cluster mode the shared budget learns and retreats for every replica.
+        if c.cluster.is_none() {
+            if let Some(ch) = c.learner.tick(now, demand, sent) {
+                self.changed(&mut c, ch, note);
+            }
+            if let Some(t) = c.retreat.tick(now) {
+                note(Note::Retreat(t));
+            }
         }
         let until = self.pause_until.load(StdOrdering::Relaxed);
         if until > now && until > c.logged_pause {
@@ -275,6 +329,7 @@ impl Limiter {
                 sent_at,
                 count,
                 kind,
+                ..
             } => match kind {
                 Refusal::RateLimit => {
                     let span = self.guard.span_nanos();
@@ -313,6 +368,8 @@ impl Limiter {
                 Refusal::Tokens => note(Note::TokenLimit),
                 Refusal::Billing => {}
             },
+            // Already applied by the request path.
+            Event::QuotaSpent { .. } => {}
         }
     }
 
@@ -393,6 +450,29 @@ impl Limiter {
             .flatten()
             .map(|r| (r, until));
         let window = self.pacing.window;
+        if let Some(p) = &c.cluster {
+            return PacingView {
+                window,
+                limit: p.limit,
+                learned: p.learned,
+                ceiling: c.learner.ceiling(),
+                learned_rpm: if p.learned == 0 {
+                    c.ceiling_rpm
+                } else {
+                    learn::rpm_of(p.learned, window).min(c.ceiling_rpm)
+                },
+                ceiling_rpm: c.ceiling_rpm,
+                source: p.source,
+                probing: p.probing,
+                next_probe_at: None,
+                relearning: false,
+                pause,
+                sent_in_window: self.guard.sent_in(now, nanos(window)),
+                retreat_state: p.retreat_state,
+                retreat_factor: p.retreat_factor,
+                changes: p.changes,
+            };
+        }
         PacingView {
             window,
             limit: c.learner.limit(),
@@ -417,7 +497,11 @@ impl Limiter {
         let (state, entered, ceiling_rpm, paced_rpm) = {
             let c = self.control.lock();
             let paced = c.published.map_or(c.ceiling_rpm, |(_, rpm, _)| rpm);
-            (c.retreat.state(), c.retreat.entered(), c.ceiling_rpm, paced)
+            let state = c
+                .cluster
+                .as_ref()
+                .map_or(c.retreat.state(), |p| p.retreat_state);
+            (state, c.retreat.entered(), c.ceiling_rpm, paced)
         };
         let (c429, all, rate) = self.answers.last_minute(now);
         RetreatView {

@@ -18,6 +18,7 @@ pub mod control;
 pub mod dispatch;
 pub mod guard;
 pub mod learn;
+pub mod lease;
 pub mod queue;
 pub mod retreat;
 pub mod scopes;
@@ -34,9 +35,10 @@ use crossbeam_queue::SegQueue;
 
 use crate::priority::Priority;
 pub use bucket::TokenBucket;
-pub use control::{Event, Note, PacingView, PauseReason};
+pub use control::{ClusterPacing, Event, Note, PacingView, PauseReason};
 pub use guard::{Claim, Margin, WindowGuard};
 pub use learn::{Change, Source};
+pub use lease::{LeasePot, Mode};
 pub use queue::{QueueCounts, QueueFull, Ticket, WaitQueues};
 pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
 pub use signal::{Quota, Refusal};
@@ -54,6 +56,8 @@ pub enum Decision {
     Queued(Ticket),
     /// The queue is at its bound.
     Full(QueueFull),
+    /// Cluster mode, cut off from the shared budget for too long: nothing may be sent.
+    Isolated,
 }
 
 /// How a provider is paced: the window it counts in and how limits are learned.
@@ -117,6 +121,8 @@ pub struct Limiter {
     dispatcher: OnceLock<Thread>,
     /// `limit_scope = "model"`: the models' own limiters under this (the key's) one.
     models: Option<scopes::Models>,
+    /// Cluster mode: tokens leased from the shared budget (`None`: the local bucket).
+    lease: Option<Arc<LeasePot>>,
 }
 
 /// A claim held by a request on its way upstream: stamped with the time it is written,
@@ -200,6 +206,7 @@ impl Limiter {
                 changes: 0,
                 logged_pause: 0,
                 refused: std::collections::VecDeque::new(),
+                cluster: None,
             }),
             pacing,
             inbox: SegQueue::new(),
@@ -211,7 +218,20 @@ impl Limiter {
             pause_reason: AtomicU8::new(0),
             dispatcher: OnceLock::new(),
             models: None,
+            lease: None,
         }
+    }
+
+    /// Takes tokens from `pot` (leased from a shared budget) instead of the local bucket
+    /// while the pot is in [`Mode::Shared`].
+    pub fn leased(mut self, pot: Arc<LeasePot>) -> Self {
+        self.lease = Some(pot);
+        self
+    }
+
+    /// The pot of leased tokens (cluster mode).
+    pub fn lease(&self) -> Option<&Arc<LeasePot>> {
+        self.lease.as_ref()
     }
 
     /// Gives each model its own limiter (made like this one) under this one, at most
@@ -273,7 +293,8 @@ impl Limiter {
         let _ = self.dispatcher.set(thread);
     }
 
-    fn wake_dispatcher(&self) {
+    /// Wakes the dispatcher (tokens arrived, the mode changed).
+    pub fn wake_dispatcher(&self) {
         if let Some(t) = self.dispatcher.get() {
             t.unpark();
         }
@@ -282,6 +303,14 @@ impl Limiter {
     /// A token and a window slot at `now`, or nothing (neither is kept).
     #[inline]
     fn try_take(&self, now: u64) -> Option<Claim> {
+        if let Some(pot) = &self.lease {
+            return self.try_take_leased(pot, now);
+        }
+        self.try_take_local(now)
+    }
+
+    #[inline]
+    fn try_take_local(&self, now: u64) -> Option<Claim> {
         // The bucket first: one CAS, and where a busy limiter refuses most often.
         self.bucket.try_acquire(now).ok()?;
         match self.guard.try_claim(now) {
@@ -289,6 +318,29 @@ impl Limiter {
             Err(_) => {
                 self.bucket.refund(now);
                 None
+            }
+        }
+    }
+
+    /// A token from the lease, then a window slot; the local bucket in fallback mode.
+    #[inline]
+    fn try_take_leased(&self, pot: &LeasePot, now: u64) -> Option<Claim> {
+        match pot.mode() {
+            Mode::Fallback => self.try_take_local(now),
+            Mode::Isolated => None,
+            Mode::Shared => {
+                // Relaxed: the pause is also enforced by the shared budget; this one only
+                // keeps tokens in hand from going out during it.
+                if self.pause_until.load(StdOrdering::Relaxed) > now || !pot.try_take(now) {
+                    return None;
+                }
+                match self.guard.try_claim(now) {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        pot.put_back();
+                        None
+                    }
+                }
             }
         }
     }
@@ -301,7 +353,26 @@ impl Limiter {
 
     /// Time until both a token and a window slot are free (zero if they are now).
     pub fn wait_time(&self, now: u64) -> Duration {
-        self.bucket.wait_time(now).max(self.guard.wait_time(now))
+        let guard = self.guard.wait_time(now);
+        match self.lease.as_ref().map(|p| (p.mode(), p.tokens())) {
+            // No token in hand: the budget task wakes the dispatcher when a lease comes.
+            Some((Mode::Shared, 0)) => guard.max(LEASE_POLL),
+            Some((Mode::Shared, _)) => guard.max(self.pause_left(now)).max(
+                self.lease
+                    .as_ref()
+                    .map_or(Duration::ZERO, |p| p.usable_in(now)),
+            ),
+            Some((Mode::Isolated, _)) => guard.max(LEASE_POLL),
+            _ => self.bucket.wait_time(now).max(guard),
+        }
+    }
+
+    fn pause_left(&self, now: u64) -> Duration {
+        Duration::from_nanos(
+            self.pause_until
+                .load(StdOrdering::Relaxed)
+                .saturating_sub(now),
+        )
     }
 
     fn note_demand(&self, now: u64) {
@@ -314,6 +385,12 @@ impl Limiter {
     /// Admits at `now`, parks, or refuses.
     #[inline]
     pub fn admit(&self, priority: Priority, now: u64) -> Decision {
+        if let Some(pot) = &self.lease {
+            pot.offer();
+            if pot.mode() == Mode::Isolated {
+                return Decision::Isolated;
+            }
+        }
         if self.queues.is_empty() {
             if let Some(c) = self.try_take(now) {
                 return Decision::Admitted(c);
@@ -345,7 +422,10 @@ impl Limiter {
 
     fn give_back(&self, claim: Claim, now: u64) {
         self.guard.release(claim.slot);
-        self.bucket.refund(now);
+        match &self.lease {
+            Some(pot) if pot.mode() == Mode::Shared => pot.put_back(),
+            _ => self.bucket.refund(now),
+        }
     }
 
     /// A token and a window slot at `now` when nobody waits, without queueing: for a
@@ -461,6 +541,10 @@ impl Limiter {
             .max(Duration::from_secs_f64(self.intervals().0))
     }
 }
+
+/// How often the dispatcher looks again while it waits for a lease (the budget task wakes
+/// it as soon as one comes).
+const LEASE_POLL: Duration = Duration::from_millis(100);
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)

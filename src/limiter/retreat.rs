@@ -143,7 +143,7 @@ impl Retreat {
         self.last_refusal = self.last_refusal.max(now);
         let due = self
             .last_cut
-            .map_or(true, |last| now >= last.saturating_add(self.cut_spacing));
+            .is_none_or(|last| now >= last.saturating_add(self.cut_spacing));
         let cut = due.then(|| {
             self.last_cut = Some(now);
             self.factor =

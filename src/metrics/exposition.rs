@@ -4,8 +4,9 @@
 //! Nothing here runs on the request path: a scrape drains the workers' shards
 //! ([`super::Metrics::collect`]) and copies each provider's atomics. Labels are
 //! `provider` and small fixed sets (route, outcome, kind, priority, reason, state,
-//! source), never the model: model names come from clients, so per-model detail stays
-//! in the JSON logs.
+//! source; in cluster mode also result, mode, budget and replica: see [`super::cluster`]),
+//! never the model: model names come from clients, so per-model detail stays in the JSON
+//! logs.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,17 +48,17 @@ impl std::fmt::Debug for AppCollector {
     }
 }
 
-type Res = Result<(), std::fmt::Error>;
+pub(super) type Res = Result<(), std::fmt::Error>;
 
 /// Reads one gauge from a provider's snapshot.
 type Read = fn(&ProviderSnapshot) -> f64;
 
 /// One metric family, written label set by label set.
-struct Family<'a> {
+pub(super) struct Family<'a> {
     enc: prometheus_client::encoding::MetricEncoder<'a>,
 }
 
-fn family<'a>(
+pub(super) fn family<'a>(
     enc: &'a mut DescriptorEncoder<'_>,
     name: &'a str,
     help: &str,
@@ -69,14 +70,14 @@ fn family<'a>(
 }
 
 impl Family<'_> {
-    fn counter<V>(&mut self, labels: &[(&str, &str)], v: V) -> Res
+    pub(super) fn counter<V>(&mut self, labels: &[(&str, &str)], v: V) -> Res
     where
         ConstCounter<V>: EncodeMetric,
     {
         ConstCounter::new(v).encode(self.enc.encode_family(&labels)?)
     }
 
-    fn gauge<V>(&mut self, labels: &[(&str, &str)], v: V) -> Res
+    pub(super) fn gauge<V>(&mut self, labels: &[(&str, &str)], v: V) -> Res
     where
         ConstGauge<V>: EncodeMetric,
     {
@@ -84,9 +85,20 @@ impl Family<'_> {
     }
 
     fn histogram(&mut self, labels: &[(&str, &str)], l: &Latency) -> Res {
+        self.histogram_buckets(labels, l.sum_seconds(), l.count(), &l.buckets())
+    }
+
+    /// A histogram from its sum (seconds), count and per-bucket (not cumulative) counts.
+    pub(super) fn histogram_buckets(
+        &mut self,
+        labels: &[(&str, &str)],
+        sum: f64,
+        count: u64,
+        buckets: &[(f64, u64)],
+    ) -> Res {
         self.enc
             .encode_family(&labels)?
-            .encode_histogram::<NoLabelSet>(l.sum_seconds(), l.count(), &l.buckets(), None)
+            .encode_histogram::<NoLabelSet>(sum, count, buckets, None)
     }
 }
 
@@ -288,6 +300,8 @@ impl Collector for AppCollector {
         }
 
         pacing(&mut enc, &names, &snaps, now)?;
+        // Cluster mode only: a sidecar pacing alone has no budget and writes none of it.
+        super::cluster::encode(&mut enc, &super::cluster::collect(app))?;
 
         let hub = &app.snapshots;
         let mut f = family(

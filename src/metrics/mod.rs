@@ -10,6 +10,7 @@
 //! Gauges and counters kept elsewhere (bucket, queues, retreat, provider stats) are
 //! read where they live at scrape time; see [`exposition`].
 
+pub mod cluster;
 pub mod endpoint;
 pub mod exposition;
 pub mod process;

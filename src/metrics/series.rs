@@ -180,22 +180,32 @@ impl Latency {
         (self.count() > 0).then(|| self.hist.value_at_quantile(q) as f64 / 1e3)
     }
 
-    /// Per-bucket counts for [`BUCKETS`] plus `+Inf` (not cumulative). A value goes to
-    /// the first bucket at or above the lowest value it is equivalent to, so a bound
-    /// may count a value up to 1% above it.
+    /// Per-bucket counts for [`BUCKETS`] plus `+Inf` (not cumulative); see
+    /// [`hdr_buckets`].
     pub fn buckets(&self) -> [(f64, u64); BUCKETS.len() + 1] {
-        let mut out = [(f64::INFINITY, 0); BUCKETS.len() + 1];
-        for (slot, bound) in out.iter_mut().zip(BUCKETS) {
-            slot.0 = bound;
-        }
-        for v in self.hist.iter_recorded() {
-            let us = self.hist.lowest_equivalent(v.value_iterated_to());
-            let secs = us as f64 / 1e6;
-            let i = BUCKETS.partition_point(|&b| b < secs);
-            out[i].1 += v.count_at_value();
-        }
-        out
+        hdr_buckets(&self.hist, &BUCKETS)
     }
+}
+
+/// Per-bucket counts of `hist` (microseconds) for `bounds` (seconds, ascending) plus
+/// `+Inf`, not cumulative. A value goes to the first bucket at or above the lowest value
+/// it is equivalent to, so a bound may count a value up to 1% above it.
+pub fn hdr_buckets<const N: usize, const M: usize>(
+    hist: &Histogram<u64>,
+    bounds: &[f64; N],
+) -> [(f64, u64); M] {
+    const { assert!(M == N + 1, "one bucket per bound plus +Inf") };
+    let mut out = [(f64::INFINITY, 0); M];
+    for (slot, bound) in out.iter_mut().zip(bounds) {
+        slot.0 = *bound;
+    }
+    for v in hist.iter_recorded() {
+        let us = hist.lowest_equivalent(v.value_iterated_to());
+        let secs = us as f64 / 1e6;
+        let i = bounds.partition_point(|&b| b < secs);
+        out[i].1 += v.count_at_value();
+    }
+    out
 }
 
 /// Everything recorded for one provider.

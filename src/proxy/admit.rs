@@ -130,6 +130,13 @@ async fn stage(
             Decision::Admitted(claim) => return Ok(Stage::Claim(claim)),
             Decision::Queued(t) => Ok(t),
             Decision::Full(full) => Err(full),
+            Decision::Isolated => {
+                ProviderStats::inc(&provider.stats.rate_limited);
+                return Err(ProxyError::BudgetUnavailable {
+                    provider: provider.name.to_string(),
+                    retry_after: super::BUDGET_RETRY_AFTER,
+                });
+            }
         }
     };
     let mut ticket = match parked {

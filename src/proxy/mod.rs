@@ -361,6 +361,9 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     Response::from_parts(head, ProxyBody::Upstream(Box::new(body)))
 }
 
+/// `Retry-After` of a request refused because the shared budget is out of reach.
+pub(crate) const BUDGET_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Least time left before its deadline for a request to be sent upstream.
 pub(crate) const MIN_TIME_TO_SEND: std::time::Duration = std::time::Duration::from_millis(50);
 

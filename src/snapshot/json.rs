@@ -3,9 +3,10 @@
 
 use serde::Serialize;
 
-use super::{PacingPanel, Panel, Snapshot};
+use super::{ClusterPanel, PacingPanel, Panel, Snapshot};
 use crate::app::App;
-use crate::limiter::{PauseReason, RetreatState, Source};
+use crate::budget::ClusterView;
+use crate::limiter::{Mode, PauseReason, RetreatState, Source};
 use crate::priority::Priority;
 
 /// Encodes `snap` (sequence `seq`) for `app`'s providers.
@@ -25,6 +26,11 @@ pub fn encode(app: &App, snap: &Snapshot, seq: u64) -> Vec<u8> {
             .map(|(p, provider)| {
                 let mut v = ProviderView::new(p, &provider.name, &provider.config, snap);
                 v.pacing.models = models(provider, app.clock.now_nanos());
+                v.cluster = provider
+                    .budget
+                    .as_ref()
+                    .filter(|_| p.cluster.present != 0)
+                    .map(|b| Cluster::new(&p.cluster, &b.view()));
                 v
             })
             .collect(),
@@ -62,6 +68,9 @@ struct ProviderView<'a> {
     latency_ms: Percentiles,
     queue_wait_ms: Percentiles,
     history: History,
+    /// Cluster mode only (absent when the provider paces alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<Cluster>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +186,140 @@ impl Pacing {
             sent_in_window: p.sent_in_window,
             changes: p.changes,
             models: Vec::new(),
+        }
+    }
+}
+
+/// The provider's budget shared through Redis: this replica's view of it. Numbers come
+/// from the snapshot; names and the per-replica shares are read when the frame is
+/// encoded (they vary in size, so they are not part of the fixed-size snapshot).
+#[derive(Serialize)]
+struct Cluster {
+    budget: String,
+    /// This replica's id.
+    replica: String,
+    /// `shared`, `fallback` or `isolated`.
+    mode: &'static str,
+    backend_up: bool,
+    /// Live replicas (this one included).
+    replicas: u64,
+    /// This replica's part of the cluster's grants in the shared window (0 to 1).
+    share: f64,
+    /// Each live replica's grants in the shared window, this one always included.
+    shares: Vec<Share>,
+    /// Sends per window: this replica's share while Redis is lost, and the shares kept
+    /// for replicas that vanished.
+    fallback_limit: u64,
+    reserved: u64,
+    learning: bool,
+    /// `null` before Redis was reached.
+    generation: Option<String>,
+    /// `null` before the shared record was read.
+    record: Option<ClusterRecord>,
+    leases: Leases,
+    round_trips: u64,
+    admitted: u64,
+    round_trip_ms: Percentiles,
+    /// Seconds Redis had gone unanswered at its last failed call; `null` while it answers.
+    down_for_secs: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Share {
+    replica: String,
+    sends: u32,
+}
+
+/// The budget's shared record as this replica last read it.
+#[derive(Serialize)]
+struct ClusterRecord {
+    version: u64,
+    rate_rpm: f64,
+    bucket_capacity: u64,
+    window_secs: f64,
+    fallback: bool,
+    /// Sends per window: the learned limit (0: none) and the limit kept now.
+    learned: u64,
+    limit: u64,
+    source: String,
+    probing: bool,
+    /// Requests per minute the cluster is paced at now (retreat included).
+    rpm: f64,
+    retreat_factor: f64,
+    /// Why the cluster is paused; `null` when it is not.
+    pause_reason: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Leases {
+    granted: u64,
+    partial: u64,
+    empty: u64,
+    returned: u64,
+    error: u64,
+}
+
+impl Cluster {
+    fn new(c: &ClusterPanel, v: &ClusterView) -> Self {
+        let round = |x: f64, digits: i32| {
+            let f = 10f64.powi(digits);
+            (x * f).round() / f
+        };
+        let [granted, partial, empty, returned, error] = c.leases;
+        let mode = usize::try_from(c.mode)
+            .ok()
+            .and_then(|i| Mode::ALL.get(i))
+            .copied()
+            .unwrap_or(Mode::Fallback);
+        Self {
+            budget: v.budget.to_string(),
+            replica: v.replica.to_string(),
+            mode: mode.as_str(),
+            backend_up: c.backend_up != 0,
+            replicas: c.replicas,
+            share: round(v.own_share(), 4),
+            shares: crate::metrics::cluster::shares(v)
+                .into_iter()
+                .map(|(replica, sends)| Share {
+                    replica: replica.to_owned(),
+                    sends,
+                })
+                .collect(),
+            fallback_limit: c.fallback_limit,
+            reserved: c.reserved,
+            learning: c.learning != 0,
+            generation: Some(v.generation.clone()).filter(|g| !g.is_empty()),
+            record: (c.record_version != 0).then(|| ClusterRecord {
+                version: c.record_version,
+                rate_rpm: c.record_rate_rpm,
+                bucket_capacity: c.record_bucket_capacity,
+                window_secs: round(c.record_window_s, 3),
+                fallback: c.record_fallback != 0,
+                learned: c.record_learned,
+                limit: c.record_limit,
+                source: v.record.source.clone(),
+                probing: c.record_probing != 0,
+                rpm: round(c.record_rpm, 3),
+                retreat_factor: round(c.record_retreat_factor, 4),
+                pause_reason: Some(v.record.pause_reason.clone())
+                    .filter(|r| !r.is_empty() && v.record.pause_until_ms != 0),
+            }),
+            leases: Leases {
+                granted,
+                partial,
+                empty,
+                returned,
+                error,
+            },
+            round_trips: c.round_trips,
+            admitted: c.admitted,
+            round_trip_ms: Percentiles {
+                p50: opt(c.round_trip_p50_ms).map(|x| round(x, 3)),
+                p90: None,
+                p99: opt(c.round_trip_p99_ms).map(|x| round(x, 3)),
+                count: c.round_trips,
+            },
+            down_for_secs: opt(c.down_for_s).map(|x| round(x, 3)),
         }
     }
 }
@@ -304,6 +447,91 @@ impl<'a> ProviderView<'a> {
                 learned_rpm: series(|pt| pt.learned_rpm),
                 ceiling_rpm: series(|pt| pt.ceiling_rpm),
             },
+            cluster: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::cluster::tests::{hist, view};
+    use crate::snapshot::publisher::cluster_numbers;
+
+    #[test]
+    fn a_budget_becomes_the_cluster_object_the_dashboard_reads() {
+        let mut v = view();
+        v.record.pause_until_ms = 5;
+        v.record.pause_reason = "quota".into();
+        let h = hist(&[1_000, 2_000, 3_000, 40_000]);
+        let c = Cluster::new(&cluster_numbers(&v, &h), &v);
+        let mut json = serde_json::to_value(&c).unwrap();
+        // HDR quantiles are within 1%.
+        let rt = json["round_trip_ms"].take();
+        for (q, want) in [("p50", 2.0), ("p99", 40.0)] {
+            let got = rt[q].as_f64().unwrap();
+            assert!((got - want).abs() <= want * 0.01, "{q} {got}");
+        }
+        assert_eq!(rt["count"], 17);
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "budget": "shared-nv",
+                "replica": "host-a-12-00ff",
+                "mode": "shared",
+                "backend_up": true,
+                "replicas": 3,
+                "share": 0.5,
+                "shares": [
+                    {"replica": "host-a-12-00ff", "sends": 30},
+                    {"replica": "host-b-7-abcd", "sends": 20},
+                    {"replica": "host-c-9-0001", "sends": 10},
+                ],
+                "fallback_limit": 13,
+                "reserved": 4,
+                "learning": true,
+                "generation": "g-1",
+                "record": {
+                    "version": 7,
+                    "rate_rpm": 40.0,
+                    "bucket_capacity": 5,
+                    "window_secs": 60.0,
+                    "fallback": true,
+                    "learned": 36,
+                    "limit": 36,
+                    "source": "learned_429",
+                    "probing": false,
+                    "rpm": 36.0,
+                    "retreat_factor": 1.0,
+                    "pause_reason": "quota",
+                },
+                "leases": {"granted": 11, "partial": 2, "empty": 3, "returned": 4, "error": 1},
+                "round_trips": 17,
+                "admitted": 40,
+                "round_trip_ms": null,
+                "down_for_secs": null,
+            })
+        );
+    }
+
+    #[test]
+    fn before_redis_answers_the_record_generation_and_percentiles_are_null() {
+        let mut v = ClusterView::new("nvidia".into(), "me-1-0000".into());
+        v.down_for = Some(std::time::Duration::from_millis(2_500));
+        v.mode = Mode::Isolated;
+        let c = Cluster::new(&cluster_numbers(&v, &hist(&[])), &v);
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["mode"], "isolated");
+        assert_eq!(json["backend_up"], false);
+        assert_eq!(
+            json["shares"],
+            serde_json::json!([{"replica": "me-1-0000", "sends": 0}])
+        );
+        for key in ["record", "generation"] {
+            assert!(json[key].is_null(), "{key}: {json}");
+        }
+        assert!(json["round_trip_ms"]["p50"].is_null(), "{json}");
+        assert!(json["round_trip_ms"]["p99"].is_null(), "{json}");
+        assert_eq!(json["down_for_secs"], 2.5);
     }
 }

@@ -76,6 +76,8 @@ pub struct Panel {
     /// The learned limit ([`crate::limiter::PacingView`]), key scope. Per-model limits
     /// (`limit_scope = "model"`) are not in the snapshot yet.
     pub pacing: PacingPanel,
+    /// The shared budget (cluster mode); all zero when the provider paces alone.
+    pub cluster: ClusterPanel,
     /// Oldest first; the first `Snapshot::history_len` points are valid.
     pub history: [Point; HISTORY],
 }
@@ -104,6 +106,49 @@ pub struct PacingPanel {
     pub sent_in_window: u64,
     /// Limit changes since start.
     pub changes: u64,
+}
+
+/// A provider's shared budget at one tick ([`crate::budget::ClusterView`]), its numbers
+/// only: the names (budget, replica, generation, source, pause reason) and the
+/// per-replica shares vary in size, so the JSON reads them live when a frame is encoded.
+/// `present` is 0 (and so is everything else) when the provider has no budget.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
+pub struct ClusterPanel {
+    pub present: u64,
+    /// Index into `Mode::ALL`.
+    pub mode: u64,
+    /// 0 or 1.
+    pub backend_up: u64,
+    pub replicas: u64,
+    /// Sends per window: this replica's fallback share, and the shares reserved for
+    /// replicas that vanished.
+    pub fallback_limit: u64,
+    pub reserved: u64,
+    /// 0 or 1.
+    pub learning: u64,
+    /// The shared record; `record_version` 0: not read from Redis yet.
+    pub record_version: u64,
+    pub record_rate_rpm: f64,
+    pub record_bucket_capacity: u64,
+    pub record_window_s: f64,
+    /// 0 or 1.
+    pub record_fallback: u64,
+    pub record_learned: u64,
+    pub record_limit: u64,
+    /// 0 or 1.
+    pub record_probing: u64,
+    pub record_rpm: f64,
+    pub record_retreat_factor: f64,
+    /// Lease calls by result, in `LeaseCounts::labelled` order.
+    pub leases: [u64; 5],
+    pub round_trips: u64,
+    pub admitted: u64,
+    /// Round trips to Redis since start; `NaN` before the first.
+    pub round_trip_p50_ms: f64,
+    pub round_trip_p99_ms: f64,
+    /// Seconds Redis had not answered at its last failed call; `NaN` while it answers.
+    pub down_for_s: f64,
 }
 
 /// Everything the dashboard shows, at one tick.

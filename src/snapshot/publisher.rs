@@ -10,9 +10,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytemuck::Zeroable;
 
-use super::{PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
+use super::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
 use crate::app::App;
-use crate::limiter::{PacingView, Source};
+use crate::budget::{Budget, ClusterView};
+use crate::limiter::{Mode, PacingView, Source};
 
 /// A provider's pacing view at clock time `now`, as the snapshot holds it.
 fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
@@ -35,6 +36,54 @@ fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
             .map_or(0.0, |(_, until)| secs(until.saturating_sub(now))),
         sent_in_window: u64::from(v.sent_in_window),
         changes: v.changes,
+    }
+}
+
+/// A provider's shared budget, as the snapshot holds it (zero without one).
+fn cluster_panel(budget: Option<&Budget>) -> ClusterPanel {
+    match budget {
+        None => ClusterPanel::zeroed(),
+        Some(b) => cluster_numbers(&b.view(), &b.round_trips()),
+    }
+}
+
+/// The numbers of `v` and the round-trip percentiles of `round_trips` (microseconds).
+pub fn cluster_numbers(
+    v: &ClusterView,
+    round_trips: &hdrhistogram::Histogram<u64>,
+) -> ClusterPanel {
+    let r = &v.record;
+    let ms = |q: f64| {
+        if round_trips.is_empty() {
+            f64::NAN
+        } else {
+            round_trips.value_at_quantile(q) as f64 / 1e3
+        }
+    };
+    ClusterPanel {
+        present: 1,
+        mode: Mode::ALL.iter().position(|m| *m == v.mode).unwrap_or(1) as u64,
+        backend_up: u64::from(v.backend_up),
+        replicas: u64::from(v.replicas),
+        fallback_limit: u64::from(v.fallback_limit),
+        reserved: u64::from(v.reserved),
+        learning: u64::from(v.learning),
+        record_version: r.version,
+        record_rate_rpm: r.rate_rpm,
+        record_bucket_capacity: u64::from(r.bucket_capacity),
+        record_window_s: r.window.as_secs_f64(),
+        record_fallback: u64::from(r.fallback),
+        record_learned: u64::from(r.learned),
+        record_limit: u64::from(r.limit),
+        record_probing: u64::from(r.probing),
+        record_rpm: r.rpm,
+        record_retreat_factor: r.retreat_factor,
+        leases: v.leases.labelled().map(|(_, n)| n),
+        round_trips: v.round_trips,
+        admitted: v.admitted,
+        round_trip_p50_ms: ms(0.5),
+        round_trip_p99_ms: ms(0.99),
+        down_for_s: v.down_for.map_or(f64::NAN, |d| d.as_secs_f64()),
     }
 }
 
@@ -126,6 +175,7 @@ impl Publisher {
                 wait_p99_ms: nan(wait.quantile_ms(0.99)),
                 wait_count: wait.count(),
                 pacing: pacing_panel(&s.pacing, clock_now),
+                cluster: cluster_panel(provider.budget.as_deref()),
                 history: p.history,
             };
             let h = &mut self.history[i];

@@ -538,7 +538,7 @@ proptest! {
         let body = parts.concat();
         let _ = classify(status(429), &HeaderMap::new(), body.as_bytes());
         if let Some(s) = stated(body.as_bytes()) {
-            prop_assert!(s.try_again.map_or(true, |d| d < Duration::from_secs(86_400)));
+            prop_assert!(s.try_again.is_none_or(|d| d < Duration::from_secs(86_400)));
         }
     }
 

@@ -1,0 +1,529 @@
+-- The shared budget of one provider key, kept by Redis for every replica.
+--
+-- Every change goes through this one script (atomic; Redis TIME is the only clock), so no
+-- replica reads, decides and writes across round trips. All keys of a budget share one
+-- hash tag (one Cluster slot). Times are Redis milliseconds.
+--
+-- KEYS: gen, cfg, log, tot, live, share, demand, seeded, clock
+--   gen     generation id; missing = the state was lost (restart, failover, flush)
+--   cfg     the versioned record (hash): configuration, learned limit, retreat, pause, GCRA
+--   log     zset of grants: member "rid|seq|count", score = grant time
+--   tot     hash: "all" and each replica's sum of the counts in `log`
+--   live    zset rid -> last heartbeat
+--   share   hash rid -> the share (per window) the replica falls back to without Redis
+--   demand  hash rid -> requests offered per window
+--   seeded  set of replicas that reported their own recent sends in this generation
+--   clock   never set in service: tests set it to run the script on a fake clock
+-- ARGV: op, rid, gen_known, version_known, then the op's own arguments.
+--
+-- Reply (every op): { status, now, gen, version, granted, member, wait_ms, ttl_ms, live,
+--   share, learning, limit, rpm, factor, probing, pause_until, pause_reason, reserved,
+--   record (flat field/value list when version_known differs, else empty),
+--   shares (flat rid/count list when asked, else empty), start_in (ms until a lease
+--   may be used) }
+
+local K_GEN, K_CFG, K_LOG, K_TOT, K_LIVE, K_SHARE, K_DEMAND, K_SEEDED =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local op, rid, gen_known, ver_known = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or -1
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fake = redis.call('GET', KEYS[9])
+if fake then now = tonumber(fake) end
+
+local HB_TTL = 3000 -- a replica unseen this long is no longer live
+
+local cfg = {}
+local dirty = {}
+local bumped = false
+
+local function num(v, d)
+  v = tonumber(v)
+  if v == nil then return d end
+  return v
+end
+
+local function load_cfg()
+  local flat = redis.call('HGETALL', K_CFG)
+  if #flat == 0 then return false end
+  for i = 1, #flat, 2 do cfg[flat[i]] = flat[i + 1] end
+  return true
+end
+
+local function set(k, v)
+  cfg[k] = tostring(v)
+  dirty[k] = true
+end
+
+local function bump()
+  if not bumped then
+    bumped = true
+    set('version', num(cfg.version, 0) + 1)
+  end
+end
+
+local function save()
+  local args = {}
+  for k, _ in pairs(dirty) do
+    args[#args + 1] = k
+    args[#args + 1] = cfg[k]
+  end
+  if #args > 0 then redis.call('HSET', K_CFG, unpack(args)) end
+end
+
+local function window() return num(cfg.window_ms, 60000) end
+local function margin() return num(cfg.margin_ms, 300) end
+-- A lease is used within ttl of its grant, so a grant counts for its ttl plus the window
+-- plus the margin: long enough to cover the provider's window around any of its sends.
+local function ttl()
+  local x = math.floor(window() / 100)
+  if x < 20 then x = 20 end
+  if x > 2000 then x = 2000 end
+  return x
+end
+local function span() return window() + margin() + ttl() end
+-- The lease time of tokens for requests that already wait.
+local function short_ttl() return math.min(ttl(), 20) end
+
+local function ceiling()
+  local n = math.floor(num(cfg.rate_rpm, 40) * window() / 60000)
+  if n < 1 then n = 1 end
+  return n
+end
+
+local function probing() return num(cfg.probe_until, 0) > now end
+
+-- The per-window limit the cluster keeps to now.
+local function limit()
+  local c = ceiling()
+  local l = num(cfg.learned, 0)
+  if probing() or l <= 0 or l >= c then return c end
+  return l
+end
+
+-- Retreat: the factor after the last cut, recovering by steps after a quiet period.
+local function factor()
+  local f = num(cfg.cut_factor, 1)
+  local cut_at = num(cfg.cut_at, 0)
+  if f >= 1 or cut_at == 0 then return 1 end
+  local since = now - cut_at - num(cfg.quiet_ms, 30000)
+  if since < 0 then return f end
+  f = f + (math.floor(since / num(cfg.recovery_ms, 10000)) + 1) * num(cfg.step, 0.1)
+  if f > 1 then f = 1 end
+  return f
+end
+
+-- Requests per minute paced now: the limit spread over the window, times the factor.
+local function rpm()
+  local rate = num(cfg.rate_rpm, 40)
+  local l, c = limit(), ceiling()
+  local base = rate
+  if l < c then base = math.min(rate, l * 60000 / window()) end
+  return base * factor()
+end
+
+-- The largest lease: 1% of the window's limit (one token up to 199 a window).
+local function lease_max()
+  return math.max(1, math.floor(limit() / 100))
+end
+
+-- The cluster's bucket holds at least one full lease (and two tokens), so leases of
+-- that size can be granted and a slot the window guard made skip is caught up; the
+-- window guard still bounds every window.
+local function burst()
+  return math.max(num(cfg.capacity, 1), lease_max(), 2)
+end
+
+local function count_of(member)
+  return tonumber(string.match(member, '|(%d+)$')) or 0
+end
+local function rid_of(member)
+  return string.match(member, '^(.*)|[^|]*|%d+$') or ''
+end
+
+-- Drops grants that left the span, keeping the totals.
+local function trim()
+  local cutoff = now - span()
+  local old = redis.call('ZRANGEBYSCORE', K_LOG, '-inf', cutoff)
+  if #old == 0 then return end
+  local by = {}
+  local all = 0
+  for _, m in ipairs(old) do
+    local c = count_of(m)
+    local r = rid_of(m)
+    by[r] = (by[r] or 0) + c
+    all = all + c
+  end
+  redis.call('ZREMRANGEBYSCORE', K_LOG, '-inf', cutoff)
+  for r, c in pairs(by) do
+    if redis.call('HINCRBY', K_TOT, r, -c) <= 0 then redis.call('HDEL', K_TOT, r) end
+  end
+  if redis.call('HINCRBY', K_TOT, 'all', -all) < 0 then redis.call('HSET', K_TOT, 'all', 0) end
+end
+
+local function add_grant(r, member, score, c)
+  redis.call('ZADD', K_LOG, score, member)
+  redis.call('HINCRBY', K_TOT, 'all', c)
+  redis.call('HINCRBY', K_TOT, r, c)
+end
+
+-- Gives back `n` unused tokens of a lease (never sent, so never seen by the provider).
+local function give_back(member, n)
+  if member == nil or member == '' or n <= 0 then return 0 end
+  local score = redis.call('ZSCORE', K_LOG, member)
+  if not score then return 0 end
+  local c = count_of(member)
+  if n > c then n = c end
+  local r = rid_of(member)
+  redis.call('ZREM', K_LOG, member)
+  if c - n > 0 then
+    redis.call('ZADD', K_LOG, score, r .. '|' .. string.match(member, '^.*|([^|]*)|%d+$') .. '|' .. (c - n))
+  end
+  if redis.call('HINCRBY', K_TOT, 'all', -n) < 0 then redis.call('HSET', K_TOT, 'all', 0) end
+  if redis.call('HINCRBY', K_TOT, r, -n) <= 0 then redis.call('HDEL', K_TOT, r) end
+  -- The bucket gets the tokens back too.
+  local per = 60000 / rpm()
+  local tat = num(cfg.tat, now) - n * per
+  if tat < now then tat = now end
+  set('tat', tat)
+  return n
+end
+
+-- Live replicas, and the shares reserved for those that vanished: they may still be
+-- sending on their fallback share for `fallback_for_ms`, plus a window for those sends
+-- to leave the provider's count.
+local function members()
+  local gone_before = now - HB_TTL - num(cfg.fallback_for_ms, 120000) - span()
+  local dead = redis.call('ZRANGEBYSCORE', K_LIVE, '-inf', gone_before)
+  for _, r in ipairs(dead) do
+    redis.call('ZREM', K_LIVE, r)
+    redis.call('HDEL', K_SHARE, r)
+    redis.call('HDEL', K_DEMAND, r)
+    redis.call('SREM', K_SEEDED, r)
+  end
+  local live = redis.call('ZRANGEBYSCORE', K_LIVE, now - HB_TTL, '+inf')
+  local vanished = redis.call('ZRANGEBYSCORE', K_LIVE, '(' .. gone_before, '(' .. (now - HB_TTL))
+  local reserved = 0
+  for _, r in ipairs(vanished) do reserved = reserved + num(redis.call('HGET', K_SHARE, r), 0) end
+  return live, reserved
+end
+
+local function end_probe()
+  local until_ = num(cfg.probe_until, 0)
+  if until_ > 0 and until_ <= now then
+    -- Ended without a 429: the busiest span of the probe is proven safe.
+    local peak = num(cfg.probe_peak, 0)
+    local learned = num(cfg.learned, 0)
+    if learned > 0 and peak > learned then
+      if peak >= ceiling() then set('learned', 0) else set('learned', peak) end
+      set('source', 'probe')
+      set('changes', num(cfg.changes, 0) + 1)
+      bump()
+    end
+    set('probe_until', 0)
+    set('probe_peak', 0)
+  end
+end
+
+local function pause(until_, reason)
+  if until_ > num(cfg.pause_until, 0) then
+    set('pause_until', math.floor(until_))
+    set('pause_reason', reason)
+  end
+end
+
+local live_n, share_n, reserved_n, learning_n = 0, 0, 0, 0
+local function refresh_members()
+  local live, reserved = members()
+  live_n = #live
+  reserved_n = reserved
+  local n = live_n
+  if n < 1 then n = 1 end
+  share_n = math.floor(limit() / n)
+  learning_n = (now < num(cfg.learning_until, 0)) and 1 or 0
+  return live
+end
+
+local function flat_cfg()
+  if num(cfg.version, 0) == ver_known then return {} end
+  local out = {}
+  for k, v in pairs(cfg) do
+    out[#out + 1] = k
+    out[#out + 1] = v
+  end
+  return out
+end
+
+local start_in = 0
+local lease_ttl = nil
+local function reply(status, gen, granted, member, wait, shares)
+  save()
+  return { status, now, gen or '', num(cfg.version, 0), granted or 0, member or '',
+    math.floor(wait or 0), lease_ttl or ttl(), live_n, share_n, learning_n, limit(),
+    tostring(rpm()), tostring(factor()), probing() and 1 or 0, num(cfg.pause_until, 0),
+    cfg.pause_reason or '', reserved_n, flat_cfg(), shares or {}, start_in }
+end
+
+-- === join: create the record (or read it), start a generation if the state was lost ===
+if op == 'join' then
+  local gen = redis.call('GET', K_GEN)
+  local new_gen = false
+  if not gen then
+    -- Whatever is left of an old generation cannot be trusted: start empty.
+    redis.call('DEL', K_LOG, K_TOT, K_SEEDED)
+    gen = tostring(now)
+    redis.call('SET', K_GEN, gen)
+    new_gen = true
+  end
+  local created = 0
+  if not load_cfg() then
+    for i = 5, #ARGV - 1, 2 do set(ARGV[i], ARGV[i + 1]) end
+    set('version', 1)
+    set('next_probe', now + num(cfg.probe_interval_ms, 600000))
+    created = 1
+    new_gen = true
+  end
+  if new_gen then
+    -- One window of learning mode: each replica reports its own recent sends before it
+    -- gets a lease, and none takes more than its share until the window has passed. The
+    -- bucket starts empty: a missing key must never read as a full bucket.
+    set('learning_until', now + span())
+    local per = 60000 / rpm()
+    set('tat', now + burst() * per)
+    set('probe_until', 0)
+  end
+  redis.call('ZADD', K_LIVE, now, rid)
+  refresh_members()
+  local r = reply(created == 1 and 'created' or 'joined', gen, 0, '', 0, {})
+  r[19] = flat_cfg()
+  if #r[19] == 0 then
+    ver_known = -1
+    r[19] = flat_cfg()
+  end
+  return r
+end
+
+-- Every other op needs the generation the replica knows.
+local gen = redis.call('GET', K_GEN)
+if not gen or not load_cfg() then
+  return { 'lost', now, '', 0, 0, '', 0, 20, 0, 0, 0, 0, '0', '1', 0, 0, '', 0, {}, {}, 0 }
+end
+if gen ~= gen_known and op ~= 'seed' and op ~= 'leave' then
+  refresh_members()
+  return reply('gen', gen, 0, '', 0, {})
+end
+
+if op == 'seed' then
+  -- ARGV[5] = the generation seeded, then (age_ms, count) pairs: this replica's own sends
+  -- still in the span, from its local send log.
+  if ARGV[5] ~= gen then
+    refresh_members()
+    return reply('gen', gen, 0, '', 0, {})
+  end
+  trim()
+  local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+  for i = 6, #ARGV - 1, 2 do
+    local age, c = num(ARGV[i], 0), math.floor(num(ARGV[i + 1], 0))
+    if c > 0 then
+      add_grant(rid, rid .. '|s' .. seq .. '.' .. i .. '|' .. c, now - age, c)
+    end
+  end
+  redis.call('SADD', K_SEEDED, rid)
+  redis.call('ZADD', K_LIVE, now, rid)
+  refresh_members()
+  return reply('seeded', gen, 0, '', 0, {})
+end
+
+if op == 'leave' then
+  give_back(ARGV[5], num(ARGV[6], 0))
+  redis.call('ZREM', K_LIVE, rid)
+  redis.call('HDEL', K_SHARE, rid)
+  redis.call('HDEL', K_DEMAND, rid)
+  refresh_members()
+  return reply('left', gen, 0, '', 0, {})
+end
+
+if op == 'lease' then
+  -- ARGV: 5 want, 6 demand (offered per window), 7 requests waiting, 8 member to give back,
+  -- 9 how many, 10 live replicas this replica last knew, 11 want the shares (0/1)
+  local want = math.floor(num(ARGV[5], 0))
+  local demand = num(ARGV[6], 0)
+  local queued = math.floor(num(ARGV[7], 0))
+  local waiting = queued > 0
+  redis.call('ZADD', K_LIVE, now, rid)
+  redis.call('HSET', K_DEMAND, rid, tostring(demand))
+  trim()
+  give_back(ARGV[8], num(ARGV[9], 0))
+  end_probe()
+  local live = refresh_members()
+  redis.call('HSET', K_SHARE, rid, share_n)
+  local learned = num(cfg.learned, 0)
+  if waiting and learned > 0 and learned < ceiling() and not probing()
+      and now >= num(cfg.next_probe, 0) and now >= num(cfg.last_429, 0) + window()
+      and num(cfg.pause_until, 0) <= now then
+    -- Requests wait for the learned limit: try the ceiling for one window, once per
+    -- probe interval for the whole cluster.
+    set('probe_until', now + window() + margin())
+    set('probe_peak', 0)
+    set('next_probe', now + num(cfg.probe_interval_ms, 600000))
+    bump()
+  end
+  local granted, member, wait = 0, '', 0
+  lease_ttl = ttl()
+  local pause_until = num(cfg.pause_until, 0)
+  if want > 0 then
+    local seeded = redis.call('SISMEMBER', K_SEEDED, rid) == 1
+    if pause_until > now then
+      wait = pause_until - now
+    elseif learning_n == 1 and not seeded then
+      refresh_members()
+      return reply('seed', gen, 0, '', 0, {})
+    else
+      local lim = limit()
+      local total = num(redis.call('HGET', K_TOT, 'all'), 0)
+      local mine = num(redis.call('HGET', K_TOT, rid), 0)
+      local room = lim - reserved_n - total
+      local g = math.min(want, room)
+      -- Shares follow offered load: a replica takes at most its demand's part of the
+      -- limit while others want some too (demand: requests offered per window).
+      local sum = 0
+      for _, r in ipairs(live) do sum = sum + num(redis.call('HGET', K_DEMAND, r), 0) end
+      local fair = want
+      -- Only while the window is nearly full: before that the bucket binds, and leases
+      -- sized to each replica's rate already follow offered load.
+      if #live > 1 and sum > 0 and demand > 0 and total + want > 0.9 * lim then
+        fair = math.ceil(lim * demand / sum) - mine
+      end
+      if learning_n == 1 then
+        local n = math.max(#live, num(ARGV[10], 1), 1)
+        fair = math.min(fair, math.floor(lim / n) - mine)
+      end
+      if fair < g then g = fair end
+      local per = 60000 / rpm()
+      local cap = burst()
+      local tat = math.max(num(cfg.tat, now), now)
+      -- A lease may be scheduled up to `ahead` from now: the bucket's tokens for it are
+      -- taken at once, and the replica uses them from `start`. Replicas that want tokens
+      -- at the same time get consecutive slots instead of polling for single tokens.
+      local ahead = ttl()
+      local avail = math.floor((now + ahead - tat + cap * per) / per)
+      local least = math.min(want, math.max(1, math.floor(lease_max() / 2)))
+      if avail < least then avail = 0 end
+      if avail < g then g = avail end
+      if g > 0 then
+        local start = math.max(now, math.floor(tat + g * per - cap * per + 0.999))
+        local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+        member = rid .. '|' .. seq .. '|' .. g
+        -- Tokens for requests already waiting go out at once: such a lease is usable
+        -- for a short time only, and counts that much less (its score is moved back).
+        if g <= queued then lease_ttl = short_ttl() end
+        add_grant(rid, member, start - (ttl() - lease_ttl), g)
+        tat = tat + g * per
+        set('tat', tat)
+        granted = g
+        start_in = start - now
+        if probing() and total + g > num(cfg.probe_peak, 0) then set('probe_peak', total + g) end
+      else
+        g = 0
+      end
+      if granted < want then
+        -- When asking again can be granted: the bucket's next lease, a grant leaving
+        -- the window, or this replica's part freeing up, whichever binds.
+        if avail <= g then wait = math.max(wait, tat + least * per - cap * per - now - ahead) end
+        if room <= g or fair <= g then
+          local oldest = redis.call('ZRANGE', K_LOG, 0, 0, 'WITHSCORES')
+          if #oldest == 2 then wait = math.max(wait, num(oldest[2], now) + span() - now) end
+        end
+        if wait < 1 then wait = 1 end
+      end
+    end
+  end
+  local shares = {}
+  if ARGV[11] == '1' then shares = redis.call('HGETALL', K_TOT) end
+  return reply('ok', gen, granted, member, wait, shares)
+end
+
+if op == 'refused' then
+  -- ARGV: 5 kind (rate | retreat | quota | header), 6 sent_at (Redis ms) or the header's
+  -- per-window limit, 7 retry_after_ms (-1: none) or the quota's reset
+  local kind = ARGV[5]
+  local a = num(ARGV[6], now)
+  local retry = num(ARGV[7], -1)
+  trim()
+  end_probe()
+  if kind == 'rate' then
+    -- The provider refused the k-th send of its window: it allows k - 1.
+    local k = 0
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', K_LOG, '(' .. (a - window()), a)) do
+      k = k + count_of(m)
+    end
+    -- A send made before this generation (reported after Redis lost the state), or
+    -- one the log does not hold, teaches nothing: only the pause applies.
+    if k < 1 or a < num(gen, 0) then k = ceiling() + 2 end
+    local new = math.max(1, k - 1)
+    local learned = num(cfg.learned, 0)
+    local base = (learned > 0) and learned or ceiling()
+    if probing() then
+      set('probe_until', 0)
+      set('probe_peak', 0)
+      bump()
+    end
+    if new < base then
+      set('learned', new)
+      set('source', 'learned_429')
+      set('changes', num(cfg.changes, 0) + 1)
+      bump()
+    end
+    set('last_429', now)
+    if retry < 0 then retry = num(cfg.default_pause_ms, 1000) end
+    pause(now + retry, 'retry_after')
+  elseif kind == 'retreat' then
+    local cut_at = num(cfg.cut_at, 0)
+    if cut_at == 0 or now - cut_at >= math.floor(window() / 60) then
+      local f = factor() * num(cfg.retreat_factor, 0.5)
+      local floor_ = num(cfg.retreat_floor, 0.1)
+      if f < floor_ then f = floor_ end
+      set('cut_factor', f)
+      set('cut_at', now)
+      bump()
+    end
+    if retry < 0 then retry = num(cfg.default_pause_ms, 1000) end
+    pause(now + retry, 'overload')
+  elseif kind == 'quota' then
+    pause(now + math.max(retry, 0), 'quota')
+  elseif kind == 'header' then
+    local l = math.floor(a)
+    if l >= 1 and l ~= num(cfg.learned, 0) then
+      set('learned', l)
+      set('source', 'header')
+      set('changes', num(cfg.changes, 0) + 1)
+      bump()
+    end
+  end
+  refresh_members()
+  return reply('ok', gen, 0, '', 0, {})
+end
+
+if op == 'configure' then
+  -- ARGV: field/value pairs (rate_rpm, capacity, fallback).
+  for i = 5, #ARGV - 1, 2 do
+    local f = ARGV[i]
+    if f == 'rate_rpm' or f == 'capacity' or f == 'fallback' then set(f, ARGV[i + 1]) end
+  end
+  bump()
+  refresh_members()
+  return reply('ok', gen, 0, '', 0, {})
+end
+
+if op == 'forget' then
+  set('learned', 0)
+  set('source', 'config')
+  set('probe_until', 0)
+  set('probe_peak', 0)
+  set('changes', num(cfg.changes, 0) + 1)
+  bump()
+  refresh_members()
+  return reply('ok', gen, 0, '', 0, {})
+end
+
+return redis.error_reply('ERR unknown budget op ' .. tostring(op))

@@ -6,13 +6,13 @@
 //! touches atomics: one load for the mode, one CAS for a token. When the pot runs low it
 //! raises a flag and wakes the task, which leases more before the last token goes.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 use crossbeam_utils::CachePadded;
 
+use super::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use super::Event;
 
 /// How a replica in cluster mode gets its tokens.

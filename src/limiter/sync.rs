@@ -2,9 +2,13 @@
 //! (`RUSTFLAGS="--cfg sidecar_loom" cargo test --release --lib loom`).
 
 #[cfg(sidecar_loom)]
-pub use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+pub use loom::sync::atomic::{
+    fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 #[cfg(not(sidecar_loom))]
-pub use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+pub use std::sync::atomic::{
+    fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 /// One turn of a spin-wait: under loom a yield, so the model checker lets the thread
 /// being waited on run instead of exploring an endless spin.

@@ -127,6 +127,11 @@ local function lease_max()
   return math.max(1, math.floor(limit() / 100))
 end
 
+-- The least worth granting: half a full lease, or all that is wanted.
+local function least_of(want)
+  return math.min(want, math.max(1, math.floor(lease_max() / 2)))
+end
+
 -- The cluster's bucket holds at least one full lease (and two tokens), so leases of
 -- that size can be granted and a slot the window guard made skip is caught up; the
 -- window guard still bounds every window.
@@ -389,6 +394,7 @@ if op == 'lease' then
       local sum = 0
       for _, r in ipairs(live) do sum = sum + num(redis.call('HGET', K_DEMAND, r), 0) end
       local fair = want
+      local recent_bound = false
       -- Only while the window is nearly full: before that the bucket binds, and leases
       -- sized to each replica's rate already follow offered load.
       if #live > 1 and sum > 0 and demand > 0 and total + want > 0.9 * lim then
@@ -398,7 +404,6 @@ if op == 'lease' then
         local n = math.max(#live, num(ARGV[10], 1), 1)
         fair = math.min(fair, math.floor(lim / n) - mine)
       end
-      if fair < g then g = fair end
       local per = 60000 / rpm()
       local cap = burst()
       local tat = math.max(num(cfg.tat, now), now)
@@ -406,8 +411,23 @@ if op == 'lease' then
       -- taken at once, and the replica uses them from `start`. Replicas that want tokens
       -- at the same time get consecutive slots instead of polling for single tokens.
       local ahead = ttl()
+      -- While the bucket is what binds (it cannot give what is wanted now), a replica
+      -- takes at most its demand's part of what the bucket gave over the last second.
+      if #live > 1 and sum > 0 and demand > 0 and tat + want * per - cap * per > now then
+        local recent = 0
+        for _, m in ipairs(redis.call('ZRANGEBYSCORE', K_LOG, now - 1000, '+inf')) do
+          if rid_of(m) == rid then recent = recent + count_of(m) end
+        end
+        local part = math.ceil((1000 + ahead) / per * demand / sum)
+        local left = math.max(part, least_of(want)) - recent
+        if left < fair then
+          fair = left
+          recent_bound = true
+        end
+      end
+      if fair < g then g = fair end
       local avail = math.floor((now + ahead - tat + cap * per) / per)
-      local least = math.min(want, math.max(1, math.floor(lease_max() / 2)))
+      local least = least_of(want)
       if avail < least then avail = 0 end
       if avail < g then g = avail end
       if g > 0 then
@@ -430,7 +450,10 @@ if op == 'lease' then
         -- When asking again can be granted: the bucket's next lease, a grant leaving
         -- the window, or this replica's part freeing up, whichever binds.
         if avail <= g then wait = math.max(wait, tat + least * per - cap * per - now - ahead) end
-        if room <= g or fair <= g then
+        if recent_bound and fair <= g then
+          -- Back when the bucket has made a lease for the others.
+          wait = math.max(wait, least_of(want) * per)
+        elseif room <= g or fair <= g then
           local oldest = redis.call('ZRANGE', K_LOG, 0, 0, 'WITHSCORES')
           if #oldest == 2 then wait = math.max(wait, num(oldest[2], now) + span() - now) end
         end

@@ -45,6 +45,7 @@ than 200, 429 and 504. No redis-server: the scenario fails, saying how to instal
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -436,7 +437,15 @@ def run(lt, free_port, cpu) -> None:
     prefix = f"loadtest-{int(time.time())}-"
     try:
         for rpm in a.cluster_rates:
-            res["rates"].append(c.run_rate(rpm, prefix))
+            # single, cluster, single, cluster…: the CPU ratio is the median of the pairs.
+            ratios = []
+            for k in range(max(1, a.cluster_repeats)):
+                r = c.run_rate(rpm, f"{prefix}{k}-")
+                res["rates"].append(r)
+                if r.get("cpu_cluster_vs_single"):
+                    ratios.append(r["cpu_cluster_vs_single"])
+            if ratios:
+                res.setdefault("cpu_ratio", {})[rpm] = {"median": statistics.median(ratios), "each": ratios}
     finally:
         lt.stop("cluster", c.redis)
 
@@ -511,4 +520,8 @@ def report(c: dict) -> list[str]:
                  f"≥ {1 - UNDER_MAX:g}: {'met' if floor_ok else 'NOT met'}); {fmt(rt, '{:.3f}')} Redis round trips per "
                  f"admitted request (≤ {RT_MAX:g}: {'met' if ok_rt else 'NOT met'}); proxy CPU per admitted request "
                  f"{fmt(r.get('cpu_cluster_vs_single'), '{:.2f}')}× single mode's")
+    for rpm, x in c.get("cpu_ratio", {}).items():
+        each = ", ".join(f"{v:.2f}" for v in x["each"])
+        L.append(f"- {rpm:,} RPM: proxy CPU per admitted request, cluster ÷ single, median of {len(x['each'])} "
+                 f"alternated pairs: {x['median']:.2f}× ({each})")
     return L

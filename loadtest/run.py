@@ -1066,6 +1066,8 @@ def main() -> int:
                     help="pacing: also run situation 1 in real time (600 RPM, 60 s window, 3 minutes)")
     ap.add_argument("--pacing-situations", help="pacing: comma-separated subset of its situations (1,2-bare,2-openai,3,4,5,1-realtime)")
     ap.add_argument("--pacing-serial", action="store_true", help="pacing: one situation after the other instead of side by side")
+    ap.add_argument("--cluster-repeats", type=int, default=1,
+                    help="cluster: alternated single/cluster pairs per budget (the CPU ratio is their median)")
     ap.add_argument("--cluster-rates", default="6000,60000",
                     help="cluster: comma-separated budgets in RPM, each run single then cluster")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")

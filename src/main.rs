@@ -143,10 +143,24 @@ fn main() -> ExitCode {
             tracing::info!(
                 listen = %running.local_addr,
                 workers = app.config.workers.get(),
-                providers = ?app.providers.iter().map(|p| (p.name.to_string(), p.config.upstream.display(), p.config.api_key.as_ref().map(|k| k.masked()))).collect::<Vec<_>>(),
+                providers = app.providers.len(),
                 "nvidia-sidecar listening"
             );
-            tracing::info!(metrics = ?running.metrics_addr, "metrics listening");
+            for p in &app.providers {
+                tracing::info!(
+                    provider = &*p.name,
+                    upstream = %p.config.upstream.display(),
+                    api_key = p.config.api_key.as_ref().map_or_else(|| "none (the client's passes through)".to_owned(), |k| k.masked()),
+                    rate_rpm = p.config.rate_rpm,
+                    window_secs = p.config.window.as_secs_f64(),
+                    models = p.config.models.join(","),
+                    "provider"
+                );
+            }
+            match running.metrics_addr {
+                Some(addr) => tracing::info!(metrics = %addr, "metrics listening"),
+                None => tracing::info!("metrics listener off"),
+            }
             let budgets = match nvidia_sidecar::budget::Runner::spawn(&app) {
                 Ok(r) => r,
                 Err(e) => {
@@ -158,7 +172,7 @@ fn main() -> ExitCode {
                 tracing::info!(
                     redis = redis.url.masked(),
                     prefix = %redis.prefix,
-                    budgets = ?app.providers.iter().map(|p| p.config.budget.as_str()).collect::<Vec<_>>(),
+                    budgets = app.providers.iter().map(|p| p.config.budget.as_str()).collect::<Vec<_>>().join(","),
                     "shared budget: pacing with the other replicas through Redis"
                 );
             }
@@ -167,7 +181,10 @@ fn main() -> ExitCode {
                 mode => tracing::info!(admin = mode.describe(), "admin API"),
             }
             rt.block_on(serve_signals(&cli, &app));
-            tracing::info!(grace = ?app.config.timeouts.shutdown_grace, "shutting down: draining connections");
+            tracing::info!(
+                grace_secs = app.config.timeouts.shutdown_grace.as_secs_f64(),
+                "shutting down: draining connections"
+            );
             running.stop();
             if let Some(b) = budgets {
                 b.stop();

@@ -206,3 +206,61 @@ fn settings_prints_the_markdown_table_of_every_variable() {
         run.stdout
     );
 }
+
+/// The start-up log is structured fields a log pipeline can index: addresses as text, one
+/// line per provider with its key masked; no Rust debug formatting (`Some(…)`, quoted
+/// tuples).
+#[test]
+fn the_start_up_log_has_plain_fields() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SIDECAR_LISTEN_PORT", "0")
+        .env("SIDECAR_METRICS_PORT", "0")
+        .env("SIDECAR_WORKERS", "1")
+        .env("SIDECAR_LOG_FORMAT", "json")
+        .env("SIDECAR_UPSTREAM_URL", "http://127.0.0.1:9/v1")
+        .env("SIDECAR_UPSTREAM_API_KEY", "nvapi-startup-log-secret-0001")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log goes to stderr.
+    let out = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    for line in out.lines() {
+        let line = line.unwrap();
+        let done = line.contains("metrics listening");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = lines.join("\n");
+    let field = |needle: &str, key: &str| -> serde_json::Value {
+        let line = lines.iter().find(|l| l.contains(needle)).expect(needle);
+        serde_json::from_str::<serde_json::Value>(line).unwrap()[key].clone()
+    };
+    assert!(!text.contains("Some("), "{text}");
+    assert!(
+        !text.contains("\\\""),
+        "a field holds quoted debug text: {text}"
+    );
+    assert!(!text.contains("startup-log-secret"), "{text}");
+    let metrics = field("metrics listening", "metrics");
+    assert!(
+        metrics
+            .as_str()
+            .is_some_and(|m| m.parse::<std::net::SocketAddr>().is_ok()),
+        "{metrics}"
+    );
+    assert_eq!(field("\"provider\"", "provider"), "nvidia");
+    assert_eq!(field("\"provider\"", "api_key"), "nvap****");
+    assert_eq!(field("\"provider\"", "upstream"), "http://127.0.0.1:9/v1");
+}

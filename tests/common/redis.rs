@@ -315,10 +315,7 @@ impl Replica {
                     addr = field(line, "listen").and_then(|a| a.parse().ok());
                 }
                 if line.contains("metrics listening") {
-                    metrics = field(line, "metrics")
-                        .and_then(|m| m.strip_prefix("Some("))
-                        .and_then(|m| m.strip_suffix(')'))
-                        .and_then(|a| a.parse().ok());
+                    metrics = field(line, "metrics").and_then(|a| a.parse().ok());
                 }
             }
             if let Some(status) = child.try_wait().unwrap() {

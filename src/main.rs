@@ -39,14 +39,37 @@ enum Command {
     Settings,
 }
 
-fn load(cli: &Cli) -> Result<Config, ExitCode> {
+/// `SIDECAR_*` variables set, each with where: the environment or `.env`.
+type Variables = Vec<(String, &'static str)>;
+
+/// The configuration, and the `SIDECAR_*` variables set (to warn about those no setting
+/// reads once logging runs).
+fn load(cli: &Cli) -> Result<(Config, Variables), ExitCode> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    let loaded = ProcessEnv::with_dotenv(&cwd)
-        .and_then(|env| config::load(cli.config.as_deref(), &env, cli.settings.clone()));
+    let loaded = ProcessEnv::with_dotenv(&cwd).and_then(|env| {
+        let config = config::load(cli.config.as_deref(), &env, cli.settings.clone())?;
+        Ok((config, env.sidecar_names()))
+    });
     loaded.map_err(|e| {
         eprintln!("nvidia-sidecar: {e}");
         ExitCode::from(2)
     })
+}
+
+/// One warning per `SIDECAR_*` variable that no setting reads, naming the closest one.
+fn warn_unknown_variables(names: &[(String, &'static str)]) {
+    for (name, from) in names {
+        if let Some((name, closest)) = config::unknown_variable(name) {
+            match closest {
+                Some(c) => {
+                    tracing::warn!(variable = %name, set_in = from, did_you_mean = c, "unknown variable, ignored")
+                }
+                None => {
+                    tracing::warn!(variable = %name, set_in = from, "unknown variable, ignored (`nvidia-sidecar settings` lists them all)")
+                }
+            }
+        }
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -108,7 +131,7 @@ fn main() -> ExitCode {
         print!("{}", config::markdown_table());
         return ExitCode::SUCCESS;
     }
-    let config = match load(&cli) {
+    let (config, variables) = match load(&cli) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -120,6 +143,7 @@ fn main() -> ExitCode {
             (None, None)
         }
     };
+    warn_unknown_variables(&variables);
     let Ok(rt) = runtime() else {
         eprintln!("nvidia-sidecar: cannot start the runtime");
         return ExitCode::FAILURE;

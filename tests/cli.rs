@@ -264,3 +264,42 @@ fn the_start_up_log_has_plain_fields() {
     assert_eq!(field("\"provider\"", "api_key"), "nvap****");
     assert_eq!(field("\"provider\"", "upstream"), "http://127.0.0.1:9/v1");
 }
+
+/// A misspelled variable is not ignored without a word: one warning names it and the
+/// setting it was probably meant to be.
+#[test]
+fn a_misspelled_variable_is_a_warning_naming_the_closest_setting() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SIDECAR_LISTEN_PORT", "0")
+        .env("SIDECAR_METRICS_PORT", "0")
+        .env("SIDECAR_WORKERS", "1")
+        .env("SIDECAR_LOG_FORMAT", "json")
+        .env("SIDECAR_RATE_RMP", "10")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut warning = None;
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("unknown variable") {
+            warning = Some(line.clone());
+        }
+        if line.contains("metrics listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let w: serde_json::Value = serde_json::from_str(&warning.expect("a warning")).unwrap();
+    assert_eq!(w["level"], "WARN");
+    assert_eq!(w["variable"], "SIDECAR_RATE_RMP");
+    assert_eq!(w["did_you_mean"], "SIDECAR_RATE_RPM");
+    assert_eq!(w["set_in"], "environment");
+}

@@ -253,6 +253,21 @@ impl FileConfig {
     }
 }
 
+/// A `SIDECAR_*` variable no setting reads (a typo, or a setting of another version):
+/// the variable and the closest known one, if any is close.
+pub fn unknown_variable(name: &str) -> Option<(String, Option<&'static str>)> {
+    if !name.starts_with("SIDECAR_") || SETTINGS.iter().any(|s| s.env == name) {
+        return None;
+    }
+    let closest = SETTINGS
+        .iter()
+        .map(|s| (strsim::damerau_levenshtein(name, s.env), s.env))
+        .min()
+        .filter(|(d, _)| *d <= 3)
+        .map(|(_, env)| env);
+    Some((name.to_owned(), closest))
+}
+
 /// Loads the configuration from all layers.
 pub fn load(
     file: Option<&Path>,

@@ -46,6 +46,25 @@ impl ProcessEnv {
     }
 }
 
+impl ProcessEnv {
+    /// The `SIDECAR_*` variables set, each with where it was set: the process
+    /// environment or the `.env` file (the environment wins when both set one).
+    pub fn sidecar_names(&self) -> Vec<(String, &'static str)> {
+        let mut out: Vec<(String, &'static str)> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| k.starts_with("SIDECAR_"))
+            .map(|k| (k, "environment"))
+            .collect();
+        for k in self.dotenv.keys().filter(|k| k.starts_with("SIDECAR_")) {
+            if !out.iter().any(|(o, _)| o == k) {
+                out.push((k.clone(), ".env"));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
 impl EnvSource for ProcessEnv {
     fn var(&self, key: &str) -> Option<String> {
         std::env::var(key)

@@ -1243,3 +1243,21 @@ fn limit_scope_model_is_refused_with_a_redis_url() {
     let c = load_env(&[("SIDECAR_LIMIT_SCOPE", "key"), redis]).unwrap();
     assert!(c.redis.is_some());
 }
+
+#[test]
+fn an_unknown_variable_names_the_closest_setting() {
+    assert_eq!(
+        super::unknown_variable("SIDECAR_RATE_RMP"),
+        Some(("SIDECAR_RATE_RMP".to_owned(), Some("SIDECAR_RATE_RPM")))
+    );
+    assert_eq!(
+        super::unknown_variable("SIDECAR_RATE_RPM"),
+        None,
+        "a setting"
+    );
+    assert_eq!(super::unknown_variable("NVIDIA_API_KEY"), None, "not ours");
+    assert_eq!(
+        super::unknown_variable("SIDECAR_SOMETHING_ELSE_ENTIRELY"),
+        Some(("SIDECAR_SOMETHING_ELSE_ENTIRELY".to_owned(), None))
+    );
+}

@@ -207,32 +207,28 @@ fn settings_prints_the_markdown_table_of_every_variable() {
     );
 }
 
-/// The start-up log is structured fields a log pipeline can index: addresses as text, one
-/// line per provider with its key masked; no Rust debug formatting (`Some(…)`, quoted
-/// tuples).
-#[test]
-fn the_start_up_log_has_plain_fields() {
+/// Starts the binary serving on free ports with `vars` (and JSON logs), reads its log
+/// (stderr) up to the `metrics listening` line, stops it and returns those lines.
+fn start_up_lines(vars: &[(&str, &str)]) -> Vec<String> {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
-        .current_dir(dir.path())
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
+    cmd.current_dir(dir.path())
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("SIDECAR_LISTEN_PORT", "0")
         .env("SIDECAR_METRICS_PORT", "0")
         .env("SIDECAR_WORKERS", "1")
         .env("SIDECAR_LOG_FORMAT", "json")
-        .env("SIDECAR_UPSTREAM_URL", "http://127.0.0.1:9/v1")
-        .env("SIDECAR_UPSTREAM_API_KEY", "nvapi-startup-log-secret-0001")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The log goes to stderr.
-    let out = std::io::BufReader::new(child.stderr.take().unwrap());
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut lines = Vec::new();
-    for line in out.lines() {
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         let done = line.contains("metrics listening");
         lines.push(line);
@@ -242,6 +238,18 @@ fn the_start_up_log_has_plain_fields() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    lines
+}
+
+/// The start-up log is structured fields a log pipeline can index: addresses as text, one
+/// line per provider with its key masked; no Rust debug formatting (`Some(…)`, quoted
+/// tuples).
+#[test]
+fn the_start_up_log_has_plain_fields() {
+    let lines = start_up_lines(&[
+        ("SIDECAR_UPSTREAM_URL", "http://127.0.0.1:9/v1"),
+        ("SIDECAR_UPSTREAM_API_KEY", "nvapi-startup-log-secret-0001"),
+    ]);
     let text = lines.join("\n");
     let field = |needle: &str, key: &str| -> serde_json::Value {
         let line = lines.iter().find(|l| l.contains(needle)).expect(needle);
@@ -269,35 +277,12 @@ fn the_start_up_log_has_plain_fields() {
 /// setting it was probably meant to be.
 #[test]
 fn a_misspelled_variable_is_a_warning_naming_the_closest_setting() {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("SIDECAR_LISTEN_PORT", "0")
-        .env("SIDECAR_METRICS_PORT", "0")
-        .env("SIDECAR_WORKERS", "1")
-        .env("SIDECAR_LOG_FORMAT", "json")
-        .env("SIDECAR_RATE_RMP", "10")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut warning = None;
-    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.contains("unknown variable") {
-            warning = Some(line.clone());
-        }
-        if line.contains("metrics listening") {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let w: serde_json::Value = serde_json::from_str(&warning.expect("a warning")).unwrap();
+    let lines = start_up_lines(&[("SIDECAR_RATE_RMP", "10")]);
+    let warning = lines
+        .iter()
+        .find(|l| l.contains("unknown variable"))
+        .expect("a warning");
+    let w: serde_json::Value = serde_json::from_str(warning).unwrap();
     assert_eq!(w["level"], "WARN");
     assert_eq!(w["variable"], "SIDECAR_RATE_RMP");
     assert_eq!(w["did_you_mean"], "SIDECAR_RATE_RPM");

@@ -299,7 +299,11 @@ impl App {
             started,
             hot: HotConfig::new(Hot::of(&config)),
             log_level: OnceLock::new(),
-            admin: crate::admin::auth::Mode::new(config.admin_token.as_ref(), config.listen.ip()),
+            admin: crate::admin::auth::Mode::new(
+                config.admin_token.as_ref(),
+                config.listen.ip(),
+                config.admin_loopback_reads,
+            ),
             connector: Connector::with_extra_roots(config.timeouts.connect, &config.upstream_ca),
             readiness: Readiness::default(),
             router,

@@ -65,8 +65,7 @@ pub async fn run(
         p.upstream = upstream.clone();
     }
     let app = App::new(config);
-    let sidecar = server::start_proxy(Arc::clone(&app))
-        .map_err(|e| format!("cannot listen on {}: {e}", app.config.listen))?;
+    let sidecar = server::start_proxy(Arc::clone(&app)).map_err(|e| e.to_string())?;
     let addr = sidecar.local_addr;
     println!("nvidia-sidecar demo");
     println!(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nvidia_sidecar::admin::{self, auth::Mode};
+use nvidia_sidecar::admin;
 use nvidia_sidecar::config::{self, Config, ProcessEnv, Settings};
 use nvidia_sidecar::{app::App, demo, logging, mock, server};
 
@@ -144,6 +144,13 @@ fn main() -> ExitCode {
         }
     };
     warn_unknown_variables(&variables);
+    for (flag, instead) in config::secret_flags(&cli.settings) {
+        tracing::warn!(
+            flag,
+            instead,
+            "a secret given as a command-line flag is visible to other users of this machine (ps, /proc); use a file or the environment instead"
+        );
+    }
     let Ok(rt) = runtime() else {
         eprintln!("nvidia-sidecar: cannot start the runtime");
         return ExitCode::FAILURE;
@@ -157,10 +164,17 @@ fn main() -> ExitCode {
             let running = match server::start_proxy(app.clone()) {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!(
-                        "nvidia-sidecar: cannot listen on {}: {e}",
-                        app.config.listen
-                    );
+                    // Name the settings that made the address, as the user wrote them.
+                    let named: Vec<String> = e
+                        .listener
+                        .settings()
+                        .iter()
+                        .map(|key| {
+                            let (name, at) = app.config.origins.name(key);
+                            format!("{name}{at}")
+                        })
+                        .collect();
+                    eprintln!("nvidia-sidecar: {e} (set by {})", named.join(" and "));
                     return ExitCode::FAILURE;
                 }
             };
@@ -201,7 +215,9 @@ fn main() -> ExitCode {
                 );
             }
             match &app.admin {
-                Mode::Off => tracing::warn!(admin = app.admin.describe(), "admin API is off"),
+                mode if mode.is_off() => {
+                    tracing::warn!(admin = app.admin.describe(), "admin API is off")
+                }
                 mode => tracing::info!(admin = mode.describe(), "admin API"),
             }
             rt.block_on(serve_signals(&cli, &app));

@@ -770,6 +770,85 @@ async fn without_a_token_on_a_public_listener_the_admin_api_is_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_other() {
+    // The default: a loopback peer reads without the token.
+    let s = stack(unlimited_mock(), &with_token(&[]));
+    assert!(s.addr.ip().is_loopback());
+    let a = get_config(s.addr, &[]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    s.stop();
+
+    let s = stack(
+        unlimited_mock(),
+        &with_token(&[("SIDECAR_ADMIN_LOOPBACK_READS", "false")]),
+    );
+    let addr = s.addr;
+    assert!(addr.ip().is_loopback());
+    let a = get_config(addr, &[]).await;
+    a.assert_error(401, "missing_token");
+    assert!(
+        a.headers.contains_key("www-authenticate"),
+        "a 401 names the scheme: {:?}",
+        a.headers
+    );
+    assert!(
+        message(&a).contains("SIDECAR_ADMIN_TOKEN"),
+        "the message names the token: {}",
+        message(&a)
+    );
+    assert_eq!(
+        call(addr, req("HEAD", addr, CONFIG, &[], "")).await.status,
+        401
+    );
+    get_config(addr, &[("authorization", "Bearer nope")])
+        .await
+        .assert_error(403, "wrong_token");
+    let a = get_config(addr, &[("authorization", BEARER)]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v = a.json();
+    assert_eq!(v["version"], "1");
+    assert!(
+        v["admin"]
+            .as_str()
+            .is_some_and(|m| m.contains("admin_loopback_reads is false")),
+        "the mode says loopback is not exempt: {v:#}"
+    );
+    // Writes are unchanged: the token, and nothing else, allows them.
+    call(addr, req("PATCH", addr, CONFIG, &[], r#"{"rate_rpm": 5}"#))
+        .await
+        .assert_error(401, "missing_token");
+    let a = patch(addr, r#"{"rate_rpm": 5}"#).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(s.app.hot.load().version, 2);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_loopback_reads_off_and_no_token_the_admin_api_is_off() {
+    let s = stack(
+        unlimited_mock(),
+        &[("SIDECAR_ADMIN_LOOPBACK_READS", "false")],
+    );
+    let addr = s.addr;
+    assert!(addr.ip().is_loopback());
+    assert!(s.app.admin.is_off(), "{:?}", s.app.admin);
+    assert!(
+        s.app
+            .admin
+            .describe()
+            .contains("admin_loopback_reads is false"),
+        "start-up says why: {}",
+        s.app.admin.describe()
+    );
+    get_config(addr, &[]).await.assert_error(404, "admin_off");
+    call(addr, req("PATCH", addr, CONFIG, &[], r#"{"rate_rpm": 5}"#))
+        .await
+        .assert_error(404, "admin_off");
+    assert_eq!(s.app.hot.load().version, 1);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_change_keeps_the_bucket_tokens_and_the_answer_lists_old_and_new() {
     let clock = ManualClock::new();
     let s = stack_with_clock(

@@ -72,11 +72,11 @@ fn a_bad_setting_exits_2_with_one_line_naming_setting_value_and_range() {
     let run = sidecar(dir.path(), &[("SIDECAR_RATE_RPM", "0")], &[]);
     assert_eq!(run.code, Some(2), "{:?}", run.stderr);
     let line = stderr_line(&run);
+    // Named as the user wrote it: the variable.
     assert!(
-        line.contains("SIDECAR_RATE_RPM") || line.contains("rate_rpm"),
+        line.starts_with("nvidia-sidecar: invalid SIDECAR_RATE_RPM=\"0\": "),
         "{line}"
     );
-    assert!(line.contains("\"0\""), "{line}");
     assert!(
         line.contains("greater than 0 and at most 6000000"),
         "{line}"
@@ -119,6 +119,39 @@ fn an_invalid_config_file_exits_2_naming_the_path_and_line() {
 }
 
 #[test]
+fn a_bad_value_in_the_config_file_exits_2_naming_the_key_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, "# pacing\nlisten_port = 8080\nrate_rpm = 0.0\n").unwrap();
+    let path = path.to_str().unwrap();
+    let run = sidecar(dir.path(), &[], &["--config", path]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(
+        line.starts_with(&format!(
+            "nvidia-sidecar: invalid rate_rpm=\"0\" ({path} line 3): "
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_unknown_key_in_the_config_file_exits_2_naming_the_closest_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, "rate_rpm = 40\nqueue_max_sise = 3\n").unwrap();
+    let path = path.to_str().unwrap();
+    let run = sidecar(dir.path(), &[], &["--config", path]);
+    assert_eq!(run.code, Some(2), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(line.contains(&format!("{path} (line 2)")), "{line}");
+    assert!(
+        line.contains("unknown key `queue_max_sise`: did you mean `queue_max_size`?"),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_flag_value_of_the_wrong_type_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let run = sidecar(dir.path(), &[], &["--listen-port", "abc"]);
@@ -128,12 +161,15 @@ fn a_flag_value_of_the_wrong_type_exits_2() {
 }
 
 #[test]
-fn a_flag_value_out_of_range_exits_2_with_the_same_message_as_the_variable() {
+fn a_flag_value_out_of_range_exits_2_naming_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     let run = sidecar(dir.path(), &[], &["--rate-rpm", "0"]);
     assert_eq!(run.code, Some(2), "{:?}", run.stderr);
     let line = stderr_line(&run);
-    assert!(line.contains("rate_rpm=\"0\""), "{line}");
+    assert!(
+        line.starts_with("nvidia-sidecar: invalid --rate-rpm=\"0\": "),
+        "{line}"
+    );
     assert!(
         line.contains("greater than 0 and at most 6000000"),
         "{line}"
@@ -147,7 +183,15 @@ fn a_dotenv_file_in_the_working_directory_is_read() {
     let run = sidecar(dir.path(), &[], &[]);
     assert_eq!(run.code, Some(2), "{:?}", run.stderr);
     let line = stderr_line(&run);
-    assert!(line.contains("rate_rpm=\"0\""), "{line}");
+    // Named as written, with the file it was written in.
+    let dotenv = dir.path().join(".env");
+    assert!(
+        line.contains(&format!(
+            "SIDECAR_RATE_RPM=\"0\" (set in {}): ",
+            dotenv.display()
+        )),
+        "{line}"
+    );
 }
 
 #[test]
@@ -157,7 +201,7 @@ fn the_process_environment_wins_over_the_dotenv_file() {
     let run = sidecar(dir.path(), &[("SIDECAR_RATE_RPM", "-7")], &[]);
     assert_eq!(run.code, Some(2), "{:?}", run.stderr);
     let line = stderr_line(&run);
-    assert!(line.contains("rate_rpm=\"-7\""), "{line}");
+    assert!(line.contains("SIDECAR_RATE_RPM=\"-7\": "), "{line}");
 }
 
 #[test]
@@ -210,6 +254,11 @@ fn settings_prints_the_markdown_table_of_every_variable() {
 /// Starts the binary serving on free ports with `vars` (and JSON logs), reads its log
 /// (stderr) up to the `metrics listening` line, stops it and returns those lines.
 fn start_up_lines(vars: &[(&str, &str)]) -> Vec<String> {
+    start_up_lines_with(vars, &[])
+}
+
+/// [`start_up_lines`] with command-line arguments.
+fn start_up_lines_with(vars: &[(&str, &str)], args: &[&str]) -> Vec<String> {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
@@ -220,6 +269,7 @@ fn start_up_lines(vars: &[(&str, &str)]) -> Vec<String> {
         .env("SIDECAR_METRICS_PORT", "0")
         .env("SIDECAR_WORKERS", "1")
         .env("SIDECAR_LOG_FORMAT", "json")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -287,4 +337,66 @@ fn a_misspelled_variable_is_a_warning_naming_the_closest_setting() {
     assert_eq!(w["variable"], "SIDECAR_RATE_RMP");
     assert_eq!(w["did_you_mean"], "SIDECAR_RATE_RPM");
     assert_eq!(w["set_in"], "environment");
+}
+
+/// A secret given as a flag is visible to every user of the machine (`ps`, `/proc`): the
+/// sidecar starts, and warns once per such flag, naming the safer ways; the value itself
+/// is never logged.
+#[test]
+fn a_secret_given_as_a_flag_is_a_warning() {
+    let lines = start_up_lines_with(
+        &[],
+        &[
+            "--upstream-api-key",
+            "nvapi-on-the-command-line-0001",
+            "--admin-token",
+            "admin-on-the-command-line",
+        ],
+    );
+    let text = lines.join("\n");
+    assert!(!text.contains("on-the-command-line"), "{text}");
+    let warnings: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.contains("visible to other users"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let flags: Vec<&str> = warnings
+        .iter()
+        .map(|w| w["flag"].as_str().unwrap())
+        .collect();
+    assert_eq!(flags, ["--upstream-api-key", "--admin-token"], "{text}");
+    assert!(warnings.iter().all(|w| w["level"] == "WARN"));
+    assert_eq!(
+        warnings[0]["instead"],
+        "SIDECAR_UPSTREAM_API_KEY_FILE or SIDECAR_UPSTREAM_API_KEY"
+    );
+    // The same secrets through the environment: no such warning.
+    let lines = start_up_lines(&[("SIDECAR_ADMIN_TOKEN", "admin-in-the-environment")]);
+    assert!(!lines.iter().any(|l| l.contains("visible to other users")));
+}
+
+/// A port already taken stops start-up naming the listener, the address and the
+/// settings that made it, as the user wrote them (here the metrics port, from a flag).
+#[test]
+fn a_taken_port_names_the_listener_and_its_settings() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let run = sidecar(
+        dir.path(),
+        &[("SIDECAR_LISTEN_PORT", "0")],
+        &["--metrics-port", &port],
+    );
+    assert_eq!(run.code, Some(1), "{:?}", run.stderr);
+    let line = stderr_line(&run);
+    assert!(
+        line.starts_with(&format!(
+            "nvidia-sidecar: cannot listen on 127.0.0.1:{port} for the metrics: "
+        )),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("(set by listen_host and --metrics-port)"),
+        "{line}"
+    );
 }

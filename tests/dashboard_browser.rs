@@ -5,17 +5,23 @@
 //! On the way it changes the configuration through the page's configuration panel (the
 //! admin API, with the token asked once in the page's dialog and kept for the session),
 //! and checks that neither the admin token nor the provider key ever reaches the DOM.
-//! Screenshots land in `target/dashboard.png`, `target/dashboard-admin.png` and
-//! `target/dashboard-stale.png`.
+//! A second test treats the browser as remote (`admin_loopback_reads = false`, so
+//! reads need the token even from loopback): the page asks for the token at once,
+//! explains what is needed when refused it, and with it shows and changes the
+//! configuration, keeping the token in `sessionStorage` only.
+//! Screenshots land in `target/dashboard.png`, `target/dashboard-admin.png`,
+//! `target/dashboard-stale.png` and `target/dashboard-token-needed.png`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (CI installs them in `.ci/run`);
-//! without them the test is skipped locally and fails under `CI`.
+//! without them the tests are skipped under a bare `cargo test` and fail under
+//! `tests/run.sh` or `CI`.
 //!
 //! Real time throughout, but nothing asserts on how long anything takes: every check
 //! polls the page until it holds, with a generous deadline.
 
 mod common;
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -322,6 +328,11 @@ struct ConfigView {
     result_title: Option<String>,
     result_items: Vec<String>,
     dialog_open: bool,
+    /// The token dialog's message (why the page asks).
+    dialog_message: Option<String>,
+    /// Whether the "admin token needed" explanation is shown, and its text.
+    auth_shown: bool,
+    auth_text: Option<String>,
     /// How often the token dialog opened since the test started counting.
     dialog_opens: Option<u64>,
     forget_token_shown: bool,
@@ -388,6 +399,9 @@ return {
   result_title: msg && msg.firstElementChild ? msg.firstElementChild.textContent.trim() : null,
   result_items: msg ? Array.from(msg.querySelectorAll('li')).map(li => li.textContent.trim()) : [],
   dialog_open: $('token-dialog').open,
+  dialog_message: text('token-message'),
+  auth_shown: !!$('config-auth') && !$('config-auth').hidden,
+  auth_text: shownText($('config-auth-text')),
   dialog_opens: typeof window.__tokenDialogOpens === 'number' ? window.__tokenDialogOpens : null,
   forget_token_shown: !$('forget-token').hidden,
   rpm: text('card-nvidia-effective-rpm'),
@@ -441,9 +455,21 @@ async fn set_nvidia_field(c: &Client, label: &str, value: &str) {
     input.send_keys(value).await.expect("type into the field");
 }
 
-/// `GET /api/admin/config` from loopback (no token needed for reads).
+/// `GET /api/admin/config` with the admin token (reads need it when loopback is not
+/// exempt).
 async fn admin_config(addr: SocketAddr) -> Value {
-    let a = call(addr, req("GET", addr, "/api/admin/config", &[], "")).await;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let a = call(
+        addr,
+        req(
+            "GET",
+            addr,
+            "/api/admin/config",
+            &[("authorization", &bearer)],
+            "",
+        ),
+    )
+    .await;
     assert_eq!(
         a.status.as_u16(),
         200,
@@ -481,19 +507,19 @@ async fn screenshot(c: &Client, name: &str) -> PathBuf {
     path
 }
 
-/// Whether Chromium and chromedriver are installed; under `CI` they must be.
+/// Whether Chromium and chromedriver are installed; under `tests/run.sh` or `CI` they
+/// must be.
 fn browser_available() -> bool {
-    let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER]
+    if [CHROMIUM, CHROMEDRIVER]
         .into_iter()
-        .filter(|p| !Path::new(p).exists())
-        .collect();
-    if missing.is_empty() {
+        .all(|p| Path::new(p).exists())
+    {
         return true;
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("CI must install chromium and chromium-driver (.ci/run); missing {missing:?}");
-    }
-    println!("SKIPPED: {missing:?} not installed (apt-get install chromium chromium-driver)");
+    missing_tool(
+        "chromium and chromium-driver",
+        "apt-get install chromium chromium-driver",
+    );
     false
 }
 
@@ -523,8 +549,13 @@ fn capabilities(profile: &Path) -> serde_json::Map<String, Value> {
     }
 }
 
-#[test]
-fn dashboard_goes_live_shows_traffic_and_queue_and_marks_a_dead_stream_stale() {
+/// Runs `scenario` in a fresh headless Chromium (its own profile and chromedriver),
+/// given the WebDriver client and chromedriver's address; skipped without a browser.
+fn in_chromium<F, Fut>(scenario: F)
+where
+    F: FnOnce(Client, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     if !browser_available() {
         return;
     }
@@ -560,6 +591,11 @@ fn dashboard_goes_live_shows_traffic_and_queue_and_marks_a_dead_stream_stale() {
         }
         closed.expect("close the WebDriver session");
     });
+}
+
+#[test]
+fn dashboard_goes_live_shows_traffic_and_queue_and_marks_a_dead_stream_stale() {
+    in_chromium(scenario);
 }
 
 async fn scenario(c: Client, driver: SocketAddr) {
@@ -984,4 +1020,292 @@ async fn no_secrets_in_the_dom(c: &Client) {
         s.html.len(),
         s.controls.len()
     );
+}
+
+/// The browser's cookies, address and both storages, read in one script run.
+#[derive(Debug, Deserialize)]
+struct Storage {
+    cookie: String,
+    href: String,
+    /// `(key, value)` of every entry.
+    local: Vec<(String, String)>,
+    session: Vec<(String, String)>,
+}
+
+const READ_STORAGE: &str = r#"
+const all = s => Array.from({ length: s.length }, (_, i) => [s.key(i), s.getItem(s.key(i))]);
+return { cookie: document.cookie, href: location.href, local: all(localStorage), session: all(sessionStorage) };
+"#;
+
+/// Where the page keeps the token for the session (`TOKEN_KEY` in the page).
+const TOKEN_KEY: &str = "nvidia-sidecar.admin-token";
+
+/// A refused configuration read (401 without the token, 403 with a wrong one): Chromium
+/// logs every failed load as an error, and these the test causes on purpose.
+fn is_refused_config_read(e: &LogEntry) -> bool {
+    e.source.as_deref() == Some("network")
+        && e.message.contains("/api/admin/config")
+        && (e.message.contains("401") || e.message.contains("403"))
+}
+
+/// Types `token` into the open token dialog and confirms it.
+async fn enter_token(c: &Client, token: &str) {
+    let input = c
+        .find(Locator::Id("token-input"))
+        .await
+        .expect("the token input");
+    input.send_keys(token).await.expect("type the token");
+    c.find(Locator::Css("#token-form button[type='submit']"))
+        .await
+        .expect("the dialog's confirm button")
+        .click()
+        .await
+        .expect("confirm the token");
+}
+
+async fn click(c: &Client, css: &str, what: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{what} ({e})"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {what} ({e})"));
+}
+
+/// Nothing of the configuration is on the page: no table, no form, no version.
+fn shows_no_configuration(v: &ConfigView) -> bool {
+    v.providers.is_empty() && !v.edit_shown && v.version.is_none() && v.nvidia_form.is_empty()
+}
+
+#[test]
+fn a_remote_browser_is_asked_for_the_token_at_once_and_with_it_reads_and_changes_the_rate() {
+    in_chromium(remote_scenario);
+}
+
+/// The sidecar treated as remote (`admin_loopback_reads = false`): reads need the
+/// token even from this loopback browser, as from any other host.
+async fn remote_scenario(c: Client, driver: SocketAddr) {
+    let session = c
+        .session_id()
+        .await
+        .expect("session id")
+        .expect("an open session");
+    let stack = stack(
+        MockConfig {
+            rpm: 0.0,
+            ..MockConfig::default()
+        },
+        &[
+            ("SIDECAR_RATE_RPM", "120"),
+            ("SIDECAR_SNAPSHOT_INTERVAL", "0.2"),
+            ("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SIDECAR_ADMIN_LOOPBACK_READS", "false"),
+        ],
+    );
+    let addr = stack.addr;
+    let refused = call(addr, req("GET", addr, "/api/admin/config", &[], "")).await;
+    assert_eq!(
+        refused.status.as_u16(),
+        401,
+        "loopback is not exempt: {}",
+        refused.text()
+    );
+    c.goto(&format!("http://{addr}/api/dashboard"))
+        .await
+        .expect("open the dashboard");
+
+    // (a) The configuration read answers 401: the page asks for the token at once,
+    //     saying what it is.
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the token dialog on load",
+        DEADLINE,
+        |v: &ConfigView| v.dialog_open,
+    )
+    .await;
+    let asked = v.dialog_message.as_deref().unwrap_or_default();
+    assert!(
+        asked.contains("admin token") && asked.contains("SIDECAR_ADMIN_TOKEN"),
+        "the dialog says what is needed: {v:#?}"
+    );
+    assert!(shows_no_configuration(&v), "{v:#?}");
+
+    // Cancelled: the panel explains what is needed, offers to enter the token, and
+    // shows no configuration.
+    click(&c, "#token-cancel", "the dialog's cancel button").await;
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the explanation after cancelling",
+        DEADLINE,
+        |v: &ConfigView| !v.dialog_open && v.auth_shown,
+    )
+    .await;
+    let explained = v.auth_text.as_deref().unwrap_or_default();
+    for needle in [
+        "needs the sidecar's admin token",
+        "SIDECAR_ADMIN_TOKEN",
+        "browser session only",
+    ] {
+        assert!(explained.contains(needle), "{needle:?} in {v:#?}");
+    }
+    assert!(shows_no_configuration(&v), "{v:#?}");
+    assert!(
+        v.status.as_deref().is_some_and(|s| s.contains("401")),
+        "{v:#?}"
+    );
+    let page: Secrets = read(&c, READ_SECRETS).await;
+    assert!(
+        !page.html.contains("nvap****") && !page.html.contains("version 1"),
+        "no configuration values on the page"
+    );
+    let st: Storage = read(&c, READ_STORAGE).await;
+    assert!(st.session.is_empty() && st.local.is_empty(), "{st:#?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    screenshot(&c, "dashboard-token-needed.png").await;
+
+    // (b) The panel's button asks again. A wrong token is refused (403), forgotten, and
+    //     the dialog asks again with the reason; the right one shows the configuration.
+    click(&c, "#config-enter-token", "the panel's token button").await;
+    poll(
+        &c,
+        READ_CONFIG,
+        "the token dialog from the panel",
+        DEADLINE,
+        |v: &ConfigView| v.dialog_open,
+    )
+    .await;
+    enter_token(&c, "not-the-admin-token").await;
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the dialog again, with the reason",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.dialog_open
+                && v.dialog_message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("rejected (403)"))
+        },
+    )
+    .await;
+    assert!(shows_no_configuration(&v), "{v:#?}");
+    let st: Storage = read(&c, READ_STORAGE).await;
+    assert!(
+        st.session.is_empty(),
+        "the wrong token is forgotten: {st:#?}"
+    );
+    enter_token(&c, ADMIN_TOKEN).await;
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the configuration with the token",
+        DEADLINE,
+        |v: &ConfigView| v.provider("nvidia").is_some() && v.edit_shown,
+    )
+    .await;
+    assert_eq!(v.provider_cell("nvidia", "rate_rpm"), Some("120"), "{v:#?}");
+    assert_eq!(v.version.as_deref(), Some("version 1"), "{v:#?}");
+    assert!(
+        !v.dialog_open && !v.auth_shown && v.status.is_none(),
+        "{v:#?}"
+    );
+    assert!(v.forget_token_shown, "{v:#?}");
+
+    // A reload keeps the token for the session: the configuration shows, unasked.
+    c.refresh().await.expect("reload the page");
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the configuration after a reload",
+        DEADLINE,
+        |v: &ConfigView| v.provider("nvidia").is_some() && v.edit_shown,
+    )
+    .await;
+    assert!(!v.dialog_open && !v.auth_shown, "not asked again: {v:#?}");
+    c.execute(COUNT_DIALOG_OPENS, vec![])
+        .await
+        .expect("count the token dialog's openings");
+
+    // The rate through the form: 120 -> 90, with the kept token.
+    click(&c, "#config-edit > summary", "the change form's summary").await;
+    poll(
+        &c,
+        READ_CONFIG,
+        "the change form to open",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.edit_open && v.nvidia_form.get("Rate").map(String::as_str) == Some("120")
+        },
+    )
+    .await;
+    set_nvidia_field(&c, "Rate", "90").await;
+    poll(
+        &c,
+        READ_CONFIG,
+        "one pending change",
+        DEADLINE,
+        |v: &ConfigView| v.submit_enabled && v.submit_label == "Apply 1 change",
+    )
+    .await;
+    click(&c, "#config-submit", "the submit button").await;
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the change's result",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.dialog_open
+                || (v.result_ok() && v.result_lists("providers.nvidia.rate_rpm: 120 → 90"))
+        },
+    )
+    .await;
+    assert!(
+        !v.dialog_open && v.dialog_opens == Some(0),
+        "the kept token is used: {v:#?}"
+    );
+    let server = until_admin_config(addr, "rate_rpm 90 at version 2", |v| {
+        v["providers"]["nvidia"]["rate_rpm"] == 90.0 && v["version"] == "2"
+    })
+    .await;
+    println!(
+        "the server's rate: {}",
+        server["providers"]["nvidia"]["rate_rpm"]
+    );
+    let v: ConfigView = poll(
+        &c,
+        READ_CONFIG,
+        "the panel and the card at 90",
+        DEADLINE,
+        |v: &ConfigView| {
+            v.version.as_deref() == Some("version 2")
+                && v.provider_cell("nvidia", "rate_rpm") == Some("90")
+                && v.rpm.as_deref() == Some("90")
+        },
+    )
+    .await;
+    assert!(!v.dialog_open && v.dialog_opens == Some(0), "{v:#?}");
+
+    // Where the token is: sessionStorage only.
+    let st: Storage = read(&c, READ_STORAGE).await;
+    assert_eq!(st.cookie, "", "no cookie: {st:#?}");
+    assert!(
+        !st.href.contains(ADMIN_TOKEN) && !st.href.contains("token"),
+        "no token in the address: {st:#?}"
+    );
+    assert!(st.local.is_empty(), "nothing in localStorage: {st:#?}");
+    assert_eq!(
+        st.session,
+        [(TOKEN_KEY.to_owned(), ADMIN_TOKEN.to_owned())],
+        "the token, and only it, in sessionStorage"
+    );
+    no_secrets_in_the_dom(&c).await;
+
+    // The console shows only the refused reads this test caused.
+    let log = browser_log(driver, &session).await;
+    assert_no_console_errors("as a remote user", &log, is_refused_config_read);
+    tokio::task::spawn_blocking(move || stack.stop())
+        .await
+        .expect("the sidecar stops");
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nvidia_sidecar::clock::{Clock, MonotonicClock};
 use nvidia_sidecar::limiter::bucket::{interval_nanos, slack_nanos};
-use nvidia_sidecar::limiter::{Ticket, TokenBucket, WaitQueues};
+use nvidia_sidecar::limiter::{DropReason, Ticket, TokenBucket, WaitQueues};
 use nvidia_sidecar::priority::Priority;
 
 const S: u64 = 1_000_000_000;
@@ -110,7 +110,7 @@ struct Outcomes {
 
 /// Settles a ticket from the waiter's side: cancel it, or find it already granted.
 fn cancel_or_collect(mut ticket: Ticket, waker: &Waker, out: &mut Outcomes) {
-    if ticket.cancel() {
+    if ticket.cancel(DropReason::ClientGone) {
         out.cancelled += 1;
     } else {
         assert!(
@@ -244,7 +244,18 @@ fn every_ticket_ends_granted_or_cancelled_exactly_once_and_the_counters_return_t
     );
     let c = q.counts();
     assert_eq!((c.total, c.depth), (0, [0; 3]), "{c:?}");
-    assert_eq!((c.enqueued, c.dequeued), (enqueued, granted));
+    assert_eq!(
+        (c.enqueued, c.dequeued, c.abandoned),
+        (enqueued, granted, cancelled)
+    );
+    assert_eq!(c.dropped(DropReason::ClientGone), cancelled);
+    for (p, f) in Priority::ALL.iter().zip(&c.flow) {
+        assert_eq!(
+            f.enqueued,
+            f.dequeued + f.dropped_total(),
+            "{p:?}: every parked request left once, with or without a token"
+        );
+    }
     assert!(q.grant_next(any_claim()).is_err(), "only tombstones left");
     // Evidence of contention: both races were run and the bound was hit.
     assert!(

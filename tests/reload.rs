@@ -297,6 +297,10 @@ async fn sighup_applies_a_good_file_and_keeps_the_running_configuration_on_a_bad
     let why = text(&err, "error");
     assert!(why.contains("-5"), "{err}");
     assert!(
+        why.contains("sidecar.toml line 2)"),
+        "the key's file and line: {err}"
+    );
+    assert!(
         why.contains("greater than 0"),
         "the line says what is accepted: {err}"
     );
@@ -312,7 +316,8 @@ async fn sighup_applies_a_good_file_and_keeps_the_running_configuration_on_a_bad
     s.hup();
     let err = s
         .wait_line("the failed reload of a broken file", |l| {
-            text(l, "message").contains("reload failed") && text(l, "error").contains("line ")
+            // "(line N)": a syntax error (a bad value says "sidecar.toml line N").
+            text(l, "message").contains("reload failed") && text(l, "error").contains("(line ")
         })
         .await;
     let why = text(&err, "error");

@@ -2,12 +2,16 @@
 //!
 //! - A token configured (`SIDECAR_ADMIN_TOKEN`): writes need `Authorization: Bearer
 //!   <token>` (missing: 401 with `WWW-Authenticate`; wrong: 403); reads need it too,
-//!   except from a loopback peer. Tokens are compared in constant time on their SHA-256
-//!   digests, so neither the bytes nor the length of the configured token leak.
-//! - No token, listener on loopback: read-only from loopback; every write is refused
-//!   with 403 saying how to enable writes.
-//! - No token, listener reachable from other hosts: the admin routes are off (404), and
-//!   start-up says so.
+//!   except from a loopback peer while `admin_loopback_reads` is true (the default).
+//!   Tokens are compared in constant time on their SHA-256 digests, so neither the bytes
+//!   nor the length of the configured token leak.
+//! - No token, listener on loopback, `admin_loopback_reads` true: read-only from
+//!   loopback; every write is refused with 403 saying how to enable writes.
+//! - No token otherwise (listener reachable from other hosts, or `admin_loopback_reads`
+//!   false): the admin routes are off (404), and start-up says why.
+//!
+//! `admin_loopback_reads = false` is for a sidecar behind a proxy on the same host,
+//! where every client looks local: a loopback peer is then treated like any other.
 //!
 //! Whatever the mode, a browser request from another origin is refused (403), so a
 //! page elsewhere cannot drive the API through an operator's browser.
@@ -23,12 +27,19 @@ use crate::config::Secret;
 /// How the admin API is exposed, decided once at start-up.
 #[derive(Clone)]
 pub enum Mode {
-    /// The SHA-256 digest of the configured token.
-    Token([u8; 32]),
-    /// No token, loopback listener.
+    /// A token is configured.
+    Token {
+        /// The SHA-256 digest of the configured token.
+        digest: [u8; 32],
+        /// Reads from a loopback peer need no token.
+        loopback_reads: bool,
+    },
+    /// No token, loopback listener, loopback reads allowed.
     ReadOnlyLoopback,
     /// No token, listener reachable from other hosts.
     Off,
+    /// No token, and `admin_loopback_reads` is false: nobody may read without one.
+    OffLoopbackReadsDisabled,
 }
 
 impl std::fmt::Debug for Mode {
@@ -53,7 +64,8 @@ pub enum Access {
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
-    #[error("the admin API is off: the listener is reachable from other hosts and no SIDECAR_ADMIN_TOKEN is set")]
+    /// Answered alike for both off modes ([`Mode::describe`] at start-up says which).
+    #[error("the admin API is off: no SIDECAR_ADMIN_TOKEN is set, and reads without one are not allowed (the listener is reachable from other hosts, or admin_loopback_reads is false)")]
     Off,
     #[error("cross-origin admin requests are refused (Origin {origin:?} is not this sidecar)")]
     ForeignOrigin { origin: String },
@@ -68,20 +80,33 @@ pub enum Denied {
 }
 
 impl Mode {
-    pub fn new(token: Option<&Secret>, listen: IpAddr) -> Self {
+    /// `loopback_reads` is the `admin_loopback_reads` setting: whether a loopback peer
+    /// may read without the token.
+    pub fn new(token: Option<&Secret>, listen: IpAddr, loopback_reads: bool) -> Self {
         match token {
-            Some(t) => Mode::Token(sha256(t.expose().as_bytes())),
-            None if listen.is_loopback() => Mode::ReadOnlyLoopback,
-            None => Mode::Off,
+            Some(t) => Mode::Token {
+                digest: sha256(t.expose().as_bytes()),
+                loopback_reads,
+            },
+            None if !listen.is_loopback() => Mode::Off,
+            None if !loopback_reads => Mode::OffLoopbackReadsDisabled,
+            None => Mode::ReadOnlyLoopback,
         }
+    }
+
+    /// Whether every admin request is refused.
+    pub fn is_off(&self) -> bool {
+        matches!(self, Mode::Off | Mode::OffLoopbackReadsDisabled)
     }
 
     /// One line for the start-up log.
     pub fn describe(&self) -> &'static str {
         match self {
-            Mode::Token(_) => "token: reads and writes with the bearer token (reads also from loopback without it)",
+            Mode::Token { loopback_reads: true, .. } => "token: reads and writes with the bearer token (reads also from loopback without it)",
+            Mode::Token { loopback_reads: false, .. } => "token: reads and writes with the bearer token, from every peer (admin_loopback_reads is false, so loopback is not exempt)",
             Mode::ReadOnlyLoopback => "read-only from loopback: set SIDECAR_ADMIN_TOKEN to allow changes",
             Mode::Off => "off: the listener is not loopback and SIDECAR_ADMIN_TOKEN is not set",
+            Mode::OffLoopbackReadsDisabled => "off: admin_loopback_reads is false and SIDECAR_ADMIN_TOKEN is not set (set a token to use the admin API)",
         }
     }
 
@@ -92,26 +117,32 @@ impl Mode {
         headers: &HeaderMap,
         remote: SocketAddr,
     ) -> Result<(), Denied> {
-        if matches!(self, Mode::Off) {
+        if self.is_off() {
             return Err(Denied::Off);
         }
         check_origin(headers)?;
         let loopback = remote.ip().to_canonical().is_loopback();
         let presented = bearer(headers);
         match (self, access) {
-            (Mode::Off, _) => Err(Denied::Off),
+            (Mode::Off | Mode::OffLoopbackReadsDisabled, _) => Err(Denied::Off),
             (Mode::ReadOnlyLoopback, Access::Write) => Err(Denied::WritesDisabled),
             (Mode::ReadOnlyLoopback, Access::Read) if loopback => Ok(()),
             (Mode::ReadOnlyLoopback, Access::Read) => Err(Denied::NotLoopback),
-            (Mode::Token(want), _) => match presented {
+            (
+                Mode::Token {
+                    digest,
+                    loopback_reads,
+                },
+                _,
+            ) => match presented {
                 Some(token) => {
-                    if bool::from(sha256(token).ct_eq(want)) {
+                    if bool::from(sha256(token).ct_eq(digest)) {
                         Ok(())
                     } else {
                         Err(Denied::WrongToken)
                     }
                 }
-                None if access == Access::Read && loopback => Ok(()),
+                None if access == Access::Read && loopback && *loopback_reads => Ok(()),
                 None => Err(Denied::MissingToken),
             },
         }
@@ -184,9 +215,15 @@ mod tests {
     }
 
     fn token_mode() -> Mode {
+        token_mode_with(true)
+    }
+
+    /// A token, with `admin_loopback_reads` set to `loopback_reads`.
+    fn token_mode_with(loopback_reads: bool) -> Mode {
         Mode::new(
             Secret::new("s3cret-admin-token".into()).as_ref(),
             "0.0.0.0".parse().unwrap(),
+            loopback_reads,
         )
     }
 
@@ -198,8 +235,10 @@ mod tests {
         let short = [("authorization", "Bearer s")];
         let none: [(&str, &str); 0] = [];
         let t = token_mode();
-        let ro = Mode::new(None, "127.0.0.1".parse().unwrap());
-        let off = Mode::new(None, "0.0.0.0".parse().unwrap());
+        let strict = token_mode_with(false);
+        let ro = Mode::new(None, "127.0.0.1".parse().unwrap(), true);
+        let off = Mode::new(None, "0.0.0.0".parse().unwrap(), true);
+        let off_local = Mode::new(None, "127.0.0.1".parse().unwrap(), false);
         #[rustfmt::skip]
         type Case<'a> = (&'a Mode, Access, &'a [(&'a str, &'a str)], &'a str, Result<(), Denied>);
         let cases: Vec<Case> = vec![
@@ -213,12 +252,23 @@ mod tests {
             (&t, Write, &short, LOCAL, Err(Denied::WrongToken)),
             (&t, Write, &right, LOCAL, Ok(())),
             (&t, Write, &right, REMOTE, Ok(())),
+            // admin_loopback_reads = false: a loopback peer is like any other.
+            (&strict, Read, &none, LOCAL, Err(Denied::MissingToken)),
+            (&strict, Read, &none, REMOTE, Err(Denied::MissingToken)),
+            (&strict, Read, &wrong, LOCAL, Err(Denied::WrongToken)),
+            (&strict, Read, &right, LOCAL, Ok(())),
+            (&strict, Read, &right, REMOTE, Ok(())),
+            (&strict, Write, &none, LOCAL, Err(Denied::MissingToken)),
+            (&strict, Write, &right, LOCAL, Ok(())),
             (&ro, Read, &none, LOCAL, Ok(())),
             (&ro, Read, &none, REMOTE, Err(Denied::NotLoopback)),
             (&ro, Write, &none, LOCAL, Err(Denied::WritesDisabled)),
             (&ro, Write, &right, LOCAL, Err(Denied::WritesDisabled)),
             (&off, Read, &none, LOCAL, Err(Denied::Off)),
             (&off, Write, &right, LOCAL, Err(Denied::Off)),
+            (&off_local, Read, &none, LOCAL, Err(Denied::Off)),
+            (&off_local, Read, &right, LOCAL, Err(Denied::Off)),
+            (&off_local, Write, &right, LOCAL, Err(Denied::Off)),
         ];
         for (mode, access, h, remote, want) in cases {
             let got = mode.check(access, &headers(h), remote.parse().unwrap());
@@ -262,8 +312,45 @@ mod tests {
     }
 
     #[test]
+    fn the_loopback_reads_setting_picks_the_mode_and_the_description_says_why() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let public: IpAddr = "0.0.0.0".parse().unwrap();
+        assert!(matches!(
+            Mode::new(None, local, true),
+            Mode::ReadOnlyLoopback
+        ));
+        let off = Mode::new(None, local, false);
+        assert!(off.is_off(), "{off:?}");
+        assert!(
+            off.describe().contains("admin_loopback_reads is false")
+                && off.describe().contains("SIDECAR_ADMIN_TOKEN"),
+            "{off:?}"
+        );
+        // A public listener without a token is off whatever the setting; the reason
+        // given is the listener.
+        for reads in [true, false] {
+            let m = Mode::new(None, public, reads);
+            assert!(matches!(m, Mode::Off), "{m:?}");
+            assert!(m.describe().contains("not loopback"), "{m:?}");
+        }
+        let strict = token_mode_with(false);
+        assert!(!strict.is_off() && !token_mode().is_off());
+        assert!(
+            strict.describe().contains("admin_loopback_reads is false"),
+            "{strict:?}"
+        );
+        assert!(
+            !token_mode().describe().contains("admin_loopback_reads"),
+            "{:?}",
+            token_mode()
+        );
+    }
+
+    #[test]
     fn the_mode_never_shows_the_token() {
-        let shown = format!("{:?} {}", token_mode(), token_mode().describe());
-        assert!(!shown.contains("s3cret"), "{shown}");
+        for mode in [token_mode(), token_mode_with(false)] {
+            let shown = format!("{mode:?} {}", mode.describe());
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
     }
 }

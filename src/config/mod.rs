@@ -6,6 +6,7 @@
 //! value is reported as one [`ConfigError`] line naming the setting, the value and what
 //! is accepted. Nothing after start-up reads a raw string or an environment variable.
 
+mod origin;
 mod redis;
 mod settings;
 mod source;
@@ -24,6 +25,7 @@ use crate::priority::Priority;
 use std::collections::HashMap;
 
 pub use self::redis::{RedisConfig, RedisUrl};
+pub use origin::{Origin, Origins};
 pub use settings::{markdown_table, ParseSetting, SettingDoc, Settings, SETTINGS};
 pub use source::{EnvSource, ProcessEnv};
 pub use upstream::{Scheme, UpstreamUrl};
@@ -31,11 +33,14 @@ pub use upstream::{Scheme, UpstreamUrl};
 /// A configuration error: one line, naming the setting, the value and what is accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid {setting}={value:?}: expected {expected}")]
+    #[error("invalid {setting}={value:?}{at}: expected {expected}")]
     Invalid {
+        /// The setting as the user wrote it: a key, a variable or a flag.
         setting: String,
         value: String,
         expected: String,
+        /// Where it was written, when the name does not say (" (app.toml line 3)").
+        at: String,
     },
     #[error("cannot read config file {path}: {source}")]
     Read {
@@ -59,6 +64,28 @@ impl ConfigError {
             setting: setting.into(),
             value: value.to_string(),
             expected: expected.to_owned(),
+            at: String::new(),
+        }
+    }
+
+    /// The same error with its setting named as the user wrote it (see [`Origins`]).
+    pub fn named(self, origins: &Origins) -> Self {
+        match self {
+            Self::Invalid {
+                setting,
+                value,
+                expected,
+                at,
+            } if at.is_empty() => {
+                let (setting, at) = origins.name(&setting);
+                Self::Invalid {
+                    setting,
+                    value,
+                    expected,
+                    at,
+                }
+            }
+            other => other,
         }
     }
 }
@@ -175,6 +202,8 @@ pub struct Config {
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     pub admin_token: Option<Secret>,
+    /// Admin reads from a loopback peer need no token (`admin_loopback_reads`).
+    pub admin_loopback_reads: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub fallback_enabled_passthrough: bool,
@@ -199,6 +228,8 @@ pub struct Config {
     /// The Redis backend of the budgets shared across replicas; `None` (no URL): this
     /// replica paces alone.
     pub redis: Option<RedisConfig>,
+    /// Where each setting was written, to name it in later errors as the user wrote it.
+    pub origins: std::sync::Arc<Origins>,
 }
 
 /// One `[[providers]]` table of the TOML file; unset fields inherit the global settings.
@@ -209,6 +240,8 @@ pub struct ProviderFile {
     pub upstream_url: Option<String>,
     pub api_key: Option<String>,
     pub api_key_env: Option<String>,
+    /// File holding the key (its first non-empty line).
+    pub api_key_file: Option<String>,
     pub rate_rpm: Option<f64>,
     pub bucket_capacity: Option<u32>,
     pub queue_max_size: Option<usize>,
@@ -226,6 +259,10 @@ pub struct ProviderFile {
 /// The TOML file: global settings at the top level, then providers.
 #[derive(Debug, Default, Clone)]
 pub struct FileConfig {
+    /// The file's path as given (empty: no file).
+    pub path: String,
+    /// The line of every key written in the file: `rate_rpm`, `providers[0].rate_rpm`.
+    pub lines: HashMap<String, usize>,
     pub settings: Settings,
     pub providers: Vec<ProviderFile>,
     pub default_provider: Option<String>,
@@ -238,9 +275,11 @@ impl FileConfig {
         let layout: settings::FileLayout = toml::from_str(text).map_err(|e| ConfigError::Toml {
             path: path.to_owned(),
             line: e.span().map_or(1, |s| line_of(text, s.start)),
-            message: e.message().replace('\n', " "),
+            message: explain_toml_error(e.message()),
         })?;
-        let (_, file) = layout.split();
+        let (_, mut file) = layout.split();
+        file.path = path.to_owned();
+        file.lines = key_lines(text);
         Ok(file)
     }
 
@@ -268,6 +307,25 @@ pub fn unknown_variable(name: &str) -> Option<(String, Option<&'static str>)> {
     Some((name.to_owned(), closest))
 }
 
+/// The secrets given as command-line flags, which every user of the machine can read
+/// (`ps`, `/proc/<pid>/cmdline`): each flag with the settings to use instead.
+pub fn secret_flags(flags: &Settings) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if flags.upstream_api_key.is_some() {
+        out.push((
+            "--upstream-api-key",
+            "SIDECAR_UPSTREAM_API_KEY_FILE or SIDECAR_UPSTREAM_API_KEY",
+        ));
+    }
+    if flags.admin_token.is_some() {
+        out.push((
+            "--admin-token",
+            "SIDECAR_ADMIN_TOKEN_FILE or SIDECAR_ADMIN_TOKEN",
+        ));
+    }
+    out
+}
+
 /// Loads the configuration from all layers.
 pub fn load(
     file: Option<&Path>,
@@ -288,11 +346,67 @@ pub fn from_file(
     env: &dyn EnvSource,
     flags: Settings,
 ) -> Result<Config, ConfigError> {
+    let origins = Origins::new(file, env, &flags);
     let mut merged = Settings::defaults();
     merged.overlay(file.settings.clone());
-    merged.overlay(Settings::from_env(env)?);
+    merged.overlay(Settings::from_env(env).map_err(|e| e.named(&origins))?);
     merged.overlay(flags);
-    Config::build(merged, file, env)
+    let mut config = Config::build(merged, file, env).map_err(|e| e.named(&origins))?;
+    config.origins = std::sync::Arc::new(origins);
+    Ok(config)
+}
+
+/// The TOML error on one line; an unknown key names the closest known one instead of
+/// listing them all (serde's "unknown field `x`, expected one of `a`, `b`, ...").
+fn explain_toml_error(message: &str) -> String {
+    let message = message.replace('\n', " ");
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((unknown, known)) = rest.split_once('`') else {
+        return message;
+    };
+    let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
+    let closest = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 3.max(k.len() / 3))
+        .map(|(_, k)| k);
+    match closest {
+        Some(k) => format!("unknown key `{unknown}`: did you mean `{k}`?"),
+        None => format!("unknown key `{unknown}` (known here: {})", known.join(", ")),
+    }
+}
+
+/// The line of each key of the file that names a setting: the top-level keys, and
+/// `providers[i].key` for the keys of the i-th `[[providers]]` table.
+fn key_lines(text: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return out;
+    };
+    let mut add = |name: String, key: &toml_edit::Key| {
+        if let Some(span) = key.span() {
+            out.insert(name, line_of(text, span.start));
+        }
+    };
+    for (name, item) in doc.as_table().iter() {
+        if let Some((key, _)) = doc.as_table().get_key_value(name) {
+            add(name.to_owned(), key);
+        }
+        if name != "providers" {
+            continue;
+        }
+        for (i, table) in item.as_array_of_tables().into_iter().flatten().enumerate() {
+            for (k, _) in table.iter() {
+                if let Some((key, _)) = table.get_key_value(k) {
+                    add(format!("providers[{i}].{k}"), key);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// 1-based line of byte offset `at`.
@@ -460,8 +574,15 @@ impl Config {
             keep_alive: get!(keep_alive),
         };
 
-        let global_key = Secret::new(get!(upstream_api_key))
-            .or_else(|| env.var("NVIDIA_API_KEY").and_then(Secret::new));
+        let global_key = secret_or_file(
+            ("upstream_api_key", get!(upstream_api_key)),
+            ("upstream_api_key_file", get!(upstream_api_key_file)),
+        )?
+        .or_else(|| env.var("NVIDIA_API_KEY").and_then(Secret::new));
+        let admin_token = secret_or_file(
+            ("admin_token", get!(admin_token)),
+            ("admin_token_file", get!(admin_token_file)),
+        )?;
         let inherit = ProviderFile {
             name: "nvidia".into(),
             upstream_url: Some(get!(upstream_url)),
@@ -628,7 +749,7 @@ impl Config {
             replicas: get!(redis_replicas),
             fallback_for: get!(redis_fallback_for),
         }
-        .build(env)?;
+        .build()?;
         if redis.is_some() {
             // The shared budget is per key: per-model scopes are not shared (yet).
             let declared = !file.providers.is_empty();
@@ -649,6 +770,7 @@ impl Config {
         }
 
         Ok(Config {
+            origins: Default::default(),
             redis,
             margin,
             probe_interval: seconds("probe_interval", get!(probe_interval))?,
@@ -662,7 +784,8 @@ impl Config {
             workers,
             log_level,
             log_format,
-            admin_token: Secret::new(get!(admin_token)),
+            admin_token,
+            admin_loopback_reads: get!(admin_loopback_reads),
             timeouts,
             limits,
             fallback_enabled_passthrough: get!(fallback_enabled_passthrough),
@@ -676,6 +799,39 @@ impl Config {
     /// The provider for unmatched models.
     pub fn default_provider(&self) -> &ProviderConfig {
         &self.providers[self.default_provider]
+    }
+}
+
+/// A secret given either inline or as a file holding it (its first non-empty line, the
+/// Docker and Kubernetes secrets convention); both at once is an error, as is a file that
+/// cannot be read or holds no such line.
+fn secret_or_file(
+    (key, value): (&str, String),
+    (file_key, path): (&str, String),
+) -> Result<Option<Secret>, ConfigError> {
+    let path = path.trim();
+    if path.is_empty() {
+        return Ok(Secret::new(value));
+    }
+    if !value.is_empty() {
+        return Err(ConfigError::invalid(
+            file_key,
+            path,
+            &format!("either {key} or {file_key}, not both"),
+        ));
+    }
+    match self::redis::first_line(path) {
+        Ok(Some(line)) => Ok(Secret::new(line)),
+        Ok(None) => Err(ConfigError::invalid(
+            file_key,
+            path,
+            "a file whose first non-empty line is the secret (this one is empty)",
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            file_key,
+            path,
+            &format!("a readable file holding the secret ({e})"),
+        )),
     }
 }
 
@@ -714,16 +870,32 @@ fn provider(
                 .map_err(|e| ConfigError::invalid(format!("{prefix}fallback_url"), u, e))?,
         ),
     };
-    let api_key = match (&raw.api_key, &raw.api_key_env) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::invalid(
-                format!("{prefix}api_key_env"),
+    let given = [
+        raw.api_key.is_some(),
+        raw.api_key_env.is_some(),
+        raw.api_key_file.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        let (key, value) = match &raw.api_key_file {
+            Some(f) => ("api_key_file", f.as_str()),
+            None => (
+                "api_key_env",
                 raw.api_key_env.as_deref().unwrap_or_default(),
-                "either api_key or api_key_env, not both",
-            ))
-        }
-        (Some(k), None) => Secret::new(k.clone()),
-        (None, Some(var)) => match env.var(var).and_then(Secret::new) {
+            ),
+        };
+        return Err(ConfigError::invalid(
+            format!("{prefix}{key}"),
+            value,
+            "one of api_key, api_key_env or api_key_file, not several",
+        ));
+    }
+    let api_key = match (&raw.api_key, &raw.api_key_env, &raw.api_key_file) {
+        (_, _, Some(path)) => secret_or_file(
+            (&format!("{prefix}api_key"), String::new()),
+            (&format!("{prefix}api_key_file"), path.clone()),
+        )?,
+        (Some(k), _, None) => Secret::new(k.clone()),
+        (None, Some(var), None) => match env.var(var).and_then(Secret::new) {
             Some(k) => Some(k),
             None => {
                 return Err(ConfigError::invalid(
@@ -733,7 +905,7 @@ fn provider(
                 ))
             }
         },
-        (None, None) => implicit_key,
+        (None, None, None) => implicit_key,
     };
     let pick = |own: Option<f64>, inh: Option<f64>| own.or(inh).unwrap_or_default();
     let rate_rpm = rpm(

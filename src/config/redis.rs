@@ -11,7 +11,6 @@ use std::io::Read;
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use super::source::EnvSource;
 use super::ConfigError;
 
 /// What a Redis URL may look like, as every URL error says.
@@ -370,7 +369,7 @@ pub fn mask_raw(raw: &str) -> String {
 
 /// The first non-empty line of a small file, trimmed (`None`: unreadable or no such line).
 /// At most 64 KiB are read, so a device or a huge file cannot stall start-up.
-fn first_line(path: &str) -> Result<Option<String>, std::io::Error> {
+pub(super) fn first_line(path: &str) -> Result<Option<String>, std::io::Error> {
     let mut text = String::new();
     std::fs::File::open(path)?
         .take(64 * 1024)
@@ -380,15 +379,6 @@ fn first_line(path: &str) -> Result<Option<String>, std::io::Error> {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .map(str::to_owned))
-}
-
-/// The setting's variable when the value came from the environment, else its key.
-fn named(env: &dyn EnvSource, var: &'static str, key: &'static str, value: &str) -> &'static str {
-    if env.var(var).as_deref() == Some(value) {
-        var
-    } else {
-        key
-    }
 }
 
 /// The merged Redis settings, as [`super::Config::build`] hands them over.
@@ -405,7 +395,7 @@ pub(super) struct RedisSettings {
 impl RedisSettings {
     /// Validates every Redis setting (also without a URL, so a typo shows at once);
     /// `None` when no URL is set.
-    pub(super) fn build(self, env: &dyn EnvSource) -> Result<Option<RedisConfig>, ConfigError> {
+    pub(super) fn build(self) -> Result<Option<RedisConfig>, ConfigError> {
         let prefix = self.prefix;
         let prefix_ok = (1..=64).contains(&prefix.len())
             && prefix
@@ -447,17 +437,9 @@ impl RedisSettings {
 
         // Where the URL comes from: the file wins over the setting.
         let (raw, source) = match self.url_file.trim() {
-            "" => {
-                let name = named(env, "SIDECAR_REDIS_URL", "redis_url", &self.url);
-                (self.url.trim().to_owned(), name)
-            }
+            "" => (self.url.trim().to_owned(), "redis_url"),
             path => {
-                let name = named(
-                    env,
-                    "SIDECAR_REDIS_URL_FILE",
-                    "redis_url_file",
-                    &self.url_file,
-                );
+                let name = "redis_url_file";
                 match first_line(path) {
                     Ok(Some(line)) => (line, name),
                     _ => {
@@ -473,12 +455,7 @@ impl RedisSettings {
         let password = match self.password_file.trim() {
             "" => None,
             path => {
-                let name = named(
-                    env,
-                    "SIDECAR_REDIS_PASSWORD_FILE",
-                    "redis_password_file",
-                    &self.password_file,
-                );
+                let name = "redis_password_file";
                 match first_line(path) {
                     Ok(Some(pw)) => Some(pw),
                     _ => {

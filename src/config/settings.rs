@@ -82,6 +82,8 @@ macro_rules! settings {
             pub fn split(self) -> (Settings, super::FileConfig) {
                 let settings = Settings { $( $key: self.$key, )* };
                 let file = super::FileConfig {
+                    path: String::new(),
+                    lines: Default::default(),
                     settings: settings.clone(),
                     providers: self.providers,
                     default_provider: self.default_provider,
@@ -108,6 +110,13 @@ macro_rules! settings {
                     $($key: Some(<$ty as ParseSetting>::parse_setting($default)
                         .expect(concat!("default of ", stringify!($key), " parses"))),)*
                 }
+            }
+
+            /// The keys this layer sets.
+            pub fn set_keys(&self) -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $( if self.$key.is_some() { out.push(stringify!($key)); } )*
+                out
             }
 
             /// Overlay `other`'s set values onto `self` (later layer wins).
@@ -142,6 +151,8 @@ settings! {
     upstream_url: String = "https://integrate.api.nvidia.com/v1", env "SIDECAR_UPSTREAM_URL";
     /// Provider API key injected as Authorization: Bearer (falls back to NVIDIA_API_KEY).
     upstream_api_key: String = "", env "SIDECAR_UPSTREAM_API_KEY";
+    /// File holding the provider API key (its first non-empty line): the Docker and Kubernetes secrets convention; not together with upstream_api_key.
+    upstream_api_key_file: String = "", env "SIDECAR_UPSTREAM_API_KEY_FILE";
     /// PEM file of extra CA certificates trusted for upstream TLS, besides the webpki roots.
     upstream_ca_file: String = "", env "SIDECAR_UPSTREAM_CA_FILE";
     /// Requests per minute sent to the upstream at most: the ceiling. The sidecar paces at the provider's learned limit when that is lower.
@@ -162,6 +173,10 @@ settings! {
     log_format: String = "json", env "SIDECAR_LOG_FORMAT";
     /// Bearer token for the admin API (empty: admin writes disabled).
     admin_token: String = "", env "SIDECAR_ADMIN_TOKEN";
+    /// File holding the admin token (its first non-empty line); not together with admin_token.
+    admin_token_file: String = "", env "SIDECAR_ADMIN_TOKEN_FILE";
+    /// Admin reads from a loopback peer need no token. Set false when clients reach the sidecar through a proxy on the same host (they all look local), or to test the dashboard as a remote user would.
+    admin_loopback_reads: bool = "true", env "SIDECAR_ADMIN_LOOPBACK_READS";
     /// Worker threads, each with its own runtime, listener and upstream pool (0: one per core).
     workers: usize = "0", env "SIDECAR_WORKERS";
     /// Seconds allowed to open a TCP (and TLS) connection to the upstream.

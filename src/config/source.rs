@@ -10,6 +10,11 @@ use std::path::Path;
 /// A read-only view of environment variables.
 pub trait EnvSource {
     fn var(&self, key: &str) -> Option<String>;
+
+    /// The file a set variable came from (`None`: the process environment).
+    fn file_of(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 impl EnvSource for HashMap<String, String> {
@@ -22,6 +27,8 @@ impl EnvSource for HashMap<String, String> {
 #[derive(Debug, Default)]
 pub struct ProcessEnv {
     dotenv: HashMap<String, String>,
+    /// The `.env` file read, for errors naming where a variable was set.
+    path: String,
 }
 
 impl ProcessEnv {
@@ -42,7 +49,10 @@ impl ProcessEnv {
                 dotenv.insert(k, v);
             }
         }
-        Ok(Self { dotenv })
+        Ok(Self {
+            dotenv,
+            path: path.display().to_string(),
+        })
     }
 }
 
@@ -70,5 +80,10 @@ impl EnvSource for ProcessEnv {
         std::env::var(key)
             .ok()
             .or_else(|| self.dotenv.get(key).cloned())
+    }
+
+    fn file_of(&self, key: &str) -> Option<String> {
+        (std::env::var_os(key).is_none() && self.dotenv.contains_key(key))
+            .then(|| self.path.clone())
     }
 }

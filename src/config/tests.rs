@@ -53,9 +53,17 @@ fn assert_invalid(err: &ConfigError, setting: &str, value: &str, expected: &str)
         matches!(err, ConfigError::Invalid { .. }),
         "not an Invalid error: {err:?}"
     );
+    // The setting is named as it was written: its variable, its flag or its key.
+    let mut names = vec![setting.to_owned()];
+    if let Some(s) = SETTINGS.iter().find(|s| s.key == setting) {
+        names.push(s.env.to_owned());
+        names.push(format!("--{}", s.key.replace('_', "-")));
+    }
     assert!(
-        msg.contains(&format!("{setting}={value:?}")),
-        "{msg:?} does not name {setting}={value:?}"
+        names
+            .iter()
+            .any(|n| msg.contains(&format!("{n}={value:?}"))),
+        "{msg:?} does not name {setting}={value:?} (as any of {names:?})"
     );
     assert!(
         msg.contains(&format!("expected {expected}")),
@@ -580,7 +588,7 @@ fn every_bad_provider_declaration_is_refused_naming_the_provider_field() {
         (r#"default_provider = "other""#, NONE,
             "default_provider", "other", NO_PROVIDERS),
         (r#"providers = [{ name = "a", api_key = "k", api_key_env = "VAR" }]"#, &[("VAR", "v")],
-            "providers[0].api_key_env", "VAR", "either api_key or api_key_env, not both"),
+            "providers[0].api_key_env", "VAR", "one of api_key, api_key_env or api_key_file, not several"),
         (r#"providers = [{ name = "a", api_key_env = "UNSET_VAR" }]"#, NONE,
             "providers[0].api_key_env", "UNSET_VAR", KEY_VAR),
         (r#"providers = [{ name = "a", api_key_env = "EMPTY_VAR" }]"#, &[("EMPTY_VAR", "")],
@@ -620,7 +628,18 @@ fn an_unknown_top_level_key_is_refused_naming_it() {
     assert!(matches!(err, ConfigError::Toml { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("f.toml"), "{msg}");
-    assert!(msg.contains("unknown field `rate_rmp`"), "{msg}");
+    assert!(
+        msg.contains("unknown key `rate_rmp`: did you mean `rate_rpm`?"),
+        "{msg}"
+    );
+    // Nothing close: the keys of that table are listed.
+    let msg = FileConfig::parse("zzzzzzzzzzzz = 2\n", "f.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("unknown key `zzzzzzzzzzzz` (known here: listen_host, "),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'), "{msg:?}");
 }
 
@@ -638,7 +657,14 @@ fn an_unknown_provider_key_is_refused_naming_it() {
         FileConfig::parse("[[providers]]\nname = \"a\"\napi_url = \"x\"\n", "f.toml").unwrap_err();
     assert!(matches!(err, ConfigError::Toml { line: 3, .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("unknown field `api_url`"), "{msg}");
+    assert!(
+        msg.contains("unknown key `api_url`: did you mean `api_key`?"),
+        "{msg}"
+    );
+    let msg = FileConfig::parse("[[providers]]\nname = \"a\"\nupstream = \"x\"\n", "f.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("did you mean `upstream_url`?"), "{msg}");
     assert!(!msg.contains('\n'), "{msg:?}");
 }
 
@@ -787,7 +813,7 @@ fn a_state_file_in_a_missing_directory_stops_start_up_naming_the_setting() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("state_file") && e.contains("/no/such/dir"),
+        e.contains("SIDECAR_STATE_FILE") && e.contains("/no/such/dir"),
         "{e}"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -1238,7 +1264,9 @@ fn limit_scope_model_is_refused_with_a_redis_url() {
         ),
         "inherited",
     );
-    assert_invalid(&err, "providers[0].limit_scope", "model", SHARED_SCOPE);
+    // Named where it was written: the top-level key, with its line.
+    assert_invalid(&err, "limit_scope", "model", SHARED_SCOPE);
+    assert!(err.to_string().contains("sidecar.toml line 1)"), "{err}");
     // key with Redis is fine.
     let c = load_env(&[("SIDECAR_LIMIT_SCOPE", "key"), redis]).unwrap();
     assert!(c.redis.is_some());
@@ -1259,5 +1287,180 @@ fn an_unknown_variable_names_the_closest_setting() {
     assert_eq!(
         super::unknown_variable("SIDECAR_SOMETHING_ELSE_ENTIRELY"),
         Some(("SIDECAR_SOMETHING_ELSE_ENTIRELY".to_owned(), None))
+    );
+}
+
+// === errors name the setting as it was written ===
+
+#[test]
+fn an_environment_error_names_the_variable() {
+    let msg = load_env(&[("SIDECAR_RATE_RPM", "-5")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("invalid SIDECAR_RATE_RPM=\"-5\": expected requests per minute"),
+        "{msg}"
+    );
+    // Also when the check is made after merging (the variable parsed, the range failed).
+    let msg = load_env(&[("SIDECAR_WORKERS", "5000")])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.starts_with("invalid SIDECAR_WORKERS=\"5000\""), "{msg}");
+}
+
+#[test]
+fn a_dotenv_error_names_the_variable_and_the_file() {
+    // A variable no process sets, so the value comes from the file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".env");
+    std::fs::write(&path, "SIDECAR_SHUTDOWN_GRACE=-1\n").unwrap();
+    let env = ProcessEnv::with_dotenv(dir.path()).unwrap();
+    let msg = load(None, &env, Settings::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "invalid SIDECAR_SHUTDOWN_GRACE=\"-1\" (set in {}): expected",
+            path.display()
+        )),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_toml_error_names_the_key_the_file_and_the_line() {
+    let file = toml_file("listen_port = 8080\n\nrate_rpm = -5.0\n");
+    let msg = load(Some(&file.path), &env(&[]), Settings::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "invalid rate_rpm=\"-5\" ({} line 3): expected",
+            file.path.display()
+        )),
+        "{msg}"
+    );
+    // A provider's key: its own line.
+    let file =
+        toml_file("[[providers]]\nname = \"a\"\n\n[[providers]]\nname = \"b\"\nrate_rpm = 0.0\n");
+    let msg = load(Some(&file.path), &env(&[]), Settings::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "invalid providers[1].rate_rpm=\"0\" ({} line 6): expected",
+            file.path.display()
+        )),
+        "{msg}"
+    );
+    // Set in the file, overridden by a valid variable: no error at all.
+    let file = toml_file("rate_rpm = -5.0\n");
+    load(
+        Some(&file.path),
+        &env(&[("SIDECAR_RATE_RPM", "10")]),
+        Settings::default(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_flag_error_names_the_flag() {
+    let flags = Settings {
+        rate_rpm: Some(-5.0),
+        ..Settings::default()
+    };
+    let msg = load(None, &env(&[("SIDECAR_RATE_RPM", "10")]), flags)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("invalid --rate-rpm=\"-5\": expected"),
+        "{msg}"
+    );
+    // A provider that inherits the flag's value names the flag too.
+    let file = toml_file("[[providers]]\nname = \"a\"\n");
+    let flags = Settings {
+        queue_max_size: Some(2_000_000),
+        ..Settings::default()
+    };
+    let msg = load(Some(&file.path), &env(&[]), flags)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("invalid --queue-max-size=\"2000000\""),
+        "{msg}"
+    );
+}
+
+// === secrets from files ===
+
+#[test]
+fn keys_and_tokens_can_come_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let token = dir.path().join("token");
+    std::fs::write(&key, "\n  nvapi-from-a-file  \nsecond line ignored\n").unwrap();
+    std::fs::write(&token, "admin-from-a-file\n").unwrap();
+    let (key_s, token_s) = (key.display().to_string(), token.display().to_string());
+    let c = load_env(&[
+        ("SIDECAR_UPSTREAM_API_KEY_FILE", &key_s),
+        ("SIDECAR_ADMIN_TOKEN_FILE", &token_s),
+        ("NVIDIA_API_KEY", "nvapi-from-the-environment"),
+    ])
+    .unwrap();
+    let key_of = |c: &Config| {
+        c.default_provider()
+            .api_key
+            .as_ref()
+            .map(|k| k.expose().to_owned())
+    };
+    assert_eq!(key_of(&c).as_deref(), Some("nvapi-from-a-file"));
+    assert_eq!(
+        c.admin_token.as_ref().map(Secret::expose),
+        Some("admin-from-a-file")
+    );
+
+    // Both the value and its file: refused, naming the file setting.
+    let err = error_of(
+        load_env(&[
+            ("SIDECAR_ADMIN_TOKEN", "x"),
+            ("SIDECAR_ADMIN_TOKEN_FILE", &token_s),
+        ]),
+        "both",
+    );
+    assert_invalid(
+        &err,
+        "admin_token_file",
+        &token_s,
+        "either admin_token or admin_token_file, not both",
+    );
+    // A missing or empty file: refused, and the error holds no secret.
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n \n").unwrap();
+    for (path, says) in [
+        ("/no/such/key".to_owned(), "a readable file"),
+        (empty.display().to_string(), "this one is empty"),
+    ] {
+        let msg = load_env(&[("SIDECAR_UPSTREAM_API_KEY_FILE", &path)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(&format!("invalid SIDECAR_UPSTREAM_API_KEY_FILE={path:?}"))
+                && msg.contains(says),
+            "{msg}"
+        );
+    }
+
+    // A declared provider's key from a file; with another key setting as well: refused.
+    let text = format!("[[providers]]\nname = \"a\"\napi_key_file = {key_s:?}\n");
+    let c = load_toml(&text, &[]).unwrap();
+    assert_eq!(key_of(&c).as_deref(), Some("nvapi-from-a-file"));
+    let text = format!("[[providers]]\nname = \"a\"\napi_key = \"k\"\napi_key_file = {key_s:?}\n");
+    let msg = load_toml(&text, &[]).unwrap_err().to_string();
+    assert!(
+        msg.contains("providers[0].api_key_file=")
+            && msg.contains("line 4)")
+            && msg.contains("not several")
+            && !msg.contains("nvapi-from-a-file"),
+        "{msg}"
     );
 }

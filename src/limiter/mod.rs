@@ -39,7 +39,7 @@ pub use control::{ClusterPacing, Event, Note, PacingView, PauseReason};
 pub use guard::{Claim, Margin, WindowGuard};
 pub use learn::{Change, Source};
 pub use lease::{LeasePot, Mode};
-pub use queue::{QueueCounts, QueueFull, Ticket, WaitQueues};
+pub use queue::{DropReason, Flow, QueueCounts, QueueFull, Ticket, WaitQueues};
 pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
 pub use signal::{Quota, Refusal};
 

@@ -11,6 +11,11 @@
 //! so exactly one of them wins and the depth counters move exactly once. A cancelled
 //! waiter (client gone, deadline passed) stays in the `SegQueue` as a tombstone and is
 //! skipped by [`WaitQueues::grant_next`] without consuming a token.
+//!
+//! The queue keeps its own totals per priority, moved by the same winner: enqueued,
+//! dequeued (granted) and dropped (cancelled, by [`DropReason`]). So for each priority
+//! `enqueued = dequeued + dropped + depth` whenever no waiter is settling at that
+//! moment (a read racing a settlement may see one request in neither place).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,6 +69,47 @@ struct Lane {
     front: SegQueue<Arc<Waiter>>,
     back: SegQueue<Arc<Waiter>>,
     depth: AtomicUsize,
+    /// Totals since start: parked, granted, cancelled (`DropReason as usize`).
+    enqueued: AtomicU64,
+    dequeued: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+/// Why a waiter left the queue without a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The client went away (its ticket was dropped while it waited).
+    ClientGone,
+    /// A low-priority request's `low_priority_timeout` passed.
+    LowPriorityDeadline,
+    /// The request timeout passed.
+    Timeout,
+    /// Taken out right after parking: the queue ahead of it could not be served before
+    /// its deadline at the rate paced now (refused at once, or sent to passthrough).
+    BeyondDeadline,
+    /// The shutdown grace period ended.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        Self::ClientGone,
+        Self::LowPriorityDeadline,
+        Self::Timeout,
+        Self::BeyondDeadline,
+        Self::Shutdown,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientGone => "client_gone",
+            Self::LowPriorityDeadline => "low_priority_deadline",
+            Self::Timeout => "timeout",
+            Self::BeyondDeadline => "beyond_deadline",
+            Self::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// The queue is at its bound.
@@ -79,12 +125,25 @@ pub struct WaitQueues {
     lanes: [Lane; 3],
     total: AtomicUsize,
     max: AtomicUsize,
-    enqueued: AtomicU64,
-    dequeued: AtomicU64,
     /// Grants whose ticket was dropped before it saw them: claims and tokens to give back.
     unused_grants: SegQueue<Claim>,
-    /// Waiters that left without a grant (client gone or deadline passed).
-    abandoned: AtomicU64,
+}
+
+/// One priority's totals since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Parked (a request put back after a 429 counts again).
+    pub enqueued: u64,
+    /// Taken out with a grant, to be sent.
+    pub dequeued: u64,
+    /// Taken out without one, by `DropReason as usize`.
+    pub dropped: [u64; DropReason::ALL.len()],
+}
+
+impl Flow {
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().sum()
+    }
 }
 
 /// Counters of the queues, copied.
@@ -93,10 +152,19 @@ pub struct QueueCounts {
     pub depth: [usize; 3],
     pub total: usize,
     pub max: usize,
+    /// Per priority (`Priority as usize`).
+    pub flow: [Flow; 3],
+    /// `flow` summed over priorities: parked, granted, and left without a grant.
     pub enqueued: u64,
     pub dequeued: u64,
-    /// Left without a grant: client gone or deadline passed.
     pub abandoned: u64,
+}
+
+impl QueueCounts {
+    /// Left without a grant for `why`, all priorities.
+    pub fn dropped(&self, why: DropReason) -> u64 {
+        self.flow.iter().map(|f| f.dropped[why as usize]).sum()
+    }
 }
 
 impl WaitQueues {
@@ -105,10 +173,7 @@ impl WaitQueues {
             lanes: Default::default(),
             total: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
-            enqueued: AtomicU64::new(0),
-            dequeued: AtomicU64::new(0),
             unused_grants: SegQueue::new(),
-            abandoned: AtomicU64::new(0),
         })
     }
 
@@ -144,13 +209,20 @@ impl WaitQueues {
     }
 
     pub fn counts(&self) -> QueueCounts {
+        // Relaxed throughout: statistics, ordered with nothing.
+        let flow = self.lanes.each_ref().map(|l| Flow {
+            enqueued: l.enqueued.load(Ordering::Relaxed),
+            dequeued: l.dequeued.load(Ordering::Relaxed),
+            dropped: l.dropped.each_ref().map(|d| d.load(Ordering::Relaxed)),
+        });
         QueueCounts {
             depth: [0, 1, 2].map(|i| self.lanes[i].depth.load(Ordering::Relaxed)),
             total: self.len(),
             max: self.max(),
-            enqueued: self.enqueued.load(Ordering::Relaxed),
-            dequeued: self.dequeued.load(Ordering::Relaxed),
-            abandoned: self.abandoned.load(Ordering::Relaxed),
+            flow,
+            enqueued: flow.iter().map(|f| f.enqueued).sum(),
+            dequeued: flow.iter().map(|f| f.dequeued).sum(),
+            abandoned: flow.iter().map(Flow::dropped_total).sum(),
         }
     }
 
@@ -198,7 +270,7 @@ impl WaitQueues {
         });
         let lane = &self.lanes[p as usize];
         lane.depth.fetch_add(1, Ordering::Relaxed);
-        self.enqueued.fetch_add(1, Ordering::Relaxed);
+        lane.enqueued.fetch_add(1, Ordering::Relaxed);
         if front {
             lane.front.push(Arc::clone(&waiter));
         } else {
@@ -228,7 +300,7 @@ impl WaitQueues {
                     let _ = w.grant.set(claim);
                     if w.settle(GRANTED) {
                         self.release(w.priority);
-                        self.dequeued.fetch_add(1, Ordering::Relaxed);
+                        lane.dequeued.fetch_add(1, Ordering::Relaxed);
                         w.waker.wake();
                         return Ok(());
                     }
@@ -249,18 +321,34 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Cancels the wait; `false` if the grant came first (the caller then owns a token).
-    pub fn cancel(&mut self) -> bool {
+    /// Cancels the wait, counted as dropped for `why`; `false` if the grant came first
+    /// (the caller then owns a token, and the request counts as dequeued).
+    pub fn cancel(&mut self, why: DropReason) -> bool {
         if self.done {
             return false;
         }
         self.done = true;
         if self.waiter.settle(CANCELLED) {
-            self.queues.release(self.waiter.priority);
-            self.queues.abandoned.fetch_add(1, Ordering::Relaxed);
+            let p = self.waiter.priority;
+            self.queues.release(p);
+            self.queues.lanes[p as usize].dropped[why as usize].fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false
+        }
+    }
+
+    /// Gives up the wait for `why`. A grant that came first is not lost: its claim and
+    /// token go back to the dispatcher (the request counts as dequeued).
+    pub fn abandon(mut self, why: DropReason) {
+        self.leave(why);
+    }
+
+    fn leave(&mut self, why: DropReason) {
+        if !self.done && !self.cancel(why) {
+            if let Some(c) = self.waiter.grant.get() {
+                self.queues.unused_grants.push(*c);
+            }
         }
     }
 
@@ -308,12 +396,8 @@ impl Future for Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        // Granted, but the grant was never seen (the client left at that moment): the
-        // token is given back rather than lost.
-        if !self.done && !self.cancel() {
-            if let Some(c) = self.waiter.grant.get() {
-                self.queues.unused_grants.push(*c);
-            }
-        }
+        // Dropped while waiting: the client is gone (every other way out settles first,
+        // naming its reason).
+        self.leave(DropReason::ClientGone);
     }
 }

@@ -225,7 +225,10 @@ fn a_ticket_resolves_after_its_grant_and_wakes_its_task() {
     assert!(q.grant_next(claim()).is_ok());
     assert_eq!(counter.wakes(), 1);
     assert_eq!(poll_with(&mut t, &waker), Poll::Ready(()));
-    assert!(!t.cancel(), "granted first: the caller owns the token");
+    assert!(
+        !t.cancel(DropReason::ClientGone),
+        "granted first: the caller owns the token"
+    );
     assert_eq!(q.len(), 0);
 }
 
@@ -234,8 +237,8 @@ fn cancel_after_a_grant_returns_false_and_moves_no_counter() {
     let q = WaitQueues::new(2);
     let mut t = q.enqueue(Priority::Low, false).unwrap();
     assert!(q.grant_next(claim()).is_ok());
-    assert!(!t.cancel());
-    assert!(!t.cancel());
+    assert!(!t.cancel(DropReason::ClientGone));
+    assert!(!t.cancel(DropReason::ClientGone));
     let c = q.counts();
     assert_eq!((c.total, c.depth, c.dequeued), (0, [0; 3], 1));
 }
@@ -245,11 +248,83 @@ fn cancel_before_a_grant_wins_once() {
     let q = WaitQueues::new(2);
     let mut t = q.enqueue(Priority::Low, true).unwrap();
     assert_eq!(t.priority(), Priority::Low);
-    assert!(t.cancel());
-    assert!(!t.cancel(), "only once");
+    assert!(t.cancel(DropReason::ClientGone));
+    assert!(!t.cancel(DropReason::ClientGone), "only once");
     assert_eq!(q.len(), 0);
     assert!(q.grant_next(claim()).is_err());
     assert!(!is_granted(&mut t));
+}
+
+#[test]
+fn the_queue_counts_each_leaving_once_by_priority_and_reason() {
+    let q = WaitQueues::new(8);
+    let mut high = q.enqueue(Priority::High, false).unwrap();
+    let mut low_deadline = q.enqueue(Priority::Low, false).unwrap();
+    let mut low_timeout = q.enqueue(Priority::Low, true).unwrap();
+    let gone = q.enqueue(Priority::Normal, false).unwrap();
+    let stays = q.enqueue(Priority::Normal, false).unwrap();
+    assert!(q.grant_next(claim()).is_ok(), "high goes first");
+    assert!(is_granted(&mut high));
+    assert!(low_deadline.cancel(DropReason::LowPriorityDeadline));
+    assert!(low_timeout.cancel(DropReason::Timeout));
+    assert!(!low_timeout.cancel(DropReason::Shutdown), "counted once");
+    drop(gone);
+    drop((high, low_deadline, low_timeout));
+    let c = q.counts();
+    let f = |p: Priority| c.flow[p as usize];
+    assert_eq!(
+        (f(Priority::High).enqueued, f(Priority::High).dequeued),
+        (1, 1)
+    );
+    assert_eq!(f(Priority::Normal).enqueued, 2);
+    assert_eq!(
+        f(Priority::Normal).dropped[DropReason::ClientGone as usize],
+        1
+    );
+    assert_eq!(f(Priority::Low).enqueued, 2);
+    assert_eq!(f(Priority::Low).dequeued, 0);
+    assert_eq!(
+        f(Priority::Low).dropped,
+        [0, 1, 1, 0, 0],
+        "low_priority_deadline and timeout"
+    );
+    assert_eq!((c.enqueued, c.dequeued, c.abandoned), (5, 1, 3));
+    assert_eq!(c.dropped(DropReason::Shutdown), 0);
+    // For each priority: in = out with a token + out without one + still waiting.
+    for p in Priority::ALL {
+        let fl = f(p);
+        assert_eq!(
+            fl.enqueued,
+            fl.dequeued + fl.dropped_total() + c.depth[p as usize] as u64,
+            "{p:?}"
+        );
+    }
+    drop(stays);
+    assert_eq!(q.counts().dropped(DropReason::ClientGone), 2);
+}
+
+#[test]
+fn abandoning_a_ticket_the_grant_reached_first_returns_the_grant_and_counts_no_drop() {
+    let l = limiter(60.0, 1, 4);
+    let waiting = l.queues.enqueue(Priority::Normal, false).unwrap();
+    waiting.abandon(DropReason::Shutdown);
+    let granted = l.queues.enqueue(Priority::Normal, false).unwrap();
+    assert_eq!(l.dispatch(0), None);
+    assert_eq!(l.bucket.tokens(0), 0.0, "the grant took the token");
+    granted.abandon(DropReason::Shutdown);
+    let c = l.queues.counts();
+    assert_eq!((c.enqueued, c.dequeued), (2, 1));
+    assert_eq!(
+        c.dropped(DropReason::Shutdown),
+        1,
+        "only the one still waiting"
+    );
+    assert_eq!(l.dispatch(0), None);
+    assert_eq!(
+        l.bucket.tokens(0),
+        1.0,
+        "the unseen grant's token came back"
+    );
 }
 
 // === Limiter: admission ===
@@ -365,7 +440,7 @@ fn a_grant_dropped_before_it_was_seen_gives_its_token_back() {
     assert_eq!(l.dispatch(0), Some(Duration::from_secs(1)));
     assert_eq!(l.dispatch(S), None);
     assert!(is_granted(&mut seen));
-    assert!(!kept.cancel());
+    assert!(!kept.cancel(DropReason::ClientGone));
     drop((seen, kept));
     assert_eq!(l.dispatch(S), None);
     assert_eq!(l.bucket.tokens(S), 0.0);

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 
 use super::series::{ErrorKind, Latency, Outcome};
 use crate::app::{App, ProviderSnapshot};
-use crate::limiter::{PauseReason, RetreatState, Source};
+use crate::limiter::{DropReason, Flow, PauseReason, RetreatState, Source};
 use crate::priority::Priority;
 use crate::record::Route;
 
@@ -230,12 +230,7 @@ impl Collector for AppCollector {
                 ("queue_full", s.stats.queue_full),
                 ("low_priority_deadline", s.stats.dropped_low_priority),
                 ("timeout", s.stats.dropped_timeout),
-                (
-                    "client_gone",
-                    s.queue
-                        .abandoned
-                        .saturating_sub(s.stats.dropped_low_priority + s.stats.dropped_timeout),
-                ),
+                ("client_gone", s.queue.dropped(DropReason::ClientGone)),
             ] {
                 f.counter(&[("provider", name), ("reason", reason)], v)?;
             }
@@ -255,6 +250,7 @@ impl Collector for AppCollector {
                 )?;
             }
         }
+        queue_flow(&mut enc, &names, &snaps)?;
         let gauges: [(&str, &str, Read); 5] = [
             ("sidecar_queue_max", "Most requests the queue holds.", |s| {
                 s.queue.max as f64
@@ -397,6 +393,57 @@ impl Collector for AppCollector {
         }
         Ok(())
     }
+}
+
+/// The queue's totals since start, per priority: for each, `enqueued = dequeued +
+/// dropped + sidecar_queue_depth` (a scrape racing a grant may see one request in
+/// neither place). A request put back after an upstream 429 is enqueued again.
+fn queue_flow(enc: &mut DescriptorEncoder, names: &[&str], snaps: &[ProviderSnapshot]) -> Res {
+    type Total = fn(&Flow) -> u64;
+    let totals: [(&str, &str, Total); 2] = [
+        (
+            "sidecar_queue_enqueued",
+            "Requests parked in the queue, by priority (a request put back after an upstream 429 counts again).",
+            |f| f.enqueued,
+        ),
+        (
+            "sidecar_queue_dequeued",
+            "Requests taken out of the queue with a token, to be sent, by priority.",
+            |f| f.dequeued,
+        ),
+    ];
+    for (metric, help, get) in totals {
+        let mut f = family(enc, metric, help, MetricType::Counter)?;
+        for (name, s) in names.iter().zip(snaps) {
+            for p in Priority::ALL {
+                f.counter(
+                    &[("provider", name), ("priority", p.as_str())],
+                    get(&s.queue.flow[p as usize]),
+                )?;
+            }
+        }
+    }
+    let mut f = family(
+        enc,
+        "sidecar_queue_dropped",
+        "Requests taken out of the queue without a token, by priority and reason: client_gone, low_priority_deadline, timeout (the request timeout), beyond_deadline (the queue ahead could not be served in time), shutdown.",
+        MetricType::Counter,
+    )?;
+    for (name, s) in names.iter().zip(snaps) {
+        for p in Priority::ALL {
+            for why in DropReason::ALL {
+                f.counter(
+                    &[
+                        ("provider", name),
+                        ("priority", p.as_str()),
+                        ("reason", why.as_str()),
+                    ],
+                    s.queue.flow[p as usize].dropped[why as usize],
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The learned limit of each provider ([`crate::limiter::PacingView`]): what the window

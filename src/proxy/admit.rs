@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::app::{App, Provider};
 use crate::error::ProxyError;
 use crate::hot::Hot;
-use crate::limiter::{Claim, Decision, Limiter, Permit, Ticket};
+use crate::limiter::{Claim, Decision, DropReason, Limiter, Permit, Ticket};
 use crate::priority::Priority;
 use crate::record::{Record, Route};
 use crate::stats::ProviderStats;
@@ -190,7 +190,7 @@ fn beyond_deadline(
     if expected <= budget {
         return None;
     }
-    if !ticket.cancel() {
+    if !ticket.cancel(DropReason::BeyondDeadline) {
         // Granted meanwhile: it goes.
         return ticket.grant().map(|c| Ok(Stage::Claim(c)));
     }
@@ -231,10 +231,15 @@ async fn wait(
         .then(|| started + hot.providers[provider.index].low_priority_timeout)
         .filter(|d| *d < deadline);
     let until = low_deadline.unwrap_or(deadline);
+    let why = if low_deadline.is_some() {
+        DropReason::LowPriorityDeadline
+    } else {
+        DropReason::Timeout
+    };
     let outcome = tokio::select! {
         claim = &mut ticket => Ok(Waited::Granted(claim)),
         () = tokio::time::sleep_until(until) => {
-            if ticket.cancel() {
+            if ticket.cancel(why) {
                 Err(until)
             } else {
                 // The grant won the race with the deadline.
@@ -242,7 +247,7 @@ async fn wait(
             }
         }
         () = app.shutdown.hard_stop.cancelled() => {
-            drop(ticket);
+            ticket.abandon(DropReason::Shutdown);
             return Err(ProxyError::ShuttingDown);
         }
     };

@@ -318,11 +318,47 @@ impl Worker {
     }
 }
 
+/// Which listener could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Proxy,
+    Metrics,
+}
+
+impl Listener {
+    /// The settings that make its address.
+    pub fn settings(self) -> [&'static str; 2] {
+        match self {
+            Self::Proxy => ["listen_host", "listen_port"],
+            Self::Metrics => ["listen_host", "metrics_port"],
+        }
+    }
+}
+
+/// A listener that could not start: which one, its address and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for the {}: {source}", match .listener { Listener::Proxy => "proxy", Listener::Metrics => "metrics" })]
+pub struct ListenError {
+    pub listener: Listener,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Starts the proxy on `app.config.listen`, and the metrics listener (which also runs
 /// the snapshot publisher) on `app.config.metrics_listen`.
-pub fn start_proxy(app: Arc<App>) -> std::io::Result<Running> {
-    let metrics = start_metrics(Arc::clone(&app))?;
-    let mut proxy = start_workers(app)?;
+pub fn start_proxy(app: Arc<App>) -> Result<Running, ListenError> {
+    let failed = |listener, addr| {
+        move |source| ListenError {
+            listener,
+            addr,
+            source,
+        }
+    };
+    let (listen, metrics_listen) = (app.config.listen, app.config.metrics_listen);
+    let metrics =
+        start_metrics(Arc::clone(&app)).map_err(failed(Listener::Metrics, metrics_listen))?;
+    let mut proxy = start_workers(app).map_err(failed(Listener::Proxy, listen))?;
     proxy.metrics_addr = Some(metrics.local_addr);
     proxy.threads.extend(metrics.threads);
     Ok(proxy)

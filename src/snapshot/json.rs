@@ -1,12 +1,14 @@
 //! The snapshot as the dashboard reads it: JSON, with provider names and upstream URLs
 //! (never keys) joined in from the configuration, and `null` where there is no value.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::{ClusterPanel, PacingPanel, Panel, Snapshot};
 use crate::app::App;
 use crate::budget::ClusterView;
-use crate::limiter::{Mode, PauseReason, RetreatState, Source};
+use crate::limiter::{DropReason, Mode, PauseReason, RetreatState, Source};
 use crate::priority::Priority;
 
 /// Encodes `snap` (sequence `seq`) for `app`'s providers.
@@ -342,11 +344,19 @@ struct Errors {
     retries: u64,
 }
 
+/// Depth now, and the totals since start (the Python service's `total_enqueued`,
+/// `total_dequeued`, `total_dropped`): `enqueued = dequeued + dropped + total`.
 #[derive(Serialize)]
 struct Queue {
     depth: Depth,
     total: u64,
     max: u64,
+    enqueued: u64,
+    dequeued: u64,
+    dropped: u64,
+    /// By reason (`client_gone`, `low_priority_deadline`, `timeout`, `beyond_deadline`,
+    /// `shutdown`).
+    dropped_by_reason: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Serialize)]
@@ -426,6 +436,13 @@ impl<'a> ProviderView<'a> {
                 },
                 total: p.queue_total,
                 max: p.queue_max,
+                enqueued: p.queue_enqueued,
+                dequeued: p.queue_dequeued,
+                dropped: p.queue_dropped.iter().sum(),
+                dropped_by_reason: DropReason::ALL
+                    .into_iter()
+                    .map(|why| (why.as_str(), p.queue_dropped[why as usize]))
+                    .collect(),
             },
             latency_ms: Percentiles {
                 p50: opt(p.latency_p50_ms),

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytemuck::{Pod, Zeroable};
 use tokio::sync::watch;
 
+use crate::limiter::DropReason;
+
 pub use seqlock::SeqLock;
 
 /// Providers a snapshot has room for.
@@ -55,6 +57,11 @@ pub struct Panel {
     pub queue_depth: [u64; 3],
     pub queue_total: u64,
     pub queue_max: u64,
+    /// The queue's totals since start, all priorities: parked, taken out with a token,
+    /// and taken out without one by `DropReason as usize`.
+    pub queue_enqueued: u64,
+    pub queue_dequeued: u64,
+    pub queue_dropped: [u64; DropReason::ALL.len()],
     /// `RetreatState as u64`.
     pub retreat_state: u64,
     pub upstream_429_last_minute: u64,

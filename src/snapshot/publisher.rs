@@ -13,7 +13,7 @@ use bytemuck::Zeroable;
 use super::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
 use crate::app::App;
 use crate::budget::{Budget, ClusterView};
-use crate::limiter::{Mode, PacingView, Source};
+use crate::limiter::{DropReason, Mode, PacingView, Source};
 
 /// A provider's pacing view at clock time `now`, as the snapshot holds it.
 fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
@@ -158,6 +158,9 @@ impl Publisher {
                 queue_depth: s.queue.depth.map(|d| d as u64),
                 queue_total: s.queue.total as u64,
                 queue_max: s.queue.max as u64,
+                queue_enqueued: s.queue.enqueued,
+                queue_dequeued: s.queue.dequeued,
+                queue_dropped: DropReason::ALL.map(|why| s.queue.dropped(why)),
                 retreat_state: s.retreat.state as u64,
                 upstream_429_last_minute: s.retreat.upstream_429_last_minute,
                 responses_last_minute: s.retreat.responses_last_minute,

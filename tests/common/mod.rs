@@ -223,3 +223,31 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 pub mod redis;
+
+/// The README's test command: it installs every tool the suite uses, then runs it with
+/// nothing skipped.
+pub const SETUP_COMMAND: &str = "tests/run.sh";
+
+/// A test cannot run because `tool` is missing. Under `tests/run.sh` (which sets
+/// `TESTS_NO_SKIP=1`) and in CI that is a failure; under a bare `cargo test` the test is
+/// skipped, and says so where a person sees it: the line goes to the process's stderr
+/// directly, which the test harness does not capture (its capture only takes
+/// `print!`/`eprint!`), naming the command that installs the tool.
+///
+/// Returns so the caller can `return` from the test.
+pub fn missing_tool(tool: &str, install: &str) {
+    use std::io::Write as _;
+    let strict = std::env::var_os("TESTS_NO_SKIP").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("CI").is_some();
+    let msg = format!(
+        "{tool} is not installed: install it with `{install}`, or run `{SETUP_COMMAND}`, which installs every tool the tests use"
+    );
+    if strict {
+        panic!("{msg} (TESTS_NO_SKIP or CI is set, so nothing may be skipped)");
+    }
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\nSKIPPED {}: {msg}\n",
+        std::thread::current().name().unwrap_or("a test")
+    );
+}

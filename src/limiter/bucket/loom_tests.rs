@@ -226,12 +226,19 @@ fn loom_a_grant_racing_a_cancel_settles_the_waiter_once() {
             let q = std::sync::Arc::clone(&q);
             thread::spawn(move || q.grant_next(claim).is_ok())
         };
-        let canceller = thread::spawn(move || ticket.cancel());
+        let canceller =
+            thread::spawn(move || ticket.cancel(crate::limiter::DropReason::ClientGone));
         let granted = granter.join().unwrap();
         let cancelled = canceller.join().unwrap();
         assert!(granted != cancelled, "exactly one of grant and cancel wins");
         let c = q.counts();
         assert_eq!((c.total, c.depth), (0, [0; 3]));
         assert_eq!(c.dequeued, u64::from(granted));
+        assert_eq!(
+            c.abandoned,
+            u64::from(cancelled),
+            "and the drop counted once"
+        );
+        assert_eq!(c.enqueued, c.dequeued + c.abandoned);
     });
 }

@@ -33,6 +33,13 @@ Scenarios (each for a fixed duration):
                        (6,000 and 60,000 RPM), a flood of 2x the budget spread over them,
                        against one sidecar alone at the same rate and flood: admitted vs
                        budget, Redis round trips and CPU per admitted request (cluster.py)
+  soak                 --soak-minutes (30; 1 under --short) of mixed traffic: streaming and plain
+                       completions, clients leaving mid-stream and while queued, more demand
+                       than the rate, a provider answering 429s (a hidden limit below the
+                       sidecar's, moving) and resetting connections, dashboard visitors; the
+                       sidecar's RSS and descriptors at baseline, peak and end, its ledger
+                       at the end (soak.py). The full form runs it only when asked for:
+                       --only soak, or --soak-minutes given
 
 Only the simulated upstream, nginx and the sidecar run, all on this machine; clients.py
 holds the stdlib clients (asyncio and sockets) for what oha cannot measure, prom.py the
@@ -48,7 +55,7 @@ printed at the end.
 Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--only a,b] [--no-build]
 --short is the CI form: 3 s per scenario, 100 streams, 200 dashboard clients, 2,000 idle
 connections, no route-ab, pacing on a 2 s window for 3 windows (about 20 s), cluster
-4 runs of 3 s (about 25 s); about 100 s.
+4 runs of 3 s (about 25 s), soak for 1 minute (about 70 s); about 150 s.
 --pacing-realtime adds pacing's situation 1 in real time (3 minutes, side by side with the
 others). Whatever the form, the exit
 status is 1 only for errors that mean a bug (a process that died, a request without an
@@ -56,7 +63,8 @@ answer, a status other than the expected ones, a stream without [DONE], a dashbo
 client without frames, more snapshot builds than ticks), never for timing or throughput,
 except the cluster scenario's bounds of issue 14 (admitted at least 90% of the shared
 budget and, beyond the shared bucket's burst, at most 2% above it; at most 0.1 Redis round
-trips per admitted request).
+trips per admitted request), and the soak's leak checks (descriptors and RSS back near
+their baseline after the load, the sidecar's ledger settled; soak.py says why the bounds).
 """
 
 import argparse
@@ -80,6 +88,7 @@ import clients  # noqa: E402
 import cluster  # noqa: E402
 import pacing  # noqa: E402
 import prom  # noqa: E402
+import soak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "nvidia-sidecar"
@@ -90,9 +99,11 @@ API_KEY = "nvapi-loadtest-key"
 # Connections of the paced runs (nginx and sidecar-limited at --paced-rate).
 PACED_CONNECTIONS = 16
 SCENARIOS = ["direct", "nginx", "sidecar-limited", "sidecar-passthrough", "route-ab", "overload", "overload-paced", "streaming", "dashboard", "idle",
-             "pacing", "cluster"]
+             "pacing", "cluster", "soak"]
 # route-ab measures only throughput, which the CI form never judges.
 SHORT_SKIPS = {"route-ab"}
+# The soak takes half an hour in the full form: only when asked for (--only, --soak-minutes).
+FULL_SKIPS = {"soak"}
 # oha stops a -z run by aborting the requests still in flight: not proxy errors.
 DEADLINE = "aborted due to deadline"
 
@@ -850,6 +861,9 @@ class LoadTest:
     def s_cluster(self) -> None:
         cluster.run(self, free_port, cpu_seconds_precise)
 
+    def s_soak(self) -> None:
+        soak.run(self, self.args.soak_minutes)
+
     # --- report -------------------------------------------------------------------------
 
     def report(self) -> str:
@@ -998,6 +1012,8 @@ class LoadTest:
             L += pacing.report(self.extra["pacing"])
         if "cluster" in self.extra:
             L += cluster.report(self.extra["cluster"])
+        if "soak" in self.extra:
+            L += soak.report(self.extra["soak"])
         targets = []
         r = summary.get("limited_vs_passthrough_rps_interleaved", summary.get("limited_vs_passthrough_rps"))
         if r is not None:
@@ -1070,6 +1086,9 @@ def main() -> int:
                     help="cluster: alternated single/cluster pairs per budget (the CPU ratio is their median)")
     ap.add_argument("--cluster-rates", default="6000,60000",
                     help="cluster: comma-separated budgets in RPM, each run single then cluster")
+    ap.add_argument("--soak-minutes", type=float,
+                    help="soak: minutes of load (default 30, 1 under --short); given, the full form runs the soak too")
+    ap.add_argument("--soak-seed", type=int, default=16, help="soak: seed of the clients' random choices")
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--no-build", action="store_true", help="use target/release/nvidia-sidecar as it is")
     ap.add_argument("--bin", help="the sidecar binary (default target/release/nvidia-sidecar; implies --no-build)")
@@ -1092,6 +1111,10 @@ def main() -> int:
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.short and not only_given:
         args.only = [s for s in args.only if s not in SHORT_SKIPS]
+    if not args.short and not only_given and args.soak_minutes is None:
+        args.only = [s for s in args.only if s not in FULL_SKIPS]
+    if args.soak_minutes is None:
+        args.soak_minutes = 1.0 if args.short else 30.0
     args.ab_pairs = 2 if small else 6
     args.ab_slice = 1.0 if small else 2.0
     args.cluster_rates = [int(float(r)) for r in args.cluster_rates.split(",") if r.strip()]

@@ -19,6 +19,13 @@ pub enum ProxyError {
     NotFound { method: String, path: String },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    #[error(
+        "method {method} is not forwarded; /v1/ accepts {}",
+        crate::proxy::framing::FORWARDED_METHODS
+    )]
+    MethodNotForwarded { method: String },
+    #[error(transparent)]
+    Framing(#[from] crate::proxy::framing::FramingError),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("request headers exceed the limit of {max_headers} headers or {max_bytes} bytes")]
@@ -71,12 +78,15 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } | Self::MethodNotForwarded { .. } => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::BadBody { .. } | Self::InvalidPriority(_) | Self::BadRequest { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadBody { .. }
+            | Self::InvalidPriority(_)
+            | Self::BadRequest { .. }
+            | Self::Framing(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect { .. } | Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -102,6 +112,8 @@ impl ProxyError {
             Self::LowPriorityDropped { .. } | Self::QueueTimeout { .. } => (Outcome::Dropped, None),
             Self::NotFound { .. }
             | Self::MethodNotAllowed { .. }
+            | Self::MethodNotForwarded { .. }
+            | Self::Framing(_)
             | Self::BodyTooLarge { .. }
             | Self::HeadersTooLarge { .. }
             | Self::InvalidPriority(_)
@@ -115,7 +127,10 @@ impl ProxyError {
     pub fn kind(&self) -> (&'static str, &'static str) {
         match self {
             Self::NotFound { .. } => ("invalid_request_error", "not_found"),
-            Self::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+            Self::MethodNotAllowed { .. } | Self::MethodNotForwarded { .. } => {
+                ("invalid_request_error", "method_not_allowed")
+            }
+            Self::Framing(e) => ("invalid_request_error", e.code()),
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::HeadersTooLarge { .. } => ("invalid_request_error", "headers_too_large"),
             Self::BadBody { .. } => ("invalid_request_error", "bad_request_body"),
@@ -144,13 +159,26 @@ impl ProxyError {
         }
     }
 
+    /// The `Allow` header of a 405, where the methods allowed are known here.
+    pub fn allow(&self) -> Option<&'static str> {
+        match self {
+            Self::MethodNotForwarded { .. } => Some(crate::proxy::framing::FORWARDED_METHODS),
+            _ => None,
+        }
+    }
+
     /// The JSON body, also used for the final `event: error` of a broken SSE stream.
     pub fn json(&self) -> Bytes {
         error_json(&self.to_string(), self.kind().0, self.kind().1)
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        json_error_response(self.status(), self.json(), self.retry_after())
+        let mut resp = json_error_response(self.status(), self.json(), self.retry_after());
+        if let Some(allow) = self.allow() {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        resp
     }
 }
 
@@ -195,6 +223,22 @@ mod tests {
         assert_eq!(v["error"]["code"], "upstream_timeout");
         assert!(v["error"]["message"].as_str().unwrap().contains("nvidia"));
         assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn a_method_not_forwarded_is_a_405_that_lists_the_methods() {
+        let r = ProxyError::MethodNotForwarded {
+            method: "TRACE".into(),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            r.headers()[header::ALLOW],
+            crate::proxy::framing::FORWARDED_METHODS
+        );
+        let e = ProxyError::from(crate::proxy::framing::FramingError::MissingHost);
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.kind(), ("invalid_request_error", "missing_host"));
     }
 
     #[test]

@@ -73,30 +73,45 @@ fn patch_base() -> &'static crate::hot::Hot {
 /// [`crate::admin::patch::Patch::apply_to`] a fixed two-provider configuration and
 /// [`crate::admin::patch::diff`].
 ///
+/// Checks, when the patch is refused: the message is one line, at most 1000 characters,
+/// with one of the shapes of [`crate::admin::patch::MESSAGES`] (so a new or internal
+/// message fails fuzzing), and simd-json never refuses a body the admin API's own JSON
+/// check accepts (that refusal could only say "not valid JSON" at simd-json's position).
+///
 /// Checks, when the patch applies: the version is unchanged (the caller numbers
 /// versions); every provider and the global defaults stay within the accepted ranges;
 /// each field holds exactly the value the patch gives it (a `providers.<name>` field
 /// over the top-level one) or its old value; `diff` lists each changed field once and
 /// nothing else.
 pub fn admin_patch(data: &[u8]) {
-    use crate::admin::patch;
+    use crate::admin::patch::{self, JsonError, PatchError, Problem};
     use crate::hot::HotProvider;
     use std::time::Duration;
 
+    fn documented(e: &PatchError) {
+        let message = e.to_string();
+        assert!(e.is_documented(), "a message not in MESSAGES: {message:?}");
+        assert!(message.chars().count() <= 1000, "too long: {message:?}");
+        assert!(
+            !matches!(
+                e,
+                PatchError::Malformed(JsonError::At {
+                    problem: Problem::Refused,
+                    ..
+                })
+            ),
+            "simd-json refused a body the JSON check accepts: {message}"
+        );
+    }
+
     let p = match patch::parse(data) {
         Ok(p) => p,
-        Err(e) => {
-            let _ = e.to_string();
-            return;
-        }
+        Err(e) => return documented(&e),
     };
     let old = patch_base();
     let new = match p.apply_to(old, &PATCH_NAMES) {
         Ok(new) => new,
-        Err(e) => {
-            let _ = e.to_string();
-            return;
-        }
+        Err(e) => return documented(&e),
     };
 
     assert_eq!(

@@ -1,6 +1,12 @@
 //! The per-request record: one structured log line when the response ends, however it
 //! ends (complete, client gone, upstream failure, idle timeout, shutdown).
 //!
+//! A record holds its request's [`Entry`] in the metrics ledger from acceptance
+//! ([`Record::arrive`]) and settles it when it is finished, exactly once. A record
+//! dropped unfinished — its task cancelled because the client left while the request was
+//! queued, its body was read or the upstream was awaited — is finished on drop as
+//! `client_gone`, on route `none` unless it was sent upstream.
+//!
 //! Per-model detail lives here, in the logs, not in metric labels. Nothing secret is
 //! ever put in a record: no key, no `Authorization`, no body.
 
@@ -9,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::metrics::{ErrorKind, Outcome, Sample, ShardHandle};
+use crate::metrics::{Entry, ErrorKind, Outcome, Sample, ShardHandle};
 use crate::priority::Priority;
 
 /// The target of the per-request log lines.
@@ -58,9 +64,10 @@ pub enum Route {
     Limited = 0,
     /// Unmetered, or to the fallback upstream.
     Passthrough = 1,
-    /// Never sent upstream: refused at a full queue, or dropped, abandoned or cut while
-    /// it waited in the queue. Its own series, so that a flood of sub-millisecond 429s
-    /// does not pass for the limited route's latency.
+    /// Never sent upstream: refused before routing or at a full queue, abandoned before
+    /// routing, or dropped, abandoned or cut while it waited in the queue. Its own series,
+    /// so that a flood of sub-millisecond 429s does not pass for the limited route's
+    /// latency.
     None = 2,
 }
 
@@ -102,8 +109,9 @@ pub struct Record {
     pub outcome: Option<Outcome>,
     /// Set when the upstream failed.
     pub error: Option<ErrorKind>,
-    /// The worker's metrics shard (absent in unit tests of other phases).
-    pub metrics: Option<ShardHandle>,
+    /// The request's place in the metrics ledger (absent in unit tests of other phases).
+    ledger: Option<Entry>,
+    finished: bool,
 }
 
 impl Record {
@@ -125,7 +133,23 @@ impl Record {
             first_byte: None,
             outcome: None,
             error: None,
-            metrics: None,
+            ledger: None,
+            finished: false,
+        }
+    }
+
+    /// Counts the request as arrived in the worker's `shard`, in flight for the
+    /// `default` provider until [`Record::route_to`] says otherwise.
+    pub fn arrive(&mut self, shard: &ShardHandle, default: usize) {
+        self.ledger = Some(Entry::arrive(Arc::clone(shard), default));
+    }
+
+    /// Routing picked the provider at `index`, named `name`.
+    pub fn route_to(&mut self, index: usize, name: Arc<str>) {
+        self.provider = Some(name);
+        self.provider_index = Some(index);
+        if let Some(e) = self.ledger.as_mut() {
+            e.route_to(index);
         }
     }
 
@@ -147,13 +171,9 @@ impl Record {
         }
     }
 
-    /// Records the request in its worker's metrics shard.
+    /// Settles the request's ledger entry with how it ended.
     fn record_metrics(&mut self, end: End, total: Duration) {
-        let Some(shard) = self.metrics.take() else {
-            return;
-        };
-        let Some(provider) = self.provider_index else {
-            shard.lock().record_invalid();
+        let Some(entry) = self.ledger.take() else {
             return;
         };
         let error = match end {
@@ -175,11 +195,24 @@ impl Record {
             // Only requests that got through admission waited in the queue's sense.
             queue_wait: (self.route == Route::Limited).then_some(self.queue_wait),
         };
-        shard.lock().record(provider, &sample);
+        // Answered by the sidecar before routing: refused (bad headers, body, priority).
+        if self.provider_index.is_none() && end == End::Local {
+            entry.settle_invalid(&sample);
+        } else {
+            entry.settle(&sample);
+        }
     }
 
-    /// Emits the request's log line.
+    /// Counts the request's end and emits its log line.
     pub fn finish(mut self, end: End, bytes: u64) {
+        self.end(end, bytes);
+    }
+
+    /// [`Record::finish`], once: a finished record does nothing more when dropped.
+    fn end(&mut self, end: End, bytes: u64) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let total = self.started.elapsed();
         self.record_metrics(end, total);
@@ -211,5 +244,13 @@ impl Record {
         } else {
             line!(info);
         }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        // Dropped unfinished: the task serving the request was cancelled, which happens
+        // when its client goes away (queued, sending its body, or awaiting the upstream).
+        self.end(End::ClientGone, 0);
     }
 }

@@ -356,13 +356,16 @@ async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_chang
             r#"{"rate_rpm": 5 x}"#,
             400,
             "invalid_json",
-            &["malformed JSON", "character "],
+            &["malformed JSON at line 1, column "],
         ),
         bad(
             r#"{"rate_rpm": NaN}"#,
             400,
             "invalid_json",
-            &["malformed JSON", "character "],
+            &[
+                "malformed JSON at line 1, column 14",
+                "non-finite number `NaN`",
+            ],
         ),
         bad(
             r#"{"rate_rpm": 5,"#,
@@ -532,6 +535,7 @@ async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_chang
     let ok = patch(s.addr, r#"{"request_timeout": 5}"#).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(ok.json()["version"], "2");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -706,6 +710,7 @@ async fn the_authentication_matrix_with_a_token() {
         64.0
     );
     assert_eq!(admin_changes(s.metrics_addr).await, (applied, rejected));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -732,6 +737,7 @@ async fn without_a_token_the_admin_api_is_read_only_on_loopback() {
     }
     assert_eq!(get_config(addr, &[]).await.json()["version"], "1");
     assert_eq!(admin_changes(s.metrics_addr).await, (0.0, 2.0));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -766,6 +772,7 @@ async fn without_a_token_on_a_public_listener_the_admin_api_is_off() {
     let metrics = SocketAddr::from(([127, 0, 0, 1], s.metrics_addr.port()));
     let (applied, _) = admin_changes(metrics).await;
     assert_eq!(applied, 0.0);
+    assert_ledger(&s, sent_to(addr)).await;
     s.stop();
 }
 
@@ -776,6 +783,7 @@ async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_othe
     assert!(s.addr.ip().is_loopback());
     let a = get_config(s.addr, &[]).await;
     assert_eq!(a.status, 200, "{}", a.text());
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 
     let s = stack(
@@ -820,6 +828,7 @@ async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_othe
     let a = patch(addr, r#"{"rate_rpm": 5}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(s.app.hot.load().version, 2);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -845,6 +854,7 @@ async fn with_loopback_reads_off_and_no_token_the_admin_api_is_off() {
         .await
         .assert_error(404, "admin_off");
     assert_eq!(s.app.hot.load().version, 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -920,6 +930,7 @@ async fn a_rate_change_keeps_the_bucket_tokens_and_the_answer_lists_old_and_new(
         ])
     );
     assert_eq!(limiter.bucket.tokens(clock.now_nanos()), 0.0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -975,6 +986,7 @@ async fn shrinking_the_queue_below_its_depth_drops_nobody_and_refuses_new_arriva
     );
     assert_eq!(limiter.queues.len(), 0);
     assert_eq!(limiter.queues.counts().abandoned, 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1019,6 +1031,7 @@ async fn a_patched_rate_shows_in_the_snapshot_and_the_metrics_at_once() {
     let cfg = get_config(s.addr, &[]).await.json();
     assert_eq!(cfg["providers"]["nvidia"]["effective_rpm"], 1234.0);
     assert_eq!(cfg["global"]["rate_rpm"], 1234.0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1082,6 +1095,7 @@ async fn a_patched_rate_paces_the_requests_that_follow() {
         "the burst waited for tokens"
     );
     assert_eq!(s.mock.requests(), 24);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1238,6 +1252,7 @@ async fn concurrent_patches_under_traffic_never_tear() {
     assert_eq!(hot.providers[0].rate_rpm, x);
     let (applied, rejected) = admin_changes(s.metrics_addr).await;
     assert_eq!((applied, rejected), ((WRITERS * PATCHES) as f64, 0.0));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1305,6 +1320,7 @@ async fn the_config_shows_each_providers_learned_limit() {
         serde_json::json!({"reason": "quota", "seconds": 1.5})
     );
     assert_eq!(pacing["changes"], 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1416,6 +1432,7 @@ async fn forgetting_a_learned_limit_needs_the_token_and_returns_to_the_configure
         ),
         Some(1.0)
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1429,12 +1446,14 @@ async fn without_a_token_forgetting_is_refused_or_off() {
         .await
         .assert_error(403, "writes_disabled");
     assert_eq!(admin_changes(s.metrics_addr).await, (0.0, 2.0));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
     let s = stack(unlimited_mock(), &[("SIDECAR_LISTEN_HOST", "0.0.0.0")]);
     let addr = SocketAddr::from(([127, 0, 0, 1], s.addr.port()));
     forget(addr, FORGET, &[("authorization", BEARER)])
         .await
         .assert_error(404, "admin_off");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1549,6 +1568,7 @@ async fn keys_and_the_admin_token_never_appear_in_answers() {
             "{what} shows part of the token"
         );
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1560,6 +1580,7 @@ async fn without_redis_the_config_has_no_redis_and_no_cluster() {
     let v = a.json();
     assert!(v.get("redis").is_none(), "{v}");
     assert!(v["providers"]["nvidia"].get("cluster").is_none(), "{v}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1630,5 +1651,6 @@ async fn in_cluster_mode_the_config_shows_redis_masked_and_each_budget_without_t
     for (what, text) in [("snapshot", snapshot.text()), ("metrics", metrics)] {
         assert!(!text.contains(PASSWORD), "the Redis password in the {what}");
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }

@@ -101,6 +101,7 @@ async fn with_a_backlog_high_is_served_before_normal_before_low_and_fifo_within_
         (counts.enqueued, counts.dequeued, counts.abandoned),
         (9, 9, 0)
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -130,6 +131,7 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_upstream_and_l
     assert_eq!(limiter.bucket.tokens(clock.now_nanos()), 1.0);
     assert_eq!(s.chat(&[], &chat_for("next")).await.status, 200);
     assert_eq!(seen_models(&s), ["meta/llama-3.1-8b-instruct", "next"]);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -170,6 +172,7 @@ async fn a_full_queue_answers_429_with_retry_after_from_the_queue_ahead() {
         3,
         "the refused request never reached the upstream"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -187,6 +190,7 @@ async fn with_fallback_on_a_request_the_queue_cannot_take_goes_unmetered() {
         (st.limited, st.passthrough, st.queue_full, st.rate_limited),
         (1, 2, 2, 0)
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -196,6 +200,7 @@ async fn with_fallback_off_the_same_request_gets_429() {
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     s.chat(&[], CHAT).await.assert_error(429, "queue_full");
     assert_eq!(s.mock.requests(), 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -228,6 +233,7 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
         fallback.seen()[0].headers["authorization"],
         "Bearer nvapi-main-key-123"
     );
+    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), 3).await;
     sidecar.stop();
     main.stop();
     fallback.stop();
@@ -244,6 +250,7 @@ async fn a_low_priority_request_past_its_deadline_is_dropped_with_503() {
     assert_eq!(st.dropped_low_priority, 1);
     assert_eq!(s.app.providers[0].limiter.queues.len(), 0);
     assert_eq!(s.mock.requests(), 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -258,6 +265,7 @@ async fn a_low_priority_request_past_its_deadline_takes_the_passthrough_when_fal
     assert_eq!(a.status, 200);
     let st = s.app.providers[0].stats.snapshot();
     assert_eq!((st.dropped_low_priority, st.passthrough), (1, 1));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -281,6 +289,7 @@ async fn a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
     assert_eq!(s.app.providers[0].limiter.queues.len(), 0);
     // A low-priority one is measured against its own deadline; with fallback it goes
     // through at once.
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
     let (s, _clock) = paced(&[
         ("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2"),
@@ -289,6 +298,7 @@ async fn a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     assert_eq!(s.chat(&[("x-priority", "low")], CHAT).await.status, 200);
     assert_eq!(s.app.providers[0].stats.snapshot().passthrough, 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -299,6 +309,7 @@ async fn a_wait_past_the_request_timeout_is_a_504() {
     s.chat(&[], CHAT).await.assert_error(504, "queue_timeout");
     assert_eq!(s.app.providers[0].stats.snapshot().dropped_timeout, 1);
     assert_eq!(s.app.providers[0].limiter.queues.len(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -355,6 +366,7 @@ async fn an_upstream_429_storm_teaches_the_limit_and_clients_still_get_200s() {
         pacing.learned <= 5 && pacing.source != nvidia_sidecar::limiter::Source::Config,
         "a 429 teaches the limit: {pacing:?}"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -421,5 +433,6 @@ async fn a_flood_at_the_providers_rate_gets_no_429_and_never_exceeds_the_bound()
         "flood: admitted {ok} in {elapsed:.2} s = {:.1}% of 20/s; refused {refused}",
         ok as f64 / (20.0 * elapsed) * 100.0
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }

@@ -715,6 +715,7 @@ async fn scenario(c: Client, driver: SocketAddr) {
         .expect("scroll to the top");
 
     // 6. Stop the sidecar: the stream ends on draining and nothing accepts anymore.
+    let app = std::sync::Arc::clone(&stack.app);
     let Stack { mock, sidecar, .. } = stack;
     let stopping = tokio::task::spawn_blocking(move || sidecar.stop());
     let v = until(&c, "the stale overlay", Duration::from_secs(15), |v| {
@@ -737,6 +738,7 @@ async fn scenario(c: Client, driver: SocketAddr) {
     let ok = outcomes.iter().filter(|r| matches!(r, Ok(200))).count();
     println!("burst of {BURST}: {ok} answered 200; all: {outcomes:?}");
     assert!(ok > 0, "some of the burst was served: {outcomes:?}");
+    assert_app_ledger(&app, sent_to(addr));
     mock.stop();
 
     // 7. After the stop, only the stream's failed reconnects are added.

@@ -248,6 +248,7 @@ async fn fifty_clients_get_the_same_frames_from_one_build_per_tick() {
     drop(readers);
     wait_for_metric(s.metrics_addr, "sidecar_dashboard_clients", 0.0).await;
     assert_eq!(hub.clients(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -325,6 +326,18 @@ async fn the_snapshot_reflects_the_traffic() {
         !p["upstream"].as_str().unwrap_or("").is_empty(),
         "upstream shown: {p}"
     );
+    // The request ledger: N arrived, each ended once as a success, none in flight.
+    let outcomes = serde_json::json!({
+        "success": N, "client_error": 0, "upstream_429": 0, "upstream_error": 0,
+        "rejected": 0, "dropped": 0, "client_gone": 0, "shutdown": 0,
+    });
+    assert_eq!(
+        v["requests"],
+        serde_json::json!({"arrived": N, "in_flight": 0, "outcomes": outcomes})
+    );
+    assert_eq!(p["requests"]["in_flight"], 0);
+    assert_eq!(p["requests"]["outcomes"], outcomes);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -455,6 +468,7 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
     .await;
     assert_eq!(p["pacing"]["next_probe_s"], 40.0, "{p}");
     assert_eq!(p["pacing"]["sent_in_window"], 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -593,6 +607,7 @@ async fn the_page_is_self_contained_html_and_the_api_refuses_other_methods() {
         .await
         .assert_error(404, "not_found");
     assert_eq!(s.mock.requests(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -620,6 +635,7 @@ async fn a_single_process_snapshot_has_no_cluster_object() {
     let (p, text) = first_provider(s.addr).await;
     assert!(p.get("cluster").is_none(), "{p}");
     assert!(!text.contains("\"cluster\""), "{text}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -679,5 +695,6 @@ async fn in_cluster_mode_the_snapshot_and_the_stream_carry_the_replicas_view_of_
     for needle in ["buildCluster", "c-cluster", "data-mode=\"isolated\""] {
         assert!(page.text().contains(needle), "the page lacks {needle}");
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }

@@ -570,6 +570,9 @@ async fn after_25_chats_the_exposition_parses_and_counts_them_in_every_histogram
         up.buckets
     );
     assert_eq!(m.value("sidecar_invalid_requests_total", &[]), 0.0);
+    // The ledger: 25 arrived, each ended once, none in flight.
+    assert_eq!(m.value("sidecar_requests_arrived_total", &[]), 25.0);
+    assert_eq!(m.value("sidecar_requests_in_flight", &[NVIDIA]), 0.0);
 
     // promtool agrees the exposition is valid (it also lints names and help texts).
     let text = scrape_text(s.metrics_addr).await;
@@ -582,6 +585,7 @@ async fn after_25_chats_the_exposition_parses_and_counts_them_in_every_histogram
             eprintln!("promtool check metrics said:\n{report}");
         }
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -650,6 +654,7 @@ async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
         m.sum("sidecar_requests_total", &[("outcome", "success")]),
         0.0
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 
     // An upstream nobody listens on counts as connect.
@@ -691,6 +696,7 @@ async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
             .count,
         0.0
     );
+    assert_ledger_at(addr, metrics, 1).await;
     sidecar.stop();
 }
 
@@ -814,6 +820,7 @@ async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_a
     );
     assert_eq!(wait.count, 4.0, "the refused request never waited");
     assert!(wait.sum > 0.0, "the parked requests waited");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -900,6 +907,7 @@ async fn an_upstream_429_is_counted_and_teaches_the_limit_and_an_overload_puts_t
         m.value("sidecar_rate_effective_rpm", &[NVIDIA]),
     );
     assert!(eff < base, "effective {eff} not below base {base}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1038,11 +1046,13 @@ async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_a
         0.0,
         "the pause is over"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_refused_before_routing_count_as_invalid_and_under_no_provider() {
+async fn requests_refused_before_routing_count_as_invalid_and_as_the_default_providers_client_errors(
+) {
     let s = stack(fast_mock(), &[("SIDECAR_MAX_BODY_BYTES", "2048")]);
     s.chat(&[("x-priority", "urgent")], CHAT)
         .await
@@ -1058,7 +1068,16 @@ async fn requests_refused_before_routing_count_as_invalid_and_under_no_provider(
         m.get("sidecar_invalid_requests_total", &[]) == Some(3.0)
     })
     .await;
-    assert_eq!(m.sum("sidecar_requests_total", &[]), 0.0);
+    // Every request is in sidecar_requests_total: these on the default provider's route
+    // none, never sent upstream.
+    assert_eq!(m.sum("sidecar_requests_total", &[]), 3.0);
+    assert_eq!(
+        m.value(
+            "sidecar_requests_total",
+            &[NVIDIA, ("route", "none"), ("outcome", "client_error")]
+        ),
+        3.0
+    );
     assert_eq!(
         m.histogram("sidecar_upstream_latency_seconds", &[NVIDIA])
             .count,
@@ -1068,7 +1087,7 @@ async fn requests_refused_before_routing_count_as_invalid_and_under_no_provider(
     // A valid request still counts where it should, and not as invalid.
     assert_eq!(s.chat(&[("x-priority", "high")], CHAT).await.status, 200);
     let m = scrape_until(s.metrics_addr, "the valid request", |m| {
-        m.sum("sidecar_requests_total", &[]) == 1.0
+        m.sum("sidecar_requests_total", &[]) == 4.0
     })
     .await;
     assert_eq!(m.value("sidecar_invalid_requests_total", &[]), 3.0);
@@ -1080,6 +1099,7 @@ async fn requests_refused_before_routing_count_as_invalid_and_under_no_provider(
         .count,
         1.0
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1122,6 +1142,8 @@ async fn process_and_build_metrics_are_present() {
         ("sidecar_uptime_seconds", "gauge"),
         ("sidecar_dashboard_clients", "gauge"),
         ("sidecar_dashboard_snapshot_builds_total", "counter"),
+        ("sidecar_requests_arrived_total", "counter"),
+        ("sidecar_requests_in_flight", "gauge"),
     ] {
         assert_eq!(
             m.types.get(family).map(String::as_str),
@@ -1133,6 +1155,7 @@ async fn process_and_build_metrics_are_present() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let later = scrape(s.metrics_addr).await;
     assert!(later.value("sidecar_uptime_seconds", &[]) > up);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1204,6 +1227,7 @@ async fn no_model_label_anywhere_and_the_provider_key_never_shows() {
             "part of the provider key in {what}"
         );
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1256,6 +1280,7 @@ async fn the_metrics_listener_serves_get_metrics_only_and_the_proxy_does_not_ser
         .await
         .assert_error(404, "not_found");
     assert_eq!(s.mock.requests(), 0, "nothing reached the upstream");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1322,6 +1347,7 @@ async fn a_single_process_sidecar_exposes_no_cluster_series() {
             "a cluster label without redis_url: {l}"
         );
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1391,6 +1417,7 @@ async fn cluster_mode_before_redis_answers_shows_fallback_a_backend_down_and_pas
             "promtool check metrics failed:\n{report}\n--- exposition ---\n{text}"
         );
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -1517,6 +1544,7 @@ async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_b
     if let Some((ok, report)) = promtool_check(&text) {
         assert!(ok, "promtool check metrics failed:\n{report}\n{text}");
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
     runner.stop();
     drop(redis);

@@ -124,6 +124,7 @@ async fn every_metric_the_section_names_as_ours_is_in_a_scrape() {
         missing.is_empty(),
         "named in the section but not in /metrics: {missing:?}"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -169,6 +170,7 @@ async fn every_path_the_section_names_answers_other_than_404() {
             "{method} {path} is named in the section but not served"
         );
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 

@@ -48,6 +48,8 @@ fn the_openai_python_sdk_gets_identical_answers_through_the_sidecar() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout.matches("ok: ").count(), 4, "{stdout}");
+    // One request through the sidecar per check (the SDK's retries are off).
+    rt.block_on(common::assert_ledger(&s, 4));
     drop(_guard);
     s.stop();
 }

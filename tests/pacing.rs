@@ -81,6 +81,8 @@ fn sidecar<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
 /// What the clients were answered.
 #[derive(Debug, Default)]
 struct Statuses {
+    /// Requests handed to the client connection (the client's own count).
+    sent: AtomicU64,
     ok: AtomicU64,
     too_many: AtomicU64,
     timeout: AtomicU64,
@@ -98,6 +100,10 @@ impl Statuses {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
     fn summary(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
@@ -113,6 +119,7 @@ impl Statuses {
 /// Clients that start one request every `1 / per_sec` s whatever happened to the earlier
 /// ones (open loop), each on its own connection.
 struct Offered {
+    addr: SocketAddr,
     stop: Arc<AtomicBool>,
     generator: JoinHandle<Vec<JoinHandle<()>>>,
     statuses: Arc<Statuses>,
@@ -135,6 +142,7 @@ fn offer(addr: SocketAddr, per_sec: f64) -> Offered {
         }
     });
     Offered {
+        addr,
         stop,
         generator,
         statuses,
@@ -146,7 +154,11 @@ impl Offered {
     /// them from its queue), so the stack stops at once.
     async fn stop(self) -> Arc<Statuses> {
         self.stop.store(true, Ordering::Relaxed);
-        for c in self.generator.await.expect("the generator ran") {
+        let clients = self.generator.await.expect("the generator ran");
+        // Hang up only once every request sent has reached the sidecar, so each one is
+        // in its ledger (ended as client_gone) rather than lost on the wire.
+        wait_for_arrivals(self.addr, self.statuses.sent()).await;
+        for c in clients {
             c.abort();
         }
         self.statuses
@@ -162,6 +174,7 @@ async fn one_request(addr: SocketAddr, statuses: Arc<Statuses>) {
             hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
                 .await
                 .ok()?;
+        statuses.sent.fetch_add(1, Ordering::Relaxed);
         let exchange = async {
             let resp = tx
                 .send_request(req("POST", addr, "/v1/chat/completions", &[], CHAT))
@@ -393,6 +406,7 @@ async fn at_a_sidecar_rate_equal_to_the_provider_limit_3x_demand_draws_no_429_an
         mean >= 0.99 * N as f64,
         "admitted {mean:.2} per window on average, under 99 % of {N}\n{report}"
     );
+    assert_ledger(&s, statuses.sent()).await;
     s.stop();
 }
 
@@ -426,6 +440,7 @@ async fn bare_rate_limit_headers_at_the_limit_leave_the_learned_limit_at_the_lim
         "admitted {:.2} per window on average\n{report}",
         mean_admitted(full)
     );
+    assert_ledger(&s, statuses.sent()).await;
     s.stop();
 }
 
@@ -502,6 +517,7 @@ async fn hidden_limit_is_learned_within_two_windows_and_then_held(
         mean >= 0.97 * limit as f64,
         "admitted {mean:.2} per window on average after convergence, under 97 % of {limit}\n{report}"
     );
+    assert_ledger(&s, statuses.sent()).await;
     s.stop();
 }
 
@@ -660,6 +676,7 @@ async fn a_limit_halved_at_run_time_is_found_within_two_windows_and_a_restored_o
         ));
     }
     assert!(broken.is_empty(), "{}\n{report}", broken.join("\n"));
+    assert_ledger(&s, statuses.sent()).await;
     s.stop();
 }
 
@@ -724,6 +741,7 @@ async fn a_retry_after_given_as_an_http_date_pauses_admission_until_that_date() 
         0,
         "sends in the second after a 429 that said to wait ~3 s"
     );
+    assert_ledger(&s, statuses.sent()).await;
     s.stop();
 }
 
@@ -780,5 +798,6 @@ async fn a_quota_spent_by_openai_headers_is_never_sent_into() {
         (limit as u32, Source::Header),
         "{report}"
     );
+    assert_ledger(&s, statuses.sent()).await;
     s.stop();
 }

@@ -284,6 +284,7 @@ async fn a_waiting_high_priority_request_takes_the_next_grant_when_the_window_fr
     );
     assert_eq!(s.mock.rate_limited(), 0, "no pause was provoked");
     assert_eq!(limiter.queues.len(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -345,6 +346,7 @@ async fn in_model_scope_a_high_request_of_one_model_takes_the_keys_next_grant_be
         ["first", "high-0", "high-1", "low-0", "low-1", "low-2", "low-3"]
     );
     assert_eq!(s.mock.rate_limited(), 0, "no pause was provoked");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -375,6 +377,7 @@ async fn in_model_scope_each_models_hidden_limit_is_learned_apart_and_a_full_mod
         offer(s.addr, "m1", Duration::from_millis(67), 8 * W),
         offer(s.addr, "m2", Duration::from_millis(167), 8 * W),
     );
+    wait_for_arrivals(s.addr, sent_to(s.addr)).await;
     let answers = (settle(m1).await, settle(m2).await);
 
     let mut report = String::new();
@@ -462,6 +465,7 @@ async fn in_model_scope_each_models_hidden_limit_is_learned_apart_and_a_full_mod
         .unwrap()
         .pacing_view(now);
     assert_eq!((fresh.learned, fresh.source), (60, Source::Config));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -480,6 +484,7 @@ async fn in_model_scope_the_keys_budget_still_bounds_every_window() {
         offer(s.addr, "a", Duration::from_millis(200), 3 * W),
         offer(s.addr, "b", Duration::from_millis(200), 3 * W),
     );
+    wait_for_arrivals(s.addr, sent_to(s.addr)).await;
     let answers = (settle(a).await, settle(b).await);
     let most = s.mock.max_in_rolling(W);
     let (ma, mb) = (
@@ -495,6 +500,7 @@ async fn in_model_scope_the_keys_budget_still_bounds_every_window() {
     assert!(most >= 16, "the key's budget was used: {most}");
     assert!(ma > 0 && mb > 0, "both models were served");
     assert_eq!(s.mock.refused_total(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -519,6 +525,7 @@ async fn in_model_scope_once_a_429_teaches_a_models_limit_its_claims_waiting_at_
         offer(s.addr, "m1", Duration::from_millis(100), 2 * W),
         offer(s.addr, "m2", Duration::from_millis(100), 2 * W),
     );
+    wait_for_arrivals(s.addr, sent_to(s.addr)).await;
     let answers = (settle(m1).await, settle(m2).await);
     let windows = s.mock.window_counts_for("m1", W);
     let v = view(&s.app, &model_limiter(&s.app, "m1"));
@@ -537,6 +544,7 @@ async fn in_model_scope_once_a_429_teaches_a_models_limit_its_claims_waiting_at_
         refused <= 3,
         "{refused} provider 429s for m1: claims granted under the old limit kept going out"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -560,6 +568,7 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
     });
     let (sidecar, app) = sidecar_for(&mock, &env, Arc::new(MonotonicClock::new()));
     let addr = sidecar.local_addr;
+    forget_sent(addr);
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(offer_until(
         addr,
@@ -602,7 +611,10 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
 
     // Stop it; its sends leave the provider's window before the next one starts.
     stop.store(true, Ordering::Relaxed);
-    let answers = settle(load.await.unwrap()).await;
+    let clients = load.await.unwrap();
+    wait_for_arrivals(addr, sent_to(addr)).await;
+    let answers = settle(clients).await;
+    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), sent_to(addr)).await;
     sidecar.stop();
     drop(app);
     wait_for("the provider's window to empty", 2 * W, || {
@@ -615,7 +627,10 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
     let limiter = Arc::clone(&app.providers[0].limiter);
     let v = view(&app, &limiter);
     assert_eq!((v.learned, v.limit, v.source), (30, 30, Source::State));
-    let clients = offer(sidecar.local_addr, "m", Duration::from_millis(67), 2 * W).await;
+    let addr = sidecar.local_addr;
+    forget_sent(addr);
+    let clients = offer(addr, "m", Duration::from_millis(67), 2 * W).await;
+    wait_for_arrivals(addr, sent_to(addr)).await;
     let answers2 = settle(clients).await;
     let sent = mock.admitted_total() - admitted;
     let v = view(&app, &limiter);
@@ -638,6 +653,7 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
         sent >= 45,
         "{sent} sent in 2 windows at a restored limit of 30"
     );
+    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), sent_to(addr)).await;
     sidecar.stop();
     mock.stop();
 }
@@ -694,6 +710,7 @@ async fn a_models_concurrency_refusal_retreats_that_model_without_lowering_any_l
     assert_eq!(s.mock.refused_total(), 0, "no window refused anything");
     let v = view(&s.app, &m1);
     assert_eq!((v.learned, v.source), (60, Source::Config), "{v:?}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -715,6 +732,7 @@ async fn a_503_retreats_without_lowering_the_learned_limit() {
     );
     assert!(v.retreat_factor < 1.0, "{v:?}");
     assert_eq!(s.mock.refused_total(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -778,6 +796,7 @@ async fn readiness_probes_take_a_window_slot_and_are_not_sent_into_a_full_window
     assert_eq!(next.await.unwrap(), 200);
     assert_eq!(s.mock.requests(), 5);
     assert_eq!(s.mock.rate_limited(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -823,5 +842,6 @@ async fn passthrough_to_the_same_upstream_is_counted_in_the_window() {
     clock.advance(Duration::from_millis(3100));
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     assert_eq!(p.stats.snapshot().limited, 2);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }

@@ -156,3 +156,41 @@ fn the_package_note_covers_the_chosen_packages_and_its_paths_use_them() {
         }
     }
 }
+
+/// The supply-chain policy is committed and CI enforces it: `deny.toml` has the four
+/// checks (crates.io only, permissive licenses, no OpenSSL, yanked crates refused), and
+/// `.ci/run` runs `cargo deny check` on them.
+#[test]
+fn cargo_deny_policy_is_committed_and_run_by_ci() {
+    let text = std::fs::read_to_string(root().join("deny.toml")).unwrap();
+    let deny: toml::Table = text.parse().unwrap();
+    for section in ["advisories", "licenses", "bans", "sources"] {
+        assert!(deny.contains_key(section), "deny.toml has no [{section}]");
+    }
+    assert_eq!(deny["advisories"]["yanked"].as_str(), Some("deny"));
+    assert_eq!(deny["sources"]["unknown-git"].as_str(), Some("deny"));
+    assert_eq!(deny["sources"]["unknown-registry"].as_str(), Some("deny"));
+    let banned: Vec<&str> = deny["bans"]["deny"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["crate"].as_str())
+        .collect();
+    assert!(banned.contains(&"openssl-sys"), "{banned:?}");
+    let allowed: Vec<&str> = deny["licenses"]["allow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert!(
+        !allowed.iter().any(|l| l.contains("GPL")),
+        "no GPL family license is allowed: {allowed:?}"
+    );
+    let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
+    assert!(
+        ci.contains("cargo deny --log-level error check licenses bans sources")
+            && ci.contains("check advisories"),
+        ".ci/run does not run cargo deny"
+    );
+}

@@ -407,6 +407,20 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
     );
     eprintln!("p99 upstream latency through Prometheus: {p99:.4} s");
 
+    // The request ledger balances in every scrape Prometheus took, on both sidecars:
+    // arrived = sum of outcomes + in flight (the query the README gives operators).
+    let ledger = "sum by (instance) (sidecar_requests_arrived_total) \
+                  - sum by (instance) (sidecar_requests_total) \
+                  - sum by (instance) (sidecar_requests_in_flight)";
+    let now = query(&prom, ledger).await;
+    assert_eq!(now.len(), 2, "one per sidecar: {now:?}");
+    assert!(now.iter().all(|e| sample_value(e) == 0.0), "{now:?}");
+    let worst = query(&prom, &format!("max_over_time((abs({ledger}))[1m:1s])")).await;
+    assert!(
+        !worst.is_empty() && worst.iter().all(|e| sample_value(e) == 0.0),
+        "the ledger was off in some scrape: {worst:?}"
+    );
+
     // Every metric the Grafana dashboard and the alerting rules reference exists.
     let dashboard: serde_json::Value =
         serde_json::from_str(&repo_file("deploy/grafana/nvidia-sidecar.json"))
@@ -539,6 +553,8 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
         "fallback is not isolated: {isolated:?}"
     );
 
+    assert_ledger(&s, sent_to(s.addr)).await;
+    assert_ledger(&cluster, sent_to(cluster.addr)).await;
     drop(prom);
     s.stop();
     cluster.stop();

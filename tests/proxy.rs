@@ -56,6 +56,7 @@ async fn non_streaming_answers_are_identical_to_calling_the_upstream_directly() 
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["model"], "meta/llama-3.1-8b-instruct");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -94,6 +95,7 @@ async fn streaming_answer_arrives_whole_and_ends_with_done() {
         })
         .collect();
     assert!(content.starts_with("The sidecar paces"));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -115,6 +117,7 @@ async fn first_sse_chunk_reaches_the_client_before_the_upstream_sends_the_second
     assert!(first.starts_with(b"data: "), "{first:?}");
     assert!(String::from_utf8_lossy(&first).contains(r#""role":"assistant""#));
     drop(body);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -140,6 +143,7 @@ async fn upstream_sees_the_provider_key_and_never_the_clients() {
     );
     assert_eq!(seen[0].path, "/v1/chat/completions");
     assert_eq!(seen[0].body, CHAT.as_bytes());
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -179,6 +183,7 @@ async fn hop_by_hop_headers_are_stripped_and_request_ids_kept_or_added() {
     let id = b.headers["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 32);
     assert_eq!(s.mock.seen()[1].headers["x-request-id"], id.as_str());
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -191,6 +196,7 @@ async fn unknown_paths_get_a_json_404() {
             .assert_error(404, "not_found");
     }
     assert_eq!(s.mock.requests(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -213,6 +219,7 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
         200
     );
     assert_eq!(s.mock.requests(), 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -235,6 +242,7 @@ async fn send_streaming(
         .await
         .unwrap();
     tokio::spawn(conn);
+    note_sent(addr, 1);
     let frames = chunks
         .into_iter()
         .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)));
@@ -293,6 +301,7 @@ async fn too_many_or_too_large_headers_get_431() {
     .await
     .assert_error(431, "headers_too_large");
     assert_eq!(s.mock.requests(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -316,6 +325,7 @@ async fn unreachable_upstream_gets_502() {
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["status"], "unavailable");
     assert!(ready.json()["reason"].as_str().unwrap().contains("connect"));
+    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), 1).await;
     sidecar.stop();
 }
 
@@ -324,6 +334,7 @@ async fn no_response_headers_within_the_request_timeout_gets_504() {
     let s = stack(fast_mock(), &[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
     let a = s.chat(&[("x-mock-header-delay-ms", "5000")], CHAT).await;
     a.assert_error(504, "upstream_timeout");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -362,6 +373,7 @@ async fn sse_reset_mid_stream_ends_with_an_error_event_and_never_a_clean_end() {
     assert!(last.starts_with("event: error\ndata: "), "{text}");
     let v: serde_json::Value = serde_json::from_str(last.split("data: ").nth(1).unwrap()).unwrap();
     assert_eq!(v["error"]["code"], "upstream_stream_error");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -384,6 +396,7 @@ async fn non_sse_reset_mid_body_is_an_error_to_the_client() {
         collected.is_err(),
         "a reset upstream body must not end cleanly"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -428,6 +441,7 @@ async fn a_silent_stream_hits_the_idle_timeout_not_a_total_deadline() {
     }
     assert!(text.contains("event: error"), "{text}");
     assert!(text.contains("idle"), "{text}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -450,6 +464,7 @@ async fn health_endpoints_answer_and_readiness_probes_the_upstream() {
     call(s.addr, req("POST", s.addr, "/healthz", &[], ""))
         .await
         .assert_error(405, "method_not_allowed");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -463,6 +478,7 @@ async fn invalid_priority_is_a_400_that_says_what_is_accepted() {
         .unwrap()
         .contains("high, normal or low"));
     assert_eq!(s.mock.requests(), 0);
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -476,6 +492,7 @@ async fn connections_to_the_upstream_are_reused() {
     // One worker, sequential requests: one upstream connection serves them all.
     let conns = s.mock.connections();
     assert_eq!(conns, 1, "upstream connections opened: {conns}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -495,10 +512,12 @@ async fn clients_may_speak_h2c() {
             CHAT_STREAM.as_bytes(),
         )))
         .unwrap();
+    note_sent(s.addr, 1);
     let resp = tx.send_request(r).await.unwrap();
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"));
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -566,6 +585,7 @@ async fn requests_route_to_providers_by_model_pattern() {
             ("mistralai/mixtral".into(), "Bearer key-other".into())
         ]
     );
+    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), 4).await;
     sidecar.stop();
     a.stop();
     b.stop();
@@ -577,6 +597,7 @@ async fn upstream_errors_pass_through_unchanged() {
     let a = s.chat(&[("x-mock-status", "503")], CHAT).await;
     assert_eq!(a.status, 503);
     assert_eq!(a.json()["error"]["type"], "mock_error");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -618,5 +639,6 @@ async fn a_connection_that_sends_nothing_is_closed_and_frees_its_slot() {
     .expect("answered")
     .unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }

@@ -246,6 +246,7 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
     ] {
         assert!(page.text().contains(needle), "{needle} not on the page");
     }
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -282,6 +283,7 @@ async fn a_request_parked_when_the_grace_period_ends_is_dropped_for_shutdown() {
         ),
         0
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }
 
@@ -319,5 +321,6 @@ async fn a_request_put_back_after_an_upstream_429_is_enqueued_again_and_leaves_o
         c.enqueued >= retries,
         "each retry parks again: {c:?}, {retries} retries"
     );
+    assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
 }

@@ -45,6 +45,12 @@ async fn an_in_flight_stream_finishes_after_shutdown_begins_and_new_connections_
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "still accepting after shutdown"
     );
+    assert_app_ledger(&s.app, sent_to(addr));
+    assert_eq!(
+        Ledger::from_metrics(&nvidia_sidecar::metrics::exposition::render(&s.app))
+            .outcome("nvidia", "success"),
+        1
+    );
     s.mock.stop();
 }
 
@@ -74,9 +80,17 @@ async fn a_stream_still_open_when_the_grace_period_ends_is_closed_with_an_error_
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
     assert!(last.starts_with("event: error\ndata: "), "{text}");
     assert!(last.contains("shutting_down"), "{last}");
+    let addr = s.addr;
     tokio::task::spawn_blocking(move || s.sidecar.join())
         .await
         .unwrap();
+    assert_app_ledger(&s.app, sent_to(addr));
+    assert_eq!(
+        Ledger::from_metrics(&nvidia_sidecar::metrics::exposition::render(&s.app))
+            .outcome("nvidia", "shutdown"),
+        1,
+        "a stream cut by the grace period ends once, as shutdown"
+    );
     s.mock.stop();
 }
 

@@ -29,11 +29,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::app::App;
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::config::Config;
 use crate::error::error_json;
 use crate::hot::Hot;
@@ -53,11 +53,11 @@ fn forget_target(path: &str) -> Option<&str> {
 }
 
 /// Routes `/api/admin/*`.
-pub async fn serve(
-    app: &Arc<App>,
-    req: Request<Incoming>,
-    remote: SocketAddr,
-) -> Response<ProxyBody> {
+pub async fn serve<B>(app: &Arc<App>, req: Request<B>, remote: SocketAddr) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let path = req.uri().path();
     if let Some(name) = forget_target(path) {
         let name = name.to_owned();
@@ -115,12 +115,7 @@ fn check(
 }
 
 /// `POST /api/admin/providers/{name}/forget`: back to the configured rate.
-fn forget(
-    app: &App,
-    req: &Request<Incoming>,
-    remote: SocketAddr,
-    name: &str,
-) -> Response<ProxyBody> {
+fn forget<B>(app: &App, req: &Request<B>, remote: SocketAddr, name: &str) -> Response<ProxyBody> {
     if req.method() != Method::POST {
         let mut resp = error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -261,7 +256,11 @@ enum WriteError {
     BadIfMatch,
 }
 
-async fn write(app: &Arc<App>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
+async fn write<B>(app: &Arc<App>, req: Request<B>, remote: SocketAddr) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let (parts, body) = req.into_parts();
     let result = async {
         let want = if_match(&parts.headers).map_err(|()| WriteError::BadIfMatch)?;

@@ -139,6 +139,27 @@ pub struct Limits {
     pub keep_alive: bool,
 }
 
+/// How client connections share the connection cap (see `server::fairness`).
+#[derive(Debug, Clone, Copy)]
+pub struct Fairness {
+    /// How long a new connection may stay silent before its first byte:
+    /// `first_byte_timeout`, or the header read timeout when that is shorter.
+    pub first_byte_timeout: Duration,
+    /// Most connections open at once from one client address (`None`: no cap).
+    pub max_connections_per_ip: Option<NonZeroUsize>,
+}
+
+impl Fairness {
+    /// For a server without these settings (the simulated upstream): a silent
+    /// connection lasts the header read timeout, and no address is capped.
+    pub fn lenient(limits: &Limits) -> Self {
+        Self {
+            first_byte_timeout: limits.header_read_timeout,
+            max_connections_per_ip: None,
+        }
+    }
+}
+
 /// Timeouts of the request path.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -206,6 +227,7 @@ pub struct Config {
     pub admin_loopback_reads: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub fairness: Fairness,
     pub fallback_enabled_passthrough: bool,
     pub ready_cache: Duration,
     /// Period of the dashboard snapshot publisher.
@@ -573,6 +595,20 @@ impl Config {
             )?,
             keep_alive: get!(keep_alive),
         };
+        let fairness = Fairness {
+            first_byte_timeout: seconds("first_byte_timeout", get!(first_byte_timeout))?
+                .min(limits.header_read_timeout),
+            max_connections_per_ip: match get!(max_connections_per_ip) {
+                n if n <= limits.max_connections => NonZeroUsize::new(n),
+                n => {
+                    return Err(ConfigError::invalid(
+                        "max_connections_per_ip",
+                        n,
+                        "0 (no cap) or an integer up to max_connections",
+                    ))
+                }
+            },
+        };
 
         let global_key = secret_or_file(
             ("upstream_api_key", get!(upstream_api_key)),
@@ -788,6 +824,7 @@ impl Config {
             admin_loopback_reads: get!(admin_loopback_reads),
             timeouts,
             limits,
+            fairness,
             fallback_enabled_passthrough: get!(fallback_enabled_passthrough),
             ready_cache: seconds("ready_cache", get!(ready_cache))?,
             snapshot_interval: snapshot_interval(get!(snapshot_interval))?,

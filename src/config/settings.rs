@@ -185,23 +185,27 @@ settings! {
     stream_idle_timeout: f64 = "120", env "SIDECAR_STREAM_IDLE_TIMEOUT";
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     shutdown_grace: f64 = "20", env "SIDECAR_SHUTDOWN_GRACE";
-    /// Seconds a client may take to send a request's headers (HTTP/1.1); also how long a silent new connection or an idle keep-alive one stays open.
+    /// Seconds a client may take to send a request's headers (HTTP/1.1); also how long an idle keep-alive connection stays open.
     header_read_timeout: f64 = "10", env "SIDECAR_HEADER_READ_TIMEOUT";
+    /// Seconds a new connection may stay silent before its first byte (the header read timeout when shorter). Near max_connections the oldest silent connections are closed first to make room.
+    first_byte_timeout: f64 = "5", env "SIDECAR_FIRST_BYTE_TIMEOUT";
     /// Most request headers accepted (431 above).
     max_headers: usize = "100", env "SIDECAR_MAX_HEADERS";
     /// Most bytes of request header names and values together (431 above).
     max_header_bytes: usize = "32768", env "SIDECAR_MAX_HEADER_BYTES";
     /// Most bytes in a request body (413 above).
     max_body_bytes: usize = "16777216", env "SIDECAR_MAX_BODY_BYTES";
-    /// Most client connections open at once; accepting pauses at the cap.
+    /// Most client connections open at once. Above 95% of it each new connection closes the oldest one that has not sent a byte yet; accepting pauses at the cap.
     max_connections: usize = "8192", env "SIDECAR_MAX_CONNECTIONS";
+    /// Most client connections open at once from one address; more are closed as soon as accepted (0: no cap).
+    max_connections_per_ip: usize = "0", env "SIDECAR_MAX_CONNECTIONS_PER_IP";
     /// HTTP/2: most concurrent streams per client connection.
     h2_max_concurrent_streams: u32 = "256", env "SIDECAR_H2_MAX_CONCURRENT_STREAMS";
     /// HTTP/2: most bytes of decoded request headers.
     h2_max_header_list_size: u32 = "65536", env "SIDECAR_H2_MAX_HEADER_LIST_SIZE";
     /// HTTP/1.1 keep-alive for client connections.
     keep_alive: bool = "true", env "SIDECAR_KEEP_ALIVE";
-    /// Seconds /readyz caches the result of its upstream probe.
+    /// Seconds a /readyz verdict is kept; also the most often an idle sidecar spends a request on its probe.
     ready_cache: f64 = "5", env "SIDECAR_READY_CACHE";
     /// Seconds between dashboard snapshots (and SSE frames), from 0.05 to 60.
     snapshot_interval: f64 = "1", env "SIDECAR_SNAPSHOT_INTERVAL";

@@ -174,6 +174,22 @@ fn every_setting_is_read_from_its_variable() {
 }
 
 #[test]
+fn a_silent_connection_waits_the_first_byte_timeout_or_the_header_one_when_shorter() {
+    let c = load_env(&[]).unwrap();
+    assert_eq!(c.fairness.first_byte_timeout, Duration::from_secs(5));
+    assert_eq!(c.fairness.max_connections_per_ip, None, "0: no cap");
+    let c = load_env(&[("SIDECAR_HEADER_READ_TIMEOUT", "2")]).unwrap();
+    assert_eq!(c.fairness.first_byte_timeout, Duration::from_secs(2));
+    let c = load_env(&[
+        ("SIDECAR_FIRST_BYTE_TIMEOUT", "0.5"),
+        ("SIDECAR_MAX_CONNECTIONS_PER_IP", "64"),
+    ])
+    .unwrap();
+    assert_eq!(c.fairness.first_byte_timeout, Duration::from_millis(500));
+    assert_eq!(c.fairness.max_connections_per_ip, NonZeroUsize::new(64));
+}
+
+#[test]
 fn listen_host_localhost_means_the_ipv4_loopback_and_ipv6_is_accepted() {
     let c = load_env(&[("SIDECAR_LISTEN_HOST", "localhost")]).unwrap();
     assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
@@ -402,6 +418,8 @@ fn every_bad_environment_value_is_refused_with_one_line_naming_setting_value_and
         ("SIDECAR_MAX_HEADER_BYTES",     "100",               "max_header_bytes",     MIN_1024),
         ("SIDECAR_MAX_BODY_BYTES",       "10",                "max_body_bytes",       MIN_1024),
         ("SIDECAR_MAX_CONNECTIONS",      "0",                 "max_connections",      MIN_1),
+        ("SIDECAR_FIRST_BYTE_TIMEOUT",   "0",                 "first_byte_timeout",   SECONDS),
+        ("SIDECAR_MAX_CONNECTIONS_PER_IP", "8193",            "max_connections_per_ip", "0 (no cap) or an integer up to max_connections"),
         ("SIDECAR_H2_MAX_CONCURRENT_STREAMS", "0",            "h2_max_concurrent_streams", MIN_1),
         ("SIDECAR_H2_MAX_HEADER_LIST_SIZE", "1000",           "h2_max_header_list_size", MIN_1024),
     ];

@@ -440,7 +440,7 @@ impl Limiter {
     }
 
     /// A send that goes out whatever the limit says (unmetered passthrough to the same
-    /// upstream, a readiness probe that found room): counted in the window.
+    /// upstream): counted in the window.
     pub fn record_forced_send(&self, now: u64) {
         let slot = self.guard.force_claim(now);
         self.guard.stamp(slot, now);

@@ -131,6 +131,27 @@ impl Dialect {
     }
 }
 
+// === a whole answer ===
+
+/// What an upstream answer says about the provider's limits: its refusal kind (from
+/// `body`, the start of its body), `Retry-After` (read only for a refusal, against the
+/// wall clock `now`) and quota headers.
+pub fn answer(
+    status: StatusCode,
+    h: &HeaderMap,
+    body: &[u8],
+    dialect: Dialect,
+    now: SystemTime,
+) -> super::Answer {
+    let refusal = classify(status, h, body);
+    super::Answer {
+        ok: status.is_success(),
+        refusal,
+        retry_after: refusal.and_then(|_| retry_after(h, now)),
+        quota: quota(h, dialect),
+    }
+}
+
 // === headers ===
 
 /// The request quota the headers report; `None` when the dialect is `None` or no figure

@@ -161,7 +161,7 @@ impl Collector for AppCollector {
         let mut f = family(
             &mut enc,
             "sidecar_requests",
-            "Requests answered, by route (limited: through the token bucket; passthrough: unmetered or fallback; none: never sent upstream) and outcome.",
+            "Requests ended, each once, by route (limited: through the token bucket; passthrough: unmetered or fallback; none: never sent upstream) and outcome (client_gone: the client left first, queued included).",
             MetricType::Counter,
         )?;
         for (name, s) in names.iter().zip(series) {
@@ -180,8 +180,24 @@ impl Collector for AppCollector {
         }
         let mut f = family(
             &mut enc,
+            "sidecar_requests_arrived",
+            "Requests accepted under /v1/, counted on arrival; arrived = sum of sidecar_requests_total + sum of sidecar_requests_in_flight.",
+            MetricType::Counter,
+        )?;
+        f.counter(&[], totals.arrived)?;
+        let mut f = family(
+            &mut enc,
+            "sidecar_requests_in_flight",
+            "Requests accepted and not yet ended (queued, sent upstream, or streaming their answer); a request not yet routed counts under the default provider.",
+            MetricType::Gauge,
+        )?;
+        for (name, n) in names.iter().zip(&totals.in_flight) {
+            f.gauge(&[("provider", name)], *n as i64)?;
+        }
+        let mut f = family(
+            &mut enc,
             "sidecar_invalid_requests",
-            "Requests refused before routing: bad headers, body or priority.",
+            "Requests refused before routing: bad headers, body or priority (also in sidecar_requests_total, as the default provider's route none, outcome client_error).",
             MetricType::Counter,
         )?;
         f.counter(&[], totals.invalid)?;

@@ -7,12 +7,16 @@
 //! shard's samples into the cumulative totals (for Prometheus) and into a rolling
 //! one-minute window (for the dashboard's percentiles), then empties the shard.
 //!
+//! The request ledger (arrivals, requests in flight, outcomes) lives in the same shards,
+//! so a collect sees the three consistent; see [`ledger`].
+//!
 //! Gauges and counters kept elsewhere (bucket, queues, retreat, provider stats) are
 //! read where they live at scrape time; see [`exposition`].
 
 pub mod cluster;
 pub mod endpoint;
 pub mod exposition;
+pub mod ledger;
 pub mod process;
 pub mod series;
 
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
+pub use ledger::Entry;
 pub use series::{ErrorKind, Latency, Outcome, ProviderSeries, Sample};
 
 /// One worker's unmerged samples.
@@ -29,6 +34,10 @@ pub struct Shard {
     providers: Vec<ProviderSeries>,
     /// Requests refused before they could be routed (bad headers, body, priority).
     invalid: u64,
+    /// Requests accepted (see [`ledger`]).
+    arrived: u64,
+    /// Requests in flight now, per provider: a level, read by a collect, never drained.
+    in_flight: Vec<u64>,
 }
 
 impl Shard {
@@ -36,10 +45,6 @@ impl Shard {
         if let Some(p) = self.providers.get_mut(provider) {
             p.record(sample);
         }
-    }
-
-    pub fn record_invalid(&mut self) {
-        self.invalid += 1;
     }
 }
 
@@ -114,6 +119,10 @@ pub struct Totals {
     /// The last minute, per provider (the dashboard).
     pub windows: Vec<Window>,
     pub invalid: u64,
+    /// Requests accepted since start.
+    pub arrived: u64,
+    /// Requests in flight at the collect, per provider.
+    pub in_flight: Vec<u64>,
 }
 
 /// The metrics of one running sidecar; owned by [`crate::app::App`].
@@ -131,6 +140,8 @@ impl Metrics {
             Arc::new(Mutex::new(Shard {
                 providers: vec![ProviderSeries::default(); providers],
                 invalid: 0,
+                arrived: 0,
+                in_flight: vec![0; providers],
             }))
         };
         Self {
@@ -139,6 +150,8 @@ impl Metrics {
                 providers: vec![ProviderSeries::default(); providers],
                 windows: vec![Window::new(now); providers],
                 invalid: 0,
+                arrived: 0,
+                in_flight: vec![0; providers],
             }),
             scratch: Mutex::new(vec![ProviderSeries::default(); providers]),
         }
@@ -153,19 +166,29 @@ impl Metrics {
     ///
     /// Each shard is locked only to swap its series with an empty set, so a worker
     /// recording at that moment waits for a swap of a few pointers, never for a merge.
+    /// Its arrivals and requests in flight are read under the same lock, so the totals
+    /// keep the ledger's equation exactly.
     pub fn collect(&self, now: Instant) -> MutexGuard<'_, Totals> {
         let mut totals = self.totals.lock();
         let mut scratch = self.scratch.lock();
         for w in &mut totals.windows {
             w.rotate(now);
         }
+        totals.in_flight.fill(0);
         for shard in self.shards.iter() {
-            let invalid = {
+            let (invalid, arrived) = {
                 let mut s = shard.lock();
                 std::mem::swap(&mut s.providers, &mut *scratch);
-                std::mem::take(&mut s.invalid)
+                for (total, n) in totals.in_flight.iter_mut().zip(&s.in_flight) {
+                    *total += n;
+                }
+                (
+                    std::mem::take(&mut s.invalid),
+                    std::mem::take(&mut s.arrived),
+                )
             };
             totals.invalid += invalid;
+            totals.arrived += arrived;
             let Totals {
                 providers, windows, ..
             } = &mut *totals;
@@ -211,12 +234,16 @@ mod tests {
                 shard.lock().record(1, &sample(10));
             }
         }
-        m.shard(0).lock().record_invalid();
+        Entry::arrive(m.shard(0), 0).settle_invalid(&Sample {
+            route: Route::None,
+            outcome: Outcome::ClientError,
+            ..sample(1)
+        });
         assert_eq!(m.collect(t0).providers[1].requests_total(), 6);
         let totals = m.collect(t0);
         assert_eq!(totals.providers[1].requests_total(), 6, "no double count");
-        assert_eq!(totals.providers[0].requests_total(), 0);
-        assert_eq!(totals.invalid, 1);
+        assert_eq!(totals.providers[0].requests_total(), 1);
+        assert_eq!((totals.invalid, totals.arrived), (1, 1));
         assert_eq!(totals.windows[1].merged().0.count(), 6);
     }
 

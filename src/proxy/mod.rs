@@ -7,6 +7,7 @@
 //! retries) never read the client again.
 
 mod admit;
+pub mod framing;
 pub mod headers;
 
 use std::net::SocketAddr;
@@ -33,38 +34,98 @@ use crate::server::Worker;
 use crate::stats::ProviderStats;
 use crate::upstream::SendError;
 
-/// Entry point for every request a worker accepts.
+/// Entry point for every request a worker accepts. Whatever answers it, the answer
+/// carries the request's id (the client's own when sane, see
+/// [`headers::client_request_id`]), and a body the answer came before is drained in
+/// the background, the connection then closing ([`framing::linger`]).
 pub async fn serve(
     worker: Rc<Worker>,
     req: Request<Incoming>,
     remote: SocketAddr,
 ) -> Response<ProxyBody> {
-    let path = req.uri().path();
-    if path.starts_with("/v1/") {
-        return proxy(&worker, req).await;
+    let request_id = match headers::client_request_id(req.headers()) {
+        Some(id) => id.clone(),
+        None => worker.next_request_id(),
+    };
+    let http1 = req.version() < Version::HTTP_2;
+    let mut unread = None;
+    let mut resp = route(&worker, req, remote, &request_id, &mut unread).await;
+    if let Some(body) = unread.filter(|b| !http_body::Body::is_end_stream(b)) {
+        let limits = &worker.app.config.limits;
+        framing::linger(
+            body,
+            framing::linger_bytes(limits.max_body_bytes),
+            worker.app.shutdown.hard_stop.clone(),
+        );
+        if http1 {
+            close_connection(&mut resp);
+        }
     }
+    resp.headers_mut()
+        .entry(headers::X_REQUEST_ID)
+        .or_insert(request_id);
+    resp
+}
+
+/// Routes a request to its answer; `unread` gets the request body when the answer
+/// comes before it was read to its end.
+async fn route(
+    worker: &Rc<Worker>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    request_id: &HeaderValue,
+    unread: &mut Option<Incoming>,
+) -> Response<ProxyBody> {
+    if req.uri().path().starts_with("/v1/") {
+        return proxy(worker, req, request_id.clone(), unread).await;
+    }
+    let (parts, body) = req.into_parts();
+    if let Err(e) = framing::check(&parts, worker.app.config.listen) {
+        *unread = Some(body);
+        return ProxyError::from(e).into_response();
+    }
+    let path = parts.uri.path();
     if path.starts_with("/api/admin/") {
-        return Box::pin(crate::admin::serve(&worker.app, req, remote)).await;
+        // The admin API reads its own body through a borrow, so whatever it leaves
+        // unread (a refusal before reading, a 413 past its limit) is drained like the
+        // proxy's: the client receives the answer, and the connection then closes.
+        let mut body = body;
+        let req = Request::from_parts(parts, &mut body);
+        let resp = Box::pin(crate::admin::serve(&worker.app, req, remote)).await;
+        *unread = Some(body);
+        return resp;
     }
+    *unread = Some(body);
     if path.starts_with("/api/dashboard") {
-        if let Some(resp) = crate::dashboard::serve(&worker, req.method(), path) {
+        if let Some(resp) = crate::dashboard::serve(worker, &parts.method, path) {
             return resp;
         }
     }
-    match (req.method(), path) {
+    match (&parts.method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => health::healthz(),
-        (&Method::GET | &Method::HEAD, "/readyz") => Box::pin(health::readyz(&worker)).await,
-        (_, "/healthz" | "/readyz") => ProxyError::MethodNotAllowed {
-            method: req.method().to_string(),
-            path: path.to_owned(),
+        (&Method::GET | &Method::HEAD, "/readyz") => Box::pin(health::readyz(worker)).await,
+        (_, "/healthz" | "/readyz") => {
+            let mut resp = ProxyError::MethodNotAllowed {
+                method: parts.method.to_string(),
+                path: path.to_owned(),
+            }
+            .into_response();
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            resp
         }
-        .into_response(),
         _ => ProxyError::NotFound {
-            method: req.method().to_string(),
+            method: parts.method.to_string(),
             path: truncate(path, 256),
         }
         .into_response(),
     }
+}
+
+/// `Connection: close` on an HTTP/1 answer after which the connection ends.
+fn close_connection(resp: &mut Response<ProxyBody>) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// `s` cut to at most `max` bytes, on a character boundary.
@@ -93,20 +154,23 @@ fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
     resp
 }
 
-/// The `/v1/*` path: everything a client sends to the provider.
-async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// The `/v1/*` path: everything a client sends to the provider. `unread` holds the
+/// request body until it has been read whole.
+async fn proxy(
+    worker: &Rc<Worker>,
+    req: Request<Incoming>,
+    request_id: HeaderValue,
+    unread: &mut Option<Incoming>,
+) -> Response<ProxyBody> {
     let app = &worker.app;
     let (mut parts, body) = req.into_parts();
-    let request_id = match headers::client_request_id(&parts.headers) {
-        Some(id) => id.clone(),
-        None => worker.next_request_id(),
-    };
+    let body = unread.insert(body);
     let mut record = Record::new(
         request_id.clone(),
         parts.method.clone(),
         truncate(parts.uri.path(), 256),
     );
-    record.metrics = Some(Arc::clone(&worker.metrics));
+    record.arrive(&worker.metrics, app.config.default_provider);
     // One version of the run-time settings for the whole request.
     let hot = app.hot.load();
     let deadline = record.started + hot.request_timeout;
@@ -114,6 +178,13 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
 
+    if let Err(e) = framing::check(&parts, app.config.listen) {
+        return local_error(record, e.into());
+    }
+    if !framing::forwarded(&parts.method) {
+        let method = parts.method.to_string().chars().take(64).collect();
+        return local_error(record, ProxyError::MethodNotForwarded { method });
+    }
     if let Err(e) = headers::check_limits(&parts.headers, &app.config.limits) {
         return local_error(record, e);
     }
@@ -139,6 +210,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         Ok(b) => b,
         Err(e) => return local_error(record, e),
     };
+    *unread = None;
 
     // route: the model is read when it picks the provider or the access log shows it
     // (parsing the body is the costliest step of a small request otherwise).
@@ -149,8 +221,7 @@ async fn proxy(worker: &Rc<Worker>, req: Request<Incoming>) -> Response<ProxyBod
         .flatten();
     let provider_index = app.router.provider_for(model.as_deref());
     let provider = &app.providers[provider_index];
-    record.provider = Some(Arc::clone(&provider.name));
-    record.provider_index = Some(provider_index);
+    record.route_to(provider_index, Arc::clone(&provider.name));
     record.model = model;
 
     // admit: through the model's own limiter first when limits are per model.
@@ -419,7 +490,7 @@ async fn read_prefix(body: &mut Incoming, max: usize, mut timer: Pin<&mut Sleep>
 /// Reads the whole body, at most `limit` bytes, before `timer` fires. A body that
 /// arrives in one frame (most do) is kept as that frame, without buffering a copy.
 async fn read_body(
-    body: Incoming,
+    body: &mut Incoming,
     headers: &http::HeaderMap,
     limit: usize,
     mut timer: Pin<&mut Sleep>,

@@ -12,6 +12,10 @@
 //! request) are handed to that connection first, so nothing is lost. A parked
 //! connection is closed after the header read timeout, as hyper closed idle ones before.
 //!
+//! A new connection is *silent* until its first byte: it waits at most the first-byte
+//! timeout for it, and meanwhile holds its place among its worker's silent connections,
+//! which may be shed near the connection cap (see `fairness`).
+//!
 //! When a worker holds many connections ([`CROWDED`]), memory matters more than the few
 //! microseconds a fresh hyper connection costs: connections are then parked as soon as
 //! they are idle, so hyper's buffers are reused by whichever connection is busy rather
@@ -42,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
+use super::fairness::{Silent, SilentSet};
 use crate::body::BoxError;
 
 /// How long an HTTP/1 connection stays idle (nothing in flight, no byte moved) before
@@ -53,13 +58,14 @@ pub const CROWDED: usize = 512;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The connections of one worker: how many are open and how many parked. The worker
-/// waits for none to be left when it drains.
+/// The connections of one worker: how many are open and how many parked, and which
+/// are silent. The worker waits for none to be left when it drains.
 #[derive(Debug)]
 pub(super) struct Conns {
     crowded: usize,
     open: Cell<usize>,
     parked: Cell<usize>,
+    pub(super) silent: Rc<SilentSet>,
     none_left: tokio::sync::Notify,
 }
 
@@ -70,6 +76,7 @@ impl Conns {
             crowded,
             open: Cell::new(0),
             parked: Cell::new(0),
+            silent: Rc::default(),
             none_left: tokio::sync::Notify::new(),
         }
     }
@@ -355,15 +362,38 @@ enum Next {
     Close,
 }
 
-/// Waits (up to `limit`) for the client's next bytes without reading them.
-async fn next_request(stream: &TcpStream, limit: Duration, draining: &CancellationToken) -> Next {
+/// A new connection's wait for its first byte: at most `limit`, holding its place
+/// among the silent connections until the byte comes.
+struct FirstByte {
+    limit: Duration,
+    silent: Silent,
+}
+
+/// Waits (up to `limit`) for the client's next bytes without reading them; a new
+/// connection waits for the first of them as `first` says.
+async fn next_request(
+    stream: &TcpStream,
+    limit: Duration,
+    first: Option<FirstByte>,
+    draining: &CancellationToken,
+) -> Next {
     let sniff = async {
         let mut buf = [0u8; H2_PREFACE.len()];
-        loop {
-            let n = match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return Next::Close,
-                Ok(n) => n,
+        let mut n = 0;
+        if let Some(FirstByte { limit, silent }) = first {
+            n = match tokio::time::timeout(limit, stream.peek(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return Next::Close,
             };
+            drop(silent);
+        }
+        loop {
+            if n == 0 {
+                n = match stream.peek(&mut buf).await {
+                    Ok(0) | Err(_) => return Next::Close,
+                    Ok(n) => n,
+                };
+            }
             if buf[..n] != H2_PREFACE[..n] {
                 return Next::Http1;
             }
@@ -372,6 +402,7 @@ async fn next_request(stream: &TcpStream, limit: Duration, draining: &Cancellati
             }
             // A partial preface: the rest is on its way (peek would return at once).
             tokio::time::sleep(Duration::from_millis(1)).await;
+            n = 0;
         }
     };
     tokio::select! {
@@ -381,18 +412,27 @@ async fn next_request(stream: &TcpStream, limit: Duration, draining: &Cancellati
     }
 }
 
-/// Serves one accepted connection until it closes; `hold` (its connection permit) is
-/// released then.
-#[allow(clippy::too_many_arguments)]
+/// What the connections of one worker share.
+pub(super) struct Setup<H> {
+    pub(super) handler: H,
+    pub(super) h1: http1::Builder,
+    pub(super) h2: http2::Builder<super::LocalExec>,
+    /// How long a new connection may wait before its first byte.
+    pub(super) first_byte: Duration,
+    /// How long a parked connection waits for its next request.
+    pub(super) idle_limit: Duration,
+    pub(super) draining: CancellationToken,
+    pub(super) conns: Rc<Conns>,
+}
+
+/// Serves one accepted connection until it closes; `silent` is its place among the
+/// silent connections until its first byte, and `hold` (its connection permit) is
+/// released when it closes.
 pub(super) async fn serve<H, Fut, B, G>(
+    setup: Rc<Setup<H>>,
     stream: TcpStream,
     remote: SocketAddr,
-    handler: Rc<H>,
-    h1: Rc<http1::Builder>,
-    h2: Rc<http2::Builder<super::LocalExec>>,
-    idle_limit: Duration,
-    draining: CancellationToken,
-    conns: Rc<Conns>,
+    silent: Silent,
     hold: G,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
@@ -401,16 +441,21 @@ pub(super) async fn serve<H, Fut, B, G>(
     B::Error: Into<BoxError>,
 {
     let _hold = hold;
-    let open = Open::new(Rc::clone(&conns));
+    let open = Open::new(Rc::clone(&setup.conns));
     let activity = Rc::new(Activity::default());
-    let shared = Rc::clone(&activity);
+    let (shared, s) = (Rc::clone(&activity), Rc::clone(&setup));
     let mut svc = service_fn(move |req| Answer {
-        fut: Box::pin(handler(req, remote)),
+        fut: Box::pin((s.handler)(req, remote)),
         busy: Some(Busy::new(&shared)),
     });
+    let (h1, h2, draining) = (&setup.h1, &setup.h2, &setup.draining);
     // hyper's header timer starts only once it reads a request: a client that
-    // connects and sends nothing is closed here after the header read timeout.
-    match next_request(&stream, idle_limit, &draining).await {
+    // connects and sends nothing is closed here after the first-byte timeout.
+    let first = FirstByte {
+        limit: setup.first_byte,
+        silent,
+    };
+    match next_request(&stream, setup.idle_limit, Some(first), draining).await {
         Next::Close => return,
         Next::Http2 => {
             // Boxed, like HTTP/1's: inline, hyper's h2 state would size every
@@ -433,7 +478,7 @@ pub(super) async fn serve<H, Fut, B, G>(
     let mut io = ParkIo {
         stream,
         replay: Bytes::new(),
-        conns,
+        conns: Rc::clone(&setup.conns),
         activity: Rc::clone(&activity),
         timer: None,
         armed_at: 0,
@@ -476,7 +521,7 @@ pub(super) async fn serve<H, Fut, B, G>(
         if io.replay.is_empty() {
             let conns = &open.0;
             conns.parked.set(conns.parked.get() + 1);
-            let next = next_request(&io.stream, idle_limit, &draining).await;
+            let next = next_request(&io.stream, setup.idle_limit, None, draining).await;
             conns.parked.set(conns.parked.get().saturating_sub(1));
             if next == Next::Close {
                 return;
@@ -509,35 +554,30 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let conns = Rc::new(Conns::new(crowded));
         let draining = CancellationToken::new();
-        let handler = Rc::new(|req: Request<Incoming>, _remote: SocketAddr| async move {
+        let handler = |req: Request<Incoming>, _remote: SocketAddr| async move {
             let path = req.uri().path().to_owned();
             if path == "/slow" {
                 tokio::time::sleep(Duration::from_millis(2500)).await;
             }
             Response::new(Full::new(Bytes::from(path)))
-        });
+        };
         let mut h1 = http1::Builder::new();
         h1.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(10));
-        let (h1, h2) = (
-            Rc::new(h1),
-            Rc::new(http2::Builder::new(super::super::LocalExec)),
-        );
-        let (c, d) = (Rc::clone(&conns), draining.clone());
+        let setup = Rc::new(Setup {
+            handler,
+            h1,
+            h2: http2::Builder::new(super::super::LocalExec),
+            first_byte: idle_limit,
+            idle_limit,
+            draining: draining.clone(),
+            conns: Rc::clone(&conns),
+        });
         tokio::task::spawn_local(async move {
             loop {
                 let (stream, remote) = listener.accept().await.unwrap();
-                let task = serve(
-                    stream,
-                    remote,
-                    Rc::clone(&handler),
-                    Rc::clone(&h1),
-                    Rc::clone(&h2),
-                    idle_limit,
-                    d.clone(),
-                    Rc::clone(&c),
-                    (),
-                );
+                let silent = setup.conns.silent.enter();
+                let task = serve(Rc::clone(&setup), stream, remote, silent, ());
                 tokio::task::spawn_local(task);
             }
         });

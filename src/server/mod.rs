@@ -3,8 +3,10 @@
 //!
 //! A request never leaves the worker that accepted it, so per-worker state (the
 //! upstream pool) needs no lock; state shared by all workers lives in `Arc`s with
-//! atomics. Limits are explicit: a connection cap shared by all workers (accepting
-//! pauses at the cap), a header read timeout (hyper needs a timer for it), header
+//! atomics. Limits are explicit: a connection cap shared by all workers (near it the
+//! oldest connections that have sent nothing are shed, at it accepting pauses: see
+//! `fairness`), an optional cap per client address, a first-byte timeout for new
+//! connections and a header read timeout (hyper needs a timer for it), header
 //! count and size, HTTP/2 stream and header-list limits, keep-alive. Shutdown: stop
 //! accepting, let connections drain, and at the end of the grace period cut what is
 //! left (SSE bodies end themselves with an error event first, see `body`).
@@ -24,16 +26,17 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioTimer;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 mod connection;
+mod fairness;
 
-use connection::Conns;
+use connection::{Conns, Setup};
 pub use connection::{Tracked, CROWDED, PARK_AFTER};
+use fairness::{Cap, PerIp};
 
 use crate::app::{App, Shutdown};
 use crate::body::BoxError;
-use crate::config::Limits;
+use crate::config::{Fairness, Limits};
 use crate::dashboard::FrameCache;
 use crate::metrics::ShardHandle;
 use crate::snapshot::publisher::Publisher;
@@ -117,12 +120,31 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Binds `spec.workers` listeners to one address and starts a worker on each, with
+/// [`Fairness::lenient`] (see [`spawn_with`]).
+pub fn spawn<M, H, Fut, B>(
+    spec: ServerSpec,
+    shutdown: Shutdown,
+    make_handler: M,
+) -> std::io::Result<Running>
+where
+    M: Fn(usize) -> H + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
+    Fut: Future<Output = Response<B>> + 'static,
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let fairness = Fairness::lenient(&spec.limits);
+    spawn_with(spec, fairness, shutdown, make_handler)
+}
+
 /// Binds `spec.workers` listeners to one address and starts a worker on each.
 ///
 /// `make_handler` runs once on each worker thread and returns that worker's request
 /// handler, which may own `!Send` state such as an `Rc<Pool>`.
-pub fn spawn<M, H, Fut, B>(
+pub fn spawn_with<M, H, Fut, B>(
     spec: ServerSpec,
+    fairness: Fairness,
     shutdown: Shutdown,
     make_handler: M,
 ) -> std::io::Result<Running>
@@ -142,13 +164,14 @@ where
     for _ in 1..spec.workers.max(1) {
         listeners.push(bind_reuseport(local_addr)?);
     }
-    let conn_cap = Arc::new(Semaphore::new(spec.limits.max_connections));
+    let cap = Cap::new(spec.limits.max_connections);
+    let per_ip = fairness.max_connections_per_ip.map(PerIp::new);
     let make_handler = Arc::new(make_handler);
     let mut threads = Vec::with_capacity(listeners.len());
     for (id, listener) in listeners.into_iter().enumerate() {
         let spec = spec.clone();
         let shutdown = shutdown.clone();
-        let conn_cap = Arc::clone(&conn_cap);
+        let (cap, per_ip) = (Arc::clone(&cap), per_ip.clone());
         let make_handler = Arc::clone(&make_handler);
         let thread = std::thread::Builder::new()
             .name(format!("{}-{id}", spec.name))
@@ -172,8 +195,16 @@ where
                             return;
                         }
                     };
-                    let handler = Rc::new(make_handler(id));
-                    worker_loop(&spec, listener, handler, conn_cap, shutdown).await;
+                    let setup = Rc::new(Setup {
+                        handler: make_handler(id),
+                        h1: h1_builder(&spec.limits),
+                        h2: h2_builder(&spec.limits),
+                        first_byte: fairness.first_byte_timeout,
+                        idle_limit: spec.limits.header_read_timeout,
+                        draining: shutdown.draining.clone(),
+                        conns: Rc::new(Conns::new(CROWDED)),
+                    });
+                    worker_loop(&spec, listener, setup, cap, per_ip, shutdown).await;
                 });
             })?;
         threads.push(thread);
@@ -211,8 +242,9 @@ fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {
 async fn worker_loop<H, Fut, B>(
     spec: &ServerSpec,
     listener: TcpListener,
-    handler: Rc<H>,
-    conn_cap: Arc<Semaphore>,
+    setup: Rc<Setup<H>>,
+    cap: Arc<Cap>,
+    per_ip: Option<Arc<PerIp>>,
     shutdown: Shutdown,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
@@ -220,16 +252,18 @@ async fn worker_loop<H, Fut, B>(
     B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let h1 = Rc::new(h1_builder(&spec.limits));
-    let h2 = Rc::new(h2_builder(&spec.limits));
-    let conns = Rc::new(Conns::new(connection::CROWDED));
+    let conns = Rc::clone(&setup.conns);
     let draining = shutdown.draining.clone();
+    tokio::task::spawn_local({
+        let (cap, silent, stop) = (Arc::clone(&cap), Rc::clone(&conns.silent), draining.clone());
+        async move { cap.answer_calls(silent, stop).await }
+    });
     loop {
         // The permit is taken before accept: at the cap, accepting pauses.
         let permit = tokio::select! {
-            p = Arc::clone(&conn_cap).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
+            p = cap.acquire() => match p {
+                Some(p) => p,
+                None => break,
             },
             _ = draining.cancelled() => break,
         };
@@ -245,24 +279,41 @@ async fn worker_loop<H, Fut, B>(
             },
             _ = draining.cancelled() => break,
         };
+        let by_ip = match &per_ip {
+            None => None,
+            Some(per_ip) => match per_ip.admit(remote.ip()) {
+                Some(hold) => Some(hold),
+                None => {
+                    // Dropped: closed at once, and the permit is back.
+                    tracing::debug!(
+                        server = spec.name,
+                        client = %remote.ip(),
+                        "connection refused: max_connections_per_ip reached"
+                    );
+                    continue;
+                }
+            },
+        };
+        cap.make_room(&conns.silent);
         let _ = stream.set_nodelay(true);
-        tokio::task::spawn_local(connection::serve(
+        let silent = conns.silent.enter();
+        let key = silent.key();
+        let task = tokio::task::spawn_local(connection::serve(
+            Rc::clone(&setup),
             stream,
             remote,
-            Rc::clone(&handler),
-            Rc::clone(&h1),
-            Rc::clone(&h2),
-            spec.limits.header_read_timeout,
-            draining.clone(),
-            Rc::clone(&conns),
-            permit,
+            silent,
+            (permit, by_ip),
         ));
+        conns.silent.watch(key, task.abort_handle());
     }
     drop(listener);
     tracing::debug!(
         server = spec.name,
         open = conns.open(),
         parked = conns.parked(),
+        silent = conns.silent.len(),
+        shed = conns.silent.shed(),
         "draining connections"
     );
     let all_done = conns.none_left();
@@ -377,7 +428,7 @@ fn start_metrics(app: Arc<App>) -> std::io::Result<Running> {
         draining: app.shutdown.draining.clone(),
         hard_stop: CancellationToken::new(),
     };
-    spawn(spec, shutdown, move |_| {
+    spawn_with(spec, app.config.fairness, shutdown, move |_| {
         tokio::task::spawn_local(Publisher::new(Arc::clone(&app)).run());
         let app = Arc::clone(&app);
         move |req: Request<Incoming>, _remote: SocketAddr| {
@@ -396,7 +447,7 @@ fn start_workers(app: Arc<App>) -> std::io::Result<Running> {
         grace: app.config.timeouts.shutdown_grace,
     };
     let shutdown = app.shutdown.clone();
-    spawn(spec, shutdown, move |id| {
+    spawn_with(spec, app.config.fairness, shutdown, move |id| {
         let worker = Rc::new(Worker::new(id, Arc::clone(&app)));
         move |req: Request<Incoming>, remote: SocketAddr| {
             crate::proxy::serve(Rc::clone(&worker), req, remote)

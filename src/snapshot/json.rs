@@ -9,6 +9,7 @@ use super::{ClusterPanel, PacingPanel, Panel, Snapshot};
 use crate::app::App;
 use crate::budget::ClusterView;
 use crate::limiter::{DropReason, Mode, PauseReason, RetreatState, Source};
+use crate::metrics::Outcome;
 use crate::priority::Priority;
 
 /// Encodes `snap` (sequence `seq`) for `app`'s providers.
@@ -21,6 +22,11 @@ pub fn encode(app: &App, snap: &Snapshot, seq: u64) -> Vec<u8> {
         uptime_s: snap.uptime_ms as f64 / 1e3,
         version: env!("CARGO_PKG_VERSION"),
         providers_total: snap.providers_total,
+        requests: Ledger {
+            arrived: snap.arrived,
+            in_flight: snap.in_flight,
+            outcomes: by_outcome(&snap.outcomes),
+        },
         providers: snap
             .panels()
             .iter()
@@ -54,7 +60,26 @@ struct View<'a> {
     uptime_s: f64,
     version: &'static str,
     providers_total: u64,
+    /// The request ledger over every provider.
+    requests: Ledger,
     providers: Vec<ProviderView<'a>>,
+}
+
+/// Requests accepted, ended by outcome, and in flight: `arrived = Σ outcomes +
+/// in_flight` (the same numbers as `sidecar_requests_arrived_total`,
+/// `sidecar_requests_total` and `sidecar_requests_in_flight`).
+#[derive(Serialize)]
+struct Ledger {
+    arrived: u64,
+    in_flight: u64,
+    outcomes: BTreeMap<&'static str, u64>,
+}
+
+fn by_outcome(counts: &[u64; Outcome::ALL.len()]) -> BTreeMap<&'static str, u64> {
+    Outcome::ALL
+        .into_iter()
+        .map(|o| (o.as_str(), counts[o as usize]))
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -328,10 +353,14 @@ impl Cluster {
 
 #[derive(Serialize)]
 struct Requests {
+    /// Routed to the provider; of those, admitted through the bucket, sent through.
     total: u64,
     limited: u64,
     passthrough: u64,
     per_second: f64,
+    /// The provider's part of the request ledger: ended by outcome, in flight now.
+    in_flight: u64,
+    outcomes: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Serialize)]
@@ -419,6 +448,8 @@ impl<'a> ProviderView<'a> {
                 limited: p.limited,
                 passthrough: p.passthrough,
                 per_second: (p.per_second * 100.0).round() / 100.0,
+                in_flight: p.in_flight,
+                outcomes: by_outcome(&p.outcomes),
             },
             errors: Errors {
                 upstream: p.upstream_errors,

@@ -8,7 +8,10 @@
 //! However many clients there are, a tick costs one build; each worker then turns a
 //! sequence into JSON once and every stream on that worker sends the same bytes.
 //!
-//! The snapshot holds the first [`MAX_PROVIDERS`] providers; `/metrics` has them all.
+//! The snapshot holds the first [`MAX_PROVIDERS`] providers; `/metrics` has them all. Its
+//! request ledger (arrived, outcomes, in flight) comes from the same collect of the
+//! metrics shards as its panels', so it keeps `arrived = outcomes + in flight` exactly,
+//! and its totals cover every provider.
 
 pub mod json;
 pub mod publisher;
@@ -20,6 +23,7 @@ use bytemuck::{Pod, Zeroable};
 use tokio::sync::watch;
 
 use crate::limiter::DropReason;
+use crate::metrics::Outcome;
 
 pub use seqlock::SeqLock;
 
@@ -44,7 +48,12 @@ pub struct Point {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct Panel {
+    /// Requests routed to the provider (`ProviderStats::total`).
     pub total: u64,
+    /// Requests ended, by `Outcome as usize` (all routes), and in flight now: the
+    /// provider's part of the request ledger.
+    pub outcomes: [u64; Outcome::ALL.len()],
+    pub in_flight: u64,
     pub limited: u64,
     pub passthrough: u64,
     pub rate_limited: u64,
@@ -172,6 +181,11 @@ pub struct Snapshot {
     /// Providers configured.
     pub providers_total: u64,
     pub history_len: u64,
+    /// The request ledger over every provider: requests accepted, ended by
+    /// `Outcome as usize`, and in flight; `arrived = Σ outcomes + in_flight`.
+    pub arrived: u64,
+    pub outcomes: [u64; Outcome::ALL.len()],
+    pub in_flight: u64,
     pub panels: [Panel; MAX_PROVIDERS],
 }
 

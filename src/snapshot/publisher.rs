@@ -14,6 +14,7 @@ use super::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROV
 use crate::app::App;
 use crate::budget::{Budget, ClusterView};
 use crate::limiter::{DropReason, Mode, PacingView, Source};
+use crate::metrics::{Outcome, ProviderSeries};
 
 /// A provider's pacing view at clock time `now`, as the snapshot holds it.
 fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
@@ -87,6 +88,17 @@ pub fn cluster_numbers(
     }
 }
 
+/// Requests ended, by `Outcome as usize`, over every route of `series`.
+fn outcomes<'a>(series: impl Iterator<Item = &'a ProviderSeries>) -> [u64; Outcome::ALL.len()] {
+    let mut out = [0; Outcome::ALL.len()];
+    for route in series.flat_map(|s| &s.requests) {
+        for (total, n) in out.iter_mut().zip(route) {
+            *total += n;
+        }
+    }
+    out
+}
+
 /// Builds snapshots; keeps what one build needs from the previous one.
 pub struct Publisher {
     app: Arc<App>,
@@ -133,6 +145,9 @@ impl Publisher {
         snap.tick_ms = app.config.snapshot_interval.as_millis() as u64;
         snap.providers_total = app.providers.len() as u64;
         snap.providers_len = self.history.len() as u64;
+        snap.arrived = totals.arrived;
+        snap.outcomes = outcomes(totals.providers.iter());
+        snap.in_flight = totals.in_flight.iter().sum();
         for (i, provider) in app.providers.iter().take(MAX_PROVIDERS).enumerate() {
             let s = provider.snapshot(clock_now);
             let (latency, wait) = totals.windows[i].merged();
@@ -146,6 +161,8 @@ impl Publisher {
             let p = &mut snap.panels[i];
             *p = Panel {
                 total: s.stats.total,
+                outcomes: outcomes(std::iter::once(series)),
+                in_flight: totals.in_flight[i],
                 limited: s.stats.limited,
                 passthrough: s.stats.passthrough,
                 rate_limited: s.stats.rate_limited,

@@ -55,7 +55,7 @@ printed at the end.
 Usage: loadtest/run.py [--duration 10] [--connections 64] [--short] [--only a,b] [--no-build]
 --short is the CI form: 3 s per scenario, 100 streams, 200 dashboard clients, 2,000 idle
 connections, no route-ab, pacing on a 2 s window for 3 windows (about 20 s), cluster
-4 runs of 3 s (about 25 s), soak for 1 minute (about 70 s); about 150 s.
+4 runs of 6 s (about 40 s; cluster.MIN_RUN_S), soak for 1 minute (about 70 s); about 165 s.
 --pacing-realtime adds pacing's situation 1 in real time (3 minutes, side by side with the
 others). Whatever the form, the exit
 status is 1 only for errors that mean a bug (a process that died, a request without an

@@ -166,4 +166,7 @@ fi
 
 echo "tests/run.sh: every tool is present; cargo test $* (TESTS_NO_SKIP=1: nothing is skipped)"
 export TESTS_NO_SKIP=1
+# tests/connections.rs holds both ends of 10,000 connections (about 18,700 descriptors):
+# lift the soft open-file limit to the hard one.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 exec cargo test "$@"

@@ -163,6 +163,8 @@ impl ProxyError {
     pub fn allow(&self) -> Option<&'static str> {
         match self {
             Self::MethodNotForwarded { .. } => Some(crate::proxy::framing::FORWARDED_METHODS),
+            // The read-only routes (health, dashboard).
+            Self::MethodNotAllowed { .. } => Some("GET, HEAD"),
             _ => None,
         }
     }

@@ -498,11 +498,20 @@ fn every_answer_the_sidecar_makes_carries_a_request_id() {
         &format!("GET /nowhere HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: trace-42\r\nConnection: close\r\n\r\n"),
     );
     assert_eq!(a.header("x-request-id"), Some("trace-42"));
-    let a = exchange(
-        s.addr,
-        &format!("POST /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(a.header("allow"), Some("GET, HEAD"));
+    // Every 405 of a read-only route says what it allows (RFC 9110 §15.5.6).
+    for target in [
+        "/healthz",
+        "/readyz",
+        "/api/dashboard",
+        "/api/dashboard/stream",
+    ] {
+        let a = exchange(
+            s.addr,
+            &format!("POST {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(a.status, 405, "{target}: {a:?}");
+        assert_eq!(a.header("allow"), Some("GET, HEAD"), "{target}: {a:?}");
+    }
     s.stop();
 }
 

@@ -104,16 +104,11 @@ async fn route(
     match (&parts.method, path) {
         (&Method::GET | &Method::HEAD, "/healthz") => health::healthz(),
         (&Method::GET | &Method::HEAD, "/readyz") => Box::pin(health::readyz(worker)).await,
-        (_, "/healthz" | "/readyz") => {
-            let mut resp = ProxyError::MethodNotAllowed {
-                method: parts.method.to_string(),
-                path: path.to_owned(),
-            }
-            .into_response();
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            resp
+        (_, "/healthz" | "/readyz") => ProxyError::MethodNotAllowed {
+            method: parts.method.to_string(),
+            path: path.to_owned(),
         }
+        .into_response(),
         _ => ProxyError::NotFound {
             method: parts.method.to_string(),
             path: truncate(path, 256),

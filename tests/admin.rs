@@ -20,20 +20,12 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use nvidia_sidecar::clock::{Clock, ManualClock};
-use nvidia_sidecar::mock::MockConfig;
 use serde_json::Value;
 
 const TOKEN: &str = "adm-t0ken-integration-7c41e9";
 const BEARER: &str = "Bearer adm-t0ken-integration-7c41e9";
 const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
 const CONFIG: &str = "/api/admin/config";
-
-fn unlimited_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
 
 fn with_token(env: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut all = vec![("SIDECAR_ADMIN_TOKEN", TOKEN)];

@@ -13,13 +13,6 @@ use nvidia_sidecar::limiter::bucket::{interval_nanos, slack_nanos};
 use nvidia_sidecar::mock::MockConfig;
 use nvidia_sidecar::priority::Priority;
 
-fn unlimited_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
-
 /// A sidecar at 60 RPM (one token a second), capacity 1, on a manual clock.
 fn paced(env: &[(&str, &str)]) -> (Stack, ManualClock) {
     let clock = ManualClock::new();

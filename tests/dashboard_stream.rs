@@ -13,18 +13,10 @@ use common::*;
 use hyper::body::Incoming;
 use nvidia_sidecar::clock::{Clock, ManualClock};
 use nvidia_sidecar::limiter::PauseReason;
-use nvidia_sidecar::mock::MockConfig;
 
 /// Snapshot period in the tests, in seconds.
 const INTERVAL: f64 = 0.1;
 const INTERVAL_ENV: (&str, &str) = ("SIDECAR_SNAPSHOT_INTERVAL", "0.1");
-
-fn fast_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
 
 /// One SSE frame as received.
 #[derive(Debug, Clone)]
@@ -144,7 +136,7 @@ async fn wait_for_metric(addr: SocketAddr, name: &str, want: f64) {
 async fn fifty_clients_get_the_same_frames_from_one_build_per_tick() {
     const CLIENTS: usize = 50;
     const FRAMES: usize = 5;
-    let s = stack(fast_mock(), &[INTERVAL_ENV, ("SIDECAR_WORKERS", "2")]);
+    let s = stack(unlimited_mock(), &[INTERVAL_ENV, ("SIDECAR_WORKERS", "2")]);
     let hub = std::sync::Arc::clone(&s.app.snapshots);
     let started = Instant::now();
     let builds_before = hub.builds();
@@ -256,7 +248,7 @@ async fn fifty_clients_get_the_same_frames_from_one_build_per_tick() {
 async fn the_snapshot_reflects_the_traffic() {
     const N: u64 = 12;
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[INTERVAL_ENV, ("SIDECAR_QUEUE_MAX_SIZE", "17")],
     );
     for _ in 0..N {
@@ -367,7 +359,7 @@ async fn snapshot_until(
 async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
     let clock = ManualClock::new();
     let s = stack_with_clock(
-        fast_mock(),
+        unlimited_mock(),
         &[
             INTERVAL_ENV,
             ("SIDECAR_RATE_RPM", "600"),
@@ -474,7 +466,7 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_cleanly_when_the_sidecar_starts_draining() {
-    let s = stack(fast_mock(), &[INTERVAL_ENV]);
+    let s = stack(unlimited_mock(), &[INTERVAL_ENV]);
     let mut r = SseReader::open(s.addr).await;
     let first = r.next().await.expect("a first frame");
     assert_eq!(first.retry, Some(3000));
@@ -543,7 +535,7 @@ fn local_reference(v: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_is_self_contained_html_and_the_api_refuses_other_methods() {
-    let s = stack(fast_mock(), &[INTERVAL_ENV]);
+    let s = stack(unlimited_mock(), &[INTERVAL_ENV]);
     let a = call(s.addr, req("GET", s.addr, "/api/dashboard", &[], "")).await;
     assert_eq!(a.status, 200);
     let ct = a.headers["content-type"].to_str().unwrap();
@@ -631,7 +623,7 @@ async fn first_provider(addr: SocketAddr) -> (serde_json::Value, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_process_snapshot_has_no_cluster_object() {
-    let s = stack(fast_mock(), &[INTERVAL_ENV]);
+    let s = stack(unlimited_mock(), &[INTERVAL_ENV]);
     let (p, text) = first_provider(s.addr).await;
     assert!(p.get("cluster").is_none(), "{p}");
     assert!(!text.contains("\"cluster\""), "{text}");
@@ -646,7 +638,10 @@ async fn in_cluster_mode_the_snapshot_and_the_stream_carry_the_replicas_view_of_
     // cluster, before Redis ever answered.
     let port = common::redis::free_port();
     let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}/0");
-    let s = stack(fast_mock(), &[INTERVAL_ENV, ("SIDECAR_REDIS_URL", &url)]);
+    let s = stack(
+        unlimited_mock(),
+        &[INTERVAL_ENV, ("SIDECAR_REDIS_URL", &url)],
+    );
     let replica = s.app.providers[0]
         .budget
         .as_ref()

@@ -20,20 +20,12 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use nvidia_sidecar::mock::MockConfig;
 
 const MIB: usize = 1 << 20;
 
-fn fast_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
-
 /// A sidecar that accepts bodies of at most 1 MiB.
 fn one_mib_stack() -> Stack {
-    stack(fast_mock(), &[("SIDECAR_MAX_BODY_BYTES", "1048576")])
+    stack(unlimited_mock(), &[("SIDECAR_MAX_BODY_BYTES", "1048576")])
 }
 
 // === raw HTTP/1.1 over a blocking socket ===
@@ -409,7 +401,7 @@ async fn an_h2_upload_over_the_limit_gets_its_413_on_the_stream() {
 #[test]
 fn an_admin_patch_over_its_limit_gets_a_413_with_a_request_id_and_a_close() {
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[("SIDECAR_ADMIN_TOKEN", "adm-hostile-token-1")],
     );
     let a = exchange(
@@ -431,7 +423,7 @@ fn an_admin_patch_over_its_limit_gets_a_413_with_a_request_id_and_a_close() {
 #[test]
 fn admin_uploads_over_the_limit_get_their_413_before_the_connection_closes() {
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[("SIDECAR_ADMIN_TOKEN", "adm-hostile-token-1")],
     );
     let head = |framing: &str| {
@@ -468,7 +460,7 @@ fn admin_uploads_over_the_limit_get_their_413_before_the_connection_closes() {
 #[test]
 fn every_answer_the_sidecar_makes_carries_a_request_id() {
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[("SIDECAR_ADMIN_TOKEN", "adm-hostile-token-1")],
     );
     let host = s.addr;
@@ -519,7 +511,7 @@ fn every_answer_the_sidecar_makes_carries_a_request_id() {
 
 #[test]
 fn an_http11_request_without_one_valid_host_is_refused() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let a = exchange(
         s.addr,
         "GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -552,7 +544,7 @@ fn an_http11_request_without_one_valid_host_is_refused() {
 
 #[test]
 fn only_the_usual_methods_are_forwarded() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     for method in ["FOO", "TRACE", "CONNECT", "PROPFIND"] {
         let a = exchange(
             s.addr,
@@ -585,7 +577,7 @@ fn only_the_usual_methods_are_forwarded() {
 
 #[test]
 fn an_absolute_form_target_is_served_only_for_the_sidecars_own_authority() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let port = s.addr.port();
     for target in [
         "http://evil.example/healthz",
@@ -630,7 +622,7 @@ fn an_absolute_form_target_is_served_only_for_the_sidecars_own_authority() {
 /// sidecar never sees the request), and the connection closes, saying so.
 #[test]
 fn what_hyper_refuses_itself_gets_a_bare_400_and_a_close() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let a = s.addr;
     for request in [
         format!("POST /v1/models HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy"),

@@ -20,23 +20,6 @@ use nvidia_sidecar::limiter::DropReason;
 use nvidia_sidecar::mock::MockConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn unlimited_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
-
-async fn scrape(s: &Stack) -> String {
-    let a = call(
-        s.metrics_addr,
-        req("GET", s.metrics_addr, "/metrics", &[], ""),
-    )
-    .await;
-    assert_eq!(a.status, 200);
-    a.text()
-}
-
 /// The value of `sidecar_requests_total` for one provider, route and outcome.
 fn requests_total(text: &str, provider: &str, route: &str, outcome: &str) -> u64 {
     let series = format!(
@@ -160,7 +143,7 @@ async fn requests_abandoned_in_the_queue_are_counted_once_as_client_gone_on_rout
     .await;
     wait_in_flight(s.metrics_addr, "nvidia", 0).await;
 
-    let text = scrape(&s).await;
+    let text = s.scrape().await;
     assert_eq!(
         requests_total(&text, "nvidia", "none", "client_gone"),
         3,
@@ -201,7 +184,7 @@ async fn a_streamed_answer_is_in_flight_until_the_client_leaves_mid_way_then_cou
     // The client leaves mid-stream.
     drop(body);
     wait_in_flight(s.metrics_addr, "nvidia", 0).await;
-    let text = scrape(&s).await;
+    let text = s.scrape().await;
     assert_eq!(requests_total(&text, "nvidia", "limited", "client_gone"), 1);
     assert_ledger(&s, 1).await;
     s.stop();
@@ -218,7 +201,7 @@ async fn a_request_abandoned_while_the_upstream_thinks_is_counted_once_as_client
     wait_in_flight(s.metrics_addr, "nvidia", 1).await;
     waiting.abort();
     wait_in_flight(s.metrics_addr, "nvidia", 0).await;
-    let text = scrape(&s).await;
+    let text = s.scrape().await;
     assert_eq!(
         requests_total(&text, "nvidia", "limited", "client_gone"),
         1,

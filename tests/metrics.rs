@@ -14,16 +14,8 @@ use std::time::Duration;
 use common::*;
 use nvidia_sidecar::clock::{Clock, ManualClock};
 use nvidia_sidecar::limiter::PauseReason;
-use nvidia_sidecar::mock::MockConfig;
 
 const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
-
-fn fast_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // A small, strict parser of the Prometheus text format 0.0.4.
@@ -489,7 +481,7 @@ const NVIDIA: (&str, &str) = ("provider", "nvidia");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_25_chats_the_exposition_parses_and_counts_them_in_every_histogram() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     for _ in 0..25 {
         assert_eq!(s.chat(&[], CHAT).await.status, 200);
     }
@@ -591,7 +583,7 @@ async fn after_25_chats_the_exposition_parses_and_counts_them_in_every_histogram
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     // A 5xx from the upstream passes through and counts as status_5xx.
     let a = s.chat(&[("x-mock-status", "500")], CHAT).await;
     assert_eq!(a.status, 500);
@@ -704,7 +696,7 @@ async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
 async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_as_rejected() {
     let clock = ManualClock::new();
     let s = stack_with_clock(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_RATE_RPM", "60"),
             ("SIDECAR_BUCKET_CAPACITY", "1"),
@@ -828,7 +820,7 @@ async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_a
 async fn an_upstream_429_is_counted_and_teaches_the_limit_and_an_overload_puts_the_provider_in_retreat(
 ) {
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_UPSTREAM_429_RETRIES", "1"),
             ("SIDECAR_RETREAT_DEFAULT_PAUSE", "0.1"),
@@ -941,7 +933,7 @@ fn assert_source(m: &Exposition, want: &str) {
 async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_and_pauses() {
     let clock = ManualClock::new();
     let s = stack_with_clock(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_RATE_RPM", "600"),
             ("SIDECAR_BUCKET_CAPACITY", "10"),
@@ -1053,7 +1045,7 @@ async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_before_routing_count_as_invalid_and_as_the_default_providers_client_errors(
 ) {
-    let s = stack(fast_mock(), &[("SIDECAR_MAX_BODY_BYTES", "2048")]);
+    let s = stack(unlimited_mock(), &[("SIDECAR_MAX_BODY_BYTES", "2048")]);
     s.chat(&[("x-priority", "urgent")], CHAT)
         .await
         .assert_error(400, "invalid_priority");
@@ -1105,7 +1097,7 @@ async fn requests_refused_before_routing_count_as_invalid_and_as_the_default_pro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_and_build_metrics_are_present() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let m = scrape(s.metrics_addr).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1161,7 +1153,7 @@ async fn process_and_build_metrics_are_present() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_model_label_anywhere_and_the_provider_key_never_shows() {
-    let s = stack(fast_mock(), &[("SIDECAR_SNAPSHOT_INTERVAL", "0.1")]);
+    let s = stack(unlimited_mock(), &[("SIDECAR_SNAPSHOT_INTERVAL", "0.1")]);
     let models = [
         "meta/llama-3.1-8b-instruct",
         "mistralai/mixtral-8x7b-instruct-v0.1",
@@ -1255,7 +1247,7 @@ async fn wait_for_snapshot_total(s: &Stack, total: u64) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_serves_get_metrics_only_and_the_proxy_does_not_serve_it() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let m = s.metrics_addr;
     for method in ["POST", "PUT", "DELETE"] {
         call(m, req(method, m, "/metrics", &[], ""))
@@ -1329,7 +1321,7 @@ const CLUSTER_FAMILIES: [(&str, &str); 14] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_process_sidecar_exposes_no_cluster_series() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     assert!(s.app.providers.iter().all(|p| p.budget.is_none()));
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let text = scrape_text(s.metrics_addr).await;
@@ -1354,7 +1346,7 @@ async fn a_single_process_sidecar_exposes_no_cluster_series() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_mode_before_redis_answers_shows_fallback_a_backend_down_and_passes_promtool() {
     let url = dead_redis_url();
-    let s = stack(fast_mock(), &[("SIDECAR_REDIS_URL", &url)]);
+    let s = stack(unlimited_mock(), &[("SIDECAR_REDIS_URL", &url)]);
     let replica = replica_of(&s);
     let text = scrape_text(s.metrics_addr).await;
     let m = parse(&text).unwrap_or_else(|e| panic!("the exposition does not parse: {e}\n{text}"));
@@ -1427,7 +1419,7 @@ async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_b
     let redis = common::redis::Redis::start_with(&["--requirepass", REDIS_PASSWORD]);
     let url = format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}/0", redis.port);
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_REDIS_URL", &url),
             ("SIDECAR_REDIS_PREFIX", "metrics-test:"),

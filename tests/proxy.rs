@@ -7,16 +7,9 @@ use common::*;
 use http_body_util::BodyExt;
 use nvidia_sidecar::mock::MockConfig;
 
-fn fast_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_streaming_answers_are_identical_to_calling_the_upstream_directly() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     for (method, path, body) in [
         ("GET", "/v1/models", ""),
         (
@@ -65,7 +58,7 @@ async fn streaming_answer_arrives_whole_and_ends_with_done() {
     let s = stack(
         MockConfig {
             tokens: 7,
-            ..fast_mock()
+            ..unlimited_mock()
         },
         &[],
     );
@@ -102,7 +95,7 @@ async fn streaming_answer_arrives_whole_and_ends_with_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_sse_chunk_reaches_the_client_before_the_upstream_sends_the_second() {
     // The upstream waits 60 s before its second chunk; the first must arrive long before.
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let r = req(
         "POST",
         s.addr,
@@ -123,7 +116,7 @@ async fn first_sse_chunk_reaches_the_client_before_the_upstream_sends_the_second
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_sees_the_provider_key_and_never_the_clients() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let a = s
         .chat(
             &[
@@ -149,7 +142,7 @@ async fn upstream_sees_the_provider_key_and_never_the_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_stripped_and_request_ids_kept_or_added() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let a = call(
         s.addr,
         req(
@@ -189,7 +182,7 @@ async fn hop_by_hop_headers_are_stripped_and_request_ids_kept_or_added() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_paths_get_a_json_404() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     for path in ["/", "/v2/models", "/v1", "/admin"] {
         call(s.addr, req("GET", s.addr, path, &[], ""))
             .await
@@ -202,7 +195,7 @@ async fn unknown_paths_get_a_json_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_get_413_declared_or_streamed() {
-    let s = stack(fast_mock(), &[("SIDECAR_MAX_BODY_BYTES", "2048")]);
+    let s = stack(unlimited_mock(), &[("SIDECAR_MAX_BODY_BYTES", "2048")]);
     let big = format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(4096));
     call(s.addr, req("POST", s.addr, "/v1/embeddings", &[], &big))
         .await
@@ -280,7 +273,7 @@ impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_or_too_large_headers_get_431() {
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_MAX_HEADERS", "20"),
             ("SIDECAR_MAX_HEADER_BYTES", "2048"),
@@ -331,7 +324,7 @@ async fn unreachable_upstream_gets_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_response_headers_within_the_request_timeout_gets_504() {
-    let s = stack(fast_mock(), &[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
+    let s = stack(unlimited_mock(), &[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
     let a = s.chat(&[("x-mock-header-delay-ms", "5000")], CHAT).await;
     a.assert_error(504, "upstream_timeout");
     assert_ledger(&s, sent_to(s.addr)).await;
@@ -340,7 +333,7 @@ async fn no_response_headers_within_the_request_timeout_gets_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_reset_mid_stream_ends_with_an_error_event_and_never_a_clean_end() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let r = req(
         "POST",
         s.addr,
@@ -380,7 +373,7 @@ async fn sse_reset_mid_stream_ends_with_an_error_event_and_never_a_clean_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_sse_reset_mid_body_is_an_error_to_the_client() {
     // A plain body cut by the upstream: the client must see a broken body, not a short one.
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let r = req(
         "POST",
         s.addr,
@@ -403,7 +396,7 @@ async fn non_sse_reset_mid_body_is_an_error_to_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_stream_hits_the_idle_timeout_not_a_total_deadline() {
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_STREAM_IDLE_TIMEOUT", "0.5"),
             ("SIDECAR_REQUEST_TIMEOUT", "0.5"),
@@ -447,7 +440,7 @@ async fn a_silent_stream_hits_the_idle_timeout_not_a_total_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_answer_and_readiness_probes_the_upstream() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let h = call(s.addr, req("GET", s.addr, "/healthz", &[], "")).await;
     assert_eq!(h.status, 200);
     assert_eq!(h.json()["status"], "ok");
@@ -470,7 +463,7 @@ async fn health_endpoints_answer_and_readiness_probes_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_priority_is_a_400_that_says_what_is_accepted() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let a = s.chat(&[("x-priority", "urgent")], CHAT).await;
     a.assert_error(400, "invalid_priority");
     assert!(a.json()["error"]["message"]
@@ -484,7 +477,7 @@ async fn invalid_priority_is_a_400_that_says_what_is_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_the_upstream_are_reused() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     for _ in 0..20 {
         let a = call(s.addr, req("GET", s.addr, "/v1/models", &[], "")).await;
         assert_eq!(a.status, 200);
@@ -498,7 +491,7 @@ async fn connections_to_the_upstream_are_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_may_speak_h2c() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -523,8 +516,8 @@ async fn clients_may_speak_h2c() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_route_to_providers_by_model_pattern() {
-    let a = common::mock(fast_mock());
-    let b = common::mock(fast_mock());
+    let a = common::mock(unlimited_mock());
+    let b = common::mock(unlimited_mock());
     let toml = format!(
         r#"
         default_provider = "main"
@@ -593,7 +586,7 @@ async fn requests_route_to_providers_by_model_pattern() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_pass_through_unchanged() {
-    let s = stack(fast_mock(), &[]);
+    let s = stack(unlimited_mock(), &[]);
     let a = s.chat(&[("x-mock-status", "503")], CHAT).await;
     assert_eq!(a.status, 503);
     assert_eq!(a.json()["error"]["type"], "mock_error");
@@ -605,7 +598,7 @@ async fn upstream_errors_pass_through_unchanged() {
 async fn a_connection_that_sends_nothing_is_closed_and_frees_its_slot() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = stack(
-        fast_mock(),
+        unlimited_mock(),
         &[
             ("SIDECAR_HEADER_READ_TIMEOUT", "0.3"),
             ("SIDECAR_MAX_CONNECTIONS", "2"),

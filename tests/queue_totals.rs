@@ -19,13 +19,6 @@ use nvidia_sidecar::limiter::{DropReason, QueueCounts};
 use nvidia_sidecar::mock::MockConfig;
 use nvidia_sidecar::priority::Priority;
 
-fn unlimited_mock() -> MockConfig {
-    MockConfig {
-        rpm: 0.0,
-        ..MockConfig::default()
-    }
-}
-
 /// The value of the sample whose name and labels are exactly `series`.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
@@ -43,16 +36,6 @@ fn value(text: &str, series: &str) -> u64 {
             .collect();
         panic!("no series {series}; the queue's:\n{}", queue.join("\n"))
     }) as u64
-}
-
-async fn scrape(s: &Stack) -> String {
-    let a = call(
-        s.metrics_addr,
-        req("GET", s.metrics_addr, "/metrics", &[], ""),
-    )
-    .await;
-    assert_eq!(a.status, 200);
-    a.text()
 }
 
 /// Starts a chat with `headers` in a task of its own; the task ends with its status.
@@ -168,7 +151,7 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
     let c = limiter.queues.counts();
     assert_eq!((c.enqueued, c.dequeued, c.abandoned, c.total), (6, 2, 4, 0));
 
-    let text = scrape(&s).await;
+    let text = s.scrape().await;
     let (enq, deq, dropped) = flow_in(&text, Priority::High);
     assert_eq!((enq, deq, dropped), (2, 2, [0; 5]));
     let (enq, deq, dropped) = flow_in(&text, Priority::Normal);

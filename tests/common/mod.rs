@@ -27,7 +27,26 @@ pub struct Stack {
     pub app: Arc<App>,
 }
 
+/// A simulated upstream without a rate limit of its own: every request is answered.
+pub fn unlimited_mock() -> MockConfig {
+    MockConfig {
+        rpm: 0.0,
+        ..MockConfig::default()
+    }
+}
+
 impl Stack {
+    /// The sidecar's `GET /metrics`, as text.
+    pub async fn scrape(&self) -> String {
+        let a = call(
+            self.metrics_addr,
+            req("GET", self.metrics_addr, "/metrics", &[], ""),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        a.text()
+    }
+
     /// `POST /v1/chat/completions` with `body` and extra headers, answered whole.
     pub async fn chat(&self, headers: &[(&str, &str)], body: &str) -> Answer {
         call(

@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nvidia_sidecar::admin::patch;
+use nvidia_sidecar::metrics::Lane;
 use nvidia_sidecar::metrics::{Metrics, Outcome, Sample};
 use nvidia_sidecar::priority::Priority;
-use nvidia_sidecar::record::Route;
 use nvidia_sidecar::snapshot::{SeqLock, Snapshot};
 use parking_lot::Mutex;
 
 fn sample(i: u64) -> Sample {
     Sample {
-        route: Route::Limited,
+        route: Lane::Limited,
         outcome: Outcome::Success,
         error: None,
         priority: Priority::Normal,

@@ -8,8 +8,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue};
 use nvidia_sidecar::config::{ProviderConfig, Secret, UpstreamUrl};
 use nvidia_sidecar::priority::Priority;
-use nvidia_sidecar::proxy::headers::{bearer, upstream_request_headers};
+use nvidia_sidecar::proxy::headers::upstream_request_headers;
 use nvidia_sidecar::route::{extract_model, Router};
+use nvidia_sidecar::upstream::bearer;
 
 fn bodies() -> Vec<(&'static str, Vec<u8>)> {
     let small =

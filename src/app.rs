@@ -2,28 +2,26 @@
 //!
 //! `App` owns the configuration, the providers (each with its own state), the router,
 //! the clock and the shutdown signals. Workers hold it as `Arc<App>`; per-worker state
-//! (the upstream pool) lives in [`crate::server::Worker`], never here.
+//! (the upstream pool) lives in the sidecar's `Worker`, never here.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::HeaderValue;
-use tokio_util::sync::CancellationToken;
 
 use crate::clock::{MonotonicClock, SharedClock};
 use crate::config::{Config, LimitScope, ProviderConfig};
-use crate::health::Readiness;
 use crate::hot::{Hot, HotConfig};
 use crate::limiter::dispatch::Dispatcher;
 use crate::limiter::{Limiter, Pacing, PacingView, QueueCounts, RetreatConfig, RetreatView};
 use crate::logging::LevelHandle;
 use crate::metrics::Metrics;
-use crate::proxy::headers::bearer;
 use crate::route::Router;
+use crate::server::Shutdown;
 use crate::snapshot::Hub;
 use crate::stats::{ProviderStats, StatsSnapshot};
-use crate::upstream::Connector;
+use crate::upstream::{bearer, Connector};
 
 /// One upstream provider and the state it owns.
 #[derive(Debug)]
@@ -189,16 +187,6 @@ pub struct ProviderSnapshot {
     pub bucket_capacity: u32,
 }
 
-/// Shutdown in two steps: stop accepting, then (after the grace period) cut what is left.
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown {
-    /// Cancelled on SIGTERM/SIGINT: listeners close, connections drain.
-    pub draining: CancellationToken,
-    /// Cancelled when the grace period ends: SSE streams end with an error event,
-    /// requests still waiting for the upstream get a 503.
-    pub hard_stop: CancellationToken,
-}
-
 /// Admin API changes, for `sidecar_admin_changes_total{result}`.
 #[derive(Debug, Default)]
 pub struct AdminCounters {
@@ -214,7 +202,6 @@ pub struct App {
     pub clock: SharedClock,
     pub connector: Connector,
     pub shutdown: Shutdown,
-    pub readiness: Readiness,
     /// Random per process, the high half of generated request ids.
     pub boot_id: u64,
     /// Latency histograms and outcome counters, one shard per worker.
@@ -229,7 +216,7 @@ pub struct App {
     /// Changes the log level; set by `main` once logging is installed.
     pub log_level: OnceLock<LevelHandle>,
     /// Who may use the admin API.
-    pub admin: crate::admin::auth::Mode,
+    pub admin: crate::auth::Mode,
     /// Some provider learns limits per model: every request's model is read.
     pub model_scoped: bool,
     /// Grants queued requests their tokens; stops when the app is dropped.
@@ -299,13 +286,12 @@ impl App {
             started,
             hot: HotConfig::new(Hot::of(&config)),
             log_level: OnceLock::new(),
-            admin: crate::admin::auth::Mode::new(
+            admin: crate::auth::Mode::new(
                 config.admin_token.as_ref(),
                 config.listen.ip(),
                 config.admin_loopback_reads,
             ),
             connector: Connector::with_extra_roots(config.timeouts.connect, &config.upstream_ca),
-            readiness: Readiness::default(),
             router,
             providers,
             clock,

@@ -1,295 +1,31 @@
-//! The response body the proxy hands to hyper: a buffered error or an upstream stream.
+//! The body of every response the sidecar sends: bytes it has whole, or a stream.
 //!
-//! An upstream body is passed through frame by frame, never buffered, so an SSE token
-//! reaches the client as soon as it arrives. The wrapper adds what a proxy owes its
-//! client on top: an idle timeout between frames (not a total deadline), an upstream
-//! failure that stays a failure (for SSE a final `event: error` before the connection is
-//! aborted, never a clean end), a clean `event: error` end of SSE streams when the
-//! shutdown grace period runs out, the upstream connection's return to the pool once
-//! the body is complete, and exactly one [`Record`] per request however the body ends.
+//! Streams are boxed behind `dyn Body` (the proxy's upstream body, the dashboard's
+//! events), so this, the lowest layer of the answer, knows none of them.
 
-use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
-
-use crate::error::error_json;
-use crate::record::{End, Record};
-use crate::upstream::Lease;
+use http_body_util::Full;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Body of every response the proxy sends.
+/// Body of every response the sidecar sends.
 pub enum ProxyBody {
-    Full(Option<Bytes>),
-    Upstream(Box<UpstreamBody>),
-    /// A body the sidecar streams itself (the dashboard's events).
+    Full(Full<Bytes>),
+    /// A streamed body: an upstream's, or one the sidecar makes (the dashboard's events).
     Stream(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
 }
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        Self::Full(Some(bytes.into()))
-    }
-}
-
-enum State {
-    Streaming,
-    /// An error frame was sent to an SSE client. hyper drops unflushed output when a
-    /// body fails, so the next poll yields once (letting hyper flush the event) and
-    /// the one after aborts the stream.
-    AbortNext {
-        message: String,
-        yielded: bool,
-    },
-    Done,
-}
-
-/// A streamed upstream response body with the proxy's guarantees.
-pub struct UpstreamBody {
-    inner: Incoming,
-    sse: bool,
-    idle: Duration,
-    /// Armed the first time the upstream makes us wait: a body that arrives whole
-    /// never touches the timer wheel.
-    idle_timer: Option<Pin<Box<Sleep>>>,
-    last_frame: Instant,
-    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    lease: Option<Lease>,
-    record: Option<Record>,
-    state: State,
-    bytes: u64,
-    /// The last two bytes sent, to end a half-written SSE event before an error event.
-    tail: [u8; 2],
-    /// The start of the body, already read by the proxy (a 429's, to classify it).
-    prefix: Option<Bytes>,
-}
-
-impl UpstreamBody {
-    /// Wraps `inner`. `shutdown` fires when the grace period ends (SSE streams then end
-    /// with an error event); `lease` goes back to the pool when the body completes.
-    pub fn new(
-        inner: Incoming,
-        sse: bool,
-        idle: Duration,
-        shutdown: Option<WaitForCancellationFutureOwned>,
-        lease: Option<Lease>,
-        record: Record,
-    ) -> Self {
-        let now = Instant::now();
-        Self {
-            inner,
-            sse,
-            idle,
-            idle_timer: None,
-            last_frame: now,
-            shutdown: if sse { shutdown.map(Box::pin) } else { None },
-            lease,
-            record: Some(record),
-            state: State::Streaming,
-            bytes: 0,
-            tail: *b"\n\n",
-            prefix: None,
-        }
+        Self::Full(Full::new(bytes.into()))
     }
 
-    /// The body's first bytes were read already: they are sent first.
-    pub fn with_prefix(mut self, prefix: Bytes) -> Self {
-        self.prefix = (!prefix.is_empty()).then_some(prefix);
-        self
-    }
-
-    /// The upstream body ended cleanly: its connection can serve another request.
-    fn complete(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
-        }
-        self.finish(End::Complete);
-        self.state = State::Done;
-    }
-
-    fn finish(&mut self, end: End) {
-        if let Some(r) = self.record.take() {
-            r.finish(end, self.bytes);
-        }
-    }
-
-    /// Ends the stream as a failure: SSE clients get an error event first.
-    fn fail(
-        &mut self,
-        cx: &mut Context<'_>,
-        end: End,
-        message: String,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.lease = None;
-        self.finish(end);
-        if self.sse {
-            self.state = State::AbortNext {
-                message: message.clone(),
-                yielded: false,
-            };
-            Poll::Ready(Some(Ok(Frame::data(
-                self.sse_error(&message, "upstream_stream_error"),
-            ))))
-        } else {
-            // Let hyper flush what the client already has, then abort (see `AbortNext`).
-            self.state = State::AbortNext {
-                message,
-                yielded: true,
-            };
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-
-    fn sse_error(&self, message: &str, code: &str) -> Bytes {
-        let json = error_json(message, "upstream_error", code);
-        let mut out = Vec::with_capacity(json.len() + 24);
-        if &self.tail != b"\n\n" {
-            out.extend_from_slice(b"\n\n");
-        }
-        out.extend_from_slice(b"event: error\ndata: ");
-        out.extend_from_slice(&json);
-        out.extend_from_slice(b"\n\n");
-        Bytes::from(out)
-    }
-
-    fn note_data(&mut self, data: &Bytes) {
-        self.bytes += data.len() as u64;
-        match data.len() {
-            0 => {}
-            1 => self.tail = [self.tail[1], data[0]],
-            n => self.tail = [data[n - 2], data[n - 1]],
-        }
-    }
-
-    /// Polls the idle timer, re-arming it lazily from the last frame's time so a busy
-    /// stream never touches the timer wheel per frame.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            let due = self.last_frame + self.idle;
-            let timer = self
-                .idle_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-            ready!(timer.as_mut().poll(cx));
-            if due <= Instant::now() {
-                return Poll::Ready(());
-            }
-            timer.as_mut().reset(due);
-        }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // Dropped before the end: the client went away (or the server shut down).
-        self.finish(End::ClientGone);
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match &mut this.state {
-            State::Done => return Poll::Ready(None),
-            State::AbortNext { message, yielded } => {
-                if !*yielded {
-                    *yielded = true;
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                let msg = std::mem::take(message);
-                this.state = State::Done;
-                return Poll::Ready(Some(Err(msg.into())));
-            }
-            State::Streaming => {}
-        }
-        if let Some(sd) = this.shutdown.as_mut() {
-            if sd.as_mut().poll(cx).is_ready() {
-                this.lease = None;
-                this.finish(End::Shutdown);
-                this.state = State::Done;
-                let frame = this.sse_error(
-                    "the sidecar is shutting down; the stream was cut at the end of the grace period",
-                    "shutting_down",
-                );
-                return Poll::Ready(Some(Ok(Frame::data(frame))));
-            }
-        }
-        if let Some(data) = this.prefix.take() {
-            this.last_frame = Instant::now();
-            if let Some(r) = this.record.as_mut() {
-                r.first_byte.get_or_insert(this.last_frame);
-            }
-            this.note_data(&data);
-            if this.inner.is_end_stream() {
-                this.complete();
-            }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.last_frame = Instant::now();
-                if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    if let Some(r) = this.record.as_mut().filter(|_| !data.is_empty()) {
-                        r.first_byte.get_or_insert(this.last_frame);
-                    }
-                    this.note_data(&data);
-                }
-                // hyper stops polling once a Content-Length body is complete, so the end
-                // is detected here rather than by waiting for `None`.
-                if this.inner.is_end_stream() {
-                    this.complete();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let msg = format!("upstream stream failed: {e}");
-                this.fail(cx, End::UpstreamError, msg)
-            }
-            Poll::Ready(None) => {
-                this.complete();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                ready!(this.poll_idle(cx));
-                let msg = format!("upstream stream idle for more than {:?}", this.idle);
-                this.fail(cx, End::IdleTimeout, msg)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Streaming if !self.sse => {
-                let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let inner = self.inner.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(inner.lower() + prefix);
-                if let Some(upper) = inner.upper() {
-                    hint.set_upper(upper + prefix);
-                }
-                hint
-            }
-            _ => SizeHint::default(),
-        }
+    pub fn stream(body: impl Body<Data = Bytes, Error = BoxError> + 'static) -> Self {
+        Self::Stream(Box::pin(body))
     }
 }
 
@@ -302,24 +38,23 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(u) => Pin::new(u.as_mut()).poll_frame(cx),
+            ProxyBody::Full(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|never| match never {}))),
             ProxyBody::Stream(s) => s.as_mut().poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Full(b) => b.is_none(),
-            ProxyBody::Upstream(u) => u.is_end_stream(),
+            ProxyBody::Full(b) => b.is_end_stream(),
             ProxyBody::Stream(s) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Upstream(u) => u.size_hint(),
+            ProxyBody::Full(b) => b.size_hint(),
             ProxyBody::Stream(s) => s.size_hint(),
         }
     }

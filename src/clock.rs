@@ -9,6 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `d` in clock nanoseconds, saturating (`u64::MAX` is 584 years: "never").
+pub fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A monotonic source of nanoseconds.
 pub trait Clock: Send + Sync + 'static {
     fn now_nanos(&self) -> u64;

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use crate::app::App;
 use crate::config::{Config, UpstreamUrl};
 use crate::mock::{MockConfig, MockServer};
-use crate::server;
+use crate::sidecar;
 use crate::upstream::{Connector, Pool};
 
 /// Options of the demo.
@@ -65,7 +65,7 @@ pub async fn run(
         p.upstream = upstream.clone();
     }
     let app = App::new(config);
-    let sidecar = server::start_proxy(Arc::clone(&app)).map_err(|e| e.to_string())?;
+    let sidecar = sidecar::start(Arc::clone(&app)).map_err(|e| e.to_string())?;
     let addr = sidecar.local_addr;
     println!("nvidia-sidecar demo");
     println!(
@@ -76,9 +76,10 @@ pub async fn run(
     println!("  proxy (OpenAI base)  http://{addr}/v1");
     println!("  health               http://{addr}/healthz  http://{addr}/readyz");
     println!("  live dashboard       http://{addr}/api/dashboard");
-    if let Some(m) = sidecar.metrics_addr {
-        println!("  Prometheus metrics   http://{m}/metrics");
-    }
+    println!(
+        "  Prometheus metrics   http://{}/metrics",
+        sidecar.metrics_addr
+    );
     println!(
         "  synthetic client     {} RPM, priorities high/normal/low, 1 in 3 streamed",
         args.client_rpm

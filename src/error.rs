@@ -1,8 +1,6 @@
-//! Errors the sidecar answers itself, and the one function that renders them.
-//!
-//! Every error a client can see is an OpenAI-style body,
-//! `{"error":{"message":…,"type":…,"code":…}}`, with the matching status and, where a
-//! retry makes sense, `Retry-After`. Messages never contain keys or tokens.
+//! Errors the sidecar answers a request with itself, and how each one renders: status,
+//! OpenAI `type` and `code`, `Retry-After`, `Allow` (through [`crate::reply`]), and how
+//! it counts in the metrics. Messages never contain keys or tokens.
 
 use std::time::Duration;
 
@@ -10,7 +8,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::framing::{FramingError, FORWARDED_METHODS};
 use crate::metrics::{ErrorKind, Outcome};
+use crate::reply::{error_body, Reply};
 
 /// Why the sidecar answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -19,13 +19,10 @@ pub enum ProxyError {
     NotFound { method: String, path: String },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
-    #[error(
-        "method {method} is not forwarded; /v1/ accepts {}",
-        crate::proxy::framing::FORWARDED_METHODS
-    )]
+    #[error("method {method} is not forwarded; /v1/ accepts {}", FORWARDED_METHODS)]
     MethodNotForwarded { method: String },
     #[error(transparent)]
-    Framing(#[from] crate::proxy::framing::FramingError),
+    Framing(#[from] FramingError),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("request headers exceed the limit of {max_headers} headers or {max_bytes} bytes")]
@@ -39,12 +36,23 @@ pub enum ProxyError {
     BadRequest { reason: String },
     #[error("the request body did not arrive within the request timeout")]
     BodyTimeout,
-    #[error("could not read the request body: {reason}")]
-    BadBody { reason: String },
-    #[error("upstream {provider} is unreachable: {reason}")]
-    UpstreamConnect { provider: String, reason: String },
-    #[error("upstream {provider} failed before answering: {reason}")]
-    UpstreamFailed { provider: String, reason: String },
+    #[error("could not read the request body: {source}")]
+    BadBody {
+        #[source]
+        source: crate::body::BoxError,
+    },
+    #[error("upstream {provider} is unreachable: {source}")]
+    UpstreamConnect {
+        provider: String,
+        #[source]
+        source: crate::upstream::ConnectError,
+    },
+    #[error("upstream {provider} failed before answering: upstream request failed: {source}")]
+    UpstreamFailed {
+        provider: String,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("upstream {provider} sent no response headers within {timeout:?}")]
     UpstreamTimeout { provider: String, timeout: Duration },
     #[error("the sidecar is shutting down")]
@@ -162,7 +170,7 @@ impl ProxyError {
     /// The `Allow` header of a 405, where the methods allowed are known here.
     pub fn allow(&self) -> Option<&'static str> {
         match self {
-            Self::MethodNotForwarded { .. } => Some(crate::proxy::framing::FORWARDED_METHODS),
+            Self::MethodNotForwarded { .. } => Some(FORWARDED_METHODS),
             // The read-only routes (health, dashboard).
             Self::MethodNotAllowed { .. } => Some("GET, HEAD"),
             _ => None,
@@ -171,43 +179,17 @@ impl ProxyError {
 
     /// The JSON body, also used for the final `event: error` of a broken SSE stream.
     pub fn json(&self) -> Bytes {
-        error_json(&self.to_string(), self.kind().0, self.kind().1)
+        let (kind, code) = self.kind();
+        error_body(&self.to_string(), kind, code)
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        let mut resp = json_error_response(self.status(), self.json(), self.retry_after());
+        let mut reply = Reply::json(self.status(), self.json()).retry_after(self.retry_after());
         if let Some(allow) = self.allow() {
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            reply = reply.header(header::ALLOW, HeaderValue::from_static(allow));
         }
-        resp
+        reply.into_response()
     }
-}
-
-/// `{"error":{"message","type","code"}}` as bytes.
-pub fn error_json(message: &str, kind: &str, code: &str) -> Bytes {
-    let v = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
-    Bytes::from(v.to_string())
-}
-
-/// A JSON error response with an optional `Retry-After` (whole seconds, rounded up).
-pub fn json_error_response(
-    status: StatusCode,
-    body: Bytes,
-    retry_after: Option<Duration>,
-) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(body));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(after) = retry_after {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    }
-    resp
 }
 
 #[cfg(test)]
@@ -234,22 +216,9 @@ mod tests {
         }
         .into_response();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(
-            r.headers()[header::ALLOW],
-            crate::proxy::framing::FORWARDED_METHODS
-        );
-        let e = ProxyError::from(crate::proxy::framing::FramingError::MissingHost);
+        assert_eq!(r.headers()[header::ALLOW], FORWARDED_METHODS);
+        let e = ProxyError::from(FramingError::MissingHost);
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert_eq!(e.kind(), ("invalid_request_error", "missing_host"));
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        let r = json_error_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            Bytes::from_static(b"{}"),
-            Some(Duration::from_millis(1500)),
-        );
-        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
     }
 }

@@ -28,18 +28,20 @@
 //! that moment and never pushes the provider over its window; the price is up to one
 //! request per `ready_cache` seconds while idle.
 
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
 
-use crate::app::Provider;
+use crate::app::{App, Provider};
 use crate::body::ProxyBody;
 use crate::limiter::{signal, Limiter, Permit};
-use crate::server::Worker;
+use crate::reply::Reply;
 use crate::stats::ProviderStats;
+use crate::upstream::{Pool, SendError};
 
 /// The readiness verdicts, shared by all workers (only `/readyz` touches them).
 #[derive(Debug, Default)]
@@ -85,23 +87,26 @@ pub fn healthz() -> Response<ProxyBody> {
 }
 
 fn json(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    Reply::json(status, body).no_store().into_response()
 }
 
-pub async fn readyz(worker: &Worker) -> Response<ProxyBody> {
-    let app = &worker.app;
+/// Why a probe found the upstream unavailable before it answered.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("cannot build probe: {0}")]
+    Build(#[source] http::Error),
+    #[error("{0}")]
+    Send(#[source] SendError),
+    #[error("probe timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// `GET /readyz`: see the module doc. `pool` is the worker's; `readiness` is shared by
+/// all workers.
+pub async fn readyz(app: &App, pool: &Rc<Pool>, readiness: &Readiness) -> Response<ProxyBody> {
     let ttl = app.config.ready_cache;
     let now = app.clock.now_nanos();
     let provider = app.default_provider();
-    let readiness = &app.readiness;
     if let Some(v) = readiness.fresh(now, ttl) {
         return respond(provider, &v, Probe::Cached);
     }
@@ -131,7 +136,10 @@ pub async fn readyz(worker: &Worker) -> Response<ProxyBody> {
             Probe::SkippedNoToken,
         );
     };
-    let v = probe(worker, provider, permit).await;
+    let v = match probe(app, pool, provider, permit).await {
+        Ok(v) => v,
+        Err(e) => Verdict::unavailable(e.to_string()),
+    };
     flight.land(app.clock.now_nanos(), &v);
     respond(provider, &v, Probe::Sent)
 }
@@ -162,8 +170,12 @@ fn respond(provider: &Provider, v: &Verdict, how: Probe) -> Response<ProxyBody> 
 
 /// `GET <upstream>/models` with the provider's key, sent on `permit`; any answer but
 /// 401/403 or 5xx is "reachable" (a 429 still proves the upstream is there).
-async fn probe(worker: &Worker, provider: &Provider, mut permit: Permit<'_>) -> Verdict {
-    let app = &worker.app;
+async fn probe(
+    app: &App,
+    pool: &Rc<Pool>,
+    provider: &Provider,
+    mut permit: Permit<'_>,
+) -> Result<Verdict, ProbeError> {
     let timeout = app.config.timeouts.connect;
     let up = &provider.config.upstream;
     let mut req = match Request::get(up.path_for("models", None))
@@ -173,7 +185,7 @@ async fn probe(worker: &Worker, provider: &Provider, mut permit: Permit<'_>) -> 
         Ok(r) => r,
         Err(e) => {
             permit.give_back(app.clock.now_nanos());
-            return Verdict::unavailable(format!("cannot build probe: {e}"));
+            return Err(ProbeError::Build(e));
         }
     };
     if let Some(auth) = &provider.auth_header {
@@ -182,7 +194,7 @@ async fn probe(worker: &Worker, provider: &Provider, mut permit: Permit<'_>) -> 
     }
     permit.stamp(app.clock.now_nanos());
     let answered = tokio::time::timeout(timeout, async {
-        let (resp, lease) = worker.pool.send(up, req).await.map_err(|e| e.to_string())?;
+        let (resp, lease) = pool.send(up, req).await.map_err(ProbeError::Send)?;
         let (head, body) = resp.into_parts();
         // Read to the end so the connection can go back to the pool (the list is small);
         // a 429's body says which limit it is.
@@ -195,14 +207,14 @@ async fn probe(worker: &Worker, provider: &Provider, mut permit: Permit<'_>) -> 
             }
             Err(_) => Bytes::new(),
         };
-        Ok::<_, String>((head.status, head.headers, body))
+        Ok::<_, ProbeError>((head.status, head.headers, body))
     })
     .await;
     // A send that failed or timed out stays counted: it may have reached the provider.
     let (status, headers, body) = match answered {
         Ok(Ok(a)) => a,
-        Ok(Err(e)) => return Verdict::unavailable(e),
-        Err(_) => return Verdict::unavailable(format!("probe timed out after {timeout:?}")),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(ProbeError::Timeout(timeout)),
     };
     record(
         provider,
@@ -212,7 +224,7 @@ async fn probe(worker: &Worker, provider: &Provider, mut permit: Permit<'_>) -> 
         &headers,
         &body,
     );
-    match status.as_u16() {
+    Ok(match status.as_u16() {
         401 | 403 => Verdict::unavailable(format!(
             "upstream refused the API key (HTTP {})",
             status.as_u16()
@@ -220,7 +232,7 @@ async fn probe(worker: &Worker, provider: &Provider, mut permit: Permit<'_>) -> 
         s if s >= 500 => Verdict::unavailable(format!("upstream answered HTTP {s}")),
         429 => Verdict::ready("answered the probe with HTTP 429"),
         _ => Verdict::ready("answered the probe"),
-    }
+    })
 }
 
 /// The probe's answer, recorded like a request's: counted, and taught to the limiter.

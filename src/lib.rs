@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod body;
 pub mod budget;
 pub mod clock;
@@ -14,6 +15,8 @@ pub mod config;
 pub mod dashboard;
 pub mod demo;
 pub mod error;
+pub mod exposition;
+pub mod framing;
 pub mod fuzz_targets;
 pub mod health;
 pub mod hot;
@@ -24,8 +27,10 @@ pub mod mock;
 pub mod priority;
 pub mod proxy;
 pub mod record;
+pub mod reply;
 pub mod route;
 pub mod server;
+pub mod sidecar;
 pub mod snapshot;
 pub mod state_file;
 pub mod stats;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::metrics::{Entry, ErrorKind, Outcome, Sample, ShardHandle};
+use crate::metrics::{Entry, ErrorKind, Lane, Outcome, Sample, ShardHandle};
 use crate::priority::Priority;
 
 /// The target of the per-request log lines.
@@ -57,32 +57,6 @@ impl End {
     }
 }
 
-/// Which way a request went to its provider (the discriminant indexes metric arrays).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// Through the token bucket.
-    Limited = 0,
-    /// Unmetered, or to the fallback upstream.
-    Passthrough = 1,
-    /// Never sent upstream: refused before routing or at a full queue, abandoned before
-    /// routing, or dropped, abandoned or cut while it waited in the queue. Its own series,
-    /// so that a flood of sub-millisecond 429s does not pass for the limited route's
-    /// latency.
-    None = 2,
-}
-
-impl Route {
-    pub const ALL: [Route; 3] = [Route::Limited, Route::Passthrough, Route::None];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Limited => "limited",
-            Route::Passthrough => "passthrough",
-            Route::None => "none",
-        }
-    }
-}
-
 /// What is known about one request, filled in phase by phase.
 #[derive(Debug)]
 pub struct Record {
@@ -94,8 +68,8 @@ pub struct Record {
     pub provider_index: Option<usize>,
     pub model: Option<String>,
     pub priority: Priority,
-    /// `Route::None` until admission lets the request through.
-    pub route: Route,
+    /// `Lane::None` until admission lets the request through.
+    pub route: Lane,
     /// Times the request was queued again after an upstream 429.
     pub retries: u32,
     pub status: u16,
@@ -124,7 +98,7 @@ impl Record {
             provider_index: None,
             model: None,
             priority: Priority::Normal,
-            route: Route::None,
+            route: Lane::None,
             retries: 0,
             status: 0,
             started: Instant::now(),
@@ -193,7 +167,7 @@ impl Record {
                 .or_else(|| self.upstream_latency.is_some().then_some(total)),
             duration: total,
             // Only requests that got through admission waited in the queue's sense.
-            queue_wait: (self.route == Route::Limited).then_some(self.queue_wait),
+            queue_wait: (self.route == Lane::Limited).then_some(self.queue_wait),
         };
         // Answered by the sidecar before routing: refused (bad headers, body, priority).
         if self.provider_index.is_none() && end == End::Local {

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,35 +14,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
-use nvidia_sidecar::clock::{Clock, ManualClock};
+use http::{HeaderMap, StatusCode};
+use nvidia_sidecar::clock::Clock;
 use serde_json::Value;
 
 const TOKEN: &str = "adm-t0ken-integration-7c41e9";
 const BEARER: &str = "Bearer adm-t0ken-integration-7c41e9";
 const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
-const CONFIG: &str = "/api/admin/config";
 
 fn with_token(env: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut all = vec![("SIDECAR_ADMIN_TOKEN", TOKEN)];
     all.extend_from_slice(env);
     all
-}
-
-async fn get_config(addr: SocketAddr, headers: &[(&str, &str)]) -> Answer {
-    call(addr, req("GET", addr, CONFIG, headers, "")).await
-}
-
-/// `PATCH /api/admin/config` with the right token (plus `headers`).
-async fn patch(addr: SocketAddr, body: &str) -> Answer {
-    call(
-        addr,
-        req("PATCH", addr, CONFIG, &[("authorization", BEARER)], body),
-    )
-    .await
 }
 
 /// The version of a `GET` answer, as a number.
@@ -53,20 +35,6 @@ fn version(v: &Value) -> u64 {
         .unwrap_or_else(|| panic!("version is a string: {v}"))
         .parse()
         .expect("a numeric version")
-}
-
-async fn metrics_text(metrics: SocketAddr) -> String {
-    let a = call(metrics, req("GET", metrics, "/metrics", &[], "")).await;
-    assert_eq!(a.status, 200);
-    a.text()
-}
-
-/// The value of the sample whose name and labels are exactly `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (n, v) = l.rsplit_once(' ')?;
-        (n == series).then(|| v.parse().expect("a number"))
-    })
 }
 
 async fn admin_changes(metrics: SocketAddr) -> (f64, f64) {
@@ -79,49 +47,6 @@ async fn admin_changes(metrics: SocketAddr) -> (f64, f64) {
         .unwrap_or_else(|| panic!("no sidecar_admin_changes_total{{result={result:?}}}: {text}"))
     };
     (get("applied"), get("rejected"))
-}
-
-async fn snapshot(addr: SocketAddr) -> Value {
-    let a = call(addr, req("GET", addr, "/api/dashboard/snapshot", &[], "")).await;
-    assert_eq!(a.status, 200, "{}", a.text());
-    a.json()
-}
-
-/// Sends `chunks` as a chunked body (no `Content-Length`).
-async fn send_chunked(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    chunks: Vec<Bytes>,
-) -> Answer {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let frames = chunks
-        .into_iter()
-        .map(|c| Ok::<_, Infallible>(Frame::data(c)));
-    let body = StreamBody::new(tokio_stream::iter(frames));
-    let mut b = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let resp = tx
-        .send_request(b.body(body).expect("request"))
-        .await
-        .expect("response");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
 }
 
 fn message(a: &Answer) -> String {
@@ -157,7 +82,7 @@ fn bad(body: &str, status: u16, code: &'static str, says: &[&'static str]) -> Ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_change_nothing() {
     let s = stack(unlimited_mock(), &with_token(&[]));
-    let before = get_config(s.addr, &[]).await;
+    let before = admin_get(s.addr, &[]).await;
     assert_eq!(before.status, 200);
     let before = before.json();
     assert_eq!(before["version"], "1");
@@ -473,11 +398,11 @@ async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_chang
                 .collect();
             let mut h = vec![("authorization", BEARER)];
             h.extend_from_slice(&case.headers);
-            send_chunked(s.addr, "PATCH", CONFIG, &h, chunks).await
+            send_chunked(s.addr, "PATCH", ADMIN_CONFIG, &h, chunks).await
         } else {
             let mut h = vec![("authorization", BEARER)];
             h.extend_from_slice(&case.headers);
-            call(s.addr, req("PATCH", s.addr, CONFIG, &h, &case.body)).await
+            admin_call(s.addr, "PATCH", &h, &case.body).await
         };
         let shown: String = case.body.chars().take(80).collect();
         let ok_status = a.status.as_u16() == case.status;
@@ -513,7 +438,7 @@ async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_chang
         failures.join("\n")
     );
     // All or nothing: the configuration, the version and the limiter are as they were.
-    let after = get_config(s.addr, &[]).await;
+    let after = admin_get(s.addr, &[]).await;
     assert_eq!(after.headers["etag"], "\"1\"");
     assert_eq!(after.json(), before, "a refused patch changed something");
     let limiter = &s.app.providers[0].limiter;
@@ -524,7 +449,7 @@ async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_chang
     assert_eq!((applied, rejected), (0.0, table.len() as f64));
     // The same patch without the bad field is accepted: the table's bodies were refused
     // for the reason given.
-    let ok = patch(s.addr, r#"{"request_timeout": 5}"#).await;
+    let ok = admin_patch(s.addr, BEARER, r#"{"request_timeout": 5}"#).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(ok.json()["version"], "2");
     assert_ledger(&s, sent_to(s.addr)).await;
@@ -540,22 +465,18 @@ async fn the_authentication_matrix_with_a_token() {
     let mut rejected = 0.0;
 
     // Reads: no token from loopback is fine; a wrong token is not.
-    let a = get_config(addr, &[]).await;
+    let a = admin_get(addr, &[]).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.headers["etag"], "\"1\"");
     assert_eq!(a.headers["cache-control"], "no-store");
-    get_config(addr, &[("authorization", "Bearer nope")])
+    admin_get(addr, &[("authorization", "Bearer nope")])
         .await
         .assert_error(403, "wrong_token");
-    let a = get_config(addr, &[("authorization", BEARER)]).await;
+    let a = admin_get(addr, &[("authorization", BEARER)]).await;
     assert_eq!(a.status, 200);
-    let a = call(addr, req("HEAD", addr, CONFIG, &[], "")).await;
+    let a = admin_call(addr, "HEAD", &[], "").await;
     assert_eq!(a.status, 200);
-    let a = call(
-        addr,
-        req("DELETE", addr, CONFIG, &[("authorization", BEARER)], ""),
-    )
-    .await;
+    let a = admin_call(addr, "DELETE", &[("authorization", BEARER)], "").await;
     a.assert_error(405, "method_not_allowed");
     assert_eq!(a.headers["allow"], "GET, HEAD, POST, PATCH");
     call(addr, req("GET", addr, "/api/admin/other", &[], ""))
@@ -564,7 +485,7 @@ async fn the_authentication_matrix_with_a_token() {
 
     // Writes without a token: 401 with a challenge.
     for method in ["PATCH", "POST"] {
-        let a = call(addr, req(method, addr, CONFIG, &[], body)).await;
+        let a = admin_call(addr, method, &[], body).await;
         a.assert_error(401, "missing_token");
         let challenge = a.headers["www-authenticate"].to_str().unwrap();
         assert!(challenge.starts_with("Bearer realm="), "{challenge}");
@@ -572,12 +493,9 @@ async fn the_authentication_matrix_with_a_token() {
     }
     // Another scheme is no token.
     let basic = format!("Basic {TOKEN}");
-    call(
-        addr,
-        req("PATCH", addr, CONFIG, &[("authorization", &basic)], body),
-    )
-    .await
-    .assert_error(401, "missing_token");
+    admin_call(addr, "PATCH", &[("authorization", &basic)], body)
+        .await
+        .assert_error(401, "missing_token");
     rejected += 1.0;
     // Wrong tokens: different, a prefix, longer, empty.
     let prefix = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
@@ -590,46 +508,34 @@ async fn the_authentication_matrix_with_a_token() {
         other_case.as_str(),
         "Bearer a",
     ] {
-        let a = call(
-            addr,
-            req("PATCH", addr, CONFIG, &[("authorization", wrong)], body),
-        )
-        .await;
+        let a = admin_call(addr, "PATCH", &[("authorization", wrong)], body).await;
         a.assert_error(403, "wrong_token");
         assert!(!a.text().contains(TOKEN), "{}", a.text());
         rejected += 1.0;
     }
     // A foreign origin is refused even with the right token.
     for origin in ["https://evil.example", "null", "http://127.0.0.1:1"] {
-        let a = call(
+        let a = admin_call(
             addr,
-            req(
-                "PATCH",
-                addr,
-                CONFIG,
-                &[("authorization", BEARER), ("origin", origin)],
-                body,
-            ),
+            "PATCH",
+            &[("authorization", BEARER), ("origin", origin)],
+            body,
         )
         .await;
         a.assert_error(403, "foreign_origin");
         rejected += 1.0;
     }
-    let a = call(
+    let a = admin_call(
         addr,
-        req(
-            "PATCH",
-            addr,
-            CONFIG,
-            &[("authorization", BEARER), ("sec-fetch-site", "cross-site")],
-            body,
-        ),
+        "PATCH",
+        &[("authorization", BEARER), ("sec-fetch-site", "cross-site")],
+        body,
     )
     .await;
     a.assert_error(403, "foreign_origin");
     rejected += 1.0;
     // A cross-origin read is refused too (not counted: it is no change).
-    get_config(addr, &[("origin", "https://evil.example")])
+    admin_get(addr, &[("origin", "https://evil.example")])
         .await
         .assert_error(403, "foreign_origin");
     assert_eq!(
@@ -640,45 +546,33 @@ async fn the_authentication_matrix_with_a_token() {
 
     // The right token, with and without a same-origin Origin; POST works like PATCH.
     let same_origin = format!("http://{addr}");
-    let a = call(
+    let a = admin_call(
         addr,
-        req(
-            "PATCH",
-            addr,
-            CONFIG,
-            &[("authorization", BEARER), ("origin", &same_origin)],
-            r#"{"request_timeout": 61}"#,
-        ),
+        "PATCH",
+        &[("authorization", BEARER), ("origin", &same_origin)],
+        r#"{"request_timeout": 61}"#,
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.text());
     applied += 1.0;
-    let a = patch(addr, r#"{"request_timeout": 62}"#).await;
+    let a = admin_patch(addr, BEARER, r#"{"request_timeout": 62}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     applied += 1.0;
-    let a = call(
+    let a = admin_call(
         addr,
-        req(
-            "POST",
-            addr,
-            CONFIG,
-            &[("authorization", BEARER)],
-            r#"{"request_timeout": 63}"#,
-        ),
+        "POST",
+        &[("authorization", BEARER)],
+        r#"{"request_timeout": 63}"#,
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.text());
     applied += 1.0;
     let lower = format!("bearer {TOKEN}");
-    let a = call(
+    let a = admin_call(
         addr,
-        req(
-            "PATCH",
-            addr,
-            CONFIG,
-            &[("authorization", &lower)],
-            r#"{"request_timeout": 64}"#,
-        ),
+        "PATCH",
+        &[("authorization", &lower)],
+        r#"{"request_timeout": 64}"#,
     )
     .await;
     assert_eq!(
@@ -692,13 +586,13 @@ async fn the_authentication_matrix_with_a_token() {
 
     // Reads never change anything.
     for _ in 0..50 {
-        let a = get_config(addr, &[]).await;
+        let a = admin_get(addr, &[]).await;
         assert_eq!(a.status, 200);
         assert_eq!(a.json()["version"], "5");
     }
     assert_eq!(s.app.hot.load().version, 5);
     assert_eq!(
-        get_config(addr, &[]).await.json()["global"]["request_timeout"],
+        admin_get(addr, &[]).await.json()["global"]["request_timeout"],
         64.0
     );
     assert_eq!(admin_changes(s.metrics_addr).await, (applied, rejected));
@@ -711,15 +605,11 @@ async fn without_a_token_the_admin_api_is_read_only_on_loopback() {
     let s = stack(unlimited_mock(), &[]);
     let addr = s.addr;
     assert!(addr.ip().is_loopback());
-    let a = get_config(addr, &[]).await;
+    let a = admin_get(addr, &[]).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["version"], "1");
     for headers in [vec![], vec![("authorization", BEARER)]] {
-        let a = call(
-            addr,
-            req("PATCH", addr, CONFIG, &headers, r#"{"rate_rpm": 5}"#),
-        )
-        .await;
+        let a = admin_call(addr, "PATCH", &headers, r#"{"rate_rpm": 5}"#).await;
         a.assert_error(403, "writes_disabled");
         let m = message(&a);
         assert!(
@@ -727,7 +617,7 @@ async fn without_a_token_the_admin_api_is_read_only_on_loopback() {
             "the message says how to enable writes: {m}"
         );
     }
-    assert_eq!(get_config(addr, &[]).await.json()["version"], "1");
+    assert_eq!(admin_get(addr, &[]).await.json()["version"], "1");
     assert_eq!(admin_changes(s.metrics_addr).await, (0.0, 2.0));
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
@@ -737,19 +627,15 @@ async fn without_a_token_the_admin_api_is_read_only_on_loopback() {
 async fn without_a_token_on_a_public_listener_the_admin_api_is_off() {
     let s = stack(unlimited_mock(), &[("SIDECAR_LISTEN_HOST", "0.0.0.0")]);
     let addr = SocketAddr::from(([127, 0, 0, 1], s.addr.port()));
-    get_config(addr, &[]).await.assert_error(404, "admin_off");
-    call(addr, req("PATCH", addr, CONFIG, &[], r#"{"rate_rpm": 5}"#))
+    admin_get(addr, &[]).await.assert_error(404, "admin_off");
+    admin_call(addr, "PATCH", &[], r#"{"rate_rpm": 5}"#)
         .await
         .assert_error(404, "admin_off");
-    call(
+    admin_call(
         addr,
-        req(
-            "PATCH",
-            addr,
-            CONFIG,
-            &[("authorization", BEARER)],
-            r#"{"rate_rpm": 5}"#,
-        ),
+        "PATCH",
+        &[("authorization", BEARER)],
+        r#"{"rate_rpm": 5}"#,
     )
     .await
     .assert_error(404, "admin_off");
@@ -773,7 +659,7 @@ async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_othe
     // The default: a loopback peer reads without the token.
     let s = stack(unlimited_mock(), &with_token(&[]));
     assert!(s.addr.ip().is_loopback());
-    let a = get_config(s.addr, &[]).await;
+    let a = admin_get(s.addr, &[]).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
@@ -784,7 +670,7 @@ async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_othe
     );
     let addr = s.addr;
     assert!(addr.ip().is_loopback());
-    let a = get_config(addr, &[]).await;
+    let a = admin_get(addr, &[]).await;
     a.assert_error(401, "missing_token");
     assert!(
         a.headers.contains_key("www-authenticate"),
@@ -796,14 +682,11 @@ async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_othe
         "the message names the token: {}",
         message(&a)
     );
-    assert_eq!(
-        call(addr, req("HEAD", addr, CONFIG, &[], "")).await.status,
-        401
-    );
-    get_config(addr, &[("authorization", "Bearer nope")])
+    assert_eq!(admin_call(addr, "HEAD", &[], "").await.status, 401);
+    admin_get(addr, &[("authorization", "Bearer nope")])
         .await
         .assert_error(403, "wrong_token");
-    let a = get_config(addr, &[("authorization", BEARER)]).await;
+    let a = admin_get(addr, &[("authorization", BEARER)]).await;
     assert_eq!(a.status, 200, "{}", a.text());
     let v = a.json();
     assert_eq!(v["version"], "1");
@@ -814,10 +697,10 @@ async fn with_loopback_reads_off_a_loopback_reader_needs_the_token_like_any_othe
         "the mode says loopback is not exempt: {v:#}"
     );
     // Writes are unchanged: the token, and nothing else, allows them.
-    call(addr, req("PATCH", addr, CONFIG, &[], r#"{"rate_rpm": 5}"#))
+    admin_call(addr, "PATCH", &[], r#"{"rate_rpm": 5}"#)
         .await
         .assert_error(401, "missing_token");
-    let a = patch(addr, r#"{"rate_rpm": 5}"#).await;
+    let a = admin_patch(addr, BEARER, r#"{"rate_rpm": 5}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(s.app.hot.load().version, 2);
     assert_ledger(&s, sent_to(s.addr)).await;
@@ -841,8 +724,8 @@ async fn with_loopback_reads_off_and_no_token_the_admin_api_is_off() {
         "start-up says why: {}",
         s.app.admin.describe()
     );
-    get_config(addr, &[]).await.assert_error(404, "admin_off");
-    call(addr, req("PATCH", addr, CONFIG, &[], r#"{"rate_rpm": 5}"#))
+    admin_get(addr, &[]).await.assert_error(404, "admin_off");
+    admin_call(addr, "PATCH", &[], r#"{"rate_rpm": 5}"#)
         .await
         .assert_error(404, "admin_off");
     assert_eq!(s.app.hot.load().version, 1);
@@ -852,20 +735,16 @@ async fn with_loopback_reads_off_and_no_token_the_admin_api_is_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_change_keeps_the_bucket_tokens_and_the_answer_lists_old_and_new() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack(
         unlimited_mock(),
         &with_token(&[("SIDECAR_RATE_RPM", "60"), ("SIDECAR_BUCKET_CAPACITY", "5")]),
-        Arc::new(clock.clone()),
     );
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     assert_eq!(limiter.bucket.tokens(clock.now_nanos()), 5.0);
-    for _ in 0..2 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(2).await;
     assert_eq!(limiter.bucket.tokens(clock.now_nanos()), 3.0);
 
-    let a = patch(s.addr, r#"{"rate_rpm": 120}"#).await;
+    let a = admin_patch(s.addr, BEARER, r#"{"rate_rpm": 120}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.headers["etag"], "\"2\"");
     assert_eq!(a.headers["content-type"], "application/json");
@@ -892,27 +771,19 @@ async fn a_rate_change_keeps_the_bucket_tokens_and_the_answer_lists_old_and_new(
     // No burst, no loss: the same three tokens, at the new rate.
     assert_eq!(limiter.bucket.tokens(clock.now_nanos()), 3.0);
     assert_eq!(limiter.bucket.rate(), (120.0, 5));
-    let got = get_config(s.addr, &[]).await;
+    let got = admin_get(s.addr, &[]).await;
     assert_eq!(got.headers["etag"], "\"2\"");
     assert_eq!(got.json()["providers"]["nvidia"]["rate_rpm"], 120.0);
-    for _ in 0..3 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(3).await;
     assert_eq!(s.mock.requests(), 5);
     // The next one waits for a token, which now comes after half a second.
-    let addr = s.addr;
-    let parked = tokio::spawn(async move {
-        call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
-            .await
-            .status
-    });
-    wait_until("the request to park", || limiter.queues.len() == 1).await;
-    clock.advance(Duration::from_millis(500));
-    wait_until("the grant at the new rate", || s.mock.requests() == 6).await;
+    let parked = s.park_chat(&[], CHAT).await;
+    s.release(&clock, Duration::from_millis(500), 1).await;
+    assert_eq!(s.mock.requests(), 6);
     assert_eq!(parked.await.unwrap(), 200);
 
     // Capacity: a growth adds no tokens.
-    let a = patch(s.addr, r#"{"bucket_capacity": 50}"#).await;
+    let a = admin_patch(s.addr, BEARER, r#"{"bucket_capacity": 50}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(
         a.json()["changed"],
@@ -928,25 +799,11 @@ async fn a_rate_change_keeps_the_bucket_tokens_and_the_answer_lists_old_and_new(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shrinking_the_queue_below_its_depth_drops_nobody_and_refuses_new_arrivals() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
-        unlimited_mock(),
-        &with_token(&[("SIDECAR_RATE_RPM", "60"), ("SIDECAR_BUCKET_CAPACITY", "1")]),
-        Arc::new(clock.clone()),
-    );
+    let (s, clock) = paced_stack(&with_token(&[]));
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    let mut parked = Vec::new();
-    for n in 0..4 {
-        let addr = s.addr;
-        parked.push(tokio::spawn(async move {
-            call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
-                .await
-                .status
-        }));
-        wait_until("the request to park", || limiter.queues.len() == n + 1).await;
-    }
-    let a = patch(s.addr, r#"{"queue_max_size": 1}"#).await;
+    let parked = s.park(4).await;
+    let a = admin_patch(s.addr, BEARER, r#"{"queue_max_size": 1}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert!(
         a.json()["changed"].as_array().unwrap().contains(
@@ -961,13 +818,7 @@ async fn shrinking_the_queue_below_its_depth_drops_nobody_and_refuses_new_arriva
     let refused = s.chat(&[], CHAT).await;
     refused.assert_error(429, "queue_full");
     assert_eq!(limiter.queues.len(), 4);
-    for k in 0..4 {
-        clock.advance(Duration::from_secs(1));
-        wait_until("a grant to reach the upstream", || {
-            s.mock.requests() == 2 + k
-        })
-        .await;
-    }
+    s.release(&clock, Duration::from_secs(1), 4).await;
     for p in parked {
         assert_eq!(p.await.unwrap(), 200);
     }
@@ -988,10 +839,15 @@ async fn a_patched_rate_shows_in_the_snapshot_and_the_metrics_at_once() {
         unlimited_mock(),
         &with_token(&[("SIDECAR_SNAPSHOT_INTERVAL", "0.1")]),
     );
-    let a = patch(s.addr, r#"{"rate_rpm": 1234, "queue_max_size": 17}"#).await;
+    let a = admin_patch(
+        s.addr,
+        BEARER,
+        r#"{"rate_rpm": 1234, "queue_max_size": 17}"#,
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text());
     // Metrics read the limiter when scraped.
-    let text = metrics_text(s.metrics_addr).await;
+    let text = s.scrape().await;
     assert_eq!(
         sample(&text, "sidecar_rate_base_rpm{provider=\"nvidia\"}"),
         Some(1234.0),
@@ -1006,21 +862,13 @@ async fn a_patched_rate_shows_in_the_snapshot_and_the_metrics_at_once() {
         Some(17.0)
     );
     // The snapshot on its next tick.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = snapshot(s.addr).await;
+    let v = snapshot_until(s.addr, "the change", |v| {
         let p = &v["providers"][0];
-        if p["rate"]["base_rpm"] == 1234.0 && p["queue"]["max"] == 17 {
-            assert_eq!(p["rate"]["effective_rpm"], 1234.0, "{v}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the snapshot never showed the change: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let cfg = get_config(s.addr, &[]).await.json();
+        p["rate"]["base_rpm"] == 1234.0 && p["queue"]["max"] == 17
+    })
+    .await;
+    assert_eq!(v["providers"][0]["rate"]["effective_rpm"], 1234.0, "{v}");
+    let cfg = admin_get(s.addr, &[]).await.json();
     assert_eq!(cfg["providers"]["nvidia"]["effective_rpm"], 1234.0);
     assert_eq!(cfg["global"]["rate_rpm"], 1234.0);
     assert_ledger(&s, sent_to(s.addr)).await;
@@ -1061,7 +909,7 @@ async fn a_patched_rate_paces_the_requests_that_follow() {
         "nothing waited before the change"
     );
 
-    let a = patch(s.addr, r#"{"rate_rpm": 600, "bucket_capacity": 1}"#).await;
+    let a = admin_patch(s.addr, BEARER, r#"{"rate_rpm": 600, "bucket_capacity": 1}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     let start = Instant::now();
     let mut done = burst(12).await;
@@ -1142,7 +990,7 @@ async fn concurrent_patches_under_traffic_never_tear() {
                 let mut reads = 0u64;
                 let mut versions_seen = 0u64;
                 while !done.load(Ordering::Acquire) {
-                    let a = get_config(addr, &[]).await;
+                    let a = admin_get(addr, &[]).await;
                     assert_eq!(a.status, 200, "{}", a.text());
                     let v = a.json();
                     let p = &v["providers"]["nvidia"];
@@ -1190,7 +1038,7 @@ async fn concurrent_patches_under_traffic_never_tear() {
                     let body = format!(
                         r#"{{"rate_rpm": {x}, "queue_max_size": {x}, "bucket_capacity": {x}}}"#
                     );
-                    let a = patch(addr, &body).await;
+                    let a = admin_patch(addr, BEARER, &body).await;
                     assert_eq!(a.status, 200, "{body}: {}", a.text());
                 }
             })
@@ -1225,7 +1073,7 @@ async fn concurrent_patches_under_traffic_never_tear() {
         "chats ran alongside"
     );
 
-    let v = get_config(addr, &[]).await.json();
+    let v = admin_get(addr, &[]).await.json();
     assert_eq!(version(&v), 1 + WRITERS * PATCHES);
     let p = &v["providers"]["nvidia"];
     let x = p["rate_rpm"].as_f64().unwrap();
@@ -1256,17 +1104,15 @@ async fn forget(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_shows_each_providers_learned_limit() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack(
         unlimited_mock(),
         &with_token(&[
             ("SIDECAR_RATE_RPM", "600"),
             ("SIDECAR_PROVIDER_WINDOW", "6"),
             ("SIDECAR_PROBE_INTERVAL", "60"),
         ]),
-        Arc::new(clock.clone()),
     );
-    let v = get_config(s.addr, &[]).await.json();
+    let v = admin_get(s.addr, &[]).await.json();
     let nvidia = &v["providers"]["nvidia"];
     assert_eq!(nvidia["provider_window"], 6.0, "{nvidia}");
     assert_eq!(nvidia["limit_scope"], "key");
@@ -1300,7 +1146,7 @@ async fn the_config_shows_each_providers_learned_limit() {
         nvidia_sidecar::limiter::PauseReason::Quota,
     );
     clock.advance(Duration::from_millis(500));
-    let v = get_config(s.addr, &[]).await.json();
+    let v = admin_get(s.addr, &[]).await.json();
     let pacing = &v["providers"]["nvidia"]["pacing"];
     assert_eq!(pacing["limit"], 30, "{pacing}");
     assert_eq!(pacing["learned_rpm"], 300.0);
@@ -1318,14 +1164,12 @@ async fn the_config_shows_each_providers_learned_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgetting_a_learned_limit_needs_the_token_and_returns_to_the_configured_rate() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack(
         unlimited_mock(),
         &with_token(&[
             ("SIDECAR_RATE_RPM", "600"),
             ("SIDECAR_PROVIDER_WINDOW", "6"),
         ]),
-        Arc::new(clock.clone()),
     );
     let addr = s.addr;
     let limiter = Arc::clone(&s.app.providers[0].limiter);
@@ -1387,7 +1231,7 @@ async fn forgetting_a_learned_limit_needs_the_token_and_returns_to_the_configure
             .await
             .assert_error(404, "not_found");
     }
-    let get = get_config(addr, &[]).await.json();
+    let get = admin_get(addr, &[]).await.json();
     assert_eq!(get["providers"]["nvidia"]["pacing"]["source"], "state");
     assert_eq!(get["providers"]["nvidia"]["pacing"]["limit"], 45);
     assert_eq!(admin_changes(s.metrics_addr).await, (0.0, rejected));
@@ -1406,7 +1250,7 @@ async fn forgetting_a_learned_limit_needs_the_token_and_returns_to_the_configure
     assert_eq!(v["pacing"]["changes"], 2);
     assert_eq!(limiter.bucket.rate().0, 600.0);
     assert_eq!(limiter.guard.limit(), 60);
-    let get = get_config(addr, &[]).await.json();
+    let get = admin_get(addr, &[]).await.json();
     assert_eq!(get["providers"]["nvidia"]["pacing"], v["pacing"]);
     assert_eq!(get["version"], "1", "the configuration did not change");
 
@@ -1416,7 +1260,7 @@ async fn forgetting_a_learned_limit_needs_the_token_and_returns_to_the_configure
     assert_eq!(a.json()["changed"], serde_json::Value::Null);
     assert_eq!(a.json()["pacing"]["source"], "config");
     assert_eq!(admin_changes(s.metrics_addr).await, (2.0, rejected));
-    let text = metrics_text(s.metrics_addr).await;
+    let text = s.scrape().await;
     assert_eq!(
         sample(
             &text,
@@ -1469,66 +1313,48 @@ async fn keys_and_the_admin_token_never_appear_in_answers() {
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let mut answers = Vec::new();
 
-    let a = get_config(addr, &[]).await;
+    let a = admin_get(addr, &[]).await;
     let v = a.json();
     assert_eq!(v["providers"]["nvidia"]["api_key"], "nvap****");
     assert_eq!(v["global"]["admin_token"], "adm-****");
     answers.push(("GET", everything(&a)));
-    let a = get_config(addr, &[("authorization", BEARER)]).await;
+    let a = admin_get(addr, &[("authorization", BEARER)]).await;
     assert_eq!(a.status, 200);
     answers.push(("GET with the token", everything(&a)));
     // The right token in a refused request (wrong origin) is not echoed.
-    let a = call(
+    let a = admin_call(
         addr,
-        req(
-            "PATCH",
-            addr,
-            CONFIG,
-            &[
-                ("authorization", BEARER),
-                ("origin", "https://evil.example"),
-            ],
-            r#"{"rate_rpm": 5}"#,
-        ),
+        "PATCH",
+        &[
+            ("authorization", BEARER),
+            ("origin", "https://evil.example"),
+        ],
+        r#"{"rate_rpm": 5}"#,
     )
     .await;
     a.assert_error(403, "foreign_origin");
     answers.push(("wrong origin", everything(&a)));
-    let a = call(
-        addr,
-        req(
-            "GET",
-            addr,
-            CONFIG,
-            &[("authorization", BEARER), ("origin", "null")],
-            "",
-        ),
-    )
-    .await;
+    let a = admin_get(addr, &[("authorization", BEARER), ("origin", "null")]).await;
     a.assert_error(403, "foreign_origin");
     answers.push(("wrong origin read", everything(&a)));
     // A wrong token that shares most of the right one is not echoed either.
     let near = format!("Bearer {TOKEN}X");
-    let a = call(
+    let a = admin_call(
         addr,
-        req(
-            "PATCH",
-            addr,
-            CONFIG,
-            &[("authorization", &near)],
-            r#"{"rate_rpm": 5}"#,
-        ),
+        "PATCH",
+        &[("authorization", &near)],
+        r#"{"rate_rpm": 5}"#,
     )
     .await;
     a.assert_error(403, "wrong_token");
     answers.push(("wrong token", everything(&a)));
-    let a = call(addr, req("PATCH", addr, CONFIG, &[], r#"{"rate_rpm": 5}"#)).await;
+    let a = admin_call(addr, "PATCH", &[], r#"{"rate_rpm": 5}"#).await;
     a.assert_error(401, "missing_token");
     answers.push(("no token", everything(&a)));
-    let a = patch(addr, r#"{"rate_rpm": 0}"#).await;
+    let a = admin_patch(addr, BEARER, r#"{"rate_rpm": 0}"#).await;
     a.assert_error(400, "invalid_value");
     answers.push(("bad body", everything(&a)));
-    let a = patch(addr, r#"{"rate_rpm": 100000}"#).await;
+    let a = admin_patch(addr, BEARER, r#"{"rate_rpm": 100000}"#).await;
     assert_eq!(a.status, 200, "{}", a.text());
     answers.push(("applied", everything(&a)));
     let a = call(addr, req("GET", addr, "/api/dashboard/snapshot", &[], "")).await;
@@ -1567,7 +1393,7 @@ async fn keys_and_the_admin_token_never_appear_in_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_the_config_has_no_redis_and_no_cluster() {
     let s = stack(unlimited_mock(), &with_token(&[]));
-    let a = get_config(s.addr, &[]).await;
+    let a = admin_get(s.addr, &[]).await;
     assert_eq!(a.status, 200);
     let v = a.json();
     assert!(v.get("redis").is_none(), "{v}");
@@ -1580,7 +1406,7 @@ async fn without_redis_the_config_has_no_redis_and_no_cluster() {
 async fn in_cluster_mode_the_config_shows_redis_masked_and_each_budget_without_the_password() {
     const PASSWORD: &str = "s3cret-redis-admin-4f1c";
     // Nothing listens there and no budget task runs: the replica has not reached Redis.
-    let port = common::redis::free_port();
+    let port = free_port();
     let url = format!("redis://sidecar:{PASSWORD}@127.0.0.1:{port}/3");
     let s = stack(
         unlimited_mock(),
@@ -1593,15 +1419,9 @@ async fn in_cluster_mode_the_config_shows_redis_masked_and_each_budget_without_t
             ("SIDECAR_REDIS_FALLBACK_FOR", "30"),
         ],
     );
-    let replica = s.app.providers[0]
-        .budget
-        .as_ref()
-        .expect("a budget in cluster mode")
-        .view()
-        .replica
-        .to_string();
+    let replica = s.replica();
     for headers in [&[][..], &[("authorization", BEARER)][..]] {
-        let a = get_config(s.addr, headers).await;
+        let a = admin_get(s.addr, headers).await;
         assert_eq!(a.status, 200, "{}", a.text());
         let all = everything(&a);
         assert!(!all.contains(PASSWORD), "the Redis password: {all}");
@@ -1639,7 +1459,7 @@ async fn in_cluster_mode_the_config_shows_redis_masked_and_each_budget_without_t
         req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
     )
     .await;
-    let metrics = metrics_text(s.metrics_addr).await;
+    let metrics = s.scrape().await;
     for (what, text) in [("snapshot", snapshot.text()), ("metrics", metrics)] {
         assert!(!text.contains(PASSWORD), "the Redis password in the {what}");
     }

@@ -13,7 +13,6 @@ use nvidia_sidecar::mock::MockConfig;
 
 const TOKEN: &str = "adm-t0ken-errors-3f09b2";
 const BEARER: &str = "Bearer adm-t0ken-errors-3f09b2";
-const CONFIG: &str = "/api/admin/config";
 
 /// One bad body and the whole message it must get.
 struct Case {
@@ -142,7 +141,7 @@ const CASES: &[Case] = &[
 fn write(method: &str, addr: std::net::SocketAddr, body: &'static [u8]) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
-        .uri(CONFIG)
+        .uri(ADMIN_CONFIG)
         .header("host", addr.to_string())
         .header("authorization", BEARER)
         .header("content-type", "application/json")
@@ -198,11 +197,7 @@ async fn each_malformed_body_is_refused_with_a_message_naming_the_problem_and_wh
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 
     // Nothing was applied.
-    let a = call(
-        s.addr,
-        req("GET", s.addr, CONFIG, &[("authorization", BEARER)], ""),
-    )
-    .await;
+    let a = admin_get(s.addr, &[("authorization", BEARER)]).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["version"], "1", "a refused body changes nothing");
     s.stop();

@@ -13,15 +13,6 @@ use nvidia_sidecar::limiter::bucket::{interval_nanos, slack_nanos};
 use nvidia_sidecar::mock::MockConfig;
 use nvidia_sidecar::priority::Priority;
 
-/// A sidecar at 60 RPM (one token a second), capacity 1, on a manual clock.
-fn paced(env: &[(&str, &str)]) -> (Stack, ManualClock) {
-    let clock = ManualClock::new();
-    let mut all = vec![("SIDECAR_RATE_RPM", "60"), ("SIDECAR_BUCKET_CAPACITY", "1")];
-    all.extend_from_slice(env);
-    let s = stack_with_clock(unlimited_mock(), &all, Arc::new(clock.clone()));
-    (s, clock)
-}
-
 fn chat_for(model: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[]}}"#)
 }
@@ -39,7 +30,7 @@ fn seen_models(s: &Stack) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_backlog_high_is_served_before_normal_before_low_and_fifo_within_each() {
-    let (s, clock) = paced(&[]);
+    let (s, clock) = paced_stack(&[]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     // The one token goes to the first request.
     assert_eq!(s.chat(&[], &chat_for("first")).await.status, 200);
@@ -51,33 +42,12 @@ async fn with_a_backlog_high_is_served_before_normal_before_low_and_fifo_within_
     .iter()
     .enumerate()
     {
-        let addr = s.addr;
         let body = chat_for(&format!("{p}-{n}"));
-        clients.push(tokio::spawn(async move {
-            call(
-                addr,
-                req(
-                    "POST",
-                    addr,
-                    "/v1/chat/completions",
-                    &[("x-priority", p)],
-                    &body,
-                ),
-            )
-            .await
-            .status
-        }));
-        wait_until("the request to park", || limiter.queues.len() == n + 1).await;
+        clients.push(s.park_chat(&[("x-priority", p)], &body).await);
     }
     assert_eq!(limiter.queues.depth(Priority::High), 3);
     // One token per second of the manual clock: release them one by one.
-    for k in 0..9 {
-        clock.advance(Duration::from_secs(1));
-        wait_until("a grant to reach the upstream", || {
-            s.mock.requests() == 2 + k as u64
-        })
-        .await;
-    }
+    s.release(&clock, Duration::from_secs(1), 9).await;
     for c in clients {
         assert_eq!(c.await.unwrap(), 200);
     }
@@ -100,18 +70,10 @@ async fn with_a_backlog_high_is_served_before_normal_before_low_and_fifo_within_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_while_queued_never_reaches_the_upstream_and_leaves_depth_zero() {
-    let (s, clock) = paced(&[]);
+    let (s, clock) = paced_stack(&[]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    let addr = s.addr;
-    let client = tokio::spawn(async move {
-        call(
-            addr,
-            req("POST", addr, "/v1/chat/completions", &[], &chat_for("gone")),
-        )
-        .await
-    });
-    wait_until("the request to park", || limiter.queues.len() == 1).await;
+    let client = s.park_chat(&[], &chat_for("gone")).await;
     client.abort();
     wait_until("the abandoned request to leave the queue", || {
         limiter.queues.is_empty()
@@ -130,19 +92,9 @@ async fn a_client_that_disconnects_while_queued_never_reaches_the_upstream_and_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_after_from_the_queue_ahead() {
-    let (s, clock) = paced(&[("SIDECAR_QUEUE_MAX_SIZE", "2")]);
-    let limiter = Arc::clone(&s.app.providers[0].limiter);
+    let (s, clock) = paced_stack(&[("SIDECAR_QUEUE_MAX_SIZE", "2")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    let mut parked = Vec::new();
-    for n in 0..2 {
-        let addr = s.addr;
-        parked.push(tokio::spawn(async move {
-            call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
-                .await
-                .status
-        }));
-        wait_until("the request to park", || limiter.queues.len() == n + 1).await;
-    }
+    let parked = s.park(2).await;
     let refused = s.chat(&[], CHAT).await;
     refused.assert_error(429, "queue_full");
     // Two ahead plus itself, one a second.
@@ -150,13 +102,7 @@ async fn a_full_queue_answers_429_with_retry_after_from_the_queue_ahead() {
     assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
     let stats = s.app.providers[0].stats.snapshot();
     assert_eq!((stats.queue_full, stats.rate_limited), (1, 1));
-    for k in 0..2 {
-        clock.advance(Duration::from_secs(1));
-        wait_until("a grant to reach the upstream", || {
-            s.mock.requests() == 2 + k
-        })
-        .await;
-    }
+    s.release(&clock, Duration::from_secs(1), 2).await;
     for p in parked {
         assert_eq!(p.await.unwrap(), 200);
     }
@@ -171,13 +117,11 @@ async fn a_full_queue_answers_429_with_retry_after_from_the_queue_ahead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_fallback_on_a_request_the_queue_cannot_take_goes_unmetered() {
-    let (s, _clock) = paced(&[
+    let (s, _clock) = paced_stack(&[
         ("SIDECAR_QUEUE_MAX_SIZE", "0"),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
     ]);
-    for _ in 0..3 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(3).await;
     let st = s.app.providers[0].stats.snapshot();
     assert_eq!(
         (st.limited, st.passthrough, st.queue_full, st.rate_limited),
@@ -189,7 +133,7 @@ async fn with_fallback_on_a_request_the_queue_cannot_take_goes_unmetered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_fallback_off_the_same_request_gets_429() {
-    let (s, _clock) = paced(&[("SIDECAR_QUEUE_MAX_SIZE", "0")]);
+    let (s, _clock) = paced_stack(&[("SIDECAR_QUEUE_MAX_SIZE", "0")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     s.chat(&[], CHAT).await.assert_error(429, "queue_full");
     assert_eq!(s.mock.requests(), 1);
@@ -210,7 +154,7 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
     let cfg = config_from_toml(&toml);
     let clock = ManualClock::new();
     let app = nvidia_sidecar::app::App::with_clock(cfg, Arc::new(clock));
-    let sidecar = nvidia_sidecar::server::start_proxy(Arc::clone(&app)).unwrap();
+    let sidecar = nvidia_sidecar::sidecar::start(Arc::clone(&app)).unwrap();
     let addr = sidecar.local_addr;
     for _ in 0..3 {
         assert_eq!(
@@ -226,7 +170,7 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
         fallback.seen()[0].headers["authorization"],
         "Bearer nvapi-main-key-123"
     );
-    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), 3).await;
+    assert_ledger_at(addr, sidecar.metrics_addr, 3).await;
     sidecar.stop();
     main.stop();
     fallback.stop();
@@ -235,7 +179,7 @@ async fn fallback_goes_to_the_providers_fallback_upstream_when_one_is_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_priority_request_past_its_deadline_is_dropped_with_503() {
     // 1.5 s is enough for the one token ahead (1 s), but the manual clock never moves.
-    let (s, _clock) = paced(&[("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5")]);
+    let (s, _clock) = paced_stack(&[("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let a = s.chat(&[("x-priority", "low")], CHAT).await;
     a.assert_error(503, "low_priority_timeout");
@@ -249,7 +193,7 @@ async fn a_low_priority_request_past_its_deadline_is_dropped_with_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_priority_request_past_its_deadline_takes_the_passthrough_when_fallback_is_on() {
-    let (s, _clock) = paced(&[
+    let (s, _clock) = paced_stack(&[
         ("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5"),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
     ]);
@@ -267,7 +211,7 @@ async fn a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
 {
     // One token a second: with 0.3 s to live, the next request could not be served in
     // time, so it is told at once when to come back instead of waiting for a 504.
-    let (s, _clock) = paced(&[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
+    let (s, _clock) = paced_stack(&[("SIDECAR_REQUEST_TIMEOUT", "0.3")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     let started = std::time::Instant::now();
     let a = s.chat(&[], CHAT).await;
@@ -284,7 +228,7 @@ async fn a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
     // through at once.
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
-    let (s, _clock) = paced(&[
+    let (s, _clock) = paced_stack(&[
         ("SIDECAR_LOW_PRIORITY_TIMEOUT", "0.2"),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
     ]);
@@ -297,7 +241,7 @@ async fn a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_past_the_request_timeout_is_a_504() {
-    let (s, _clock) = paced(&[("SIDECAR_REQUEST_TIMEOUT", "1.5")]);
+    let (s, _clock) = paced_stack(&[("SIDECAR_REQUEST_TIMEOUT", "1.5")]);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
     s.chat(&[], CHAT).await.assert_error(504, "queue_timeout");
     assert_eq!(s.app.providers[0].stats.snapshot().dropped_timeout, 1);
@@ -311,38 +255,10 @@ async fn an_upstream_429_storm_teaches_the_limit_and_clients_still_get_200s() {
     // The provider allows 5 requests per rolling second (300 RPM); the sidecar is
     // configured twice as fast, so the provider starts refusing. (Without quota
     // headers: with them, `x-ratelimit-remaining: 0` would hold the sidecar back first.)
-    let s = stack(
-        MockConfig {
-            rpm: 300.0,
-            window_secs: 1.0,
-            no_quota_headers: true,
-            ..MockConfig::default()
-        },
-        &[
-            ("SIDECAR_RATE_RPM", "600"),
-            ("SIDECAR_BUCKET_CAPACITY", "1"),
-            ("SIDECAR_UPSTREAM_429_RETRIES", "10"),
-            ("SIDECAR_PROVIDER_WINDOW", "1"),
-        ],
-    );
-    let mut clients = Vec::new();
-    for n in 0..20 {
-        let addr = s.addr;
-        clients.push(tokio::spawn(async move {
-            call(
-                addr,
-                req(
-                    "POST",
-                    addr,
-                    "/v1/chat/completions",
-                    &[],
-                    &chat_for(&format!("m{n}")),
-                ),
-            )
-            .await
-            .status
-        }));
-    }
+    let s = stack_over_a_stricter_provider(300.0);
+    let clients: Vec<_> = (0..20)
+        .map(|n| spawn_chat(s.addr, &[], &chat_for(&format!("m{n}"))))
+        .collect();
     for c in clients {
         assert_eq!(c.await.unwrap(), 200, "the client saw the provider's 429");
     }

@@ -361,7 +361,8 @@ async fn a_configuration_change_reaches_every_replica() {
 /// `upstream_ca_file`, and does not without it.
 #[tokio::test]
 async fn a_replica_reaches_redis_over_tls_with_the_upstream_ca() {
-    use common::redis::{free_port, require_redis_server, Replica};
+    use common::free_port;
+    use common::redis::{require_redis_server, Replica};
     use std::time::Duration;
     require_redis_server();
     let dir = tempfile::tempdir().unwrap();

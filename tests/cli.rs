@@ -4,63 +4,29 @@
 //! Every run has a cleared environment (PATH only) and an empty temporary working
 //! directory, so neither the developer's variables nor a `.env` file leak in.
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{binary, wait_for_exit, Exited};
 
 /// Runs the binary in `dir` with only `vars` (and PATH) set. A run that has not ended
 /// after 30 s (it would be serving) is killed and fails the test.
-fn sidecar(dir: &Path, vars: &[(&str, &str)], args: &[&str]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
-    cmd.current_dir(dir)
-        .env_clear()
+fn sidecar(dir: &Path, vars: &[(&str, &str)], args: &[&str]) -> Exited {
+    let child = binary(dir, vars)
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("the binary starts");
-    let read = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().unwrap()));
-    let stderr = read(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} with {vars:?} did not exit (it started serving?)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Run {
-        code: status.code(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+        .spawn()
+        .expect("the binary starts");
+    wait_for_exit(
+        child,
+        Duration::from_secs(30),
+        &format!("{args:?} with {vars:?}"),
+    )
 }
 
-fn stderr_line(run: &Run) -> &str {
+fn stderr_line(run: &Exited) -> &str {
     let lines: Vec<&str> = run.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "not exactly one line: {:?}", run.stderr);
     lines[0]
@@ -261,22 +227,18 @@ fn start_up_lines(vars: &[(&str, &str)]) -> Vec<String> {
 fn start_up_lines_with(vars: &[(&str, &str)], args: &[&str]) -> Vec<String> {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
-    cmd.current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("SIDECAR_LISTEN_PORT", "0")
-        .env("SIDECAR_METRICS_PORT", "0")
-        .env("SIDECAR_WORKERS", "1")
-        .env("SIDECAR_LOG_FORMAT", "json")
+    let mut env = vec![
+        ("SIDECAR_LISTEN_PORT", "0"),
+        ("SIDECAR_METRICS_PORT", "0"),
+        ("SIDECAR_WORKERS", "1"),
+        ("SIDECAR_LOG_FORMAT", "json"),
+    ];
+    env.extend_from_slice(vars);
+    let mut child = binary(dir.path(), &env)
         .args(args)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+        .spawn()
+        .unwrap();
     let mut lines = Vec::new();
     for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();

@@ -32,7 +32,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use common::redis::{run_to_exit, Redis, Replica};
-use common::{call, req, CHAT};
+use common::{
+    admin_config, admin_patch, call, judge_epoch, req, sample, until, ADMIN_CONFIG, CHAT,
+};
 
 /// The provider's window.
 const W: Duration = Duration::from_secs(6);
@@ -113,22 +115,10 @@ async fn all_shared(replicas: &[Replica]) {
     }
 }
 
-/// When the judge's clock started (its fixed windows count from there), to the
-/// millisecond: the index of the judge's current 1 ms window is its age.
-fn judge_epoch(mock: &MockServer) -> Instant {
-    let now = Instant::now();
-    let age = mock.window_counts(Duration::from_millis(1)).len() as u64 - 1;
-    now - Duration::from_millis(age)
-}
-
 /// The index of the judge's next window that starts at least 200 ms from now.
 fn next_window(t0: Instant) -> u32 {
     let elapsed = t0.elapsed() + Duration::from_millis(200);
     (elapsed.as_secs_f64() / W.as_secs_f64()).ceil() as u32
-}
-
-async fn until(t0: Instant, at: Duration) {
-    tokio::time::sleep_until(t0 + at).await;
 }
 
 // === open-loop clients ===
@@ -439,41 +429,9 @@ fn refusals_seen(replicas: &[Replica]) -> String {
 
 // === admin and observation ===
 
-async fn admin_get(addr: SocketAddr) -> Value {
-    let a = call(
-        addr,
-        req(
-            "GET",
-            addr,
-            "/api/admin/config",
-            &[("authorization", BEARER)],
-            "",
-        ),
-    )
-    .await;
-    assert_eq!(a.status, 200, "GET /api/admin/config: {}", a.text());
-    a.json()
-}
-
-async fn admin_patch(addr: SocketAddr, body: &str) -> Value {
-    let a = call(
-        addr,
-        req(
-            "PATCH",
-            addr,
-            "/api/admin/config",
-            &[("authorization", BEARER)],
-            body,
-        ),
-    )
-    .await;
-    assert_eq!(
-        a.status,
-        200,
-        "PATCH /api/admin/config {body}: {}",
-        a.text()
-    );
-    a.json()
+/// A replica's `GET /api/admin/config`, with the token.
+async fn config_of(addr: SocketAddr) -> Value {
+    admin_config(addr, &[("authorization", BEARER)]).await
 }
 
 /// `providers.nvidia` of the admin view.
@@ -484,14 +442,6 @@ fn provider_view(config: &Value) -> &Value {
 async fn get_text(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let a = call(addr, req("GET", addr, path, headers, "")).await;
     (a.status.as_u16(), a.text())
-}
-
-/// The value of the sample named exactly `series` in a metrics text, if exported.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (n, v) = l.rsplit_once(' ')?;
-        (n == series).then(|| v.parse().ok()).flatten()
-    })
 }
 
 /// `sidecar_budget_backend_up` of a replica, when its metrics export it.
@@ -555,7 +505,7 @@ impl Modes {
             let mut changes = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 for (i, a) in addrs.iter().enumerate() {
-                    let v = admin_get(*a).await;
+                    let v = config_of(*a).await;
                     let p = provider_view(&v);
                     let now = format!(
                         "{} limit {} learned {}",
@@ -585,7 +535,7 @@ impl Modes {
 async fn learned_limits(replicas: &[Replica]) -> Vec<u64> {
     let mut out = Vec::new();
     for r in replicas {
-        let v = admin_get(r.addr).await;
+        let v = config_of(r.addr).await;
         out.push(
             provider_view(&v)["pacing"]["learned"]
                 .as_u64()
@@ -761,7 +711,7 @@ async fn hidden_lower_limit_learned_once_for_all() {
         learned.clear();
         values.clear();
         for r in &replicas {
-            let v = admin_get(r.addr).await;
+            let v = config_of(r.addr).await;
             let p = provider_view(&v);
             learned.push(p["pacing"].clone());
             values.push(p["pacing"]["learned"].clone());
@@ -855,7 +805,10 @@ async fn admin_change_at_one_replica_reaches_all() {
     let mut report = String::new();
     let mut broken = Vec::new();
     for (at, rpm) in [(0usize, 300.0), (2, 450.0)] {
-        let answer = admin_patch(replicas[at].addr, &format!("{{\"rate_rpm\": {rpm}}}")).await;
+        let body = format!("{{\"rate_rpm\": {rpm}}}");
+        let a = admin_patch(replicas[at].addr, BEARER, &body).await;
+        assert_eq!(a.status, 200, "PATCH {ADMIN_CONFIG} {body}: {}", a.text());
+        let answer = a.json();
         let changed = Instant::now();
         report.push_str(&format!("PATCH rate_rpm {rpm} at r{at}: {answer}\n"));
         // When the budget's record in Redis has it.
@@ -880,7 +833,7 @@ async fn admin_change_at_one_replica_reaches_all() {
         for (i, r) in replicas.iter().enumerate() {
             let deadline = changed + Duration::from_secs(3);
             let (seen, view) = loop {
-                let v = admin_get(r.addr).await;
+                let v = config_of(r.addr).await;
                 let p = provider_view(&v).clone();
                 if p["rate_rpm"].as_f64() == Some(rpm) {
                     break (Some(changed.elapsed()), p);
@@ -909,7 +862,7 @@ async fn admin_change_at_one_replica_reaches_all() {
     loop {
         limits.clear();
         for r in &replicas {
-            let v = admin_get(r.addr).await;
+            let v = config_of(r.addr).await;
             limits.push(provider_view(&v)["pacing"]["ceiling"].clone());
         }
         if limits.iter().all(|l| l.as_u64() == Some(45)) || Instant::now() > deadline {
@@ -1337,7 +1290,7 @@ async fn wrong_password_and_bad_url() {
     }
     // Shown masked, like keys.
     for r in [&bad, &good] {
-        let v = admin_get(r.addr).await;
+        let v = config_of(r.addr).await;
         let url = v["redis"]["url"].as_str().unwrap_or_default().to_owned();
         if !url.contains(":****@127.0.0.1") {
             broken.push(format!(

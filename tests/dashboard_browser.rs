@@ -455,35 +455,13 @@ async fn set_nvidia_field(c: &Client, label: &str, value: &str) {
     input.send_keys(value).await.expect("type into the field");
 }
 
-/// `GET /api/admin/config` with the admin token (reads need it when loopback is not
-/// exempt).
-async fn admin_config(addr: SocketAddr) -> Value {
-    let bearer = format!("Bearer {ADMIN_TOKEN}");
-    let a = call(
-        addr,
-        req(
-            "GET",
-            addr,
-            "/api/admin/config",
-            &[("authorization", &bearer)],
-            "",
-        ),
-    )
-    .await;
-    assert_eq!(
-        a.status.as_u16(),
-        200,
-        "GET /api/admin/config: {}",
-        a.text()
-    );
-    a.json()
-}
-
 /// Polls `GET /api/admin/config` until `cond` holds.
 async fn until_admin_config(addr: SocketAddr, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
     let end = Instant::now() + DEADLINE;
     loop {
-        let v = admin_config(addr).await;
+        // With the token: reads need it when loopback is not exempt.
+        let v = admin_config(addr, &[("authorization", &bearer)]).await;
         if cond(&v) {
             return v;
         }
@@ -1105,7 +1083,7 @@ async fn remote_scenario(c: Client, driver: SocketAddr) {
         ],
     );
     let addr = stack.addr;
-    let refused = call(addr, req("GET", addr, "/api/admin/config", &[], "")).await;
+    let refused = admin_get(addr, &[]).await;
     assert_eq!(
         refused.status.as_u16(),
         401,

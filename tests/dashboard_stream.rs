@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::body::Incoming;
-use nvidia_sidecar::clock::{Clock, ManualClock};
+use nvidia_sidecar::clock::Clock;
 use nvidia_sidecar::limiter::PauseReason;
 
 /// Snapshot period in the tests, in seconds.
@@ -107,20 +107,11 @@ impl SseReader {
     }
 }
 
-async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let a = call(addr, req("GET", addr, "/metrics", &[], "")).await;
-    assert_eq!(a.status, 200);
-    a.text().lines().find_map(|l| {
-        let (n, v) = l.split_once(' ')?;
-        (n == name).then(|| v.parse().expect("a number"))
-    })
-}
-
 /// Scrapes until `name` has value `want`, for at most 20 s.
 async fn wait_for_metric(addr: SocketAddr, name: &str, want: f64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let v = metric(addr, name).await;
+        let v = sample(&metrics_text(addr).await, name);
         if v == Some(want) {
             return;
         }
@@ -251,31 +242,12 @@ async fn the_snapshot_reflects_the_traffic() {
         unlimited_mock(),
         &[INTERVAL_ENV, ("SIDECAR_QUEUE_MAX_SIZE", "17")],
     );
-    for _ in 0..N {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let v = loop {
-        let a = call(
-            s.addr,
-            req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
-        )
-        .await;
-        assert_eq!(a.status, 200);
-        assert_eq!(a.headers["content-type"], "application/json");
-        let v = a.json();
+    s.chats_ok(N as usize).await;
+    let v = snapshot_until(s.addr, &format!("{N} requests"), |v| {
         let p = &v["providers"][0];
-        if p["requests"]["total"].as_u64() == Some(N)
-            && p["latency_ms"]["count"].as_u64() == Some(N)
-        {
-            break v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the snapshot never showed {N} requests: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        p["requests"]["total"].as_u64() == Some(N) && p["latency_ms"]["count"].as_u64() == Some(N)
+    })
+    .await;
     let seq = v["seq"].as_u64().unwrap();
     assert!(seq > 0 && seq % 2 == 0, "{v}");
     assert_eq!(v["builds"].as_u64(), Some(seq / 2));
@@ -333,32 +305,19 @@ async fn the_snapshot_reflects_the_traffic() {
     s.stop();
 }
 
-/// Polls `/api/dashboard/snapshot` until the first provider satisfies `cond`.
-async fn snapshot_until(
+/// Polls the snapshot until its first provider satisfies `cond`; returns that provider.
+async fn provider_until(
     addr: SocketAddr,
     what: &str,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let a = call(addr, req("GET", addr, "/api/dashboard/snapshot", &[], "")).await;
-        assert_eq!(a.status, 200);
-        let v = a.json();
-        if cond(&v["providers"][0]) {
-            return v["providers"][0].clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the snapshot never showed {what}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let v = snapshot_until(addr, what, |v| cond(&v["providers"][0])).await;
+    v["providers"][0].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack(
         unlimited_mock(),
         &[
             INTERVAL_ENV,
@@ -367,12 +326,11 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
             ("SIDECAR_PROVIDER_WINDOW", "6"),
             ("SIDECAR_PROBE_INTERVAL", "60"),
         ],
-        Arc::new(clock.clone()),
     );
     let limiter = Arc::clone(&s.app.providers[0].limiter);
 
     // Fresh: the configured rate, nothing to probe, no pause.
-    let p = snapshot_until(s.addr, "a first build", |p| p["pacing"].is_object()).await;
+    let p = provider_until(s.addr, "a first build", |p| p["pacing"].is_object()).await;
     assert_eq!(
         p["pacing"],
         serde_json::json!({
@@ -404,10 +362,8 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
     assert_eq!(history(&p, "ceiling_rpm").last(), Some(&600.0));
 
     // Two sends count in the window.
-    for _ in 0..2 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
-    snapshot_until(s.addr, "two sends in the window", |p| {
+    s.chats_ok(2).await;
+    provider_until(s.addr, "two sends in the window", |p| {
         p["pacing"]["sent_in_window"] == 2
     })
     .await;
@@ -418,7 +374,7 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
         clock.now_nanos() + Duration::from_millis(1500).as_nanos() as u64,
         PauseReason::RetryAfter,
     );
-    let p = snapshot_until(s.addr, "the restored limit", |p| {
+    let p = provider_until(s.addr, "the restored limit", |p| {
         p["pacing"]["source"] == "state" && !p["pacing"]["pause"].is_null()
     })
     .await;
@@ -434,7 +390,7 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
         pacing["pause"],
         serde_json::json!({"reason": "retry_after", "seconds": 1.5})
     );
-    let p = snapshot_until(s.addr, "the restored limit in the history", |p| {
+    let p = provider_until(s.addr, "the restored limit in the history", |p| {
         p["history"]["learned_rpm"]
             .as_array()
             .and_then(|h| h.last())
@@ -454,7 +410,7 @@ async fn the_snapshot_shows_the_learned_limit_its_source_and_a_pause() {
 
     // Time passes: the pause ends, the window empties, the probe comes closer.
     clock.advance(Duration::from_secs(20));
-    let p = snapshot_until(s.addr, "the pause to end", |p| {
+    let p = provider_until(s.addr, "the pause to end", |p| {
         p["pacing"]["pause"].is_null()
     })
     .await;
@@ -603,22 +559,11 @@ async fn the_page_is_self_contained_html_and_the_api_refuses_other_methods() {
     s.stop();
 }
 
-/// Polls the snapshot until a build has the first provider (the first tick).
+/// Polls the snapshot until a build has the first provider (the first tick): that
+/// provider, and the snapshot's text as sent.
 async fn first_provider(addr: SocketAddr) -> (serde_json::Value, String) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let a = call(addr, req("GET", addr, "/api/dashboard/snapshot", &[], "")).await;
-        assert_eq!(a.status, 200);
-        let v = a.json();
-        if v["providers"][0].is_object() {
-            return (v["providers"][0].clone(), a.text());
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no provider in the snapshot: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let a = snapshot_answer_until(addr, "a provider", |v| v["providers"][0].is_object()).await;
+    (a.json()["providers"][0].clone(), a.text())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -636,19 +581,12 @@ async fn in_cluster_mode_the_snapshot_and_the_stream_carry_the_replicas_view_of_
     const PASSWORD: &str = "r3dis-pass-dashboard-5be0";
     // Nothing listens there and no budget task runs: the replica's first view of the
     // cluster, before Redis ever answered.
-    let port = common::redis::free_port();
-    let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}/0");
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{}/0", free_port());
     let s = stack(
         unlimited_mock(),
         &[INTERVAL_ENV, ("SIDECAR_REDIS_URL", &url)],
     );
-    let replica = s.app.providers[0]
-        .budget
-        .as_ref()
-        .expect("a budget in cluster mode")
-        .view()
-        .replica
-        .to_string();
+    let replica = s.replica();
     let (p, text) = first_provider(s.addr).await;
     let c = &p["cluster"];
     assert_eq!(c["budget"], "nvidia", "{p}");

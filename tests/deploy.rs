@@ -770,24 +770,14 @@ fn kubernetes_cluster_example_shares_one_budget_through_redis() {
 
 /// The documents of a YAML text (through python3 and PyYAML).
 fn yaml_text_documents(text: &str) -> Option<Vec<Value>> {
-    use std::io::Write;
-    let mut child = Command::new("python3")
-        .args([
+    let out = common::run_with_input(
+        Command::new("python3").args([
             "-c",
             "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout, default=str)",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .ok()?;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        ]),
+        text,
+    )
+    .ok()?;
     assert!(
         out.status.success(),
         "{}",
@@ -806,14 +796,6 @@ impl Drop for ScriptRedis {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> String {
@@ -845,7 +827,7 @@ fn check_redis_script(what: &str, script: &str, probe: &str, secret_path: &str, 
     let secret = dir.path().join("password");
     std::fs::write(&secret, format!("{password}\n")).unwrap();
     let secret = secret.display().to_string();
-    let port = free_port();
+    let port = common::free_port();
     assert_eq!(
         script.matches("exec redis-server - ").count(),
         1,

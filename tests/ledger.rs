@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nvidia_sidecar::clock::ManualClock;
 use nvidia_sidecar::limiter::DropReason;
 use nvidia_sidecar::mock::MockConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,31 +24,7 @@ fn requests_total(text: &str, provider: &str, route: &str, outcome: &str) -> u64
     let series = format!(
         "sidecar_requests_total{{provider=\"{provider}\",route=\"{route}\",outcome=\"{outcome}\"}}"
     );
-    text.lines()
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == series).then(|| v.parse::<f64>().expect("a number") as u64)
-        })
-        .unwrap_or_else(|| panic!("no series {series}"))
-}
-
-/// Starts `body` as a chat with `headers` in a task of its own; the task ends with the
-/// status.
-fn spawn_chat(
-    addr: std::net::SocketAddr,
-    headers: &[(&'static str, &'static str)],
-    body: &'static str,
-) -> tokio::task::JoinHandle<u16> {
-    let headers = headers.to_vec();
-    tokio::spawn(async move {
-        call(
-            addr,
-            req("POST", addr, "/v1/chat/completions", &headers, body),
-        )
-        .await
-        .status
-        .as_u16()
-    })
+    sample(text, &series).unwrap_or_else(|| panic!("no series {series}")) as u64
 }
 
 /// Waits until `/metrics` shows `want` requests in flight for `provider`.
@@ -99,19 +74,12 @@ async fn half_sent_body(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_abandoned_in_the_queue_are_counted_once_as_client_gone_on_route_none() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
-        unlimited_mock(),
-        &[
-            // One token a second of the manual clock, no burst; room for three waiting.
-            ("SIDECAR_RATE_RPM", "60"),
-            ("SIDECAR_BUCKET_CAPACITY", "1"),
-            ("SIDECAR_QUEUE_MAX_SIZE", "3"),
-            ("SIDECAR_REQUEST_TIMEOUT", "60"),
-            ("SIDECAR_SNAPSHOT_INTERVAL", "0.05"),
-        ],
-        Arc::new(clock.clone()),
-    );
+    // One token a second of the manual clock, no burst; room for three waiting.
+    let (s, _clock) = paced_stack(&[
+        ("SIDECAR_QUEUE_MAX_SIZE", "3"),
+        ("SIDECAR_REQUEST_TIMEOUT", "60"),
+        ("SIDECAR_SNAPSHOT_INTERVAL", "0.05"),
+    ]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
 
     // The one token goes at once.
@@ -165,16 +133,10 @@ async fn requests_abandoned_in_the_queue_are_counted_once_as_client_gone_on_rout
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_answer_is_in_flight_until_the_client_leaves_mid_way_then_counted_once() {
     let s = stack(unlimited_mock(), &[("SIDECAR_SNAPSHOT_INTERVAL", "0.05")]);
-    let r = req(
-        "POST",
-        s.addr,
-        "/v1/chat/completions",
-        &[("x-mock-token-delay-ms", "60000")],
-        CHAT_STREAM,
-    );
-    let resp = send(s.addr, r).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = s
+        .open_chat(&[("x-mock-token-delay-ms", "60000")], CHAT_STREAM)
+        .await
+        .into_body();
     let first = next_chunk(&mut body).await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
     // The head and a first chunk went out: the request is still in flight.
@@ -251,8 +213,8 @@ async fn a_request_is_in_flight_under_the_default_provider_until_routing_picks_i
         other.base_url()
     );
     let app = nvidia_sidecar::app::App::new(config_from_toml(&toml));
-    let sidecar = nvidia_sidecar::server::start_proxy(app).unwrap();
-    let (addr, metrics_addr) = (sidecar.local_addr, sidecar.metrics_addr.unwrap());
+    let sidecar = nvidia_sidecar::sidecar::start(app).unwrap();
+    let (addr, metrics_addr) = (sidecar.local_addr, sidecar.metrics_addr);
     forget_sent(addr);
 
     // Its body not read yet, a request belongs to the default provider.

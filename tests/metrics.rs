@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nvidia_sidecar::clock::{Clock, ManualClock};
+use nvidia_sidecar::clock::Clock;
 use nvidia_sidecar::limiter::PauseReason;
 
 const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
@@ -442,29 +442,12 @@ async fn scrape_until(
 /// Pipes `text` into `promtool check metrics`: `Some(output)` when promtool ran, `None`
 /// when it is not installed (`common::missing_tool`: a skip under a bare `cargo test`).
 fn promtool_check(text: &str) -> Option<(bool, String)> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-    let Some(promtool) = promtool else {
-        common::missing_tool("promtool", "apt-get install prometheus");
-        return None;
-    };
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let promtool = find_tool("promtool", "apt-get install prometheus")?;
+    let out = run_with_input(
+        std::process::Command::new(promtool).args(["check", "metrics"]),
+        text,
+    )
+    .expect("promtool runs");
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -482,9 +465,7 @@ const NVIDIA: (&str, &str) = ("provider", "nvidia");
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_25_chats_the_exposition_parses_and_counts_them_in_every_histogram() {
     let s = stack(unlimited_mock(), &[]);
-    for _ in 0..25 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(25).await;
     let m = scrape_until(s.metrics_addr, "25 requests and 25 latency samples", |m| {
         m.get(
             "sidecar_requests_total",
@@ -608,20 +589,10 @@ async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
     assert_eq!(m.sum("sidecar_upstream_errors_total", &[]), 1.0);
 
     // A body cut by the upstream after its head counts as stream.
-    let resp = send(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-mock-reset-after", "2")],
-            CHAT_STREAM,
-        ),
-    )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = s
+        .open_chat(&[("x-mock-reset-after", "2")], CHAT_STREAM)
+        .await
+        .into_body();
     while let Some(Ok(_)) = next_chunk(&mut body).await {}
     let m = scrape_until(s.metrics_addr, "the broken stream", |m| {
         m.sum("sidecar_requests_total", &[("outcome", "upstream_error")]) == 2.0
@@ -650,16 +621,8 @@ async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
     s.stop();
 
     // An upstream nobody listens on counts as connect.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let app = nvidia_sidecar::app::App::new(config_from(&[(
-        "SIDECAR_UPSTREAM_URL",
-        &format!("http://{closed}/v1"),
-    )]));
-    let sidecar = nvidia_sidecar::server::start_proxy(app).unwrap();
-    let (addr, metrics) = (sidecar.local_addr, sidecar.metrics_addr.unwrap());
+    let sidecar = sidecar_with_dead_upstream();
+    let (addr, metrics) = (sidecar.local_addr, sidecar.metrics_addr);
     call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
         .await
         .assert_error(502, "upstream_unavailable");
@@ -694,29 +657,10 @@ async fn upstream_errors_are_counted_by_kind_and_as_upstream_error_outcomes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_as_rejected() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
-        unlimited_mock(),
-        &[
-            ("SIDECAR_RATE_RPM", "60"),
-            ("SIDECAR_BUCKET_CAPACITY", "1"),
-            ("SIDECAR_QUEUE_MAX_SIZE", "3"),
-        ],
-        Arc::new(clock.clone()),
-    );
-    let limiter = Arc::clone(&s.app.providers[0].limiter);
+    let (s, clock) = paced_stack(&[("SIDECAR_QUEUE_MAX_SIZE", "3")]);
     // The one token goes to the first request; the next three park.
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    let mut parked = Vec::new();
-    for n in 0..3 {
-        let addr = s.addr;
-        parked.push(tokio::spawn(async move {
-            call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
-                .await
-                .status
-        }));
-        wait_until("the request to park", || limiter.queues.len() == n + 1).await;
-    }
+    let parked = s.park(3).await;
     let m = scrape(s.metrics_addr).await;
     assert_eq!(
         m.value("sidecar_queue_depth", &[NVIDIA, ("priority", "normal")]),
@@ -791,13 +735,7 @@ async fn queue_and_limiter_gauges_show_parked_requests_and_a_full_queue_counts_a
     );
 
     // One token a second of the manual clock releases them; the queue empties.
-    for k in 0..3 {
-        clock.advance(Duration::from_secs(1));
-        wait_until("a grant to reach the upstream", || {
-            s.mock.requests() == 2 + k
-        })
-        .await;
-    }
+    s.release(&clock, Duration::from_secs(1), 3).await;
     for p in parked {
         assert_eq!(p.await.unwrap(), 200);
     }
@@ -931,8 +869,7 @@ fn assert_source(m: &Exposition, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_and_pauses() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack(
         unlimited_mock(),
         &[
             ("SIDECAR_RATE_RPM", "600"),
@@ -940,7 +877,6 @@ async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_a
             ("SIDECAR_PROVIDER_WINDOW", "6"),
             ("SIDECAR_PROBE_INTERVAL", "60"),
         ],
-        Arc::new(clock.clone()),
     );
     let limiter = Arc::clone(&s.app.providers[0].limiter);
 
@@ -990,9 +926,7 @@ async fn the_learned_limit_is_the_ceiling_at_start_then_shows_a_restored_limit_a
     assert_eq!(m.sum("sidecar_pause_seconds", &[]), 0.0, "no other reason");
 
     // Sends count in the window until it has passed.
-    for _ in 0..3 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(3).await;
     let m = scrape(s.metrics_addr).await;
     assert_eq!(m.value("sidecar_sent_in_window", &[NVIDIA]), 3.0);
 
@@ -1189,7 +1123,10 @@ async fn no_model_label_anywhere_and_the_provider_key_never_shows() {
     }
 
     // Wait for a snapshot built after the traffic, then look at every surface.
-    let total = wait_for_snapshot_total(&s, 8).await;
+    let total = snapshot_until(s.addr, "8 requests counted", |v| {
+        v["providers"][0]["requests"]["total"].as_u64() == Some(8)
+    })
+    .await;
     assert_eq!(total["providers"][0]["name"], "nvidia");
     let snapshot = call(
         s.addr,
@@ -1221,28 +1158,6 @@ async fn no_model_label_anywhere_and_the_provider_key_never_shows() {
     }
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
-}
-
-/// Polls `/api/dashboard/snapshot` until the first provider counts `total` requests.
-async fn wait_for_snapshot_total(s: &Stack, total: u64) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let a = call(
-            s.addr,
-            req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
-        )
-        .await;
-        assert_eq!(a.status, 200);
-        let v = a.json();
-        if v["providers"][0]["requests"]["total"].as_u64() == Some(total) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the snapshot never counted {total}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1286,19 +1201,7 @@ const REDIS_PASSWORD: &str = "r3dis-pass-metrics-91d2";
 /// Redis for the cluster tests: a URL on which nothing listens (the replica stays in
 /// fallback mode with the backend down), password included.
 fn dead_redis_url() -> String {
-    let port = common::redis::free_port();
-    format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0")
-}
-
-/// The replica id of the first provider's budget.
-fn replica_of(s: &Stack) -> String {
-    s.app.providers[0]
-        .budget
-        .as_ref()
-        .expect("cluster mode: the provider has a budget")
-        .view()
-        .replica
-        .to_string()
+    format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}/0", free_port())
 }
 
 /// Every family the shared budget adds to `/metrics`, with its type.
@@ -1347,7 +1250,7 @@ async fn a_single_process_sidecar_exposes_no_cluster_series() {
 async fn cluster_mode_before_redis_answers_shows_fallback_a_backend_down_and_passes_promtool() {
     let url = dead_redis_url();
     let s = stack(unlimited_mock(), &[("SIDECAR_REDIS_URL", &url)]);
-    let replica = replica_of(&s);
+    let replica = s.replica();
     let text = scrape_text(s.metrics_addr).await;
     let m = parse(&text).unwrap_or_else(|e| panic!("the exposition does not parse: {e}\n{text}"));
     for (family, ty) in CLUSTER_FAMILIES {
@@ -1428,8 +1331,8 @@ async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_b
             ("SIDECAR_RATE_RPM", "6000"),
         ],
     );
-    let replica = replica_of(&s);
-    let runner = nvidia_sidecar::budget::Runner::spawn(&s.app)
+    let replica = s.replica();
+    let runner = nvidia_sidecar::sidecar::spawn_budgets(&s.app)
         .expect("the budget thread starts")
         .expect("cluster mode runs a budget task");
 
@@ -1440,9 +1343,7 @@ async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_b
     .await;
     assert_eq!(m.value("sidecar_cluster_replicas", &[NVIDIA]), 1.0);
     assert!(m.value("sidecar_budget_record_version", &[NVIDIA]) >= 1.0);
-    for _ in 0..20 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(20).await;
     let m = scrape_until(s.metrics_addr, "20 requests on leased tokens", |m| {
         m.get("sidecar_budget_admitted_total", &[NVIDIA]) >= Some(20.0)
             && m.sum("sidecar_cluster_replica_window_sends", &[NVIDIA]) > 0.0
@@ -1477,24 +1378,12 @@ async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_b
     );
 
     // The snapshot says the same.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let cluster = loop {
-        let a = call(
-            s.addr,
-            req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
-        )
-        .await;
-        let v = a.json();
-        let c = v["providers"][0]["cluster"].clone();
-        if c["mode"] == "shared" && c["leases"]["granted"].as_u64() > Some(0) {
-            break c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the snapshot never showed shared mode: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let v = snapshot_until(s.addr, "shared mode", |v| {
+        let c = &v["providers"][0]["cluster"];
+        c["mode"] == "shared" && c["leases"]["granted"].as_u64() > Some(0)
+    })
+    .await;
+    let cluster = &v["providers"][0]["cluster"];
     assert_eq!(cluster["replica"], replica.as_str(), "{cluster}");
     assert_eq!(cluster["budget"], "nvidia");
     assert_eq!(cluster["backend_up"], true);
@@ -1511,7 +1400,7 @@ async fn with_a_real_redis_the_metrics_snapshot_and_admin_view_show_the_shared_b
     assert!(cluster["generation"].is_string(), "{cluster}");
 
     // And the admin view: the cluster's values and this replica's own view.
-    let a = call(s.addr, req("GET", s.addr, "/api/admin/config", &[], "")).await;
+    let a = admin_get(s.addr, &[]).await;
     assert_eq!(a.status, 200, "{}", a.text());
     let v = a.json();
     let c = &v["providers"]["nvidia"]["cluster"];

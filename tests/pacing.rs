@@ -346,19 +346,6 @@ fn refused(windows: &[WindowCount]) -> u64 {
     windows.iter().map(|w| w.refused).sum()
 }
 
-/// When the judge's clock started (its fixed windows count from there), to the
-/// millisecond: the index of the judge's current 1 ms window is its age.
-fn judge_epoch(mock: &MockServer) -> Instant {
-    let now = Instant::now();
-    let age = mock.window_counts(Duration::from_millis(1)).len() as u64 - 1;
-    now - Duration::from_millis(age)
-}
-
-/// Sleeps until `at` after `t0`.
-async fn until(t0: Instant, at: Duration) {
-    tokio::time::sleep_until(t0 + at).await;
-}
-
 // === the scenarios ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use common::*;
 use nvidia_sidecar::app::App;
-use nvidia_sidecar::clock::{Clock, ManualClock, MonotonicClock, SharedClock};
+use nvidia_sidecar::clock::{Clock, MonotonicClock, SharedClock};
 use nvidia_sidecar::limiter::{Limiter, PacingView, RetreatState, Source};
 use nvidia_sidecar::mock::{MockConfig, MockServer};
 use nvidia_sidecar::priority::Priority;
-use nvidia_sidecar::server::{self, Running};
+use nvidia_sidecar::sidecar::{self, Running};
 use tokio::task::JoinHandle;
 
 /// The provider's window, on both sides.
@@ -77,27 +77,18 @@ fn sidecar_for(mock: &MockServer, env: &[(&str, &str)], clock: SharedClock) -> (
     let mut env = env.to_vec();
     env.push(("SIDECAR_UPSTREAM_URL", &base));
     let app = App::with_clock(config_from(&env), clock);
-    let running = server::start_proxy(Arc::clone(&app)).expect("sidecar starts");
+    let running = sidecar::start(Arc::clone(&app)).expect("sidecar starts");
     (running, app)
 }
 
 /// A chat request for `model`, tagged so the provider's record tells requests apart.
 fn tagged(addr: SocketAddr, model: &str, tag: &str, priority: &str) -> JoinHandle<u16> {
     let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
-    let (tag, priority) = (tag.to_owned(), priority.to_owned());
-    tokio::spawn(async move {
-        let headers = [
-            ("x-test-tag", tag.as_str()),
-            ("x-priority", priority.as_str()),
-        ];
-        call(
-            addr,
-            req("POST", addr, "/v1/chat/completions", &headers, &body),
-        )
-        .await
-        .status
-        .as_u16()
-    })
+    spawn_chat(
+        addr,
+        &[("x-test-tag", tag), ("x-priority", priority)],
+        &body,
+    )
 }
 
 /// The tags of the chat requests the provider received, in the order it received them.
@@ -177,29 +168,15 @@ async fn settle(clients: Vec<JoinHandle<u16>>) -> BTreeMap<u16, usize> {
     by_status
 }
 
-/// Polls `cond` (an observed state, not a sleep) for at most `bound`.
-async fn wait_for(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + bound;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 // === Priorities at the grant ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_high_priority_request_takes_the_next_grant_when_the_window_frees() {
     // 60 RPM over 6 s windows: 6 a window, one token a second.
-    let clock = ManualClock::new();
-    clock.set(10 * S);
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack_at(
+        10 * S,
         provider(&[]),
         &scaled(&[("SIDECAR_RATE_RPM", "60")]),
-        Arc::new(clock.clone()),
     );
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     let step = |by: Duration| clock.advance(by);
@@ -291,12 +268,10 @@ async fn a_waiting_high_priority_request_takes_the_next_grant_when_the_window_fr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_model_scope_a_high_request_of_one_model_takes_the_keys_next_grant_before_another_models_low_backlog(
 ) {
-    let clock = ManualClock::new();
-    clock.set(10 * S);
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack_at(
+        10 * S,
         provider(&[]),
         &scaled(&[("SIDECAR_RATE_RPM", "60"), ("SIDECAR_LIMIT_SCOPE", "model")]),
-        Arc::new(clock.clone()),
     );
     let key = Arc::clone(&s.app.providers[0].limiter);
     let step = || clock.advance(Duration::from_secs(1));
@@ -578,7 +553,7 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
         Arc::clone(&stop),
     ));
     let limiter = Arc::clone(&app.providers[0].limiter);
-    wait_for("the limit to be learned", 4 * W, || {
+    wait_until_within("the limit to be learned", 4 * W, || {
         view(&app, &limiter).source != Source::Config
     })
     .await;
@@ -588,7 +563,7 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
             serde_json::from_str(&std::fs::read_to_string(&state).ok()?).ok()?;
         v["providers"].get(&name).cloned()
     };
-    wait_for("the state file to hold it", W, || read().is_some()).await;
+    wait_until_within("the state file to hold it", W, || read().is_some()).await;
     let learned = view(&app, &limiter);
     let first = mock.window_counts(W);
     eprintln!(
@@ -614,10 +589,10 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
     let clients = load.await.unwrap();
     wait_for_arrivals(addr, sent_to(addr)).await;
     let answers = settle(clients).await;
-    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), sent_to(addr)).await;
+    assert_ledger_at(addr, sidecar.metrics_addr, sent_to(addr)).await;
     sidecar.stop();
     drop(app);
-    wait_for("the provider's window to empty", 2 * W, || {
+    wait_until_within("the provider's window to empty", 2 * W, || {
         mock.limits().global.in_window == 0
     })
     .await;
@@ -653,7 +628,7 @@ async fn a_learned_limit_survives_a_restart_and_the_new_sidecar_provokes_no_429(
         sent >= 45,
         "{sent} sent in 2 windows at a restored limit of 30"
     );
-    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), sent_to(addr)).await;
+    assert_ledger_at(addr, sidecar.metrics_addr, sent_to(addr)).await;
     sidecar.stop();
     mock.stop();
 }
@@ -742,25 +717,21 @@ async fn a_503_retreats_without_lowering_the_learned_limit() {
 async fn readiness_probes_take_a_window_slot_and_are_not_sent_into_a_full_window() {
     // 20 RPM over 6 s: floor(20 × 6 / 60) = 2 a window. A bucket of 10, so the window
     // (not the bucket) is what is full.
-    let clock = ManualClock::new();
-    clock.set(10 * S);
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack_at(
+        10 * S,
         provider(&[]),
         &scaled(&[
             ("SIDECAR_RATE_RPM", "20"),
             ("SIDECAR_BUCKET_CAPACITY", "10"),
             ("SIDECAR_READY_CACHE", "0.5"),
         ]),
-        Arc::new(clock.clone()),
     );
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     assert_eq!(limiter.guard.limit(), 2);
     let readyz = || call(s.addr, req("GET", s.addr, "/readyz", &[], ""));
 
     // Two real requests fill the window.
-    for _ in 0..2 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(2).await;
     assert_eq!(limiter.guard.in_span(clock.now_nanos()), 2);
     // Past the readiness cache and the last answer's freshness, inside the window.
     clock.advance(Duration::from_secs(1));
@@ -804,22 +775,18 @@ async fn readiness_probes_take_a_window_slot_and_are_not_sent_into_a_full_window
 async fn passthrough_to_the_same_upstream_is_counted_in_the_window() {
     // 20 RPM over 6 s: 2 a window; no queue, so what the limiter cannot take goes
     // through unmetered, to the same upstream with the same key.
-    let clock = ManualClock::new();
-    clock.set(10 * S);
-    let s = stack_with_clock(
+    let (s, clock) = manual_stack_at(
+        10 * S,
         provider(&[]),
         &scaled(&[
             ("SIDECAR_RATE_RPM", "20"),
             ("SIDECAR_QUEUE_MAX_SIZE", "0"),
             ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
         ]),
-        Arc::new(clock.clone()),
     );
     let p = &s.app.providers[0];
     let window = 6 * S;
-    for _ in 0..5 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
+    s.chats_ok(5).await;
     let st = p.stats.snapshot();
     assert_eq!((st.limited, st.passthrough), (1, 4));
     assert_eq!(s.mock.requests(), 5);

@@ -48,25 +48,6 @@ impl Prometheus {
     }
 }
 
-fn prometheus_binary() -> Option<PathBuf> {
-    let found = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
-        common::missing_tool("prometheus", "apt-get install prometheus");
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Prometheus scraping `targets` every second, with the repository's alerting rules.
 fn start_prometheus(binary: &Path, targets: &[SocketAddr]) -> Prometheus {
     let dir = tempfile::tempdir().unwrap();
@@ -311,7 +292,7 @@ fn the_expression_extractors_find_what_they_should() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashboards_use() {
-    let Some(binary) = prometheus_binary() else {
+    let Some(binary) = find_tool("prometheus", "apt-get install prometheus") else {
         return;
     };
     let s = stack(
@@ -560,20 +541,9 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
     cluster.stop();
 }
 
-fn promtool_binary() -> Option<PathBuf> {
-    let found = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
-        common::missing_tool("promtool", "apt-get install prometheus");
-    }
-    found
-}
-
 #[test]
 fn promtool_checks_the_alerting_rules_and_runs_their_unit_tests() {
-    let Some(promtool) = promtool_binary() else {
+    let Some(promtool) = find_tool("promtool", "apt-get install prometheus") else {
         return;
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");

@@ -96,16 +96,10 @@ async fn streaming_answer_arrives_whole_and_ends_with_done() {
 async fn first_sse_chunk_reaches_the_client_before_the_upstream_sends_the_second() {
     // The upstream waits 60 s before its second chunk; the first must arrive long before.
     let s = stack(unlimited_mock(), &[]);
-    let r = req(
-        "POST",
-        s.addr,
-        "/v1/chat/completions",
-        &[("x-mock-token-delay-ms", "60000")],
-        CHAT_STREAM,
-    );
-    let resp = send(s.addr, r).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = s
+        .open_chat(&[("x-mock-token-delay-ms", "60000")], CHAT_STREAM)
+        .await
+        .into_body();
     let first = next_chunk(&mut body).await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
     assert!(String::from_utf8_lossy(&first).contains(r#""role":"assistant""#));
@@ -201,9 +195,13 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
         .await
         .assert_error(413, "request_too_large");
     // Chunked, so no Content-Length tells in advance.
-    let stream = futures_body(big.clone());
-    let resp = send_streaming(s.addr, "/v1/embeddings", stream).await;
-    assert_eq!(resp.0, 413, "{}", resp.1);
+    let chunks = big
+        .as_bytes()
+        .chunks(500)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let a = send_chunked(s.addr, "POST", "/v1/embeddings", &[], chunks).await;
+    assert_eq!(a.status, 413, "{}", a.text());
     let ok = format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(1000));
     assert_eq!(
         call(s.addr, req("POST", s.addr, "/v1/embeddings", &[], &ok))
@@ -214,60 +212,6 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
     assert_eq!(s.mock.requests(), 1);
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
-}
-
-fn futures_body(s: String) -> Vec<bytes::Bytes> {
-    s.into_bytes()
-        .chunks(500)
-        .map(bytes::Bytes::copy_from_slice)
-        .collect()
-}
-
-/// Sends a chunked body (no Content-Length) frame by frame.
-async fn send_streaming(
-    addr: std::net::SocketAddr,
-    path: &str,
-    chunks: Vec<bytes::Bytes>,
-) -> (u16, String) {
-    use http_body_util::StreamBody;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    note_sent(addr, 1);
-    let frames = chunks
-        .into_iter()
-        .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)));
-    let body = StreamBody::new(tokio_stream_iter(frames));
-    let r = http::Request::post(path)
-        .header("host", addr.to_string())
-        .body(body)
-        .unwrap();
-    let resp = tx.send_request(r).await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-        .unwrap_or_default();
-    (status, text)
-}
-
-/// A `Stream` over an iterator, without pulling in a streams crate.
-fn tokio_stream_iter<I: Iterator + Unpin>(it: I) -> IterStream<I> {
-    IterStream(it)
-}
-struct IterStream<I>(I);
-impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
-    type Item = I::Item;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<I::Item>> {
-        std::task::Poll::Ready(self.0.next())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,15 +245,7 @@ async fn too_many_or_too_large_headers_get_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream_gets_502() {
     // A port that was just free: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let app = nvidia_sidecar::app::App::new(config_from(&[(
-        "SIDECAR_UPSTREAM_URL",
-        &format!("http://{closed}/v1"),
-    )]));
-    let sidecar = nvidia_sidecar::server::start_proxy(app).unwrap();
+    let sidecar = sidecar_with_dead_upstream();
     let addr = sidecar.local_addr;
     let a = call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT)).await;
     a.assert_error(502, "upstream_unavailable");
@@ -318,7 +254,7 @@ async fn unreachable_upstream_gets_502() {
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["status"], "unavailable");
     assert!(ready.json()["reason"].as_str().unwrap().contains("connect"));
-    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), 1).await;
+    assert_ledger_at(addr, sidecar.metrics_addr, 1).await;
     sidecar.stop();
 }
 
@@ -334,16 +270,10 @@ async fn no_response_headers_within_the_request_timeout_gets_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_reset_mid_stream_ends_with_an_error_event_and_never_a_clean_end() {
     let s = stack(unlimited_mock(), &[]);
-    let r = req(
-        "POST",
-        s.addr,
-        "/v1/chat/completions",
-        &[("x-mock-reset-after", "3")],
-        CHAT_STREAM,
-    );
-    let resp = send(s.addr, r).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
+    let mut body = s
+        .open_chat(&[("x-mock-reset-after", "3")], CHAT_STREAM)
+        .await
+        .into_body();
     let mut text = String::new();
     let mut ended_in_error = false;
     while let Some(chunk) = next_chunk(&mut body).await {
@@ -374,15 +304,7 @@ async fn sse_reset_mid_stream_ends_with_an_error_event_and_never_a_clean_end() {
 async fn non_sse_reset_mid_body_is_an_error_to_the_client() {
     // A plain body cut by the upstream: the client must see a broken body, not a short one.
     let s = stack(unlimited_mock(), &[]);
-    let r = req(
-        "POST",
-        s.addr,
-        "/v1/chat/completions",
-        &[("x-mock-reset-after", "1")],
-        CHAT,
-    );
-    let resp = send(s.addr, r).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    let resp = s.open_chat(&[("x-mock-reset-after", "1")], CHAT).await;
     assert_eq!(resp.headers()["content-type"], "application/json");
     let collected = resp.into_body().collect().await;
     assert!(
@@ -415,19 +337,10 @@ async fn a_silent_stream_hits_the_idle_timeout_not_a_total_deadline() {
         steady.text()
     );
     // A 30 s gap after the first chunk is cut by the idle timeout with an error event.
-    let resp = send(
-        s.addr,
-        req(
-            "POST",
-            s.addr,
-            "/v1/chat/completions",
-            &[("x-mock-token-delay-ms", "30000")],
-            CHAT_STREAM,
-        ),
-    )
-    .await
-    .unwrap();
-    let mut body = resp.into_body();
+    let mut body = s
+        .open_chat(&[("x-mock-token-delay-ms", "30000")], CHAT_STREAM)
+        .await
+        .into_body();
     let mut text = String::new();
     while let Some(Ok(c)) = next_chunk(&mut body).await {
         text.push_str(&String::from_utf8_lossy(&c));
@@ -536,7 +449,7 @@ async fn requests_route_to_providers_by_model_pattern() {
         b.base_url()
     );
     let cfg = config_from_toml(&toml);
-    let sidecar = nvidia_sidecar::server::start_proxy(nvidia_sidecar::app::App::new(cfg)).unwrap();
+    let sidecar = nvidia_sidecar::sidecar::start(nvidia_sidecar::app::App::new(cfg)).unwrap();
     let addr = sidecar.local_addr;
     for model in [
         "nvidia/nemotron",
@@ -578,7 +491,7 @@ async fn requests_route_to_providers_by_model_pattern() {
             ("mistralai/mixtral".into(), "Bearer key-other".into())
         ]
     );
-    assert_ledger_at(addr, sidecar.metrics_addr.unwrap(), 4).await;
+    assert_ledger_at(addr, sidecar.metrics_addr, 4).await;
     sidecar.stop();
     a.stop();
     b.stop();
@@ -634,4 +547,29 @@ async fn a_connection_that_sends_nothing_is_closed_and_frees_its_slot() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
+}
+
+/// A provider sends a whole answer with its `Content-Length`; the simulated one must
+/// too, or every measurement through it would count chunked framing no provider sends.
+#[tokio::test]
+async fn the_simulated_upstream_sends_a_whole_answer_with_its_length() {
+    let m = mock(unlimited_mock());
+    let addr = m.addr;
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let a = call(addr, req("POST", addr, "/v1/chat/completions", &[], body)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.headers
+            .get("content-length")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some(a.body.len().to_string()),
+        "{:?}",
+        a.headers
+    );
+    assert!(
+        a.headers.get("transfer-encoding").is_none(),
+        "{:?}",
+        a.headers
+    );
+    m.stop();
 }

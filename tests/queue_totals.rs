@@ -14,18 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nvidia_sidecar::clock::ManualClock;
 use nvidia_sidecar::limiter::{DropReason, QueueCounts};
-use nvidia_sidecar::mock::MockConfig;
 use nvidia_sidecar::priority::Priority;
-
-/// The value of the sample whose name and labels are exactly `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (n, v) = l.rsplit_once(' ')?;
-        (n == series).then(|| v.parse().expect("a number"))
-    })
-}
 
 /// `sample`, failing with the queue's lines when the series is missing.
 fn value(text: &str, series: &str) -> u64 {
@@ -36,20 +26,6 @@ fn value(text: &str, series: &str) -> u64 {
             .collect();
         panic!("no series {series}; the queue's:\n{}", queue.join("\n"))
     }) as u64
-}
-
-/// Starts a chat with `headers` in a task of its own; the task ends with its status.
-fn spawn_chat(s: &Stack, headers: &[(&'static str, &'static str)]) -> tokio::task::JoinHandle<u16> {
-    let (addr, headers) = (s.addr, headers.to_vec());
-    tokio::spawn(async move {
-        call(
-            addr,
-            req("POST", addr, "/v1/chat/completions", &headers, CHAT),
-        )
-        .await
-        .status
-        .as_u16()
-    })
 }
 
 /// The queue's totals in a scrape, per priority, checked against each other and the
@@ -78,19 +54,12 @@ fn flow_in(text: &str, priority: Priority) -> (u64, u64, [u64; 5]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
-        unlimited_mock(),
-        &[
-            // One token a second of the manual clock, no burst.
-            ("SIDECAR_RATE_RPM", "60"),
-            ("SIDECAR_BUCKET_CAPACITY", "1"),
-            ("SIDECAR_REQUEST_TIMEOUT", "3"),
-            ("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5"),
-            ("SIDECAR_SNAPSHOT_INTERVAL", "0.05"),
-        ],
-        Arc::new(clock.clone()),
-    );
+    // One token a second of the manual clock, no burst.
+    let (s, clock) = paced_stack(&[
+        ("SIDECAR_REQUEST_TIMEOUT", "3"),
+        ("SIDECAR_LOW_PRIORITY_TIMEOUT", "1.5"),
+        ("SIDECAR_SNAPSHOT_INTERVAL", "0.05"),
+    ]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     let queues = &limiter.queues;
     let parked = |n: u64| move || queues.counts().enqueued == n;
@@ -107,11 +76,11 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
 
     // Parked, one at a time: a low one (its 1.5 s deadline will pass), a normal one (the
     // request timeout will pass), a normal one whose client leaves, and two high ones.
-    let low = spawn_chat(&s, &[("x-priority", "low")]);
+    let low = spawn_chat(s.addr, &[("x-priority", "low")], CHAT);
     wait_until("the low request to park", parked(1)).await;
-    let times_out = spawn_chat(&s, &[]);
+    let times_out = spawn_chat(s.addr, &[], CHAT);
     wait_until("the normal request to park", parked(2)).await;
-    let leaves = spawn_chat(&s, &[]);
+    let leaves = spawn_chat(s.addr, &[], CHAT);
     wait_until("the third request to park", parked(3)).await;
     leaves.abort();
     wait_until("the abandoned request to leave the queue", || {
@@ -119,18 +88,12 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
     })
     .await;
     let high: Vec<_> = (0..2)
-        .map(|_| spawn_chat(&s, &[("x-priority", "high")]))
+        .map(|_| spawn_chat(s.addr, &[("x-priority", "high")], CHAT))
         .collect();
     wait_until("both high requests to park", parked(5)).await;
 
     // Two tokens: the high ones go, ahead of the normal one still waiting.
-    for k in 0..2 {
-        clock.advance(Duration::from_secs(1));
-        wait_until("a grant to reach the upstream", || {
-            s.mock.requests() == 2 + k
-        })
-        .await;
-    }
+    s.release(&clock, Duration::from_secs(1), 2).await;
     for h in high {
         assert_eq!(h.await.unwrap(), 200);
     }
@@ -183,26 +146,13 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
     }
 
     // The dashboard snapshot says the same.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let queue = loop {
-        let a = call(
-            s.addr,
-            req("GET", s.addr, "/api/dashboard/snapshot", &[], ""),
-        )
-        .await;
-        assert_eq!(a.status, 200);
-        let q = a.json()["providers"][0]["queue"].clone();
-        if q["enqueued"] == 6 && q["dropped"] == 4 {
-            break q;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the snapshot never showed the totals: {q}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let v = snapshot_until(s.addr, "the totals", |v| {
+        let q = &v["providers"][0]["queue"];
+        q["enqueued"] == 6 && q["dropped"] == 4
+    })
+    .await;
     assert_eq!(
-        queue,
+        v["providers"][0]["queue"],
         serde_json::json!({
             "depth": {"high": 0, "normal": 0, "low": 0},
             "total": 0,
@@ -235,23 +185,17 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_parked_when_the_grace_period_ends_is_dropped_for_shutdown() {
-    let clock = ManualClock::new();
-    let s = stack_with_clock(
-        unlimited_mock(),
-        &[("SIDECAR_RATE_RPM", "60"), ("SIDECAR_BUCKET_CAPACITY", "1")],
-        Arc::new(clock.clone()),
-    );
+    let (s, _clock) = paced_stack(&[]);
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    let waiting = spawn_chat(&s, &[]);
-    wait_until("the request to park", || limiter.queues.len() == 1).await;
+    let waiting = s.park_chat(&[], CHAT).await;
     s.app.shutdown.hard_stop.cancel();
     assert_eq!(waiting.await.unwrap(), 503, "shutting_down");
     let c = limiter.queues.counts();
     assert_eq!((c.enqueued, c.dequeued, c.total), (1, 0, 0));
     assert_eq!(c.dropped(DropReason::Shutdown), 1);
     assert_eq!(c.abandoned, 1, "counted once: not also as a client gone");
-    let text = nvidia_sidecar::metrics::exposition::render(&s.app);
+    let text = nvidia_sidecar::exposition::render(&s.app);
     assert_eq!(
         value(
             &text,
@@ -273,21 +217,8 @@ async fn a_request_parked_when_the_grace_period_ends_is_dropped_for_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_put_back_after_an_upstream_429_is_enqueued_again_and_leaves_once_each_time() {
     // The provider allows one request per rolling second; the sidecar would send ten.
-    let s = stack(
-        MockConfig {
-            rpm: 60.0,
-            window_secs: 1.0,
-            no_quota_headers: true,
-            ..MockConfig::default()
-        },
-        &[
-            ("SIDECAR_RATE_RPM", "600"),
-            ("SIDECAR_BUCKET_CAPACITY", "1"),
-            ("SIDECAR_UPSTREAM_429_RETRIES", "10"),
-            ("SIDECAR_PROVIDER_WINDOW", "1"),
-        ],
-    );
-    let clients: Vec<_> = (0..3).map(|_| spawn_chat(&s, &[])).collect();
+    let s = stack_over_a_stricter_provider(60.0);
+    let clients: Vec<_> = (0..3).map(|_| spawn_chat(s.addr, &[], CHAT)).collect();
     for c in clients {
         assert_eq!(c.await.unwrap(), 200, "the 429s were absorbed");
     }

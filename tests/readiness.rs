@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nvidia_sidecar::clock::{Clock, ManualClock};
+use nvidia_sidecar::clock::Clock;
 use nvidia_sidecar::limiter::PauseReason;
 use nvidia_sidecar::mock::MockConfig;
 
@@ -47,14 +47,6 @@ fn unlimited() -> MockConfig {
         window_secs: 6.0,
         ..MockConfig::default()
     }
-}
-
-/// A stack whose limiter runs on a manual clock set to 10 s.
-fn manual(mock_cfg: MockConfig, env: &[(&str, &str)]) -> (Stack, ManualClock) {
-    let clock = ManualClock::new();
-    clock.set(10 * S);
-    let s = stack_with_clock(mock_cfg, env, Arc::new(clock.clone()));
-    (s, clock)
 }
 
 /// `GET /readyz`, answered at once: a readiness check never waits for a token (the
@@ -181,7 +173,7 @@ async fn probes_hammering_beside_traffic_at_the_limit_never_push_the_provider_ov
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_sidecars_probes_take_tokens_and_count_in_the_window() {
     // 20 RPM over 6 s: 2 a window.
-    let (s, clock) = manual(unlimited(), &sidecar("20", "2"));
+    let (s, clock) = manual_stack_at(10 * S, unlimited(), &sidecar("20", "2"));
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     assert_eq!(limiter.guard.limit(), 2);
 
@@ -206,15 +198,7 @@ async fn an_idle_sidecars_probes_take_tokens_and_count_in_the_window() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["probe"], "skipped_no_token", "{}", r.text());
     assert_eq!((probes_seen(&s), in_window(&s)), (2, 2));
-    let chat = {
-        let addr = s.addr;
-        tokio::spawn(async move {
-            call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
-                .await
-                .status
-        })
-    };
-    wait_until("the request to park", || limiter.queues.len() == 1).await;
+    let chat = s.park_chat(&[], CHAT).await;
     assert_eq!(s.mock.requests(), 2);
     clock.advance(Duration::from_secs(7));
     assert_eq!(chat.await.unwrap(), 200);
@@ -228,7 +212,8 @@ async fn a_429_to_a_probe_teaches_the_limit_like_any_429() {
     // The sidecar allows 3 a window; the provider, 1 a minute, with bare 429s. The
     // second probe draws a 429 on send 2 of its window: the limit is 1, learned from
     // the probe as from a request, so the third is not sent into a full window.
-    let (s, clock) = manual(
+    let (s, clock) = manual_stack_at(
+        10 * S,
         MockConfig {
             rpm: 1.0,
             window_secs: 60.0,
@@ -276,21 +261,11 @@ async fn a_429_to_a_probe_teaches_the_limit_like_any_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_token_free_readiness_answers_from_the_last_real_answer_without_queueing() {
-    let (s, clock) = manual(unlimited(), &sidecar("20", "2"));
+    let (s, clock) = manual_stack_at(10 * S, unlimited(), &sidecar("20", "2"));
     let limiter = Arc::clone(&s.app.providers[0].limiter);
     // Two real requests fill the window; a third waits for it.
-    for _ in 0..2 {
-        assert_eq!(s.chat(&[], CHAT).await.status, 200);
-    }
-    let waiting = {
-        let addr = s.addr;
-        tokio::spawn(async move {
-            call(addr, req("POST", addr, "/v1/chat/completions", &[], CHAT))
-                .await
-                .status
-        })
-    };
-    wait_until("the third request to park", || limiter.queues.len() == 1).await;
+    s.chats_ok(2).await;
+    let waiting = s.park_chat(&[], CHAT).await;
     // Past the verdict cache and the answers' freshness, inside the window.
     clock.advance(Duration::from_secs(1));
 
@@ -315,7 +290,8 @@ async fn with_no_token_free_readiness_answers_from_the_last_real_answer_without_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skipped_probe_keeps_the_last_probes_verdict() {
     // One send a window; the upstream answers everything with a 500.
-    let (s, clock) = manual(
+    let (s, clock) = manual_stack_at(
+        10 * S,
         MockConfig {
             error_rate: 1.0,
             ..unlimited()
@@ -339,7 +315,7 @@ async fn a_skipped_probe_keeps_the_last_probes_verdict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_answered_and_no_token_free_is_ready_and_says_it_was_not_probed() {
-    let (s, clock) = manual(unlimited(), &sidecar("20", "2"));
+    let (s, clock) = manual_stack_at(10 * S, unlimited(), &sidecar("20", "2"));
     // Admission paused (as after a provider's Retry-After): no token for anyone.
     s.app.providers[0]
         .limiter

@@ -10,14 +10,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{call, req, Answer};
+use common::{admin_call, admin_config, admin_patch, call, req, Answer};
 use nvidia_sidecar::mock::{MockConfig, MockServer};
 use serde_json::Value;
 
 const TOKEN: &str = "reload-admin-t0ken-5d2f81";
 const BEARER: &str = "Bearer reload-admin-t0ken-5d2f81";
 const PROVIDER_KEY: &str = "nvapi-provider-key-0001";
-const CONFIG: &str = "/api/admin/config";
 
 /// Two distinct free ports (bound together, then released).
 fn free_ports() -> (u16, u16) {
@@ -163,23 +162,11 @@ impl Sidecar {
     }
 
     async fn get_config(&self) -> Value {
-        let a = call(self.addr, req("GET", self.addr, CONFIG, &[], "")).await;
-        assert_eq!(a.status, 200, "{}", a.text());
-        a.json()
+        admin_config(self.addr, &[]).await
     }
 
     async fn patch(&self, body: &str) -> Answer {
-        call(
-            self.addr,
-            req(
-                "PATCH",
-                self.addr,
-                CONFIG,
-                &[("authorization", BEARER)],
-                body,
-            ),
-        )
-        .await
+        admin_patch(self.addr, BEARER, body).await
     }
 
     async fn chat(&self, model: &str) -> Answer {
@@ -435,18 +422,14 @@ async fn a_log_level_patched_through_the_admin_api_takes_effect_at_once() {
     .await;
 
     // Refused requests carrying the right token do not log it.
-    let a = call(
+    let a = admin_call(
         s.addr,
-        req(
-            "PATCH",
-            s.addr,
-            CONFIG,
-            &[
-                ("authorization", BEARER),
-                ("origin", "https://evil.example"),
-            ],
-            r#"{"rate_rpm": 5}"#,
-        ),
+        "PATCH",
+        &[
+            ("authorization", BEARER),
+            ("origin", "https://evil.example"),
+        ],
+        r#"{"rate_rpm": 5}"#,
     )
     .await;
     assert_eq!(a.status, 403);

@@ -21,13 +21,7 @@ fn slow_stream_mock(token_delay_ms: u64) -> MockConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_flight_stream_finishes_after_shutdown_begins_and_new_connections_are_refused() {
     let s = stack(slow_stream_mock(50), &[]);
-    let resp = send(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT_STREAM),
-    )
-    .await
-    .unwrap();
-    let mut body = resp.into_body();
+    let mut body = s.open_chat(&[], CHAT_STREAM).await.into_body();
     let mut text =
         String::from_utf8(next_chunk(&mut body).await.unwrap().unwrap().to_vec()).unwrap();
     s.sidecar.begin_shutdown();
@@ -47,7 +41,7 @@ async fn an_in_flight_stream_finishes_after_shutdown_begins_and_new_connections_
     );
     assert_app_ledger(&s.app, sent_to(addr));
     assert_eq!(
-        Ledger::from_metrics(&nvidia_sidecar::metrics::exposition::render(&s.app))
+        Ledger::from_metrics(&nvidia_sidecar::exposition::render(&s.app))
             .outcome("nvidia", "success"),
         1
     );
@@ -60,13 +54,7 @@ async fn a_stream_still_open_when_the_grace_period_ends_is_closed_with_an_error_
         slow_stream_mock(60_000),
         &[("SIDECAR_SHUTDOWN_GRACE", "0.3")],
     );
-    let resp = send(
-        s.addr,
-        req("POST", s.addr, "/v1/chat/completions", &[], CHAT_STREAM),
-    )
-    .await
-    .unwrap();
-    let mut body = resp.into_body();
+    let mut body = s.open_chat(&[], CHAT_STREAM).await.into_body();
     let mut text = String::new();
     text.push_str(&String::from_utf8_lossy(
         &next_chunk(&mut body).await.unwrap().unwrap(),
@@ -86,7 +74,7 @@ async fn a_stream_still_open_when_the_grace_period_ends_is_closed_with_an_error_
         .unwrap();
     assert_app_ledger(&s.app, sent_to(addr));
     assert_eq!(
-        Ledger::from_metrics(&nvidia_sidecar::metrics::exposition::render(&s.app))
+        Ledger::from_metrics(&nvidia_sidecar::exposition::render(&s.app))
             .outcome("nvidia", "shutdown"),
         1,
         "a stream cut by the grace period ends once, as shutdown"

@@ -76,7 +76,7 @@ async fn https_upstream_is_reached_over_h2_with_the_configured_ca_and_the_provid
         ("SIDECAR_UPSTREAM_URL", &url),
         ("SIDECAR_UPSTREAM_CA_FILE", ca.to_str().unwrap()),
     ]));
-    let sidecar = nvidia_sidecar::server::start_proxy(app).unwrap();
+    let sidecar = nvidia_sidecar::sidecar::start(app).unwrap();
     let addr = sidecar.local_addr;
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -122,7 +122,7 @@ fn without_the_ca_the_self_signed_upstream_is_refused_with_502() {
         let url = format!("https://localhost:{}/v1", up.port());
         let app =
             nvidia_sidecar::app::App::new(common::config_from(&[("SIDECAR_UPSTREAM_URL", &url)]));
-        let sidecar = nvidia_sidecar::server::start_proxy(app).unwrap();
+        let sidecar = nvidia_sidecar::sidecar::start(app).unwrap();
         let addr = sidecar.local_addr;
         let a = common::call(
             addr,

@@ -19,7 +19,7 @@
 //! `sidecar_admin_changes_total`.
 //! SIGHUP reloads go through [`reload`], with the same validation and the same log.
 
-pub mod auth;
+mod apply;
 pub mod patch;
 mod view;
 
@@ -33,12 +33,13 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::App;
+use crate::auth::{Access, Denied};
 use crate::body::{BoxError, ProxyBody};
-use crate::config::Config;
-use crate::error::error_json;
-use crate::hot::Hot;
-use auth::{Access, Denied};
-use patch::{Change, PatchError};
+use crate::reply::Reply;
+use apply::{apply, audit, publish};
+use patch::PatchError;
+
+pub use apply::{apply_cluster, reload, ReloadError};
 
 const CONFIG_PATH: &str = "/api/admin/config";
 const PROVIDERS_PATH: &str = "/api/admin/providers/";
@@ -180,15 +181,9 @@ fn error(status: StatusCode, message: &str, code: &str) -> Response<ProxyBody> {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "authentication_error",
         _ => "invalid_request_error",
     };
-    let mut resp = Response::new(ProxyBody::full(error_json(message, kind, code)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    Reply::error(status, message, kind, code)
+        .no_store()
+        .into_response()
 }
 
 fn denied_response(d: &Denied) -> Response<ProxyBody> {
@@ -215,18 +210,11 @@ fn json_response(
     body: &serde_json::Value,
     version: u64,
 ) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-        h.insert(header::ETAG, v);
+    let mut reply = Reply::json(status, body.to_string()).no_store();
+    if let Ok(v) = HeaderValue::try_from(format!("\"{version}\"")) {
+        reply = reply.header(header::ETAG, v);
     }
-    resp
+    reply.into_response()
 }
 
 fn read(app: &App) -> Response<ProxyBody> {
@@ -340,145 +328,4 @@ where
             error(status, &message, code)
         }
     }
-}
-
-/// Sends the shared fields of a change made here to every replica of each shared
-/// budget (through Redis).
-fn publish(app: &App, old: &Hot, new: &Hot) {
-    for ((provider, a), b) in app.providers.iter().zip(&old.providers).zip(&new.providers) {
-        let Some(budget) = &provider.budget else {
-            continue;
-        };
-        if a.rate_rpm != b.rate_rpm
-            || a.bucket_capacity != b.bucket_capacity
-            || old.fallback_enabled_passthrough != new.fallback_enabled_passthrough
-        {
-            budget.command(crate::budget::Command::Configure {
-                rate_rpm: b.rate_rpm,
-                bucket_capacity: b.bucket_capacity,
-                fallback: new.fallback_enabled_passthrough,
-            });
-        }
-    }
-}
-
-/// Applies the shared budget's values for provider `index` here: a change made at
-/// another replica (or the budget's record, which wins over this replica's file).
-pub fn apply_cluster(app: &App, index: usize, rate_rpm: f64, bucket_capacity: u32, fallback: bool) {
-    let names = app.provider_names();
-    let Ok((old, new)) = app.hot.update(
-        |old| -> Result<Hot, std::convert::Infallible> {
-            let mut new = old.clone();
-            new.providers[index].rate_rpm = rate_rpm;
-            new.providers[index].bucket_capacity = bucket_capacity;
-            new.fallback_enabled_passthrough = fallback;
-            Ok(new)
-        },
-        |old, new| apply(app, old, new),
-    );
-    let changes = patch::diff(&old, &new, &names);
-    if !changes.is_empty() {
-        app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
-        audit("-", "cluster", &changes, new.version);
-    }
-}
-
-/// Pushes a new value into the running parts. Called under the writer lock, before the
-/// value becomes current.
-fn apply(app: &App, old: &Hot, new: &Hot) {
-    let now = app.clock.now_nanos();
-    for ((provider, a), b) in app.providers.iter().zip(&old.providers).zip(&new.providers) {
-        if a.rate_rpm != b.rate_rpm || a.bucket_capacity != b.bucket_capacity {
-            let change = provider
-                .limiter
-                .set_rate(b.rate_rpm, b.bucket_capacity, now);
-            if let Some(c) = change {
-                tracing::warn!(
-                    provider = &*provider.name,
-                    from = c.from,
-                    to = c.to,
-                    source = c.source.as_str(),
-                    why = %c.why,
-                    "learned limit change"
-                );
-            }
-        }
-        if a.queue_max_size != b.queue_max_size {
-            provider.limiter.set_queue_max(b.queue_max_size);
-        }
-    }
-    if old.log_level != new.log_level {
-        if let Some(handle) = app.log_level.get() {
-            if let Err(e) = crate::logging::set_level(handle, new.log_level) {
-                tracing::error!(error = %e, "cannot change the log level");
-            }
-        }
-    }
-}
-
-fn audit(remote: &str, source: &str, changes: &[Change], version: u64) {
-    let fields: Vec<String> = changes
-        .iter()
-        .map(|c| format!("{}: {} -> {}", c.field, c.old, c.new))
-        .collect();
-    tracing::info!(
-        target: crate::logging::AUDIT_TARGET,
-        remote,
-        source,
-        version,
-        changes = %fields.join("; "),
-        "configuration changed"
-    );
-}
-
-/// Why a reload left the configuration as it was.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("the providers changed ({0}); adding, removing or renaming providers needs a restart")]
-    Providers(String),
-}
-
-/// Applies the run-time fields of a freshly loaded configuration (SIGHUP). Settings
-/// that need a restart and differ are named in the log and left alone.
-pub fn reload(app: &App, config: &Config) -> Result<Vec<Change>, ReloadError> {
-    let names = app.provider_names();
-    let new_names: Vec<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
-    if names != new_names {
-        return Err(ReloadError::Providers(format!(
-            "running: {}; file: {}",
-            names.join(", "),
-            new_names.join(", ")
-        )));
-    }
-    let restart = view::needs_restart(&app.config, config);
-    if !restart.is_empty() {
-        tracing::warn!(settings = %restart.join(", "), "reload: these settings change only on restart; kept as they are");
-    }
-    let fresh = Hot::of(config);
-    let current = app.hot.get();
-    if (Hot {
-        version: current.version,
-        ..fresh.clone()
-    }) == *current
-    {
-        tracing::info!(
-            version = current.version,
-            "reload: the run-time settings are unchanged"
-        );
-        return Ok(Vec::new());
-    }
-    let (old, new) = app.hot.update(
-        |old| -> Result<Hot, ReloadError> {
-            Ok(Hot {
-                version: old.version,
-                ..fresh
-            })
-        },
-        |old, new| apply(app, old, new),
-    )?;
-    publish(app, &old, &new);
-    let changes = patch::diff(&old, &new, &names);
-    app.admin_changes.applied.fetch_add(1, Ordering::Relaxed);
-    audit("-", "sighup", &changes, new.version);
-    Ok(changes)
 }

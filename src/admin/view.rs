@@ -1,14 +1,16 @@
 //! The effective configuration as the admin API shows it: every setting, secrets
-//! masked to their first four characters, run-time fields from the current [`Hot`],
-//! and each provider's learned limit ([`pacing`]) as it is now. In cluster mode
-//! (`redis_url` set) also the Redis settings (the URL masked) and each shared budget
-//! ([`cluster`]): the cluster's values and this replica's own view.
+//! masked to their first four characters, the run-time fields (the rows of
+//! [`crate::config::runtime`]) from the current [`Hot`], and each provider's learned
+//! limit ([`pacing`]) as it is now. In cluster mode (`redis_url` set) also the Redis
+//! settings (the URL masked) and each shared budget ([`cluster`]): the cluster's values
+//! and this replica's own view.
 
 use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::budget::ClusterView;
-use crate::config::{Config, LogFormat, RedisConfig, Secret};
+use crate::config::runtime;
+use crate::config::{LogFormat, RedisConfig, Secret};
 use crate::hot::Hot;
 use crate::limiter::PacingView;
 
@@ -16,20 +18,12 @@ fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn level(l: tracing::Level) -> String {
-    l.as_str().to_ascii_lowercase()
+/// Adds `fields` (name and value) to the object `into`.
+fn insert(into: &mut Value, fields: Vec<(&'static str, Value)>) {
+    if let Value::Object(map) = into {
+        map.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    }
 }
-
-/// The fields the admin API can change.
-pub const HOT_FIELDS: [&str; 7] = [
-    "rate_rpm",
-    "bucket_capacity",
-    "queue_max_size",
-    "low_priority_timeout",
-    "request_timeout",
-    "fallback_enabled_passthrough",
-    "log_level",
-];
 
 /// `GET /api/admin/config`.
 pub fn config(app: &App, hot: &Hot) -> Value {
@@ -41,11 +35,7 @@ pub fn config(app: &App, hot: &Hot) -> Value {
         let mut entry = json!({
                 "upstream": p.upstream.display(),
                 "api_key": p.api_key.as_ref().map(Secret::masked),
-                "rate_rpm": h.rate_rpm,
                 "effective_rpm": effective,
-                "bucket_capacity": h.bucket_capacity,
-                "queue_max_size": h.queue_max_size,
-                "low_priority_timeout": secs(h.low_priority_timeout),
                 "models": p.models,
                 "fallback": p.fallback.as_ref().map(|f| f.display()),
                 "provider_window": secs(p.window),
@@ -55,6 +45,7 @@ pub fn config(app: &App, hot: &Hot) -> Value {
                 "pacing": pacing(&provider.limiter.pacing_view(now), now),
                 "model_pacing": model_pacing(&provider.limiter, now),
         });
+        insert(&mut entry, h.shown());
         if let (Some(budget), Value::Object(map)) = (&provider.budget, &mut entry) {
             map.insert("cluster".to_owned(), cluster(&budget.view()));
         }
@@ -65,26 +56,15 @@ pub fn config(app: &App, hot: &Hot) -> Value {
         .iter()
         .map(|(k, v)| (mask(k), json!(v.as_str())))
         .collect();
-    let mut out = json!({
-        "version": hot.version.to_string(),
-        "hot_fields": HOT_FIELDS,
-        "admin": app.admin.describe(),
-        "global": {
+    let mut global = json!({
             "listen": c.listen.to_string(),
             "metrics_listen": c.metrics_listen.to_string(),
             "workers": c.workers.get(),
-            "log_level": level(hot.log_level),
             "log_format": match c.log_format { LogFormat::Json => "json", LogFormat::Pretty => "pretty" },
             "admin_token": c.admin_token.as_ref().map(Secret::masked),
-            "request_timeout": secs(hot.request_timeout),
             "connect_timeout": secs(c.timeouts.connect),
             "stream_idle_timeout": secs(c.timeouts.stream_idle),
             "shutdown_grace": secs(c.timeouts.shutdown_grace),
-            "fallback_enabled_passthrough": hot.fallback_enabled_passthrough,
-            "rate_rpm": hot.defaults.rate_rpm,
-            "bucket_capacity": hot.defaults.bucket_capacity,
-            "queue_max_size": hot.defaults.queue_max_size,
-            "low_priority_timeout": secs(hot.defaults.low_priority_timeout),
             "upstream_429_retries": c.upstream_429_retries,
             "ready_cache": secs(c.ready_cache),
             "snapshot_interval": secs(c.snapshot_interval),
@@ -105,7 +85,14 @@ pub fn config(app: &App, hot: &Hot) -> Value {
             "state_file": c.state_file.as_ref().map(|p| p.display().to_string()),
             "client_priorities": priorities,
             "default_provider": c.default_provider().name,
-        },
+    });
+    insert(&mut global, hot.shown());
+    insert(&mut global, hot.defaults.shown());
+    let mut out = json!({
+        "version": hot.version.to_string(),
+        "hot_fields": runtime::names(None),
+        "admin": app.admin.describe(),
+        "global": global,
         "providers": providers,
     });
     if let (Some(r), Value::Object(map)) = (&c.redis, &mut out) {
@@ -148,7 +135,7 @@ pub fn cluster(v: &ClusterView) -> Value {
             "changes": r.changes,
         })
     });
-    let shares: serde_json::Map<String, Value> = crate::metrics::cluster::shares(v)
+    let shares: serde_json::Map<String, Value> = crate::exposition::cluster::shares(v)
         .into_iter()
         .map(|(replica, n)| (replica.to_owned(), json!(n)))
         .collect();
@@ -216,97 +203,10 @@ fn mask(token: &str) -> String {
     Secret::new(token.to_owned()).map_or_else(String::new, |s| s.masked())
 }
 
-/// Settings that differ between `running` and `loaded` but change only on restart.
-pub fn needs_restart(running: &Config, loaded: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |name: &'static str, differs: bool| {
-        if differs {
-            out.push(name);
-        }
-    };
-    let expose = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
-    check("listen", running.listen != loaded.listen);
-    check(
-        "metrics_port",
-        running.metrics_listen != loaded.metrics_listen,
-    );
-    check("workers", running.workers != loaded.workers);
-    check("log_format", running.log_format != loaded.log_format);
-    check(
-        "admin_token",
-        expose(&running.admin_token) != expose(&loaded.admin_token),
-    );
-    check(
-        "timeouts",
-        (
-            running.timeouts.connect,
-            running.timeouts.stream_idle,
-            running.timeouts.shutdown_grace,
-        ) != (
-            loaded.timeouts.connect,
-            loaded.timeouts.stream_idle,
-            loaded.timeouts.shutdown_grace,
-        ),
-    );
-    check(
-        "limits",
-        format!("{:?}", running.limits) != format!("{:?}", loaded.limits),
-    );
-    check("ready_cache", running.ready_cache != loaded.ready_cache);
-    check(
-        "snapshot_interval",
-        running.snapshot_interval != loaded.snapshot_interval,
-    );
-    check(
-        "upstream_429_retries",
-        running.upstream_429_retries != loaded.upstream_429_retries,
-    );
-    check(
-        "retreat",
-        format!("{:?}", running.retreat) != format!("{:?}", loaded.retreat),
-    );
-    check(
-        "client_priorities",
-        running.client_priorities != loaded.client_priorities,
-    );
-    check(
-        "upstream_ca_file",
-        running.upstream_ca != loaded.upstream_ca,
-    );
-    check("window_margin", running.margin != loaded.margin);
-    check(
-        "probe_interval",
-        running.probe_interval != loaded.probe_interval,
-    );
-    check("state_file", running.state_file != loaded.state_file);
-    let provider_static = |c: &Config| -> Vec<String> {
-        c.providers
-            .iter()
-            .map(|p| {
-                format!(
-                    "{} {:?} {:?} {:?} {:?} {:?} {:?}",
-                    p.upstream.display(),
-                    expose(&p.api_key),
-                    p.models,
-                    p.fallback.as_ref().map(|f| f.display()),
-                    p.window,
-                    p.rate_limit_headers,
-                    p.limit_scope,
-                )
-            })
-            .collect()
-    };
-    check(
-        "providers (upstream, key, models, fallback, provider_window, rate_limit_headers, limit_scope)",
-        provider_static(running) != provider_static(loaded),
-    );
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::cluster::tests::view;
+    use crate::exposition::cluster::tests::view;
 
     #[test]
     fn a_budget_shows_the_clusters_record_and_the_replicas_own_view() {

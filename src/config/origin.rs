@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 
+use super::error::ConfigError;
+use super::file::FileConfig;
 use super::settings::{Settings, SETTINGS};
 use super::source::EnvSource;
-use super::FileConfig;
 
 /// Where one value was set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +111,29 @@ impl Origins {
                 (key.to_owned(), format!(" ({path} line {line})"))
             }
             Some(Origin::Default) | None => (setting.to_owned(), String::new()),
+        }
+    }
+
+    /// `error` with its setting named as the user wrote it (see [`Origins::name`]).
+    pub fn rename(&self, error: ConfigError) -> ConfigError {
+        match error {
+            ConfigError::Invalid {
+                setting,
+                value,
+                expected,
+                at,
+                source,
+            } if at.is_empty() => {
+                let (setting, at) = self.name(&setting);
+                ConfigError::Invalid {
+                    setting,
+                    value,
+                    expected,
+                    at,
+                    source,
+                }
+            }
+            other => other,
         }
     }
 }

@@ -7,11 +7,13 @@
 //! `None` and the sidecar paces alone, as before.
 
 use std::fmt;
-use std::io::Read;
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use super::ConfigError;
+use super::error::ConfigError;
+use super::secret::first_line;
+use super::settings::Merged;
+use super::validate::{count_in, seconds_in, Range};
 
 /// What a Redis URL may look like, as every URL error says.
 pub const URL_EXPECTED: &str = "redis://[user:password@]host[:port][/db] or rediss://... for TLS, \
@@ -367,121 +369,82 @@ pub fn mask_raw(raw: &str) -> String {
     }
 }
 
-/// The first non-empty line of a small file, trimmed (`None`: unreadable or no such line).
-/// At most 64 KiB are read, so a device or a huge file cannot stall start-up.
-pub(super) fn first_line(path: &str) -> Result<Option<String>, std::io::Error> {
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(64 * 1024)
-        .read_to_string(&mut text)?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .map(str::to_owned))
-}
-
-/// The merged Redis settings, as [`super::Config::build`] hands them over.
-pub(super) struct RedisSettings {
-    pub url: String,
-    pub url_file: String,
-    pub password_file: String,
-    pub prefix: String,
-    pub timeout: f64,
-    pub replicas: u32,
-    pub fallback_for: f64,
-}
-
-impl RedisSettings {
-    /// Validates every Redis setting (also without a URL, so a typo shows at once);
-    /// `None` when no URL is set.
-    pub(super) fn build(self) -> Result<Option<RedisConfig>, ConfigError> {
-        let prefix = self.prefix;
-        let prefix_ok = (1..=64).contains(&prefix.len())
-            && prefix
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
-        if !prefix_ok {
-            return Err(ConfigError::invalid(
-                "redis_prefix",
-                &prefix,
-                "1 to 64 printable ASCII characters without spaces, '{' or '}'",
-            ));
-        }
-        let timeout = if self.timeout.is_finite() && (0.01..=5.0).contains(&self.timeout) {
-            Duration::from_secs_f64(self.timeout)
-        } else {
-            return Err(ConfigError::invalid(
-                "redis_timeout",
-                self.timeout,
-                "a number of seconds from 0.01 to 5",
-            ));
-        };
-        if !(1..=1000).contains(&self.replicas) {
-            return Err(ConfigError::invalid(
-                "redis_replicas",
-                self.replicas,
-                "an integer from 1 to 1000",
-            ));
-        }
-        let fallback_for =
-            if self.fallback_for.is_finite() && (1.0..=3600.0).contains(&self.fallback_for) {
-                Duration::from_secs_f64(self.fallback_for)
-            } else {
-                return Err(ConfigError::invalid(
-                    "redis_fallback_for",
-                    self.fallback_for,
-                    "a number of seconds from 1 to 3600",
-                ));
-            };
-
-        // Where the URL comes from: the file wins over the setting.
-        let (raw, source) = match self.url_file.trim() {
-            "" => (self.url.trim().to_owned(), "redis_url"),
-            path => {
-                let name = "redis_url_file";
-                match first_line(path) {
-                    Ok(Some(line)) => (line, name),
-                    _ => {
-                        return Err(ConfigError::invalid(
-                            name,
-                            path,
-                            "a readable file whose first non-empty line is the Redis URL",
-                        ))
-                    }
-                }
-            }
-        };
-        let password = match self.password_file.trim() {
-            "" => None,
-            path => {
-                let name = "redis_password_file";
-                match first_line(path) {
-                    Ok(Some(pw)) => Some(pw),
-                    _ => {
-                        return Err(ConfigError::invalid(
-                            name,
-                            path,
-                            "a readable file whose first non-empty line is the Redis password",
-                        ))
-                    }
-                }
-            }
-        };
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        let url = match &password {
-            None => RedisUrl::parse(&raw),
-            Some(pw) => RedisUrl::parse_with_password(&raw, pw),
-        }
-        .map_err(|expected| ConfigError::invalid(source, mask_raw(&raw), expected))?;
-        Ok(Some(RedisConfig {
-            url,
-            prefix,
-            timeout,
-            replicas: self.replicas,
-            fallback_for,
-        }))
+/// Validates every Redis setting (also without a URL, so a typo shows at once);
+/// `None` when no URL is set.
+pub(super) fn build(s: &Merged) -> Result<Option<RedisConfig>, ConfigError> {
+    let prefix = s.redis_prefix.clone();
+    let prefix_ok = (1..=64).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+    if !prefix_ok {
+        return Err(ConfigError::invalid(
+            "redis_prefix",
+            &prefix,
+            "1 to 64 printable ASCII characters without spaces, '{' or '}'",
+        ));
     }
+    let timeout = seconds_in(
+        "redis_timeout",
+        s.redis_timeout,
+        Range::Seconds {
+            min: 0.01,
+            max: 5.0,
+        },
+    )?;
+    let replicas = count_in(
+        "redis_replicas",
+        s.redis_replicas,
+        Range::Integer { min: 1, max: 1000 },
+    )?;
+    let fallback_for = seconds_in(
+        "redis_fallback_for",
+        s.redis_fallback_for,
+        Range::Seconds {
+            min: 1.0,
+            max: 3600.0,
+        },
+    )?;
+
+    // Where the URL comes from: the file wins over the setting.
+    let (raw, source) = match s.redis_url_file.trim() {
+        "" => (s.redis_url.trim().to_owned(), "redis_url"),
+        path => {
+            let name = "redis_url_file";
+            const EXPECTED: &str = "a readable file whose first non-empty line is the Redis URL";
+            match first_line(path) {
+                Ok(Some(line)) => (line, name),
+                Ok(None) => return Err(ConfigError::invalid(name, path, EXPECTED)),
+                Err(e) => return Err(ConfigError::unreadable(name, path, EXPECTED, e)),
+            }
+        }
+    };
+    let password = match s.redis_password_file.trim() {
+        "" => None,
+        path => {
+            let name = "redis_password_file";
+            const EXPECTED: &str =
+                "a readable file whose first non-empty line is the Redis password";
+            match first_line(path) {
+                Ok(Some(pw)) => Some(pw),
+                Ok(None) => return Err(ConfigError::invalid(name, path, EXPECTED)),
+                Err(e) => return Err(ConfigError::unreadable(name, path, EXPECTED, e)),
+            }
+        }
+    };
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let url = match &password {
+        None => RedisUrl::parse(&raw),
+        Some(pw) => RedisUrl::parse_with_password(&raw, pw),
+    }
+    .map_err(|expected| ConfigError::invalid(source, mask_raw(&raw), expected))?;
+    Ok(Some(RedisConfig {
+        url,
+        prefix,
+        timeout,
+        replicas,
+        fallback_for,
+    }))
 }

@@ -1,13 +1,13 @@
 //! The one list of global settings.
 //!
-//! `settings!` expands the table below into three things that therefore cannot
-//! drift apart: [`Settings`] (all-`Option` fields, deserialised from the TOML file
-//! and filled from command-line flags by clap), [`Settings::apply_env`] (the
-//! environment layer) and [`SETTINGS`] (name, variable, default and meaning, used by
-//! the README table test and `.env.example` check).
+//! `settings!` expands the table below into things that therefore cannot drift apart:
+//! [`Settings`] (all-`Option` fields, deserialised from the TOML file and filled from
+//! command-line flags by clap), [`Merged`] (every field set, what validation reads),
+//! [`Settings::from_env`] (the environment layer) and [`SETTINGS`] (name, variable,
+//! default and meaning, used by the README table test and `.env.example` check).
 
+use super::error::ConfigError;
 use super::source::EnvSource;
-use super::ConfigError;
 
 /// How one setting is documented: derived from the same table as the struct.
 #[derive(Debug, Clone, Copy)]
@@ -63,33 +63,34 @@ macro_rules! settings {
             )*
         }
 
+        /// Every setting after all layers: the defaults fill what no layer set.
+        #[derive(Debug, Clone)]
+        pub struct Merged {
+            $(
+                $(#[doc = $help])+
+                pub $key: $ty,
+            )*
+        }
+
         /// The TOML file as written: the global settings at the top level, then the
-        /// providers. Deserialised straight from the text so every error has a position.
-        #[derive(Debug, Default, Clone, serde::Deserialize)]
+        /// providers (`P`, one `[[providers]]` table). Deserialised straight from the
+        /// text so every error has a position.
+        #[derive(Debug, serde::Deserialize)]
         #[serde(deny_unknown_fields)]
-        pub struct FileLayout {
-            $( pub $key: Option<$ty>, )*
-            #[serde(default)]
-            pub providers: Vec<super::ProviderFile>,
+        pub struct FileLayout<P> {
+            $( $key: Option<$ty>, )*
+            #[serde(default = "Vec::new")]
+            pub providers: Vec<P>,
             pub default_provider: Option<String>,
             /// Client key (the bearer token the app sends) → default priority.
             #[serde(default)]
             pub client_priorities: std::collections::BTreeMap<String, String>,
         }
 
-        impl FileLayout {
-            /// Splits the file into its global settings and the rest.
-            pub fn split(self) -> (Settings, super::FileConfig) {
-                let settings = Settings { $( $key: self.$key, )* };
-                let file = super::FileConfig {
-                    path: String::new(),
-                    lines: Default::default(),
-                    settings: settings.clone(),
-                    providers: self.providers,
-                    default_provider: self.default_provider,
-                    client_priorities: self.client_priorities,
-                };
-                (settings, file)
+        impl<P> FileLayout<P> {
+            /// Takes the global settings out of the file, leaving the rest.
+            pub fn take_settings(&mut self) -> Settings {
+                Settings { $( $key: self.$key.take(), )* }
             }
         }
 
@@ -110,6 +111,12 @@ macro_rules! settings {
                     $($key: Some(<$ty as ParseSetting>::parse_setting($default)
                         .expect(concat!("default of ", stringify!($key), " parses"))),)*
                 }
+            }
+
+            /// The value of every setting: this layer's, else the type's default (a
+            /// layer over [`Settings::defaults`] sets every one).
+            pub fn merged(self) -> Merged {
+                Merged { $( $key: self.$key.unwrap_or_default(), )* }
             }
 
             /// The keys this layer sets.
@@ -155,15 +162,15 @@ settings! {
     upstream_api_key_file: String = "", env "SIDECAR_UPSTREAM_API_KEY_FILE";
     /// PEM file of extra CA certificates trusted for upstream TLS, besides the webpki roots.
     upstream_ca_file: String = "", env "SIDECAR_UPSTREAM_CA_FILE";
-    /// Requests per minute sent to the upstream at most: the ceiling. The sidecar paces at the provider's learned limit when that is lower.
+    /// Requests per minute sent to the upstream at most: the ceiling (above 0, at most 6000000). The sidecar paces at the provider's learned limit when that is lower.
     rate_rpm: f64 = "40", env "SIDECAR_RATE_RPM";
-    /// Token bucket capacity: the largest burst admitted after an idle period.
+    /// Token bucket capacity: the largest burst admitted after an idle period (1 to 1000000).
     bucket_capacity: u32 = "1", env "SIDECAR_BUCKET_CAPACITY";
-    /// Seconds a request may take from arrival to response headers, queue wait included.
+    /// Seconds a request may take from arrival to response headers, queue wait included (0.001 to 86400).
     request_timeout: f64 = "120", env "SIDECAR_REQUEST_TIMEOUT";
-    /// Most requests waiting for a token per provider, all priorities together.
+    /// Most requests waiting for a token per provider, all priorities together (0 to 1000000).
     queue_max_size: usize = "64", env "SIDECAR_QUEUE_MAX_SIZE";
-    /// Seconds a low-priority request may wait in the queue before it is dropped.
+    /// Seconds a low-priority request may wait in the queue before it is dropped (0.001 to 86400).
     low_priority_timeout: f64 = "30", env "SIDECAR_LOW_PRIORITY_TIMEOUT";
     /// Send requests the queue cannot take to the fallback upstream (or unmetered) instead of refusing them.
     fallback_enabled_passthrough: bool = "false", env "SIDECAR_FALLBACK_ENABLED_PASSTHROUGH";
@@ -268,6 +275,40 @@ pub fn markdown_table() -> String {
             s.key.replace('_', "-"),
             default,
             s.help.trim()
+        ));
+    }
+    out
+}
+
+/// A `SIDECAR_*` variable no setting reads (a typo, or a setting of another version):
+/// the variable and the closest known one, if any is close.
+pub fn unknown_variable(name: &str) -> Option<(String, Option<&'static str>)> {
+    if !name.starts_with("SIDECAR_") || SETTINGS.iter().any(|s| s.env == name) {
+        return None;
+    }
+    let closest = SETTINGS
+        .iter()
+        .map(|s| (strsim::damerau_levenshtein(name, s.env), s.env))
+        .min()
+        .filter(|(d, _)| *d <= 3)
+        .map(|(_, env)| env);
+    Some((name.to_owned(), closest))
+}
+
+/// The secrets given as command-line flags, which every user of the machine can read
+/// (`ps`, `/proc/<pid>/cmdline`): each flag with the settings to use instead.
+pub fn secret_flags(flags: &Settings) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if flags.upstream_api_key.is_some() {
+        out.push((
+            "--upstream-api-key",
+            "SIDECAR_UPSTREAM_API_KEY_FILE or SIDECAR_UPSTREAM_API_KEY",
+        ));
+    }
+    if flags.admin_token.is_some() {
+        out.push((
+            "--admin-token",
+            "SIDECAR_ADMIN_TOKEN_FILE or SIDECAR_ADMIN_TOKEN",
         ));
     }
     out

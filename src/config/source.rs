@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::error::ConfigError;
+
 /// A read-only view of environment variables.
 pub trait EnvSource {
     fn var(&self, key: &str) -> Option<String>;
@@ -33,19 +35,16 @@ pub struct ProcessEnv {
 
 impl ProcessEnv {
     /// Reads `.env` from `dir` if it exists; a malformed file is an error naming the line.
-    pub fn with_dotenv(dir: &Path) -> Result<Self, super::ConfigError> {
+    pub fn with_dotenv(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join(".env");
         let mut dotenv = HashMap::new();
         if path.is_file() {
-            let iter = dotenvy::from_path_iter(&path).map_err(|e| super::ConfigError::DotEnv {
+            let malformed = |source| ConfigError::DotEnv {
                 path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            for item in iter {
-                let (k, v) = item.map_err(|e| super::ConfigError::DotEnv {
-                    path: path.display().to_string(),
-                    reason: e.to_string().replace('\n', "\\n"),
-                })?;
+                source,
+            };
+            for item in dotenvy::from_path_iter(&path).map_err(malformed)? {
+                let (k, v) = item.map_err(malformed)?;
                 dotenv.insert(k, v);
             }
         }

@@ -5,16 +5,13 @@
 
 use super::*;
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::time::Duration;
 
 // === helpers ===
 
-fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use super::testing::env;
 
 /// A TOML file in its own temporary directory (removed when the guard drops).
 struct TomlFile {
@@ -85,8 +82,9 @@ const NON_NEGATIVE: &str = "a non-negative integer";
 const MIN_1: &str = "an integer of at least 1";
 const MIN_1024: &str = "an integer of at least 1024";
 const QUEUE: &str = "an integer from 0 to 1000000";
+const CAPACITY: &str = "an integer from 1 to 1000000";
 const BOOL: &str = "true or false (also 1/0, yes/no, on/off)";
-const LEVEL: &str = "error, warn, info, debug or trace";
+const LEVEL: &str = r#"one of "error", "warn", "info", "debug", "trace""#;
 const WORKERS: &str = "0 (one per core) or a count up to 1024";
 const KEY_VAR: &str = "the name of an environment variable that is set and not empty";
 const NAME: &str = "a non-empty name of letters, digits, '-', '_' or '.'";
@@ -396,7 +394,8 @@ fn every_bad_environment_value_is_refused_with_one_line_naming_setting_value_and
         ("SIDECAR_RATE_RPM",             "NaN",               "rate_rpm",             RPM),
         ("SIDECAR_RATE_RPM",             "inf",               "rate_rpm",             RPM),
         ("SIDECAR_RATE_RPM",             "6000001",           "rate_rpm",             RPM),
-        ("SIDECAR_BUCKET_CAPACITY",      "0",                 "bucket_capacity",      MIN_1),
+        ("SIDECAR_BUCKET_CAPACITY",      "0",                 "bucket_capacity",      CAPACITY),
+        ("SIDECAR_BUCKET_CAPACITY",      "1000001",           "bucket_capacity",      CAPACITY),
         ("SIDECAR_BUCKET_CAPACITY",      "1.5",               "SIDECAR_BUCKET_CAPACITY", NON_NEGATIVE),
         ("SIDECAR_REQUEST_TIMEOUT",      "0",                 "request_timeout",      SECONDS),
         ("SIDECAR_LOW_PRIORITY_TIMEOUT", "-1",                "low_priority_timeout", SECONDS),
@@ -626,7 +625,9 @@ fn every_bad_provider_declaration_is_refused_naming_the_provider_field() {
         (r#"providers = [{ name = "a", rate_rpm = 0 }]"#, NONE,
             "providers[0].rate_rpm", "0", RPM),
         (r#"providers = [{ name = "a", bucket_capacity = 0 }]"#, NONE,
-            "providers[0].bucket_capacity", "0", MIN_1),
+            "providers[0].bucket_capacity", "0", CAPACITY),
+        (r#"providers = [{ name = "a", bucket_capacity = 1000001 }]"#, NONE,
+            "providers[0].bucket_capacity", "1000001", CAPACITY),
         (r#"providers = [{ name = "a", queue_max_size = 2000000 }]"#, NONE,
             "providers[0].queue_max_size", "2000000", QUEUE),
         (r#"providers = [{ name = "a", low_priority_timeout = 0 }]"#, NONE,

@@ -2,9 +2,12 @@
 //!
 //! The base URL includes the API version (`https://integrate.api.nvidia.com/v1`), as
 //! an OpenAI SDK's `base_url` does; the proxy maps its own `/v1/<rest>` onto
-//! `<base path>/<rest>`.
+//! `<base path>/<rest>`. Also the extra CA certificates trusted for upstream TLS.
 
 use http::uri::{Authority, Uri};
+use rustls::pki_types::CertificateDer;
+
+use super::error::ConfigError;
 
 /// Transport to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +97,27 @@ impl UpstreamUrl {
             Scheme::Https => "https",
         };
         format!("{scheme}://{}{}", self.authority, self.base_path)
+    }
+}
+
+/// The certificates of `upstream_ca_file` (empty path: none), trusted besides the
+/// webpki roots.
+pub(super) fn ca_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    const EXPECTED: &str = "a readable PEM file with at least one CERTIFICATE";
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path).and_then(|it| it.collect());
+    match certs {
+        Ok(c) if !c.is_empty() => Ok(c),
+        Ok(_) => Err(ConfigError::invalid("upstream_ca_file", path, EXPECTED)),
+        Err(e) => Err(ConfigError::unreadable(
+            "upstream_ca_file",
+            path,
+            EXPECTED,
+            e,
+        )),
     }
 }
 

@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytemuck::Zeroable;
@@ -23,10 +24,16 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+pub mod json;
+mod publisher;
+
+pub use publisher::Publisher;
+
+use crate::app::App;
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
-use crate::server::Worker;
-use crate::snapshot::{json, ClientGuard, Snapshot};
+use crate::reply::Reply;
+use crate::snapshot::{ClientGuard, Snapshot};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -40,8 +47,8 @@ pub struct FrameCache {
 impl FrameCache {
     /// The JSON of the latest snapshot and its sequence, encoded at most once per
     /// sequence on this worker.
-    pub fn latest(&self, worker: &Worker) -> (u64, Bytes) {
-        let hub = &worker.app.snapshots;
+    pub fn latest(&self, app: &App) -> (u64, Bytes) {
+        let hub = &app.snapshots;
         let seq = hub.sequence();
         if let Some((s, b)) = &*self.cached.borrow() {
             if *s == seq {
@@ -51,14 +58,19 @@ impl FrameCache {
         let mut scratch = self.scratch.borrow_mut();
         let snap = scratch.get_or_insert_with(|| Box::new(Snapshot::zeroed()));
         let seq = hub.read_into(snap);
-        let bytes = Bytes::from(json::encode(&worker.app, snap, seq));
+        let bytes = Bytes::from(json::encode(app, snap, seq));
         *self.cached.borrow_mut() = Some((seq, bytes.clone()));
         (seq, bytes)
     }
 }
 
 /// Routes `/api/dashboard*`; `None` for other paths.
-pub fn serve(worker: &Rc<Worker>, method: &Method, path: &str) -> Option<Response<ProxyBody>> {
+pub fn serve(
+    app: &Arc<App>,
+    frames: &Rc<FrameCache>,
+    method: &Method,
+    path: &str,
+) -> Option<Response<ProxyBody>> {
     let route = match path {
         "/api/dashboard" | "/api/dashboard/" => Route::Page,
         "/api/dashboard/snapshot" => Route::Snapshot,
@@ -80,13 +92,13 @@ pub fn serve(worker: &Rc<Worker>, method: &Method, path: &str) -> Option<Respons
             ProxyBody::full(Bytes::from_static(PAGE.as_bytes())),
         ),
         Route::Snapshot => {
-            let (_, json) = worker.dashboard.latest(worker);
+            let (_, json) = frames.latest(app);
             respond("application/json", ProxyBody::full(json))
         }
         Route::Stream => {
             let mut resp = respond(
                 "text/event-stream",
-                ProxyBody::Stream(Box::pin(SseStream::new(Rc::clone(worker)))),
+                ProxyBody::stream(SseStream::new(Arc::clone(app), Rc::clone(frames))),
             );
             resp.headers_mut()
                 .insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -102,21 +114,19 @@ enum Route {
 }
 
 fn respond(content_type: &'static str, body: ProxyBody) -> Response<ProxyBody> {
-    let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::OK;
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    resp
+    Reply::new(StatusCode::OK, content_type, body)
+        .no_store()
+        .header(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        )
+        .into_response()
 }
 
 /// One dashboard client's event stream.
 struct SseStream {
-    worker: Rc<Worker>,
+    app: Arc<App>,
+    frames: Rc<FrameCache>,
     ticks: WatchStream<u64>,
     draining: Pin<Box<WaitForCancellationFutureOwned>>,
     first: bool,
@@ -125,20 +135,21 @@ struct SseStream {
 }
 
 impl SseStream {
-    fn new(worker: Rc<Worker>) -> Self {
-        let hub = &worker.app.snapshots;
+    fn new(app: Arc<App>, frames: Rc<FrameCache>) -> Self {
+        let hub = &app.snapshots;
         Self {
             ticks: WatchStream::new(hub.subscribe()),
-            draining: Box::pin(worker.app.shutdown.draining.clone().cancelled_owned()),
+            draining: Box::pin(app.shutdown.draining.clone().cancelled_owned()),
             first: true,
             last_seq: u64::MAX,
             _client: hub.client(),
-            worker,
+            app,
+            frames,
         }
     }
 
     fn frame(&mut self) -> Option<Bytes> {
-        let (seq, json) = self.worker.dashboard.latest(&self.worker);
+        let (seq, json) = self.frames.latest(&self.app);
         // 0: nothing published yet; the publisher's first tick is moments away.
         if seq == 0 || seq == self.last_seq {
             return None;

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{learn, Limiter, Note};
+use super::control::Note;
+use super::learn;
+use super::provider::Limiter;
 use crate::clock::SharedClock;
 use crate::state_file;
 

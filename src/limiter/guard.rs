@@ -49,6 +49,7 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 
 use super::sync::{AtomicU64, Ordering};
+use crate::clock::nanos;
 use ring::{Outcome, Ring, MAX_TIME};
 use subwindows::{SubWindows, LOW, RING_UNIT, SUB_UNIT};
 
@@ -148,10 +149,6 @@ impl fmt::Debug for WindowGuard {
             .field("contention", &self.contention())
             .finish()
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl WindowGuard {

@@ -25,6 +25,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::clock::nanos;
+
 /// Where the limit in force comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
@@ -387,10 +389,6 @@ impl Learner {
         }
         None
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(all(test, not(sidecar_loom)))]

@@ -12,8 +12,8 @@ use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 use crossbeam_utils::CachePadded;
 
+use super::control::Event;
 use super::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use super::Event;
 
 /// How a replica in cluster mode gets its tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -291,3 +291,6 @@ mod tests {
         std::task::Waker::noop().clone()
     }
 }
+
+#[cfg(all(test, sidecar_loom))]
+mod loom_tests;

@@ -401,3 +401,9 @@ impl Drop for Ticket {
         self.leave(DropReason::ClientGone);
     }
 }
+
+#[cfg(all(test, not(sidecar_loom)))]
+mod tests;
+
+#[cfg(all(test, not(sidecar_loom)))]
+pub(crate) mod testing;

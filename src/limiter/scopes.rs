@@ -13,14 +13,17 @@
 //!
 //! The map is a `DashMap` (sharded locks): it is read once per request of a
 //! model-scoped provider, never held across an await, and written only when a new
-//! model appears.
+//! model appears. It holds any [`Scoped`] limiter (the crate's is `Limiter`, which
+//! holds this map in turn): so this module does not depend on the one built on it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::Thread;
 
 use dashmap::DashMap;
 
-use super::{Limiter, Pacing, RetreatConfig};
+use super::pacing::Pacing;
+use super::retreat::RetreatConfig;
 
 /// Longest model name kept as a scope key.
 pub const MAX_MODEL_LEN: usize = 256;
@@ -38,17 +41,28 @@ pub struct Template {
     pub pacing: Pacing,
 }
 
+/// What the map needs of a model's limiter.
+pub trait Scoped {
+    /// A new model's limiter, made from the key's template at `now`: `wake` is the
+    /// dispatcher thread, `restored` the limit learned for the model before a restart.
+    fn from_template(t: &Template, now: u64, wake: Option<&Thread>, restored: Option<u32>) -> Self;
+    /// Nobody waits in it: it may be evicted.
+    fn is_idle(&self) -> bool;
+    /// A new bound on its wait queues.
+    fn set_queue_bound(&self, max: usize);
+}
+
 /// One model's limiter and when it was last used.
 #[derive(Debug)]
-pub struct Scope {
-    pub limiter: Arc<Limiter>,
+pub struct Scope<L> {
+    pub limiter: Arc<L>,
     used_at: AtomicU64,
 }
 
 /// The model scopes of one provider.
 #[derive(Debug)]
-pub struct Models {
-    map: DashMap<Arc<str>, Arc<Scope>>,
+pub struct Models<L> {
+    map: DashMap<Arc<str>, Arc<Scope<L>>>,
     template: parking_lot::Mutex<Template>,
     /// Limits learned before a restart, applied when the model is seen again.
     restored: parking_lot::Mutex<std::collections::HashMap<String, u32>>,
@@ -56,7 +70,7 @@ pub struct Models {
     evicted: AtomicU64,
 }
 
-impl Models {
+impl<L: Scoped> Models<L> {
     pub fn new(template: Template, max: usize) -> Self {
         Self {
             map: DashMap::new(),
@@ -69,12 +83,7 @@ impl Models {
 
     /// The scope of `model` at `now`, made when it is new (`None`: the bound is reached
     /// and every scope has waiters). `wake`: the dispatcher thread, for a new limiter.
-    pub fn get(
-        &self,
-        model: &str,
-        now: u64,
-        wake: Option<&std::thread::Thread>,
-    ) -> Option<Arc<Limiter>> {
+    pub fn get(&self, model: &str, now: u64, wake: Option<&Thread>) -> Option<Arc<L>> {
         let model = cut(model);
         if let Some(s) = self.map.get(model) {
             // Relaxed: an LRU hint.
@@ -86,22 +95,9 @@ impl Models {
         }
         let t = *self.template.lock();
         let entry = self.map.entry(Arc::from(model)).or_insert_with(|| {
-            let l = Limiter::with_pacing(
-                t.rate_rpm,
-                t.capacity,
-                t.queue_max,
-                t.retreat,
-                t.pacing,
-                now,
-            );
-            if let Some(th) = wake {
-                l.set_dispatcher(th.clone());
-            }
-            if let Some(n) = self.restored.lock().remove(model) {
-                l.restore(n, now);
-            }
+            let restored = self.restored.lock().remove(model);
             Arc::new(Scope {
-                limiter: Arc::new(l),
+                limiter: Arc::new(L::from_template(&t, now, wake, restored)),
                 used_at: AtomicU64::new(now),
             })
         });
@@ -113,7 +109,7 @@ impl Models {
         let victim = self
             .map
             .iter()
-            .filter(|e| e.limiter.queues.is_empty())
+            .filter(|e| e.limiter.is_idle())
             .min_by_key(|e| e.used_at.load(Ordering::Relaxed))
             .map(|e| Arc::clone(e.key()));
         match victim {
@@ -127,7 +123,7 @@ impl Models {
     }
 
     /// Every live scope, by model name (for the controller, the dispatcher and views).
-    pub fn all(&self) -> Vec<(Arc<str>, Arc<Limiter>)> {
+    pub fn all(&self) -> Vec<(Arc<str>, Arc<L>)> {
         self.map
             .iter()
             .map(|e| (Arc::clone(e.key()), Arc::clone(&e.limiter)))
@@ -163,7 +159,7 @@ impl Models {
     pub fn set_queue_max(&self, queue_max: usize) {
         self.template.lock().queue_max = queue_max;
         for e in self.map.iter() {
-            e.limiter.queues.set_max(queue_max);
+            e.limiter.set_queue_bound(queue_max);
         }
     }
 }
@@ -183,8 +179,10 @@ fn cut(model: &str) -> &str {
 #[cfg(all(test, not(sidecar_loom)))]
 mod tests {
     use super::*;
+    use crate::limiter::Limiter;
 
-    fn models(max: usize) -> Models {
+    /// The map as the crate uses it: of real limiters.
+    fn models(max: usize) -> Models<Limiter> {
         Models::new(
             Template {
                 rate_rpm: 600.0,

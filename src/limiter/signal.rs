@@ -97,6 +97,17 @@ pub enum Refusal {
     Overload,
 }
 
+/// What one upstream answer said, as the proxy read it (see [`answer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Answer {
+    /// A 2xx answer.
+    pub ok: bool,
+    pub refusal: Option<Refusal>,
+    /// The provider's `Retry-After` (or `retry-after-ms`).
+    pub retry_after: Option<Duration>,
+    pub quota: Option<Quota>,
+}
+
 /// Limit figures an OpenAI-style 429 message states.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Stated {
@@ -142,9 +153,9 @@ pub fn answer(
     body: &[u8],
     dialect: Dialect,
     now: SystemTime,
-) -> super::Answer {
+) -> Answer {
     let refusal = classify(status, h, body);
-    super::Answer {
+    Answer {
         ok: status.is_success(),
         refusal,
         retry_after: refusal.and_then(|_| retry_after(h, now)),

@@ -16,8 +16,8 @@
 //! carry no provider: it is known only once routing has read the body. Until then a
 //! request is in flight, and ends if refused, under the default provider.
 
-use super::{Outcome, Sample, Shard, ShardHandle};
-use crate::record::Route;
+use super::series::{Lane, Outcome, Sample};
+use super::shards::{Shard, ShardHandle};
 
 /// One accepted request's place in the ledger, until it is settled.
 #[derive(Debug)]
@@ -105,7 +105,7 @@ impl Shard {
     fn abandon(&mut self, provider: usize) {
         self.leave(provider);
         if let Some(p) = self.providers.get_mut(provider) {
-            p.requests[Route::None as usize][Outcome::ClientGone as usize] += 1;
+            p.requests[Lane::None as usize][Outcome::ClientGone as usize] += 1;
         }
     }
 
@@ -125,7 +125,7 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::priority::Priority;
 
-    fn sample(route: Route, outcome: Outcome) -> Sample {
+    fn sample(route: Lane, outcome: Outcome) -> Sample {
         Sample {
             route,
             outcome,
@@ -153,11 +153,11 @@ mod tests {
         e.route_to(1);
         assert_eq!(e.provider(), 1);
         assert_eq!(ledger(&m), (1, 0, vec![0, 1]));
-        e.settle(&sample(Route::Limited, Outcome::Success));
+        e.settle(&sample(Lane::Limited, Outcome::Success));
         assert_eq!(ledger(&m), (1, 1, vec![0, 0]));
         let t = m.collect(Instant::now());
         assert_eq!(
-            t.providers[1].requests[Route::Limited as usize][Outcome::Success as usize],
+            t.providers[1].requests[Lane::Limited as usize][Outcome::Success as usize],
             1
         );
         assert_eq!(t.invalid, 0);
@@ -166,10 +166,10 @@ mod tests {
     #[test]
     fn a_refusal_before_routing_ends_under_the_default_provider_and_counts_as_invalid() {
         let m = Metrics::new(2, 1, Instant::now());
-        Entry::arrive(m.shard(0), 1).settle_invalid(&sample(Route::None, Outcome::ClientError));
+        Entry::arrive(m.shard(0), 1).settle_invalid(&sample(Lane::None, Outcome::ClientError));
         let t = m.collect(Instant::now());
         assert_eq!(
-            t.providers[1].requests[Route::None as usize][Outcome::ClientError as usize],
+            t.providers[1].requests[Lane::None as usize][Outcome::ClientError as usize],
             1
         );
         assert_eq!(
@@ -184,7 +184,7 @@ mod tests {
         drop(Entry::arrive(m.shard(0), 0));
         let t = m.collect(Instant::now());
         assert_eq!(
-            t.providers[0].requests[Route::None as usize][Outcome::ClientGone as usize],
+            t.providers[0].requests[Lane::None as usize][Outcome::ClientGone as usize],
             1
         );
         assert_eq!((t.arrived, t.in_flight.clone()), (1, vec![0]));
@@ -208,9 +208,9 @@ mod tests {
                         if open.len() > 8 {
                             let e = open.swap_remove((i % 8) as usize);
                             match i % 3 {
-                                0 => e.settle(&sample(Route::Limited, Outcome::Success)),
+                                0 => e.settle(&sample(Lane::Limited, Outcome::Success)),
                                 1 => drop(e),
-                                _ => e.settle_invalid(&sample(Route::None, Outcome::ClientError)),
+                                _ => e.settle_invalid(&sample(Lane::None, Outcome::ClientError)),
                             }
                         }
                     }

@@ -9,7 +9,34 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use crate::priority::Priority;
-use crate::record::Route;
+
+/// Which lane a request took to its provider, the `route` label of its series (the
+/// discriminant indexes metric arrays). Not to be confused with [`crate::route`], which
+/// picks the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Through the token bucket.
+    Limited = 0,
+    /// Unmetered, or to the fallback upstream.
+    Passthrough = 1,
+    /// Never sent upstream: refused before routing or at a full queue, abandoned before
+    /// routing, or dropped, abandoned or cut while it waited in the queue. Its own series,
+    /// so that a flood of sub-millisecond 429s does not pass for the limited route's
+    /// latency.
+    None = 2,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 3] = [Lane::Limited, Lane::Passthrough, Lane::None];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Limited => "limited",
+            Lane::Passthrough => "passthrough",
+            Lane::None => "none",
+        }
+    }
+}
 
 /// How a request ended, as counted in `sidecar_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +127,7 @@ impl ErrorKind {
 /// One finished request, as the metrics see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
-    pub route: Route,
+    pub route: Lane,
     pub outcome: Outcome,
     pub error: Option<ErrorKind>,
     pub priority: Priority,
@@ -213,12 +240,12 @@ pub fn hdr_buckets<const N: usize, const M: usize>(
 pub struct ProviderSeries {
     pub upstream_latency: Latency,
     pub ttfb: Latency,
-    /// By route (`Route as usize`).
-    pub duration: [Latency; Route::ALL.len()],
+    /// By route (`Lane as usize`).
+    pub duration: [Latency; Lane::ALL.len()],
     /// By priority (`Priority as usize`).
     pub queue_wait: [Latency; 3],
     /// `[route][outcome]`.
-    pub requests: [[u64; Outcome::ALL.len()]; Route::ALL.len()],
+    pub requests: [[u64; Outcome::ALL.len()]; Lane::ALL.len()],
     pub errors: [u64; ErrorKind::ALL.len()],
 }
 
@@ -334,7 +361,7 @@ mod tests {
     fn series_add_then_reset_moves_every_count() {
         let mut a = ProviderSeries::default();
         let s = Sample {
-            route: Route::Limited,
+            route: Lane::Limited,
             outcome: Outcome::UpstreamError,
             error: Some(ErrorKind::Status5xx),
             priority: Priority::Low,
@@ -345,14 +372,14 @@ mod tests {
         };
         a.record(&s);
         a.record(&Sample {
-            route: Route::Passthrough,
+            route: Lane::Passthrough,
             outcome: Outcome::Success,
             error: None,
             queue_wait: None,
             ..s
         });
         a.record(&Sample {
-            route: Route::None,
+            route: Lane::None,
             outcome: Outcome::Rejected,
             error: None,
             upstream_latency: None,

@@ -10,6 +10,7 @@
 //!
 //! Bad input is a 400 whose message names the field.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,8 +20,8 @@ use serde_json::{json, Value};
 use super::admit::LimitsState;
 use super::judge::Filter;
 use super::limit::LimitState;
-use super::respond::{self, error, json_response};
-use super::{MockBody, MockShared};
+use super::respond::{error, json_response, MockBody};
+use super::shared::MockShared;
 
 /// Most windows `/mock/windows` lists (a tiny window over a long run would be huge).
 const MAX_WINDOWS: u64 = 1_000_000;
@@ -58,7 +59,7 @@ pub fn route(
     body: &Bytes,
 ) -> Option<Response<MockBody>> {
     let resp = match (method, path) {
-        (&Method::GET, "/mock/stats") => respond::stats(s),
+        (&Method::GET, "/mock/stats") => stats(s),
         (&Method::GET, "/mock/limit") => limits(s),
         (&Method::POST, "/mock/limit") => set_limit(s, body).map_or_else(bad, |()| limits(s)),
         (&Method::GET, "/mock/windows") => windows(s, query).unwrap_or_else(bad),
@@ -69,6 +70,25 @@ pub fn route(
         _ => return None,
     };
     Some(resp)
+}
+
+fn stats(s: &MockShared) -> Response<MockBody> {
+    let st = &s.stats;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "requests": st.requests.load(Ordering::Relaxed),
+            "rate_limited": st.rate_limited.load(Ordering::Relaxed),
+            "errors": st.errors.load(Ordering::Relaxed),
+            "unauthorized": st.unauthorized.load(Ordering::Relaxed),
+            "streams": st.streams.load(Ordering::Relaxed),
+            "worker_limited": st.worker_limited.load(Ordering::Relaxed),
+            "rpm_limit": s.gate.state_at(Instant::now()).global.per_minute(),
+            "judging": s.gate.is_judging(),
+            "admitted": s.gate.judge.admitted_total(),
+            "refused": s.gate.judge.refused_total(),
+        }),
+    )
 }
 
 fn bad(e: ControlError) -> Response<MockBody> {

@@ -20,9 +20,9 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use super::admit::Binding;
+use super::config::MockConfig;
 use super::limit::{per_minute, Refusal};
-use super::respond::{error, json_response};
-use super::{MockBody, MockConfig};
+use super::respond::{error, json_response, MockBody};
 
 /// Which headers the mock sends, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

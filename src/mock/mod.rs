@@ -24,69 +24,40 @@
 mod admit;
 mod config;
 mod control;
+mod handle;
 mod headers;
 mod judge;
+mod knobs;
 mod limit;
 mod respond;
+mod shared;
+mod stats;
 #[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http::Request;
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 
-use crate::app::Shutdown;
+use crate::config::Fairness;
 use crate::config::Limits;
-use crate::server::{self, Running, ServerSpec};
+use crate::server::{self, Running, ServerSpec, Shutdown};
 
 pub use admit::{LimitsState, WorkerSlot};
 pub use config::{MockConfig, MockConfigError};
 pub use headers::go_duration;
 pub use judge::{Filter, Verdicts, WindowCount};
+pub use knobs::Knobs;
 pub use limit::{LimitState, Quota, Refusal, WindowLimit};
 pub use respond::MockBody;
-
-/// Counters of the simulated upstream.
-#[derive(Debug, Default)]
-pub struct MockStats {
-    pub requests: AtomicU64,
-    /// Every 429 of a limit: a rolling window's or a full worker's.
-    pub rate_limited: AtomicU64,
-    /// 429s of a full worker (`--worker-limit`), also in `rate_limited`.
-    pub worker_limited: AtomicU64,
-    pub errors: AtomicU64,
-    pub unauthorized: AtomicU64,
-    pub streams: AtomicU64,
-}
-
-/// What the mock saw of one request (tests check the forwarded headers).
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: Method,
-    pub path: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// State shared by the mock's workers.
-pub struct MockShared {
-    pub config: MockConfig,
-    pub stats: MockStats,
-    gate: admit::Gate,
-    headers: headers::HeaderPolicy,
-    /// The start-up window, for limits set without one.
-    window: Duration,
-    seen: Mutex<Vec<Seen>>,
-    peers: Mutex<std::collections::HashSet<SocketAddr>>,
-}
+pub use shared::{MockShared, Seen};
+pub use stats::MockStats;
 
 /// A running simulated upstream.
 pub struct MockServer {
@@ -135,13 +106,20 @@ impl MockServer {
                 h2_max_header_list_size: 1 << 20,
                 keep_alive: true,
             },
+            // Its clients are trusted: a silent connection lasts the header read timeout.
+            fairness: Fairness {
+                first_byte_timeout: Duration::from_secs(30),
+                max_connections_per_ip: None,
+            },
             grace: Duration::from_secs(2),
         };
         let s = Arc::clone(&shared);
         let running = server::spawn(spec, Shutdown::default(), move |_id| {
             // One `Rc` per worker: cloning it per request costs no atomic operation.
             let s = Rc::new(Arc::clone(&s));
-            move |req: Request<Incoming>, remote: SocketAddr| handle(Rc::clone(&s), req, remote)
+            move |req: Request<Incoming>, remote: SocketAddr| {
+                handle::handle(Rc::clone(&s), req, remote)
+            }
         })?;
         Ok(Self {
             addr: running.local_addr,
@@ -247,147 +225,5 @@ impl MockServer {
 
     pub fn join(self) {
         self.running.join();
-    }
-}
-
-/// Per-request knobs: start-up values overridden by `x-mock-*` headers.
-#[derive(Debug, Clone)]
-pub struct Knobs {
-    pub latency: Duration,
-    pub header_delay: Duration,
-    pub token_delay: Duration,
-    pub tokens: usize,
-    pub status: Option<StatusCode>,
-    pub reset_after: Option<usize>,
-}
-
-impl Knobs {
-    fn from(config: &MockConfig, h: &HeaderMap) -> Self {
-        let num = |name: &str| -> Option<u64> {
-            h.get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok())
-        };
-        let forced = num("x-mock-status")
-            .and_then(|s| u16::try_from(s).ok())
-            .and_then(|s| StatusCode::from_u16(s).ok());
-        let random_error = config.error_rate > 0.0 && fastrand::f64() < config.error_rate;
-        Self {
-            latency: Duration::from_millis(num("x-mock-latency-ms").unwrap_or(config.latency_ms)),
-            header_delay: Duration::from_millis(
-                num("x-mock-header-delay-ms").unwrap_or(config.header_delay_ms),
-            ),
-            token_delay: Duration::from_millis(
-                num("x-mock-token-delay-ms").unwrap_or(config.token_delay_ms),
-            ),
-            tokens: num("x-mock-tokens").map_or(config.tokens, |n| n.min(100_000) as usize),
-            status: forced.or(random_error.then_some(StatusCode::INTERNAL_SERVER_ERROR)),
-            reset_after: num("x-mock-reset-after")
-                .map(|n| n as usize)
-                .or(config.reset_after),
-        }
-    }
-}
-
-// `Rc<Arc<_>>` on purpose: the per-request clone is the `Rc`'s, a non-atomic increment.
-#[allow(clippy::redundant_allocation)]
-async fn handle(
-    shared: Rc<Arc<MockShared>>,
-    req: Request<Incoming>,
-    remote: SocketAddr,
-) -> Response<MockBody> {
-    let s = &**shared;
-    let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_owned();
-    if path.starts_with("/mock/") {
-        let body = match Limited::new(body, 1 << 20).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return respond::error(StatusCode::BAD_REQUEST, &format!("bad body: {e}")),
-        };
-        let query = parts.uri.query().unwrap_or("");
-        return control::route(s, &parts.method, &path, query, &body)
-            .unwrap_or_else(|| respond::error(StatusCode::NOT_FOUND, &format!("no route {path}")));
-    }
-    s.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let body = match Limited::new(body, 64 << 20).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return respond::error(StatusCode::BAD_REQUEST, &format!("bad body: {e}")),
-    };
-    if s.config.record_requests {
-        s.peers.lock().insert(remote);
-        let mut seen = s.seen.lock();
-        if seen.len() >= 1000 {
-            seen.remove(0);
-        }
-        seen.push(Seen {
-            method: parts.method.clone(),
-            path: path.clone(),
-            headers: parts.headers.clone(),
-            body: body.clone(),
-        });
-    }
-    if let Some(expected) = &s.config.api_key {
-        let ok = parts
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            == Some(expected.as_str());
-        if !ok {
-            s.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            return respond::error(StatusCode::UNAUTHORIZED, "missing or invalid API key");
-        }
-    }
-    let model = if s.gate.wants_model() {
-        crate::route::extract_model(&body)
-    } else {
-        None
-    };
-    // The worker first: a request no worker takes never reaches the windows.
-    let slot = match s.gate.worker(model.as_deref()) {
-        Ok(slot) => slot,
-        Err(limit) => {
-            s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            s.stats.worker_limited.fetch_add(1, Ordering::Relaxed);
-            return headers::worker_limited(limit);
-        }
-    };
-    let binding = match s.gate.admit(model.as_deref()) {
-        Ok(b) => b,
-        Err(refusal) => {
-            s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            return headers::rate_limited(s.headers, refusal);
-        }
-    };
-    let mut resp = answer(s, &parts, &path, &body).await;
-    if let Some(b) = binding {
-        headers::admitted(resp.headers_mut(), s.headers, b);
-    }
-    match slot {
-        Some(slot) => resp.map(|b| MockBody::Held(Box::new(b), slot)),
-        None => resp,
-    }
-}
-
-/// The answer to an admitted request, with the fault knobs applied.
-async fn answer(
-    s: &MockShared,
-    parts: &http::request::Parts,
-    path: &str,
-    body: &Bytes,
-) -> Response<MockBody> {
-    let knobs = Knobs::from(&s.config, &parts.headers);
-    if !knobs.header_delay.is_zero() {
-        tokio::time::sleep(knobs.header_delay).await;
-    }
-    if let Some(status) = knobs.status {
-        s.stats.errors.fetch_add(1, Ordering::Relaxed);
-        return respond::error(status, "simulated upstream error");
-    }
-    match (&parts.method, path) {
-        (&Method::GET, "/v1/models") => respond::models(),
-        (&Method::POST, "/v1/chat/completions") => respond::chat(s, body, &knobs).await,
-        (&Method::POST, "/v1/embeddings") => respond::embeddings(body, &knobs).await,
-        _ => respond::error(StatusCode::NOT_FOUND, &format!("no route {path}")),
     }
 }

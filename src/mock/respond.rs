@@ -1,18 +1,18 @@
 //! Response bodies of the simulated upstream, in the shapes OpenAI clients parse.
 
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Frame;
+use http_body_util::{Either, Full, StreamBody};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
-use super::admit::WorkerSlot;
-use super::{Knobs, MockShared};
+use super::knobs::Knobs;
+use super::stats::MockStats;
 use crate::body::BoxError;
 
 const WORDS: &[&str] = &[
@@ -31,47 +31,21 @@ const WORDS: &[&str] = &[
     ".",
 ];
 
-/// Body of every mock response: whole, or a stream fed by a task; `Held` keeps a worker
-/// slot taken until the body ends or is dropped.
-pub enum MockBody {
-    Full(Option<Bytes>),
-    Stream(mpsc::Receiver<Result<Bytes, BoxError>>),
-    Held(Box<MockBody>, WorkerSlot),
+/// Body of every mock response: whole, or a stream fed by a task.
+pub type MockBody = Either<Full<Bytes>, StreamBody<ReceiverStream<Result<Frame<Bytes>, BoxError>>>>;
+
+/// What a streaming answer's task sends: a chunk, or the error that ends the body.
+type Chunks = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// A streaming body and the sender its task feeds, holding at most `buffer` chunks.
+fn channel(buffer: usize) -> (Chunks, MockBody) {
+    let (tx, rx) = mpsc::channel(buffer);
+    (tx, Either::Right(StreamBody::new(ReceiverStream::new(rx))))
 }
 
-impl Body for MockBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            MockBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            MockBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
-            MockBody::Held(body, _) => Pin::new(&mut **body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            MockBody::Held(body, _) => body.is_end_stream(),
-            _ => matches!(self, MockBody::Full(None)),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            MockBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            MockBody::Stream(_) => SizeHint::default(),
-            MockBody::Held(body, _) => body.size_hint(),
-        }
-    }
-}
-
-pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<MockBody> {
-    let mut r = Response::new(MockBody::Full(Some(Bytes::from(v.to_string()))));
+/// A JSON answer with `status`; its body is `body`.
+fn json_headers(status: StatusCode, body: MockBody) -> Response<MockBody> {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -80,29 +54,14 @@ pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<MockBody>
     r
 }
 
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<MockBody> {
+    json_headers(status, Either::Left(Full::new(Bytes::from(v.to_string()))))
+}
+
 pub fn error(status: StatusCode, message: &str) -> Response<MockBody> {
     json_response(
         status,
         &json!({"error": {"message": message, "type": "mock_error", "code": status.as_u16()}}),
-    )
-}
-
-pub fn stats(s: &MockShared) -> Response<MockBody> {
-    let st = &s.stats;
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "requests": st.requests.load(Ordering::Relaxed),
-            "rate_limited": st.rate_limited.load(Ordering::Relaxed),
-            "errors": st.errors.load(Ordering::Relaxed),
-            "unauthorized": st.unauthorized.load(Ordering::Relaxed),
-            "streams": st.streams.load(Ordering::Relaxed),
-            "worker_limited": st.worker_limited.load(Ordering::Relaxed),
-            "rpm_limit": s.gate.state_at(Instant::now()).global.per_minute(),
-            "judging": s.gate.is_judging(),
-            "admitted": s.gate.judge.admitted_total(),
-            "refused": s.gate.judge.refused_total(),
-        }),
     )
 }
 
@@ -130,7 +89,7 @@ fn parse(body: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
-pub async fn chat(s: &MockShared, body: &[u8], knobs: &Knobs) -> Response<MockBody> {
+pub async fn chat(stats: &MockStats, body: &[u8], knobs: &Knobs) -> Response<MockBody> {
     let req = match parse(body) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
@@ -141,16 +100,14 @@ pub async fn chat(s: &MockShared, body: &[u8], knobs: &Knobs) -> Response<MockBo
         .to_owned();
     let id = format!("chatcmpl-mock-{:016x}", fastrand::u64(..));
     if req["stream"].as_bool() == Some(true) {
-        s.stats.streams.fetch_add(1, Ordering::Relaxed);
+        stats.streams.fetch_add(1, Ordering::Relaxed);
         return stream(id, model, knobs.clone());
     }
     if !knobs.latency.is_zero() {
         tokio::time::sleep(knobs.latency).await;
     }
     let content: String = (0..knobs.tokens).map(|i| WORDS[i % WORDS.len()]).collect();
-    let answer = json_response(
-        StatusCode::OK,
-        &json!({
+    let answer = json!({
             "id": id,
             "object": "chat.completion",
             "created": now_secs(),
@@ -165,30 +122,26 @@ pub async fn chat(s: &MockShared, body: &[u8], knobs: &Knobs) -> Response<MockBo
                 "completion_tokens": knobs.tokens,
                 "total_tokens": body.len() / 4 + knobs.tokens
             }
-        }),
-    );
+    });
     match knobs.reset_after {
-        Some(_) => cut_short(answer),
-        None => answer,
+        Some(_) => cut_short(&answer),
+        None => json_response(StatusCode::OK, &answer),
     }
 }
 
-/// The same response with its declared length, but the connection resets halfway.
-fn cut_short(resp: Response<MockBody>) -> Response<MockBody> {
-    let (mut parts, body) = resp.into_parts();
-    let MockBody::Full(Some(full)) = body else {
-        return Response::from_parts(parts, body);
-    };
-    parts
-        .headers
+/// `v` as a 200 with its declared length, but the connection resets halfway.
+fn cut_short(v: &Value) -> Response<MockBody> {
+    let full = Bytes::from(v.to_string());
+    let (tx, body) = channel(2);
+    let mut resp = json_headers(StatusCode::OK, body);
+    resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(full.len()));
-    let (tx, rx) = mpsc::channel(2);
     let half = full.slice(..full.len() / 2);
     tokio::task::spawn_local(async move {
-        let _ = tx.send(Ok(half)).await;
+        let _ = tx.send(Ok(Frame::data(half))).await;
         reset(&tx, "simulated reset mid-body").await;
     });
-    Response::from_parts(parts, MockBody::Stream(rx))
+    resp
 }
 
 fn chunk(id: &str, model: &str, created: u64, delta: Value, finish: Option<&str>) -> Bytes {
@@ -204,7 +157,7 @@ fn chunk(id: &str, model: &str, created: u64, delta: Value, finish: Option<&str>
 
 /// An SSE completion: role chunk, one chunk per token, a final chunk, `[DONE]`.
 fn stream(id: String, model: String, knobs: Knobs) -> Response<MockBody> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, body) = channel(4);
     tokio::task::spawn_local(async move {
         let created = now_secs();
         let mut frames = Vec::with_capacity(knobs.tokens + 3);
@@ -241,12 +194,12 @@ fn stream(id: String, model: String, knobs: Knobs) -> Response<MockBody> {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            if tx.send(Ok(frame)).await.is_err() {
+            if tx.send(Ok(Frame::data(frame))).await.is_err() {
                 return; // client gone
             }
         }
     });
-    let mut r = Response::new(MockBody::Stream(rx));
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -309,7 +262,7 @@ pub async fn embeddings(body: &[u8], knobs: &Knobs) -> Response<MockBody> {
 
 /// Fails the body after what was sent has left: hyper discards unflushed output when a
 /// body fails, and it flushes while the body is pending.
-async fn reset(tx: &mpsc::Sender<Result<Bytes, BoxError>>, why: &'static str) {
+async fn reset(tx: &Chunks, why: &'static str) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let _ = tx.send(Err(why.into())).await;
 }

@@ -18,15 +18,22 @@ use crate::app::{App, Provider};
 use crate::error::ProxyError;
 use crate::hot::Hot;
 use crate::limiter::{Claim, Decision, DropReason, Limiter, Permit, Ticket};
+use crate::metrics::Lane;
 use crate::priority::Priority;
-use crate::record::{Record, Route};
+use crate::record::Record;
 use crate::stats::ProviderStats;
+
+/// `Retry-After` of a request refused because the shared budget is out of reach.
+const BUDGET_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Least time left before its deadline for a request to be sent upstream.
+pub(super) const MIN_TIME_TO_SEND: Duration = Duration::from_millis(50);
 
 /// The route a request takes, with the window claims of a limited one: the key's, and
 /// the model's when limits are per model. Dropped unsent, they are released.
 #[derive(Debug)]
 pub struct Admitted<'a> {
-    pub route: Route,
+    pub route: Lane,
     pub key: Option<Permit<'a>>,
     pub model: Option<Permit<'a>>,
 }
@@ -105,7 +112,7 @@ async fn through<'a>(
             ProviderStats::inc(&provider.stats.limited);
         }
         return Ok(Admitted {
-            route: Route::Limited,
+            route: Lane::Limited,
             key: Some(claim),
             model,
         });
@@ -134,7 +141,7 @@ async fn stage(
                 ProviderStats::inc(&provider.stats.rate_limited);
                 return Err(ProxyError::BudgetUnavailable {
                     provider: provider.name.to_string(),
-                    retry_after: super::BUDGET_RETRY_AFTER,
+                    retry_after: BUDGET_RETRY_AFTER,
                 });
             }
         }
@@ -142,12 +149,7 @@ async fn stage(
     let mut ticket = match parked {
         Ok(t) => t,
         Err(full) => {
-            ProviderStats::inc(&provider.stats.queue_full);
-            if hot.fallback_enabled_passthrough {
-                return Ok(Stage::Passthrough);
-            }
-            ProviderStats::inc(&provider.stats.rate_limited);
-            return Err(ProxyError::QueueFull {
+            return overflow(hot, provider, || ProxyError::QueueFull {
                 provider: provider.name.to_string(),
                 ahead: full.ahead,
                 retry_after: limiter.retry_after(full.ahead, now),
@@ -183,7 +185,7 @@ fn beyond_deadline(
     // Time to send it must be left (a request granted later is not sent).
     let mut budget = deadline
         .saturating_duration_since(Instant::now())
-        .saturating_sub(super::MIN_TIME_TO_SEND);
+        .saturating_sub(MIN_TIME_TO_SEND);
     if record.priority == Priority::Low {
         budget = budget.min(hot.providers[provider.index].low_priority_timeout);
     }
@@ -194,24 +196,36 @@ fn beyond_deadline(
         // Granted meanwhile: it goes.
         return ticket.grant().map(|c| Ok(Stage::Claim(c)));
     }
+    Some(overflow(hot, provider, || {
+        ProxyError::QueueBeyondDeadline {
+            provider: provider.name.to_string(),
+            ahead,
+            wait: round_ms(expected),
+            budget: round_ms(budget),
+            retry_after: expected,
+        }
+    }))
+}
+
+/// The queue cannot take (or keep) the request: the passthrough route when fallback is
+/// on, else the refusal.
+fn overflow(
+    hot: &Hot,
+    provider: &Provider,
+    refusal: impl FnOnce() -> ProxyError,
+) -> Result<Stage, ProxyError> {
     ProviderStats::inc(&provider.stats.queue_full);
     if hot.fallback_enabled_passthrough {
-        return Some(Ok(Stage::Passthrough));
+        return Ok(Stage::Passthrough);
     }
     ProviderStats::inc(&provider.stats.rate_limited);
-    Some(Err(ProxyError::QueueBeyondDeadline {
-        provider: provider.name.to_string(),
-        ahead,
-        wait: round_ms(expected),
-        budget: round_ms(budget),
-        retry_after: expected,
-    }))
+    Err(refusal())
 }
 
 fn passthrough(provider: &Provider) -> Admitted<'static> {
     ProviderStats::inc(&provider.stats.passthrough);
     Admitted {
-        route: Route::Passthrough,
+        route: Lane::Passthrough,
         key: None,
         model: None,
     }
@@ -276,6 +290,7 @@ async fn wait(
     }
 }
 
-fn round_ms(d: Duration) -> Duration {
+/// `d` in whole milliseconds, as error messages show it.
+pub(super) fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }

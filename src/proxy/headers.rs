@@ -2,7 +2,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Limits, Secret};
+use crate::config::Limits;
 use crate::error::ProxyError;
 
 /// Connection-level headers (RFC 9110 §7.6.1) never forwarded in either direction.
@@ -67,6 +67,7 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// request id and the body length. `Host` is set per attempt, since a
 /// passthrough may go to another upstream. One pass to find what to drop: most
 /// requests drop nothing, and nothing is rehashed.
+#[inline]
 pub fn upstream_request_headers(
     mut headers: HeaderMap,
     auth: Option<&HeaderValue>,
@@ -103,14 +104,6 @@ pub fn upstream_request_headers(
     headers
 }
 
-/// `Authorization: Bearer <key>`, marked sensitive (hpack never indexes it); built once
-/// per provider, not per request.
-pub fn bearer(key: &Secret) -> Option<HeaderValue> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
-    v.set_sensitive(true);
-    Some(v)
-}
-
 /// Removes hop-by-hop headers from an upstream response in place (one pass to find
 /// them; usually only `Transfer-Encoding` or `Connection`).
 pub fn strip_response(headers: &mut HeaderMap) {
@@ -130,6 +123,8 @@ pub fn strip_response(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
+    use crate::upstream::bearer;
 
     fn limits() -> Limits {
         Limits {

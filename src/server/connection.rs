@@ -1,357 +1,40 @@
 //! One client connection, from its first byte to its close.
 //!
 //! The protocol is told from the first bytes (peeked, not read): the HTTP/2 preface
-//! means h2c, anything else HTTP/1. An HTTP/1 connection that sits idle is *parked*:
-//! hyper keeps a connection's read and write buffers (8 KiB each, not configurable
-//! lower) and its state for the connection's whole life, about 28 KiB per idle
-//! keep-alive connection; parked, one costs little more than its socket. After
-//! [`PARK_AFTER`] with no request in flight and no byte moved, hyper is asked to close
-//! gracefully (it does at once when idle), the socket is taken back without a shutdown
-//! (`into_parts`), and the task waits for the next byte; the next request gets a fresh
-//! hyper connection. Bytes hyper had read but not yet parsed (the start of a pipelined
-//! request) are handed to that connection first, so nothing is lost. A parked
-//! connection is closed after the header read timeout, as hyper closed idle ones before.
+//! means h2c, anything else HTTP/1. An HTTP/1 connection that sits idle is *parked*
+//! (see `park`): hyper is asked to close gracefully (it does at once when idle), the
+//! socket is taken back without a shutdown (`into_parts`), and the task waits for the
+//! next byte; the next request gets a fresh hyper connection. Bytes hyper had read but
+//! not yet parsed (the start of a pipelined request) are handed to that connection
+//! first, so nothing is lost. A parked connection is closed after the header read
+//! timeout, as hyper closed idle ones before.
 //!
 //! A new connection is *silent* until its first byte: it waits at most the first-byte
 //! timeout for it, and meanwhile holds its place among its worker's silent connections,
 //! which may be shed near the connection cap (see `fairness`).
 //!
-//! When a worker holds many connections ([`CROWDED`]), memory matters more than the few
-//! microseconds a fresh hyper connection costs: connections are then parked as soon as
-//! they are idle, so hyper's buffers are reused by whichever connection is busy rather
-//! than held by every idle one.
-//!
 //! Draining: an HTTP/1 connection notices it on its next wake (at worst its park timer)
 //! and closes once its request is answered; a parked one closes at once; HTTP/2 gets a
 //! GOAWAY.
 
-use std::cell::Cell;
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
-use super::fairness::{Silent, SilentSet};
-use crate::body::BoxError;
-
-/// How long an HTTP/1 connection stays idle (nothing in flight, no byte moved) before
-/// it is parked. It is parked between one and two of these after its last activity.
-pub const PARK_AFTER: Duration = Duration::from_secs(1);
-
-/// Open connections on one worker above which an idle connection is parked at once.
-pub const CROWDED: usize = 512;
+use super::exec::LocalExec;
+use super::fairness::Silent;
+use super::handler::Handler;
+use super::park::{Activity, Answer, Busy, Conns, Open, ParkIo};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// The connections of one worker: how many are open and how many parked, and which
-/// are silent. The worker waits for none to be left when it drains.
-#[derive(Debug)]
-pub(super) struct Conns {
-    crowded: usize,
-    open: Cell<usize>,
-    parked: Cell<usize>,
-    pub(super) silent: Rc<SilentSet>,
-    none_left: tokio::sync::Notify,
-}
-
-impl Conns {
-    /// Above `crowded` open connections, idle ones are parked at once.
-    pub(super) fn new(crowded: usize) -> Self {
-        Self {
-            crowded,
-            open: Cell::new(0),
-            parked: Cell::new(0),
-            silent: Rc::default(),
-            none_left: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Connections open now.
-    pub(super) fn open(&self) -> usize {
-        self.open.get()
-    }
-
-    /// Connections parked now.
-    pub(super) fn parked(&self) -> usize {
-        self.parked.get()
-    }
-
-    /// Resolves once no connection is open.
-    pub(super) async fn none_left(&self) {
-        while self.open.get() > 0 {
-            self.none_left.notified().await;
-        }
-    }
-}
-
-/// One open connection in its worker's count, released when dropped.
-struct Open(Rc<Conns>);
-
-impl Open {
-    fn new(conns: Rc<Conns>) -> Self {
-        conns.open.set(conns.open.get() + 1);
-        Self(conns)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        let n = self.0.open.get().saturating_sub(1);
-        self.0.open.set(n);
-        if n == 0 {
-            self.0.none_left.notify_one();
-        }
-    }
-}
-
-/// What the parts of one connection share (all on the worker's thread).
-#[derive(Default)]
-struct Activity {
-    /// Requests whose response has not been dropped yet.
-    in_flight: Cell<usize>,
-    /// Reads and writes that moved bytes, ever.
-    moves: Cell<u64>,
-    /// Set by the park timer; the connection loop then closes hyper's side.
-    park: Cell<bool>,
-    /// hyper's connection started on a partial request left by the last one: it is
-    /// not parked again before that request is read, so its header timer runs out.
-    partial: Cell<bool>,
-    /// The connection's task, when it must look again once no request is in flight.
-    waiter: Cell<Option<std::task::Waker>>,
-}
-
-impl std::fmt::Debug for Activity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Activity")
-            .field("in_flight", &self.in_flight.get())
-            .field("park", &self.park.get())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Activity {
-    fn moved(&self) {
-        self.moves.set(self.moves.get().wrapping_add(1));
-    }
-}
-
-/// Counts a request in flight from the service call until its response body is gone.
-#[derive(Debug)]
-struct Busy(Rc<Activity>);
-
-impl Busy {
-    fn new(activity: &Rc<Activity>) -> Self {
-        activity.in_flight.set(activity.in_flight.get() + 1);
-        activity.partial.set(false);
-        Self(Rc::clone(activity))
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let n = self.0.in_flight.get().saturating_sub(1);
-        self.0.in_flight.set(n);
-        if n == 0 {
-            if let Some(w) = self.0.waiter.take() {
-                w.wake();
-            }
-        }
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is dropped.
-#[derive(Debug)]
-pub struct Tracked<B> {
-    body: B,
-    _busy: Option<Busy>,
-}
-
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// The handler's future, boxed (hyper keeps the slot of a connection's service future
-/// for the connection's life: a few KiB if unboxed), and never failing.
-struct Answer<F> {
-    fut: Pin<Box<F>>,
-    busy: Option<Busy>,
-}
-
-impl<F, B> Future for Answer<F>
-where
-    F: Future<Output = Response<B>>,
-{
-    type Output = Result<Response<Tracked<B>>, std::convert::Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = std::task::ready!(self.fut.as_mut().poll(cx));
-        let busy = self.busy.take();
-        Poll::Ready(Ok(resp.map(|body| Tracked { body, _busy: busy })))
-    }
-}
-
-/// The socket as hyper sees it: counts bytes moved, replays bytes a previous hyper
-/// connection read but did not parse, and runs the park timer while hyper waits for
-/// a request with none in flight.
-struct ParkIo {
-    stream: TcpStream,
-    conns: Rc<Conns>,
-    replay: Bytes,
-    activity: Rc<Activity>,
-    timer: Option<Pin<Box<Sleep>>>,
-    /// `activity.moves` when the timer was last armed.
-    armed_at: u64,
-}
-
-impl ParkIo {
-    /// hyper's read is pending: with nothing in flight, the connection is idle, and
-    /// a timer that fires with no byte moved since it was armed parks it.
-    fn idle(&mut self, cx: &mut Context<'_>) {
-        let a = &self.activity;
-        if a.park.get() || a.partial.get() {
-            return;
-        }
-        if self.conns.open.get() > self.conns.crowded {
-            if a.in_flight.get() == 0 {
-                a.park.set(true);
-                cx.waker().wake_by_ref();
-            } else {
-                // hyper may not read again once the response is done: look then.
-                a.waiter.set(Some(cx.waker().clone()));
-            }
-            return;
-        }
-        // The timer runs whether or not a request is in flight (hyper may not read
-        // again when one ends); it parks only a connection quiet since it was armed.
-        let moves = a.moves.get();
-        let quiet = a.in_flight.get() == 0 && moves == self.armed_at;
-        if self.timer.is_none() {
-            self.timer = Some(Box::pin(tokio::time::sleep(PARK_AFTER)));
-            self.armed_at = moves;
-            if let Some(timer) = self.timer.as_mut() {
-                let _ = timer.as_mut().poll(cx);
-            }
-            return;
-        }
-        let Some(timer) = self.timer.as_mut() else {
-            return;
-        };
-        if timer.as_mut().poll(cx).is_pending() {
-            return;
-        }
-        if quiet {
-            self.activity.park.set(true);
-            cx.waker().wake_by_ref();
-        } else {
-            self.armed_at = moves;
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + PARK_AFTER);
-            let _ = timer.as_mut().poll(cx);
-        }
-    }
-}
-
-impl AsyncRead for ParkIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.replay.is_empty() {
-            let n = this.replay.len().min(buf.remaining());
-            buf.put_slice(&this.replay[..n]);
-            this.replay.advance(n);
-            this.activity.moved();
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    this.activity.moved();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                this.idle(cx);
-                Poll::Pending
-            }
-        }
-    }
-}
-
-impl AsyncWrite for ParkIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
 
 /// What the first bytes of a connection, or of a parked one's next request, say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,7 +99,7 @@ async fn next_request(
 pub(super) struct Setup<H> {
     pub(super) handler: H,
     pub(super) h1: http1::Builder,
-    pub(super) h2: http2::Builder<super::LocalExec>,
+    pub(super) h2: http2::Builder<LocalExec>,
     /// How long a new connection may wait before its first byte.
     pub(super) first_byte: Duration,
     /// How long a parked connection waits for its next request.
@@ -428,24 +111,19 @@ pub(super) struct Setup<H> {
 /// Serves one accepted connection until it closes; `silent` is its place among the
 /// silent connections until its first byte, and `hold` (its connection permit) is
 /// released when it closes.
-pub(super) async fn serve<H, Fut, B, G>(
+pub(super) async fn serve<H: Handler, G>(
     setup: Rc<Setup<H>>,
     stream: TcpStream,
     remote: SocketAddr,
     silent: Silent,
     hold: G,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
-    Fut: Future<Output = Response<B>> + 'static,
-    B: Body<Data = Bytes> + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+) {
     let _hold = hold;
     let open = Open::new(Rc::clone(&setup.conns));
     let activity = Rc::new(Activity::default());
     let (shared, s) = (Rc::clone(&activity), Rc::clone(&setup));
     let mut svc = service_fn(move |req| Answer {
-        fut: Box::pin((s.handler)(req, remote)),
+        fut: Box::pin(s.handler.call(req, remote)),
         busy: Some(Busy::new(&shared)),
     });
     let (h1, h2, draining) = (&setup.h1, &setup.h2, &setup.draining);
@@ -532,8 +210,12 @@ pub(super) async fn serve<H, Fut, B, G>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::park::{CROWDED, PARK_AFTER};
     use super::*;
+    use http::{Request, Response};
     use http_body_util::Full;
+    use hyper::body::Incoming;
+    use std::future::Future;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

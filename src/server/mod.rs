@@ -1,6 +1,10 @@
 //! Thread-per-core HTTP server: one current-thread runtime, one `SO_REUSEPORT` listener
 //! and one `LocalSet` per worker.
 //!
+//! Generic: it runs whatever [`Handler`] each worker makes, and knows nothing of the
+//! proxy, the admin API or the dashboard (`sidecar` wires those in; the simulated
+//! upstream uses the same server).
+//!
 //! A request never leaves the worker that accepted it, so per-worker state (the
 //! upstream pool) needs no lock; state shared by all workers lives in `Arc`s with
 //! atomics. Limits are explicit: a connection cap shared by all workers (near it the
@@ -9,60 +13,55 @@
 //! connections and a header read timeout (hyper needs a timer for it), header
 //! count and size, HTTP/2 stream and header-list limits, keep-alive. Shutdown: stop
 //! accepting, let connections drain, and at the end of the grace period cut what is
-//! left (SSE bodies end themselves with an error event first, see `body`).
+//! left (the handler's bodies may end themselves first on [`Shutdown::hard_stop`]).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body::Body;
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioTimer;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 mod connection;
+mod exec;
 mod fairness;
+mod handler;
+mod park;
 
-use connection::{Conns, Setup};
-pub use connection::{Tracked, CROWDED, PARK_AFTER};
+use connection::Setup;
+pub use exec::LocalExec;
 use fairness::{Cap, PerIp};
+pub use handler::Handler;
+use park::Conns;
+pub use park::{Tracked, CROWDED, PARK_AFTER};
 
-use crate::app::{App, Shutdown};
-use crate::body::BoxError;
 use crate::config::{Fairness, Limits};
-use crate::dashboard::FrameCache;
-use crate::metrics::ShardHandle;
-use crate::snapshot::publisher::Publisher;
-use crate::upstream::Pool;
 use tokio_util::sync::CancellationToken;
 
-/// Runs `!Send` futures (connections, h2 streams) on the worker's `LocalSet`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LocalExec;
-
-impl<F> hyper::rt::Executor<F> for LocalExec
-where
-    F: Future + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
-    }
+/// Shutdown in two steps: stop accepting, then (after the grace period) cut what is left.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled on SIGTERM/SIGINT: listeners close, connections drain.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period ends: SSE streams end with an error event,
+    /// requests still waiting for the upstream get a 503.
+    pub hard_stop: CancellationToken,
 }
 
-/// Settings of one server (the proxy or the simulated upstream).
+/// Settings of one server (the proxy, its metrics listener or the simulated upstream).
 #[derive(Debug, Clone)]
 pub struct ServerSpec {
     pub name: &'static str,
     pub listen: SocketAddr,
     pub workers: usize,
     pub limits: Limits,
+    /// Per-client limits: a cap per address and the first-byte timeout
+    /// ([`Fairness::lenient`] where clients are trusted, as for the simulated upstream).
+    pub fairness: Fairness,
     pub grace: Duration,
 }
 
@@ -70,8 +69,6 @@ pub struct ServerSpec {
 #[derive(Debug)]
 pub struct Running {
     pub local_addr: SocketAddr,
-    /// The metrics listener's address, when this is the proxy.
-    pub metrics_addr: Option<SocketAddr>,
     pub shutdown: Shutdown,
     threads: Vec<JoinHandle<()>>,
 }
@@ -120,40 +117,18 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Binds `spec.workers` listeners to one address and starts a worker on each, with
-/// [`Fairness::lenient`] (see [`spawn_with`]).
-pub fn spawn<M, H, Fut, B>(
-    spec: ServerSpec,
-    shutdown: Shutdown,
-    make_handler: M,
-) -> std::io::Result<Running>
-where
-    M: Fn(usize) -> H + Send + Sync + 'static,
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
-    Fut: Future<Output = Response<B>> + 'static,
-    B: Body<Data = Bytes> + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    let fairness = Fairness::lenient(&spec.limits);
-    spawn_with(spec, fairness, shutdown, make_handler)
-}
-
 /// Binds `spec.workers` listeners to one address and starts a worker on each.
 ///
 /// `make_handler` runs once on each worker thread and returns that worker's request
 /// handler, which may own `!Send` state such as an `Rc<Pool>`.
-pub fn spawn_with<M, H, Fut, B>(
+pub fn spawn<M, H>(
     spec: ServerSpec,
-    fairness: Fairness,
     shutdown: Shutdown,
     make_handler: M,
 ) -> std::io::Result<Running>
 where
     M: Fn(usize) -> H + Send + Sync + 'static,
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
-    Fut: Future<Output = Response<B>> + 'static,
-    B: Body<Data = Bytes> + Unpin + 'static,
-    B::Error: Into<BoxError>,
+    H: Handler,
 {
     if spec.listen.port() != 0 {
         ensure_port_free(spec.listen)?;
@@ -165,7 +140,7 @@ where
         listeners.push(bind_reuseport(local_addr)?);
     }
     let cap = Cap::new(spec.limits.max_connections);
-    let per_ip = fairness.max_connections_per_ip.map(PerIp::new);
+    let per_ip = spec.fairness.max_connections_per_ip.map(PerIp::new);
     let make_handler = Arc::new(make_handler);
     let mut threads = Vec::with_capacity(listeners.len());
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -199,7 +174,7 @@ where
                         handler: make_handler(id),
                         h1: h1_builder(&spec.limits),
                         h2: h2_builder(&spec.limits),
-                        first_byte: fairness.first_byte_timeout,
+                        first_byte: spec.fairness.first_byte_timeout,
                         idle_limit: spec.limits.header_read_timeout,
                         draining: shutdown.draining.clone(),
                         conns: Rc::new(Conns::new(CROWDED)),
@@ -211,7 +186,6 @@ where
     }
     Ok(Running {
         local_addr,
-        metrics_addr: None,
         shutdown,
         threads,
     })
@@ -239,19 +213,14 @@ fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {
     b
 }
 
-async fn worker_loop<H, Fut, B>(
+async fn worker_loop<H: Handler>(
     spec: &ServerSpec,
     listener: TcpListener,
     setup: Rc<Setup<H>>,
     cap: Arc<Cap>,
     per_ip: Option<Arc<PerIp>>,
     shutdown: Shutdown,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
-    Fut: Future<Output = Response<B>> + 'static,
-    B: Body<Data = Bytes> + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+) {
     let conns = Rc::clone(&setup.conns);
     let draining = shutdown.draining.clone();
     tokio::task::spawn_local({
@@ -326,131 +295,4 @@ async fn worker_loop<H, Fut, B>(
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut all_done).await;
         }
     }
-}
-
-/// One proxy worker: the shared app plus this thread's upstream pool, metrics shard
-/// and encoded dashboard frame.
-pub struct Worker {
-    pub id: usize,
-    pub app: Arc<App>,
-    pub pool: Rc<Pool>,
-    pub metrics: ShardHandle,
-    pub dashboard: FrameCache,
-    requests: std::cell::Cell<u64>,
-}
-
-impl Worker {
-    pub fn new(id: usize, app: Arc<App>) -> Self {
-        let pool = Pool::new(app.connector.clone());
-        Self {
-            id,
-            metrics: app.metrics.shard(id),
-            dashboard: FrameCache::default(),
-            app,
-            pool,
-            requests: std::cell::Cell::new(0),
-        }
-    }
-
-    /// A 32-hex-digit request id unique to this process run, built straight into the
-    /// header value it is sent and logged as.
-    pub fn next_request_id(&self) -> http::HeaderValue {
-        let n = self.requests.get().wrapping_add(1);
-        self.requests.set(n);
-        let low = ((self.id as u64 & 0xffff) << 48) | (n & 0xffff_ffff_ffff);
-        let mut out = [0u8; 32];
-        for (i, word) in [self.app.boot_id, low].into_iter().enumerate() {
-            for j in 0..16 {
-                let nibble = (word >> ((15 - j) * 4)) & 0xf;
-                out[i * 16 + j] = b"0123456789abcdef"[nibble as usize];
-            }
-        }
-        http::HeaderValue::from_bytes(&out).unwrap_or(http::HeaderValue::from_static("-"))
-    }
-}
-
-/// Which listener could not start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    Proxy,
-    Metrics,
-}
-
-impl Listener {
-    /// The settings that make its address.
-    pub fn settings(self) -> [&'static str; 2] {
-        match self {
-            Self::Proxy => ["listen_host", "listen_port"],
-            Self::Metrics => ["listen_host", "metrics_port"],
-        }
-    }
-}
-
-/// A listener that could not start: which one, its address and why.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} for the {}: {source}", match .listener { Listener::Proxy => "proxy", Listener::Metrics => "metrics" })]
-pub struct ListenError {
-    pub listener: Listener,
-    pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// Starts the proxy on `app.config.listen`, and the metrics listener (which also runs
-/// the snapshot publisher) on `app.config.metrics_listen`.
-pub fn start_proxy(app: Arc<App>) -> Result<Running, ListenError> {
-    let failed = |listener, addr| {
-        move |source| ListenError {
-            listener,
-            addr,
-            source,
-        }
-    };
-    let (listen, metrics_listen) = (app.config.listen, app.config.metrics_listen);
-    let metrics =
-        start_metrics(Arc::clone(&app)).map_err(failed(Listener::Metrics, metrics_listen))?;
-    let mut proxy = start_workers(app).map_err(failed(Listener::Proxy, listen))?;
-    proxy.metrics_addr = Some(metrics.local_addr);
-    proxy.threads.extend(metrics.threads);
-    Ok(proxy)
-}
-
-/// The metrics listener: one thread serving `GET /metrics`, and the publisher task.
-fn start_metrics(app: Arc<App>) -> std::io::Result<Running> {
-    let spec = ServerSpec {
-        name: "metrics",
-        listen: app.config.metrics_listen,
-        workers: 1,
-        limits: app.config.limits.clone(),
-        grace: Duration::from_secs(1),
-    };
-    let shutdown = Shutdown {
-        draining: app.shutdown.draining.clone(),
-        hard_stop: CancellationToken::new(),
-    };
-    spawn_with(spec, app.config.fairness, shutdown, move |_| {
-        tokio::task::spawn_local(Publisher::new(Arc::clone(&app)).run());
-        let app = Arc::clone(&app);
-        move |req: Request<Incoming>, _remote: SocketAddr| {
-            let app = Arc::clone(&app);
-            async move { crate::metrics::endpoint::serve(&app, &req) }
-        }
-    })
-}
-
-fn start_workers(app: Arc<App>) -> std::io::Result<Running> {
-    let spec = ServerSpec {
-        name: "sidecar",
-        listen: app.config.listen,
-        workers: app.config.workers.get(),
-        limits: app.config.limits.clone(),
-        grace: app.config.timeouts.shutdown_grace,
-    };
-    let shutdown = app.shutdown.clone();
-    spawn_with(spec, app.config.fairness, shutdown, move |id| {
-        let worker = Rc::new(Worker::new(id, Arc::clone(&app)));
-        move |req: Request<Incoming>, remote: SocketAddr| {
-            crate::proxy::serve(Rc::clone(&worker), req, remote)
-        }
-    })
 }

@@ -1,4 +1,5 @@
-//! The dashboard snapshot: built once per tick by one publisher, read by every client.
+//! The dashboard snapshot: built once per tick by one publisher (`dashboard`), read by
+//! every client.
 //!
 //! A [`Snapshot`] is plain fixed-size data (`Pod`: counters, gauges, percentiles and a
 //! minute of history per provider) published through a [`SeqLock`]: the publisher
@@ -13,8 +14,6 @@
 //! metrics shards as its panels', so it keeps `arrived = outcomes + in flight` exactly,
 //! and its totals cover every provider.
 
-pub mod json;
-pub mod publisher;
 pub mod seqlock;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,13 +13,15 @@
 //! writes so tests can assert on what it said.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+use super::{binary, free_port, wait_for_exit, Exited};
 
 /// Sends `signal` (`"STOP"`, `"CONT"`, `"KILL"`, `"TERM"`) to `pid` with kill(1): the
 /// tests have no libc binding.
@@ -30,14 +32,6 @@ pub fn signal(pid: u32, signal: &str) {
         .status()
         .expect("kill(1) runs");
     assert!(status.success(), "kill -{signal} {pid} failed");
-}
-
-/// A free TCP port on loopback (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// Fails the test unless `redis-server` can be run.
@@ -262,19 +256,7 @@ fn replica_env<'a>(env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
 }
 
 fn command(dir: &Path, env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
-    cmd.current_dir(dir)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    for (k, v) in replica_env(env) {
-        cmd.env(k, v);
-    }
-    cmd
+    binary(dir, &replica_env(env))
 }
 
 /// The value of `"key":"..."` in a JSON log line.
@@ -429,42 +411,14 @@ impl Drop for Replica {
     }
 }
 
-/// How a run of the binary that is expected to stop ended.
-pub struct Exited {
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
 /// Runs the binary with `env` (on top of [`replica_env`]'s defaults) in an empty
 /// directory; a run still going after 20 s (it is serving) is killed and fails the test.
 pub fn run_to_exit(env: &[(&str, &str)]) -> Exited {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut child = command(dir.path(), env).spawn().expect("the binary starts");
-    let read = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().unwrap()));
-    let stderr = read(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the binary with {env:?} did not exit (it started serving?)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Exited {
-        code: status.code(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    let child = command(dir.path(), env).spawn().expect("the binary starts");
+    wait_for_exit(
+        child,
+        Duration::from_secs(20),
+        &format!("the binary with {env:?}"),
+    )
 }

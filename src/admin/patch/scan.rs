@@ -8,7 +8,7 @@
 //! 3 levels). On a body it accepts it returns where each value and field name starts,
 //! in the order of simd-json's tape.
 
-use super::json::{printable, Escape, Expected, Found, Problem, MAX_DEPTH};
+use super::problem::{printable, Escape, Expected, Found, Problem, MAX_DEPTH};
 
 /// Longest piece of the body (a number, a word) quoted in a message.
 const QUOTE_MAX: usize = 40;

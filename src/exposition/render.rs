@@ -2,7 +2,7 @@
 //! `prometheus-client` from values read at scrape time.
 //!
 //! Nothing here runs on the request path: a scrape drains the workers' shards
-//! ([`super::Metrics::collect`]) and copies each provider's atomics. Labels are
+//! ([`crate::metrics::Metrics::collect`]) and copies each provider's atomics. Labels are
 //! `provider` and small fixed sets (route, outcome, kind, priority, reason, state,
 //! source; in cluster mode also result, mode, budget and replica: see [`super::cluster`]),
 //! never the model: model names come from clients, so per-model detail stays in the JSON
@@ -13,17 +13,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::series::{ErrorKind, Latency, Outcome};
-use crate::app::{App, ProviderSnapshot};
-use crate::limiter::{DropReason, Flow, PauseReason, RetreatState, Source};
+use super::family::{family, Read, Res};
+use super::limiter::{pacing, queue_flow};
+use crate::app::App;
+use crate::limiter::{DropReason, RetreatState};
+use crate::metrics::{ErrorKind, Lane, Outcome};
 use crate::priority::Priority;
-use crate::record::Route;
 
 /// `Content-Type` of the answer.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -45,60 +44,6 @@ struct AppCollector(Arc<App>);
 impl std::fmt::Debug for AppCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AppCollector")
-    }
-}
-
-pub(super) type Res = Result<(), std::fmt::Error>;
-
-/// Reads one gauge from a provider's snapshot.
-type Read = fn(&ProviderSnapshot) -> f64;
-
-/// One metric family, written label set by label set.
-pub(super) struct Family<'a> {
-    enc: prometheus_client::encoding::MetricEncoder<'a>,
-}
-
-pub(super) fn family<'a>(
-    enc: &'a mut DescriptorEncoder<'_>,
-    name: &'a str,
-    help: &str,
-    ty: MetricType,
-) -> Result<Family<'a>, std::fmt::Error> {
-    Ok(Family {
-        enc: enc.encode_descriptor(name, help, None, ty)?,
-    })
-}
-
-impl Family<'_> {
-    pub(super) fn counter<V>(&mut self, labels: &[(&str, &str)], v: V) -> Res
-    where
-        ConstCounter<V>: EncodeMetric,
-    {
-        ConstCounter::new(v).encode(self.enc.encode_family(&labels)?)
-    }
-
-    pub(super) fn gauge<V>(&mut self, labels: &[(&str, &str)], v: V) -> Res
-    where
-        ConstGauge<V>: EncodeMetric,
-    {
-        ConstGauge::new(v).encode(self.enc.encode_family(&labels)?)
-    }
-
-    fn histogram(&mut self, labels: &[(&str, &str)], l: &Latency) -> Res {
-        self.histogram_buckets(labels, l.sum_seconds(), l.count(), &l.buckets())
-    }
-
-    /// A histogram from its sum (seconds), count and per-bucket (not cumulative) counts.
-    pub(super) fn histogram_buckets(
-        &mut self,
-        labels: &[(&str, &str)],
-        sum: f64,
-        count: u64,
-        buckets: &[(f64, u64)],
-    ) -> Res {
-        self.enc
-            .encode_family(&labels)?
-            .encode_histogram::<NoLabelSet>(sum, count, buckets, None)
     }
 }
 
@@ -136,7 +81,7 @@ impl Collector for AppCollector {
             MetricType::Histogram,
         )?;
         for (name, s) in names.iter().zip(series) {
-            for r in Route::ALL {
+            for r in Lane::ALL {
                 f.histogram(
                     &[("provider", name), ("route", r.as_str())],
                     &s.duration[r as usize],
@@ -165,7 +110,7 @@ impl Collector for AppCollector {
             MetricType::Counter,
         )?;
         for (name, s) in names.iter().zip(series) {
-            for r in Route::ALL {
+            for r in Lane::ALL {
                 for o in Outcome::ALL {
                     f.counter(
                         &[
@@ -361,7 +306,7 @@ impl Collector for AppCollector {
         )?;
         f.gauge(&[], app.started.elapsed().as_secs_f64())?;
 
-        if let Some(p) = super::process::read() {
+        if let Some(p) = crate::metrics::process::read() {
             let mut f = family(
                 &mut enc,
                 "process_resident_memory_bytes",
@@ -409,159 +354,4 @@ impl Collector for AppCollector {
         }
         Ok(())
     }
-}
-
-/// The queue's totals since start, per priority: for each, `enqueued = dequeued +
-/// dropped + sidecar_queue_depth` (a scrape racing a grant may see one request in
-/// neither place). A request put back after an upstream 429 is enqueued again.
-fn queue_flow(enc: &mut DescriptorEncoder, names: &[&str], snaps: &[ProviderSnapshot]) -> Res {
-    type Total = fn(&Flow) -> u64;
-    let totals: [(&str, &str, Total); 2] = [
-        (
-            "sidecar_queue_enqueued",
-            "Requests parked in the queue, by priority (a request put back after an upstream 429 counts again).",
-            |f| f.enqueued,
-        ),
-        (
-            "sidecar_queue_dequeued",
-            "Requests taken out of the queue with a token, to be sent, by priority.",
-            |f| f.dequeued,
-        ),
-    ];
-    for (metric, help, get) in totals {
-        let mut f = family(enc, metric, help, MetricType::Counter)?;
-        for (name, s) in names.iter().zip(snaps) {
-            for p in Priority::ALL {
-                f.counter(
-                    &[("provider", name), ("priority", p.as_str())],
-                    get(&s.queue.flow[p as usize]),
-                )?;
-            }
-        }
-    }
-    let mut f = family(
-        enc,
-        "sidecar_queue_dropped",
-        "Requests taken out of the queue without a token, by priority and reason: client_gone, low_priority_deadline, timeout (the request timeout), beyond_deadline (the queue ahead could not be served in time), shutdown.",
-        MetricType::Counter,
-    )?;
-    for (name, s) in names.iter().zip(snaps) {
-        for p in Priority::ALL {
-            for why in DropReason::ALL {
-                f.counter(
-                    &[
-                        ("provider", name),
-                        ("priority", p.as_str()),
-                        ("reason", why.as_str()),
-                    ],
-                    s.queue.flow[p as usize].dropped[why as usize],
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The learned limit of each provider ([`crate::limiter::PacingView`]): what the window
-/// guard allows, where that comes from, probing and pauses.
-fn pacing(
-    enc: &mut DescriptorEncoder,
-    names: &[&str],
-    snaps: &[ProviderSnapshot],
-    now: u64,
-) -> Res {
-    let secs = |nanos: u64| nanos as f64 / 1e9;
-    let gauges: [(&str, &str, Read); 6] = [
-        (
-            "sidecar_limit_learned_rpm",
-            "The provider's limit as learned, in requests per minute (the configured rate while nothing lower was learned).",
-            |s| s.pacing.learned_rpm,
-        ),
-        (
-            "sidecar_limit_ceiling_rpm",
-            "The configured rate_rpm: the most the learned limit may reach.",
-            |s| s.pacing.ceiling_rpm,
-        ),
-        (
-            "sidecar_limit_per_window",
-            "Sends per provider window the window guard allows now (the learned limit, or the ceiling while probing).",
-            |s| f64::from(s.pacing.limit),
-        ),
-        (
-            "sidecar_provider_window_seconds",
-            "Length of the rolling window the provider counts requests in.",
-            |s| s.pacing.window.as_secs_f64(),
-        ),
-        (
-            "sidecar_limit_probing",
-            "1 while a probe lifts the limit to the ceiling for one window, else 0.",
-            |s| f64::from(u8::from(s.pacing.probing)),
-        ),
-        (
-            "sidecar_sent_in_window",
-            "Sends stamped in the last provider window, as the window guard counts them.",
-            |s| f64::from(s.pacing.sent_in_window),
-        ),
-    ];
-    for (metric, help, get) in gauges {
-        let mut f = family(enc, metric, help, MetricType::Gauge)?;
-        for (name, s) in names.iter().zip(snaps) {
-            f.gauge(&[("provider", name)], get(s))?;
-        }
-    }
-    let mut f = family(
-        enc,
-        "sidecar_limit_next_probe_seconds",
-        "Seconds until the next probe above the learned limit may start (it starts only while demand exceeds the limit); 0 when one may start now or there is nothing to probe (the learned limit is the ceiling, or the provider's headers state it).",
-        MetricType::Gauge,
-    )?;
-    for (name, s) in names.iter().zip(snaps) {
-        let left = s
-            .pacing
-            .next_probe_at
-            .map_or(0, |at| at.saturating_sub(now));
-        f.gauge(&[("provider", name)], secs(left))?;
-    }
-    let mut f = family(
-        enc,
-        "sidecar_limit_source",
-        "1 for where the limit in force comes from (config, header, learned_429, probe, state), 0 for the others.",
-        MetricType::Gauge,
-    )?;
-    for (name, s) in names.iter().zip(snaps) {
-        for src in Source::ALL {
-            f.gauge(
-                &[("provider", name), ("source", src.as_str())],
-                i64::from(s.pacing.source == src),
-            )?;
-        }
-    }
-    let mut f = family(
-        enc,
-        "sidecar_limit_changes",
-        "Changes of the limit in force: learned from a 429 or headers, probed, restored, forgotten, or capped by a new ceiling.",
-        MetricType::Counter,
-    )?;
-    for (name, s) in names.iter().zip(snaps) {
-        f.counter(&[("provider", name)], s.pacing.changes)?;
-    }
-    let mut f = family(
-        enc,
-        "sidecar_pause_seconds",
-        "Seconds left of the current admission pause for its reason (retry_after, quota, window, overload), 0 for the others.",
-        MetricType::Gauge,
-    )?;
-    for (name, s) in names.iter().zip(snaps) {
-        for reason in PauseReason::ALL {
-            let left = match s.pacing.pause {
-                Some((r, until)) if r == reason => until.saturating_sub(now),
-                _ => 0,
-            };
-            f.gauge(
-                &[("provider", name), ("reason", reason.as_str())],
-                secs(left),
-            )?;
-        }
-    }
-    Ok(())
 }

@@ -10,11 +10,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytemuck::Zeroable;
 
-use super::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
 use crate::app::App;
 use crate::budget::{Budget, ClusterView};
 use crate::limiter::{DropReason, Mode, PacingView, Source};
 use crate::metrics::{Outcome, ProviderSeries};
+use crate::snapshot::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
 
 /// A provider's pacing view at clock time `now`, as the snapshot holds it.
 fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {

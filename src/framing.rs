@@ -207,6 +207,19 @@ async fn discard<B: Body + Unpin>(mut body: B, max_bytes: u64) -> u64 {
     read
 }
 
+/// `s` cut to at most `max` bytes, on a character boundary (paths and models that are
+/// logged, counted or echoed in an error are cut to 256 bytes).
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

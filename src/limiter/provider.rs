@@ -1,0 +1,274 @@
+//! One limiter: a provider key's, or one model's under it (`limit_scope = "model"`,
+//! see [`super::scopes`]). It joins the parts the sibling modules define — the bucket,
+//! the window guard, the wait queues, the controller's state, the lease pot in cluster
+//! mode — and owns the atomics the request path and the controller share.
+//!
+//! This file holds the struct, how it is built and wired (model scopes, lease, the
+//! dispatcher thread), and what admission answers. The behaviour is split by who calls
+//! it: `admit.rs` for the request path and the dispatcher's grants, `control.rs` for what
+//! answers report, the controller step, admin changes and views.
+
+mod admit;
+mod control;
+#[cfg(all(test, not(sidecar_loom)))]
+mod testing;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::Duration;
+
+use crossbeam_queue::SegQueue;
+
+use super::bucket::TokenBucket;
+use super::control::{Control, Event};
+use super::guard::{Claim, WindowGuard};
+use super::learn::per_window;
+use super::lease::LeasePot;
+use super::pacing::Pacing;
+use super::queue::{QueueFull, Ticket, WaitQueues};
+use super::retreat::{AnswerCounts, RetreatConfig};
+use super::scopes::{self, Scoped};
+use super::sync::Mutex;
+
+/// What admission decided.
+#[derive(Debug)]
+pub enum Decision {
+    /// A token and a window slot were free and nobody waited: go now.
+    Admitted(Claim),
+    /// Parked: await the ticket (it resolves to the claim).
+    Queued(Ticket),
+    /// The queue is at its bound.
+    Full(QueueFull),
+    /// Cluster mode, cut off from the shared budget for too long: nothing may be sent.
+    Isolated,
+}
+
+/// A provider's limiter.
+#[derive(Debug)]
+pub struct Limiter {
+    pub bucket: TokenBucket,
+    pub guard: WindowGuard,
+    pub queues: Arc<WaitQueues>,
+    /// Upstream answers and 429s over the last minute.
+    pub answers: AnswerCounts,
+    pacing: Pacing,
+    default_pause: Duration,
+    control: Mutex<Control>,
+    inbox: SegQueue<Event>,
+    /// The highest count-in-window answered without a 429 since the limit last changed.
+    proven: AtomicU32,
+    /// Rate-limit refusals among the sends in the guard's span (kept by the controller).
+    refused_in_span: AtomicU32,
+    /// Clock time + 1 a request last had to wait for the limit (0: never).
+    demand_at: AtomicU64,
+    /// The last limit the provider's headers stated (rpm; 0: none).
+    header_limit: AtomicU64,
+    /// Admission paused until (clock nanoseconds), and why (`PauseReason as u8`).
+    pause_until: AtomicU64,
+    pause_reason: AtomicU8,
+    dispatcher: OnceLock<Thread>,
+    /// `limit_scope = "model"`: the models' own limiters under this (the key's) one.
+    models: Option<scopes::Models<Limiter>>,
+    /// Cluster mode: tokens leased from the shared budget (`None`: the local bucket).
+    lease: Option<Arc<LeasePot>>,
+}
+
+/// A claim held by a request on its way upstream: stamped with the time it is written,
+/// or released when it never is (dropped unstamped).
+#[derive(Debug)]
+pub struct Permit<'a> {
+    limiter: &'a Limiter,
+    claim: Claim,
+    sent_at: Option<u64>,
+}
+
+impl<'a> Permit<'a> {
+    pub fn new(limiter: &'a Limiter, claim: Claim) -> Self {
+        Self {
+            limiter,
+            claim,
+            sent_at: None,
+        }
+    }
+
+    /// The request is being written upstream now.
+    pub fn stamp(&mut self, now: u64) {
+        self.sent_at = Some(self.limiter.guard.stamp(self.claim.slot, now));
+    }
+
+    /// Sends in the window including this one, when it was claimed.
+    pub fn count(&self) -> u32 {
+        self.claim.count
+    }
+
+    pub fn sent_at(&self) -> Option<u64> {
+        self.sent_at
+    }
+
+    /// Not sent after all: the window slot and the token go back at once, to the next
+    /// waiter.
+    pub fn give_back(mut self, now: u64) {
+        if self.sent_at.is_none() {
+            self.sent_at = Some(now);
+            self.limiter.refund(self.claim, now);
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.sent_at.is_none() {
+            self.limiter.guard.release(self.claim.slot);
+        }
+    }
+}
+
+impl Limiter {
+    /// A limiter on a 60 s window with the default margin and probe interval.
+    pub fn new(rate_rpm: f64, capacity: u32, queue_max: usize, retreat: RetreatConfig) -> Self {
+        Self::with_pacing(rate_rpm, capacity, queue_max, retreat, Pacing::default(), 0)
+    }
+
+    pub fn with_pacing(
+        rate_rpm: f64,
+        capacity: u32,
+        queue_max: usize,
+        retreat: RetreatConfig,
+        pacing: Pacing,
+        now: u64,
+    ) -> Self {
+        let ceiling = per_window(rate_rpm, pacing.window);
+        Self {
+            bucket: TokenBucket::new(rate_rpm, capacity),
+            guard: WindowGuard::new(pacing.window, pacing.margin, ceiling, ceiling),
+            queues: WaitQueues::new(queue_max),
+            answers: AnswerCounts::default(),
+            default_pause: retreat.default_pause,
+            control: Mutex::new(Control::new(rate_rpm, capacity, retreat, &pacing, now)),
+            pacing,
+            inbox: SegQueue::new(),
+            proven: AtomicU32::new(0),
+            refused_in_span: AtomicU32::new(0),
+            demand_at: AtomicU64::new(0),
+            header_limit: AtomicU64::new(0),
+            pause_until: AtomicU64::new(0),
+            pause_reason: AtomicU8::new(0),
+            dispatcher: OnceLock::new(),
+            models: None,
+            lease: None,
+        }
+    }
+
+    /// Takes tokens from `pot` (leased from a shared budget) instead of the local bucket
+    /// while the pot is in [`Mode::Shared`](super::lease::Mode::Shared).
+    pub fn leased(mut self, pot: Arc<LeasePot>) -> Self {
+        self.lease = Some(pot);
+        self
+    }
+
+    /// The pot of leased tokens (cluster mode).
+    pub fn lease(&self) -> Option<&Arc<LeasePot>> {
+        self.lease.as_ref()
+    }
+
+    /// Gives each model its own limiter (made like this one) under this one, at most
+    /// `max` at once.
+    pub fn model_scoped(mut self, max: usize) -> Self {
+        let template = {
+            let c = self.control.lock();
+            scopes::Template {
+                rate_rpm: c.ceiling_rpm,
+                capacity: c.capacity,
+                queue_max: self.queues.max(),
+                retreat: c.retreat.config(),
+                pacing: self.pacing,
+            }
+        };
+        self.models = Some(scopes::Models::new(template, max));
+        self
+    }
+
+    /// The limiter of `model` when limits are per model (`None`: per key, or no scope
+    /// could be made for it).
+    pub fn scope(&self, model: &str, now: u64) -> Option<Arc<Limiter>> {
+        self.models.as_ref()?.get(model, now, self.dispatcher.get())
+    }
+
+    /// Whether limits are learned per model.
+    pub fn is_model_scoped(&self) -> bool {
+        self.models.is_some()
+    }
+
+    /// The live model scopes, by name (empty when limits are per key).
+    pub fn models(&self) -> Vec<(Arc<str>, Arc<Limiter>)> {
+        self.models
+            .as_ref()
+            .map_or_else(Vec::new, scopes::Models::all)
+    }
+
+    /// Limits learned per model before a restart, applied as each model is seen.
+    pub fn restore_models(&self, limits: std::collections::HashMap<String, u32>) {
+        if let Some(m) = &self.models {
+            m.restore(limits);
+        }
+    }
+
+    /// Model scopes evicted so far (the bound was reached).
+    pub fn models_evicted(&self) -> u64 {
+        self.models.as_ref().map_or(0, scopes::Models::evicted)
+    }
+
+    pub fn pacing(&self) -> Pacing {
+        self.pacing
+    }
+
+    /// The thread to wake when a request is parked (set once by the dispatcher).
+    pub fn set_dispatcher(&self, thread: Thread) {
+        for (_, m) in self.models() {
+            m.set_dispatcher(thread.clone());
+        }
+        let _ = self.dispatcher.set(thread);
+    }
+
+    /// Wakes the dispatcher (tokens arrived, the mode changed).
+    pub fn wake_dispatcher(&self) {
+        if let Some(t) = self.dispatcher.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// A model's limiter is a limiter like the key's, made from its template.
+impl Scoped for Limiter {
+    fn from_template(
+        t: &scopes::Template,
+        now: u64,
+        wake: Option<&Thread>,
+        restored: Option<u32>,
+    ) -> Self {
+        let l = Limiter::with_pacing(
+            t.rate_rpm,
+            t.capacity,
+            t.queue_max,
+            t.retreat,
+            t.pacing,
+            now,
+        );
+        if let Some(th) = wake {
+            l.set_dispatcher(th.clone());
+        }
+        if let Some(n) = restored {
+            l.restore(n, now);
+        }
+        l
+    }
+
+    fn is_idle(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    fn set_queue_bound(&self, max: usize) {
+        self.queues.set_max(max);
+    }
+}

@@ -1,0 +1,250 @@
+//! Admission, as the request path and the dispatcher use it: the fast path (a token
+//! and a window slot when nobody waits, one CAS each), parking behind those already
+//! waiting, the dispatcher's grants in priority order, refunds of unused claims, and
+//! how long a request would wait.
+//!
+//! A token comes from the local bucket, or in cluster mode from the lease pot while it
+//! is shared (the local bucket again in fallback, none when isolated); the window guard
+//! must have room as well, or the token goes back.
+
+use std::sync::atomic::Ordering as StdOrdering;
+use std::time::Duration;
+
+use super::{Decision, Limiter};
+use crate::limiter::guard::Claim;
+use crate::limiter::lease::{LeasePot, Mode};
+use crate::limiter::queue::{QueueFull, Ticket};
+use crate::priority::Priority;
+
+/// How often the dispatcher looks again while it waits for a lease (the budget task wakes
+/// it as soon as one comes).
+const LEASE_POLL: Duration = Duration::from_millis(100);
+
+impl Limiter {
+    /// A token and a window slot at `now`, or nothing (neither is kept).
+    #[inline]
+    fn try_take(&self, now: u64) -> Option<Claim> {
+        if let Some(pot) = &self.lease {
+            return self.try_take_leased(pot, now);
+        }
+        self.try_take_local(now)
+    }
+
+    #[inline]
+    fn try_take_local(&self, now: u64) -> Option<Claim> {
+        // The bucket first: one CAS, and where a busy limiter refuses most often.
+        self.bucket.try_acquire(now).ok()?;
+        match self.guard.try_claim(now) {
+            Ok(c) => Some(c),
+            Err(_) => {
+                self.bucket.refund(now);
+                None
+            }
+        }
+    }
+
+    /// A token from the lease, then a window slot; the local bucket in fallback mode.
+    #[inline]
+    fn try_take_leased(&self, pot: &LeasePot, now: u64) -> Option<Claim> {
+        match pot.mode() {
+            Mode::Fallback => self.try_take_local(now),
+            Mode::Isolated => None,
+            Mode::Shared => {
+                // Relaxed: the pause is also enforced by the shared budget; this one only
+                // keeps tokens in hand from going out during it.
+                if self.pause_until.load(StdOrdering::Relaxed) > now || !pot.try_take(now) {
+                    return None;
+                }
+                match self.guard.try_claim(now) {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        pot.put_back();
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the window holds more sends (pending claims included) than the limit now
+    /// allows: claims granted before the limit fell.
+    pub fn over_limit(&self, now: u64) -> bool {
+        self.guard.in_span(now) > self.guard.limit()
+    }
+
+    /// Time until both a token and a window slot are free (zero if they are now).
+    pub fn wait_time(&self, now: u64) -> Duration {
+        let guard = self.guard.wait_time(now);
+        match self.lease.as_ref().map(|p| (p.mode(), p.tokens())) {
+            // No token in hand: the budget task wakes the dispatcher when a lease comes.
+            Some((Mode::Shared, 0)) => guard.max(LEASE_POLL),
+            Some((Mode::Shared, _)) => guard.max(self.pause_left(now)).max(
+                self.lease
+                    .as_ref()
+                    .map_or(Duration::ZERO, |p| p.usable_in(now)),
+            ),
+            Some((Mode::Isolated, _)) => guard.max(LEASE_POLL),
+            _ => self.bucket.wait_time(now).max(guard),
+        }
+    }
+
+    fn pause_left(&self, now: u64) -> Duration {
+        Duration::from_nanos(
+            self.pause_until
+                .load(StdOrdering::Relaxed)
+                .saturating_sub(now),
+        )
+    }
+
+    fn note_demand(&self, now: u64) {
+        // Relaxed: a hint for probing, read by the controller a tick later.
+        if self.demand_at.load(StdOrdering::Relaxed) <= now {
+            self.demand_at.store(now + 1, StdOrdering::Relaxed);
+        }
+    }
+
+    /// Admits at `now`, parks, or refuses.
+    #[inline]
+    pub fn admit(&self, priority: Priority, now: u64) -> Decision {
+        if let Some(pot) = &self.lease {
+            pot.offer();
+            if pot.mode() == Mode::Isolated {
+                return Decision::Isolated;
+            }
+        }
+        if self.queues.is_empty() {
+            if let Some(c) = self.try_take(now) {
+                return Decision::Admitted(c);
+            }
+        }
+        self.note_demand(now);
+        match self.queues.enqueue(priority, false) {
+            Ok(ticket) => {
+                self.wake_dispatcher();
+                Decision::Queued(ticket)
+            }
+            Err(full) => Decision::Full(full),
+        }
+    }
+
+    /// Parks a request again at the head of its priority (after an upstream 429).
+    pub fn requeue(&self, priority: Priority) -> Result<Ticket, QueueFull> {
+        let t = self.queues.enqueue(priority, true)?;
+        self.wake_dispatcher();
+        Ok(t)
+    }
+
+    /// A granted claim that was not used (the client left first): give its window slot
+    /// and its token back.
+    pub fn refund(&self, claim: Claim, now: u64) {
+        self.give_back(claim, now);
+        self.wake_dispatcher();
+    }
+
+    fn give_back(&self, claim: Claim, now: u64) {
+        self.guard.release(claim.slot);
+        match &self.lease {
+            Some(pot) if pot.mode() == Mode::Shared => pot.put_back(),
+            _ => self.bucket.refund(now),
+        }
+    }
+
+    /// A token and a window slot at `now` when nobody waits, without queueing: for a
+    /// send that may be skipped (a readiness probe), so it spends the provider's quota
+    /// only where a request could have.
+    pub fn try_admit_now(&self, now: u64) -> Option<Claim> {
+        if self.queues.is_empty() {
+            self.try_take(now)
+        } else {
+            None
+        }
+    }
+
+    /// A send that goes out whatever the limit says (unmetered passthrough to the same
+    /// upstream): counted in the window.
+    pub fn record_forced_send(&self, now: u64) {
+        let slot = self.guard.force_claim(now);
+        self.guard.stamp(slot, now);
+    }
+
+    /// Grants tokens to waiters while tokens and window slots are free. Returns how long
+    /// until the next grant could be due when waiters remain.
+    pub fn dispatch(&self, now: u64) -> Option<Duration> {
+        while let Some(c) = self.queues.take_unused_grant() {
+            self.give_back(c, now);
+        }
+        loop {
+            if self.queues.is_empty() {
+                return None;
+            }
+            match self.try_take(now) {
+                Some(claim) => {
+                    if let Err(c) = self.queues.grant_next(claim) {
+                        // Every remaining waiter had cancelled: nothing was used.
+                        self.give_back(c, now);
+                        return None;
+                    }
+                }
+                None => {
+                    // A zero wait is a race with a fast-path admission: look again soon.
+                    let wait = self.wait_time(now);
+                    return Some(if wait.is_zero() {
+                        Duration::from_micros(50)
+                    } else {
+                        wait
+                    });
+                }
+            }
+        }
+    }
+
+    /// [`Self::dispatch`] for this limiter and each model scope: the soonest next wait.
+    pub fn dispatch_all(&self, now: u64) -> Option<Duration> {
+        let mut wait = self.dispatch(now);
+        for (_, m) in self.models() {
+            if let Some(w) = m.dispatch(now) {
+                wait = Some(wait.map_or(w, |x| x.min(w)));
+            }
+        }
+        wait
+    }
+
+    /// A new queue bound, for this limiter and its model scopes.
+    pub fn set_queue_max(&self, max: usize) {
+        self.queues.set_max(max);
+        if let Some(models) = &self.models {
+            models.set_queue_max(max);
+        }
+    }
+
+    /// Seconds between grants: the bucket's interval, and the guarded span's share of
+    /// each send (the guard spaces `limit` sends over window + margin), which binds
+    /// once a window's worth has gone.
+    fn intervals(&self) -> (f64, f64) {
+        let (rpm, _) = self.bucket.rate();
+        let bucket = 60.0 / rpm.max(1e-9);
+        let guard = self.guard.span_nanos() as f64 / 1e9 / f64::from(self.guard.limit().max(1));
+        (bucket, bucket.max(guard))
+    }
+
+    /// How long a request would wait with `ahead` waiters granted before it: the
+    /// current wait, then one bucket interval each for the first window's worth, and
+    /// the guard's share of the span each after that.
+    pub fn expected_wait(&self, ahead: usize, now: u64) -> Duration {
+        let (bucket, guarded) = self.intervals();
+        let within = ahead.min(self.guard.limit() as usize);
+        let beyond = ahead - within;
+        let secs = bucket * within as f64 + guarded * beyond as f64;
+        self.wait_time(now) + Duration::from_secs_f64(secs)
+    }
+
+    /// `Retry-After` for a refused request: the time for the queue ahead of it (and it)
+    /// to drain at the rate paced now.
+    pub fn retry_after(&self, ahead: usize, now: u64) -> Duration {
+        self.expected_wait(ahead, now)
+            .max(Duration::from_secs_f64(self.intervals().0))
+    }
+}
+
+#[cfg(all(test, not(sidecar_loom)))]
+mod tests;

@@ -1,0 +1,259 @@
+//! Queue order, bound and cancellation, on explicit grants.
+
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use super::testing::{is_granted, poll_with, CountingWaker};
+use super::*;
+use crate::limiter::guard::{Margin, WindowGuard};
+
+/// A claim from a guard that never binds, for grants in queue-only tests.
+fn claim() -> Claim {
+    let margin = Margin {
+        fraction: 0.0,
+        floor: Duration::ZERO,
+    };
+    WindowGuard::new(Duration::from_secs(60), margin, 1_000_000, 1_000_000)
+        .try_claim(0)
+        .expect("room")
+}
+
+/// Grants one waiter and returns the label of the ticket that became ready.
+fn grant_one(q: &WaitQueues, tickets: &mut Vec<(&'static str, Ticket)>) -> &'static str {
+    assert!(q.grant_next(claim()).is_ok(), "someone was waiting");
+    let i = tickets
+        .iter_mut()
+        .position(|(_, t)| is_granted(t))
+        .expect("the grant reached a ticket");
+    tickets.remove(i).0
+}
+
+#[test]
+fn grants_follow_strict_priority_between_levels_and_fifo_within_one() {
+    let q = WaitQueues::new(10);
+    let mut tickets = Vec::new();
+    for (label, p) in [
+        ("low1", Priority::Low),
+        ("normal1", Priority::Normal),
+        ("high1", Priority::High),
+        ("low2", Priority::Low),
+        ("normal2", Priority::Normal),
+        ("high2", Priority::High),
+    ] {
+        tickets.push((label, q.enqueue(p, false).unwrap()));
+    }
+    let order: Vec<_> = (0..6).map(|_| grant_one(&q, &mut tickets)).collect();
+    assert_eq!(
+        order,
+        ["high1", "high2", "normal1", "normal2", "low1", "low2"]
+    );
+    assert!(q.grant_next(claim()).is_err(), "nobody left");
+}
+
+#[test]
+fn a_retry_goes_to_the_head_of_its_priority_but_behind_any_higher_one() {
+    let q = WaitQueues::new(10);
+    let mut tickets = Vec::new();
+    for (label, p, front) in [
+        ("normal_new", Priority::Normal, false),
+        ("normal_retry1", Priority::Normal, true),
+        ("low_retry", Priority::Low, true),
+        ("high_new", Priority::High, false),
+        ("normal_retry2", Priority::Normal, true),
+    ] {
+        tickets.push((label, q.enqueue(p, front).unwrap()));
+    }
+    let order: Vec<_> = (0..5).map(|_| grant_one(&q, &mut tickets)).collect();
+    assert_eq!(
+        order,
+        [
+            "high_new",
+            "normal_retry1",
+            "normal_retry2",
+            "normal_new",
+            "low_retry"
+        ]
+    );
+}
+
+#[test]
+fn the_bound_is_never_exceeded_and_a_refusal_counts_those_at_or_above_its_priority() {
+    let q = WaitQueues::new(4);
+    let _held: Vec<_> = [
+        Priority::High,
+        Priority::Normal,
+        Priority::Normal,
+        Priority::Low,
+    ]
+    .into_iter()
+    .map(|p| q.enqueue(p, false).unwrap())
+    .collect();
+    assert_eq!(q.len(), 4);
+    assert_eq!(
+        q.enqueue(Priority::High, false).unwrap_err(),
+        QueueFull { ahead: 1 }
+    );
+    assert_eq!(
+        q.enqueue(Priority::Normal, true).unwrap_err(),
+        QueueFull { ahead: 3 }
+    );
+    assert_eq!(
+        q.enqueue(Priority::Low, false).unwrap_err(),
+        QueueFull { ahead: 4 }
+    );
+    let c = q.counts();
+    assert_eq!((c.depth, c.total, c.max, c.enqueued), ([1, 2, 1], 4, 4, 4));
+}
+
+#[test]
+fn shrinking_the_bound_keeps_everyone_queued_and_refuses_arrivals_until_depth_falls_below() {
+    let q = WaitQueues::new(3);
+    let mut tickets: Vec<_> = (0..3)
+        .map(|_| q.enqueue(Priority::Normal, false).unwrap())
+        .collect();
+    q.set_max(1);
+    assert_eq!(q.len(), 3, "nobody already queued is dropped");
+    assert!(q.enqueue(Priority::High, false).is_err());
+    assert!(q.grant_next(claim()).is_ok());
+    assert_eq!(q.len(), 2);
+    assert!(
+        q.enqueue(Priority::High, false).is_err(),
+        "2 is not below 1"
+    );
+    assert!(q.grant_next(claim()).is_ok());
+    assert!(
+        q.enqueue(Priority::High, false).is_err(),
+        "1 is not below 1"
+    );
+    assert!(q.grant_next(claim()).is_ok());
+    assert_eq!(q.len(), 0);
+    let _t = q.enqueue(Priority::High, false).expect("room again");
+    assert!(tickets.iter_mut().all(is_granted));
+}
+
+#[test]
+fn a_dropped_ticket_frees_its_slot_at_once_and_is_skipped_without_a_grant() {
+    let q = WaitQueues::new(2);
+    let gone = q.enqueue(Priority::High, false).unwrap();
+    let mut stays = q.enqueue(Priority::Normal, false).unwrap();
+    assert!(q.enqueue(Priority::Low, false).is_err());
+    drop(gone);
+    assert_eq!(q.len(), 1);
+    assert_eq!(q.counts().depth, [0, 1, 0]);
+    let _room = q.enqueue(Priority::Low, false).expect("the slot was freed");
+    assert!(q.grant_next(claim()).is_ok());
+    assert!(is_granted(&mut stays), "the tombstone was skipped");
+    assert_eq!(
+        q.counts().dequeued,
+        1,
+        "the cancelled waiter was not granted"
+    );
+}
+
+#[test]
+fn a_cancelled_queue_drains_to_zero() {
+    let q = WaitQueues::new(8);
+    for p in Priority::ALL {
+        drop(q.enqueue(p, false).unwrap());
+        drop(q.enqueue(p, true).unwrap());
+    }
+    let c = q.counts();
+    assert_eq!(
+        (c.depth, c.total, c.enqueued, c.dequeued),
+        ([0; 3], 0, 6, 0)
+    );
+    assert!(
+        q.grant_next(claim()).is_err(),
+        "only tombstones: nothing granted"
+    );
+}
+
+#[test]
+fn a_ticket_resolves_after_its_grant_and_wakes_its_task() {
+    let q = WaitQueues::new(1);
+    let mut t = q.enqueue(Priority::Normal, false).unwrap();
+    let counter = Arc::new(CountingWaker::default());
+    let waker = Waker::from(Arc::clone(&counter));
+    assert_eq!(poll_with(&mut t, &waker), Poll::Pending);
+    assert_eq!(counter.wakes(), 0);
+    assert!(q.grant_next(claim()).is_ok());
+    assert_eq!(counter.wakes(), 1);
+    assert_eq!(poll_with(&mut t, &waker), Poll::Ready(()));
+    assert!(
+        !t.cancel(DropReason::ClientGone),
+        "granted first: the caller owns the token"
+    );
+    assert_eq!(q.len(), 0);
+}
+
+#[test]
+fn cancel_after_a_grant_returns_false_and_moves_no_counter() {
+    let q = WaitQueues::new(2);
+    let mut t = q.enqueue(Priority::Low, false).unwrap();
+    assert!(q.grant_next(claim()).is_ok());
+    assert!(!t.cancel(DropReason::ClientGone));
+    assert!(!t.cancel(DropReason::ClientGone));
+    let c = q.counts();
+    assert_eq!((c.total, c.depth, c.dequeued), (0, [0; 3], 1));
+}
+
+#[test]
+fn cancel_before_a_grant_wins_once() {
+    let q = WaitQueues::new(2);
+    let mut t = q.enqueue(Priority::Low, true).unwrap();
+    assert_eq!(t.priority(), Priority::Low);
+    assert!(t.cancel(DropReason::ClientGone));
+    assert!(!t.cancel(DropReason::ClientGone), "only once");
+    assert_eq!(q.len(), 0);
+    assert!(q.grant_next(claim()).is_err());
+    assert!(!is_granted(&mut t));
+}
+
+#[test]
+fn the_queue_counts_each_leaving_once_by_priority_and_reason() {
+    let q = WaitQueues::new(8);
+    let mut high = q.enqueue(Priority::High, false).unwrap();
+    let mut low_deadline = q.enqueue(Priority::Low, false).unwrap();
+    let mut low_timeout = q.enqueue(Priority::Low, true).unwrap();
+    let gone = q.enqueue(Priority::Normal, false).unwrap();
+    let stays = q.enqueue(Priority::Normal, false).unwrap();
+    assert!(q.grant_next(claim()).is_ok(), "high goes first");
+    assert!(is_granted(&mut high));
+    assert!(low_deadline.cancel(DropReason::LowPriorityDeadline));
+    assert!(low_timeout.cancel(DropReason::Timeout));
+    assert!(!low_timeout.cancel(DropReason::Shutdown), "counted once");
+    drop(gone);
+    drop((high, low_deadline, low_timeout));
+    let c = q.counts();
+    let f = |p: Priority| c.flow[p as usize];
+    assert_eq!(
+        (f(Priority::High).enqueued, f(Priority::High).dequeued),
+        (1, 1)
+    );
+    assert_eq!(f(Priority::Normal).enqueued, 2);
+    assert_eq!(
+        f(Priority::Normal).dropped[DropReason::ClientGone as usize],
+        1
+    );
+    assert_eq!(f(Priority::Low).enqueued, 2);
+    assert_eq!(f(Priority::Low).dequeued, 0);
+    assert_eq!(
+        f(Priority::Low).dropped,
+        [0, 1, 1, 0, 0],
+        "low_priority_deadline and timeout"
+    );
+    assert_eq!((c.enqueued, c.dequeued, c.abandoned), (5, 1, 3));
+    assert_eq!(c.dropped(DropReason::Shutdown), 0);
+    // For each priority: in = out with a token + out without one + still waiting.
+    for p in Priority::ALL {
+        let fl = f(p);
+        assert_eq!(
+            fl.enqueued,
+            fl.dequeued + fl.dropped_total() + c.depth[p as usize] as u64,
+            "{p:?}"
+        );
+    }
+    drop(stays);
+    assert_eq!(q.counts().dropped(DropReason::ClientGone), 2);
+}

@@ -1,0 +1,208 @@
+//! The `forward` phase: send the request upstream, and absorb what waiting can cure.
+//!
+//! Each attempt is stamped in the provider's window at the moment it goes out (a send
+//! with the provider's key counts whether or not it is answered). A limited request the
+//! upstream answers 429 is parked again at the head of its priority and re-sent after
+//! the pause, while `upstream_429_retries` and its deadline allow; the answer of every
+//! attempt goes to `answer::on_upstream_answer` first. A request granted too close to
+//! its deadline is not sent: it could not be answered in time, and a send the deadline
+//! cuts off may or may not have reached the provider, which would make the window's
+//! count (and what is learned from it) wrong.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, StatusCode, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::admit::{self, round_ms, Admitted, MIN_TIME_TO_SEND};
+use super::answer::{on_upstream_answer, read_prefix, REFUSAL_PREFIX};
+use super::ctx::Ctx;
+use super::route::Routed;
+use crate::app::Provider;
+use crate::config::UpstreamUrl;
+use crate::error::ProxyError;
+use crate::hot::Hot;
+use crate::metrics::Lane;
+use crate::record::Record;
+use crate::stats::ProviderStats;
+use crate::upstream::{Lease, SendError};
+
+/// The request as it goes upstream: the client's head, the headers prepared for the
+/// upstream (`headers::upstream_request_headers`) and the body.
+pub struct Outgoing<'r> {
+    pub parts: &'r http::request::Parts,
+    pub headers: HeaderMap,
+    pub body: &'r Bytes,
+}
+
+/// The request's deadline, and the one timer that fires at it.
+pub struct Deadline<'t> {
+    pub at: Instant,
+    pub timer: Pin<&'t mut Sleep>,
+}
+
+/// The upstream's answer, as it came.
+pub struct Forwarded {
+    pub head: http::response::Parts,
+    pub body: Incoming,
+    /// The start of a 429's body, read to classify it.
+    pub prefix: Bytes,
+    /// The pooled connection, returned once the body is complete.
+    pub lease: Option<Lease>,
+    /// When the last attempt was sent.
+    pub sent_at: Instant,
+}
+
+/// Sends `out` to `routed.provider` on the claims `admitted` holds, until an answer
+/// that is not retried.
+pub async fn forward<'a>(
+    ctx: &Ctx<'_>,
+    hot: &Hot,
+    out: &mut Outgoing<'_>,
+    routed: &'a Routed<'a>,
+    admitted: &mut Admitted<'a>,
+    record: &mut Record,
+    deadline: &mut Deadline<'_>,
+) -> Result<Forwarded, ProxyError> {
+    let app = ctx.app;
+    let provider = routed.provider;
+    let scope = routed.scope.as_deref();
+    let rest = &out.parts.uri.path()["/v1/".len()..];
+    loop {
+        let target = match admitted.route {
+            Lane::Passthrough => provider
+                .config
+                .fallback
+                .as_ref()
+                .unwrap_or(&provider.config.upstream),
+            _ => &provider.config.upstream,
+        };
+        // The headers are copied only when a 429 could send this request again.
+        let may_retry =
+            admitted.route == Lane::Limited && record.retries < app.config.upstream_429_retries;
+        let headers = if may_retry {
+            out.headers.clone()
+        } else {
+            std::mem::take(&mut out.headers)
+        };
+        let up_req =
+            build_upstream_request(out.parts, headers, rest, out.body.clone(), provider, target)?;
+        if deadline.at.saturating_duration_since(Instant::now()) < MIN_TIME_TO_SEND {
+            let now = app.clock.now_nanos();
+            for p in [admitted.key.take(), admitted.model.take()]
+                .into_iter()
+                .flatten()
+            {
+                p.give_back(now);
+            }
+            ProviderStats::inc(&provider.stats.dropped_timeout);
+            return Err(ProxyError::QueueTimeout {
+                provider: provider.name.to_string(),
+                waited: round_ms(record.queue_wait),
+            });
+        }
+        stamp(provider, target, admitted, app.clock.now_nanos());
+        let sent_at = Instant::now();
+        let result = tokio::select! {
+            biased;
+            r = ctx.pool.send(target, up_req) => r,
+            _ = deadline.timer.as_mut() => return Err(ProxyError::UpstreamTimeout {
+                provider: provider.name.to_string(),
+                timeout: hot.request_timeout,
+            }),
+            _ = app.shutdown.hard_stop.cancelled() => return Err(ProxyError::ShuttingDown),
+        };
+        let (resp, lease) = result.map_err(|e| {
+            let provider = provider.name.to_string();
+            match e {
+                SendError::Connect(source) => ProxyError::UpstreamConnect { provider, source },
+                SendError::Request(source) => ProxyError::UpstreamFailed { provider, source },
+            }
+        })?;
+        let (head, mut body) = resp.into_parts();
+        // A 429's body says which limit it is (rate, tokens, a model's concurrency).
+        let prefix = if head.status == StatusCode::TOO_MANY_REQUESTS {
+            read_prefix(&mut body, REFUSAL_PREFIX, deadline.timer.as_mut()).await
+        } else {
+            Bytes::new()
+        };
+        let claims = (admitted.key.take(), admitted.model.take());
+        let now = app.clock.now_nanos();
+        let retryable = on_upstream_answer(provider, scope, claims, &head, &prefix, record, now);
+        if retryable && may_retry && Instant::now() < deadline.at {
+            record.retries += 1;
+            ProviderStats::inc(&provider.stats.retries);
+            drop((head, body, lease));
+            *admitted = Box::pin(admit::readmit(
+                app,
+                hot,
+                provider,
+                scope,
+                record,
+                deadline.at,
+            ))
+            .await?;
+            record.route = admitted.route;
+            continue;
+        }
+        return Ok(Forwarded {
+            head,
+            body,
+            prefix,
+            lease,
+            sent_at,
+        });
+    }
+}
+
+/// Every send with the provider's key is counted in its window, stamped `now`.
+fn stamp(provider: &Provider, target: &UpstreamUrl, admitted: &mut Admitted<'_>, now: u64) {
+    match admitted.key.as_mut() {
+        Some(p) => p.stamp(now),
+        None if std::ptr::eq(target, &provider.config.upstream) => {
+            provider.limiter.record_forced_send(now)
+        }
+        None => {}
+    }
+    if let Some(p) = admitted.model.as_mut() {
+        p.stamp(now);
+    }
+}
+
+/// One attempt's upstream request: origin-form URI under the target's base path, the
+/// prepared headers addressed to the target.
+fn build_upstream_request(
+    parts: &http::request::Parts,
+    mut headers: HeaderMap,
+    rest: &str,
+    body: Bytes,
+    provider: &Provider,
+    upstream: &UpstreamUrl,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let uri = if upstream.base_path == "/v1" && parts.uri.authority().is_none() {
+        // The upstream's path is the client's: share it rather than parse it again.
+        parts.uri.clone()
+    } else {
+        let path = upstream.path_for(rest, parts.uri.query());
+        Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
+            reason: format!("request path cannot be forwarded: {e}"),
+        })?
+    };
+    let host = if std::ptr::eq(upstream, &provider.config.upstream) {
+        provider.host_header.clone()
+    } else {
+        HeaderValue::from_str(upstream.authority.as_str()).map_err(|e| ProxyError::BadRequest {
+            reason: format!("upstream authority: {e}"),
+        })?
+    };
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    headers.insert(header::HOST, host);
+    *req.headers_mut() = headers;
+    Ok(req)
+}

@@ -1,0 +1,104 @@
+//! Every request a proxy worker accepts starts here: it gets its id, and its path picks
+//! its handler (`/v1/` the proxy, `/api/admin/` the admin API, `/api/dashboard` the
+//! dashboard, `/healthz` and `/readyz` health). Whatever answers it, the answer carries
+//! the request's id (the client's own when sane, see
+//! [`headers::client_request_id`]), and a body the answer came before is drained in the
+//! background, the connection then closing ([`framing::linger`]).
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::worker::Worker;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::framing;
+use crate::proxy::headers;
+use crate::{admin, dashboard, health, proxy};
+
+/// The worker's handler.
+pub async fn serve(
+    worker: Rc<Worker>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<ProxyBody> {
+    let request_id = match headers::client_request_id(req.headers()) {
+        Some(id) => id.clone(),
+        None => worker.next_request_id(),
+    };
+    let http1 = req.version() < Version::HTTP_2;
+    let mut unread = None;
+    // The proxy's path first, without the extra future of `route`.
+    let mut resp = if req.uri().path().starts_with("/v1/") {
+        proxy::handle(&worker.proxy(), req, request_id.clone(), &mut unread).await
+    } else {
+        route(&worker, req, remote, &mut unread).await
+    };
+    if let Some(body) = unread.filter(|b| !http_body::Body::is_end_stream(b)) {
+        let limits = &worker.app.config.limits;
+        framing::linger(
+            body,
+            framing::linger_bytes(limits.max_body_bytes),
+            worker.app.shutdown.hard_stop.clone(),
+        );
+        if http1 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    resp.headers_mut()
+        .entry(headers::X_REQUEST_ID)
+        .or_insert(request_id);
+    resp
+}
+
+/// Routes a request outside `/v1/` to its answer; `unread` gets the request body when
+/// the answer comes before it was read to its end.
+async fn route(
+    worker: &Rc<Worker>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    unread: &mut Option<Incoming>,
+) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    if let Err(e) = framing::check(&parts, worker.app.config.listen) {
+        *unread = Some(body);
+        return ProxyError::from(e).into_response();
+    }
+    let path = parts.uri.path();
+    if path.starts_with("/api/admin/") {
+        // The admin API reads its own body through a borrow, so whatever it leaves
+        // unread (a refusal before reading, a 413 past its limit) is drained like the
+        // proxy's: the client receives the answer, and the connection then closes.
+        let mut body = body;
+        let req = Request::from_parts(parts, &mut body);
+        let resp = Box::pin(admin::serve(&worker.app, req, remote)).await;
+        *unread = Some(body);
+        return resp;
+    }
+    *unread = Some(body);
+    if path.starts_with("/api/dashboard") {
+        if let Some(resp) = dashboard::serve(&worker.app, &worker.dashboard, &parts.method, path) {
+            return resp;
+        }
+    }
+    match (&parts.method, path) {
+        (&Method::GET | &Method::HEAD, "/healthz") => health::healthz(),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            Box::pin(health::readyz(&worker.app, &worker.pool, &worker.readiness)).await
+        }
+        (_, "/healthz" | "/readyz") => ProxyError::MethodNotAllowed {
+            method: parts.method.to_string(),
+            path: path.to_owned(),
+        }
+        .into_response(),
+        _ => ProxyError::NotFound {
+            method: parts.method.to_string(),
+            path: framing::truncate(path, 256),
+        }
+        .into_response(),
+    }
+}

@@ -115,25 +115,13 @@ impl Origins {
     }
 
     /// `error` with its setting named as the user wrote it (see [`Origins::name`]).
-    pub fn rename(&self, error: ConfigError) -> ConfigError {
-        match error {
-            ConfigError::Invalid {
-                setting,
-                value,
-                expected,
-                at,
-                source,
-            } if at.is_empty() => {
-                let (setting, at) = self.name(&setting);
-                ConfigError::Invalid {
-                    setting,
-                    value,
-                    expected,
-                    at,
-                    source,
-                }
+    pub fn rename(&self, mut error: ConfigError) -> ConfigError {
+        match &mut error {
+            ConfigError::Invalid { setting, at, .. } if at.is_empty() => {
+                (*setting, *at) = self.name(setting);
+                error
             }
-            other => other,
+            _ => error,
         }
     }
 }

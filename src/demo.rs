@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request};
-use http_body_util::{BodyExt, Full};
+use http::{header, HeaderMap, HeaderValue, Method};
+use http_body_util::BodyExt;
 
 use crate::app::App;
 use crate::config::{Config, UpstreamUrl};
 use crate::mock::{MockConfig, MockServer};
 use crate::sidecar;
-use crate::upstream::{Connector, Pool};
+use crate::upstream::{Connector, Pool, RequestHead};
 
 /// Options of the demo.
 #[derive(Debug, Clone, clap::Args)]
@@ -159,12 +159,11 @@ async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Opti
                 let body = format!(
                     r#"{{"model":"meta/llama-3.1-8b-instruct","stream":{stream},"messages":[{{"role":"user","content":"demo request {n}"}}]}}"#
                 );
-                let req = Request::post(base.path_for("chat/completions", None))
-                    .header(header::HOST, base.authority.as_str())
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header("x-priority", priority)
-                    .body(Full::new(Bytes::from(body)));
-                let Ok(req) = req else { continue };
+                let mut headers = HeaderMap::new();
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                headers.insert("x-priority", HeaderValue::from_static(priority));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                let body = Bytes::from(body);
                 let pool = Rc::clone(&pool);
                 let tally = Rc::clone(&tally);
                 let base = base.clone();
@@ -172,10 +171,12 @@ async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Opti
                 in_flight.spawn_local(async move {
                     let started = tokio::time::Instant::now();
                     let result = async {
-                        let (resp, lease) = pool.send(&base, req).await.map_err(|e| e.to_string())?;
+                        let host = HeaderValue::from_str(base.authority.as_str()).map_err(|e| e.to_string())?;
+                        let path = base.path_for("chat/completions", None);
+                        let head = RequestHead { method: &Method::POST, target: &path, host: &host, headers: &headers };
+                        let resp = pool.send(&base, &head, &body).await.map_err(|e| e.to_string())?;
                         let status = resp.status().as_u16();
                         resp.into_body().collect().await.map_err(|e| e.to_string())?;
-                        if let Some(l) = lease { l.release(); }
                         Ok::<u16, String>(status)
                     }.await;
                     let mut t = tally.borrow_mut();

@@ -51,7 +51,7 @@ pub enum ProxyError {
     UpstreamFailed {
         provider: String,
         #[source]
-        source: hyper::Error,
+        source: crate::upstream::RequestError,
     },
     #[error("upstream {provider} sent no response headers within {timeout:?}")]
     UpstreamTimeout { provider: String, timeout: Duration },

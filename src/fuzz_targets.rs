@@ -332,3 +332,75 @@ pub fn priority_header(data: &[u8]) {
         }
     }
 }
+
+/// An upstream's answer as the HTTP/1.1 client reads it: the head
+/// ([`crate::upstream::h1::head::parse`]) and a chunked body
+/// ([`crate::upstream::h1::chunked::Decoder`]), fed in pieces.
+///
+/// The first byte picks the size of the pieces (1 to 64) and whether the request was a
+/// `HEAD`; the rest is what the upstream sent. Checks: no hop-by-hop header reaches
+/// the client's map; the body never yields more bytes than were sent; the same bytes
+/// cut into other pieces decode to the same body and the same end.
+pub fn upstream_response(data: &[u8]) {
+    use crate::upstream::h1::head::{self, Framing};
+    let Some((&knob, wire)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(knob % 64) + 1;
+    let head_request = knob & 0x80 != 0;
+    let read = |step: usize| -> Option<(Framing, Vec<u8>, bool)> {
+        let mut buf = bytes::BytesMut::new();
+        let mut pieces = wire.chunks(step);
+        // The head, skipping interim answers as the client does.
+        let head = loop {
+            match head::parse(&mut buf, head_request) {
+                Ok(Some(h)) if h.status.is_informational() => continue,
+                Ok(Some(h)) => break h,
+                Ok(None) => buf.extend_from_slice(pieces.next()?),
+                Err(e) => {
+                    assert!(!e.to_string().contains('\n'), "multi-line error: {e}");
+                    return None;
+                }
+            }
+        };
+        for name in head.headers.keys() {
+            assert!(
+                !head::is_hop_by_hop(name.as_str().as_bytes()),
+                "hop-by-hop {name} passed"
+            );
+        }
+        let mut body = Vec::new();
+        let mut decoder = crate::upstream::h1::chunked::Decoder::default();
+        let done = loop {
+            match head.framing {
+                Framing::Empty => break true,
+                Framing::Length(n) => {
+                    let take = (n - body.len() as u64).min(buf.len() as u64) as usize;
+                    body.extend_from_slice(&buf.split_to(take));
+                    if body.len() as u64 == n {
+                        break true;
+                    }
+                }
+                Framing::Close => body.extend_from_slice(&buf.split()),
+                Framing::Chunked => match decoder.decode(&mut buf) {
+                    Ok(crate::upstream::h1::chunked::Step::Data(d)) => {
+                        body.extend_from_slice(&d);
+                        continue;
+                    }
+                    Ok(crate::upstream::h1::chunked::Step::Done) => break true,
+                    Ok(crate::upstream::h1::chunked::Step::More) => {}
+                    Err(_) => break false,
+                },
+            }
+            match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => break head.framing == Framing::Close,
+            }
+        };
+        assert!(body.len() <= wire.len(), "more body than bytes sent");
+        Some((head.framing, body, done))
+    };
+    let cut = read(step);
+    let whole = read(wire.len().max(1));
+    assert_eq!(cut, whole, "the pieces changed the answer");
+}

@@ -32,8 +32,8 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body_util::BodyExt;
 use parking_lot::Mutex;
 
 use crate::app::{App, Provider};
@@ -41,7 +41,7 @@ use crate::body::ProxyBody;
 use crate::limiter::{signal, Limiter, Permit};
 use crate::reply::Reply;
 use crate::stats::ProviderStats;
-use crate::upstream::{Pool, SendError};
+use crate::upstream::{Pool, RequestHead, SendError};
 
 /// The readiness verdicts, shared by all workers (only `/readyz` touches them).
 #[derive(Debug, Default)]
@@ -178,33 +178,35 @@ async fn probe(
 ) -> Result<Verdict, ProbeError> {
     let timeout = app.config.timeouts.connect;
     let up = &provider.config.upstream;
-    let mut req = match Request::get(up.path_for("models", None))
-        .header(header::HOST, up.authority.as_str())
-        .body(Full::new(Bytes::new()))
-    {
-        Ok(r) => r,
+    let path = up.path_for("models", None);
+    let mut headers = HeaderMap::new();
+    if let Some(auth) = &provider.auth_header {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let host = match HeaderValue::from_str(up.authority.as_str()) {
+        Ok(h) => h,
         Err(e) => {
             permit.give_back(app.clock.now_nanos());
-            return Err(ProbeError::Build(e));
+            return Err(ProbeError::Build(e.into()));
         }
     };
-    if let Some(auth) = &provider.auth_header {
-        req.headers_mut()
-            .insert(header::AUTHORIZATION, auth.clone());
-    }
+    let head = RequestHead {
+        method: &Method::GET,
+        target: &path,
+        host: &host,
+        headers: &headers,
+    };
     permit.stamp(app.clock.now_nanos());
     let answered = tokio::time::timeout(timeout, async {
-        let (resp, lease) = pool.send(up, req).await.map_err(ProbeError::Send)?;
+        let resp = pool
+            .send(up, &head, &Bytes::new())
+            .await
+            .map_err(ProbeError::Send)?;
         let (head, body) = resp.into_parts();
         // Read to the end so the connection can go back to the pool (the list is small);
         // a 429's body says which limit it is.
         let body = match body.collect().await {
-            Ok(b) => {
-                if let Some(l) = lease {
-                    l.release();
-                }
-                b.to_bytes()
-            }
+            Ok(b) => b.to_bytes(),
             Err(_) => Bytes::new(),
         };
         Ok::<_, ProbeError>((head.status, head.headers, body))

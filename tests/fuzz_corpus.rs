@@ -59,3 +59,12 @@ fn priority_header_corpus_replays_without_panicking() {
     );
     assert!(n >= 8, "corpus has only {n} files");
 }
+
+#[test]
+fn upstream_response_corpus_replays_without_panicking() {
+    let n = replay(
+        "upstream_response",
+        nvidia_sidecar::fuzz_targets::upstream_response,
+    );
+    assert!(n >= 8, "corpus has only {n} files");
+}

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use http::response::Parts;
 use http::StatusCode;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::app::Provider;
@@ -23,6 +22,7 @@ use crate::limiter::{Answer, Limiter, Permit, Refusal};
 use crate::metrics::ErrorKind;
 use crate::record::Record;
 use crate::stats::ProviderStats;
+use crate::upstream::RespBody;
 
 /// Most bytes of a 429's body read to classify it (the rest streams to the client).
 pub const REFUSAL_PREFIX: usize = 4096;
@@ -91,7 +91,7 @@ fn read_answer(head: &Parts, prefix: &[u8], dialect: Dialect) -> Answer {
 
 /// Reads the first frames of `body`, up to about `max` bytes, before `timer` fires. What
 /// is read is sent to the client first (`UpstreamBody::with_prefix`).
-pub async fn read_prefix(body: &mut Incoming, max: usize, mut timer: Pin<&mut Sleep>) -> Bytes {
+pub async fn read_prefix(body: &mut RespBody, max: usize, mut timer: Pin<&mut Sleep>) -> Bytes {
     let mut out = bytes::BytesMut::new();
     while out.len() < max && !http_body::Body::is_end_stream(body) {
         let frame = tokio::select! {

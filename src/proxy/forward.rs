@@ -9,13 +9,12 @@
 //! cuts off may or may not have reached the provider, which would make the window's
 //! count (and what is learned from it) wrong.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, StatusCode, Uri};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http::header::{HeaderMap, HeaderValue};
+use http::StatusCode;
 use tokio::time::{Instant, Sleep};
 
 use super::admit::{self, round_ms, Admitted, MIN_TIME_TO_SEND};
@@ -29,10 +28,11 @@ use crate::hot::Hot;
 use crate::metrics::Lane;
 use crate::record::Record;
 use crate::stats::ProviderStats;
-use crate::upstream::{Lease, SendError};
+use crate::upstream::{RequestHead, RespBody, SendError};
 
 /// The request as it goes upstream: the client's head, the headers prepared for the
-/// upstream (`headers::upstream_request_headers`) and the body.
+/// upstream (`headers::upstream_request_headers`) and the body. Each attempt borrows
+/// them (a 429's retry sends the same, with nothing copied).
 pub struct Outgoing<'r> {
     pub parts: &'r http::request::Parts,
     pub headers: HeaderMap,
@@ -48,11 +48,9 @@ pub struct Deadline<'t> {
 /// The upstream's answer, as it came.
 pub struct Forwarded {
     pub head: http::response::Parts,
-    pub body: Incoming,
+    pub body: RespBody,
     /// The start of a 429's body, read to classify it.
     pub prefix: Bytes,
-    /// The pooled connection, returned once the body is complete.
-    pub lease: Option<Lease>,
     /// When the last attempt was sent.
     pub sent_at: Instant,
 }
@@ -81,16 +79,15 @@ pub async fn forward<'a>(
                 .unwrap_or(&provider.config.upstream),
             _ => &provider.config.upstream,
         };
-        // The headers are copied only when a 429 could send this request again.
         let may_retry =
             admitted.route == Lane::Limited && record.retries < app.config.upstream_429_retries;
-        let headers = if may_retry {
-            out.headers.clone()
-        } else {
-            std::mem::take(&mut out.headers)
+        let (path, host) = addressed(out.parts, rest, provider, target)?;
+        let request = RequestHead {
+            method: &out.parts.method,
+            target: &path,
+            host: &host,
+            headers: &out.headers,
         };
-        let up_req =
-            build_upstream_request(out.parts, headers, rest, out.body.clone(), provider, target)?;
         if deadline.at.saturating_duration_since(Instant::now()) < MIN_TIME_TO_SEND {
             let now = app.clock.now_nanos();
             for p in [admitted.key.take(), admitted.model.take()]
@@ -109,14 +106,14 @@ pub async fn forward<'a>(
         let sent_at = Instant::now();
         let result = tokio::select! {
             biased;
-            r = ctx.pool.send(target, up_req) => r,
+            r = ctx.pool.send(target, &request, out.body) => r,
             _ = deadline.timer.as_mut() => return Err(ProxyError::UpstreamTimeout {
                 provider: provider.name.to_string(),
                 timeout: hot.request_timeout,
             }),
             _ = app.shutdown.hard_stop.cancelled() => return Err(ProxyError::ShuttingDown),
         };
-        let (resp, lease) = result.map_err(|e| {
+        let resp = result.map_err(|e| {
             let provider = provider.name.to_string();
             match e {
                 SendError::Connect(source) => ProxyError::UpstreamConnect { provider, source },
@@ -136,7 +133,7 @@ pub async fn forward<'a>(
         if retryable && may_retry && Instant::now() < deadline.at {
             record.retries += 1;
             ProviderStats::inc(&provider.stats.retries);
-            drop((head, body, lease));
+            drop((head, body));
             *admitted = Box::pin(admit::readmit(
                 app,
                 hot,
@@ -153,7 +150,6 @@ pub async fn forward<'a>(
             head,
             body,
             prefix,
-            lease,
             sent_at,
         });
     }
@@ -173,36 +169,39 @@ fn stamp(provider: &Provider, target: &UpstreamUrl, admitted: &mut Admitted<'_>,
     }
 }
 
-/// One attempt's upstream request: origin-form URI under the target's base path, the
-/// prepared headers addressed to the target.
-fn build_upstream_request(
-    parts: &http::request::Parts,
-    mut headers: HeaderMap,
+/// Where one attempt goes: the origin-form target under the upstream's base path, and
+/// its `Host`. The client's own path is used as it is when the upstream's base is
+/// `/v1` (nothing is built); the provider's `Host` is prepared once.
+fn addressed<'a>(
+    parts: &'a http::request::Parts,
     rest: &str,
-    body: Bytes,
-    provider: &Provider,
+    provider: &'a Provider,
     upstream: &UpstreamUrl,
-) -> Result<Request<Full<Bytes>>, ProxyError> {
-    let uri = if upstream.base_path == "/v1" && parts.uri.authority().is_none() {
-        // The upstream's path is the client's: share it rather than parse it again.
-        parts.uri.clone()
-    } else {
-        let path = upstream.path_for(rest, parts.uri.query());
-        Uri::try_from(path).map_err(|e| ProxyError::BadRequest {
-            reason: format!("request path cannot be forwarded: {e}"),
-        })?
+) -> Result<(Cow<'a, str>, Cow<'a, HeaderValue>), ProxyError> {
+    let path = match parts.uri.path_and_query() {
+        Some(pq) if upstream.base_path == "/v1" && parts.uri.authority().is_none() => {
+            Cow::Borrowed(pq.as_str())
+        }
+        _ => {
+            let path = upstream.path_for(rest, parts.uri.query());
+            http::uri::PathAndQuery::try_from(path.as_str()).map_err(|e| {
+                ProxyError::BadRequest {
+                    reason: format!("request path cannot be forwarded: {e}"),
+                }
+            })?;
+            Cow::Owned(path)
+        }
     };
     let host = if std::ptr::eq(upstream, &provider.config.upstream) {
-        provider.host_header.clone()
+        Cow::Borrowed(&provider.host_header)
     } else {
-        HeaderValue::from_str(upstream.authority.as_str()).map_err(|e| ProxyError::BadRequest {
-            reason: format!("upstream authority: {e}"),
-        })?
+        Cow::Owned(
+            HeaderValue::from_str(upstream.authority.as_str()).map_err(|e| {
+                ProxyError::BadRequest {
+                    reason: format!("upstream authority: {e}"),
+                }
+            })?,
+        )
     };
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    headers.insert(header::HOST, host);
-    *req.headers_mut() = headers;
-    Ok(req)
+    Ok((path, host))
 }

@@ -1,5 +1,5 @@
-//! The `respond` phase: the upstream's answer, made the client's. Hop-by-hop headers
-//! go, the request id is set, and the body streams through `stream::UpstreamBody`,
+//! The `respond` phase: the upstream's answer, made the client's. The request id is
+//! set, and the body streams through `stream::UpstreamBody`,
 //! which finishes the request's [`Record`] however it ends.
 
 use http::header::{self, HeaderValue};
@@ -31,7 +31,6 @@ pub fn respond(
         mut head,
         body: incoming,
         prefix,
-        lease,
         sent_at,
     } = fwd;
     if !model_read && head.status.is_server_error() {
@@ -43,7 +42,8 @@ pub fn respond(
     if head.status.as_u16() < 500 {
         provider.mark_success(app.clock.now_nanos());
     }
-    headers::strip_response(&mut head.headers);
+    // The upstream's hop-by-hop headers were never put in the map (`upstream::h1`), and
+    // HTTP/2 has none.
     head.headers.insert(headers::X_REQUEST_ID, request_id);
     head.version = Version::HTTP_11;
     let sse = head
@@ -56,7 +56,6 @@ pub fn respond(
         sse,
         app.config.timeouts.stream_idle,
         shutdown,
-        lease,
         record,
     )
     .with_prefix(prefix);

@@ -15,14 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::body::BoxError;
 use crate::record::{End, Record};
 use crate::reply;
-use crate::upstream::Lease;
+use crate::upstream::RespBody;
 
 enum State {
     Streaming,
@@ -38,7 +37,7 @@ enum State {
 
 /// A streamed upstream response body with the proxy's guarantees.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: RespBody,
     sse: bool,
     idle: Duration,
     /// Armed the first time the upstream makes us wait: a body that arrives whole
@@ -46,7 +45,6 @@ pub struct UpstreamBody {
     idle_timer: Option<Pin<Box<Sleep>>>,
     last_frame: Instant,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    lease: Option<Lease>,
     record: Option<Record>,
     state: State,
     bytes: u64,
@@ -58,13 +56,12 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     /// Wraps `inner`. `shutdown` fires when the grace period ends (SSE streams then end
-    /// with an error event); `lease` goes back to the pool when the body completes.
+    /// with an error event).
     pub fn new(
-        inner: Incoming,
+        inner: RespBody,
         sse: bool,
         idle: Duration,
         shutdown: Option<WaitForCancellationFutureOwned>,
-        lease: Option<Lease>,
         record: Record,
     ) -> Self {
         let now = Instant::now();
@@ -75,7 +72,6 @@ impl UpstreamBody {
             idle_timer: None,
             last_frame: now,
             shutdown: if sse { shutdown.map(Box::pin) } else { None },
-            lease,
             record: Some(record),
             state: State::Streaming,
             bytes: 0,
@@ -90,11 +86,8 @@ impl UpstreamBody {
         self
     }
 
-    /// The upstream body ended cleanly: its connection can serve another request.
+    /// The upstream body ended cleanly.
     fn complete(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
-        }
         self.finish(End::Complete);
         self.state = State::Done;
     }
@@ -112,7 +105,6 @@ impl UpstreamBody {
         end: End,
         message: String,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.lease = None;
         self.finish(end);
         if self.sse {
             self.state = State::AbortNext {
@@ -203,7 +195,6 @@ impl Body for UpstreamBody {
         }
         if let Some(sd) = this.shutdown.as_mut() {
             if sd.as_mut().poll(cx).is_ready() {
-                this.lease = None;
                 this.finish(End::Shutdown);
                 this.state = State::Done;
                 let frame = this.sse_error(

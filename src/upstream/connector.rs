@@ -1,8 +1,9 @@
 //! Opens upstream connections: DNS, TCP with `TCP_NODELAY`, rustls with webpki roots,
 //! and the HTTP/1.1 or HTTP/2 handshake chosen by ALPN.
 //!
-//! Connections are driven by a task on the calling worker's `LocalSet`, so a
-//! connection, its pool slot and the requests on it never leave one thread.
+//! An HTTP/2 connection is driven by a task on the calling worker's `LocalSet`; an
+//! HTTP/1.1 one by the tasks of the requests it carries. Either way a connection, its
+//! pool slot and the requests on it never leave one thread.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,21 +11,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::io::Io;
 use crate::config::{Scheme, UpstreamUrl};
 use crate::server::LocalExec;
 
-/// Request body sent upstream: the client's body, buffered once.
-pub type UpBody = Full<Bytes>;
-
-/// A freshly opened connection's request handle.
+/// A freshly opened connection: an HTTP/1.1 transport for the request's own task to
+/// drive, or hyper's handle of an HTTP/2 connection (chosen by ALPN).
 pub enum Handshaken {
-    H1(http1::SendRequest<UpBody>),
-    H2(http2::SendRequest<UpBody>),
+    H1(Io),
+    H2(http2::SendRequest<Full<Bytes>>),
 }
 
 /// Why a connection could not be opened.
@@ -107,7 +107,7 @@ impl Connector {
     async fn connect_inner(&self, url: &UpstreamUrl) -> Result<Handshaken, ConnectError> {
         let tcp = tcp_connect(&url.host, url.port).await?;
         match url.scheme {
-            Scheme::Http => h1(tcp).await,
+            Scheme::Http => Ok(Handshaken::H1(Io::Tcp(tcp))),
             Scheme::Https => {
                 let name = ServerName::try_from(url.host.clone())
                     .map_err(|_| ConnectError::ServerName(url.host.clone()))?;
@@ -123,7 +123,7 @@ impl Connector {
                 if is_h2 {
                     h2(tls).await
                 } else {
-                    h1(tls).await
+                    Ok(Handshaken::H1(Io::Tls(Box::new(tls))))
                 }
             }
         }
@@ -159,22 +159,6 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         addr: addr.to_string(),
         source,
     })
-}
-
-async fn h1<T>(io: T) -> Result<Handshaken, ConnectError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-{
-    let (send, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    tokio::task::spawn_local(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream http/1.1 connection ended with an error");
-        }
-    });
-    Ok(Handshaken::H1(send))
 }
 
 async fn h2<T>(io: T) -> Result<Handshaken, ConnectError>

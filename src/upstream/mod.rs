@@ -1,10 +1,19 @@
-//! Talking to upstream providers: connection set-up and the per-worker pool.
+//! Talking to upstream providers: connection set-up, the per-worker pool, and a lean
+//! HTTP/1.1 client driven by each request's own task.
 
+mod body;
 mod connector;
+pub mod h1;
+mod idle;
+mod io;
 mod pool;
+#[cfg(test)]
+mod tests;
 
-pub use connector::{ConnectError, Connector, Handshaken, UpBody};
-pub use pool::{Lease, Pool, SendError};
+pub use body::{BodyError, RespBody};
+pub use connector::{ConnectError, Connector, Handshaken};
+pub use h1::head::RequestHead;
+pub use pool::{Pool, RequestError, SendError};
 
 use http::HeaderValue;
 

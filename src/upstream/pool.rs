@@ -1,55 +1,28 @@
 //! A per-worker pool of upstream connections: no lock, no atomics, no cross-thread hand-off.
 //!
-//! Each worker thread owns one `Pool` (behind an `Rc`). HTTP/1.1 connections are checked
-//! out for one request and come back when its response body has been read to the end
-//! ([`Lease`]); a body dropped early takes its connection with it, since an unread
-//! response cannot be reused. An HTTP/2 connection is shared by all requests of the
-//! worker. A pooled connection that turns out to be closed before the request was
-//! written is discarded and the request retried on another, so an upstream's idle
-//! close never surfaces as a 502.
+//! Each worker thread owns one `Pool` (behind an `Rc`). An HTTP/1.1 connection is
+//! taken for one request, driven by the request's own task ([`h1`](super::h1)), and
+//! goes back idle when its answer's body is complete ([`RespBody`]). An HTTP/2
+//! connection (chosen by ALPN) is shared by all requests of the worker through hyper's
+//! client. A request whose write fails on a reused connection (the upstream closed it
+//! while idle) is sent again on another, so an upstream's idle close never surfaces as
+//! a 502.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use bytes::Bytes;
 use http::uri::Authority;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use http::{header, Request, Response};
+use http_body_util::Full;
+use hyper::client::conn::http2;
 
-use super::connector::{ConnectError, Connector, Handshaken, UpBody};
+use super::body::{H1Body, RespBody};
+use super::connector::{ConnectError, Connector, Handshaken};
+use super::h1::head::RequestHead;
+use super::h1::{BodyState, Conn, H1Error};
+use super::idle::Idle;
 use crate::config::{Scheme, UpstreamUrl};
-
-/// Idle HTTP/1.1 connections kept per upstream per worker.
-const MAX_IDLE_PER_UPSTREAM: usize = 512;
-
-#[derive(Debug, Clone)]
-struct Key {
-    fingerprint: u64,
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Key {
-    fn of(url: &UpstreamUrl) -> Self {
-        Self {
-            fingerprint: url.fingerprint,
-            scheme: url.scheme,
-            authority: url.authority.clone(),
-        }
-    }
-
-    fn same(&self, other: &Key) -> bool {
-        self.fingerprint == other.fingerprint
-            && self.scheme == other.scheme
-            && self.authority.as_str() == other.authority.as_str()
-    }
-
-    fn is(&self, url: &UpstreamUrl) -> bool {
-        self.fingerprint == url.fingerprint
-            && self.scheme == url.scheme
-            && self.authority.as_str() == url.authority.as_str()
-    }
-}
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -57,44 +30,38 @@ pub enum SendError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("upstream request failed: {0}")]
-    Request(#[source] hyper::Error),
+    Request(#[source] RequestError),
+}
+
+/// A request that failed on an open connection.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    H1(#[from] H1Error),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
 }
 
 /// The worker's connections.
 pub struct Pool {
     connector: Connector,
-    // A worker talks to a handful of upstreams: a short list scanned by a precomputed
-    // fingerprint beats hashing the authority on every checkout and return.
-    idle: RefCell<Vec<(Key, Vec<http1::SendRequest<UpBody>>)>>,
-    h2: RefCell<Vec<(Key, http2::SendRequest<UpBody>)>>,
+    pub(super) idle: Rc<Idle>,
+    h2: RefCell<Vec<Shared>>,
 }
 
-/// An HTTP/1.1 connection lent to one request; [`Lease::release`] returns it.
-pub struct Lease {
-    pool: Rc<Pool>,
-    key: Key,
-    sender: http1::SendRequest<UpBody>,
+/// The worker's HTTP/2 connection to one upstream.
+struct Shared {
+    fingerprint: u64,
+    scheme: Scheme,
+    authority: Authority,
+    sender: http2::SendRequest<Full<Bytes>>,
 }
 
-impl Lease {
-    /// Puts the connection back; call only once its response body has ended.
-    pub fn release(self) {
-        let Lease { pool, key, sender } = self;
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = pool.idle.borrow_mut();
-        let pos = match idle.iter().position(|(k, _)| k.same(&key)) {
-            Some(i) => i,
-            None => {
-                idle.push((key, Vec::new()));
-                idle.len() - 1
-            }
-        };
-        let list = &mut idle[pos].1;
-        if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push(sender);
-        }
+impl Shared {
+    fn is(&self, url: &UpstreamUrl) -> bool {
+        self.fingerprint == url.fingerprint
+            && self.scheme == url.scheme
+            && self.authority.as_str() == url.authority.as_str()
     }
 }
 
@@ -102,121 +69,127 @@ impl Pool {
     pub fn new(connector: Connector) -> Rc<Self> {
         Rc::new(Self {
             connector,
-            idle: RefCell::new(Vec::new()),
+            idle: Rc::new(Idle::default()),
             h2: RefCell::new(Vec::new()),
         })
     }
 
-    fn take_idle(&self, url: &UpstreamUrl) -> Option<http1::SendRequest<UpBody>> {
-        let mut idle = self.idle.borrow_mut();
-        let list = &mut idle.iter_mut().find(|(k, _)| k.is(url))?.1;
-        while let Some(s) = list.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
+    /// Idle HTTP/1.1 connections kept, all upstreams together.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
     }
 
-    fn shared_h2(&self, url: &UpstreamUrl) -> Option<http2::SendRequest<UpBody>> {
+    fn shared_h2(&self, url: &UpstreamUrl) -> Option<http2::SendRequest<Full<Bytes>>> {
         let mut list = self.h2.borrow_mut();
-        let i = list.iter().position(|(k, _)| k.is(url))?;
-        if list[i].1.is_closed() {
+        let i = list.iter().position(|e| e.is(url))?;
+        if list[i].sender.is_closed() {
             list.swap_remove(i);
             return None;
         }
-        Some(list[i].1.clone())
+        Some(list[i].sender.clone())
     }
 
     fn forget_h2(&self, url: &UpstreamUrl) {
-        self.h2.borrow_mut().retain(|(k, _)| !k.is(url));
+        self.h2.borrow_mut().retain(|e| !e.is(url));
     }
 
-    /// Sends `req` to `url` on a pooled connection (or a new one) and returns the
-    /// response head with the lease to release when its body ends (HTTP/1.1 only).
+    /// Sends the request `head` with `body` to `url` on a pooled connection (or a new
+    /// one) and returns the answer's head and body.
     pub async fn send(
         self: &Rc<Self>,
         url: &UpstreamUrl,
-        mut req: Request<UpBody>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        // Reuse first; a connection that closed under us hands the request back unsent.
+        head: &RequestHead<'_>,
+        body: &Bytes,
+    ) -> Result<Response<RespBody>, SendError> {
+        // Reuse first; a connection that closed under us takes the request unsent.
         loop {
             if let Some(mut h2) = self.shared_h2(url) {
-                absolute_form(&mut req, url);
-                match h2.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, None)),
+                match h2.try_send_request(h2_request(url, head, body)).await {
+                    Ok(resp) => return Ok(resp.map(RespBody::H2)),
                     Err(mut e) => match e.take_message() {
-                        Some(back) => {
+                        Some(_) => {
                             self.forget_h2(url);
-                            req = back;
-                            origin_form(&mut req);
                             continue;
                         }
-                        None => return Err(SendError::Request(e.into_error())),
+                        None => return Err(SendError::Request(e.into_error().into())),
                     },
                 }
             }
-            let Some(mut sender) = self.take_idle(url) else {
+            let Some((slot, mut conn)) = self.idle.take(url) else {
                 break;
             };
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(self.lease(url, sender)))),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(SendError::Request(e.into_error())),
-                },
+            match conn.send(head, body).await {
+                Ok(answer) => return Ok(self.h1_response(slot, conn, answer)),
+                Err(e) if e.unsent() => continue,
+                Err(e) => return Err(SendError::Request(e.into())),
             }
         }
         // Boxed: the TLS handshake future is large and rare; inline it would grow every
-        // request's future (hyper moves that future once per request).
+        // request's future.
         match Box::pin(self.connector.connect(url)).await? {
-            Handshaken::H1(mut sender) => {
-                let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-                Ok((resp, Some(self.lease(url, sender))))
+            Handshaken::H1(io) => {
+                let mut conn = Conn::new(io);
+                let slot = self.idle.slot(url);
+                let answer = conn
+                    .send(head, body)
+                    .await
+                    .map_err(|e| SendError::Request(e.into()))?;
+                Ok(self.h1_response(slot, conn, answer))
             }
             Handshaken::H2(mut sender) => {
                 self.forget_h2(url);
-                self.h2.borrow_mut().push((Key::of(url), sender.clone()));
-                absolute_form(&mut req, url);
-                let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-                Ok((resp, None))
+                self.h2.borrow_mut().push(Shared {
+                    fingerprint: url.fingerprint,
+                    scheme: url.scheme,
+                    authority: url.authority.clone(),
+                    sender: sender.clone(),
+                });
+                let resp = sender
+                    .send_request(h2_request(url, head, body))
+                    .await
+                    .map_err(|e| SendError::Request(e.into()))?;
+                Ok(resp.map(RespBody::H2))
             }
         }
     }
 
-    fn lease(self: &Rc<Self>, url: &UpstreamUrl, sender: http1::SendRequest<UpBody>) -> Lease {
-        Lease {
-            pool: Rc::clone(self),
-            key: Key::of(url),
-            sender,
-        }
+    fn h1_response(
+        &self,
+        slot: usize,
+        conn: Conn,
+        answer: super::h1::head::ResponseHead,
+    ) -> Response<RespBody> {
+        let state = BodyState::new(answer.framing);
+        let body = H1Body::new(conn, state, answer.keep_alive, Rc::clone(&self.idle), slot);
+        let mut resp = Response::new(RespBody::H1(body));
+        *resp.status_mut() = answer.status;
+        *resp.version_mut() = answer.version;
+        *resp.headers_mut() = answer.headers;
+        resp
     }
 }
 
-/// HTTP/2 needs `:scheme` and `:authority`: the URI becomes absolute.
-fn absolute_form(req: &mut Request<UpBody>, url: &UpstreamUrl) {
-    let mut parts = req.uri().clone().into_parts();
-    parts.scheme = Some(match url.scheme {
-        Scheme::Http => http::uri::Scheme::HTTP,
-        Scheme::Https => http::uri::Scheme::HTTPS,
-    });
-    parts.authority = Some(url.authority.clone());
-    if let Ok(uri) = http::Uri::from_parts(parts) {
+/// The request for an HTTP/2 connection: an absolute URI (`:scheme`, `:authority`).
+fn h2_request(url: &UpstreamUrl, head: &RequestHead<'_>, body: &Bytes) -> Request<Full<Bytes>> {
+    let scheme = match url.scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
+    };
+    let target = if head.target.is_empty() {
+        "/"
+    } else {
+        head.target
+    };
+    let mut req = Request::new(Full::new(body.clone()));
+    *req.method_mut() = head.method.clone();
+    // The target is the path of a URI already parsed (or checked when it was built) and
+    // the authority the configuration's: the absolute form always parses.
+    if let Ok(uri) = format!("{scheme}://{}{target}", url.authority).parse() {
         *req.uri_mut() = uri;
     }
     *req.version_mut() = http::Version::HTTP_2;
-}
-
-/// HTTP/1.1 origin servers get the path and query only.
-fn origin_form(req: &mut Request<UpBody>) {
-    let mut parts = req.uri().clone().into_parts();
-    parts.scheme = None;
-    parts.authority = None;
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    *req.version_mut() = http::Version::HTTP_11;
+    let mut headers = head.headers.clone();
+    headers.insert(header::HOST, head.host.clone());
+    *req.headers_mut() = headers;
+    req
 }

@@ -20,7 +20,7 @@ use crate::app::App;
 use crate::config::{Config, UpstreamUrl};
 use crate::mock::{MockConfig, MockServer};
 use crate::sidecar;
-use crate::upstream::{Connector, Pool, RequestHead};
+use crate::upstream::{Connector, Pool, RequestHead, KEEP_ALL};
 
 /// Options of the demo.
 #[derive(Debug, Clone, clap::Args)]
@@ -173,7 +173,7 @@ async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Opti
                     let result = async {
                         let host = HeaderValue::from_str(base.authority.as_str()).map_err(|e| e.to_string())?;
                         let path = base.path_for("chat/completions", None);
-                        let head = RequestHead { method: &Method::POST, target: &path, host: &host, headers: &headers };
+                        let head = RequestHead { method: &Method::POST, target: &path, host: &host, headers: &headers, skip: KEEP_ALL, set: &[] };
                         let resp = pool.send(&base, &head, &body).await.map_err(|e| e.to_string())?;
                         let status = resp.status().as_u16();
                         resp.into_body().collect().await.map_err(|e| e.to_string())?;

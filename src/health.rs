@@ -41,7 +41,7 @@ use crate::body::ProxyBody;
 use crate::limiter::{signal, Limiter, Permit};
 use crate::reply::Reply;
 use crate::stats::ProviderStats;
-use crate::upstream::{Pool, RequestHead, SendError};
+use crate::upstream::{Pool, RequestHead, SendError, KEEP_ALL};
 
 /// The readiness verdicts, shared by all workers (only `/readyz` touches them).
 #[derive(Debug, Default)]
@@ -195,6 +195,8 @@ async fn probe(
         target: &path,
         host: &host,
         headers: &headers,
+        skip: KEEP_ALL,
+        set: &[],
     };
     permit.stamp(app.clock.now_nanos());
     let answered = tokio::time::timeout(timeout, async {

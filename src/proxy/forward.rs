@@ -13,13 +13,14 @@ use std::borrow::Cow;
 use std::pin::Pin;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue};
+use http::header::HeaderValue;
 use http::StatusCode;
 use tokio::time::{Instant, Sleep};
 
 use super::admit::{self, round_ms, Admitted, MIN_TIME_TO_SEND};
 use super::answer::{on_upstream_answer, read_prefix, REFUSAL_PREFIX};
 use super::ctx::Ctx;
+use super::outgoing::Outgoing;
 use super::route::Routed;
 use crate::app::Provider;
 use crate::config::UpstreamUrl;
@@ -29,15 +30,6 @@ use crate::metrics::Lane;
 use crate::record::Record;
 use crate::stats::ProviderStats;
 use crate::upstream::{RequestHead, RespBody, SendError};
-
-/// The request as it goes upstream: the client's head, the headers prepared for the
-/// upstream (`headers::upstream_request_headers`) and the body. Each attempt borrows
-/// them (a 429's retry sends the same, with nothing copied).
-pub struct Outgoing<'r> {
-    pub parts: &'r http::request::Parts,
-    pub headers: HeaderMap,
-    pub body: &'r Bytes,
-}
 
 /// The request's deadline, and the one timer that fires at it.
 pub struct Deadline<'t> {
@@ -60,7 +52,7 @@ pub struct Forwarded {
 pub async fn forward<'a>(
     ctx: &Ctx<'_>,
     hot: &Hot,
-    out: &mut Outgoing<'_>,
+    out: &Outgoing<'_>,
     routed: &'a Routed<'a>,
     admitted: &mut Admitted<'a>,
     record: &mut Record,
@@ -82,11 +74,14 @@ pub async fn forward<'a>(
         let may_retry =
             admitted.route == Lane::Limited && record.retries < app.config.upstream_429_retries;
         let (path, host) = addressed(out.parts, rest, provider, target)?;
+        let (set, n) = out.rules.set();
         let request = RequestHead {
             method: &out.parts.method,
             target: &path,
             host: &host,
-            headers: &out.headers,
+            headers: &out.parts.headers,
+            skip: &|name| out.rules.skip(name),
+            set: &set[..n],
         };
         if deadline.at.saturating_duration_since(Instant::now()) < MIN_TIME_TO_SEND {
             let now = app.clock.now_nanos();

@@ -20,6 +20,7 @@ mod ctx;
 mod forward;
 pub mod headers;
 mod local;
+pub mod outgoing;
 mod request;
 mod respond;
 mod route;
@@ -33,8 +34,9 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::framing::truncate;
 use crate::record::Record;
-use forward::{Deadline, Outgoing};
+use forward::Deadline;
 use local::local_error;
+use outgoing::{Outgoing, Rules};
 
 /// Answers one `/v1/` request. `unread` holds the request body until it has been read
 /// whole (the caller drains what is left once the answer is out).
@@ -45,7 +47,7 @@ pub async fn handle(
     unread: &mut Option<Incoming>,
 ) -> Response<ProxyBody> {
     let app = ctx.app;
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let body = unread.insert(body);
     let mut record = Record::new(
         request_id.clone(),
@@ -89,9 +91,9 @@ pub async fn handle(
     };
     record.route = admitted.route;
 
-    let mut out = Outgoing {
-        headers: headers::upstream_request_headers(
-            std::mem::take(&mut parts.headers),
+    let out = Outgoing {
+        rules: Rules::new(
+            &parts.headers,
             provider.auth_header.as_ref(),
             &request_id,
             body.len(),
@@ -102,7 +104,7 @@ pub async fn handle(
     let sent = forward::forward(
         ctx,
         &hot,
-        &mut out,
+        &out,
         &routed,
         &mut admitted,
         &mut record,

@@ -12,7 +12,7 @@ mod tests;
 
 pub use body::{BodyError, RespBody};
 pub use connector::{ConnectError, Connector, Handshaken};
-pub use h1::head::RequestHead;
+pub use h1::head::{RequestHead, KEEP_ALL};
 pub use pool::{Pool, RequestError, SendError};
 
 use http::HeaderValue;

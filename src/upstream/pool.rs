@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{header, Request, Response};
+use http::{Request, Response};
 use http_body_util::Full;
 use hyper::client::conn::http2;
 
@@ -188,8 +188,6 @@ fn h2_request(url: &UpstreamUrl, head: &RequestHead<'_>, body: &Bytes) -> Reques
         *req.uri_mut() = uri;
     }
     *req.version_mut() = http::Version::HTTP_2;
-    let mut headers = head.headers.clone();
-    headers.insert(header::HOST, head.host.clone());
-    *req.headers_mut() = headers;
+    *req.headers_mut() = head.to_map();
     req
 }

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Connector, Pool, RequestHead, SendError};
+use super::{Connector, Pool, RequestHead, SendError, KEEP_ALL};
 use crate::config::UpstreamUrl;
 
 /// One scripted answer: the bytes written, and whether the upstream closes after them.
@@ -97,6 +97,8 @@ async fn exchange(
         target: &path,
         host: &host,
         headers: &headers,
+        skip: KEEP_ALL,
+        set: &[],
     };
     let resp = pool
         .send(url, &head, &Bytes::from_static(b"{}"))
@@ -214,6 +216,8 @@ fn a_body_dropped_early_or_broken_closes_its_connection() {
             target: "/v1/x",
             host: &host,
             headers: &headers,
+            skip: KEEP_ALL,
+            set: &[],
         };
         let resp = pool
             .send(&url, &head, &Bytes::from_static(b"{}"))

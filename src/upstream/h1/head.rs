@@ -17,14 +17,39 @@ pub const MAX_HEADERS: usize = 100;
 /// Most bytes of a response head; past this the upstream is answered as broken.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// A request head, borrowed from the request being forwarded.
+/// A request head, borrowed from the request being forwarded: the client's headers as
+/// they came, less those `skip` names, then those the proxy `set`s. Nothing is copied
+/// into a new map or removed from the client's (each of those rehashes the map); the
+/// filter runs as the head is written.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
     /// Origin form: path and query.
     pub target: &'a str,
     pub host: &'a HeaderValue,
-    /// Every other header; a `Host` among them is left out (`host` says it).
+    /// The client's headers; a `Host` among them is always left out (`host` says it).
     pub headers: &'a HeaderMap,
+    pub skip: &'a dyn Fn(&HeaderName) -> bool,
+    pub set: &'a [(&'a HeaderName, &'a HeaderValue)],
+}
+
+/// A `skip` that keeps every header.
+pub const KEEP_ALL: &dyn Fn(&HeaderName) -> bool = &|_| false;
+
+impl RequestHead<'_> {
+    /// The headers as sent, in a map of their own (for hyper's HTTP/2 client).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(self.headers.len() + self.set.len() + 1);
+        out.insert(header::HOST, self.host.clone());
+        for (name, value) in self.headers {
+            if name != header::HOST && !(self.skip)(name) {
+                out.append(name, value.clone());
+            }
+        }
+        for (name, value) in self.set {
+            out.insert(*name, (*value).clone());
+        }
+        out
+    }
 }
 
 /// Writes `head` in HTTP/1.1 form into `out`.
@@ -40,14 +65,23 @@ pub fn encode(head: &RequestHead<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(head.host.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in head.headers {
-        if name == header::HOST {
+        if name == header::HOST || (head.skip)(name) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        line(out, name, value);
     }
+    for (name, value) in head.set {
+        line(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -124,18 +158,74 @@ pub fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHe
         *span = Span {
             name: (n as u32, (n + h.name.len()) as u32),
             value: (v as u32, (v + h.value.len()) as u32),
+            kind: Kind::of(h.name.as_bytes()),
         };
     }
     let head = buf.split_to(len).freeze();
     read_headers(&head, &spans[..count], status, version, head_request).map(Some)
 }
 
-/// Where a header's name and value lie in the head.
+/// Where a header's name and value lie in the head, and what the name is.
 #[derive(Debug, Clone, Copy, Default)]
 struct Span {
     name: (u32, u32),
     value: (u32, u32),
+    kind: Kind,
 }
+
+/// What a response header is to the client: framing, hop-by-hop, or a name known
+/// without `HeaderName::from_bytes` (which lowercases and matches every standard name).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Other,
+    Connection,
+    TransferEncoding,
+    ContentLength,
+    /// Another hop-by-hop header (RFC 9110 §7.6.1).
+    Hop,
+    ContentType,
+    Date,
+    Server,
+}
+
+impl Kind {
+    /// One switch on the length, then one case-insensitive compare.
+    fn of(name: &[u8]) -> Kind {
+        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        match name.len() {
+            2 if is(b"te") => Kind::Hop,
+            4 if is(b"date") => Kind::Date,
+            6 if is(b"server") => Kind::Server,
+            7 if is(b"trailer") || is(b"upgrade") => Kind::Hop,
+            10 if is(b"connection") => Kind::Connection,
+            10 if is(b"keep-alive") => Kind::Hop,
+            12 if is(b"content-type") => Kind::ContentType,
+            14 if is(b"content-length") => Kind::ContentLength,
+            16 if is(b"proxy-connection") => Kind::Hop,
+            17 if is(b"transfer-encoding") => Kind::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Kind::Hop,
+            19 if is(b"proxy-authorization") => Kind::Hop,
+            _ => Kind::Other,
+        }
+    }
+
+    fn is_hop_by_hop(self) -> bool {
+        matches!(self, Kind::Connection | Kind::TransferEncoding | Kind::Hop)
+    }
+
+    fn name(self, raw: &[u8]) -> Result<HeaderName, HeaderError> {
+        Ok(match self {
+            Kind::ContentLength => header::CONTENT_LENGTH,
+            Kind::ContentType => header::CONTENT_TYPE,
+            Kind::Date => header::DATE,
+            Kind::Server => header::SERVER,
+            _ => HeaderName::from_bytes(raw).map_err(|_| HeaderError)?,
+        })
+    }
+}
+
+struct HeaderError;
 
 impl Span {
     fn name<'h>(&self, head: &'h [u8]) -> &'h [u8] {
@@ -168,44 +258,53 @@ fn read_headers(
     // Names the `Connection` header lists (besides close and keep-alive): rare.
     let mut listed: Vec<&[u8]> = Vec::new();
     for span in spans {
-        let (name, value) = (span.name(head), span.value(head));
-        if name.eq_ignore_ascii_case(b"connection") {
-            for token in tokens(value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    hop.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    hop.keep_alive = true;
-                } else {
-                    listed.push(token);
+        let value = span.value(head);
+        match span.kind {
+            Kind::Connection => {
+                for token in tokens(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        hop.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        hop.keep_alive = true;
+                    } else {
+                        listed.push(token);
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Only a final `chunked` delimits the body; any other coding reads to the close.
-            let last = tokens(value).last();
-            hop.chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-            hop.other_coding |= !hop.chunked;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            for token in tokens(value) {
-                let n = parse_length(token).ok_or(HeadError::ContentLength)?;
-                if hop.length.is_some_and(|m| m != n) {
-                    return Err(HeadError::ContentLength);
-                }
-                hop.length = Some(n);
+            Kind::TransferEncoding => {
+                // Only a final `chunked` delimits the body; any other coding reads to the
+                // close.
+                let last = tokens(value).last();
+                hop.chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+                hop.other_coding |= !hop.chunked;
             }
+            Kind::ContentLength => {
+                for token in tokens(value) {
+                    let n = parse_length(token).ok_or(HeadError::ContentLength)?;
+                    if hop.length.is_some_and(|m| m != n) {
+                        return Err(HeadError::ContentLength);
+                    }
+                    hop.length = Some(n);
+                }
+            }
+            _ => {}
         }
     }
+    // A length beside a transfer coding is the coding's to decide (RFC 9112 §6.3).
+    let coded = hop.chunked || hop.other_coding;
     let mut headers = HeaderMap::with_capacity(spans.len());
     for span in spans {
-        let name = span.name(head);
-        if is_hop_by_hop(name) || listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
+        let raw = span.name(head);
+        if span.kind.is_hop_by_hop()
+            || (coded && span.kind == Kind::ContentLength)
+            || (!listed.is_empty() && listed.iter().any(|l| l.eq_ignore_ascii_case(raw)))
+        {
             continue;
         }
-        // A length beside a transfer coding is the coding's to decide (RFC 9112 §6.3).
-        if (hop.chunked || hop.other_coding) && name.eq_ignore_ascii_case(b"content-length") {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name)
-            .map_err(|_| HeadError::Header(String::from_utf8_lossy(name).into_owned()))?;
+        let name = span
+            .kind
+            .name(raw)
+            .map_err(|_| HeadError::Header(String::from_utf8_lossy(raw).into_owned()))?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(span.value(head)))
             .map_err(|_| HeadError::Header(name.to_string()))?;
         headers.append(name, value);
@@ -260,19 +359,7 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
 
 /// Connection-level headers (RFC 9110 §7.6.1), never passed to the client.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    HOP.iter()
-        .any(|h| h.len() == name.len() && h.eq_ignore_ascii_case(name))
+    Kind::of(name).is_hop_by_hop()
 }
 
 #[cfg(test)]
@@ -286,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_head_is_written_with_the_host_first_and_the_client_host_left_out() {
+    fn a_request_head_is_written_with_the_host_first_the_skipped_left_out_and_the_set_last() {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("client.example"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
@@ -299,13 +386,18 @@ mod tests {
                 target: "/v1/chat/completions?x=1",
                 host: &HeaderValue::from_static("up.example:8000"),
                 headers: &headers,
+                skip: &|n| n == "x-a",
+                set: &[(
+                    &header::AUTHORIZATION,
+                    &HeaderValue::from_static("Bearer k"),
+                )],
             },
             &mut out,
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up.example:8000\r\n\
-             content-length: 2\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+             content-length: 2\r\nauthorization: Bearer k\r\n\r\n"
         );
     }
 
@@ -325,6 +417,31 @@ mod tests {
         assert_eq!(names, ["server", "content-length", "set-cookie"]);
         let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a", "b"]);
+    }
+
+    #[test]
+    fn names_known_without_parsing_are_the_names_parsing_would_give() {
+        for raw in [
+            &b"Content-Type"[..],
+            b"content-length",
+            b"DATE",
+            b"Server",
+            b"x-ratelimit-remaining-requests",
+            b"Contents-Type",
+        ] {
+            let fast = Kind::of(raw).name(raw).ok().unwrap();
+            assert_eq!(fast, HeaderName::from_bytes(raw).unwrap(), "{raw:?}");
+        }
+        for hop in [
+            &b"Connection"[..],
+            b"TE",
+            b"Upgrade",
+            b"Keep-Alive",
+            b"Transfer-Encoding",
+        ] {
+            assert!(is_hop_by_hop(hop), "{hop:?}");
+        }
+        assert!(!is_hop_by_hop(b"Trailers"));
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub async fn forward<'a>(
             skip: &|name| out.rules.skip(name),
             set: &set[..n],
         };
-        if deadline.at.saturating_duration_since(Instant::now()) < MIN_TIME_TO_SEND {
+        let sent_at = Instant::now();
+        if deadline.at.saturating_duration_since(sent_at) < MIN_TIME_TO_SEND {
             let now = app.clock.now_nanos();
             for p in [admitted.key.take(), admitted.model.take()]
                 .into_iter()
@@ -98,7 +99,6 @@ pub async fn forward<'a>(
             });
         }
         stamp(provider, target, admitted, app.clock.now_nanos());
-        let sent_at = Instant::now();
         let result = tokio::select! {
             biased;
             r = ctx.pool.send(target, &request, out.body) => r,

@@ -37,7 +37,8 @@ pub fn respond(
         // A failure is logged at `warn` with its model even when the access log is off.
         record.model = model_of(body);
     }
-    record.upstream_latency = Some(sent_at.elapsed());
+    let now = tokio::time::Instant::now();
+    record.upstream_latency = Some(now.saturating_duration_since(sent_at));
     record.status = head.status.as_u16();
     if head.status.as_u16() < 500 {
         provider.mark_success(app.clock.now_nanos());
@@ -57,6 +58,7 @@ pub fn respond(
         app.config.timeouts.stream_idle,
         shutdown,
         record,
+        now,
     )
     .with_prefix(prefix);
     Response::from_parts(head, ProxyBody::stream(stream))

@@ -56,15 +56,15 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     /// Wraps `inner`. `shutdown` fires when the grace period ends (SSE streams then end
-    /// with an error event).
+    /// with an error event). `now`: when the answer's head came.
     pub fn new(
         inner: RespBody,
         sse: bool,
         idle: Duration,
         shutdown: Option<WaitForCancellationFutureOwned>,
         record: Record,
+        now: Instant,
     ) -> Self {
-        let now = Instant::now();
         Self {
             inner,
             sse,

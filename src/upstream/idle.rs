@@ -4,15 +4,15 @@
 //! hand-off per request), so a connection is checked when it is taken: one
 //! non-blocking read says whether the upstream closed it or sent something unasked,
 //! and such a connection is dropped rather than used. A sweep every
-//! [`SWEEP_EVERY`] drops those the upstream closed and those idle longer than
-//! [`IDLE_TIMEOUT`], so closed sockets do not linger while traffic is quiet.
+//! [`SWEEP_EVERY`] drops those the upstream closed and those idle for [`IDLE_TIMEOUT`]
+//! (counted in sweeps, so putting a connection back reads no clock), so closed sockets
+//! do not linger while traffic is quiet.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use http::uri::Authority;
-use tokio::time::Instant;
 
 use super::h1::Conn;
 use crate::config::{Scheme, UpstreamUrl};
@@ -23,6 +23,9 @@ pub const MAX_IDLE_PER_UPSTREAM: usize = 512;
 /// to 75 s of silence; this only bounds what is kept when they do not).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
+/// [`IDLE_TIMEOUT`] in sweeps: a connection is closed after idling between
+/// `IDLE_TIMEOUT - SWEEP_EVERY` and `IDLE_TIMEOUT`.
+pub const IDLE_SWEEPS: u32 = (IDLE_TIMEOUT.as_secs() / SWEEP_EVERY.as_secs()) as u32;
 
 #[derive(Debug, Clone)]
 struct Key {
@@ -55,6 +58,8 @@ pub struct Idle {
     // removed, so a list's index (its slot) stays valid.
     lists: RefCell<Vec<(Key, Vec<Conn>)>>,
     sweeping: Cell<bool>,
+    /// Sweeps so far.
+    sweeps: Cell<u32>,
 }
 
 impl Idle {
@@ -93,7 +98,7 @@ impl Idle {
         if list.len() >= MAX_IDLE_PER_UPSTREAM {
             return;
         }
-        conn.idle_since = Instant::now();
+        conn.idle_since = self.sweeps.get();
         list.push(conn);
         drop(lists);
         if !self.sweeping.replace(true) {
@@ -101,10 +106,13 @@ impl Idle {
         }
     }
 
-    /// Drops the connections closed by their upstream or idle past [`IDLE_TIMEOUT`].
-    pub fn sweep(&self, now: Instant) {
+    /// One sweep: drops the connections closed by their upstream or idle for
+    /// [`IDLE_SWEEPS`] sweeps.
+    pub fn sweep(&self) {
+        let now = self.sweeps.get().wrapping_add(1);
+        self.sweeps.set(now);
         for (_, list) in self.lists.borrow_mut().iter_mut() {
-            list.retain_mut(|c| now.duration_since(c.idle_since) < IDLE_TIMEOUT && c.is_reusable());
+            list.retain_mut(|c| now.wrapping_sub(c.idle_since) < IDLE_SWEEPS && c.is_reusable());
         }
     }
 
@@ -128,6 +136,6 @@ async fn sweep(idle: Weak<Idle>) {
         let Some(idle) = idle.upgrade() else {
             return;
         };
-        idle.sweep(Instant::now());
+        idle.sweep();
     }
 }

@@ -24,7 +24,6 @@ use std::task::{ready, Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use http::Method;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio::time::Instant;
 
 use super::io::Io;
 use chunked::{ChunkError, Decoder, Step};
@@ -95,8 +94,8 @@ pub struct Conn {
     read: BytesMut,
     /// The request head (and a small body) as written; kept for the next request.
     write: Vec<u8>,
-    /// When it was last put back idle.
-    pub idle_since: Instant,
+    /// The pool's sweep count when it was last put back idle.
+    pub idle_since: u32,
 }
 
 impl Conn {
@@ -105,7 +104,7 @@ impl Conn {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
-            idle_since: Instant::now(),
+            idle_since: 0,
         }
     }
 

@@ -29,8 +29,20 @@
 # counts the same total but loses the call stack above the switch.) Scrapes of /metrics,
 # the warm-up and the shutdown fall outside the dump.
 #
+# Allocations: the same dump gives the heap allocations per request: the calls into
+# mimalloc's allocation entry points (mi_malloc_aligned, mi_realloc_aligned, ... whatever
+# the binary calls) from functions that are not mimalloc's own, divided by the requests
+# (<route>.top.txt lists the callers). Frees are counted alongside: in a steady state the
+# two match.
+#
+# Baseline (CI): with --baseline FILE (loadtest/callgrind-baseline.txt: key=value lines named
+# as in the last line below, # comments), every figure of FILE that was measured is
+# compared with it, and the run fails when one is more than --tolerance percent (15) above
+# its baseline. Being below never fails: update the file when a change lowers the figure.
+#
 # Usage: loadtest/callgrind.sh [--bin PATH] [--upstream nginx|mock] [-n REQUESTS]
 #          [--warmup N] [-c CONNECTIONS] [--routes limited,passthrough] [--top N] [--out DIR]
+#          [--baseline FILE] [--tolerance PCT]
 #   --bin PATH       measure this binary (e.g. one built from another commit) instead of
 #                    building the release binary of this tree
 #   --upstream       nginx (default; fixed body, same for every build) or mock (the
@@ -41,14 +53,19 @@
 #   --top            functions listed by self and by inclusive cost (15)
 #   --out            where the callgrind files, annotations and oha JSON go
 #                    (default $CARGO_TARGET_DIR or target, then /callgrind/<time>-<upstream>)
+#   --baseline FILE  compare with the key=value figures of FILE (see above)
+#   --tolerance PCT  how far above its baseline a figure may be (15)
 # Compare two builds: loadtest/callgrind.sh --bin A; loadtest/callgrind.sh --bin B; then
 # diff the <route>.top.txt files (costs there are instructions per request).
 # Last line of output, machine-readable, e.g.:
-#   instructions_per_request=38512 passthrough_instructions_per_request=37012 requests=20000 upstream=nginx bin=/path
+#   instructions_per_request=38512 allocations_per_request=21.00 passthrough_instructions_per_request=37012 passthrough_allocations_per_request=20.00 requests=20000 upstream=nginx bin=/path
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PATH="$HOME/.cargo/bin:$PATH"
+PROG=callgrind.sh
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh
 
 BIN=""
 UPSTREAM=nginx
@@ -58,12 +75,8 @@ CONNECTIONS=8
 ROUTES=limited,passthrough
 TOP=15
 OUT=""
-CHAT='{"model":"meta/llama-3.1-8b-instruct","messages":[{"role":"user","content":"hi"}]}'
-# What nginx answers: a plain non-streaming completion.
-RESP='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"meta/llama-3.1-8b-instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}'
-
-usage() { sed -n '/^# Usage:/,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "callgrind.sh: $*" >&2; exit 1; }
+BASELINE=""
+TOLERANCE=15
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -75,6 +88,8 @@ while [ $# -gt 0 ]; do
     --routes) ROUTES=${2:?}; shift 2 ;;
     --top) TOP=${2:?}; shift 2 ;;
     --out) OUT=${2:?}; shift 2 ;;
+    --baseline) BASELINE=${2:?--baseline needs a file}; shift 2 ;;
+    --tolerance) TOLERANCE=${2:?}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -84,6 +99,8 @@ for n in "$REQUESTS" "$WARMUP" "$CONNECTIONS" "$TOP"; do
   [[ $n =~ ^[0-9]+$ ]] || die "not a count: $n"
 done
 [ "$REQUESTS" -gt 0 ] || die "-n must be above 0"
+[[ $TOLERANCE =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "not a percentage: $TOLERANCE"
+[ -z "$BASELINE" ] || [ -r "$BASELINE" ] || die "cannot read the baseline $BASELINE"
 IFS=, read -r -a ROUTE_LIST <<<"$ROUTES"
 for r in "${ROUTE_LIST[@]}"; do
   case $r in limited|passthrough) ;; *) die "unknown route $r (limited, passthrough)" ;; esac
@@ -91,12 +108,7 @@ done
 
 TOOLS=(valgrind callgrind_control callgrind_annotate oha python3 curl)
 [ "$UPSTREAM" = nginx ] && TOOLS+=(nginx)
-for t in "${TOOLS[@]}"; do
-  if ! command -v "$t" >/dev/null && ! { [ "$t" = nginx ] && [ -x /usr/sbin/nginx ]; }; then
-    die "$t not found"
-  fi
-done
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+need_tools "${TOOLS[@]}"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ -z "$BIN" ]; then
@@ -110,72 +122,12 @@ BIN=$(realpath "$BIN")
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/sidecar-callgrind.XXXXXX")
-PIDS=()
-OHA_PID=""
-cleanup() {
-  local p
-  for p in $OHA_PID "${PIDS[@]}"; do
-    kill -TERM "$p" 2>/dev/null || true
-  done
-  for p in "${PIDS[@]}"; do
-    wait "$p" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# wait_port PORT PID SECONDS: until something listens on PORT, failing if PID exits first.
-wait_port() {
-  local port=$1 pid=$2 deadline=$((SECONDS + $3))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    kill -0 "$pid" 2>/dev/null || return 1
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.2
-  done
-  return 1
-}
-
-# stop PID: SIGTERM, then SIGKILL after 60 s; the exit status of PID.
-stop() {
-  local pid=$1 i
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 600; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  local rc=0
-  wait "$pid" 2>/dev/null || rc=$?
-  return "$rc"
-}
+lib_traps
 
 # oha_run N URL JSON: N requests; fails unless every one was answered 200.
 oha_run() {
-  local n=$1 url=$2 json=$3
-  # In the background so that a signal to this script stops it at once (cleanup kills oha).
-  oha -n "$n" -c "$CONNECTIONS" --no-tui --output-format json -m POST \
-    -H "content-type: application/json" -d "$CHAT" "$url" >"$json" &
-  OHA_PID=$!
-  wait "$OHA_PID"
-  OHA_PID=""
-  python3 - "$json" "$n" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-codes = {str(k): int(v) for k, v in d.get("statusCodeDistribution", {}).items()}
-errors = d.get("errorDistribution", {})
-ok = codes.get("200", 0)
-if errors or set(codes) - {"200"} or ok != int(sys.argv[2]):
-    sys.exit(f"callgrind.sh: expected {sys.argv[2]} answers 200, got statuses {codes} errors {errors}")
-PY
+  oha_json "$3" -n "$1" -c "$CONNECTIONS" "$2"
+  oha_check "$3" "$1" >/dev/null
 }
 
 # routes PORT: requests counted so far per route, "limited=N passthrough=M".
@@ -224,50 +176,18 @@ for count, func, file in rows:
 ' "$ROOT" "$2" "$TOP"
 }
 
-# control PID OPTION: callgrind_control OPTION for PID, failing unless it answers OK.
-control() {
-  local said
-  said=$(callgrind_control "$2" "$1" 2>&1) || die "callgrind_control $2 $1 failed: $said"
-  grep -q "OK\." <<<"$said" || die "callgrind_control $2 $1: $said"
-}
-
 # The upstream.
 UP_PORT=$(free_port)
 if [ "$UPSTREAM" = nginx ]; then
-  mkdir -p "$TMP/nginx"
-  USER_LINE=""
-  [ "$(id -u)" = 0 ] && USER_LINE="user root;"
-  cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-$USER_LINE
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 300s;
-  client_body_temp_path $TMP/nginx/body;
-  proxy_temp_path $TMP/nginx/proxy;
-  fastcgi_temp_path $TMP/nginx/fastcgi;
-  uwsgi_temp_path $TMP/nginx/uwsgi;
-  scgi_temp_path $TMP/nginx/scgi;
-  server {
-    listen 127.0.0.1:$UP_PORT;
-    location / { default_type application/json; return 200 '$RESP'; }
-  }
-}
-EOF
-  "$NGINX" -e "$TMP/nginx/error.log" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" \
-    >"$TMP/nginx/stdout.log" 2>&1 &
-  UP_PID=$!
+  nginx_conf "$TMP/nginx" 1 on "$(upstream_blocks "$UP_PORT")"
+  start_nginx "$TMP/nginx"
+  UP_PID=$NGINX_PID
 else
   "$BIN" mock-upstream --listen "127.0.0.1:$UP_PORT" --rpm 0 --workers 1 --token-delay-ms 0 \
     >"$OUT/mock-upstream.log" 2>&1 &
   UP_PID=$!
+  PIDS+=("$UP_PID")
 fi
-PIDS+=("$UP_PID")
 wait_port "$UP_PORT" "$UP_PID" 20 || die "the $UPSTREAM upstream did not start: $(cat "$TMP"/nginx/error.log "$OUT/mock-upstream.log" 2>/dev/null)"
 
 echo "bin: $BIN" >&2
@@ -329,24 +249,61 @@ PY
   [[ $total =~ ^[0-9]+$ ]] || die "no totals: line in $OUT/$route.callgrind.out"
   ipr=$(python3 -c "print(round($total / $REQUESTS))")
   secs=$(python3 -c 'import json, sys; print("%.1f" % json.load(open(sys.argv[1]))["summary"]["total"])' "$OUT/$route.oha.json")
+  read -r apr fpr < <(callgrind_allocs "$OUT/$route.callgrind.out" "$REQUESTS")
   {
-    echo "# $route route: $ipr instructions per request ($total Ir / $REQUESTS requests answered 200, in $secs s)"
+    echo "# $route route: $ipr instructions per request ($total Ir / $REQUESTS requests answered 200, in $secs s), $apr allocations per request ($fpr frees)"
     echo "# bin $BIN, upstream $UPSTREAM, oha -c $CONNECTIONS -n $REQUESTS after $WARMUP"
     echo "# columns: Ir per request, share of the total, function (file)"
     echo "## self cost"
     top "$OUT/$route.callgrind.out" "$REQUESTS" no
     echo "## inclusive cost"
     top "$OUT/$route.callgrind.out" "$REQUESTS" yes
+    echo "## allocations per request by caller"
+    callgrind_allocs "$OUT/$route.callgrind.out" "$REQUESTS" "$TOP" | sed 1d
   } >"$OUT/$route.top.txt"
   echo >&2
   sed -n '1p; /^## self/,/^## inclusive/p' "$OUT/$route.top.txt" | sed '$d' >&2
-  echo "route=$route instructions_per_request=$ipr total_ir=$total requests=$REQUESTS seconds=$secs"
+  echo "route=$route instructions_per_request=$ipr allocations_per_request=$apr total_ir=$total requests=$REQUESTS seconds=$secs"
   if [ "$route" = limited ]; then
-    FINAL=("instructions_per_request=$ipr" "${FINAL[@]}")
+    FINAL=("instructions_per_request=$ipr" "allocations_per_request=$apr" "${FINAL[@]}")
   else
-    FINAL+=("${route}_instructions_per_request=$ipr")
+    FINAL+=("${route}_instructions_per_request=$ipr" "${route}_allocations_per_request=$apr")
   fi
 done
 
 stop "$UP_PID" || true
+over=0
+if [ -n "$BASELINE" ]; then
+  # Each key=value of the baseline against the same key measured: fails (after the last
+  # line) when one is more than TOLERANCE percent above.
+  python3 - "$BASELINE" "$TOLERANCE" "${FINAL[@]}" <<'PY' || over=1
+import re, sys
+path, tolerance = sys.argv[1], float(sys.argv[2])
+measured = dict(kv.split("=", 1) for kv in sys.argv[3:])
+base = {}
+for line in open(path):
+    line = line.split("#", 1)[0].strip()
+    if line:
+        k, _, v = line.partition("=")
+        base[k.strip()] = float(v)
+if not base:
+    sys.exit(f"callgrind.sh: no key=value figures in the baseline {path}")
+bad = []
+for k, b in base.items():
+    if k not in measured:
+        print(f"baseline {k}: {b:g}, not measured in this run")
+        continue
+    m = float(measured[k])
+    pct = 100 * (m - b) / b
+    verdict = "ok"
+    if pct > tolerance:
+        verdict = f"FAILED: more than {tolerance:g}% above the baseline"
+        bad.append(k)
+    print(f"baseline {k}: measured {m:g}, baseline {b:g}: {pct:+.1f}% ({verdict})")
+if bad:
+    print(f"callgrind.sh: above the baseline ({path}) by more than {tolerance:g}%: {' '.join(bad)}", file=sys.stderr)
+    sys.exit(1)
+PY
+fi
 echo "${FINAL[*]} requests=$REQUESTS upstream=$UPSTREAM bin=$BIN"
+exit "$over"

@@ -135,6 +135,28 @@ fn an_answer_without_rate_limit_headers_has_no_quota() {
 }
 
 #[test]
+fn a_repeated_quota_header_is_read_by_its_first_value_among_any_others() {
+    // `quota` reads the headers in one pass; `HeaderMap::get`, which it replaced, gave the
+    // first value of a name, whatever came between.
+    let h = headers(&[
+        ("x-ratelimit-remaining", "7"),
+        ("content-type", "application/json"),
+        ("x-ratelimit-limit-requests", "60"),
+        ("x-ratelimit-remaining", "9"),
+        ("x-ratelimit-limit-requests", "0"),
+        ("x-ratelimit-reset", "2"),
+    ]);
+    assert_eq!(
+        quota(&h, Dialect::OpenAi),
+        Some(Quota {
+            limit_rpm: Some(60),
+            remaining: Some(7),
+            reset: Some(Duration::from_secs(2)),
+        })
+    );
+}
+
+#[test]
 fn token_headers_are_not_read_as_the_request_quota() {
     let h = headers(&[
         ("x-ratelimit-limit-tokens", "160000"),
@@ -561,7 +583,9 @@ proptest! {
     fn header_readers_never_panic_on_any_value(raw in any::<String>(), secs in any::<u64>()) {
         let Ok(v) = HeaderValue::from_str(&raw) else { return Ok(()) };
         let mut h = HeaderMap::new();
-        for name in [RETRY_AFTER_MS, RETRY_AFTER, LIMIT_REQUESTS, REMAINING, RESET, REMAINING_TOKENS] {
+        let limit = HeaderName::from_static("x-ratelimit-limit-requests");
+        let reset = HeaderName::from_static("x-ratelimit-reset");
+        for name in [RETRY_AFTER_MS, RETRY_AFTER, limit, REMAINING, reset, REMAINING_TOKENS] {
             h.insert(name, v.clone());
         }
         let now = UNIX_EPOCH.checked_add(Duration::from_secs(secs)).unwrap_or(UNIX_EPOCH);

@@ -243,7 +243,12 @@ impl ParkIo {
         let Some(timer) = self.timer.as_mut() else {
             return;
         };
-        if timer.as_mut().poll(cx).is_pending() {
+        // An armed timer already holds this task's waker (registered by the poll that
+        // armed it, or re-armed it below; the socket is only ever read by this
+        // connection's task), so it is polled again only once it has fired: polling it
+        // on every pending read (several per request) re-registered the same waker for
+        // about a hundred instructions each time.
+        if !timer.is_elapsed() || timer.as_mut().poll(cx).is_pending() {
             return;
         }
         if quiet {

@@ -76,6 +76,7 @@ pub fn encode(head: &RequestHead<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+#[inline(always)]
 fn line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
     out.reserve(name.len() + value.len() + 4);

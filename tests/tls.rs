@@ -1,5 +1,6 @@
-//! Upstream over TLS: rustls with the configured CA, HTTP/2 chosen by ALPN, the key
-//! injected, the connection reused.
+//! Upstream over TLS: rustls with the configured CA, HTTP/2 chosen by ALPN (or
+//! HTTP/1.1 when that is all the upstream offers), the key injected, the connection
+//! reused.
 
 mod common;
 
@@ -13,10 +14,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// An HTTPS upstream answering with what it saw: protocol version and key.
+/// An HTTPS upstream offering `alpn`, answering with what it saw: protocol version and
+/// key.
 async fn tls_upstream(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
 ) -> std::net::SocketAddr {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -26,7 +29,7 @@ async fn tls_upstream(
     .with_no_client_auth()
     .with_single_cert(vec![cert], key)
     .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -61,15 +64,16 @@ async fn tls_upstream(
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_upstream_is_reached_over_h2_with_the_configured_ca_and_the_provider_key() {
+/// Three chats through a sidecar to an HTTPS upstream offering `alpn`, one at a time:
+/// what the upstream saw of each.
+async fn three_chats_over_tls(alpn: &[&[u8]]) -> Vec<serde_json::Value> {
     let signed = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let cert = CertificateDer::from(signed.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signed.signing_key.serialize_der()));
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, signed.cert.pem()).unwrap();
-    let up = tls_upstream(cert, key).await;
+    let up = tls_upstream(cert, key, alpn).await;
 
     let url = format!("https://localhost:{}/v1", up.port());
     let app = nvidia_sidecar::app::App::new(common::config_from(&[
@@ -94,6 +98,13 @@ async fn https_upstream_is_reached_over_h2_with_the_configured_ca_and_the_provid
         assert_eq!(a.status, 200, "{}", a.text());
         seen.push(a.json());
     }
+    sidecar.stop();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_is_reached_over_h2_with_the_configured_ca_and_the_provider_key() {
+    let seen = three_chats_over_tls(&[b"h2", b"http/1.1"]).await;
     for v in &seen {
         assert_eq!(v["version"], "HTTP/2.0", "ALPN should pick h2: {v}");
         assert_eq!(v["authorization"], "Bearer nvapi-provider-key-0001");
@@ -103,7 +114,19 @@ async fn https_upstream_is_reached_over_h2_with_the_configured_ca_and_the_provid
             "one h2 connection serves every request: {v}"
         );
     }
-    sidecar.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_offering_only_http_1_1_is_reached_and_its_connection_reused() {
+    // The sidecar's own HTTP/1.1 client over rustls: the same answers, one connection
+    // reused from the idle list for each request in turn.
+    let seen = three_chats_over_tls(&[b"http/1.1"]).await;
+    for v in &seen {
+        assert_eq!(v["version"], "HTTP/1.1", "{v}");
+        assert_eq!(v["authorization"], "Bearer nvapi-provider-key-0001");
+        assert_eq!(v["path"], "/v1/chat/completions");
+        assert_eq!(v["connection"], 1, "the connection is reused: {v}");
+    }
 }
 
 #[test]
@@ -118,7 +141,7 @@ fn without_the_ca_the_self_signed_upstream_is_refused_with_502() {
         let cert = CertificateDer::from(signed.cert.der().to_vec());
         let key =
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signed.signing_key.serialize_der()));
-        let up = tls_upstream(cert, key).await;
+        let up = tls_upstream(cert, key, &[b"h2", b"http/1.1"]).await;
         let url = format!("https://localhost:{}/v1", up.port());
         let app =
             nvidia_sidecar::app::App::new(common::config_from(&[("SIDECAR_UPSTREAM_URL", &url)]));

@@ -4,6 +4,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::HeaderValue;
 
 use crate::app::App;
@@ -24,11 +25,24 @@ pub struct Worker {
     /// The readiness verdicts, shared by all workers.
     pub readiness: Arc<Readiness>,
     requests: Cell<u64>,
+    /// A request id's first 16 hex digits (the boot id), written once.
+    id_prefix: [u8; 16],
+}
+
+/// `word` as 16 lowercase hex digits.
+fn hex16(word: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (j, digit) in out.iter_mut().enumerate() {
+        let nibble = (word >> ((15 - j) * 4)) & 0xf;
+        *digit = b"0123456789abcdef"[nibble as usize];
+    }
+    out
 }
 
 impl Worker {
     pub fn new(id: usize, app: Arc<App>, readiness: Arc<Readiness>) -> Self {
         let pool = Pool::new(app.connector.clone());
+        let app_boot_id = app.boot_id;
         Self {
             id,
             metrics: app.metrics.shard(id),
@@ -37,6 +51,7 @@ impl Worker {
             app,
             pool,
             requests: Cell::new(0),
+            id_prefix: hex16(app_boot_id),
         }
     }
 
@@ -56,12 +71,36 @@ impl Worker {
         self.requests.set(n);
         let low = ((self.id as u64 & 0xffff) << 48) | (n & 0xffff_ffff_ffff);
         let mut out = [0u8; 32];
-        for (i, word) in [self.app.boot_id, low].into_iter().enumerate() {
-            for j in 0..16 {
-                let nibble = (word >> ((15 - j) * 4)) & 0xf;
-                out[i * 16 + j] = b"0123456789abcdef"[nibble as usize];
-            }
-        }
-        HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("-"))
+        out[..16].copy_from_slice(&self.id_prefix);
+        out[16..].copy_from_slice(&hex16(low));
+        // One allocation for the digits and their reference count: the id is cloned into
+        // the record, the upstream request and the answer, and a value copied from a
+        // slice is a `Vec` that allocates again (its shared count) at its first clone.
+        HeaderValue::from_maybe_shared(Bytes::from_owner(out))
+            .unwrap_or(HeaderValue::from_static("-"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::config;
+
+    #[test]
+    fn request_ids_are_the_boot_id_then_the_worker_and_a_count_in_hex() {
+        let app = App::new(config("", &[]));
+        let boot = app.boot_id;
+        let w = Worker::new(3, app, Arc::new(Readiness::default()));
+        let first = w.next_request_id();
+        let second = w.next_request_id();
+        assert_eq!(
+            first.to_str().unwrap(),
+            format!("{boot:016x}0003000000000001")
+        );
+        assert_eq!(
+            second.to_str().unwrap(),
+            format!("{boot:016x}0003000000000002")
+        );
+        assert_eq!(first.clone(), first, "a clone is the same id");
     }
 }

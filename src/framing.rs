@@ -221,14 +221,19 @@ async fn discard<B: Body + Unpin>(mut body: B, max_bytes: u64) -> u64 {
 /// `s` cut to at most `max` bytes, on a character boundary (paths and models that are
 /// logged, counted or echoed in an error are cut to 256 bytes).
 pub fn truncate(s: &str, max: usize) -> String {
+    cut(s, max).to_owned()
+}
+
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
     if s.len() <= max {
-        return s.to_owned();
+        return s;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s[..end].to_owned()
+    &s[..end]
 }
 
 #[cfg(test)]

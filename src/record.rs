@@ -18,6 +18,9 @@ use tokio::time::Instant;
 use crate::metrics::{Entry, ErrorKind, Lane, Outcome, Sample, ShardHandle};
 use crate::priority::Priority;
 
+/// Most bytes of a request's path a log line carries.
+pub const PATH_LOGGED: usize = 256;
+
 /// The target of the per-request log lines.
 pub const ACCESS_TARGET: &str = "nvidia_sidecar::access";
 
@@ -62,7 +65,9 @@ impl End {
 pub struct Record {
     pub request_id: http::HeaderValue,
     pub method: http::Method,
-    pub path: String,
+    /// The request's URI (a cheap clone of what hyper parsed); its path is logged, cut to
+    /// [`PATH_LOGGED`] bytes.
+    pub uri: http::Uri,
     pub provider: Option<Arc<str>>,
     /// Index of `provider` in the app's providers.
     pub provider_index: Option<usize>,
@@ -89,11 +94,11 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new(request_id: http::HeaderValue, method: http::Method, path: String) -> Self {
+    pub fn new(request_id: http::HeaderValue, method: http::Method, uri: http::Uri) -> Self {
         Self {
             request_id,
             method,
-            path,
+            uri,
             provider: None,
             provider_index: None,
             model: None,
@@ -197,7 +202,7 @@ impl Record {
                     target: ACCESS_TARGET,
                     request_id = self.request_id.to_str().unwrap_or("-"),
                     method = %self.method,
-                    path = %self.path,
+                    path = crate::framing::cut(self.uri.path(), PATH_LOGGED),
                     provider = self.provider.as_deref().unwrap_or("-"),
                     model = self.model.as_deref().unwrap_or("-"),
                     priority = self.priority.as_str(),

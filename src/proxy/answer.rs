@@ -138,7 +138,11 @@ mod tests {
     }
 
     fn record() -> Record {
-        Record::new(HeaderValue::from_static("id"), Method::POST, "/v1/x".into())
+        Record::new(
+            HeaderValue::from_static("id"),
+            Method::POST,
+            http::Uri::from_static("/v1/x"),
+        )
     }
 
     /// Sends one limited request's claim and hands it `status` with body `prefix`.

@@ -32,7 +32,6 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
-use crate::framing::truncate;
 use crate::record::Record;
 use forward::Deadline;
 use local::local_error;
@@ -49,11 +48,7 @@ pub async fn handle(
     let app = ctx.app;
     let (parts, body) = req.into_parts();
     let body = unread.insert(body);
-    let mut record = Record::new(
-        request_id.clone(),
-        parts.method.clone(),
-        truncate(parts.uri.path(), 256),
-    );
+    let mut record = Record::new(request_id.clone(), parts.method.clone(), parts.uri.clone());
     record.arrive(ctx.metrics, app.config.default_provider);
     // One version of the run-time settings for the whole request.
     let hot = app.hot.load();

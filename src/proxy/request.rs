@@ -138,7 +138,7 @@ mod tests {
         Record::new(
             HeaderValue::from_static("id"),
             Method::POST,
-            "/v1/chat/completions".into(),
+            http::Uri::from_static("/v1/chat/completions"),
         )
     }
 

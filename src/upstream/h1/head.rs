@@ -193,7 +193,7 @@ enum Kind {
 impl Kind {
     /// One switch on the length, then one case-insensitive compare.
     fn of(name: &[u8]) -> Kind {
-        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        let is = |s: &[u8]| same_name(name, s);
         match name.len() {
             2 if is(b"te") => Kind::Hop,
             4 if is(b"date") => Kind::Date,
@@ -227,6 +227,29 @@ impl Kind {
 }
 
 struct HeaderError;
+
+/// Whether the header name `raw` is `lower` (lowercase letters and `-`), whatever its
+/// case: eight bytes at a time, each folded by setting bit 5. Exact for such a `lower`:
+/// the only other byte a letter or `-` folds from is a control character, which no
+/// header name (a token, as httparse checked) holds.
+fn same_name(raw: &[u8], lower: &[u8]) -> bool {
+    if raw.len() != lower.len() {
+        return false;
+    }
+    let mut a = raw.chunks_exact(8);
+    let mut b = lower.chunks_exact(8);
+    for (x, y) in a.by_ref().zip(b.by_ref()) {
+        let x = u64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
+        let y = u64::from_le_bytes(y.try_into().unwrap_or([0; 8]));
+        if x | 0x2020_2020_2020_2020 != y {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
+}
 
 impl Span {
     fn name<'h>(&self, head: &'h [u8]) -> &'h [u8] {
@@ -443,6 +466,27 @@ mod tests {
             assert!(is_hop_by_hop(hop), "{hop:?}");
         }
         assert!(!is_hop_by_hop(b"Trailers"));
+    }
+
+    #[test]
+    fn names_compare_whatever_their_case_and_only_equal_ones() {
+        assert!(same_name(b"Content-Length", b"content-length"));
+        assert!(same_name(b"TRANSFER-ENCODING", b"transfer-encoding"));
+        assert!(same_name(b"te", b"te"));
+        assert!(!same_name(b"content-lengtH2", b"content-length"));
+        assert!(!same_name(b"content_length", b"content-length"));
+        assert!(!same_name(b"content-lenght", b"content-length"));
+        assert!(!same_name(b"date", b"dare"));
+        for raw in [
+            &b"Connection"[..],
+            b"x-ratelimit-limit",
+            b"Keep-Alive",
+            b"DATE",
+        ] {
+            for lower in [&b"connection"[..], b"keep-alive", b"date", b"server"] {
+                assert_eq!(same_name(raw, lower), raw.eq_ignore_ascii_case(lower));
+            }
+        }
     }
 
     #[test]

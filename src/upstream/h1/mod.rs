@@ -155,11 +155,13 @@ impl Conn {
         }
         let head_request = *head.method == Method::HEAD;
         loop {
-            if let Some(answer) = head::parse(&mut self.read, head_request)? {
-                if answer.status.is_informational() {
-                    continue;
+            if !self.read.is_empty() {
+                if let Some(answer) = head::parse(&mut self.read, head_request)? {
+                    if answer.status.is_informational() {
+                        continue;
+                    }
+                    return Ok(answer);
                 }
-                return Ok(answer);
             }
             if poll_fn(|cx| self.poll_fill(cx))
                 .await

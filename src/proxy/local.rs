@@ -4,7 +4,6 @@
 
 use http::Response;
 
-use super::headers;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::record::{End, Record};
@@ -15,9 +14,7 @@ pub fn local_error(mut record: Record, err: ProxyError) -> Response<ProxyBody> {
     let (outcome, kind) = err.outcome();
     record.outcome = Some(outcome);
     record.error = record.error.or(kind);
-    let mut resp = err.into_response();
-    resp.headers_mut()
-        .insert(headers::X_REQUEST_ID, record.request_id.clone());
+    let resp = err.into_response();
     let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
     record.finish(End::Local, len);
     resp

@@ -27,6 +27,7 @@ mod route;
 mod stream;
 
 pub use ctx::Ctx;
+pub use stream::UpstreamBody;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -37,14 +38,54 @@ use forward::Deadline;
 use local::local_error;
 use outgoing::{Outgoing, Rules};
 
+/// The body of an answer to a `/v1/` request: the upstream's, streamed through without
+/// a box of its own, or one of the sidecar's.
+// The upstream's body is the common case: boxing it (an allocation per request) is what
+// this enum is for; the local errors' smaller variant is the rare one.
+#[allow(clippy::large_enum_variant)]
+pub enum Answer {
+    Upstream(UpstreamBody),
+    Local(ProxyBody),
+}
+
+impl http_body::Body for Answer {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Answer::Upstream(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Answer::Local(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Upstream(b) => b.is_end_stream(),
+            Answer::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Answer::Upstream(b) => b.size_hint(),
+            Answer::Local(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Answers one `/v1/` request. `unread` holds the request body until it has been read
-/// whole (the caller drains what is left once the answer is out).
+/// whole (the caller drains what is left once the answer is out). The caller sets the
+/// request id on the answer.
 pub async fn handle(
     ctx: &Ctx<'_>,
     req: Request<Incoming>,
-    request_id: HeaderValue,
+    request_id: &HeaderValue,
     unread: &mut Option<Incoming>,
-) -> Response<ProxyBody> {
+) -> Response<Answer> {
     let app = ctx.app;
     let (parts, body) = req.into_parts();
     let body = unread.insert(body);
@@ -59,13 +100,13 @@ pub async fn handle(
     let mut deadline = Deadline { at, timer };
 
     if let Err(e) = request::check(app, &parts, &mut record) {
-        return local_error(record, e);
+        return local_error(record, e).map(Answer::Local);
     }
     let limit = app.config.limits.max_body_bytes;
     let read = request::read_body(body, &parts.headers, limit, deadline.timer.as_mut());
     let body = match read.await {
         Ok(b) => b,
-        Err(e) => return local_error(record, e),
+        Err(e) => return local_error(record, e).map(Answer::Local),
     };
     *unread = None;
 
@@ -82,7 +123,7 @@ pub async fn handle(
     );
     let mut admitted = match admitted.await {
         Ok(a) => a,
-        Err(e) => return local_error(record, e),
+        Err(e) => return local_error(record, e).map(Answer::Local),
     };
     record.route = admitted.route;
 
@@ -90,7 +131,7 @@ pub async fn handle(
         rules: Rules::new(
             &parts.headers,
             provider.auth_header.as_ref(),
-            &request_id,
+            request_id,
             body.len(),
         ),
         parts: &parts,
@@ -106,15 +147,8 @@ pub async fn handle(
         &mut deadline,
     );
     match sent.await {
-        Ok(fwd) => respond::respond(
-            app,
-            provider,
-            fwd,
-            record,
-            &body,
-            routed.model_read,
-            request_id,
-        ),
-        Err(e) => local_error(record, e),
+        Ok(fwd) => respond::respond(app, provider, fwd, record, &body, routed.model_read)
+            .map(Answer::Upstream),
+        Err(e) => local_error(record, e).map(Answer::Local),
     }
 }

@@ -1,16 +1,14 @@
-//! The `respond` phase: the upstream's answer, made the client's. The request id is
-//! set, and the body streams through `stream::UpstreamBody`,
+//! The `respond` phase: the upstream's answer, made the client's (the request id is set
+//! on every answer by `sidecar::dispatch`), and the body streams through `stream::UpstreamBody`,
 //! which finishes the request's [`Record`] however it ends.
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Response, Version};
 
 use super::forward::Forwarded;
-use super::headers;
 use super::route::model_of;
 use super::stream::UpstreamBody;
 use crate::app::App;
-use crate::body::ProxyBody;
 use crate::record::Record;
 
 /// The client's response to a request `fwd` answered; `body` is the request's (read
@@ -25,8 +23,7 @@ pub fn respond(
     mut record: Record,
     body: &bytes::Bytes,
     model_read: bool,
-    request_id: HeaderValue,
-) -> Response<ProxyBody> {
+) -> Response<UpstreamBody> {
     let Forwarded {
         mut head,
         body: incoming,
@@ -45,7 +42,6 @@ pub fn respond(
     }
     // The upstream's hop-by-hop headers were never put in the map (`upstream::h1`), and
     // HTTP/2 has none.
-    head.headers.insert(headers::X_REQUEST_ID, request_id);
     head.version = Version::HTTP_11;
     let sse = head
         .headers
@@ -61,5 +57,5 @@ pub fn respond(
         now,
     )
     .with_prefix(prefix);
-    Response::from_parts(head, ProxyBody::stream(stream))
+    Response::from_parts(head, stream)
 }

@@ -24,7 +24,7 @@ pub async fn serve(
     worker: Rc<Worker>,
     req: Request<Incoming>,
     remote: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Response<proxy::Answer> {
     let request_id = match headers::client_request_id(req.headers()) {
         Some(id) => id.clone(),
         None => worker.next_request_id(),
@@ -33,9 +33,11 @@ pub async fn serve(
     let mut unread = None;
     // The proxy's path first, without the extra future of `route`.
     let mut resp = if req.uri().path().starts_with("/v1/") {
-        proxy::handle(&worker.proxy(), req, request_id.clone(), &mut unread).await
+        proxy::handle(&worker.proxy(), req, &request_id, &mut unread).await
     } else {
-        route(&worker, req, remote, &mut unread).await
+        route(&worker, req, remote, &mut unread)
+            .await
+            .map(proxy::Answer::Local)
     };
     if let Some(body) = unread.filter(|b| !http_body::Body::is_end_stream(b)) {
         let limits = &worker.app.config.limits;
@@ -49,9 +51,8 @@ pub async fn serve(
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
     }
-    resp.headers_mut()
-        .entry(headers::X_REQUEST_ID)
-        .or_insert(request_id);
+    // The sidecar's id, also over one the upstream sent.
+    resp.headers_mut().insert(headers::X_REQUEST_ID, request_id);
     resp
 }
 

@@ -12,7 +12,7 @@ use bytemuck::Zeroable;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nvidia_sidecar::admin::patch;
 use nvidia_sidecar::metrics::Lane;
-use nvidia_sidecar::metrics::{Metrics, Outcome, Sample};
+use nvidia_sidecar::metrics::{Metrics, Outcome, ProviderSeries, Sample};
 use nvidia_sidecar::priority::Priority;
 use nvidia_sidecar::snapshot::{SeqLock, Snapshot};
 use parking_lot::Mutex;
@@ -30,8 +30,8 @@ fn sample(i: u64) -> Sample {
     }
 }
 
-/// Recording one finished request: the worker's own shard (our path) against one
-/// global mutex shared by two threads (what we avoid).
+/// Recording one finished request: the worker's own shard of cells (our path) against
+/// one global mutex around a series, shared by two threads (what we avoid).
 fn metrics_record(c: &mut Criterion) {
     let mut g = c.benchmark_group("metrics_record");
     g.throughput(Throughput::Elements(1));
@@ -41,7 +41,7 @@ fn metrics_record(c: &mut Criterion) {
     g.bench_function("own_shard", |b| {
         b.iter(|| {
             i += 1;
-            shard.lock().record(0, black_box(&sample(i)));
+            shard.record(0, black_box(&sample(i)));
         })
     });
     // Two threads recording into their own shards at once.
@@ -54,7 +54,7 @@ fn metrics_record(c: &mut Criterion) {
                     let shard = m.shard(w);
                     s.spawn(move || {
                         for i in 0..iters {
-                            shard.lock().record(0, &sample(i));
+                            shard.record(0, &sample(i));
                         }
                     });
                 }
@@ -64,15 +64,14 @@ fn metrics_record(c: &mut Criterion) {
     });
     g.bench_function("global_mutex_2_threads_baseline", |b| {
         b.iter_custom(|iters| {
-            let m = Arc::new(Metrics::new(1, 1, Instant::now()));
-            let shard = m.shard(0);
+            let series = Arc::new(Mutex::new(ProviderSeries::default()));
             let start = Instant::now();
             std::thread::scope(|s| {
                 for _ in 0..2 {
-                    let shard = Arc::clone(&shard);
+                    let series = Arc::clone(&series);
                     s.spawn(move || {
                         for i in 0..iters {
-                            shard.lock().record(0, &sample(i));
+                            series.lock().record(&sample(i));
                         }
                     });
                 }
@@ -85,7 +84,7 @@ fn metrics_record(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 for i in 0..1000 {
-                    shard.lock().record(0, &sample(i));
+                    shard.record(0, &sample(i));
                 }
                 let t = Instant::now();
                 drop(black_box(m.collect(Instant::now())));

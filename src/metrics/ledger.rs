@@ -10,12 +10,14 @@
 //! (its record was never finished) is settled as `client_gone` on route `none`, so a
 //! cancelled task cannot leak a count.
 //!
-//! The three counts live in the worker's [`Shard`] and change under its lock, and a
-//! collect reads each shard under that lock, so every scrape and every snapshot keeps the
-//! equation exactly, not only at rest (requests never move between shards). Arrivals
-//! carry no provider: it is known only once routing has read the body. Until then a
-//! request is in flight, and ends if refused, under the default provider.
+//! The three counts live in the worker's [`Shard`], which only the worker writes; each
+//! change of them is one step under the shard's sequence, and a collect reads each
+//! shard between two steps, so every scrape and every snapshot keeps the equation
+//! exactly, not only at rest (requests never move between shards). Arrivals carry no
+//! provider: it is known only once routing has read the body. Until then a request is
+//! in flight, and ends if refused, under the default provider.
 
+use super::cells::add;
 use super::series::{Lane, Outcome, Sample};
 use super::shards::{Shard, ShardHandle};
 
@@ -31,7 +33,7 @@ pub struct Entry {
 impl Entry {
     /// Counts a request accepted by the worker owning `shard`, in flight for `provider`.
     pub fn arrive(shard: ShardHandle, provider: usize) -> Self {
-        shard.lock().arrive(provider);
+        shard.arrive(provider);
         Self {
             shard,
             provider,
@@ -47,7 +49,7 @@ impl Entry {
     /// Routing picked `provider`: the request is in flight there from now on.
     pub fn route_to(&mut self, provider: usize) {
         if provider != self.provider {
-            self.shard.lock().reroute(self.provider, provider);
+            self.shard.reroute(self.provider, provider);
             self.provider = provider;
         }
     }
@@ -55,14 +57,14 @@ impl Entry {
     /// The request ended as `sample` says.
     pub fn settle(mut self, sample: &Sample) {
         self.settled = true;
-        self.shard.lock().settle(self.provider, sample, false);
+        self.shard.settle(self.provider, sample, false);
     }
 
     /// The request was refused before routing (bad headers, body or priority): it also
     /// counts in `sidecar_invalid_requests_total`.
     pub fn settle_invalid(mut self, sample: &Sample) {
         self.settled = true;
-        self.shard.lock().settle(self.provider, sample, true);
+        self.shard.settle(self.provider, sample, true);
     }
 }
 
@@ -70,49 +72,61 @@ impl Drop for Entry {
     fn drop(&mut self) {
         if !self.settled {
             // A record always settles its entry; this keeps the count if one did not.
-            self.shard.lock().abandon(self.provider);
+            self.shard.abandon(self.provider);
         }
     }
 }
 
 // === impl Shard ===
 
+// Each is one step of the ledger (`Shard::step`), run by the shard's worker.
 impl Shard {
-    fn arrive(&mut self, provider: usize) {
-        self.arrived += 1;
-        if let Some(n) = self.in_flight.get_mut(provider) {
-            *n += 1;
-        }
+    fn arrive(&self, provider: usize) {
+        self.step(|s| {
+            s.count_arrival();
+            if let Some(n) = s.in_flight(provider) {
+                add(n, 1);
+            }
+        });
     }
 
-    fn reroute(&mut self, from: usize, to: usize) {
-        self.leave(from);
-        if let Some(n) = self.in_flight.get_mut(to) {
-            *n += 1;
-        }
+    fn reroute(&self, from: usize, to: usize) {
+        self.step(|s| {
+            s.leave(from);
+            if let Some(n) = s.in_flight(to) {
+                add(n, 1);
+            }
+        });
     }
 
-    fn settle(&mut self, provider: usize, sample: &Sample, invalid: bool) {
-        self.leave(provider);
-        self.record(provider, sample);
-        if invalid {
-            self.invalid += 1;
-        }
+    fn settle(&self, provider: usize, sample: &Sample, invalid: bool) {
+        // Outside the step: the latencies are no part of the equation.
+        self.record_latencies(provider, sample);
+        self.step(|s| {
+            s.leave(provider);
+            s.count(provider, sample);
+            if invalid {
+                s.count_invalid();
+            }
+        });
     }
 
     /// Ends a request nothing is known about (see [`Entry`]'s `Drop`): its outcome is
     /// counted, without latencies.
-    fn abandon(&mut self, provider: usize) {
-        self.leave(provider);
-        if let Some(p) = self.providers.get_mut(provider) {
-            p.requests[Lane::None as usize][Outcome::ClientGone as usize] += 1;
-        }
+    fn abandon(&self, provider: usize) {
+        self.step(|s| {
+            s.leave(provider);
+            if let Some(n) = s.requests(provider, Lane::None, Outcome::ClientGone) {
+                add(n, 1);
+            }
+        });
     }
 
-    fn leave(&mut self, provider: usize) {
-        if let Some(n) = self.in_flight.get_mut(provider) {
-            debug_assert!(*n > 0, "a request left flight twice");
-            *n = n.saturating_sub(1);
+    fn leave(&self, provider: usize) {
+        if let Some(n) = self.in_flight(provider) {
+            let now = n.load(std::sync::atomic::Ordering::Relaxed);
+            debug_assert!(now > 0, "a request left flight twice");
+            n.store(now.saturating_sub(1), std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -1,18 +1,21 @@
 //! Request metrics: HDR latency histograms and outcome counters per provider.
 //!
-//! Recording never takes a shared lock. Each worker thread records into its own
-//! [`Shard`]; the shard's mutex is contended only when the snapshot publisher or a
-//! scrape drains it into the totals, once per tick, so on the request path it is an
-//! uncontended lock of a cache line that stays on the worker's core. Draining moves the
-//! shard's samples into the cumulative totals (for Prometheus) and into a rolling
-//! one-minute window (for the dashboard's percentiles), then empties the shard.
+//! Recording takes no lock. Each worker thread records into its own [`Shard`] of atomic
+//! cells that only it writes (a load and a store per cell, see `cells`); the snapshot
+//! publisher or a scrape reads every shard when it collects, once per tick, and adds
+//! what each recorded since the last collect to the cumulative totals (for Prometheus)
+//! and to a rolling one-minute window (for the dashboard's percentiles). The histograms
+//! keep hdrhistogram's layout, so a collect rebuilds exactly the histograms recording
+//! into hdrhistogram would have made.
 //!
 //! The request ledger (arrivals, requests in flight, outcomes) lives in the same shards,
-//! so a collect sees the three consistent; see [`ledger`].
+//! changed in steps a collect reads whole, so it sees the three consistent; see
+//! [`ledger`].
 //!
 //! Gauges and counters kept elsewhere (bucket, queues, retreat, provider stats) are
 //! read where they live at scrape time; see [`crate::exposition`].
 
+mod cells;
 pub mod ledger;
 pub mod process;
 pub mod series;

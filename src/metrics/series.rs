@@ -156,7 +156,7 @@ pub const BUCKETS: [f64; 20] = [
 ];
 
 /// Longest value kept exactly: an hour (longer ones are counted as an hour).
-const MAX_US: u64 = 3_600_000_000;
+pub(super) const MAX_US: u64 = 3_600_000_000;
 
 impl Default for Latency {
     fn default() -> Self {
@@ -175,6 +175,19 @@ impl Latency {
         if self.hist.record(us).is_err() {
             self.hist.saturating_record(us);
         }
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Counts `n` values at `us` (at most [`MAX_US`]) without adding to the sum: what a
+    /// collector takes from a worker's cells (see `cells`).
+    pub(super) fn record_n_at(&mut self, us: u64, n: u64) {
+        if self.hist.record_n(us, n).is_err() {
+            self.hist.saturating_record_n(us, n);
+        }
+    }
+
+    /// Adds `us` microseconds to the sum (see [`Latency::record_n_at`]).
+    pub(super) fn add_sum_us(&mut self, us: u64) {
         self.sum_us = self.sum_us.saturating_add(us);
     }
 

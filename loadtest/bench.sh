@@ -91,13 +91,7 @@ TOOLS=(nginx oha python3)
 need_tools "${TOOLS[@]}"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ -z "$BIN" ]; then
-  echo "building the release binary" >&2
-  cargo build --release --quiet
-  BIN=$TARGET/release/nvidia-sidecar
-fi
-[ -x "$BIN" ] || die "no executable at $BIN"
-BIN=$(realpath "$BIN")
+BIN=$(release_binary "$BIN")
 [ -n "$OUT" ] || OUT=$TARGET/bench/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")

@@ -111,13 +111,7 @@ TOOLS=(valgrind callgrind_control callgrind_annotate oha python3 curl)
 need_tools "${TOOLS[@]}"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ -z "$BIN" ]; then
-  echo "building the release binary" >&2
-  cargo build --release --quiet
-  BIN=$TARGET/release/nvidia-sidecar
-fi
-[ -x "$BIN" ] || die "no executable at $BIN"
-BIN=$(realpath "$BIN")
+BIN=$(release_binary "$BIN")
 [ -n "$OUT" ] || OUT=$TARGET/callgrind/$(date +%Y%m%d-%H%M%S)-$UPSTREAM
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")

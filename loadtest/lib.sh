@@ -48,6 +48,19 @@ need_tools() {
     fi
   done
 }
+# release_binary BIN: BIN (absolute) when given, else the release build of this tree
+# (built first); fails when it is not an executable.
+release_binary() {
+  local bin=$1
+  if [ -z "$bin" ]; then
+    echo "building the release binary" >&2
+    cargo build --release --quiet
+    bin=${CARGO_TARGET_DIR:-$ROOT/target}/release/nvidia-sidecar
+  fi
+  [ -x "$bin" ] || die "no executable at $bin"
+  realpath "$bin"
+}
+
 nginx_path() { command -v nginx || echo /usr/sbin/nginx; }
 
 free_port() {

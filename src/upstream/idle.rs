@@ -4,7 +4,7 @@
 //! hand-off per request), so a connection is checked when it is taken: one
 //! non-blocking read says whether the upstream closed it or sent something unasked,
 //! and such a connection is dropped rather than used. A sweep every
-//! [`SWEEP_EVERY`] drops those the upstream closed and those idle for [`IDLE_TIMEOUT`]
+//! [`SWEEP_EVERY`] (1 s) drops those the upstream closed and those idle for [`IDLE_TIMEOUT`]
 //! (counted in sweeps, so putting a connection back reads no clock), so closed sockets
 //! do not linger while traffic is quiet.
 
@@ -22,7 +22,10 @@ pub const MAX_IDLE_PER_UPSTREAM: usize = 512;
 /// An idle connection older than this is closed (most servers close theirs after 60
 /// to 75 s of silence; this only bounds what is kept when they do not).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-pub const SWEEP_EVERY: Duration = Duration::from_secs(15);
+/// Often enough that a connection the upstream closes (it stopped, or timed out its
+/// side) is closed here within a second, as a connection task watching it would; a
+/// sweep is one non-blocking read per idle connection.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// [`IDLE_TIMEOUT`] in sweeps: a connection is closed after idling between
 /// `IDLE_TIMEOUT - SWEEP_EVERY` and `IDLE_TIMEOUT`.
 pub const IDLE_SWEEPS: u32 = (IDLE_TIMEOUT.as_secs() / SWEEP_EVERY.as_secs()) as u32;

@@ -335,7 +335,7 @@ pub fn priority_header(data: &[u8]) {
 
 /// An upstream's answer as the HTTP/1.1 client reads it: the head
 /// ([`crate::upstream::h1::head::parse`]) and a chunked body
-/// ([`crate::upstream::h1::chunked::Decoder`]), fed in pieces.
+/// ([`crate::http1::chunked::Decoder`]), fed in pieces.
 ///
 /// The first byte picks the size of the pieces (1 to 64) and whether the request was a
 /// `HEAD`; the rest is what the upstream sent. Checks: no hop-by-hop header reaches
@@ -370,7 +370,7 @@ pub fn upstream_response(data: &[u8]) {
             );
         }
         let mut body = Vec::new();
-        let mut decoder = crate::upstream::h1::chunked::Decoder::default();
+        let mut decoder = crate::http1::chunked::Decoder::default();
         let done = loop {
             match head.framing {
                 Framing::Empty => break true,
@@ -383,12 +383,12 @@ pub fn upstream_response(data: &[u8]) {
                 }
                 Framing::Close => body.extend_from_slice(&buf.split()),
                 Framing::Chunked => match decoder.decode(&mut buf) {
-                    Ok(crate::upstream::h1::chunked::Step::Data(d)) => {
+                    Ok(crate::http1::chunked::Step::Data(d)) => {
                         body.extend_from_slice(&d);
                         continue;
                     }
-                    Ok(crate::upstream::h1::chunked::Step::Done) => break true,
-                    Ok(crate::upstream::h1::chunked::Step::More) => {}
+                    Ok(crate::http1::chunked::Step::Done) => break true,
+                    Ok(crate::http1::chunked::Step::More) => {}
                     Err(_) => break false,
                 },
             }
@@ -403,4 +403,115 @@ pub fn upstream_response(data: &[u8]) {
     let cut = read(step);
     let whole = read(wire.len().max(1));
     assert_eq!(cut, whole, "the pieces changed the answer");
+}
+
+/// A client's request as the HTTP/1 server reads it: the head
+/// ([`crate::server::h1::head::parse`], parsed again as the server does only when
+/// [`crate::server::h1::head::may_end`] says a piece may end it) and a chunked body,
+/// fed in pieces.
+///
+/// The first byte picks the size of the pieces (1 to 64); the rest is what the client
+/// sent. Checks: a refusal is a 400, 431 or 501 with a one-line message; an accepted
+/// head ends with an empty line the server would have seen; a chunked body's length
+/// header is gone; HTTP/1.0 keeps the connection only when asked; the same bytes cut
+/// into other pieces give the same head, body and end (a refused head may be refused
+/// otherwise, or wait for its timeout).
+pub fn client_request(data: &[u8]) {
+    use crate::server::h1::head::{self, Framing, HeadLimits};
+    let Some((&knob, wire)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(knob % 64) + 1;
+    let limits = HeadLimits {
+        max_headers: 16,
+        max_head_bytes: 2048,
+    };
+    type Read = (String, Framing, bool, Vec<u8>, bool);
+    let read = |step: usize| -> Option<Result<Read, u16>> {
+        let mut buf = bytes::BytesMut::new();
+        let mut pieces = wire.chunks(step);
+        let head = loop {
+            let piece = pieces.next()?;
+            let from = buf.len().saturating_sub(3);
+            buf.extend_from_slice(piece);
+            if !head::may_end(&buf[from..]) && buf.len() < limits.max_head_bytes {
+                continue;
+            }
+            let all = buf.clone().freeze();
+            match head::parse(&all, &limits) {
+                Ok(Some(h)) => {
+                    let _ = buf.split_to(h.len);
+                    assert!(
+                        head::may_end(&all[h.len.saturating_sub(3)..h.len]),
+                        "unseen end"
+                    );
+                    break h;
+                }
+                Ok(None) => {}
+                Err(r) => {
+                    assert!([400, 431, 501].contains(&r.status.as_u16()), "{r:?}");
+                    assert!(!r.message.contains('\n'), "multi-line: {r:?}");
+                    return Some(Err(r.status.as_u16()));
+                }
+            }
+        };
+        let req = &head.request;
+        if head.framing == Framing::Chunked {
+            assert!(req.headers().get("content-length").is_none());
+        }
+        if req.version() == http::Version::HTTP_10 {
+            let asked = req.headers().get_all("connection").iter().any(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .to_ascii_lowercase()
+                    .contains("keep-alive")
+            });
+            assert!(!head.keep_alive || asked, "HTTP/1.0 kept without asking");
+        }
+        let mut body = Vec::new();
+        let mut decoder = crate::http1::chunked::Decoder::default();
+        let done = loop {
+            match head.framing {
+                Framing::Length(n) => {
+                    let take = (n - body.len() as u64).min(buf.len() as u64) as usize;
+                    body.extend_from_slice(&buf.split_to(take));
+                    if body.len() as u64 == n {
+                        break true;
+                    }
+                }
+                Framing::Chunked => match decoder.decode(&mut buf) {
+                    Ok(crate::http1::chunked::Step::Data(d)) => {
+                        body.extend_from_slice(&d);
+                        continue;
+                    }
+                    Ok(crate::http1::chunked::Step::Done) => break true,
+                    Ok(crate::http1::chunked::Step::More) => {}
+                    Err(_) => break false,
+                },
+            }
+            match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => break false,
+            }
+        };
+        assert!(body.len() <= wire.len(), "more body than bytes sent");
+        let summary = format!(
+            "{} {} {:?} {:?}",
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers()
+        );
+        Some(Ok((summary, head.framing, head.keep_alive, body, done)))
+    };
+    let cut = read(step);
+    let whole = read(wire.len().max(1));
+    match (&whole, &cut) {
+        // A malformed head in pieces is parsed again only at an empty line (or the
+        // byte bound): one that never comes leaves it to the header read timeout.
+        (Some(Err(_)), None) => {}
+        // A refusal may differ in kind: past the byte bound in pieces is a 431 where
+        // the whole head shows a malformed byte further on.
+        (Some(Err(_)), Some(Err(_))) => {}
+        _ => assert_eq!(cut, whole, "the pieces changed the request"),
+    }
 }

@@ -20,6 +20,7 @@ pub mod framing;
 pub mod fuzz_targets;
 pub mod health;
 pub mod hot;
+pub mod http1;
 pub mod limiter;
 pub mod logging;
 pub mod metrics;

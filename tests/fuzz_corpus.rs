@@ -68,3 +68,12 @@ fn upstream_response_corpus_replays_without_panicking() {
     );
     assert!(n >= 8, "corpus has only {n} files");
 }
+
+#[test]
+fn client_request_corpus_replays_without_panicking() {
+    let n = replay(
+        "client_request",
+        nvidia_sidecar::fuzz_targets::client_request,
+    );
+    assert!(n >= 8, "corpus has only {n} files");
+}

@@ -618,21 +618,22 @@ fn an_absolute_form_target_is_served_only_for_the_sidecars_own_authority() {
     s.stop();
 }
 
-/// What hyper refuses before the sidecar runs: a bare 400 (no JSON, no request id; the
-/// sidecar never sees the request), and the connection closes, saying so.
+/// What the server refuses before the sidecar's handler runs: an OpenAI-style JSON
+/// error with a request id, like every answer, and the connection closes, saying so.
 #[test]
-fn what_hyper_refuses_itself_gets_a_bare_400_and_a_close() {
+fn what_the_server_refuses_itself_gets_a_json_error_and_a_close() {
     let s = stack(unlimited_mock(), &[]);
     let a = s.addr;
-    for request in [
-        format!("POST /v1/models HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy"),
-        format!("POST /v1/models HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: gzip\r\n\r\nxy"),
-        format!("G@T /v1/models HTTP/1.1\r\nHost: {a}\r\n\r\n"),
-        format!("GET /v1/models HTTP/1.1\r\nHost: {a}\r\nBad Header: x\r\n\r\n"),
+    for (request, status, code) in [
+        (format!("POST /v1/models HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy"), 400, "malformed_request"),
+        // RFC 9112 §6.1: a transfer coding the server does not know is a 501.
+        (format!("POST /v1/models HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: gzip\r\n\r\nxy"), 501, "unsupported_transfer_encoding"),
+        (format!("G@T /v1/models HTTP/1.1\r\nHost: {a}\r\n\r\n"), 400, "malformed_request"),
+        (format!("GET /v1/models HTTP/1.1\r\nHost: {a}\r\nBad Header: x\r\n\r\n"), 400, "malformed_request"),
     ] {
         let answers = send_then_read_to_close(a, request.as_bytes()).expect("an answer");
         assert_eq!(answers.len(), 1, "{request:?}: {answers:?}");
-        assert_eq!(answers[0].status, 400, "{request:?}");
+        answers[0].assert_error(status, code);
         assert!(answers[0].closes(), "{request:?}: {answers:?}");
     }
     // Both Content-Length and chunked: served as chunked, then closed (RFC 9112 §6.3).

@@ -11,11 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::server::RequestBody;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use super::admit::WorkerSlot;
 use super::control;
@@ -30,7 +30,7 @@ use crate::body::BoxError;
 #[allow(clippy::redundant_allocation)]
 pub async fn handle(
     shared: Rc<Arc<MockShared>>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     remote: SocketAddr,
 ) -> Response<Holding> {
     let (resp, slot) = serve(&shared, req, remote).await;
@@ -68,7 +68,7 @@ impl Body for Holding {
 /// The answer, and the worker slot it holds (if the worker cap took one).
 async fn serve(
     s: &MockShared,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     remote: SocketAddr,
 ) -> (Response<MockBody>, Option<WorkerSlot>) {
     let (parts, body) = req.into_parts();

@@ -41,8 +41,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::server::RequestBody;
 use http::Request;
-use hyper::body::Incoming;
 use parking_lot::Mutex;
 
 use crate::config::Fairness;
@@ -117,7 +117,7 @@ impl MockServer {
         let running = server::spawn(spec, Shutdown::default(), move |_id| {
             // One `Rc` per worker: cloning it per request costs no atomic operation.
             let s = Rc::new(Arc::clone(&s));
-            move |req: Request<Incoming>, remote: SocketAddr| {
+            move |req: Request<RequestBody>, remote: SocketAddr| {
                 handle::handle(Rc::clone(&s), req, remote)
             }
         })?;

@@ -29,8 +29,8 @@ mod stream;
 pub use ctx::Ctx;
 pub use stream::UpstreamBody;
 
+use crate::server::RequestBody;
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::record::Record;
@@ -82,9 +82,9 @@ impl http_body::Body for Answer {
 /// request id on the answer.
 pub async fn handle(
     ctx: &Ctx<'_>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     request_id: &HeaderValue,
-    unread: &mut Option<Incoming>,
+    unread: &mut Option<RequestBody>,
 ) -> Response<Answer> {
     let app = ctx.app;
     let (parts, body) = req.into_parts();

@@ -1,17 +1,17 @@
 //! What the server runs for each request: any `Fn(Request, SocketAddr) -> impl Future`.
 //!
-//! The bounds hyper needs (a body of `Bytes` whose error converts to a boxed error, a
-//! `'static` future) are written once, here, and every generic function of the server
-//! asks for `H: Handler`.
+//! The bounds the server needs (a body of `Bytes` whose error converts to a boxed
+//! error, a `'static` future) are written once, here, and every generic function of
+//! the server asks for `H: Handler`.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 
+use super::body::RequestBody;
 use crate::body::BoxError;
 
 /// A worker's request handler: called once per request with the client's address.
@@ -19,19 +19,48 @@ pub trait Handler: 'static {
     type Body: Body<Data = Bytes, Error: Into<BoxError>> + Unpin + 'static;
     type Future: Future<Output = Response<Self::Body>> + 'static;
 
-    fn call(&self, req: Request<Incoming>, remote: SocketAddr) -> Self::Future;
+    fn call(&self, req: Request<RequestBody>, remote: SocketAddr) -> Self::Future;
+
+    /// The id an answer the server makes itself carries (a request it refuses before
+    /// the handler sees it), in `x-request-id`; none by default.
+    fn request_id(&self) -> Option<HeaderValue> {
+        None
+    }
+}
+
+/// A handler whose server-made answers carry ids from `ids`.
+pub struct WithIds<F, I> {
+    pub handler: F,
+    pub ids: I,
+}
+
+impl<F, I> Handler for WithIds<F, I>
+where
+    F: Handler,
+    I: Fn() -> HeaderValue + 'static,
+{
+    type Body = F::Body;
+    type Future = F::Future;
+
+    fn call(&self, req: Request<RequestBody>, remote: SocketAddr) -> F::Future {
+        self.handler.call(req, remote)
+    }
+
+    fn request_id(&self) -> Option<HeaderValue> {
+        Some((self.ids)())
+    }
 }
 
 impl<F, Fut, B> Handler for F
 where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + 'static,
+    F: Fn(Request<RequestBody>, SocketAddr) -> Fut + 'static,
     Fut: Future<Output = Response<B>> + 'static,
     B: Body<Data = Bytes, Error: Into<BoxError>> + Unpin + 'static,
 {
     type Body = B;
     type Future = Fut;
 
-    fn call(&self, req: Request<Incoming>, remote: SocketAddr) -> Fut {
+    fn call(&self, req: Request<RequestBody>, remote: SocketAddr) -> Fut {
         self(req, remote)
     }
 }

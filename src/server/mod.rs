@@ -21,23 +21,25 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::TokioTimer;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
+mod body;
 mod connection;
+mod conns;
 mod exec;
 mod fairness;
+pub mod h1;
 mod handler;
-mod park;
 
+pub use body::{BodyError, RequestBody};
 use connection::Setup;
+use conns::Conns;
 pub use exec::LocalExec;
 use fairness::{Cap, PerIp};
-pub use handler::Handler;
-use park::Conns;
-pub use park::{Tracked, CROWDED, PARK_AFTER};
+pub use handler::{Handler, WithIds};
 
 use crate::config::{Fairness, Limits};
 use tokio_util::sync::CancellationToken;
@@ -172,12 +174,11 @@ where
                     };
                     let setup = Rc::new(Setup {
                         handler: make_handler(id),
-                        h1: h1_builder(&spec.limits),
+                        h1: h1_setup(&spec.limits),
                         h2: h2_builder(&spec.limits),
                         first_byte: spec.fairness.first_byte_timeout,
-                        idle_limit: spec.limits.header_read_timeout,
                         draining: shutdown.draining.clone(),
-                        conns: Rc::new(Conns::new(CROWDED)),
+                        conns: Rc::new(Conns::new()),
                     });
                     worker_loop(&spec, listener, setup, cap, per_ip, shutdown).await;
                 });
@@ -191,22 +192,20 @@ where
     })
 }
 
-fn h1_builder(limits: &Limits) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper's own limits sit above ours so that a request just over our limits gets
-        // our JSON 431; hyper answers a bare 431 only far past them.
-        .max_headers(limits.max_headers.saturating_mul(2))
-        .max_buf_size((limits.max_header_bytes.saturating_mul(2)).max(64 * 1024))
-        .keep_alive(limits.keep_alive)
-        // Answers are written from one buffer (head and body copied into it, one
-        // `write`) rather than queued and sent with `writev`: for the small answers an
-        // LLM API mostly sends, the copy costs less than the queue and the vectored
-        // write (about 440 instructions per request). A large body is copied through
-        // hyper's write buffer, which hyper stops filling past `max_buf_size`.
-        .writev(false);
-    b
+fn h1_setup(limits: &Limits) -> h1::H1 {
+    // The server's bounds sit above the handler's, so that a request just over the
+    // handler's limits gets its JSON 431 with a request id; the server answers its own
+    // only far past them.
+    let head = h1::HeadLimits {
+        max_headers: limits.max_headers.saturating_mul(2),
+        max_head_bytes: limits.max_header_bytes.saturating_mul(2).max(64 * 1024),
+    };
+    h1::H1::new(
+        head,
+        limits.header_read_timeout,
+        limits.keep_alive,
+        crate::framing::linger_bytes(limits.max_body_bytes),
+    )
 }
 
 fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {

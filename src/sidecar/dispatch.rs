@@ -2,15 +2,16 @@
 //! its handler (`/v1/` the proxy, `/api/admin/` the admin API, `/api/dashboard` the
 //! dashboard, `/healthz` and `/readyz` health). Whatever answers it, the answer carries
 //! the request's id (the client's own when sane, see
-//! [`headers::client_request_id`]), and a body the answer came before is drained in the
-//! background, the connection then closing ([`framing::linger`]).
+//! [`headers::client_request_id`]), and a body the answer came before is drained: by
+//! the HTTP/1 connection itself once the answer is out (it then closes, so the answer
+//! says so), by a background task for an HTTP/2 stream ([`framing::linger`]).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 
+use crate::server::RequestBody;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, Version};
-use hyper::body::Incoming;
+use http::{Method, Request, Response};
 
 use super::worker::Worker;
 use crate::body::ProxyBody;
@@ -22,14 +23,13 @@ use crate::{admin, dashboard, health, proxy};
 /// The worker's handler.
 pub async fn serve(
     worker: Rc<Worker>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     remote: SocketAddr,
 ) -> Response<proxy::Answer> {
     let request_id = match headers::client_request_id(req.headers()) {
         Some(id) => id.clone(),
         None => worker.next_request_id(),
     };
-    let http1 = req.version() < Version::HTTP_2;
     let mut unread = None;
     // The proxy's path first, without the extra future of `route`.
     let mut resp = if req.uri().path().starts_with("/v1/") {
@@ -39,16 +39,20 @@ pub async fn serve(
             .await
             .map(proxy::Answer::Local)
     };
-    if let Some(body) = unread.filter(|b| !http_body::Body::is_end_stream(b)) {
-        let limits = &worker.app.config.limits;
-        framing::linger(
-            body,
-            framing::linger_bytes(limits.max_body_bytes),
-            worker.app.shutdown.hard_stop.clone(),
-        );
-        if http1 {
+    match unread.filter(|b| !http_body::Body::is_end_stream(b)) {
+        None => {}
+        // The HTTP/1 connection lingers itself once the answer is written, and closes.
+        Some(RequestBody::H1(_)) => {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Some(RequestBody::H2(body)) => {
+            let limits = &worker.app.config.limits;
+            framing::linger(
+                body,
+                framing::linger_bytes(limits.max_body_bytes),
+                worker.app.shutdown.hard_stop.clone(),
+            );
         }
     }
     // The sidecar's id, also over one the upstream sent.
@@ -60,9 +64,9 @@ pub async fn serve(
 /// the answer comes before it was read to its end.
 async fn route(
     worker: &Rc<Worker>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     remote: SocketAddr,
-    unread: &mut Option<Incoming>,
+    unread: &mut Option<RequestBody>,
 ) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
     if let Err(e) = framing::check(&parts, worker.app.config.listen) {

@@ -6,8 +6,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::server::RequestBody;
 use http::Request;
-use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch;
@@ -121,7 +121,7 @@ fn start_metrics(app: Arc<App>) -> std::io::Result<server::Running> {
     server::spawn(spec, shutdown, move |_| {
         tokio::task::spawn_local(Publisher::new(Arc::clone(&app)).run());
         let app = Arc::clone(&app);
-        move |req: Request<Incoming>, _remote: SocketAddr| {
+        move |req: Request<RequestBody>, _remote: SocketAddr| {
             let app = Arc::clone(&app);
             async move { crate::exposition::serve(&app, &req) }
         }
@@ -141,8 +141,12 @@ fn start_workers(app: Arc<App>) -> std::io::Result<server::Running> {
     let readiness = Arc::new(Readiness::default());
     server::spawn(spec, shutdown, move |id| {
         let worker = Rc::new(Worker::new(id, Arc::clone(&app), Arc::clone(&readiness)));
-        move |req: Request<Incoming>, remote: SocketAddr| {
-            dispatch::serve(Rc::clone(&worker), req, remote)
+        let w = Rc::clone(&worker);
+        server::WithIds {
+            handler: move |req: Request<RequestBody>, remote: SocketAddr| {
+                dispatch::serve(Rc::clone(&worker), req, remote)
+            },
+            ids: move || w.next_request_id(),
         }
     })
 }

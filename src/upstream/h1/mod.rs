@@ -13,7 +13,6 @@
 //! [`head::MAX_HEAD_BYTES`] and [`head::MAX_HEADERS`] headers, a chunk-size line and
 //! the trailers have limits of their own ([`chunked`]).
 
-pub mod chunked;
 pub mod head;
 
 use std::future::poll_fn;
@@ -26,7 +25,7 @@ use http::Method;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 use super::io::Io;
-use chunked::{ChunkError, Decoder, Step};
+use crate::http1::chunked::{ChunkError, Decoder, Step};
 use head::{Framing, HeadError, RequestHead, ResponseHead};
 
 /// Bodies up to this size are copied behind the head and sent in one write.

@@ -301,7 +301,13 @@ impl Wire {
 /// The body of a request on an HTTP/1 connection: reads from the connection's socket
 /// when polled.
 #[derive(Debug)]
-pub struct WireBody(pub(super) Rc<Wire>);
+pub struct WireBody(Rc<Wire>);
+
+impl WireBody {
+    pub fn new(wire: Rc<Wire>) -> Self {
+        Self(wire)
+    }
+}
 
 impl Body for WireBody {
     type Data = Bytes;

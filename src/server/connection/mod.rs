@@ -27,11 +27,13 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+mod http1;
+
 use super::body::RequestBody;
 use super::conns::{Conns, Open};
 use super::exec::LocalExec;
 use super::fairness::Silent;
-use super::h1::{self, H1};
+use super::h1::H1;
 use super::handler::Handler;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -142,14 +144,14 @@ pub(super) async fn serve<H: Handler, G>(
     match first_request(&stream, limits, silent, sleep.as_mut(), drain.as_mut()).await {
         Next::Close => {}
         Next::Http1 => {
-            let ctx = h1::Ctx {
+            let ctx = http1::Ctx {
                 h1: &setup.h1,
                 handler: &setup.handler,
                 draining,
                 conns: &setup.conns,
                 remote,
             };
-            h1::serve(ctx, stream, sleep, drain).await;
+            http1::serve(ctx, stream, sleep, drain).await;
         }
         Next::Http2 => {
             let s = Rc::clone(&setup);

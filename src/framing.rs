@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Buf;
 use http::request::Parts;
-use http::{header, Method, Uri, Version};
+use http::{header, HeaderValue, Method, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,18 @@ impl FramingError {
 
 /// Checks a request's `Host` and target against the sidecar listening on `listen`.
 pub fn check(req: &Parts, listen: SocketAddr) -> Result<(), FramingError> {
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    check_hosts(req, listen, hosts.next(), hosts.next().is_some())
+}
+
+/// [`check`], given the request's first `Host` and whether it has another (found by a
+/// pass over the headers the caller makes anyway).
+pub fn check_hosts(
+    req: &Parts,
+    listen: SocketAddr,
+    host: Option<&HeaderValue>,
+    more_hosts: bool,
+) -> Result<(), FramingError> {
     let version = req.version;
     if !matches!(
         version,
@@ -78,16 +90,15 @@ pub fn check(req: &Parts, listen: SocketAddr) -> Result<(), FramingError> {
     ) {
         return Ok(());
     }
-    let mut hosts = req.headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    match (host, more_hosts) {
         (None, _) if version == Version::HTTP_11 => return Err(FramingError::MissingHost),
         (None, _) => {}
-        (Some(_), Some(_)) => {
+        (Some(_), true) => {
             return Err(FramingError::DuplicateHost {
                 count: req.headers.get_all(header::HOST).iter().count(),
             })
         }
-        (Some(host), None) => {
+        (Some(host), false) => {
             if !valid_host(host.as_bytes()) {
                 return Err(FramingError::InvalidHost {
                     value: String::from_utf8_lossy(host.as_bytes())

@@ -1,7 +1,7 @@
 //! Header rules of the client's request: limits, the request id kept, the names the proxy reads
 //! (what goes upstream is `outgoing`'s; what comes back, `upstream::h1::head`'s).
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Limits;
 use crate::error::ProxyError;
@@ -9,23 +9,55 @@ use crate::error::ProxyError;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
 
-/// 431 when the request has more headers, or more header bytes, than allowed.
-pub fn check_limits(headers: &HeaderMap, limits: &Limits) -> Result<(), ProxyError> {
-    let too_large = || ProxyError::HeadersTooLarge {
-        max_headers: limits.max_headers,
-        max_bytes: limits.max_header_bytes,
+/// What the request phase reads of a request's headers, found in one pass: their count
+/// and bytes (for the limits), the `Host`s and the first `X-Priority`. (Looked up one by
+/// one, each costs a hash of its name; `x-priority` is no standard name.)
+#[derive(Debug)]
+pub struct Scan<'a> {
+    /// The first `Host`, and whether there is another.
+    pub host: Option<&'a HeaderValue>,
+    pub more_hosts: bool,
+    /// The first `X-Priority`.
+    pub priority: Option<&'a HeaderValue>,
+    count: usize,
+    bytes: usize,
+}
+
+impl Scan<'_> {
+    /// 431 when the request has more headers, or more header bytes, than allowed.
+    pub fn check_limits(&self, limits: &Limits) -> Result<(), ProxyError> {
+        if self.count > limits.max_headers || self.bytes > limits.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge {
+                max_headers: limits.max_headers,
+                max_bytes: limits.max_header_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One pass over `headers` (see [`Scan`]).
+pub fn scan(headers: &HeaderMap) -> Scan<'_> {
+    let mut found = Scan {
+        host: None,
+        more_hosts: false,
+        priority: None,
+        count: headers.len(),
+        bytes: 0,
     };
-    if headers.len() > limits.max_headers {
-        return Err(too_large());
+    for (k, v) in headers {
+        found.bytes += k.as_str().len() + v.len();
+        if k == header::HOST {
+            if found.host.is_some() {
+                found.more_hosts = true;
+            } else {
+                found.host = Some(v);
+            }
+        } else if found.priority.is_none() && k == X_PRIORITY {
+            found.priority = Some(v);
+        }
     }
-    let bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
-    if bytes > limits.max_header_bytes {
-        return Err(too_large());
-    }
-    Ok(())
+    found
 }
 
 /// A valid client `X-Request-Id` (visible ASCII, at most 128 bytes) to keep.
@@ -61,15 +93,36 @@ mod tests {
                 HeaderValue::from_static("v"),
             );
         }
-        assert!(check_limits(&h, &limits()).is_ok());
+        assert!(scan(&h).check_limits(&limits()).is_ok());
         h.insert("x-10", HeaderValue::from_static("v"));
         assert!(matches!(
-            check_limits(&h, &limits()),
+            scan(&h).check_limits(&limits()),
             Err(ProxyError::HeadersTooLarge { .. })
         ));
         let mut big = HeaderMap::new();
         big.insert("x-big", HeaderValue::from_str(&"a".repeat(1100)).unwrap());
-        assert!(check_limits(&big, &limits()).is_err());
+        assert!(scan(&big).check_limits(&limits()).is_err());
+    }
+
+    #[test]
+    fn a_scan_finds_what_lookups_would() {
+        let mut h = HeaderMap::new();
+        let scanned = scan(&h);
+        assert!(scanned.host.is_none() && !scanned.more_hosts && scanned.priority.is_none());
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append(header::HOST, HeaderValue::from_static("a"));
+        h.append(X_PRIORITY, HeaderValue::from_static("low"));
+        h.append(X_PRIORITY, HeaderValue::from_static("high"));
+        let scanned = scan(&h);
+        assert_eq!(scanned.host, h.get(header::HOST));
+        assert!(!scanned.more_hosts);
+        assert_eq!(scanned.priority, h.get(X_PRIORITY));
+        assert_eq!(scanned.priority.unwrap(), "low");
+        h.append(header::HOST, HeaderValue::from_static("b"));
+        let scanned = scan(&h);
+        assert_eq!(scanned.host.unwrap(), "a");
+        assert!(scanned.more_hosts);
+        assert!(scanned.check_limits(&limits()).is_ok());
     }
 
     #[test]

@@ -24,16 +24,19 @@ use crate::record::Record;
 
 /// Checks the request's head and sets its priority in `record` (then [`read_body`]).
 pub fn check(app: &App, parts: &Parts, record: &mut Record) -> Result<(), ProxyError> {
-    framing::check(parts, app.config.listen)?;
+    // One pass over the headers for all that is read of them here; the checks then come
+    // in their order (framing, method, limits, priority), so the first to fail answers.
+    let head = headers::scan(&parts.headers);
+    framing::check_hosts(parts, app.config.listen, head.host, head.more_hosts)?;
     if !framing::forwarded(&parts.method) {
         let method = parts.method.to_string().chars().take(64).collect();
         return Err(ProxyError::MethodNotForwarded { method });
     }
-    headers::check_limits(&parts.headers, &app.config.limits)?;
+    head.check_limits(&app.config.limits)?;
     if let Some(p) = client_priority(&app.config.client_priorities, &parts.headers) {
         record.priority = p;
     }
-    if let Some(v) = parts.headers.get(headers::X_PRIORITY) {
+    if let Some(v) = head.priority {
         record.priority = Priority::parse(v.as_bytes())?;
     }
     Ok(())
@@ -225,6 +228,57 @@ mod tests {
         no_host.headers.remove(header::HOST);
         let (r, _) = run(&app, &no_host, Full::new(Bytes::new()), 1000);
         assert!(matches!(r, Err(ProxyError::Framing(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_head_wrong_in_every_way_is_refused_for_the_first_check_in_order() {
+        // Framing, then the method, then the limits, then the priority: each fix in turn
+        // uncovers the next refusal.
+        let app = app();
+        let check_head = |parts: &Parts| check(&app, parts, &mut record());
+        let mut worst = head(Method::TRACE, &[("x-priority", "urgent")]);
+        for i in 0..app.config.limits.max_headers {
+            worst.headers.append(
+                http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        worst
+            .headers
+            .append(header::HOST, HeaderValue::from_static("b"));
+        let r = check_head(&worst);
+        assert!(
+            matches!(
+                r,
+                Err(ProxyError::Framing(framing::FramingError::DuplicateHost {
+                    count: 2
+                }))
+            ),
+            "{r:?}"
+        );
+        worst
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("a"));
+        let r = check_head(&worst);
+        assert!(
+            matches!(r, Err(ProxyError::MethodNotForwarded { .. })),
+            "{r:?}"
+        );
+        worst.method = Method::POST;
+        let r = check_head(&worst);
+        assert!(
+            matches!(r, Err(ProxyError::HeadersTooLarge { .. })),
+            "{r:?}"
+        );
+        for i in 0..app.config.limits.max_headers {
+            worst.headers.remove(format!("x-{i}"));
+        }
+        let r = check_head(&worst);
+        assert!(matches!(r, Err(ProxyError::InvalidPriority(_))), "{r:?}");
+        worst
+            .headers
+            .insert(headers::X_PRIORITY, HeaderValue::from_static("high"));
+        assert!(check_head(&worst).is_ok());
     }
 
     /// A stream of `items`, ready one after another.

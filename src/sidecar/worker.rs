@@ -1,6 +1,6 @@
 //! One proxy worker thread's state: the shared app plus what only this thread touches.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -24,10 +24,19 @@ pub struct Worker {
     pub dashboard: Rc<FrameCache>,
     /// The readiness verdicts, shared by all workers.
     pub readiness: Arc<Readiness>,
-    requests: Cell<u64>,
+    /// The count in the last request id written.
+    written: Cell<u64>,
     /// A request id's first 16 hex digits (the boot id), written once.
     id_prefix: [u8; 16],
+    /// Request ids written ahead, side by side in one buffer, each cut off its front in
+    /// turn: an id shares the buffer (a reference count), so one allocation serves
+    /// [`IDS_AHEAD`] ids. (A buffer stays allocated while one of its ids lives: a request
+    /// that lasts keeps its 4 KiB.)
+    ahead: RefCell<Bytes>,
 }
+
+/// How many request ids are written at once.
+const IDS_AHEAD: usize = 128;
 
 /// `word` as 16 lowercase hex digits.
 fn hex16(word: u64) -> [u8; 16] {
@@ -50,8 +59,9 @@ impl Worker {
             readiness,
             app,
             pool,
-            requests: Cell::new(0),
+            written: Cell::new(0),
             id_prefix: hex16(app_boot_id),
+            ahead: RefCell::default(),
         }
     }
 
@@ -64,20 +74,43 @@ impl Worker {
         }
     }
 
-    /// A 32-hex-digit request id unique to this process run, built straight into the
-    /// header value it is sent and logged as.
+    /// A 32-hex-digit request id unique to this process run, as the header value it is
+    /// sent and logged as (cloned into the record, the upstream request and the answer:
+    /// each clone counts a reference, none copies).
     pub fn next_request_id(&self) -> HeaderValue {
-        let n = self.requests.get().wrapping_add(1);
-        self.requests.set(n);
-        let low = ((self.id as u64 & 0xffff) << 48) | (n & 0xffff_ffff_ffff);
-        let mut out = [0u8; 32];
-        out[..16].copy_from_slice(&self.id_prefix);
-        out[16..].copy_from_slice(&hex16(low));
-        // One allocation for the digits and their reference count: the id is cloned into
-        // the record, the upstream request and the answer, and a value copied from a
-        // slice is a `Vec` that allocates again (its shared count) at its first clone.
-        HeaderValue::from_maybe_shared(Bytes::from_owner(out))
-            .unwrap_or(HeaderValue::from_static("-"))
+        let mut ahead = self.ahead.borrow_mut();
+        if ahead.is_empty() {
+            *ahead = self.write_ids();
+        }
+        HeaderValue::from_maybe_shared(ahead.split_to(32)).unwrap_or(HeaderValue::from_static("-"))
+    }
+
+    /// The next [`IDS_AHEAD`] request ids: the boot id, the worker and the count.
+    fn write_ids(&self) -> Bytes {
+        let first = self.written.get();
+        self.written.set(first.wrapping_add(IDS_AHEAD as u64));
+        // Each id written in place: zeroing the 4 KiB first measured as ~30 instructions
+        // more per request.
+        let ids = IdsAhead(std::array::from_fn(|i| {
+            let n = first.wrapping_add(i as u64 + 1);
+            let low = ((self.id as u64 & 0xffff) << 48) | (n & 0xffff_ffff_ffff);
+            let mut id = [0u8; 32];
+            id[..16].copy_from_slice(&self.id_prefix);
+            id[16..].copy_from_slice(&hex16(low));
+            id
+        }));
+        // One allocation for the digits and their reference count (a `Vec` would take a
+        // second, for its shared count, at its first clone).
+        Bytes::from_owner(ids)
+    }
+}
+
+/// [`IDS_AHEAD`] request ids, as the bytes they are cut from.
+struct IdsAhead([[u8; 32]; IDS_AHEAD]);
+
+impl AsRef<[u8]> for IdsAhead {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_flattened()
     }
 }
 
@@ -102,5 +135,20 @@ mod tests {
             format!("{boot:016x}0003000000000002")
         );
         assert_eq!(first.clone(), first, "a clone is the same id");
+    }
+
+    #[test]
+    fn request_ids_stay_whole_and_distinct_across_buffers() {
+        let app = App::new(config("", &[]));
+        let boot = app.boot_id;
+        let w = Worker::new(7, app, Arc::new(Readiness::default()));
+        // Three buffers' worth, every id kept alive while later ones are written.
+        let ids: Vec<HeaderValue> = (0..3 * IDS_AHEAD + 5)
+            .map(|_| w.next_request_id())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let n = i as u64 + 1;
+            assert_eq!(id.to_str().unwrap(), format!("{boot:016x}0007{n:012x}"));
+        }
     }
 }

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use crate::http1::same_name;
+
 /// Header slots on the stack; a limit above it parses into slots on the heap.
 const INLINE_HEADERS: usize = 200;
 
@@ -199,7 +201,7 @@ enum Kind {
 impl Kind {
     /// One switch on the length, then one case-insensitive compare.
     fn of(name: &[u8]) -> Kind {
-        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        let is = |s: &[u8]| same_name(name, s);
         match name.len() {
             4 if is(b"host") => Kind::Host,
             6 if is(b"expect") => Kind::Expect,

@@ -133,6 +133,9 @@ fn parse_into<'b>(
             Kind::Host => header::HOST,
             Kind::ContentType => header::CONTENT_TYPE,
             Kind::Authorization => header::AUTHORIZATION,
+            Kind::Accept => header::ACCEPT,
+            Kind::AcceptEncoding => header::ACCEPT_ENCODING,
+            Kind::UserAgent => header::USER_AGENT,
             _ => HeaderName::from_bytes(raw)
                 .map_err(|_| Refusal::bad(format!("invalid header name {:?}", h.name)))?,
         };
@@ -185,7 +188,8 @@ pub fn may_end(tail: &[u8]) -> bool {
     tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// Headers the server reads for itself, or knows without `HeaderName::from_bytes`.
+/// Headers the server reads for itself, or knows without `HeaderName::from_bytes` (the
+/// names every client sends).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Other,
@@ -196,6 +200,9 @@ enum Kind {
     Host,
     ContentType,
     Authorization,
+    Accept,
+    AcceptEncoding,
+    UserAgent,
 }
 
 impl Kind {
@@ -204,11 +211,14 @@ impl Kind {
         let is = |s: &[u8]| same_name(name, s);
         match name.len() {
             4 if is(b"host") => Kind::Host,
+            6 if is(b"accept") => Kind::Accept,
             6 if is(b"expect") => Kind::Expect,
             10 if is(b"connection") => Kind::Connection,
+            10 if is(b"user-agent") => Kind::UserAgent,
             12 if is(b"content-type") => Kind::ContentType,
             13 if is(b"authorization") => Kind::Authorization,
             14 if is(b"content-length") => Kind::ContentLength,
+            15 if is(b"accept-encoding") => Kind::AcceptEncoding,
             17 if is(b"transfer-encoding") => Kind::TransferEncoding,
             _ => Kind::Other,
         }
@@ -462,6 +472,23 @@ mod tests {
         assert_eq!(h.request.uri().authority().unwrap(), "example.com:443");
         let h = whole("GET http://a.example/v1/models HTTP/1.1\r\n\r\n");
         assert_eq!(h.request.uri().host(), Some("a.example"));
+    }
+
+    #[test]
+    fn names_known_without_a_lookup_are_the_right_ones_whatever_their_case() {
+        let h = whole("GET / HTTP/1.1\r\nUSER-agent: u\r\nAccept: a\r\naccept-ENCODING: e\r\nHost: h\r\nContent-Type: t\r\nAuthorization: z\r\nAccept-Language: l\r\n\r\n");
+        for (name, value) in [
+            ("user-agent", "u"),
+            ("accept", "a"),
+            ("accept-encoding", "e"),
+            ("host", "h"),
+            ("content-type", "t"),
+            ("authorization", "z"),
+            ("accept-language", "l"),
+        ] {
+            assert_eq!(h.request.headers()[name], value, "{name}");
+        }
+        assert_eq!(h.request.headers().len(), 7);
     }
 
     #[test]

@@ -382,15 +382,11 @@ pub fn upstream_response(data: &[u8]) {
                     }
                 }
                 Framing::Close => body.extend_from_slice(&buf.split()),
-                Framing::Chunked => match decoder.decode(&mut buf) {
-                    Ok(crate::http1::chunked::Step::Data(d)) => {
-                        body.extend_from_slice(&d);
-                        continue;
+                Framing::Chunked => {
+                    if let Some(done) = chunked_step(&mut decoder, &mut buf, &mut body) {
+                        break done;
                     }
-                    Ok(crate::http1::chunked::Step::Done) => break true,
-                    Ok(crate::http1::chunked::Step::More) => {}
-                    Err(_) => break false,
-                },
+                }
             }
             match pieces.next() {
                 Some(p) => buf.extend_from_slice(p),
@@ -478,15 +474,11 @@ pub fn client_request(data: &[u8]) {
                         break true;
                     }
                 }
-                Framing::Chunked => match decoder.decode(&mut buf) {
-                    Ok(crate::http1::chunked::Step::Data(d)) => {
-                        body.extend_from_slice(&d);
-                        continue;
+                Framing::Chunked => {
+                    if let Some(done) = chunked_step(&mut decoder, &mut buf, &mut body) {
+                        break done;
                     }
-                    Ok(crate::http1::chunked::Step::Done) => break true,
-                    Ok(crate::http1::chunked::Step::More) => {}
-                    Err(_) => break false,
-                },
+                }
             }
             match pieces.next() {
                 Some(p) => buf.extend_from_slice(p),
@@ -513,5 +505,23 @@ pub fn client_request(data: &[u8]) {
         // the whole head shows a malformed byte further on.
         (Some(Err(_)), Some(Err(_))) => {}
         _ => assert_eq!(cut, whole, "the pieces changed the request"),
+    }
+}
+
+/// Decodes what `buf` holds of a chunked body into `body`: `Some(true)` at its end,
+/// `Some(false)` when it is broken, `None` when more bytes are needed.
+fn chunked_step(
+    decoder: &mut crate::http1::chunked::Decoder,
+    buf: &mut bytes::BytesMut,
+    body: &mut Vec<u8>,
+) -> Option<bool> {
+    use crate::http1::chunked::Step;
+    loop {
+        match decoder.decode(buf) {
+            Ok(Step::Data(d)) => body.extend_from_slice(&d),
+            Ok(Step::Done) => return Some(true),
+            Ok(Step::More) => return None,
+            Err(_) => return Some(false),
+        }
     }
 }

@@ -134,17 +134,18 @@ print(root, *kids)
 PY
 }
 
-# ticks PID...: utime + stime of the processes (all their threads), in clock ticks.
+# ticks PID...: utime and stime of the processes (all their threads), in clock ticks.
 ticks() {
-  local p stat rest total=0
+  local p stat rest user=0 sys=0
   for p in "$@"; do
     stat=$(<"/proc/$p/stat") || die "process $p is gone"
     rest=${stat##*) }
     read -r -a f <<<"$rest"
     # After "pid (comm) ": state is field 3 of stat, utime 14 and stime 15.
-    total=$((total + f[11] + f[12]))
+    user=$((user + f[11]))
+    sys=$((sys + f[12]))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 
 # The upstream, and the two proxies.
@@ -204,14 +205,16 @@ run() {
 import json, sys
 r, p, c0, c1, hz, n, path = sys.argv[1:]
 d = json.load(open(path))
-cpu_us = (int(c1) - int(c0)) / int(hz) * 1e6 / int(n)
+(u0, s0), (u1, s1) = (map(int, c.split()) for c in (c0, c1))
+per = lambda ticks: ticks / int(hz) * 1e6 / int(n)
+cpu_us, sys_us = per(u1 - u0 + s1 - s0), per(s1 - s0)
 rps = d["summary"]["requestsPerSec"]
 p99 = d["latencyPercentiles"]["p99"] * 1000
-print(f"{r}\t{p}\t{cpu_us:.2f}\t{rps:.0f}\t{p99:.2f}\t{n}")
+print(f"{r}\t{p}\t{cpu_us:.2f}\t{rps:.0f}\t{p99:.2f}\t{n}\t{sys_us:.2f}")
 PY
 }
 
-printf 'round\tproxy\tcpu_us_per_request\trequests_per_s\tp99_ms\tanswered\n' | tee "$OUT/runs.tsv"
+printf 'round\tproxy\tcpu_us_per_request\trequests_per_s\tp99_ms\tanswered\tkernel_us_per_request\n' | tee "$OUT/runs.tsv"
 for ((r = 1; r <= ROUNDS; r++)); do
   if ((r % 2)); then order=(nginx sidecar); else order=(sidecar nginx); fi
   for p in "${order[@]}"; do
@@ -273,10 +276,10 @@ print()
 print("commit $COMMIT, $(nproc) cores ($CPU), $WORKERS workers each, $NGINX_VERSION, "
       "$ROUNDS rounds ABBA of oha -z $DUR -c $CONNS, load average $LOAD0 before, $LOAD1 after")
 print()
-print("| round | proxy | CPU µs/request | requests/s | p99 ms | answered |")
-print("|---|---|---|---|---|---|")
+print("| round | proxy | CPU µs/request | of which kernel | requests/s | p99 ms | answered |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r[0]} | {r[1]} | {r[2]} | {fmt(float(r[3]), 0)} | {r[4]} | {r[5]} |")
+    print(f"| {r[0]} | {r[1]} | {r[2]} | {r[6]} | {fmt(float(r[3]), 0)} | {r[4]} | {r[5]} |")
 print()
 print("| measure | nginx | sidecar | ratio (sidecar/nginx) |")
 print("|---|---|---|---|")
@@ -287,6 +290,9 @@ for label, col, digits, key in (("CPU per request, µs (median)", 2, 1, "cpu"),
     n, s = med("nginx", col), med("sidecar", col)
     print(f"| {label} | {fmt(n, digits)} | {fmt(s, digits)} | {s / n:.2f} |")
     last.append((key, n, s, digits))
+    if key == "cpu":
+        n, s = med("nginx", 6), med("sidecar", 6)
+        print(f"| of which in the kernel, µs (median) | {fmt(n, 1)} | {fmt(s, 1)} | {s / n:.2f} |")
 if cg:
     n, s = int(cg[0]), int(cg[1])
     print(f"| instructions per request (callgrind, 1 worker) | {n:,} | {s:,} | {s / n:.2f} |")

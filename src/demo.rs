@@ -140,7 +140,7 @@ pub async fn run(
 /// Sends requests forever, printing a summary every 5 s.
 async fn client(addr: SocketAddr, rpm: f64, status: impl Fn() -> String) -> Option<Tally> {
     let base = UpstreamUrl::parse(&format!("http://{addr}/v1")).ok()?;
-    let pool = Pool::new(Connector::new(Duration::from_secs(5)));
+    let pool = Pool::new(Connector::new(Duration::from_secs(5)), Rc::default());
     // Dropping the set (when the demo ends) aborts the requests still in flight.
     let mut in_flight = tokio::task::JoinSet::new();
     let tally = Rc::new(std::cell::RefCell::new(Tally::default()));

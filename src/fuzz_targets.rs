@@ -348,12 +348,13 @@ pub fn upstream_response(data: &[u8]) {
     };
     let step = usize::from(knob % 64) + 1;
     let head_request = knob & 0x80 != 0;
+    let maps = crate::http1::Maps::default();
     let read = |step: usize| -> Option<(Framing, Vec<u8>, bool)> {
         let mut buf = bytes::BytesMut::new();
         let mut pieces = wire.chunks(step);
         // The head, skipping interim answers as the client does.
         let head = loop {
-            match head::parse(&mut buf, head_request) {
+            match head::parse(&mut buf, head_request, &maps) {
                 Ok(Some(h)) if h.status.is_informational() => continue,
                 Ok(Some(h)) => break h,
                 Ok(None) => buf.extend_from_slice(pieces.next()?),
@@ -423,6 +424,7 @@ pub fn client_request(data: &[u8]) {
         max_head_bytes: 2048,
     };
     type Read = (String, Framing, bool, Vec<u8>, bool);
+    let maps = crate::http1::Maps::default();
     let read = |step: usize| -> Option<Result<Read, u16>> {
         let mut buf = bytes::BytesMut::new();
         let mut pieces = wire.chunks(step);
@@ -434,7 +436,7 @@ pub fn client_request(data: &[u8]) {
                 continue;
             }
             let all = buf.clone().freeze();
-            match head::parse(&all, &limits) {
+            match head::parse(&all, &limits, &maps) {
                 Ok(Some(h)) => {
                     let _ = buf.split_to(h.len);
                     assert!(

@@ -3,6 +3,9 @@
 //! apart the same way, so those live once, here, below both.
 
 pub mod chunked;
+pub mod maps;
+
+pub use maps::Maps;
 
 /// Whether the header name `raw` is `lower` (lowercase letters and `-`), whatever its
 /// case: eight bytes at a time, each folded by setting bit 5. Exact for such a `lower`:

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -13,6 +14,7 @@ use http_body::Body;
 
 use super::body::RequestBody;
 use crate::body::BoxError;
+use crate::http1::Maps;
 
 /// A worker's request handler: called once per request with the client's address.
 pub trait Handler: 'static {
@@ -26,15 +28,24 @@ pub trait Handler: 'static {
     fn request_id(&self) -> Option<HeaderValue> {
         None
     }
+
+    /// The worker's spare header maps, which the server fills with request heads and
+    /// takes back from the answers it writes; the handler hands back the request maps
+    /// it has read (see [`Maps`]). A fresh set by default.
+    fn header_maps(&self) -> Rc<Maps> {
+        Rc::default()
+    }
 }
 
-/// A handler whose server-made answers carry ids from `ids`.
-pub struct WithIds<F, I> {
+/// A handler that shares its worker's request ids (`ids`: server-made answers carry
+/// one) and header maps (`maps`) with the server.
+pub struct WithWorker<F, I> {
     pub handler: F,
     pub ids: I,
+    pub maps: Rc<Maps>,
 }
 
-impl<F, I> Handler for WithIds<F, I>
+impl<F, I> Handler for WithWorker<F, I>
 where
     F: Handler,
     I: Fn() -> HeaderValue + 'static,
@@ -48,6 +59,10 @@ where
 
     fn request_id(&self) -> Option<HeaderValue> {
         Some((self.ids)())
+    }
+
+    fn header_maps(&self) -> Rc<Maps> {
+        Rc::clone(&self.maps)
     }
 }
 

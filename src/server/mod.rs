@@ -39,7 +39,7 @@ use connection::Setup;
 use conns::Conns;
 pub use exec::LocalExec;
 use fairness::{Cap, PerIp};
-pub use handler::{Handler, WithIds};
+pub use handler::{Handler, WithWorker};
 
 use crate::config::{Fairness, Limits};
 use tokio_util::sync::CancellationToken;
@@ -172,9 +172,11 @@ where
                             return;
                         }
                     };
+                    let handler = make_handler(id);
+                    let h1 = h1_setup(&spec.limits, handler.header_maps());
                     let setup = Rc::new(Setup {
-                        handler: make_handler(id),
-                        h1: h1_setup(&spec.limits),
+                        handler,
+                        h1,
                         h2: h2_builder(&spec.limits),
                         first_byte: spec.fairness.first_byte_timeout,
                         draining: shutdown.draining.clone(),
@@ -192,7 +194,7 @@ where
     })
 }
 
-fn h1_setup(limits: &Limits) -> h1::H1 {
+fn h1_setup(limits: &Limits, maps: Rc<crate::http1::Maps>) -> h1::H1 {
     // The server's bounds sit above the handler's, so that a request just over the
     // handler's limits gets its JSON 431 with a request id; the server answers its own
     // only far past them.
@@ -205,6 +207,7 @@ fn h1_setup(limits: &Limits) -> h1::H1 {
         limits.header_read_timeout,
         limits.keep_alive,
         crate::framing::linger_bytes(limits.max_body_bytes),
+        maps,
     )
 }
 

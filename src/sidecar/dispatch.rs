@@ -33,7 +33,11 @@ pub async fn serve(
     let mut unread = None;
     // The proxy's path first, without the extra future of `route`.
     let mut resp = if req.uri().path().starts_with("/v1/") {
-        proxy::handle(&worker.proxy(), req, &request_id, &mut unread).await
+        let (parts, body) = req.into_parts();
+        let resp = proxy::handle(&worker.proxy(), &parts, body, &request_id, &mut unread).await;
+        // Read to its end: the map's storage serves a later head.
+        worker.maps.put(parts.headers);
+        resp
     } else {
         route(&worker, req, remote, &mut unread)
             .await

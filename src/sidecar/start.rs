@@ -142,7 +142,8 @@ fn start_workers(app: Arc<App>) -> std::io::Result<server::Running> {
     server::spawn(spec, shutdown, move |id| {
         let worker = Rc::new(Worker::new(id, Arc::clone(&app), Arc::clone(&readiness)));
         let w = Rc::clone(&worker);
-        server::WithIds {
+        server::WithWorker {
+            maps: Rc::clone(&worker.maps),
             handler: move |req: Request<RequestBody>, remote: SocketAddr| {
                 dispatch::serve(Rc::clone(&worker), req, remote)
             },

@@ -10,6 +10,7 @@ use http::HeaderValue;
 use crate::app::App;
 use crate::dashboard::FrameCache;
 use crate::health::Readiness;
+use crate::http1::Maps;
 use crate::metrics::ShardHandle;
 use crate::proxy;
 use crate::upstream::Pool;
@@ -20,6 +21,8 @@ pub struct Worker {
     pub id: usize,
     pub app: Arc<App>,
     pub pool: Rc<Pool>,
+    /// Header maps recycled between requests, shared with the server and the pool.
+    pub maps: Rc<Maps>,
     pub metrics: ShardHandle,
     pub dashboard: Rc<FrameCache>,
     /// The readiness verdicts, shared by all workers.
@@ -50,10 +53,12 @@ fn hex16(word: u64) -> [u8; 16] {
 
 impl Worker {
     pub fn new(id: usize, app: Arc<App>, readiness: Arc<Readiness>) -> Self {
-        let pool = Pool::new(app.connector.clone());
+        let maps = Rc::new(Maps::default());
+        let pool = Pool::new(app.connector.clone(), Rc::clone(&maps));
         let app_boot_id = app.boot_id;
         Self {
             id,
+            maps,
             metrics: app.metrics.shard(id),
             dashboard: Rc::default(),
             readiness,

@@ -23,6 +23,7 @@ use super::h1::head::RequestHead;
 use super::h1::{BodyState, Conn, H1Error};
 use super::idle::Idle;
 use crate::config::{Scheme, UpstreamUrl};
+use crate::http1::Maps;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub struct Pool {
     connector: Connector,
     pub(super) idle: Rc<Idle>,
     h2: RefCell<Vec<Shared>>,
+    /// The worker's spare header maps: each HTTP/1.1 answer's head fills one.
+    maps: Rc<Maps>,
 }
 
 /// The worker's HTTP/2 connection to one upstream.
@@ -66,11 +69,12 @@ impl Shared {
 }
 
 impl Pool {
-    pub fn new(connector: Connector) -> Rc<Self> {
+    pub fn new(connector: Connector, maps: Rc<Maps>) -> Rc<Self> {
         Rc::new(Self {
             connector,
             idle: Rc::new(Idle::default()),
             h2: RefCell::new(Vec::new()),
+            maps,
         })
     }
 
@@ -118,7 +122,7 @@ impl Pool {
             let Some((slot, mut conn)) = self.idle.take(url) else {
                 break;
             };
-            match conn.send(head, body).await {
+            match conn.send(head, body, &self.maps).await {
                 Ok(answer) => return Ok(self.h1_response(slot, conn, answer)),
                 Err(e) if e.unsent() => continue,
                 Err(e) => return Err(SendError::Request(e.into())),
@@ -131,7 +135,7 @@ impl Pool {
                 let mut conn = Conn::new(io);
                 let slot = self.idle.slot(url);
                 let answer = conn
-                    .send(head, body)
+                    .send(head, body, &self.maps)
                     .await
                     .map_err(|e| SendError::Request(e.into()))?;
                 Ok(self.h1_response(slot, conn, answer))

@@ -79,7 +79,7 @@ async fn answer_requests(
 }
 
 fn pool() -> Rc<Pool> {
-    Pool::new(Connector::new(Duration::from_secs(2)))
+    Pool::new(Connector::new(Duration::from_secs(2)), Rc::default())
 }
 
 /// Sends `method` with a small body and reads the whole answer: status and body.

@@ -142,7 +142,7 @@ async fn exchange<H: Handler>(
     };
     // A body left unread (a refusal before reading it, a 413) ends the connection.
     ex.close |= !wire.body_done() || ctx.draining.is_cancelled();
-    match write::answer(wire, &ctx.h1.scratch, queue, resp, ex).await {
+    match write::answer(wire, &ctx.h1.scratch, &ctx.h1.maps, queue, resp, ex).await {
         Ok(true) => Ended::KeepAlive,
         Ok(false) => Ended::Close,
         Err(e) => {
@@ -234,7 +234,7 @@ async fn read_head(
         if pending.is_empty() {
             None
         } else {
-            match head::parse(&pending, &h1.limits)? {
+            match head::parse(&pending, &h1.limits, &h1.maps)? {
                 Some(head) => {
                     pending.advance(head.len);
                     return Ok(Some(head));
@@ -259,7 +259,7 @@ async fn read_head(
             // Closed, failed, idle too long, or draining.
             _ => return Ok(None),
         };
-        if let Some(head) = head::parse(&data, &h1.limits)? {
+        if let Some(head) = head::parse(&data, &h1.limits, &h1.maps)? {
             *wire.pending() = data.slice(head.len..);
             return Ok(Some(head));
         }
@@ -294,7 +294,7 @@ async fn read_head(
         }
         if head::may_end(&buf[from..]) || buf.len() >= h1.limits.max_head_bytes {
             let all = std::mem::take(&mut buf).freeze();
-            match head::parse(&all, &h1.limits)? {
+            match head::parse(&all, &h1.limits, &h1.maps)? {
                 Some(head) => {
                     *wire.pending() = all.slice(head.len..);
                     return Ok(Some(head));

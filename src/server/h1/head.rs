@@ -9,10 +9,10 @@
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use crate::http1::same_name;
+use crate::http1::{same_name, Maps};
 
 /// Header slots on the stack; a limit above it parses into slots on the heap.
 const INLINE_HEADERS: usize = 200;
@@ -80,20 +80,21 @@ impl Refusal {
 
 /// Parses the head at the start of `buf`. `Ok(None)`: not complete yet (and still
 /// within bounds).
-pub fn parse(buf: &Bytes, limits: &HeadLimits) -> Result<Option<Head>, Refusal> {
+pub fn parse(buf: &Bytes, limits: &HeadLimits, maps: &Maps) -> Result<Option<Head>, Refusal> {
     if limits.max_headers <= INLINE_HEADERS {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_HEADERS];
-        parse_into(buf, limits, &mut slots[..limits.max_headers])
+        parse_into(buf, limits, maps, &mut slots[..limits.max_headers])
     } else {
         let mut slots = Vec::with_capacity(limits.max_headers);
         slots.resize_with(limits.max_headers, MaybeUninit::uninit);
-        parse_into(buf, limits, &mut slots)
+        parse_into(buf, limits, maps, &mut slots)
     }
 }
 
 fn parse_into<'b>(
     buf: &'b Bytes,
     limits: &HeadLimits,
+    maps: &Maps,
     slots: &mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Option<Head>, Refusal> {
     let mut req = httparse::Request::new(&mut []);
@@ -122,7 +123,7 @@ fn parse_into<'b>(
     let uri = Uri::from_maybe_shared(buf.slice_ref(path.as_bytes()))
         .map_err(|_| Refusal::bad("invalid request target"))?;
 
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut headers = maps.take(req.headers.len());
     let mut seen = Seen::default();
     for h in req.headers.iter() {
         let raw = h.name.as_bytes();
@@ -304,7 +305,11 @@ mod tests {
     };
 
     fn head(raw: &str) -> Result<Option<Head>, Refusal> {
-        parse(&Bytes::copy_from_slice(raw.as_bytes()), &LIMITS)
+        parse(
+            &Bytes::copy_from_slice(raw.as_bytes()),
+            &LIMITS,
+            &Maps::default(),
+        )
     }
 
     fn whole(raw: &str) -> Head {
@@ -374,7 +379,9 @@ mod tests {
             raw.push_str(&format!("X-{i}: v\r\n"));
         }
         raw.push_str("\r\n");
-        let h = parse(&Bytes::from(raw), &limits).unwrap().unwrap();
+        let h = parse(&Bytes::from(raw), &limits, &Maps::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(h.request.headers().len(), 250);
     }
 
@@ -494,7 +501,7 @@ mod tests {
     #[test]
     fn values_share_the_buffer() {
         let buf = Bytes::from_static(b"GET / HTTP/1.1\r\nX-A: hello\r\n\r\n");
-        let h = parse(&buf, &LIMITS).unwrap().unwrap();
+        let h = parse(&buf, &LIMITS, &Maps::default()).unwrap().unwrap();
         let v = h.request.headers()["x-a"].as_bytes();
         let inside = buf.as_ptr_range();
         assert!(inside.contains(&v.as_ptr()), "not a copy");

@@ -31,6 +31,7 @@ pub mod write;
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::http1::Maps;
 pub use head::HeadLimits;
 use wire::Arena;
 use write::Scratch;
@@ -39,6 +40,9 @@ use write::Scratch;
 #[derive(Debug)]
 pub struct H1 {
     pub(super) arena: Rc<Arena>,
+    /// Header maps recycled between requests (shared with the handler, which hands
+    /// back what it read).
+    pub(super) maps: Rc<Maps>,
     pub(super) scratch: Scratch,
     pub(super) limits: HeadLimits,
     /// How long a head may take from its first byte, and an idle connection may wait.
@@ -49,9 +53,16 @@ pub struct H1 {
 }
 
 impl H1 {
-    pub fn new(limits: HeadLimits, timeout: Duration, keep_alive: bool, linger_bytes: u64) -> Self {
+    pub fn new(
+        limits: HeadLimits,
+        timeout: Duration,
+        keep_alive: bool,
+        linger_bytes: u64,
+        maps: Rc<Maps>,
+    ) -> Self {
         Self {
             arena: Rc::default(),
+            maps,
             scratch: Scratch::default(),
             limits,
             timeout,

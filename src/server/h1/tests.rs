@@ -21,6 +21,7 @@ use super::super::conns::Conns;
 use super::super::RequestBody;
 use super::{HeadLimits, H1};
 use crate::body::{BoxError, ProxyBody};
+use crate::http1::Maps;
 
 struct Server {
     addr: SocketAddr,
@@ -28,6 +29,8 @@ struct Server {
     draining: CancellationToken,
     /// Answers dropped before they were ready (the client went away).
     dropped: Rc<Cell<usize>>,
+    /// The worker's spare header maps.
+    maps: Rc<Maps>,
 }
 
 /// Counts its drop unless it was answered.
@@ -74,8 +77,9 @@ use std::future::Future;
 
 /// A server on this thread's `LocalSet`: `/echo` answers the body, `/slow` after 2.5 s,
 /// `/stream` three frames 200 ms apart, `/big` 1 MiB, `/noread` a 413 without reading,
-/// `/wait` never (until the client leaves), `/short` a body shorter than its length;
-/// anything else the path.
+/// `/wait` never (until the client leaves), `/short` a body shorter than its length,
+/// `/recycle` hands its head's map back and answers with a map from the spares (as the
+/// proxy does); anything else the path.
 async fn server(timeout: Duration) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -83,12 +87,24 @@ async fn server(timeout: Duration) -> Server {
     let draining = CancellationToken::new();
     let dropped = Rc::new(Cell::new(0));
     let d = Rc::clone(&dropped);
+    let maps = Rc::new(Maps::default());
+    let spares = Rc::clone(&maps);
     let handler = move |req: Request<RequestBody>, _remote: SocketAddr| {
         let d = Rc::clone(&d);
+        let spares = Rc::clone(&spares);
         async move {
             let path = req.uri().path().to_owned();
             let full = |b: Bytes| Response::new(ProxyBody::full(b));
             match path.as_str() {
+                "/recycle" => {
+                    let (parts, _) = req.into_parts();
+                    spares.put(parts.headers);
+                    let mut r = full(Bytes::from_static(b"ok"));
+                    *r.headers_mut() = spares.take(1);
+                    r.headers_mut()
+                        .insert("x-kind", http::HeaderValue::from_static("recycled"));
+                    r
+                }
                 "/echo" => {
                     let body = req.into_body().collect().await;
                     match body {
@@ -133,7 +149,7 @@ async fn server(timeout: Duration) -> Server {
     };
     let setup = Rc::new(Setup {
         handler,
-        h1: H1::new(limits, timeout, true, 1 << 20),
+        h1: H1::new(limits, timeout, true, 1 << 20, Rc::clone(&maps)),
         h2: hyper::server::conn::http2::Builder::new(super::super::LocalExec),
         first_byte: timeout,
         draining: draining.clone(),
@@ -151,6 +167,7 @@ async fn server(timeout: Duration) -> Server {
         conns,
         draining,
         dropped,
+        maps,
     }
 }
 
@@ -311,6 +328,22 @@ fn keep_alive_serves_request_after_request_and_an_idle_connection_is_parked() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!((s.conns.open(), s.conns.parked()), (1, 1));
+    });
+}
+
+#[test]
+fn header_maps_are_recycled_from_answer_to_next_head() {
+    local_test(async {
+        let s = server(T).await;
+        let mut c = Client::connect(s.addr).await;
+        for _ in 0..5 {
+            c.send(&get("/recycle")).await;
+            let a = c.answer().await;
+            assert_eq!((a.status(), a.header("x-kind")), (200, Some("recycled")));
+        }
+        // Each head filled the map the previous answer gave back: one map serves
+        // every request (a head that made its own would leave one more each time).
+        assert_eq!(s.maps.len(), 1);
     });
 }
 
@@ -664,6 +697,7 @@ fn a_connection_task_stays_small() {
                 T,
                 true,
                 1 << 20,
+                Rc::default(),
             ),
             h2: hyper::server::conn::http2::Builder::new(super::super::LocalExec),
             first_byte: T,

@@ -24,6 +24,7 @@ use http_body::Body;
 use super::head::Refusal;
 use super::wire::Wire;
 use crate::body::BoxError;
+use crate::http1::Maps;
 
 /// Frames larger than this are queued as they are rather than copied.
 const INLINE_FRAME: usize = 8 * 1024;
@@ -150,6 +151,7 @@ impl Queue {
 pub async fn answer<B>(
     wire: &Wire,
     scratch: &Scratch,
+    maps: &Maps,
     queue: &mut Queue,
     resp: Response<B>,
     ex: Exchange,
@@ -163,7 +165,7 @@ where
         out.clear();
         encode_head(&mut out, scratch, &parts.status, &parts.headers, &body, ex)
     };
-    drop(parts);
+    maps.put(parts.headers);
     // The head waits in the scratch buffer for the first poll, which comes at once.
     let mut sending = Sending {
         framing,

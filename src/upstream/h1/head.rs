@@ -8,7 +8,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::http1::same_name;
+use crate::http1::{same_name, Maps};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -127,7 +127,12 @@ pub enum HeadError {
 
 /// Parses a response head at the start of `buf`, consuming it. `None`: not complete
 /// yet. `head_request`: the request was `HEAD` (the answer has no body whatever it says).
-pub fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
+/// The answer's header map comes from `maps`.
+pub fn parse(
+    buf: &mut BytesMut,
+    head_request: bool,
+    maps: &Maps,
+) -> Result<Option<ResponseHead>, HeadError> {
     // Uninitialised slots: zeroing 100 headers' worth on every response is measurable.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -164,7 +169,7 @@ pub fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHe
         };
     }
     let head = buf.split_to(len).freeze();
-    read_headers(&head, &spans[..count], status, version, head_request).map(Some)
+    read_headers(&head, &spans[..count], status, version, head_request, maps).map(Some)
 }
 
 /// Where a header's name and value lie in the head, and what the name is.
@@ -255,6 +260,7 @@ fn read_headers(
     status: StatusCode,
     version: Version,
     head_request: bool,
+    maps: &Maps,
 ) -> Result<ResponseHead, HeadError> {
     let mut hop = Hop::default();
     // Names the `Connection` header lists (besides close and keep-alive): rare.
@@ -294,7 +300,7 @@ fn read_headers(
     }
     // A length beside a transfer coding is the coding's to decide (RFC 9112 §6.3).
     let coded = hop.chunked || hop.other_coding;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = maps.take(spans.len());
     for span in spans {
         let raw = span.name(head);
         if span.kind.is_hop_by_hop()
@@ -370,7 +376,9 @@ mod tests {
 
     fn parse_all(raw: &[u8], head_request: bool) -> (ResponseHead, BytesMut) {
         let mut buf = BytesMut::from(raw);
-        let head = parse(&mut buf, head_request).unwrap().expect("complete");
+        let head = parse(&mut buf, head_request, &Maps::default())
+            .unwrap()
+            .expect("complete");
         (head, buf)
     }
 
@@ -525,7 +533,9 @@ mod tests {
     #[test]
     fn broken_heads_are_errors_and_partial_ones_wait() {
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
-        assert!(parse(&mut partial, false).unwrap().is_none());
+        assert!(parse(&mut partial, false, &Maps::default())
+            .unwrap()
+            .is_none());
         assert_eq!(
             partial.len(),
             27,
@@ -539,12 +549,15 @@ mod tests {
             b"HTTP/1.1 2000 OK\r\n\r\n",
             b"NOT HTTP\r\n\r\n",
         ] {
-            assert!(parse(&mut BytesMut::from(bad), false).is_err(), "{bad:?}");
+            assert!(
+                parse(&mut BytesMut::from(bad), false, &Maps::default()).is_err(),
+                "{bad:?}"
+            );
         }
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
         huge.extend_from_slice(&b"x-a: b\r\n".repeat(MAX_HEAD_BYTES / 8 + 1));
         assert!(matches!(
-            parse(&mut huge, false),
+            parse(&mut huge, false, &Maps::default()),
             Err(HeadError::TooLarge) | Err(HeadError::Parse(_))
         ));
     }

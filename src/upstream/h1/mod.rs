@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 use super::io::Io;
 use crate::http1::chunked::{ChunkError, Decoder, Step};
+use crate::http1::Maps;
 use head::{Framing, HeadError, RequestHead, ResponseHead};
 
 /// Bodies up to this size are copied behind the head and sent in one write.
@@ -133,6 +134,7 @@ impl Conn {
         &mut self,
         head: &RequestHead<'_>,
         body: &Bytes,
+        maps: &Maps,
     ) -> Result<ResponseHead, H1Error> {
         self.write.clear();
         head::encode(head, &mut self.write);
@@ -155,7 +157,7 @@ impl Conn {
         let head_request = *head.method == Method::HEAD;
         loop {
             if !self.read.is_empty() {
-                if let Some(answer) = head::parse(&mut self.read, head_request)? {
+                if let Some(answer) = head::parse(&mut self.read, head_request, maps)? {
                     if answer.status.is_informational() {
                         continue;
                     }

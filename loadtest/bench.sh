@@ -15,7 +15,8 @@
 # the machine's load over the rounds weighs on both alike. Every answer must be 200. Per
 # run: CPU time per request, from the proxy's own processes (/proc/<pid>/stat utime+stime;
 # nginx: master and workers; the sidecar: its one process) before and after, divided by the
-# requests answered; throughput (requests/s) and p99 latency as oha reports them. The
+# requests answered, and of that the system time alone (the kernel's share: about 60% of
+# either proxy's CPU here); throughput (requests/s) and p99 latency as oha reports them. The
 # summary takes the median of the rounds. oha and the upstream run on the same cores as the
 # proxy under test, alike for both.
 #

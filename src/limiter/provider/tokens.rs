@@ -325,3 +325,6 @@ impl Limiter {
         })
     }
 }
+
+#[cfg(all(test, not(sidecar_loom)))]
+mod tests;

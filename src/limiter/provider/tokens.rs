@@ -307,6 +307,16 @@ impl Limiter {
         }
     }
 
+    /// How long until a request of `cost` would fit the token budget (zero when it
+    /// does now, when it has no cost, or when the budget is off): for the proxy's
+    /// estimate of a parked request's wait, beside [`Limiter::expected_wait`].
+    pub fn token_wait(&self, cost: Option<Cost>, now: u64) -> std::time::Duration {
+        match (cost, &self.tokens) {
+            (Some(c), Some(b)) => b.wait_time(c, now),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
     /// The token budget for metrics (`None`: off): the limit, what is charged in the
     /// span and what remains, and the token cost of the requests waiting.
     pub fn token_view(&self, now: u64) -> Option<TokenView> {

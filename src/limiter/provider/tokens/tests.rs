@@ -213,6 +213,9 @@ fn the_wait_for_a_head_that_does_not_fit_is_when_the_budget_frees_up() {
     // Sub-window 0 leaves the span at width + span = 60.3 s / 62 + 60.3 s.
     let width = (60_300_000_000u64).div_ceil(62);
     assert_eq!(wait, Duration::from_nanos(width + 60_300_000_000 - 10 * S));
+    assert_eq!(l.token_wait(cost(500), 10 * S), wait);
+    assert_eq!(l.token_wait(cost(200), 10 * S), Duration::ZERO);
+    assert_eq!(l.token_wait(None, 10 * S), Duration::ZERO);
 }
 
 #[test]

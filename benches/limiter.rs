@@ -272,7 +272,7 @@ fn admit_fast_path(c: &mut Criterion) {
     let limiter = Limiter::new(ALWAYS_RPM, ALWAYS_CAPACITY, 64, RetreatConfig::default());
     g.bench_function("limiter_admit", |b| {
         b.iter(
-            || match limiter.admit(Priority::Normal, clock.now_nanos()) {
+            || match limiter.admit(Priority::Normal, None, clock.now_nanos()) {
                 Decision::Admitted(_) => true,
                 other => panic!("not the fast path: {other:?}"),
             },
@@ -285,10 +285,12 @@ fn admit_fast_path(c: &mut Criterion) {
     let leased = Limiter::new(ALWAYS_RPM, ALWAYS_CAPACITY, 64, RetreatConfig::default())
         .leased(std::sync::Arc::clone(&pot));
     g.bench_function("limiter_admit_cluster_lease_in_hand", |b| {
-        b.iter(|| match leased.admit(Priority::Normal, clock.now_nanos()) {
-            Decision::Admitted(_) => true,
-            other => panic!("not the fast path: {other:?}"),
-        })
+        b.iter(
+            || match leased.admit(Priority::Normal, None, clock.now_nanos()) {
+                Decision::Admitted(_) => true,
+                other => panic!("not the fast path: {other:?}"),
+            },
+        )
     });
     let (bucket, queues) = (
         MutexBucket::new(ALWAYS_RPM, ALWAYS_CAPACITY),

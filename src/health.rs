@@ -394,7 +394,7 @@ mod tests {
     fn a_probe_never_jumps_waiting_requests() {
         let l = limiter(60.0, 1);
         let _first = admit(&l, 0).expect("a token is free");
-        let _waiting = l.admit(crate::priority::Priority::Low, 0);
+        let _waiting = l.admit(crate::priority::Priority::Low, None, 0);
         assert_eq!(l.queues.len(), 1);
         // A token is free again, but it is the waiting request's.
         assert!(admit(&l, 2 * S).is_none());

@@ -19,6 +19,7 @@ use super::learn::{per_window, rpm_of, Change, Learner, Source};
 use super::pacing::Pacing;
 use super::retreat::{Retreat, RetreatConfig, RetreatState, Transition};
 use super::signal::Refusal;
+use super::token_budget::{TokenChange, TokenLearner};
 
 /// Why admission is paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,6 +84,8 @@ pub enum Note {
     },
     /// 429s about tokens while no token budget is configured.
     TokenLimit,
+    /// The token limit in force changed.
+    Tokens(TokenChange),
 }
 
 /// Learned limit and retreat of one limiter, with what was last published.
@@ -105,6 +108,8 @@ pub struct Control {
     /// Cluster mode: what the shared budget decided, which replaces the local learner
     /// and retreat (they only run alone).
     pub cluster: Option<ClusterPacing>,
+    /// The token limit, when the limiter has a token budget.
+    pub tokens: Option<TokenLearner>,
 }
 
 /// The pacing a shared budget decided for this replica (cluster mode).
@@ -149,6 +154,7 @@ impl Control {
             logged_pause: 0,
             refused: VecDeque::new(),
             cluster: None,
+            tokens: None,
         }
     }
 

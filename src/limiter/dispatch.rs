@@ -145,7 +145,16 @@ fn log(provider: &str, model: Option<&str>, l: &Limiter, note: Note) {
         ),
         Note::TokenLimit => tracing::warn!(
             provider,
-            "the provider refuses on a token limit (429 about tokens): the sidecar paces requests only; pace tokens too once token budgets exist, or lower rate_rpm"
+            "the provider refuses on a token limit (429 about tokens): the sidecar paces requests only; set tokens_per_minute, or lower rate_rpm"
+        ),
+        Note::Tokens(c) => tracing::warn!(
+            provider,
+            model,
+            from = c.from,
+            to = c.to,
+            per_window_secs = window.as_secs_f64(),
+            why = %c.why,
+            "token limit change"
         ),
     }
 }

@@ -8,13 +8,16 @@
 //!
 //! A request goes when the bucket has a token (even spacing at the paced rate) *and*
 //! the window guard has room (never more than the limit in any rolling window, as
-//! counted at the sidecar); the guard's claim travels with the request and is stamped
-//! with the time it is written upstream. Fast path: when nobody waits, one CAS each.
+//! counted at the sidecar) *and*, when a token limit is configured, the token budget
+//! has room for its estimated cost (never more than the token limit charged in any
+//! rolling window); the guard's claim and the token reservation travel with the request
+//! and are stamped with the time it is written upstream; the reservation is settled
+//! from the answer's usage. Fast path: when nobody waits, one CAS each.
 //! Otherwise it is parked (never jumping those already waiting) and granted in strict
 //! priority order.
 //!
-//! The parts, bottom up: [`bucket`], [`guard`], [`queue`], [`window`] and [`retreat`]
-//! count; [`learn`] and [`signal`] decide from numbers and answers; [`control`] holds
+//! The parts, bottom up: [`bucket`], [`guard`], [`token_budget`], [`queue`], [`window`]
+//! and [`retreat`] count; [`learn`] and [`signal`] decide from numbers and answers; [`control`] holds
 //! the controller's state and messages; [`provider`] joins them into one [`Limiter`]
 //! (admission, the controller step); [`scopes`] and [`lease`] give it per-model limits
 //! and cluster tokens; [`dispatch`] runs it. This file only declares and re-exports.
@@ -32,6 +35,7 @@ pub mod retreat;
 pub mod scopes;
 pub mod signal;
 pub(crate) mod sync;
+pub mod token_budget;
 pub mod window;
 
 pub use bucket::TokenBucket;
@@ -40,7 +44,8 @@ pub use guard::{Claim, Margin, WindowGuard};
 pub use learn::{Change, Source};
 pub use lease::{LeasePot, Mode};
 pub use pacing::Pacing;
-pub use provider::{Decision, Limiter, Permit};
-pub use queue::{DropReason, Flow, QueueCounts, QueueFull, Ticket, WaitQueues};
+pub use provider::{Decision, Limiter, Permit, Reservation, TokenSignals};
+pub use queue::{DropReason, Flow, Grant, QueueCounts, QueueFull, Ticket, WaitQueues};
 pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
-pub use signal::{Answer, Quota, Refusal};
+pub use signal::{Answer, Quota, Refusal, TokenQuota, TokenRefusal};
+pub use token_budget::{Charge, Cost, Settled, TokenBudget, TokenView, Usage};

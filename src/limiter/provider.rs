@@ -6,12 +6,14 @@
 //! This file holds the struct, how it is built and wired (model scopes, lease, the
 //! dispatcher thread), and what admission answers. The behaviour is split by who calls
 //! it: `admit.rs` for the request path and the dispatcher's grants, `control.rs` for what
-//! answers report, the controller step, admin changes and views.
+//! answers report, the controller step, admin changes and views, `tokens.rs` for the
+//! token budget's reservation, learning and views.
 
 mod admit;
 mod control;
 #[cfg(all(test, not(sidecar_loom)))]
 mod testing;
+mod tokens;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 use std::sync::{Arc, OnceLock};
@@ -26,22 +28,29 @@ use super::guard::{Claim, WindowGuard};
 use super::learn::per_window;
 use super::lease::LeasePot;
 use super::pacing::Pacing;
-use super::queue::{QueueFull, Ticket, WaitQueues};
+use super::queue::{Grant, QueueFull, Ticket, WaitQueues};
 use super::retreat::{AnswerCounts, RetreatConfig};
 use super::scopes::{self, Scoped};
 use super::sync::Mutex;
+use super::token_budget::TokenBudget;
+
+pub use tokens::{Reservation, TokenSignals};
 
 /// What admission decided.
 #[derive(Debug)]
 pub enum Decision {
-    /// A token and a window slot were free and nobody waited: go now.
-    Admitted(Claim),
+    /// A token, a window slot and the request's token cost were free and nobody
+    /// waited: go now.
+    Admitted(Grant),
     /// Parked: await the ticket (it resolves to the claim).
     Queued(Ticket),
     /// The queue is at its bound.
     Full(QueueFull),
     /// Cluster mode, cut off from the shared budget for too long: nothing may be sent.
     Isolated,
+    /// The request's estimate is larger than the whole token budget of a window: it
+    /// could never be sent (tokens per window).
+    TooLarge { limit: u64, estimate: u64 },
 }
 
 /// A provider's limiter.
@@ -72,29 +81,43 @@ pub struct Limiter {
     models: Option<scopes::Models<Limiter>>,
     /// Cluster mode: tokens leased from the shared budget (`None`: the local bucket).
     lease: Option<Arc<LeasePot>>,
+    /// The token budget, when a token limit is configured (`None`: off, one branch).
+    tokens: Option<TokenBudget>,
+    /// Token headers or token 429s seen (see [`TokenSignals`]).
+    token_signals: TokenSignals,
+    /// The last token limit the provider's headers stated (tpm; 0: none).
+    token_header_limit: AtomicU64,
+    token_inbox: SegQueue<tokens::TokenEvent>,
 }
 
-/// A claim held by a request on its way upstream: stamped with the time it is written,
-/// or released when it never is (dropped unstamped).
+/// A claim held by a request on its way upstream, with its token reservation: stamped
+/// with the time it is written, or released when it never is (dropped unstamped).
 #[derive(Debug)]
 pub struct Permit<'a> {
     limiter: &'a Limiter,
     claim: Claim,
+    tokens: Option<Reservation<'a>>,
     sent_at: Option<u64>,
 }
 
 impl<'a> Permit<'a> {
-    pub fn new(limiter: &'a Limiter, claim: Claim) -> Self {
+    /// The permit of a grant (or of a bare claim: no tokens reserved).
+    pub fn new(limiter: &'a Limiter, grant: impl Into<Grant>) -> Self {
+        let grant = grant.into();
         Self {
             limiter,
-            claim,
+            claim: grant.claim,
+            tokens: grant.tokens.map(|r| Reservation::new(limiter, r)),
             sent_at: None,
         }
     }
 
-    /// The request is being written upstream now.
+    /// The request is being written upstream now (its token charge is dated now too).
     pub fn stamp(&mut self, now: u64) {
         self.sent_at = Some(self.limiter.guard.stamp(self.claim.slot, now));
+        if let Some(r) = &mut self.tokens {
+            r.stamp(now);
+        }
     }
 
     /// Sends in the window including this one, when it was claimed.
@@ -106,8 +129,20 @@ impl<'a> Permit<'a> {
         self.sent_at
     }
 
-    /// Not sent after all: the window slot and the token go back at once, to the next
-    /// waiter.
+    /// The token reservation, to settle when the answer ends (`None`: the request had
+    /// no token cost, or it was taken already). Taken before the permit is stamped, it
+    /// is stamped by its own [`Reservation::stamp`].
+    pub fn take_tokens(&mut self) -> Option<Reservation<'a>> {
+        self.tokens.take()
+    }
+
+    /// The token reservation, to read or report an answer to.
+    pub fn tokens(&self) -> Option<&Reservation<'a>> {
+        self.tokens.as_ref()
+    }
+
+    /// Not sent after all: the window slot, the token and the reserved token cost go
+    /// back at once, to the next waiter.
     pub fn give_back(mut self, now: u64) {
         if self.sent_at.is_none() {
             self.sent_at = Some(now);
@@ -121,6 +156,7 @@ impl Drop for Permit<'_> {
         if self.sent_at.is_none() {
             self.limiter.guard.release(self.claim.slot);
         }
+        // An unsent reservation gives its tokens back as it drops.
     }
 }
 
@@ -157,6 +193,10 @@ impl Limiter {
             dispatcher: OnceLock::new(),
             models: None,
             lease: None,
+            tokens: None,
+            token_signals: TokenSignals::default(),
+            token_header_limit: AtomicU64::new(0),
+            token_inbox: SegQueue::new(),
         }
     }
 
@@ -183,6 +223,7 @@ impl Limiter {
                 queue_max: self.queues.max(),
                 retreat: c.retreat.config(),
                 pacing: self.pacing,
+                token_limit: c.tokens.as_ref().map(|t| t.ceiling()),
             }
         };
         self.models = Some(scopes::Models::new(template, max));
@@ -255,6 +296,10 @@ impl Scoped for Limiter {
             t.pacing,
             now,
         );
+        let l = match t.token_limit {
+            Some(n) => l.with_token_budget(n),
+            None => l,
+        };
         if let Some(th) = wake {
             l.set_dispatcher(th.clone());
         }

@@ -12,11 +12,18 @@
 //! waiter (client gone, deadline passed) stays in the `SegQueue` as a tombstone and is
 //! skipped by [`WaitQueues::grant_next`] without consuming a token.
 //!
+//! The dispatcher is the only consumer. It stages popped waiters in lanes of its own
+//! ([`Stage`], behind a mutex no producer takes) so that it can look past the head of a
+//! priority: a parked request carries its token cost, and a smaller one may be granted
+//! before a head whose cost does not fit yet (the limiter decides which; see
+//! `provider/admit.rs`). Within a priority the order stays: put back, then new.
+//!
 //! The queue keeps its own totals per priority, moved by the same winner: enqueued,
 //! dequeued (granted) and dropped (cancelled, by [`DropReason`]). So for each priority
 //! `enqueued = dequeued + dropped + depth` whenever no waiter is settling at that
 //! moment (a read racing a settlement may see one request in neither place).
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU8;
@@ -27,7 +34,8 @@ use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 
 use super::guard::Claim;
-use super::sync::{AtomicU64, AtomicUsize, Ordering};
+use super::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
+use super::token_budget::{Cost, Reserved};
 use crate::priority::Priority;
 
 const WAITING: u8 = 0;
@@ -40,9 +48,37 @@ pub struct Waiter {
     state: AtomicU8,
     waker: AtomicWaker,
     priority: Priority,
-    /// The window-guard claim the grant carries: set once, before the state turns
-    /// GRANTED, read by the waiter after it sees GRANTED.
-    grant: OnceLock<Claim>,
+    /// Its token cost (`None`: none counted).
+    cost: Option<Cost>,
+    /// When it was parked (clock nanoseconds).
+    parked_at: u64,
+    /// What the grant carries: set once, before the state turns GRANTED, read by the
+    /// waiter after it sees GRANTED.
+    grant: OnceLock<Grant>,
+}
+
+/// What a grant carries: the window-guard claim, and the tokens reserved for the
+/// request's cost when it has one and the limiter a token budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub claim: Claim,
+    pub tokens: Option<Reserved>,
+}
+
+impl From<Claim> for Grant {
+    fn from(claim: Claim) -> Self {
+        Self {
+            claim,
+            tokens: None,
+        }
+    }
+}
+
+/// What the dispatcher sees of a staged waiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parked {
+    pub cost: Option<Cost>,
+    pub parked_at: u64,
 }
 
 impl Waiter {
@@ -61,6 +97,11 @@ impl Waiter {
 
     fn is_granted(&self) -> bool {
         self.state.load(std::sync::atomic::Ordering::Acquire) == GRANTED
+    }
+
+    fn is_waiting(&self) -> bool {
+        // Acquire: as `is_granted`; a stale WAITING only makes the grant's CAS fail.
+        self.state.load(std::sync::atomic::Ordering::Acquire) == WAITING
     }
 }
 
@@ -124,9 +165,41 @@ pub struct QueueFull {
 pub struct WaitQueues {
     lanes: [Lane; 3],
     total: AtomicUsize,
+    /// The token cost of the live waiters.
+    waiting_cost: AtomicU64,
     max: AtomicUsize,
     /// Grants whose ticket was dropped before it saw them: claims and tokens to give back.
-    unused_grants: SegQueue<Claim>,
+    unused_grants: SegQueue<Grant>,
+    /// The dispatcher's staged waiters (only the consumer locks it).
+    staged: Mutex<[Staged; 3]>,
+}
+
+/// One priority's waiters popped by the dispatcher and not yet settled, in grant order:
+/// those put back, then new ones.
+#[derive(Debug, Default)]
+struct Staged {
+    front: std::collections::VecDeque<Arc<Waiter>>,
+    back: std::collections::VecDeque<Arc<Waiter>>,
+}
+
+impl Staged {
+    fn len(&self) -> usize {
+        self.front.len() + self.back.len()
+    }
+
+    fn get(&self, pos: usize) -> Option<&Arc<Waiter>> {
+        self.front
+            .get(pos)
+            .or_else(|| self.back.get(pos.checked_sub(self.front.len())?))
+    }
+
+    fn remove(&mut self, pos: usize) -> Option<Arc<Waiter>> {
+        if pos < self.front.len() {
+            self.front.remove(pos)
+        } else {
+            self.back.remove(pos - self.front.len())
+        }
+    }
 }
 
 /// One priority's totals since start.
@@ -172,8 +245,10 @@ impl WaitQueues {
         Arc::new(Self {
             lanes: Default::default(),
             total: AtomicUsize::new(0),
+            waiting_cost: AtomicU64::new(0),
             max: AtomicUsize::new(max),
             unused_grants: SegQueue::new(),
+            staged: Mutex::new(Default::default()),
         })
     }
 
@@ -248,15 +323,39 @@ impl WaitQueues {
         }
     }
 
+    /// The token cost of the live waiters.
+    pub fn waiting_cost(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.waiting_cost.load(Ordering::Relaxed)
+    }
+
     /// Releases a slot of a waiter that settled (granted or cancelled).
-    fn release(&self, p: Priority) {
+    fn release(&self, w: &Waiter) {
+        let p = w.priority;
+        if let Some(c) = w.cost {
+            // Relaxed: a statistic.
+            self.waiting_cost.fetch_sub(c.total(), Ordering::Relaxed);
+        }
         self.lanes[p as usize].depth.fetch_sub(1, Ordering::Relaxed);
         // Release: pairs with `len`'s Acquire.
         self.total.fetch_sub(1, Ordering::Release);
     }
 
-    /// Parks a request. `front` puts it at the head of its priority (a retry).
+    /// Parks a request with no token cost. `front` puts it at the head of its priority
+    /// (a retry).
     pub fn enqueue(self: &Arc<Self>, p: Priority, front: bool) -> Result<Ticket, QueueFull> {
+        self.park(p, front, None, 0)
+    }
+
+    /// Parks a request of token cost `cost` at `now`. `front` puts it at the head of its
+    /// priority (a retry).
+    pub fn park(
+        self: &Arc<Self>,
+        p: Priority,
+        front: bool,
+        cost: Option<Cost>,
+        now: u64,
+    ) -> Result<Ticket, QueueFull> {
         if !self.reserve() {
             return Err(QueueFull {
                 ahead: self.ahead_of(p),
@@ -266,8 +365,14 @@ impl WaitQueues {
             state: AtomicU8::new(WAITING),
             waker: AtomicWaker::new(),
             priority: p,
+            cost,
+            parked_at: now,
             grant: OnceLock::new(),
         });
+        if let Some(c) = cost {
+            // Relaxed: a statistic.
+            self.waiting_cost.fetch_add(c.total(), Ordering::Relaxed);
+        }
         let lane = &self.lanes[p as usize];
         lane.depth.fetch_add(1, Ordering::Relaxed);
         lane.enqueued.fetch_add(1, Ordering::Relaxed);
@@ -283,31 +388,114 @@ impl WaitQueues {
         })
     }
 
-    /// The next grant nobody used (the dispatcher gives its claim and token back).
-    pub fn take_unused_grant(&self) -> Option<Claim> {
+    /// The next grant nobody used (the dispatcher gives its claim and tokens back).
+    pub fn take_unused_grant(&self) -> Option<Grant> {
         self.unused_grants.pop()
     }
 
-    /// Grants `claim` to the highest-priority live waiter (front before back within a
-    /// priority) and wakes it. Tombstones of cancelled waiters are dropped on the way.
-    /// Gives the claim back when nobody is waiting, so the caller can release it.
-    pub fn grant_next(&self, claim: Claim) -> Result<(), Claim> {
-        for lane in &self.lanes {
-            for q in [&lane.front, &lane.back] {
-                while let Some(w) = q.pop() {
-                    // Set before the CAS: a waiter that sees GRANTED finds it. A waiter
-                    // that cancelled first leaves it unread; the waiter is dropped.
-                    let _ = w.grant.set(claim);
-                    if w.settle(GRANTED) {
-                        self.release(w.priority);
-                        lane.dequeued.fetch_add(1, Ordering::Relaxed);
-                        w.waker.wake();
-                        return Ok(());
-                    }
-                }
+    /// The dispatcher's view of the waiters, to choose whom to grant. Only the
+    /// dispatcher calls it (the lock is never contended; producers never take it).
+    pub fn stage(&self) -> Stage<'_> {
+        Stage {
+            queues: self,
+            staged: self.staged.lock(),
+        }
+    }
+
+    /// Grants `grant` to the highest-priority live waiter (put back before new within
+    /// a priority) and wakes it. Tombstones of cancelled waiters are dropped on the way.
+    /// Gives the grant back when nobody is waiting, so the caller can release it.
+    pub fn grant_next(&self, grant: impl Into<Grant>) -> Result<(), Grant> {
+        let mut grant = grant.into();
+        let mut stage = self.stage();
+        while let Some(p) = stage.top(1) {
+            match stage.grant(p, 0, grant) {
+                Ok(()) => return Ok(()),
+                Err(g) => grant = g,
             }
         }
-        Err(claim)
+        Err(grant)
+    }
+}
+
+/// The dispatcher's staged waiters, locked while it decides.
+pub struct Stage<'q> {
+    queues: &'q WaitQueues,
+    #[cfg(not(sidecar_loom))]
+    staged: parking_lot::MutexGuard<'q, [Staged; 3]>,
+    #[cfg(sidecar_loom)]
+    staged: loom::sync::MutexGuard<'q, [Staged; 3]>,
+}
+
+impl Stage<'_> {
+    /// The highest priority with a live waiter, its lane staged with up to `look` live
+    /// waiters in grant order (tombstones dropped); `None` when nobody waits.
+    pub fn top(&mut self, look: usize) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|&p| self.fill(p, look.max(1)) > 0)
+    }
+
+    /// Stages priority `p`'s waiters; returns how many are staged.
+    fn fill(&mut self, p: Priority, look: usize) -> usize {
+        let lane = &self.queues.lanes[p as usize];
+        let staged = &mut self.staged[p as usize];
+        // Put back after a 429: after those staged earlier, before every new one.
+        while let Some(w) = lane.front.pop() {
+            staged.front.push_back(w);
+        }
+        staged.front.retain(|w| w.is_waiting());
+        staged.back.retain(|w| w.is_waiting());
+        while staged.len() < look {
+            match lane.back.pop() {
+                Some(w) if w.is_waiting() => staged.back.push_back(w),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        staged.len()
+    }
+
+    /// Staged waiters of priority `p`.
+    pub fn len(&self, p: Priority) -> usize {
+        self.staged[p as usize].len()
+    }
+
+    /// The `pos`-th staged waiter of priority `p` (0: the head).
+    pub fn parked(&self, p: Priority, pos: usize) -> Option<Parked> {
+        self.staged[p as usize].get(pos).map(|w| Parked {
+            cost: w.cost,
+            parked_at: w.parked_at,
+        })
+    }
+
+    /// Grants the `pos`-th staged waiter of priority `p` and wakes it; gives the grant
+    /// back if that waiter cancelled meanwhile (it is dropped either way).
+    pub fn grant(&mut self, p: Priority, pos: usize, grant: Grant) -> Result<(), Grant> {
+        let Some(w) = self.staged[p as usize].remove(pos) else {
+            return Err(grant);
+        };
+        // Set before the CAS: a waiter that sees GRANTED finds it. A waiter that
+        // cancelled first leaves it unread; the waiter is dropped.
+        let _ = w.grant.set(grant);
+        if w.settle(GRANTED) {
+            self.queues.release(&w);
+            self.queues.lanes[p as usize]
+                .dequeued
+                .fetch_add(1, Ordering::Relaxed);
+            w.waker.wake();
+            Ok(())
+        } else {
+            Err(grant)
+        }
+    }
+}
+
+impl fmt::Debug for Stage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stage")
+            .field("staged", &Priority::ALL.map(|p| self.len(p)))
+            .finish()
     }
 }
 
@@ -330,7 +518,7 @@ impl Ticket {
         self.done = true;
         if self.waiter.settle(CANCELLED) {
             let p = self.waiter.priority;
-            self.queues.release(p);
+            self.queues.release(&self.waiter);
             self.queues.lanes[p as usize].dropped[why as usize].fetch_add(1, Ordering::Relaxed);
             true
         } else {
@@ -356,8 +544,8 @@ impl Ticket {
         self.waiter.priority
     }
 
-    /// The claim of the grant, once granted (after a `cancel` that lost to it).
-    pub fn grant(&self) -> Option<Claim> {
+    /// The grant, once granted (after a `cancel` that lost to it).
+    pub fn grant(&self) -> Option<Grant> {
         self.waiter
             .is_granted()
             .then(|| self.waiter.grant.get().copied())
@@ -366,8 +554,8 @@ impl Ticket {
 }
 
 impl Ticket {
-    /// The claim of a granted waiter.
-    fn granted(&mut self) -> Option<Claim> {
+    /// The grant of a granted waiter.
+    fn granted(&mut self) -> Option<Grant> {
         if !self.waiter.is_granted() {
             return None;
         }
@@ -377,10 +565,10 @@ impl Ticket {
 }
 
 impl Future for Ticket {
-    /// The window-guard claim that came with the grant.
-    type Output = Claim;
+    /// The window-guard claim (and reserved tokens) that came with the grant.
+    type Output = Grant;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Claim> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
         if let Some(c) = self.granted() {
             return Poll::Ready(c);
         }

@@ -39,6 +39,8 @@ pub struct Template {
     pub queue_max: usize,
     pub retreat: RetreatConfig,
     pub pacing: Pacing,
+    /// Tokens per window of each model's token budget (`None`: off).
+    pub token_limit: Option<u64>,
 }
 
 /// What the map needs of a model's limiter.
@@ -190,6 +192,7 @@ mod tests {
                 queue_max: 8,
                 retreat: RetreatConfig::default(),
                 pacing: Pacing::default(),
+                token_limit: None,
             },
             max,
         )

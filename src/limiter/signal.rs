@@ -23,9 +23,14 @@
 //! tokens, a per-day limit or a concurrency cap. `Retry-After` is HTTP, not a dialect: it
 //! is read whatever the provider's setting.
 //!
-//! **Deliberately not parsed.** The `-tokens` headers (and `-tokens_usage_based`) belong
-//! to token budgets, a later issue; [`classify`] only glances at
-//! `x-ratelimit-remaining-tokens` to tell a token refusal from a request refusal. Groq's
+//! **Tokens** (the token budget's): `x-ratelimit-limit-tokens` (tokens per minute),
+//! `-remaining-tokens` and `-reset-tokens` are read by the same pass into
+//! [`Quota::tokens`], by the same rules (`-1`, `0` limits are absent); a 429 about tokens
+//! is told apart from one about requests by its body (`error.type` or `code` naming
+//! tokens, "tokens per min (TPM)", "Request too large"), and its message's figures are
+//! read by [`token_refusal`] (`signal/tokens.rs`).
+//!
+//! **Deliberately not parsed.** `-tokens_usage_based`. Groq's
 //! `x-ratelimit-limit-requests` counts per *day*: another dialect, not supported (set
 //! such providers to `none`, or the daily figure would be read per minute). Anthropic's
 //! `anthropic-ratelimit-*` are not read. A reset given as a Unix time is over a day away
@@ -75,6 +80,19 @@ pub struct Quota {
     pub remaining: Option<u64>,
     /// Time until the quota is full again.
     pub reset: Option<Duration>,
+    /// The token quota (`x-ratelimit-*-tokens`), if any figure of it was sent.
+    pub tokens: Option<TokenQuota>,
+}
+
+/// The token quota an answer reports (OpenAI's `x-ratelimit-*-tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TokenQuota {
+    /// Tokens per minute the provider allows.
+    pub limit_tpm: Option<u64>,
+    /// Tokens left now.
+    pub remaining: Option<u64>,
+    /// Time until the token quota is full again.
+    pub reset: Option<Duration>,
 }
 
 /// What kind of refusal an answer is.
@@ -104,6 +122,8 @@ pub struct Answer {
     /// The provider's `Retry-After` (or `retry-after-ms`).
     pub retry_after: Option<Duration>,
     pub quota: Option<Quota>,
+    /// What a 429 about tokens says in its message ([`token_refusal`]).
+    pub token_refusal: Option<TokenRefusal>,
 }
 
 /// Limit figures an OpenAI-style 429 message states.
@@ -158,6 +178,7 @@ pub fn answer(
         refusal,
         retry_after: refusal.and_then(|_| retry_after(h, now)),
         quota: quota(h, dialect),
+        token_refusal: token_refusal(refusal, body),
     }
 }
 
@@ -175,8 +196,8 @@ pub fn quota(h: &HeaderMap, dialect: Dialect) -> Option<Quota> {
     if dialect == Dialect::None {
         return None;
     }
-    // limit, remaining, reset: `-requests` forms, then the bare ones.
-    let mut found: [Option<&HeaderValue>; 6] = [None; 6];
+    // limit, remaining, reset: `-requests` forms, the bare ones, then `-tokens`.
+    let mut found: [Option<&HeaderValue>; 9] = [None; 9];
     for (name, value) in h {
         let Some(rest) = name.as_str().strip_prefix(RATELIMIT_PREFIX) else {
             continue;
@@ -188,21 +209,31 @@ pub fn quota(h: &HeaderMap, dialect: Dialect) -> Option<Quota> {
             "limit" => 3,
             "remaining" => 4,
             "reset" => 5,
+            "limit-tokens" => 6,
+            "remaining-tokens" => 7,
+            "reset-tokens" => 8,
             _ => continue,
         };
         found[slot].get_or_insert(value);
     }
-    if found == [None; 6] {
+    if found == [None; 9] {
         return None;
     }
     let specific = family(found[0], found[1], found[2]);
     let bare = family(found[3], found[4], found[5]);
+    let tokens = family(found[6], found[7], found[8]);
+    let tokens = TokenQuota {
+        limit_tpm: tokens.limit_rpm,
+        remaining: tokens.remaining,
+        reset: tokens.reset,
+    };
     let q = Quota {
         // The bare `x-ratelimit-limit` names no period (per minute here, per window or
         // per hour elsewhere), so only its remaining count and reset are taken.
         limit_rpm: specific.limit_rpm,
         remaining: specific.remaining.or(bare.remaining),
         reset: specific.reset.or(bare.reset),
+        tokens: (tokens != TokenQuota::default()).then_some(tokens),
     };
     (q != Quota::default()).then_some(q)
 }
@@ -221,6 +252,7 @@ fn family(
         limit_rpm: count(limit).filter(|&n| n > 0),
         remaining: count(remaining.and_then(integer)).filter(|_| !void),
         reset: reset.and_then(|v| v.to_str().ok()).and_then(parse_delay),
+        tokens: None,
     }
 }
 
@@ -409,6 +441,7 @@ fn body_limit(text: &[u8]) -> Option<Counted> {
     if tokens_code
         || memmem::find(text, b"on tokens per").is_some()
         || memmem::find(text, b"tokens per min").is_some()
+        || memmem::find(text, TOO_LARGE).is_some()
     {
         return Some(Counted::Tokens);
     }
@@ -489,6 +522,11 @@ fn try_again(text: &[u8]) -> Option<Duration> {
 fn lowered(body: &[u8]) -> Vec<u8> {
     body[..body.len().min(SCAN_LIMIT)].to_ascii_lowercase()
 }
+
+mod tokens;
+
+use tokens::TOO_LARGE;
+pub use tokens::{token_refusal, TokenRefusal};
 
 #[cfg(all(test, not(sidecar_loom)))]
 mod tests;

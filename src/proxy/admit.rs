@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::app::{App, Provider};
 use crate::error::ProxyError;
 use crate::hot::Hot;
-use crate::limiter::{Claim, Decision, DropReason, Limiter, Permit, Ticket};
+use crate::limiter::{Decision, DropReason, Grant, Limiter, Permit, Ticket};
 use crate::metrics::Lane;
 use crate::priority::Priority;
 use crate::record::Record;
@@ -40,14 +40,14 @@ pub struct Admitted<'a> {
 
 /// How a parked request's wait ended, when it did not fail.
 enum Waited {
-    Granted(Claim),
+    Granted(Grant),
     /// A low-priority request's deadline passed (the caller picks 503 or passthrough).
     LowPriorityDeadline,
 }
 
 /// How one limiter let a request through.
 enum Stage {
-    Claim(Claim),
+    Claim(Grant),
     Passthrough,
 }
 
@@ -131,13 +131,15 @@ async fn stage(
 ) -> Result<Stage, ProxyError> {
     let now = app.clock.now_nanos();
     let parked = if retry {
-        limiter.requeue(record.priority)
+        // No token cost yet: the request path estimates none.
+        limiter.requeue(record.priority, None, now)
     } else {
-        match limiter.admit(record.priority, now) {
+        match limiter.admit(record.priority, None, now) {
             Decision::Admitted(claim) => return Ok(Stage::Claim(claim)),
             Decision::Queued(t) => Ok(t),
             Decision::Full(full) => Err(full),
-            Decision::Isolated => {
+            // Unreachable without a token cost: the request path estimates none yet.
+            Decision::Isolated | Decision::TooLarge { .. } => {
                 ProviderStats::inc(&provider.stats.rate_limited);
                 return Err(ProxyError::BudgetUnavailable {
                     provider: provider.name.to_string(),

@@ -86,6 +86,7 @@ fn read_answer(head: &Parts, prefix: &[u8], dialect: Dialect) -> Answer {
         // Read only where it applies (a refusal): it may need the wall clock.
         retry_after: refusal.and_then(|_| signal::retry_after(&head.headers, SystemTime::now())),
         quota: signal::quota(&head.headers, dialect),
+        token_refusal: signal::token_refusal(refusal, prefix),
     }
 }
 
@@ -149,7 +150,7 @@ mod tests {
     fn limited(app: &App, status: u16, prefix: &[u8]) -> (bool, Record) {
         let p = &app.providers[0];
         let now = app.clock.now_nanos();
-        let Decision::Admitted(claim) = p.limiter.admit(Priority::Normal, now) else {
+        let Decision::Admitted(claim) = p.limiter.admit(Priority::Normal, None, now) else {
             panic!("a token is free");
         };
         let mut permit = Permit::new(&p.limiter, claim);

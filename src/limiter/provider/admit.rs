@@ -1,23 +1,39 @@
 //! Admission, as the request path and the dispatcher use it: the fast path (a token
-//! and a window slot when nobody waits, one CAS each), parking behind those already
-//! waiting, the dispatcher's grants in priority order, refunds of unused claims, and
-//! how long a request would wait.
+//! and a window slot when nobody waits, one CAS each, and the token cost when the
+//! limiter has a token budget), parking behind those already waiting, the dispatcher's
+//! grants in priority order, refunds of unused claims, and how long a request would wait.
 //!
 //! A token comes from the local bucket, or in cluster mode from the lease pot while it
 //! is shared (the local bucket again in fallback, none when isolated); the window guard
 //! must have room as well, or the token goes back.
+//!
+//! **Token costs in the queue.** The dispatcher grants the highest priority first. Within
+//! it the head goes first; if its cost does not fit the token budget yet, a request
+//! behind it whose cost fits may pass, but only until the head has waited one window:
+//! from then on nothing passes it and the budget that frees up is its own. A request
+//! whose cost is larger than the whole budget of a window is refused at admission.
 
 use std::sync::atomic::Ordering as StdOrdering;
 use std::time::Duration;
 
 use super::{Decision, Limiter};
+use crate::clock::nanos;
 use crate::limiter::guard::Claim;
 use crate::limiter::lease::{LeasePot, Mode};
-use crate::limiter::queue::{QueueFull, Ticket};
+use crate::limiter::queue::{Grant, QueueFull, Stage, Ticket};
+use crate::limiter::token_budget::{Cost, Reserved};
 use crate::priority::Priority;
 
-/// How often the dispatcher looks again while it waits for a lease (the budget task wakes
-/// it as soon as one comes).
+/// How many waiters of one priority the dispatcher looks at for one that fits the token
+/// budget while the head does not.
+const LOOK_PAST: usize = 64;
+
+/// What admission found short.
+enum Short {
+    Requests,
+    Tokens,
+}
+
 const LEASE_POLL: Duration = Duration::from_millis(100);
 
 impl Limiter {
@@ -72,7 +88,8 @@ impl Limiter {
         self.guard.in_span(now) > self.guard.limit()
     }
 
-    /// Time until both a token and a window slot are free (zero if they are now).
+    /// Time until both a token and a window slot are free (zero if they are now); the
+    /// token budget is not counted.
     pub fn wait_time(&self, now: u64) -> Duration {
         let guard = self.guard.wait_time(now);
         match self.lease.as_ref().map(|p| (p.mode(), p.tokens())) {
@@ -103,22 +120,39 @@ impl Limiter {
         }
     }
 
-    /// Admits at `now`, parks, or refuses.
+    /// Admits a request of token `cost` (`None`: none counted) at `now`, parks it, or
+    /// refuses it. Without a token budget the cost is ignored.
     #[inline]
-    pub fn admit(&self, priority: Priority, now: u64) -> Decision {
+    pub fn admit(&self, priority: Priority, cost: Option<Cost>, now: u64) -> Decision {
         if let Some(pot) = &self.lease {
             pot.offer();
             if pot.mode() == Mode::Isolated {
                 return Decision::Isolated;
             }
         }
-        if self.queues.is_empty() {
-            if let Some(c) = self.try_take(now) {
-                return Decision::Admitted(c);
+        let cost = match (cost, &self.tokens) {
+            (Some(c), Some(b)) => {
+                let limit = b.limit();
+                if c.total() > limit {
+                    return Decision::TooLarge {
+                        limit,
+                        estimate: c.total(),
+                    };
+                }
+                Some(c)
             }
+            _ => None,
+        };
+        if self.queues.is_empty() {
+            match self.try_grant(cost, now) {
+                Ok(g) => return Decision::Admitted(g),
+                Err(Short::Requests) => self.note_demand(now),
+                Err(Short::Tokens) => {}
+            }
+        } else {
+            self.note_demand(now);
         }
-        self.note_demand(now);
-        match self.queues.enqueue(priority, false) {
+        match self.queues.park(priority, false, cost, now) {
             Ok(ticket) => {
                 self.wake_dispatcher();
                 Decision::Queued(ticket)
@@ -127,9 +161,38 @@ impl Limiter {
         }
     }
 
+    /// The token cost reserved, then a token and a window slot, at `now`; what was short
+    /// otherwise (nothing is kept).
+    #[inline]
+    fn try_grant(&self, cost: Option<Cost>, now: u64) -> Result<Grant, Short> {
+        let tokens = match (cost, &self.tokens) {
+            (Some(c), Some(b)) => Some(b.try_reserve(c, now).map_err(|_| Short::Tokens)?),
+            _ => None,
+        };
+        match self.try_take(now) {
+            Some(claim) => Ok(Grant { claim, tokens }),
+            None => {
+                self.give_back_tokens(tokens);
+                Err(Short::Requests)
+            }
+        }
+    }
+
+    fn give_back_tokens(&self, tokens: Option<Reserved>) {
+        if let (Some(r), Some(b)) = (tokens, &self.tokens) {
+            b.give_back(r);
+        }
+    }
+
     /// Parks a request again at the head of its priority (after an upstream 429).
-    pub fn requeue(&self, priority: Priority) -> Result<Ticket, QueueFull> {
-        let t = self.queues.enqueue(priority, true)?;
+    pub fn requeue(
+        &self,
+        priority: Priority,
+        cost: Option<Cost>,
+        now: u64,
+    ) -> Result<Ticket, QueueFull> {
+        let cost = cost.filter(|_| self.tokens.is_some());
+        let t = self.queues.park(priority, true, cost, now)?;
         self.wake_dispatcher();
         Ok(t)
     }
@@ -137,16 +200,17 @@ impl Limiter {
     /// A granted claim that was not used (the client left first): give its window slot
     /// and its token back.
     pub fn refund(&self, claim: Claim, now: u64) {
-        self.give_back(claim, now);
+        self.give_back(claim.into(), now);
         self.wake_dispatcher();
     }
 
-    fn give_back(&self, claim: Claim, now: u64) {
-        self.guard.release(claim.slot);
+    fn give_back(&self, grant: Grant, now: u64) {
+        self.guard.release(grant.claim.slot);
         match &self.lease {
             Some(pot) if pot.mode() == Mode::Shared => pot.put_back(),
             _ => self.bucket.refund(now),
         }
+        self.give_back_tokens(grant.tokens);
     }
 
     /// A token and a window slot at `now` when nobody waits, without queueing: for a
@@ -167,35 +231,72 @@ impl Limiter {
         self.guard.stamp(slot, now);
     }
 
-    /// Grants tokens to waiters while tokens and window slots are free. Returns how long
-    /// until the next grant could be due when waiters remain.
+    /// Grants tokens to waiters while tokens, window slots and their token costs are
+    /// free. Returns how long until the next grant could be due when waiters remain.
     pub fn dispatch(&self, now: u64) -> Option<Duration> {
-        while let Some(c) = self.queues.take_unused_grant() {
-            self.give_back(c, now);
+        while let Some(g) = self.queues.take_unused_grant() {
+            self.give_back(g, now);
         }
+        let mut stage = self.queues.stage();
         loop {
-            if self.queues.is_empty() {
-                return None;
-            }
-            match self.try_take(now) {
-                Some(claim) => {
-                    if let Err(c) = self.queues.grant_next(claim) {
-                        // Every remaining waiter had cancelled: nothing was used.
-                        self.give_back(c, now);
-                        return None;
-                    }
-                }
-                None => {
-                    // A zero wait is a race with a fast-path admission: look again soon.
-                    let wait = self.wait_time(now);
-                    return Some(if wait.is_zero() {
-                        Duration::from_micros(50)
-                    } else {
-                        wait
-                    });
-                }
+            let look = if self.tokens.is_some() { LOOK_PAST } else { 1 };
+            let p = stage.top(look)?;
+            let (pos, tokens) = match self.choose(&stage, p, now) {
+                Ok(chosen) => chosen,
+                Err(wait) => return Some(wait),
+            };
+            let Some(claim) = self.try_take(now) else {
+                self.give_back_tokens(tokens);
+                // A zero wait is a race with a fast-path admission: look again soon.
+                let wait = self.wait_time(now);
+                return Some(if wait.is_zero() {
+                    Duration::from_micros(50)
+                } else {
+                    wait
+                });
+            };
+            if let Err(g) = stage.grant(p, pos, Grant { claim, tokens }) {
+                // That waiter cancelled meanwhile: nothing was used.
+                self.give_back(g, now);
             }
         }
+    }
+
+    /// Whom of priority `p`'s staged waiters to grant, with the tokens reserved for it:
+    /// the head if its cost fits; else, while the head has waited less than a window,
+    /// the first behind it whose cost fits. Otherwise the wait for the head's cost.
+    fn choose(
+        &self,
+        stage: &Stage<'_>,
+        p: Priority,
+        now: u64,
+    ) -> Result<(usize, Option<Reserved>), Duration> {
+        let Some(budget) = &self.tokens else {
+            return Ok((0, None));
+        };
+        let fits = |pos: usize| -> Result<Option<Reserved>, Duration> {
+            match stage.parked(p, pos).and_then(|w| w.cost) {
+                None => Ok(None),
+                Some(c) => budget.try_reserve(c, now).map(Some),
+            }
+        };
+        let head_wait = match fits(0) {
+            Ok(r) => return Ok((0, r)),
+            Err(wait) => wait,
+        };
+        let head = stage.parked(p, 0).map_or(now, |w| w.parked_at);
+        if now.saturating_sub(head) >= nanos(self.pacing.window) {
+            // Held for the head: what frees up is its own.
+            return Err(head_wait);
+        }
+        let mut wait = head_wait;
+        for pos in 1..stage.len(p) {
+            match fits(pos) {
+                Ok(r) => return Ok((pos, r)),
+                Err(d) => wait = wait.min(d),
+            }
+        }
+        Err(wait)
     }
 
     /// [`Self::dispatch`] for this limiter and each model scope: the soonest next wait.

@@ -22,8 +22,22 @@ impl Limiter {
     /// What the upstream answered to a limited request sent at `sent_at` as the
     /// `count`-th of its window: [`Self::observe`] then [`Self::learn`].
     pub fn on_answer(&self, now: u64, sent_at: u64, count: u32, answer: &Answer) {
+        self.on_answer_with_tokens(now, sent_at, count, None, answer);
+    }
+
+    /// [`Self::on_answer`] for a request that reserved `tokens` (its estimate, or its
+    /// charge once settled): a 429 about tokens then learns the limit from what its
+    /// window held before it.
+    pub fn on_answer_with_tokens(
+        &self,
+        now: u64,
+        sent_at: u64,
+        count: u32,
+        tokens: Option<u64>,
+        answer: &Answer,
+    ) {
         self.observe(now, answer);
-        self.learn(now, sent_at, count, answer);
+        self.learn_costed(now, sent_at, count, tokens, answer);
     }
 
     /// Counts an upstream answer, and takes what its rate-limit headers say: a stated
@@ -36,6 +50,7 @@ impl Limiter {
         ) {
             self.answers.on_429(now);
         }
+        self.observe_tokens(now, answer);
         let Some(q) = answer.quota else { return };
         if let Some(rpm) = q.limit_rpm {
             // Relaxed: deduplication only; the controller keeps the truth.
@@ -59,6 +74,23 @@ impl Limiter {
     /// pauses admission at once (its `Retry-After`, or the default pause) and goes to
     /// the controller.
     pub fn learn(&self, now: u64, sent_at: u64, count: u32, answer: &Answer) {
+        self.learn_costed(now, sent_at, count, None, answer);
+    }
+
+    fn learn_costed(
+        &self,
+        now: u64,
+        sent_at: u64,
+        count: u32,
+        tokens: Option<u64>,
+        answer: &Answer,
+    ) {
+        if answer.refusal == Some(Refusal::Tokens)
+            && self.learn_tokens(now, sent_at, tokens, answer)
+        {
+            // The token budget's: the request rate is not touched.
+            return;
+        }
         let Some(kind) = answer.refusal else {
             // Refused sends still in the window are in `count` but not in the
             // provider's; Relaxed: both are hints the controller reads a tick later.
@@ -113,6 +145,7 @@ impl Limiter {
         while let Some(ev) = self.inbox.pop() {
             self.apply(&mut c, ev, note);
         }
+        self.control_tokens(&mut c, note);
         let window = nanos(self.pacing.window);
         let demand_at = self.demand_at.load(StdOrdering::Relaxed);
         let demand = demand_at != 0 && now.saturating_sub(demand_at - 1) < window;
@@ -268,6 +301,11 @@ impl Limiter {
         let mut c = self.control.lock();
         let ch = c.learner.forget(now);
         self.header_limit.store(0, StdOrdering::Relaxed);
+        if let (Some(l), Some(b)) = (c.tokens.as_mut(), &self.tokens) {
+            l.forget();
+            b.set_limit(l.limit());
+            self.token_header_limit.store(0, StdOrdering::Relaxed);
+        }
         if let Some(ch) = ch {
             self.changed(&mut c, ch, &mut |_| {});
         }

@@ -61,6 +61,7 @@ fn openai_request_headers_give_limit_remaining_and_time_until_full() {
             limit_rpm: Some(5000),
             remaining: Some(4999),
             reset: Some(ms(12)),
+            tokens: None,
         })
     );
 }
@@ -78,6 +79,7 @@ fn bare_headers_give_the_remaining_count_and_reset_but_not_a_limit_of_no_named_p
             limit_rpm: None,
             remaining: Some(0),
             reset: Some(ms(1250)),
+            tokens: None,
         })
     );
 }
@@ -97,6 +99,7 @@ fn request_specific_headers_win_over_bare_ones_field_by_field() {
             limit_rpm: Some(60),
             remaining: Some(7),
             reset: Some(Duration::from_secs(360)),
+            tokens: None,
         })
     );
 }
@@ -152,17 +155,44 @@ fn a_repeated_quota_header_is_read_by_its_first_value_among_any_others() {
             limit_rpm: Some(60),
             remaining: Some(7),
             reset: Some(Duration::from_secs(2)),
+            tokens: None,
         })
     );
 }
 
 #[test]
-fn token_headers_are_not_read_as_the_request_quota() {
+fn token_headers_are_read_as_the_token_quota_not_the_request_quota() {
     let h = headers(&[
         ("x-ratelimit-limit-tokens", "160000"),
-        ("x-ratelimit-remaining-tokens", "0"),
-        ("x-ratelimit-reset-tokens", "9ms"),
+        ("x-ratelimit-remaining-tokens", "159976"),
+        ("x-ratelimit-reset-tokens", "6m0s"),
     ]);
+    assert_eq!(
+        quota(&h, Dialect::OpenAi),
+        Some(Quota {
+            tokens: Some(TokenQuota {
+                limit_tpm: Some(160_000),
+                remaining: Some(159_976),
+                reset: Some(Duration::from_secs(360)),
+            }),
+            ..Quota::default()
+        })
+    );
+}
+
+#[test]
+fn a_token_limit_of_minus_one_or_zero_is_absent_and_voids_its_remaining_count() {
+    for limit in ["-1", "0"] {
+        let h = headers(&[
+            ("x-ratelimit-limit-tokens", limit),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "12ms"),
+        ]);
+        let t = quota(&h, Dialect::OpenAi).and_then(|q| q.tokens).unwrap();
+        assert_eq!((t.limit_tpm, t.remaining), (None, None), "limit {limit}");
+        assert_eq!(t.reset, Some(ms(12)));
+    }
+    let h = headers(&[("x-ratelimit-limit-tokens", "-1")]);
     assert_eq!(quota(&h, Dialect::OpenAi), None);
 }
 

@@ -35,13 +35,16 @@ fn abandoning_a_ticket_the_grant_reached_first_returns_the_grant_and_counts_no_d
 fn admit_takes_the_fast_path_when_nobody_waits_and_a_token_is_free() {
     let l = limiter(60.0, 2, 4);
     assert!(matches!(
-        l.admit(Priority::Normal, 0),
+        l.admit(Priority::Normal, None, 0),
         Decision::Admitted(_)
     ));
-    assert!(matches!(l.admit(Priority::Low, 0), Decision::Admitted(_)));
+    assert!(matches!(
+        l.admit(Priority::Low, None, 0),
+        Decision::Admitted(_)
+    ));
     assert_eq!(l.bucket.tokens(0), 0.0);
     assert!(l.queues.is_empty());
-    let mut t = queued(l.admit(Priority::Normal, 0));
+    let mut t = queued(l.admit(Priority::Normal, None, 0));
     assert!(!is_granted(&mut t));
 }
 
@@ -49,14 +52,14 @@ fn admit_takes_the_fast_path_when_nobody_waits_and_a_token_is_free() {
 fn admit_parks_behind_waiters_even_when_a_token_is_free() {
     let l = limiter(60.0, 1, 4);
     assert!(matches!(
-        l.admit(Priority::Normal, 0),
+        l.admit(Priority::Normal, None, 0),
         Decision::Admitted(_)
     ));
-    let mut first = queued(l.admit(Priority::Normal, 0));
+    let mut first = queued(l.admit(Priority::Normal, None, 0));
     // A second later a token is free, but someone waits: no jumping, not even by a
     // higher priority; the dispatcher decides.
     assert_eq!(l.bucket.tokens(S), 1.0);
-    let mut high = queued(l.admit(Priority::High, S));
+    let mut high = queued(l.admit(Priority::High, None, S));
     assert_eq!(l.bucket.tokens(S), 1.0, "parking took no token");
     assert_eq!(l.dispatch(S), Some(Duration::from_secs(1)));
     assert!(is_granted(&mut high), "strict priority among the waiters");
@@ -69,12 +72,12 @@ fn admit_parks_behind_waiters_even_when_a_token_is_free() {
 fn admit_refuses_at_the_bound_with_those_ahead() {
     let l = limiter(60.0, 1, 2);
     assert!(matches!(
-        l.admit(Priority::Normal, 0),
+        l.admit(Priority::Normal, None, 0),
         Decision::Admitted(_)
     ));
-    let _a = queued(l.admit(Priority::Low, 0));
-    let _b = queued(l.admit(Priority::Normal, 0));
-    match l.admit(Priority::Normal, 0) {
+    let _a = queued(l.admit(Priority::Low, None, 0));
+    let _b = queued(l.admit(Priority::Normal, None, 0));
+    match l.admit(Priority::Normal, None, 0) {
         Decision::Full(full) => assert_eq!(full, QueueFull { ahead: 1 }),
         other => panic!("expected Full, got {other:?}"),
     }
@@ -84,11 +87,11 @@ fn admit_refuses_at_the_bound_with_those_ahead() {
 fn a_requeued_request_is_granted_before_new_arrivals_of_its_priority() {
     let l = limiter(60.0, 1, 4);
     assert!(matches!(
-        l.admit(Priority::Normal, 0),
+        l.admit(Priority::Normal, None, 0),
         Decision::Admitted(_)
     ));
-    let mut new = queued(l.admit(Priority::Normal, 0));
-    let mut retry = l.requeue(Priority::Normal).unwrap();
+    let mut new = queued(l.admit(Priority::Normal, None, 0));
+    let mut retry = l.requeue(Priority::Normal, None, 0).unwrap();
     assert_eq!(l.dispatch(S), Some(Duration::from_secs(1)));
     assert!(is_granted(&mut retry));
     assert!(!is_granted(&mut new));
@@ -211,14 +214,14 @@ fn a_dispatcher_late_by_more_than_the_slack_loses_its_lateness_as_before() {
 #[test]
 fn a_refund_returns_the_token_to_the_bucket() {
     let l = limiter(60.0, 1, 4);
-    let Decision::Admitted(c) = l.admit(Priority::Normal, 0) else {
+    let Decision::Admitted(c) = l.admit(Priority::Normal, None, 0) else {
         panic!("a token was free")
     };
     assert_eq!(l.guard.in_span(0), 1);
-    l.refund(c, 0);
+    l.refund(c.claim, 0);
     assert_eq!(l.guard.in_span(0), 0, "the window slot is free again");
     assert!(matches!(
-        l.admit(Priority::Normal, 0),
+        l.admit(Priority::Normal, None, 0),
         Decision::Admitted(_)
     ));
 }

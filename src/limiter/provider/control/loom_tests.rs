@@ -72,6 +72,7 @@ fn loom_a_429_a_control_step_and_an_admin_change_publish_the_final_state() {
                     refusal: Some(Refusal::RateLimit),
                     retry_after: Some(Duration::ZERO),
                     quota: None,
+                    token_refusal: None,
                 };
                 // The 5th send of its window was refused: the limit is 4.
                 l.on_answer(4 * S + 1, 4 * S, 5, &answer);
@@ -106,6 +107,7 @@ fn loom_an_overload_refusal_racing_recovery_leaves_no_cut_rate_in_normal() {
             refusal: Some(Refusal::Overload),
             retry_after: Some(Duration::ZERO),
             quota: None,
+            token_refusal: None,
         };
         // Retreat, then quiet long enough that the next steps recover.
         l.on_answer(0, 0, 1, &overload);

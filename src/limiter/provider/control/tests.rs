@@ -43,10 +43,10 @@ fn paced(capacity: u32) -> Limiter {
 
 /// Admits and stamps one request at `now` on the fast path; its claim.
 fn send(l: &Limiter, now: u64) -> Claim {
-    match l.admit(Priority::Normal, now) {
-        Decision::Admitted(c) => {
-            l.guard.stamp(c.slot, now);
-            c
+    match l.admit(Priority::Normal, None, now) {
+        Decision::Admitted(g) => {
+            l.guard.stamp(g.claim.slot, now);
+            g.claim
         }
         other => panic!("expected Admitted at {now}, got {other:?}"),
     }
@@ -58,6 +58,7 @@ fn refusal(kind: Refusal, retry_after: Option<Duration>) -> Answer {
         refusal: Some(kind),
         retry_after,
         quota: None,
+        token_refusal: None,
     }
 }
 
@@ -129,7 +130,7 @@ fn the_window_guard_holds_the_limit_when_the_bucket_would_grant_a_burst() {
     }
     assert_eq!(l.guard.in_span(0), 60);
     assert!(l.guard.try_claim(S).is_err(), "window full: {:?}", l.guard);
-    let _waiting = queued(l.admit(Priority::Normal, 0));
+    let _waiting = queued(l.admit(Priority::Normal, None, 0));
     assert_eq!(
         l.dispatch(S),
         Some(Duration::from_millis(5_050)),
@@ -146,6 +147,7 @@ fn a_header_limit_is_taken_as_stated_and_a_repeat_changes_nothing() {
         limit_rpm: Some(300),
         remaining: Some(10),
         reset: Some(Duration::from_secs(1)),
+        tokens: None,
     });
     let ok = Answer {
         ok: true,
@@ -171,6 +173,7 @@ fn a_spent_quota_pauses_until_its_reset_and_the_pause_is_visible() {
             limit_rpm: None,
             remaining: Some(0),
             reset: Some(Duration::from_secs(6)),
+            tokens: None,
         }),
         ..Answer::default()
     };
@@ -237,7 +240,7 @@ fn a_probe_lifts_the_guard_to_the_ceiling_only_while_requests_wait() {
         for k in 0..30u64 {
             send(&l, 61 * S + k * 200 * MS);
         }
-        l.admit(Priority::Normal, 67 * S)
+        l.admit(Priority::Normal, None, 67 * S)
     });
     let notes = control(&l, 67 * S);
     assert!(

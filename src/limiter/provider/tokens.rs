@@ -1,0 +1,340 @@
+//! The limiter's token budget, as the proxy sees it: the reservation a request carries
+//! from admission to settlement, what answers teach the budget, and its views.
+//!
+//! **A reservation** ([`Reservation`]) is made by admission (the fast path, or the
+//! dispatcher's grant) and travels in the [`Permit`](super::Permit). It is dated when
+//! the request is written upstream and settled once, by value, when the answer ends:
+//! [`Reservation::settle`]. Dropped unsent, it gives every token back at once; dropped
+//! sent and unsettled, the estimate stays charged.
+//!
+//! **Answers.** A 429 about tokens holds token admission until the provider's reset
+//! (requests without a token cost still go; the request rate is not touched) and goes to
+//! the controller, which learns the token limit down (`token_budget/learn.rs`). A stated
+//! `x-ratelimit-limit-tokens` caps the limit; a `x-ratelimit-remaining-tokens` below the
+//! sidecar's own view means the provider counted more: the difference is charged now.
+//! With the budget off, these signals are only remembered ([`TokenSignals`]), so the
+//! proxy can suggest the setting once, and a token 429 pauses admission as before.
+
+use std::sync::atomic::{AtomicU8, Ordering as StdOrdering};
+
+use super::Limiter;
+use crate::clock::nanos;
+use crate::limiter::control::{Control, Note};
+use crate::limiter::signal::Answer;
+use crate::limiter::token_budget::{
+    per_window_tokens, Charge, Cost, Reserved, Sent, Settled, TokenBudget, TokenLearner, TokenView,
+    Usage,
+};
+
+/// Tokens reserved for a request: given back if it is never sent, settled once after.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    limiter: &'a Limiter,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Reserved(Reserved),
+    Sent(Sent),
+    Done,
+}
+
+impl<'a> Reservation<'a> {
+    pub(super) fn new(limiter: &'a Limiter, r: Reserved) -> Self {
+        Self {
+            limiter,
+            state: State::Reserved(r),
+        }
+    }
+
+    fn budget(&self) -> &'a TokenBudget {
+        // A reservation exists only where the budget does.
+        self.limiter
+            .tokens
+            .as_ref()
+            .expect("a reservation comes from a token budget")
+    }
+
+    /// The cost estimated at admission.
+    pub fn cost(&self) -> Cost {
+        match self.state {
+            State::Reserved(r) => r.cost,
+            State::Sent(s) => s.cost,
+            State::Done => Cost::default(),
+        }
+    }
+
+    /// When its charge is dated (`None`: not sent yet).
+    pub fn sent_at(&self) -> Option<u64> {
+        match self.state {
+            State::Sent(s) => Some(s.at),
+            _ => None,
+        }
+    }
+
+    /// The request is being written upstream now: the charge is dated now (or when it
+    /// was reserved, if later). Once; later calls change nothing.
+    pub fn stamp(&mut self, now: u64) {
+        if let State::Reserved(r) = self.state {
+            self.state = State::Sent(self.budget().send(r, now));
+        }
+    }
+
+    /// The answer ended: the charge becomes what the provider counts (`charge`) from
+    /// its `usage` (`None`: the estimate stays), where it was dated. Never sent, every
+    /// token goes back (settled 0).
+    pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        match state {
+            State::Reserved(r) => {
+                self.give_back(r);
+                Settled {
+                    estimate: r.cost.total(),
+                    settled: 0,
+                }
+            }
+            State::Sent(mut s) => {
+                let settled = charge.settled(s.cost, usage);
+                self.budget().settle(&mut s, settled);
+                if settled < s.cost.total() {
+                    self.limiter.wake_if_waiting();
+                }
+                Settled {
+                    estimate: s.cost.total(),
+                    settled,
+                }
+            }
+            State::Done => Settled::default(),
+        }
+    }
+
+    fn give_back(&self, r: Reserved) {
+        self.budget().give_back(r);
+        self.limiter.wake_if_waiting();
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let State::Reserved(r) = self.state {
+            self.give_back(r);
+        }
+    }
+}
+
+/// Whether the provider showed a token limit while the budget is off.
+#[derive(Debug, Default)]
+pub struct TokenSignals(AtomicU8);
+
+const UNSEEN: u8 = 0;
+const SEEN: u8 = 1;
+const TOLD: u8 = 2;
+
+impl TokenSignals {
+    fn saw(&self) {
+        // Relaxed: a flag read alone; read first so the usual answer writes nothing.
+        if self.0.load(StdOrdering::Relaxed) == UNSEEN {
+            let _ =
+                self.0
+                    .compare_exchange(UNSEEN, SEEN, StdOrdering::Relaxed, StdOrdering::Relaxed);
+        }
+    }
+
+    /// Token headers or a token 429 were seen.
+    pub fn seen(&self) -> bool {
+        self.0.load(StdOrdering::Relaxed) != UNSEEN
+    }
+
+    /// `true` once, the first time it is asked after they were seen (to log it once).
+    pub fn take_first(&self) -> bool {
+        self.0
+            .compare_exchange(SEEN, TOLD, StdOrdering::Relaxed, StdOrdering::Relaxed)
+            .is_ok()
+    }
+}
+
+/// What the request path reports about tokens to the controller.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum TokenEvent {
+    /// The provider stated its limit, tokens per minute.
+    Stated { limit_tpm: u64 },
+    /// A 429 about tokens on a send dated `sent_at` of `cost` tokens (if known).
+    Refused { sent_at: u64, cost: Option<u64> },
+}
+
+impl Limiter {
+    /// Gives this limiter a token budget of `per_window` tokens per window (the
+    /// per-minute setting scaled to the window by the caller), counted over the window
+    /// guard's span.
+    pub fn with_token_budget(mut self, per_window: u64) -> Self {
+        let span = self.guard.span_nanos();
+        let margin = span.saturating_sub(nanos(self.pacing.window));
+        self.tokens = Some(TokenBudget::new(
+            per_window,
+            span,
+            std::time::Duration::from_nanos(margin / 4),
+        ));
+        self.control.lock().tokens = Some(TokenLearner::new(per_window, self.pacing.window));
+        self
+    }
+
+    /// The token budget, when one is configured.
+    pub fn token_budget(&self) -> Option<&TokenBudget> {
+        self.tokens.as_ref()
+    }
+
+    /// Whether the provider showed a token limit (headers, 429s) while the budget is off.
+    pub fn token_signals(&self) -> &TokenSignals {
+        &self.token_signals
+    }
+
+    pub(super) fn wake_if_waiting(&self) {
+        if !self.queues.is_empty() {
+            self.wake_dispatcher();
+        }
+    }
+
+    /// The token headers of an answer: a stated limit goes to the controller; a
+    /// remaining count below the sidecar's view is charged now.
+    pub(super) fn observe_tokens(&self, now: u64, answer: &Answer) {
+        let Some(t) = answer.quota.and_then(|q| q.tokens) else {
+            return;
+        };
+        let Some(budget) = &self.tokens else {
+            self.token_signals.saw();
+            return;
+        };
+        if let Some(tpm) = t.limit_tpm {
+            // Relaxed: deduplication only, as the request limit's.
+            if self.token_header_limit.load(StdOrdering::Relaxed) != tpm
+                && self.token_header_limit.swap(tpm, StdOrdering::Relaxed) != tpm
+            {
+                self.report_tokens(TokenEvent::Stated { limit_tpm: tpm });
+            }
+        }
+        let limit_tpm = t
+            .limit_tpm
+            .or_else(|| Some(self.token_header_limit.load(StdOrdering::Relaxed)))
+            .filter(|&n| n > 0);
+        if let (Some(limit), Some(remaining)) = (limit_tpm, t.remaining) {
+            // The provider's figures are per minute: what it counted, scaled to the window.
+            let counted = limit.saturating_sub(remaining);
+            if counted > 0 {
+                let window = self.pacing.window;
+                let used = per_window_tokens(counted, window);
+                let ours = budget.charged_in(now, nanos(window));
+                if used > ours {
+                    budget.charge_extra(used - ours, now);
+                }
+            }
+        }
+    }
+
+    /// A 429 about tokens (see the module doc); `false` when the budget is off and the
+    /// request rules take it.
+    pub(super) fn learn_tokens(
+        &self,
+        now: u64,
+        sent_at: u64,
+        cost: Option<u64>,
+        answer: &Answer,
+    ) -> bool {
+        let Some(budget) = &self.tokens else {
+            self.token_signals.saw();
+            return false;
+        };
+        let stated = answer.token_refusal;
+        if let Some(tpm) = stated.and_then(|s| s.limit_tpm) {
+            self.report_tokens(TokenEvent::Stated { limit_tpm: tpm });
+        }
+        if stated.is_some_and(|s| s.too_large) {
+            // This request never fits; the budget is not spent.
+            return true;
+        }
+        let wait = answer
+            .retry_after
+            .or_else(|| stated.and_then(|s| s.try_again))
+            .or_else(|| answer.quota.and_then(|q| q.tokens).and_then(|t| t.reset))
+            .unwrap_or(self.default_pause);
+        budget.hold(now.saturating_add(nanos(wait)));
+        if stated.and_then(|s| s.limit_tpm).is_none() {
+            self.report_tokens(TokenEvent::Refused { sent_at, cost });
+        }
+        true
+    }
+
+    fn report_tokens(&self, ev: TokenEvent) {
+        self.token_inbox.push(ev);
+        self.wake_dispatcher();
+    }
+
+    /// The controller's part: applies token events and publishes the token limit.
+    pub(super) fn control_tokens(&self, c: &mut Control, note: &mut dyn FnMut(Note)) {
+        let (Some(budget), Some(learner)) = (&self.tokens, c.tokens.as_mut()) else {
+            while self.token_inbox.pop().is_some() {}
+            return;
+        };
+        while let Some(ev) = self.token_inbox.pop() {
+            let change = match ev {
+                TokenEvent::Stated { limit_tpm } => learner.on_stated(limit_tpm),
+                TokenEvent::Refused { sent_at, cost } => {
+                    let charged = budget.charged_in(sent_at, nanos(self.pacing.window));
+                    learner.on_refused(charged, cost)
+                }
+            };
+            if let Some(ch) = change {
+                note(Note::Tokens(ch));
+            }
+        }
+        if budget.limit() != learner.limit() {
+            budget.set_limit(learner.limit());
+            self.wake_dispatcher();
+        }
+    }
+
+    /// A new configured token limit (tokens per window) at run time (a limiter made
+    /// without a budget stays without one).
+    pub fn set_token_limit(&self, per_window: u64) {
+        for (_, m) in self.models() {
+            m.set_token_limit(per_window);
+        }
+        let mut c = self.control.lock();
+        if let (Some(l), Some(b)) = (c.tokens.as_mut(), &self.tokens) {
+            l.set_ceiling(per_window);
+            b.set_limit(l.limit());
+            self.wake_dispatcher();
+        }
+    }
+
+    /// How long until a request of `cost` would fit the token budget (zero when it
+    /// does now, when it has no cost, or when the budget is off): for the proxy's
+    /// estimate of a parked request's wait, beside [`Limiter::expected_wait`].
+    pub fn token_wait(&self, cost: Option<Cost>, now: u64) -> std::time::Duration {
+        match (cost, &self.tokens) {
+            (Some(c), Some(b)) => b.wait_time(c, now),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
+    /// The token budget for metrics (`None`: off): the limit, what is charged in the
+    /// span and what remains, and the token cost of the requests waiting.
+    pub fn token_view(&self, now: u64) -> Option<TokenView> {
+        let b = self.tokens.as_ref()?;
+        let (ceiling, stated) = {
+            let c = self.control.lock();
+            c.tokens
+                .as_ref()
+                .map_or((0, None), |l| (l.ceiling(), l.stated()))
+        };
+        Some(TokenView {
+            ceiling,
+            stated,
+            waiting: self.queues.waiting_cost(),
+            ..b.view(now)
+        })
+    }
+}
+
+#[cfg(all(test, not(sidecar_loom)))]
+mod tests;

@@ -525,3 +525,64 @@ fn chunked_step(
         }
     }
 }
+
+/// The token budget's readers: a request body's token fields ([`crate::tokens::read`])
+/// and their estimates, a JSON answer's usage, and the same bytes as an event stream
+/// ([`crate::tokens::UsageScanner`]) fed in pieces.
+///
+/// Checks: the model is at most 256 bytes; a body read by its length counts all of it
+/// as text; every estimate, for every endpoint and factor, holds at least the token
+/// ids; the stream's events are in order within it, the scanner's usage is the last
+/// event's; the same bytes cut into pieces of each size from 1 to 64 give the same
+/// events, usage and end as whole.
+pub fn token_fields(data: &[u8]) {
+    use crate::tokens::{self, Basis, Endpoint, Factor, Rules, UsageScanner};
+    let fields = tokens::read(data);
+    let model = fields.model.as_deref().map_or(0, str::len);
+    assert!(
+        model <= tokens::request::MODEL_MAX,
+        "model of {model} bytes"
+    );
+    assert!(fields.n >= 1 && fields.prompts >= 1);
+    match fields.basis {
+        Basis::BodyLength => assert_eq!(fields.text_bytes, data.len() as u64),
+        Basis::Fields => assert!(fields.token_ids <= data.len() as u64),
+    }
+    let rules = Rules::default();
+    for endpoint in [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Other,
+    ] {
+        for factor in [Factor::ONE, Factor::MAX] {
+            let e = rules.estimate(&fields, endpoint, factor);
+            assert!(e.prompt >= fields.token_ids, "{e:?} under {fields:?}");
+            assert!(e.prompt >= e.ratio_base.unwrap_or(0));
+        }
+    }
+    let _ = tokens::usage::from_json(data);
+
+    let scan = |step: usize| {
+        let mut s = UsageScanner::new();
+        let mut events = Vec::new();
+        for piece in data.chunks(step) {
+            s.feed(piece, |e| events.push(e));
+        }
+        s.finish(|e| events.push(e));
+        (events, s.usage(), s.done())
+    };
+    let whole = scan(data.len().max(1));
+    let mut last = 0;
+    for e in &whole.0 {
+        assert!(last <= e.start && e.start < e.end, "{e:?} after {last}");
+        last = e.end;
+    }
+    assert!(last <= data.len() as u64);
+    let last_usage = whole.0.iter().rev().find_map(|e| e.usage);
+    assert_eq!(whole.1, last_usage);
+    for step in 1..=64 {
+        assert_eq!(scan(step), whole, "pieces of {step}");
+    }
+}

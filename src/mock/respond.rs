@@ -149,7 +149,7 @@ impl Plan {
         json!({
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion(),
-            "total_tokens": self.prompt + self.completion()
+            "total_tokens": self.prompt.saturating_add(self.completion())
         })
     }
 }
@@ -200,7 +200,7 @@ pub async fn chat(
             "usage": plan.usage()
     });
     if let Some(mut m) = meter {
-        m.add(plan.prompt + plan.completion());
+        m.add(plan.prompt.saturating_add(plan.completion()));
         m.settle();
     }
     match knobs.reset_after {
@@ -272,25 +272,29 @@ fn stream(
             let choice = json!([{"index": index, "delta": delta, "finish_reason": finish}]);
             chunk(&id, &model, created, choice, null.clone())
         };
-        let mut frames = Vec::with_capacity(plan.n * (plan.per_choice + 2) + 2);
-        for index in 0..plan.n {
+        let one = &one;
+        // Made as they are sent: `n` × the token knob can be millions of chunks.
+        let starts = (0..plan.n).map(|index| {
             let role = json!({"role": "assistant", "content": ""});
-            frames.push((Step::Start, one(index, role, None)));
-        }
-        for i in 0..plan.per_choice {
-            for index in 0..plan.n {
+            (Step::Start, one(index, role, None))
+        });
+        let tokens = (0..plan.per_choice).flat_map(|i| {
+            (0..plan.n).map(move |index| {
                 let delta = json!({"content": WORDS[i % WORDS.len()]});
-                frames.push((Step::Token { first: index == 0 }, one(index, delta, None)));
-            }
-        }
-        for index in 0..plan.n {
-            frames.push((Step::End, one(index, json!({}), Some(plan.finish))));
-        }
-        if plan.include_usage {
+                (Step::Token { first: index == 0 }, one(index, delta, None))
+            })
+        });
+        let ends = (0..plan.n).map(|index| (Step::End, one(index, json!({}), Some(plan.finish))));
+        let usage = plan.include_usage.then(|| {
             let usage = chunk(&id, &model, created, json!([]), Some(plan.usage()));
-            frames.push((Step::End, usage));
-        }
-        frames.push((Step::End, Bytes::from_static(b"data: [DONE]\n\n")));
+            (Step::End, usage)
+        });
+        let done = (Step::End, Bytes::from_static(b"data: [DONE]\n\n"));
+        let frames = starts
+            .chain(tokens)
+            .chain(ends)
+            .chain(usage)
+            .chain(std::iter::once(done));
         for (n, (step, frame)) in frames.into_iter().enumerate() {
             if knobs.reset_after == Some(n) {
                 reset(&tx, "simulated reset mid-stream").await;

@@ -150,7 +150,7 @@ impl TokenWindow {
             return Err(refusal(None));
         }
         let fits = |used: u64| match self.charge {
-            TokenCharge::Reserved => used + requested <= self.max,
+            TokenCharge::Reserved => used.saturating_add(requested) <= self.max,
             TokenCharge::Actual => used < self.max,
         };
         if fits(self.used) {
@@ -277,6 +277,18 @@ mod tests {
         reserve(&mut w, t0 + S, 400).unwrap();
         w.set(None, 10 * S);
         reserve(&mut w, t0 + S, 1 << 40).unwrap();
+    }
+
+    #[test]
+    fn a_huge_charge_on_record_refuses_instead_of_overflowing() {
+        // `max_tokens: 1e19` with n = 128 saturates the request's bound; unlimited, it is
+        // still recorded, and a limit set afterwards must refuse, not overflow.
+        let mut w = TokenWindow::new(None, 10 * S, TokenCharge::Reserved);
+        let t0 = Instant::now();
+        reserve(&mut w, t0, u64::MAX).unwrap();
+        w.set(Some(100), 10 * S);
+        let r = reserve(&mut w, t0 + S, 100).unwrap_err();
+        assert_eq!((r.used, r.wait), (u64::MAX, Some(9 * S)));
     }
 
     #[test]

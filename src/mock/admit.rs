@@ -21,7 +21,6 @@ use parking_lot::{Mutex, RwLock};
 
 use super::judge::{Cause, Event, Judge};
 use super::limit::{self, LimitState, Quota, Refusal, Window, WindowLimit};
-use super::shared::MockShared;
 use super::tokens::{TokenCharge, TokenLimitState, TokenQuota, TokenRefusal, TokenWindow};
 use super::workers::{WorkerSlot, Workers};
 
@@ -336,15 +335,15 @@ fn tighter(prev: Option<Binding>, w: &Window, quota: Quota) -> Option<Binding> {
 ///
 /// [`settle`]: Meter::settle
 pub struct Meter {
-    shared: Arc<MockShared>,
+    gate: Arc<Gate>,
     model: Option<String>,
     tokens: u64,
 }
 
 impl Meter {
-    pub fn new(shared: Arc<MockShared>, model: Option<String>) -> Self {
+    pub fn new(gate: Arc<Gate>, model: Option<String>) -> Self {
         Self {
-            shared,
+            gate,
             model,
             tokens: 0,
         }
@@ -360,7 +359,7 @@ impl Meter {
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        self.shared.gate.settle(self.model.as_deref(), self.tokens);
+        self.gate.settle(self.model.as_deref(), self.tokens);
     }
 }
 

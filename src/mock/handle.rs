@@ -76,7 +76,7 @@ impl Body for Holding {
 
 /// The answer, and the worker slot it holds (if the worker cap took one).
 async fn serve(
-    s: &Arc<MockShared>,
+    s: &MockShared,
     req: Request<RequestBody>,
     remote: SocketAddr,
 ) -> (Response<MockBody>, Option<WorkerSlot>) {
@@ -173,7 +173,7 @@ async fn serve(
         }
     };
     let meter = (s.gate.charge_model() == TokenCharge::Actual && s.gate.is_judging())
-        .then(|| Meter::new(Arc::clone(s), model.map(|m| m.into_owned())));
+        .then(|| Meter::new(Arc::clone(&s.gate), model.map(|m| m.into_owned())));
     let mut resp = answer(s, &parts, &path, parsed, &ask, &knobs, meter).await;
     headers::admitted(resp.headers_mut(), s.headers, admission);
     (resp, slot)

@@ -94,7 +94,7 @@ impl MockServer {
         let models = config.parsed_model_limits()?;
         let tokens = tokens::TokenWindow::new(config.token_max()?, window, config.token_charge);
         let shared = Arc::new(MockShared {
-            gate: admit::Gate::new(
+            gate: Arc::new(admit::Gate::new(
                 limit::max_for(config.rpm, window),
                 tokens,
                 window,
@@ -102,7 +102,7 @@ impl MockServer {
                 config.worker_limit,
                 config.judge || config.record_requests,
                 Instant::now(),
-            ),
+            )),
             headers: headers::HeaderPolicy::from(&config),
             window,
             stats: MockStats::default(),

@@ -30,7 +30,6 @@
 
 use std::num::NonZeroU32;
 
-use super::ratio::Factor;
 use super::request::{Basis, TokenFields};
 
 /// The OpenAI-compatible endpoint a body was sent to.
@@ -95,6 +94,37 @@ impl BytesPerToken {
 impl Default for BytesPerToken {
     fn default() -> Self {
         Self::DEFAULT
+    }
+}
+
+/// A multiplier of estimates in 1/1024 steps ([`Factor::ONE`] = ×1): the per-model
+/// correction [`super::ratio`] learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Factor(u32);
+
+impl Factor {
+    pub const SCALE: u32 = 1024;
+    pub const ONE: Factor = Factor(Self::SCALE);
+    /// The largest factor: ×64, as far as the state word's fields reach.
+    pub const MAX: Factor = Factor(64 * Self::SCALE);
+
+    /// `n / 1024`, kept within `1..=MAX`.
+    pub fn from_scaled(n: u32) -> Self {
+        Factor(n.clamp(1, Self::MAX.0))
+    }
+
+    pub fn scaled(self) -> u32 {
+        self.0
+    }
+
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.0) / f64::from(Self::SCALE)
+    }
+
+    /// `tokens × factor`, rounded up, saturating.
+    pub fn apply(self, tokens: u64) -> u64 {
+        let t = (u128::from(tokens) * u128::from(self.0)).div_ceil(u128::from(Self::SCALE));
+        u64::try_from(t).unwrap_or(u64::MAX)
     }
 }
 

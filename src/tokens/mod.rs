@@ -30,8 +30,8 @@ pub mod request;
 pub mod sse;
 pub mod usage;
 
-pub use estimate::{BytesPerToken, Endpoint, Estimate, Rules};
-pub use ratio::{Factor, RatioRules, RatioTable};
+pub use estimate::{BytesPerToken, Endpoint, Estimate, Factor, Rules};
+pub use ratio::{RatioRules, RatioTable};
 pub use request::{read, Basis, Images, TokenFields};
 pub use sse::{Event, EventKind, UsageScanner};
 pub use usage::Usage;

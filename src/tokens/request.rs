@@ -36,13 +36,17 @@
 //! Skipping everything but `model`, as routing does, is 7,900.
 
 mod messages;
+mod tally;
 
 use std::borrow::Cow;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess};
 
 use super::json::{field_names, json_map, Bytes, Json, Lenient, Num, Scalar, ValueReader};
-use messages::{Detail, Message, Messages};
+use messages::{Message, Messages};
+use tally::{Tally, Text};
+
+pub use tally::Images;
 
 /// Longest model name kept, in bytes (cut at a character boundary).
 pub const MODEL_MAX: usize = 256;
@@ -57,30 +61,6 @@ pub enum Basis {
     /// is the body's length and the other counts are zero (an object's model, bound,
     /// `n` and stream flags are still read).
     BodyLength,
-}
-
-/// Images of a request, by their `detail`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Images {
-    pub low: u32,
-    pub high: u32,
-    /// `auto`, absent or unknown: the provider picks, so it counts as high.
-    pub auto: u32,
-}
-
-impl Images {
-    pub fn total(&self) -> u32 {
-        self.low.saturating_add(self.high).saturating_add(self.auto)
-    }
-
-    fn add(&mut self, detail: Detail) {
-        let n = match detail {
-            Detail::Low => &mut self.low,
-            Detail::High => &mut self.high,
-            Detail::Auto => &mut self.auto,
-        };
-        *n = n.saturating_add(1);
-    }
 }
 
 /// The fields of a request body that decide its tokens.
@@ -169,30 +149,6 @@ fn cut(s: Cow<'_, str>) -> Cow<'_, str> {
             o.truncate(end);
             Cow::Owned(o)
         }
-    }
-}
-
-/// Counts of the prompt, shared by the readers below.
-#[derive(Debug, Default)]
-struct Tally {
-    bytes: Bytes,
-    ids: u64,
-    messages: u32,
-    images: Images,
-    media: u32,
-}
-
-impl Tally {
-    fn text(&mut self, v: &str) {
-        self.bytes.text = self.bytes.text.saturating_add(v.len() as u64);
-    }
-
-    fn message(&mut self) {
-        self.messages = self.messages.saturating_add(1);
-    }
-
-    fn id(&mut self) {
-        self.ids = self.ids.saturating_add(1);
     }
 }
 
@@ -343,25 +299,6 @@ impl<'de> ValueReader<'de> for StreamOptions {
             }
         }
         Ok(include)
-    }
-}
-
-/// A text field (`instructions`, `suffix`, a part's `text`): a string is text whatever
-/// it starts with; anything else counts as [`Json`].
-struct Text<'t>(&'t mut Tally);
-
-impl<'de> ValueReader<'de> for Text<'_> {
-    type Value = ();
-
-    fn fallback(self) {}
-
-    fn counts(&mut self) -> Option<&mut Bytes> {
-        Some(&mut self.0.bytes)
-    }
-
-    fn str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.0.text(v);
-        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@
 
 use serde::de::{self, MapAccess, SeqAccess};
 
-use super::{Tally, Text};
+use super::tally::{Detail, Tally, Text};
 use crate::tokens::json::{field_names, is_data_url, Bytes, Json, Lenient, Scalar, ValueReader};
 
 /// `messages`: an array of messages (one object reads as one message).
@@ -122,24 +122,6 @@ impl PartKind {
             "input_audio" | "audio" | "audio_url" | "input_file" | "file" | "video_url"
             | "input_video" | "video" => PartKind::Media,
             _ => PartKind::Unknown,
-        }
-    }
-}
-
-/// An image's `detail`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Detail {
-    Low,
-    High,
-    Auto,
-}
-
-impl Detail {
-    fn of(s: &Scalar<'_>) -> Self {
-        match s.as_str() {
-            Some("low") => Detail::Low,
-            Some("high") => Detail::High,
-            _ => Detail::Auto,
         }
     }
 }

@@ -44,6 +44,7 @@ rate_rpm = 600
 bucket_capacity = 5
 queue_max_size = 8
 low_priority_timeout = 2
+tokens_per_minute = 150000
 "#;
 
 /// The run-time settings of [`PATCH_BASE_TOML`], built once (as the binary would build
@@ -141,6 +142,11 @@ pub fn admin_patch(data: &[u8]) {
             (0.0009..=86_400.0).contains(&t),
             "{what}.low_priority_timeout out of range: {t}"
         );
+        assert!(
+            h.tokens_per_minute <= 10_000_000_000,
+            "{what}.tokens_per_minute out of range: {}",
+            h.tokens_per_minute
+        );
     }
     in_range("defaults", &new.defaults);
     for (h, name) in new.providers.iter().zip(PATCH_NAMES) {
@@ -163,6 +169,8 @@ pub fn admin_patch(data: &[u8]) {
             queue_max_size: pick(|p| p.queue_max_size).map_or(old.queue_max_size, |v| v as usize),
             low_priority_timeout: pick(|p| p.low_priority_timeout)
                 .map_or(old.low_priority_timeout, Duration::from_secs_f64),
+            tokens_per_minute: pick(|p| p.tokens_per_minute)
+                .map_or(old.tokens_per_minute, |v| v as u64),
         }
     }
     let top = patch::ProviderPatch {
@@ -170,6 +178,7 @@ pub fn admin_patch(data: &[u8]) {
         bucket_capacity: p.bucket_capacity,
         queue_max_size: p.queue_max_size,
         low_priority_timeout: p.low_priority_timeout,
+        tokens_per_minute: p.tokens_per_minute,
     };
     assert_eq!(new.defaults, expect(&old.defaults, &top, None), "defaults");
     for (i, name) in PATCH_NAMES.iter().enumerate() {
@@ -231,6 +240,10 @@ pub fn admin_patch(data: &[u8]) {
             format!("{prefix}low_priority_timeout"),
             a.low_priority_timeout != b.low_priority_timeout,
         );
+        field(
+            format!("{prefix}tokens_per_minute"),
+            a.tokens_per_minute != b.tokens_per_minute,
+        );
     }
     let listed: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
     assert_eq!(listed, expected, "diff lists each changed field once");
@@ -246,7 +259,8 @@ pub fn admin_patch(data: &[u8]) {
 ///
 /// Checks: every error renders as one line; a built configuration has at least one
 /// provider, a valid default provider index, unique names and every provider's values
-/// within the accepted ranges.
+/// within the accepted ranges (the token budget's too: a window's tokens exactly when
+/// `tokens_per_minute` is set).
 ///
 /// `upstream_ca_file` is cleared before the build so the fuzzer cannot make the loader
 /// read arbitrary files (`/dev/zero`) from the machine.
@@ -301,6 +315,26 @@ fn config_text(text: &str) {
         assert!(
             (0.0009..=86_400.0).contains(&t),
             "providers[{i}].low_priority_timeout {t}"
+        );
+        assert!(
+            p.tokens_per_minute <= 10_000_000_000,
+            "providers[{i}].tokens_per_minute {}",
+            p.tokens_per_minute
+        );
+        assert_eq!(
+            p.tokens_per_window().is_some(),
+            p.tokens_per_minute > 0,
+            "providers[{i}]: a token budget exactly when tokens_per_minute is set"
+        );
+        let bpt = p.token_rules.bytes_per_token.as_f64();
+        assert!(
+            (1.0..=8.0).contains(&bpt),
+            "providers[{i}].bytes_per_token {bpt}"
+        );
+        assert!(
+            (1..=1_000_000).contains(&p.token_rules.default_completion),
+            "providers[{i}].default_completion_tokens {}",
+            p.token_rules.default_completion
         );
         assert!(!p.name.is_empty(), "providers[{i}] has no name");
         assert!(

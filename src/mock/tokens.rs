@@ -14,24 +14,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// How a provider charges tokens (`--token-charge`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum TokenCharge {
-    /// Prompt plus the completion bound, charged on arrival; the charge stays.
-    #[default]
-    Reserved,
-    /// Prompt plus the generated completion, charged when the answer ends.
-    Actual,
-}
-
-impl TokenCharge {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Reserved => "reserved",
-            Self::Actual => "actual",
-        }
-    }
-}
+/// How a provider charges tokens (`--token-charge`): the same two models the sidecar's
+/// `token_charge` setting names.
+pub use crate::config::TokenCharge;
 
 /// What is left of the token window (sent as `x-ratelimit-*-tokens`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -61,6 +61,10 @@ fn route_and_headers(c: &mut Criterion) {
         rate_limit_headers: Default::default(),
         limit_scope: Default::default(),
         budget: name.into(),
+        tokens_per_minute: 0,
+        token_charge: Default::default(),
+        request_usage: false,
+        token_rules: Default::default(),
     };
     let router = Router::new(
         &[

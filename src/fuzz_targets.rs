@@ -44,6 +44,7 @@ rate_rpm = 600
 bucket_capacity = 5
 queue_max_size = 8
 low_priority_timeout = 2
+tokens_per_minute = 150000
 "#;
 
 /// The run-time settings of [`PATCH_BASE_TOML`], built once (as the binary would build
@@ -141,6 +142,11 @@ pub fn admin_patch(data: &[u8]) {
             (0.0009..=86_400.0).contains(&t),
             "{what}.low_priority_timeout out of range: {t}"
         );
+        assert!(
+            h.tokens_per_minute <= 10_000_000_000,
+            "{what}.tokens_per_minute out of range: {}",
+            h.tokens_per_minute
+        );
     }
     in_range("defaults", &new.defaults);
     for (h, name) in new.providers.iter().zip(PATCH_NAMES) {
@@ -163,6 +169,8 @@ pub fn admin_patch(data: &[u8]) {
             queue_max_size: pick(|p| p.queue_max_size).map_or(old.queue_max_size, |v| v as usize),
             low_priority_timeout: pick(|p| p.low_priority_timeout)
                 .map_or(old.low_priority_timeout, Duration::from_secs_f64),
+            tokens_per_minute: pick(|p| p.tokens_per_minute)
+                .map_or(old.tokens_per_minute, |v| v as u64),
         }
     }
     let top = patch::ProviderPatch {
@@ -170,6 +178,7 @@ pub fn admin_patch(data: &[u8]) {
         bucket_capacity: p.bucket_capacity,
         queue_max_size: p.queue_max_size,
         low_priority_timeout: p.low_priority_timeout,
+        tokens_per_minute: p.tokens_per_minute,
     };
     assert_eq!(new.defaults, expect(&old.defaults, &top, None), "defaults");
     for (i, name) in PATCH_NAMES.iter().enumerate() {
@@ -231,6 +240,10 @@ pub fn admin_patch(data: &[u8]) {
             format!("{prefix}low_priority_timeout"),
             a.low_priority_timeout != b.low_priority_timeout,
         );
+        field(
+            format!("{prefix}tokens_per_minute"),
+            a.tokens_per_minute != b.tokens_per_minute,
+        );
     }
     let listed: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
     assert_eq!(listed, expected, "diff lists each changed field once");
@@ -246,7 +259,8 @@ pub fn admin_patch(data: &[u8]) {
 ///
 /// Checks: every error renders as one line; a built configuration has at least one
 /// provider, a valid default provider index, unique names and every provider's values
-/// within the accepted ranges.
+/// within the accepted ranges (the token budget's too: a window's tokens exactly when
+/// `tokens_per_minute` is set).
 ///
 /// `upstream_ca_file` is cleared before the build so the fuzzer cannot make the loader
 /// read arbitrary files (`/dev/zero`) from the machine.
@@ -301,6 +315,26 @@ fn config_text(text: &str) {
         assert!(
             (0.0009..=86_400.0).contains(&t),
             "providers[{i}].low_priority_timeout {t}"
+        );
+        assert!(
+            p.tokens_per_minute <= 10_000_000_000,
+            "providers[{i}].tokens_per_minute {}",
+            p.tokens_per_minute
+        );
+        assert_eq!(
+            p.tokens_per_window().is_some(),
+            p.tokens_per_minute > 0,
+            "providers[{i}]: a token budget exactly when tokens_per_minute is set"
+        );
+        let bpt = p.token_rules.bytes_per_token.as_f64();
+        assert!(
+            (1.0..=8.0).contains(&bpt),
+            "providers[{i}].bytes_per_token {bpt}"
+        );
+        assert!(
+            (1..=1_000_000).contains(&p.token_rules.default_completion),
+            "providers[{i}].default_completion_tokens {}",
+            p.token_rules.default_completion
         );
         assert!(!p.name.is_empty(), "providers[{i}] has no name");
         assert!(
@@ -525,5 +559,66 @@ fn chunked_step(
             Ok(Step::More) => return None,
             Err(_) => return Some(false),
         }
+    }
+}
+
+/// The token budget's readers: a request body's token fields ([`crate::tokens::read`])
+/// and their estimates, a JSON answer's usage, and the same bytes as an event stream
+/// ([`crate::tokens::UsageScanner`]) fed in pieces.
+///
+/// Checks: the model is at most 256 bytes; a body read by its length counts all of it
+/// as text; every estimate, for every endpoint and factor, holds at least the token
+/// ids; the stream's events are in order within it, the scanner's usage is the last
+/// event's; the same bytes cut into pieces of each size from 1 to 64 give the same
+/// events, usage and end as whole.
+pub fn token_fields(data: &[u8]) {
+    use crate::tokens::{self, Basis, Endpoint, Factor, Rules, UsageScanner};
+    let fields = tokens::read(data);
+    let model = fields.model.as_deref().map_or(0, str::len);
+    assert!(
+        model <= tokens::request::MODEL_MAX,
+        "model of {model} bytes"
+    );
+    assert!(fields.n >= 1 && fields.prompts >= 1);
+    match fields.basis {
+        Basis::BodyLength => assert_eq!(fields.text_bytes, data.len() as u64),
+        Basis::Fields => assert!(fields.token_ids <= data.len() as u64),
+    }
+    let rules = Rules::default();
+    for endpoint in [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Other,
+    ] {
+        for factor in [Factor::ONE, Factor::MAX] {
+            let e = rules.estimate(&fields, endpoint, factor);
+            assert!(e.prompt >= fields.token_ids, "{e:?} under {fields:?}");
+            assert!(e.prompt >= e.ratio_base.unwrap_or(0));
+        }
+    }
+    let _ = tokens::usage::from_json(data);
+
+    let scan = |step: usize| {
+        let mut s = UsageScanner::new();
+        let mut events = Vec::new();
+        for piece in data.chunks(step) {
+            s.feed(piece, |e| events.push(e));
+        }
+        s.finish(|e| events.push(e));
+        (events, s.usage(), s.done())
+    };
+    let whole = scan(data.len().max(1));
+    let mut last = 0;
+    for e in &whole.0 {
+        assert!(last <= e.start && e.start < e.end, "{e:?} after {last}");
+        last = e.end;
+    }
+    assert!(last <= data.len() as u64);
+    let last_usage = whole.0.iter().rev().find_map(|e| e.usage);
+    assert_eq!(whole.1, last_usage);
+    for step in 1..=64 {
+        assert_eq!(scan(step), whole, "pieces of {step}");
     }
 }

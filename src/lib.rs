@@ -35,4 +35,5 @@ pub mod sidecar;
 pub mod snapshot;
 pub mod state_file;
 pub mod stats;
+pub mod tokens;
 pub mod upstream;

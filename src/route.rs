@@ -77,6 +77,10 @@ mod tests {
             rate_limit_headers: Default::default(),
             limit_scope: Default::default(),
             budget: name.into(),
+            tokens_per_minute: 0,
+            token_charge: Default::default(),
+            request_usage: false,
+            token_rules: Default::default(),
         }
     }
 

@@ -225,6 +225,21 @@ async fn bad_patches_are_refused_whole_with_a_message_naming_the_field_and_chang
             &["queue_max_size: 2.5 is out of range"],
         ),
         bad(
+            r#"{"tokens_per_minute": 10000000001}"#,
+            400,
+            "invalid_value",
+            &[
+                "tokens_per_minute: 10000000001 is out of range",
+                "an integer from 0 to 10000000000",
+            ],
+        ),
+        bad(
+            r#"{"providers": {"nvidia": {"tokens_per_minute": -1}}}"#,
+            400,
+            "invalid_value",
+            &["providers.nvidia.tokens_per_minute: -1 is out of range"],
+        ),
+        bad(
             r#"{"request_timeout": 0}"#,
             400,
             "invalid_value",
@@ -830,6 +845,56 @@ async fn shrinking_the_queue_below_its_depth_drops_nobody_and_refuses_new_arriva
     assert_eq!(limiter.queues.len(), 0);
     assert_eq!(limiter.queues.counts().abandoned, 0);
     assert_ledger(&s, sent_to(s.addr)).await;
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_changes_at_run_time_and_the_token_settings_show() {
+    let s = stack(
+        unlimited_mock(),
+        &with_token(&[
+            ("SIDECAR_TOKENS_PER_MINUTE", "60000"),
+            ("SIDECAR_TOKEN_CHARGE", "actual"),
+            ("SIDECAR_BYTES_PER_TOKEN", "2.5"),
+        ]),
+    );
+    let before = admin_config(s.addr, &[]).await;
+    let p = &before["providers"]["nvidia"];
+    assert_eq!(p["tokens_per_minute"], 60_000, "{before}");
+    assert_eq!(p["token_charge"], "actual");
+    assert_eq!(p["request_usage"], false);
+    assert_eq!(p["default_completion_tokens"], 4096);
+    assert_eq!(p["bytes_per_token"], 2.5);
+    assert_eq!(before["global"]["tokens_per_minute"], 60_000);
+    assert!(before["hot_fields"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("tokens_per_minute")));
+
+    let a = admin_patch(
+        s.addr,
+        BEARER,
+        r#"{"providers": {"nvidia": {"tokens_per_minute": 0}}}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(
+        a.json()["changed"],
+        serde_json::json!([
+            {"field": "providers.nvidia.tokens_per_minute", "old": 60_000, "new": 0}
+        ]),
+        "{}",
+        a.text()
+    );
+    let after = admin_config(s.addr, &[]).await;
+    assert_eq!(after["providers"]["nvidia"]["tokens_per_minute"], 0);
+    assert_eq!(version(&after), version(&before) + 1);
+    assert_eq!(
+        after["providers"]["nvidia"]["token_charge"], "actual",
+        "a restart setting is left as it is"
+    );
+    // Requests still flow: the token budget is not on the request path yet.
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
     s.stop();
 }
 

@@ -77,3 +77,9 @@ fn client_request_corpus_replays_without_panicking() {
     );
     assert!(n >= 8, "corpus has only {n} files");
 }
+
+#[test]
+fn token_fields_corpus_replays_without_panicking() {
+    let n = replay("token_fields", nvidia_sidecar::fuzz_targets::token_fields);
+    assert!(n >= 8, "corpus has only {n} files");
+}

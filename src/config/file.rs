@@ -34,6 +34,11 @@ pub struct ProviderFile {
     pub limit_scope: Option<String>,
     /// Budget shared through Redis with the replicas that use the same name.
     pub budget: Option<String>,
+    pub tokens_per_minute: Option<u64>,
+    pub token_charge: Option<String>,
+    pub request_usage: Option<bool>,
+    pub default_completion_tokens: Option<u32>,
+    pub bytes_per_token: Option<f64>,
 }
 
 /// The TOML file: global settings at the top level, then providers.

@@ -43,7 +43,9 @@ pub use settings::{
     SETTINGS,
 };
 pub use source::{EnvSource, ProcessEnv};
-pub use typed::{Config, Fairness, LimitScope, Limits, LogFormat, ProviderConfig, Timeouts};
+pub use typed::{
+    Config, Fairness, LimitScope, Limits, LogFormat, ProviderConfig, Timeouts, TokenCharge,
+};
 pub use upstream::{Scheme, UpstreamUrl};
 pub use validate::Range;
 

@@ -14,9 +14,20 @@ use super::runtime::ROWS;
 use super::secret::{secret_or_file, Secret};
 use super::settings::Merged;
 use super::source::EnvSource;
-use super::typed::{LimitScope, ProviderConfig};
+use super::typed::{LimitScope, ProviderConfig, TokenCharge};
 use super::upstream::UpstreamUrl;
-use super::validate::seconds;
+use super::validate::{count_in, seconds, Range};
+use crate::tokens::{BytesPerToken, Rules};
+
+/// What `default_completion_tokens` accepts.
+const COMPLETION_TOKENS: Range = Range::Integer {
+    min: 1,
+    max: 1_000_000,
+};
+
+/// The bytes per token `bytes_per_token` accepts: no byte-level tokenizer makes more than
+/// a token of a byte, so below 1 only over-reserves; above 8, no tokenizer packs text.
+const BYTES_PER_TOKEN: (f64, f64) = (1.0, 8.0);
 
 /// The global settings every provider inherits, as a provider table (named "nvidia", for
 /// the implicit provider).
@@ -31,6 +42,11 @@ pub fn inherited(s: &Merged) -> ProviderFile {
         provider_window: Some(s.provider_window),
         rate_limit_headers: Some(s.rate_limit_headers.clone()),
         limit_scope: Some(s.limit_scope.clone()),
+        tokens_per_minute: Some(s.tokens_per_minute),
+        token_charge: Some(s.token_charge.clone()),
+        request_usage: Some(s.request_usage),
+        default_completion_tokens: Some(s.default_completion_tokens),
+        bytes_per_token: Some(s.bytes_per_token),
         models: vec!["*".into()],
         ..ProviderFile::default()
     }
@@ -225,6 +241,50 @@ fn provider(
             ));
         }
     }
+    let tokens = raw
+        .tokens_per_minute
+        .or(inherit.tokens_per_minute)
+        .unwrap_or_default();
+    let tokens_per_minute = ROWS.tokens_per_minute.configured(
+        &format!("{prefix}tokens_per_minute"),
+        &(tokens as f64),
+        tokens,
+    )?;
+    let charge_raw = raw
+        .token_charge
+        .as_deref()
+        .or(inherit.token_charge.as_deref())
+        .unwrap_or("reserved");
+    let token_charge = TokenCharge::parse(charge_raw).ok_or_else(|| {
+        ConfigError::invalid(
+            format!("{prefix}token_charge"),
+            charge_raw,
+            "reserved or actual",
+        )
+    })?;
+    let completion = raw
+        .default_completion_tokens
+        .or(inherit.default_completion_tokens)
+        .unwrap_or_default();
+    let completion = count_in(
+        &format!("{prefix}default_completion_tokens"),
+        completion,
+        COMPLETION_TOKENS,
+    )?;
+    let bytes = raw
+        .bytes_per_token
+        .or(inherit.bytes_per_token)
+        .unwrap_or_default();
+    let (least, most) = BYTES_PER_TOKEN;
+    let bytes_per_token = BytesPerToken::new(bytes)
+        .filter(|_| (least..=most).contains(&bytes))
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                format!("{prefix}bytes_per_token"),
+                bytes,
+                &format!("a number of bytes per token from {least} to {most}"),
+            )
+        })?;
     Ok(ProviderConfig {
         name: name.to_owned(),
         upstream,
@@ -239,6 +299,14 @@ fn provider(
         rate_limit_headers,
         limit_scope,
         budget: budget.to_owned(),
+        tokens_per_minute,
+        token_charge,
+        request_usage: raw.request_usage.or(inherit.request_usage).unwrap_or(false),
+        token_rules: Rules {
+            bytes_per_token,
+            default_completion: u64::from(completion),
+            ..Rules::default()
+        },
     })
 }
 

@@ -74,7 +74,7 @@ pub fn needs_restart(running: &Config, loaded: &Config) -> Vec<&'static str> {
         ("redis", r.redis != *redis),
         ("default_provider", r.default_provider != *default_provider),
         (
-            "providers (upstream, key, models, fallback, provider_window, rate_limit_headers, limit_scope, budget)",
+            "providers (upstream, key, models, fallback, provider_window, rate_limit_headers, limit_scope, budget, token_charge, request_usage, default_completion_tokens, bytes_per_token)",
             r.providers != *providers,
         ),
     ]
@@ -159,6 +159,10 @@ mod tests {
             ("SIDECAR_LIMIT_SCOPE", "model", &[]),
             ("SIDECAR_STATE_FILE", state_file.to_str().unwrap(), &[]),
             ("SIDECAR_UPSTREAM_429_RETRIES", "3", &[]),
+            ("SIDECAR_TOKEN_CHARGE", "actual", &[]),
+            ("SIDECAR_REQUEST_USAGE", "true", &[]),
+            ("SIDECAR_DEFAULT_COMPLETION_TOKENS", "1024", &[]),
+            ("SIDECAR_BYTES_PER_TOKEN", "2.5", &[]),
             ("SIDECAR_REDIS_URL", "redis://127.0.0.1:6379", &[]),
             ("SIDECAR_REDIS_URL_FILE", &url_file, redis),
             ("SIDECAR_REDIS_PASSWORD_FILE", &password_file, redis),
@@ -197,6 +201,7 @@ mod tests {
                 ("SIDECAR_BUCKET_CAPACITY", "2"),
                 ("SIDECAR_QUEUE_MAX_SIZE", "65"),
                 ("SIDECAR_LOW_PRIORITY_TIMEOUT", "31"),
+                ("SIDECAR_TOKENS_PER_MINUTE", "30000"),
                 ("SIDECAR_REQUEST_TIMEOUT", "121"),
                 ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
                 ("SIDECAR_LOG_LEVEL", "debug"),
@@ -220,7 +225,7 @@ upstream_url = "http://127.0.0.1:2/v1"
 "#;
         let running = config(providers, &[]);
         let changed = |toml: &str| needs_restart(&running, &config(toml, &[]));
-        const PROVIDERS: &str = "providers (upstream, key, models, fallback, provider_window, rate_limit_headers, limit_scope, budget)";
+        const PROVIDERS: &str = "providers (upstream, key, models, fallback, provider_window, rate_limit_headers, limit_scope, budget, token_charge, request_usage, default_completion_tokens, bytes_per_token)";
         for (what, toml) in [
             ("models", providers.replace("a/*", "b/*")),
             ("budget", format!("{providers}budget = \"shared\"\n")),
@@ -231,6 +236,14 @@ upstream_url = "http://127.0.0.1:2/v1"
             (
                 "fallback",
                 format!("{providers}fallback_url = \"http://127.0.0.1:3/v1\"\n"),
+            ),
+            (
+                "token_charge",
+                format!("{providers}token_charge = \"actual\"\n"),
+            ),
+            (
+                "bytes_per_token",
+                format!("{providers}bytes_per_token = 2\n"),
             ),
         ] {
             assert_eq!(changed(&toml), [PROVIDERS], "{what}");
@@ -245,7 +258,8 @@ upstream_url = "http://127.0.0.1:2/v1"
             )),
             ["client_priorities"]
         );
-        let rate = format!("{providers}rate_rpm = 5.0\nbucket_capacity = 3\n");
+        let rate =
+            format!("{providers}rate_rpm = 5.0\nbucket_capacity = 3\ntokens_per_minute = 9000\n");
         assert!(changed(&rate).is_empty(), "run-time fields of a provider");
         assert_eq!(
             needs_restart(

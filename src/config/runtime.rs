@@ -43,6 +43,9 @@ pub enum Applies {
     QueueBound,
     /// Each request reads it once, as it arrives.
     PerRequest,
+    /// Into the provider's token budget. Nothing holds one yet (issue 19): until it
+    /// does, the value lives in the run-time settings alone.
+    TokenBudget,
     /// The log filter, at once.
     LogFilter,
 }
@@ -138,6 +141,20 @@ macro_rules! live_count {
     )*};
 }
 live_count!(u32, usize);
+
+impl Live for u64 {
+    type Given = f64;
+    fn from_given(given: &f64, range: &Range) -> Option<Self> {
+        // In range: an integer, and the row's bound keeps it exact in an f64.
+        range.admits(*given).then_some(*given as u64)
+    }
+    fn refusal(given: &f64) -> String {
+        out_of_range(given)
+    }
+    fn json(self) -> Value {
+        json!(self)
+    }
+}
 
 impl Live for Duration {
     type Given = f64;
@@ -385,6 +402,8 @@ run_time_fields! {
         queue_max_size: usize = Range::Integer { min: 0, max: 1_000_000 }, QueueBound;
         /// How long a low-priority request may wait in the queue.
         low_priority_timeout: Duration = SECONDS, PerRequest;
+        /// Tokens per minute the provider allows; 0: no token budget.
+        tokens_per_minute: u64 = Range::Integer { min: 0, max: 10_000_000_000 }, TokenBudget;
     }
     global {
         /// Arrival to response headers, queue wait included.

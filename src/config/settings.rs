@@ -48,7 +48,7 @@ macro_rules! parse_number {
         }
     )*};
 }
-parse_number!(u16 => "an integer from 0 to 65535", u32 => "a non-negative integer", usize => "a non-negative integer", f64 => "a number");
+parse_number!(u16 => "an integer from 0 to 65535", u32 => "a non-negative integer", u64 => "a non-negative integer", usize => "a non-negative integer", f64 => "a number");
 
 macro_rules! settings {
     ($( $(#[doc = $help:literal])+ $key:ident : $ty:ty = $default:literal, env $env:literal; )*) => {
@@ -244,6 +244,16 @@ settings! {
     state_file: String = "", env "SIDECAR_STATE_FILE";
     /// Times a request answered 429 by the upstream is queued again (at the head of its priority) before the 429 is passed on.
     upstream_429_retries: u32 = "2", env "SIDECAR_UPSTREAM_429_RETRIES";
+    /// Tokens per minute the provider allows (0 to 10000000000), 0: no token budget. Scaled to provider_window like rate_rpm: a window holds tokens_per_minute × provider_window / 60 (at least 1).
+    tokens_per_minute: u64 = "0", env "SIDECAR_TOKENS_PER_MINUTE";
+    /// How the provider charges tokens: reserved (a request's prompt plus its max_tokens bound, on arrival, as OpenAI does) or actual (the usage it reports when the answer ends).
+    token_charge: String = "reserved", env "SIDECAR_TOKEN_CHARGE";
+    /// Add stream_options.include_usage to streamed requests, so each is settled by the usage the provider counted (the extra chunk is not passed to a client that did not ask for it).
+    request_usage: bool = "false", env "SIDECAR_REQUEST_USAGE";
+    /// Completion tokens reserved for a request that sets no max_tokens or max_completion_tokens (1 to 1000000).
+    default_completion_tokens: u32 = "4096", env "SIDECAR_DEFAULT_COMPLETION_TOKENS";
+    /// Bytes of prompt text per estimated token (1 to 8): 3 over-counts English, code and chat text; where a model's usage shows more tokens, its estimates rise.
+    bytes_per_token: f64 = "3", env "SIDECAR_BYTES_PER_TOKEN";
     /// Redis of the budget shared across replicas: redis://[user:password@]host[:port][/db], or rediss:// for TLS (empty: this replica paces alone, no Redis).
     redis_url: String = "", env "SIDECAR_REDIS_URL";
     /// File holding the Redis URL (its first non-empty line); wins over redis_url.

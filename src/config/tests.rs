@@ -841,6 +841,162 @@ fn a_state_file_in_a_missing_directory_stops_start_up_naming_the_setting() {
     assert_eq!(c.state_file.as_deref(), Some(path.as_path()));
 }
 
+// === token budget (issue 19) ===
+
+const TPM: &str = "an integer from 0 to 10000000000";
+const COMPLETION: &str = "an integer from 1 to 1000000";
+const BYTES_PER_TOKEN: &str = "a number of bytes per token from 1 to 8";
+
+#[test]
+fn without_token_settings_there_is_no_token_budget_and_the_estimate_is_the_default_rule() {
+    let c = load_env(&[]).unwrap();
+    let p = c.default_provider();
+    assert_eq!(p.tokens_per_minute, 0);
+    assert_eq!(p.tokens_per_window(), None);
+    assert_eq!(p.token_charge, TokenCharge::Reserved);
+    assert!(!p.request_usage);
+    assert_eq!(p.token_rules, crate::tokens::Rules::default());
+    assert_eq!(p.token_rules.default_completion, 4096);
+    assert_eq!(p.token_rules.bytes_per_token.as_f64(), 3.0);
+}
+
+#[test]
+fn tokens_per_minute_is_scaled_to_the_provider_window_as_the_request_limit_is() {
+    use crate::limiter::learn::per_window;
+    // (tokens per minute, window seconds, tokens per window)
+    for (tpm, window, want) in [
+        ("60000", "60", 60_000),
+        ("60000", "6", 6_000),
+        ("10000", "0.5", 83),
+        ("7", "6", 1), // 0.7 in a window: at least 1, as requests
+        ("10000000000", "86400", 14_400_000_000_000),
+    ] {
+        let c = load_env(&[
+            ("SIDECAR_TOKENS_PER_MINUTE", tpm),
+            ("SIDECAR_PROVIDER_WINDOW", window),
+        ])
+        .unwrap();
+        let p = c.default_provider();
+        assert_eq!(
+            p.tokens_per_window(),
+            Some(want),
+            "{tpm} per minute, {window} s"
+        );
+        // The same rule as requests: rate_rpm = tpm gives the same count per window.
+        if let Ok(rpm) = tpm.parse::<f64>() {
+            if rpm <= 6_000_000.0 {
+                assert_eq!(
+                    u64::from(per_window(rpm, p.window)),
+                    want,
+                    "{tpm}, {window} s"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn token_settings_come_from_every_layer_and_each_provider_may_set_its_own() {
+    let text = r#"
+tokens_per_minute = 100000
+token_charge = "actual"
+
+[[providers]]
+name = "a"
+
+[[providers]]
+name = "b"
+tokens_per_minute = 0
+token_charge = "reserved"
+request_usage = true
+default_completion_tokens = 512
+bytes_per_token = 2.5
+"#;
+    let c = load_toml(text, &[("SIDECAR_DEFAULT_COMPLETION_TOKENS", "2048")]).unwrap();
+    let (a, b) = (&c.providers[0], &c.providers[1]);
+    assert_eq!(a.tokens_per_minute, 100_000, "the file's global value");
+    assert_eq!(a.tokens_per_window(), Some(100_000));
+    assert_eq!(a.token_charge, TokenCharge::Actual);
+    assert!(!a.request_usage);
+    assert_eq!(a.token_rules.default_completion, 2048, "env over file");
+    assert_eq!(a.token_rules.bytes_per_token.as_f64(), 3.0);
+    assert_eq!(b.tokens_per_window(), None, "0: this provider has none");
+    assert_eq!(b.token_charge, TokenCharge::Reserved);
+    assert!(b.request_usage);
+    assert_eq!(b.token_rules.default_completion, 512, "the provider's own");
+    assert_eq!(b.token_rules.bytes_per_token.as_f64(), 2.5);
+
+    let c = load_env(&[
+        ("SIDECAR_TOKEN_CHARGE", " Actual "),
+        ("SIDECAR_REQUEST_USAGE", "yes"),
+        ("SIDECAR_BYTES_PER_TOKEN", "1"),
+    ])
+    .unwrap();
+    let p = c.default_provider();
+    assert_eq!(p.token_charge, TokenCharge::Actual);
+    assert!(p.request_usage);
+    assert_eq!(p.token_rules.bytes_per_token.as_f64(), 1.0);
+
+    let flags = Settings {
+        tokens_per_minute: Some(30_000),
+        ..Settings::default()
+    };
+    let c = load(None, &env(&[("SIDECAR_TOKENS_PER_MINUTE", "1")]), flags).unwrap();
+    assert_eq!(
+        c.default_provider().tokens_per_minute,
+        30_000,
+        "flag over env"
+    );
+}
+
+#[test]
+fn bad_token_settings_are_refused_naming_the_setting_and_what_it_accepts() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("SIDECAR_TOKENS_PER_MINUTE",         "-1",          "SIDECAR_TOKENS_PER_MINUTE", NON_NEGATIVE),
+        ("SIDECAR_TOKENS_PER_MINUTE",         "1.5",         "SIDECAR_TOKENS_PER_MINUTE", NON_NEGATIVE),
+        ("SIDECAR_TOKENS_PER_MINUTE",         "10000000001", "tokens_per_minute",         TPM),
+        ("SIDECAR_TOKEN_CHARGE",              "later",       "token_charge",              "reserved or actual"),
+        ("SIDECAR_TOKEN_CHARGE",              "",            "token_charge",              "reserved or actual"),
+        ("SIDECAR_REQUEST_USAGE",             "maybe",       "SIDECAR_REQUEST_USAGE",     BOOL),
+        ("SIDECAR_DEFAULT_COMPLETION_TOKENS", "0",           "default_completion_tokens", COMPLETION),
+        ("SIDECAR_DEFAULT_COMPLETION_TOKENS", "1000001",     "default_completion_tokens", COMPLETION),
+        ("SIDECAR_DEFAULT_COMPLETION_TOKENS", "-5",          "SIDECAR_DEFAULT_COMPLETION_TOKENS", NON_NEGATIVE),
+        ("SIDECAR_BYTES_PER_TOKEN",           "0",           "bytes_per_token",           BYTES_PER_TOKEN),
+        ("SIDECAR_BYTES_PER_TOKEN",           "0.5",         "bytes_per_token",           BYTES_PER_TOKEN),
+        ("SIDECAR_BYTES_PER_TOKEN",           "8.5",         "bytes_per_token",           BYTES_PER_TOKEN),
+        ("SIDECAR_BYTES_PER_TOKEN",           "-3",          "bytes_per_token",           BYTES_PER_TOKEN),
+        ("SIDECAR_BYTES_PER_TOKEN",           "NaN",         "bytes_per_token",           BYTES_PER_TOKEN),
+        ("SIDECAR_BYTES_PER_TOKEN",           "inf",         "bytes_per_token",           BYTES_PER_TOKEN),
+        ("SIDECAR_BYTES_PER_TOKEN",           "three",       "SIDECAR_BYTES_PER_TOKEN",   "a number"),
+    ];
+    for &(var, value, setting, expected) in cases {
+        let err = error_of(load_env(&[(var, value)]), &format!("{var}={value}"));
+        assert_invalid(&err, setting, value, expected);
+    }
+    // A provider's own value is named as its field, with its line.
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (r#"providers = [{ name = "a", tokens_per_minute = 10000000001 }]"#,
+            "providers[0].tokens_per_minute", "10000000001", TPM),
+        (r#"providers = [{ name = "a" }, { name = "b", token_charge = "after" }]"#,
+            "providers[1].token_charge", "after", "reserved or actual"),
+        (r#"providers = [{ name = "a", default_completion_tokens = 0 }]"#,
+            "providers[0].default_completion_tokens", "0", COMPLETION),
+        (r#"providers = [{ name = "a", bytes_per_token = 9.0 }]"#,
+            "providers[0].bytes_per_token", "9", BYTES_PER_TOKEN),
+    ];
+    for &(text, setting, value, expected) in cases {
+        let err = error_of(load_toml(text, &[]), text);
+        assert_invalid(&err, setting, value, expected);
+    }
+    let err = error_of(
+        load_toml("[[providers]]\nname = \"a\"\ntokens_per_minute = -1\n", &[]),
+        "negative in the file",
+    );
+    assert!(matches!(err, ConfigError::Toml { line: 3, .. }), "{err:?}");
+}
+
 // === Redis: the budget shared across replicas ===
 
 const REDIS_URL: &str = super::redis::URL_EXPECTED;

@@ -9,9 +9,11 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use crate::limiter::learn::tokens_per_window;
 use crate::limiter::signal::Dialect;
 use crate::limiter::{Margin, RetreatConfig};
 use crate::priority::Priority;
+use crate::tokens::Rules;
 
 use super::origin::Origins;
 use super::redis::RedisConfig;
@@ -92,6 +94,53 @@ pub struct ProviderConfig {
     /// Name of the budget shared with other replicas through Redis (`budget` in the
     /// provider's table; default: the provider's name).
     pub budget: String,
+    /// Tokens per minute the provider allows; 0: no token budget (see
+    /// [`ProviderConfig::tokens_per_window`]).
+    pub tokens_per_minute: u64,
+    /// How the provider charges a request's tokens.
+    pub token_charge: TokenCharge,
+    /// Add `stream_options.include_usage` to streamed requests (`request_usage`).
+    pub request_usage: bool,
+    /// How a request's tokens are estimated before it is sent: `bytes_per_token` and
+    /// `default_completion_tokens`; images at the rule's own figures.
+    pub token_rules: Rules,
+}
+
+impl ProviderConfig {
+    /// Tokens the provider allows in one of its windows, scaled like the request limit
+    /// ([`tokens_per_window`]); `None` without a token budget.
+    pub fn tokens_per_window(&self) -> Option<u64> {
+        tokens_per_window(self.tokens_per_minute, self.window)
+    }
+}
+
+/// How a provider charges tokens against its per-minute limit (`token_charge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TokenCharge {
+    /// Prompt plus the completion bound (`max_tokens`, else the model's), charged on
+    /// arrival; the charge stays (OpenAI's way).
+    #[default]
+    Reserved,
+    /// Prompt plus the completion generated, charged when the answer ends.
+    Actual,
+}
+
+impl TokenCharge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserved => "reserved",
+            Self::Actual => "actual",
+        }
+    }
+
+    /// `reserved` or `actual`, in any case, spaces around ignored.
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "reserved" => Some(Self::Reserved),
+            "actual" => Some(Self::Actual),
+            _ => None,
+        }
+    }
 }
 
 /// What a learned limit (and its window guard) applies to.

@@ -163,6 +163,17 @@ pub fn per_window(rpm: f64, window: Duration) -> u32 {
     }
 }
 
+/// Tokens per window for `tokens_per_minute`, by the rule [`per_window`] scales requests
+/// by: `floor(tokens_per_minute × window / 60 s)`, at least 1; `None` for 0 (no token
+/// budget). Exact integer arithmetic, saturating.
+pub fn tokens_per_window(tokens_per_minute: u64, window: Duration) -> Option<u64> {
+    if tokens_per_minute == 0 {
+        return None;
+    }
+    let n = u128::from(tokens_per_minute) * window.as_nanos() / 60_000_000_000;
+    Some(u64::try_from(n).unwrap_or(u64::MAX).max(1))
+}
+
 /// Requests per minute of `n` sends per `window`.
 pub fn rpm_of(n: u32, window: Duration) -> f64 {
     f64::from(n) * 60.0 / window.as_secs_f64().max(1e-9)

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::limit;
+use super::tokens::TokenCharge;
 
 /// Start-up settings of the simulated upstream.
 #[derive(Debug, Clone, clap::Args)]
@@ -16,6 +17,19 @@ pub struct MockConfig {
     /// (at least 1) in any rolling window. Changeable at run time with POST /mock/limit.
     #[arg(long, default_value_t = 40.0)]
     pub rpm: f64,
+    /// Tokens a minute the provider allows (0: unlimited): at most tpm × window / 60 (at
+    /// least 1) tokens charged in any rolling window, counted by the mock's own rule (see
+    /// `src/mock/count.rs`). Changeable at run time with POST /mock/limit {"tpm": ...}.
+    #[arg(long, default_value_t = 0.0)]
+    pub tpm: f64,
+    /// How a request's tokens are charged against --tpm: "reserved" admits a request
+    /// only if it fits, "actual" while the window is below the limit.
+    #[arg(long, value_enum, default_value_t = TokenCharge::Reserved)]
+    pub token_charge: TokenCharge,
+    /// Answer 400 to a request for MODEL whose body has stream_options, as some models
+    /// do (per request: header x-mock-refuse-include-usage: 1). Repeatable.
+    #[arg(long = "refuse-include-usage", value_name = "MODEL")]
+    pub refuse_include_usage: Vec<String>,
     /// Seconds of the rolling window the limits apply to (they scale with it).
     #[arg(long, default_value_t = 60.0)]
     pub window_secs: f64,
@@ -84,6 +98,9 @@ impl Default for MockConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             rpm: 0.0,
+            tpm: 0.0,
+            token_charge: TokenCharge::Reserved,
+            refuse_include_usage: Vec::new(),
             window_secs: 60.0,
             workers: 1,
             latency_ms: 0,
@@ -112,6 +129,8 @@ pub enum MockConfigError {
     ModelLimit { given: String },
     #[error("--window-secs {given}: expected a number of seconds > 0")]
     Window { given: f64 },
+    #[error("--tpm {given}: expected a number of tokens a minute >= 0 (0: unlimited)")]
+    Tpm { given: f64 },
 }
 
 impl From<MockConfigError> for std::io::Error {
@@ -130,6 +149,14 @@ impl MockConfig {
             .ok_or(MockConfigError::Window {
                 given: self.window_secs,
             })
+    }
+
+    /// `--tpm` as tokens per window (`None`: unlimited).
+    pub fn token_max(&self) -> Result<Option<u64>, MockConfigError> {
+        if !(self.tpm.is_finite() && self.tpm >= 0.0) {
+            return Err(MockConfigError::Tpm { given: self.tpm });
+        }
+        Ok(limit::max_for(self.tpm, self.window()?).map(|m| m as u64))
     }
 
     /// `--model-limit` values as (model, admissions per window).

@@ -1,12 +1,17 @@
 //! The mock's own endpoints, for a load test that runs it as a separate process:
 //!
-//! - `GET /mock/stats`: counters.
-//! - `GET /mock/limit`: the limits in force, global and per model.
-//! - `POST /mock/limit` with `{"rpm": 30, "window_secs": 6}` or `{"model": "m", "rpm": 20,
-//!   "window_secs": 6}` (`rpm` 0: unlimited; `window_secs` defaults to the limit's current
-//!   window): changes a limit, keeping its history, and answers the limits in force.
+//! - `GET /mock/stats`: counters, the 429s per limit (`refused_requests`,
+//!   `refused_tokens`, `too_large`) and the tokens charged.
+//! - `GET /mock/limit`: the limits in force, global, per model and tokens.
+//! - `POST /mock/limit` with `{"rpm": 30, "window_secs": 6}`, `{"model": "m", "rpm": 20,
+//!   "window_secs": 6}` or `{"tpm": 6000, "window_secs": 6}` (`rpm` or `tpm` 0: unlimited;
+//!   both may be given; `window_secs` defaults to each limit's current window; the token
+//!   limit is global): changes limits, keeping their history, and answers the limits in
+//!   force.
 //! - `GET /mock/windows?window_secs=6[&model=m]`: the judge's counts per fixed window
-//!   since start, the most admissions in any rolling window, and the totals.
+//!   since start, the most admissions in any rolling window, and the totals; once a
+//!   token limit exists, also `tokens`: tokens charged per fixed window (with the token
+//!   limit's 429s in each), the most in any rolling window, and the total.
 //!
 //! Bad input is a 400 whose message names the field.
 
@@ -29,8 +34,10 @@ const MAX_WINDOWS: u64 = 1_000_000;
 /// Why a control request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("invalid JSON body for /mock/limit (expected {{\"rpm\": 30, \"window_secs\": 6}} with an optional \"model\"): {0}")]
+    #[error("invalid JSON body for /mock/limit (expected {{\"rpm\": 30, \"window_secs\": 6}} with an optional \"model\", or {{\"tpm\": 6000}}): {0}")]
     Json(#[source] serde_json::Error),
+    #[error("/mock/limit needs \"rpm\" or \"tpm\" (or both)")]
+    NoLimit,
     #[error("{field} must be {expected}, got {got}")]
     Value {
         field: &'static str,
@@ -46,7 +53,8 @@ pub enum ControlError {
 #[serde(deny_unknown_fields)]
 struct SetLimit {
     model: Option<String>,
-    rpm: f64,
+    rpm: Option<f64>,
+    tpm: Option<f64>,
     window_secs: Option<f64>,
 }
 
@@ -74,6 +82,8 @@ pub fn route(
 
 fn stats(s: &MockShared) -> Response<MockBody> {
     let st = &s.stats;
+    let limits = s.gate.state_at(Instant::now());
+    let (requests, tokens, too_large) = s.gate.judge.refusals();
     json_response(
         StatusCode::OK,
         &json!({
@@ -83,10 +93,17 @@ fn stats(s: &MockShared) -> Response<MockBody> {
             "unauthorized": st.unauthorized.load(Ordering::Relaxed),
             "streams": st.streams.load(Ordering::Relaxed),
             "worker_limited": st.worker_limited.load(Ordering::Relaxed),
-            "rpm_limit": s.gate.state_at(Instant::now()).global.per_minute(),
+            "stream_options_refused": st.stream_options_refused.load(Ordering::Relaxed),
+            "rpm_limit": limits.global.per_minute(),
+            "tpm_limit": limits.tokens.per_minute(),
+            "token_charge": limits.tokens.charge.as_str(),
             "judging": s.gate.is_judging(),
             "admitted": s.gate.judge.admitted_total(),
             "refused": s.gate.judge.refused_total(),
+            "refused_requests": requests,
+            "refused_tokens": tokens,
+            "too_large": too_large,
+            "tokens_charged": s.gate.judge.tokens_total(),
         }),
     )
 }
@@ -97,12 +114,17 @@ fn bad(e: ControlError) -> Response<MockBody> {
 
 fn set_limit(s: &MockShared, body: &[u8]) -> Result<(), ControlError> {
     let req: SetLimit = serde_json::from_slice(body).map_err(ControlError::Json)?;
-    if !(req.rpm.is_finite() && req.rpm >= 0.0) {
-        return Err(ControlError::Value {
-            field: "rpm",
-            expected: "a number >= 0 (0: unlimited)",
-            got: req.rpm.to_string(),
-        });
+    if req.rpm.is_none() && req.tpm.is_none() {
+        return Err(ControlError::NoLimit);
+    }
+    for (field, value) in [("rpm", req.rpm), ("tpm", req.tpm)] {
+        if let Some(v) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(ControlError::Value {
+                field,
+                expected: "a number >= 0 (0: unlimited)",
+                got: v.to_string(),
+            });
+        }
     }
     if req.model.as_deref() == Some("") {
         return Err(ControlError::Value {
@@ -111,24 +133,33 @@ fn set_limit(s: &MockShared, body: &[u8]) -> Result<(), ControlError> {
             got: "\"\"".into(),
         });
     }
-    let window = match req.window_secs {
-        Some(w) => Duration::from_secs_f64(window_secs(w)?),
-        None => {
-            // The limit's current window; a new model's is the start-up one.
-            let st = s.gate.state_at(Instant::now());
-            match &req.model {
-                None => st.global.window,
-                Some(m) => st
+    if let (Some(_), Some(tpm)) = (&req.model, req.tpm) {
+        return Err(ControlError::Value {
+            field: "tpm",
+            expected: "given without \"model\" (the token limit is global)",
+            got: tpm.to_string(),
+        });
+    }
+    let given = req.window_secs.map(window_secs).transpose()?;
+    // Each limit keeps its current window unless one is given; a new model's is the
+    // start-up one.
+    let st = s.gate.state_at(Instant::now());
+    let window = |current: Duration| given.map_or(current, Duration::from_secs_f64);
+    if let Some(rpm) = req.rpm {
+        match &req.model {
+            Some(m) => {
+                let current = st
                     .models
                     .iter()
                     .find(|(n, _)| n == m)
-                    .map_or(s.window, |(_, l)| l.window),
+                    .map_or(s.window, |(_, l)| l.window);
+                s.gate.set_model_limit(m, rpm, window(current));
             }
+            None => s.gate.set_limit(rpm, window(st.global.window)),
         }
-    };
-    match &req.model {
-        Some(m) => s.gate.set_model_limit(m, req.rpm, window),
-        None => s.gate.set_limit(req.rpm, window),
+    }
+    if let Some(tpm) = req.tpm {
+        s.gate.set_token_limit(tpm, window(st.tokens.window));
     }
     Ok(())
 }
@@ -167,7 +198,15 @@ pub fn limits_json(st: &LimitsState) -> Value {
         .iter()
         .map(|(m, l)| (m.clone(), limit_json(l)))
         .collect();
-    json!({"global": limit_json(&st.global), "models": models})
+    let t = &st.tokens;
+    let tokens = json!({
+        "tpm": t.per_minute(),
+        "max": t.max,
+        "window_secs": t.window.as_secs_f64(),
+        "in_window": t.used,
+        "charge": t.charge.as_str(),
+    });
+    json!({"global": limit_json(&st.global), "models": models, "tokens": tokens})
 }
 
 fn windows(s: &MockShared, query: &str) -> Result<Response<MockBody>, ControlError> {
@@ -202,19 +241,28 @@ fn windows(s: &MockShared, query: &str) -> Result<Response<MockBody>, ControlErr
         .gate
         .judge
         .verdicts(filter, Duration::from_secs_f64(window), now);
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "window_secs": window,
-            "model": model,
-            "judging": s.gate.is_judging(),
-            "windows": v.windows,
-            "max_in_rolling": v.max_in_rolling,
-            "admitted": v.admitted,
-            "refused": v.refused,
-            "dropped": v.dropped,
-        }),
-    ))
+    let mut answer = json!({
+        "window_secs": window,
+        "model": model,
+        "judging": s.gate.is_judging(),
+        "windows": v.windows,
+        "max_in_rolling": v.max_in_rolling,
+        "admitted": v.admitted,
+        "refused": v.refused,
+        "refused_requests": v.refused_requests,
+        "refused_tokens": v.refused_tokens,
+        "too_large": v.too_large,
+        "dropped": v.dropped,
+    });
+    // Only once a token limit exists: the list would double a long run's answer.
+    if s.gate.is_token_judging() {
+        answer["tokens"] = json!({
+            "windows": v.tokens.windows,
+            "max_in_rolling": v.tokens.max_in_rolling,
+            "charged": v.tokens.charged,
+        });
+    }
+    Ok(json_response(StatusCode::OK, &answer))
 }
 
 /// `%XX` escapes and `+` as a space, as HTML forms and Python's `urlencode` write them.

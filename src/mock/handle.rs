@@ -1,8 +1,10 @@
 //! One request to the simulated upstream, in the order a provider checks it: the mock's
-//! own `/mock/*` endpoints aside, count it, record it, check the API key, take a worker
-//! slot (`--worker-limit`), pass the rolling windows, then answer with the fault knobs
-//! applied. A worker slot is held by the answer's body, so a stream keeps its worker
-//! busy until it ends or the client leaves.
+//! own `/mock/*` endpoints aside, count it, record it, check the API key, refuse
+//! `stream_options` if this model does (a 400 that enters no window), take a worker slot
+//! (`--worker-limit`), pass the rolling windows (requests and tokens), then answer with
+//! the fault knobs applied. The body is parsed once, for the token count and the answer.
+//! A worker slot is held by the answer's body, so a stream keeps its worker busy until it
+//! ends or the client leaves.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,14 +18,21 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
 
-use super::admit::WorkerSlot;
+use super::admit::Meter;
 use super::control;
+use super::count::Ask;
 use super::headers;
 use super::knobs::Knobs;
 use super::respond::{self, MockBody};
 use super::shared::{MockShared, Seen};
+use super::tokens::TokenCharge;
+use super::workers::WorkerSlot;
 use crate::body::BoxError;
+
+const CHAT: &str = "/v1/chat/completions";
+const EMBEDDINGS: &str = "/v1/embeddings";
 
 /// Answers one request.
 // `Rc<Arc<_>>` on purpose: the per-request clone is the `Rc`'s, a non-atomic increment.
@@ -114,11 +123,30 @@ async fn serve(
             return (resp, None);
         }
     }
-    let model = if s.gate.wants_model() {
+    let knobs = Knobs::from(&s.config, &parts.headers);
+    let parsed = (parts.method == Method::POST && (path == CHAT || path == EMBEDDINGS))
+        .then(|| respond::parse(&body));
+    let ask = match &parsed {
+        Some(Ok(v)) => Ask::read(v),
+        _ => Ask::default(),
+    };
+    let refusing_models = &s.config.refuse_include_usage;
+    let model = if s.gate.wants_model() || !refusing_models.is_empty() {
         crate::route::extract_model(&body)
     } else {
         None
     };
+    if ask.has_stream_options
+        && (knobs.refuse_stream_options
+            || model
+                .as_deref()
+                .is_some_and(|m| refusing_models.iter().any(|r| r == m)))
+    {
+        s.stats
+            .stream_options_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return (respond::stream_options_refused(), None);
+    }
     // The worker first: a request no worker takes never reaches the windows.
     let slot = match s.gate.worker(model.as_deref()) {
         Ok(slot) => slot,
@@ -128,17 +156,26 @@ async fn serve(
             return (headers::worker_limited(limit), None);
         }
     };
-    let binding = match s.gate.admit(model.as_deref()) {
-        Ok(b) => b,
-        Err(refusal) => {
+    let bound = if path == CHAT {
+        ask.bound(knobs.tokens)
+    } else {
+        0
+    };
+    let admission = match s
+        .gate
+        .admit(model.as_deref(), ask.prompt.saturating_add(bound))
+    {
+        Ok(a) => a,
+        Err(refused) => {
             s.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            return (headers::rate_limited(s.headers, refusal), None);
+            let resp = headers::rate_limited(s.headers, *refused, model.as_deref());
+            return (resp, None);
         }
     };
-    let mut resp = answer(s, &parts, &path, &body).await;
-    if let Some(b) = binding {
-        headers::admitted(resp.headers_mut(), s.headers, b);
-    }
+    let meter = (s.gate.charge_model() == TokenCharge::Actual && s.gate.is_judging())
+        .then(|| Meter::new(Arc::clone(&s.gate), model.map(|m| m.into_owned())));
+    let mut resp = answer(s, &parts, &path, parsed, &ask, &knobs, meter).await;
+    headers::admitted(resp.headers_mut(), s.headers, admission);
     (resp, slot)
 }
 
@@ -146,14 +183,17 @@ fn bad_body(e: &BoxError) -> Response<MockBody> {
     respond::error(StatusCode::BAD_REQUEST, &format!("bad body: {e}"))
 }
 
-/// The answer to an admitted request, with the fault knobs applied.
+/// The answer to an admitted request, with the fault knobs applied; `parsed` is the body
+/// of a chat or embeddings request, `meter` what an `actual` charge counts.
 async fn answer(
     s: &MockShared,
     parts: &http::request::Parts,
     path: &str,
-    body: &Bytes,
+    parsed: Option<Result<Value, String>>,
+    ask: &Ask,
+    knobs: &Knobs,
+    meter: Option<Meter>,
 ) -> Response<MockBody> {
-    let knobs = Knobs::from(&s.config, &parts.headers);
     if !knobs.header_delay.is_zero() {
         tokio::time::sleep(knobs.header_delay).await;
     }
@@ -161,10 +201,12 @@ async fn answer(
         s.stats.errors.fetch_add(1, Ordering::Relaxed);
         return respond::error(status, "simulated upstream error");
     }
-    match (&parts.method, path) {
-        (&Method::GET, "/v1/models") => respond::models(),
-        (&Method::POST, "/v1/chat/completions") => respond::chat(&s.stats, body, &knobs).await,
-        (&Method::POST, "/v1/embeddings") => respond::embeddings(body, &knobs).await,
+    match (&parts.method, path, parsed) {
+        (&Method::GET, "/v1/models", _) => respond::models(),
+        (&Method::POST, CHAT, Some(req)) => respond::chat(&s.stats, &req, ask, knobs, meter).await,
+        (&Method::POST, EMBEDDINGS, Some(req)) => {
+            respond::embeddings(&req, ask, knobs, meter).await
+        }
         _ => respond::error(StatusCode::NOT_FOUND, &format!("no route {path}")),
     }
 }

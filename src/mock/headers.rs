@@ -8,8 +8,20 @@
 //!   `"6m0s"`). OpenAI's reset is "until the limit is back to its initial state"; a
 //!   rolling window has no such instant that helps a client, so we send the time until
 //!   the oldest admission leaves (one slot frees), which is also what `Retry-After` says.
+//!   With a token limit, also `x-ratelimit-limit-tokens` (per minute),
+//!   `-remaining-tokens` and `-reset-tokens`, on admitted answers and every 429; the
+//!   token reset is OpenAI's literally: until the window is back to its full limit (the
+//!   newest charge leaves it).
 //! - none on 429s (`--bare-429`): NVIDIA's hosted API by public reports sends no
-//!   rate-limit headers; the body is `{"status":429,"title":"Too Many Requests"}`.
+//!   rate-limit headers; the body is `{"status":429,"title":"Too Many Requests"}`, for
+//!   the token limit too.
+//!
+//! A 429 of the token limit names it as OpenAI does, in any dialect but `--bare-429`:
+//! `error.type` `tokens`, code `rate_limit_exceeded`, "Rate limit reached for M in
+//! organization org-mock on tokens per min (TPM): Limit L, Used U, Requested R. Please try
+//! again in 1.8s." with the window's figures (per minute when the window is 60 s), or for
+//! a request larger than the whole window "Request too large for M … Limit L, Requested
+//! R." with no `Retry-After` (it never fits). A request window's 429 keeps its plain body.
 //!
 //! `Retry-After` is whole seconds rounded up, or with `--retry-after-date` an IMF-fixdate
 //! rounded up to the next whole second.
@@ -19,10 +31,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
-use super::admit::Binding;
+use super::admit::{Admission, Binding, Refused};
 use super::config::MockConfig;
 use super::limit::{per_minute, Refusal};
 use super::respond::{error, json_response, MockBody};
+use super::tokens::{self, TokenQuota, TokenRefusal};
+
+/// The organization OpenAI's 429 messages name.
+pub const ORGANIZATION: &str = "org-mock";
 
 /// Which headers the mock sends, fixed at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,38 +63,57 @@ impl HeaderPolicy {
 }
 
 /// Quota headers on an admitted answer.
-pub fn admitted(h: &mut HeaderMap, policy: HeaderPolicy, b: Binding) {
+pub fn admitted(h: &mut HeaderMap, policy: HeaderPolicy, a: Admission) {
     if !policy.on_admitted {
         return;
     }
-    if policy.openai {
-        openai(h, b.max, b.window, b.quota.remaining, b.quota.reset);
-    } else {
-        h.insert("x-ratelimit-limit", HeaderValue::from(b.max));
-        h.insert(
-            "x-ratelimit-remaining",
-            HeaderValue::from(b.quota.remaining),
-        );
-        if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", b.quota.reset.as_secs_f64())) {
-            h.insert("x-ratelimit-reset", v);
+    if let Some(b) = a.requests {
+        if policy.openai {
+            openai(h, b.max, b.window, b.quota.remaining, b.quota.reset);
+        } else {
+            h.insert("x-ratelimit-limit", HeaderValue::from(b.max));
+            h.insert(
+                "x-ratelimit-remaining",
+                HeaderValue::from(b.quota.remaining),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", b.quota.reset.as_secs_f64())) {
+                h.insert("x-ratelimit-reset", v);
+            }
         }
+    }
+    if let (true, Some(q)) = (policy.openai, a.tokens) {
+        openai_tokens(h, q);
     }
 }
 
-/// The 429 of a rolling window.
-pub fn rate_limited(policy: HeaderPolicy, r: Refusal) -> Response<MockBody> {
+/// The 429 of a rolling window (a request window or the token window); `model` is named
+/// in the token limit's message.
+pub fn rate_limited(policy: HeaderPolicy, r: Refused, model: Option<&str>) -> Response<MockBody> {
+    match r {
+        Refused::Requests { refusal, tokens } => {
+            let mut resp = requests_limited(policy, refusal);
+            if let (true, true, Some(q)) = (policy.on_refused, policy.openai, tokens) {
+                openai_tokens(resp.headers_mut(), q);
+            }
+            resp
+        }
+        Refused::Tokens {
+            refusal,
+            requests,
+            tokens,
+        } => tokens_limited(policy, refusal, requests, tokens, model),
+    }
+}
+
+/// The 429 of a request window.
+fn requests_limited(policy: HeaderPolicy, r: Refusal) -> Response<MockBody> {
     if !policy.on_refused {
         return nvidia_429(None);
     }
     let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
     let secs = ceil_secs(r.wait).max(1);
     let h = resp.headers_mut();
-    let retry_after = if policy.retry_after_date {
-        http_date_after(SystemTime::now(), r.wait)
-    } else {
-        HeaderValue::from(secs)
-    };
-    h.insert(header::RETRY_AFTER, retry_after);
+    h.insert(header::RETRY_AFTER, retry_after(policy, r.wait));
     if policy.openai {
         openai(h, r.max, r.window, 0, r.wait);
     } else {
@@ -87,6 +122,67 @@ pub fn rate_limited(policy: HeaderPolicy, r: Refusal) -> Response<MockBody> {
         h.insert("x-ratelimit-reset", HeaderValue::from(secs));
     }
     resp
+}
+
+/// The 429 of the token window, worded as OpenAI's; `requests` and `tokens` are the
+/// windows as they stand, for OpenAI's headers.
+fn tokens_limited(
+    policy: HeaderPolicy,
+    r: TokenRefusal,
+    requests: Option<Binding>,
+    tokens: Option<TokenQuota>,
+    model: Option<&str>,
+) -> Response<MockBody> {
+    if !policy.on_refused {
+        return nvidia_429(None);
+    }
+    let model = model.unwrap_or("unknown");
+    let message = match r.wait {
+        Some(wait) => format!(
+            "Rate limit reached for {model} in organization {ORGANIZATION} on tokens per min \
+             (TPM): Limit {}, Used {}, Requested {}. Please try again in {}.",
+            r.max,
+            r.used,
+            r.requested,
+            go_duration(wait)
+        ),
+        None => format!(
+            "Request too large for {model} in organization {ORGANIZATION} on tokens per min \
+             (TPM): Limit {}, Requested {}. The input or output tokens must be reduced in \
+             order to run successfully.",
+            r.max, r.requested
+        ),
+    };
+    let mut resp = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({"error": {
+            "message": message,
+            "type": "tokens",
+            "param": null,
+            "code": "rate_limit_exceeded",
+        }}),
+    );
+    let h = resp.headers_mut();
+    if let Some(wait) = r.wait {
+        h.insert(header::RETRY_AFTER, retry_after(policy, wait));
+    }
+    if policy.openai {
+        if let Some(b) = requests {
+            openai(h, b.max, b.window, b.quota.remaining, b.quota.reset);
+        }
+        if let Some(q) = tokens {
+            openai_tokens(h, q);
+        }
+    }
+    resp
+}
+
+fn retry_after(policy: HeaderPolicy, wait: Duration) -> HeaderValue {
+    if policy.retry_after_date {
+        http_date_after(SystemTime::now(), wait)
+    } else {
+        HeaderValue::from(ceil_secs(wait).max(1))
+    }
 }
 
 /// The 429 of a full worker (NVIDIA's wording), with no rate-limit headers.
@@ -115,6 +211,20 @@ fn openai(h: &mut HeaderMap, max: usize, window: Duration, remaining: usize, res
     );
     if let Ok(v) = HeaderValue::from_str(&go_duration(reset)) {
         h.insert("x-ratelimit-reset-requests", v);
+    }
+}
+
+fn openai_tokens(h: &mut HeaderMap, q: TokenQuota) {
+    h.insert(
+        "x-ratelimit-limit-tokens",
+        HeaderValue::from(tokens::per_minute(q.max, q.window)),
+    );
+    h.insert(
+        "x-ratelimit-remaining-tokens",
+        HeaderValue::from(q.remaining),
+    );
+    if let Ok(v) = HeaderValue::from_str(&go_duration(q.reset)) {
+        h.insert("x-ratelimit-reset-tokens", v);
     }
 }
 

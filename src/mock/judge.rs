@@ -1,11 +1,16 @@
-//! The judge's record: every decision a rolling-window limit took, so tests count what
-//! the provider saw instead of trusting the sidecar's own gauges.
+//! The judge's record: every decision a rolling-window limit took, and every token
+//! charge, so tests count what the provider saw instead of trusting the sidecar's own
+//! gauges.
 //!
-//! Each decision is `(time since the mock started, model or none, admitted)`, in the
-//! order the windows took them (they are recorded under the global window's lock, so
-//! times never go backwards). The log keeps the last [`LOG_CAP`] decisions; totals count
-//! all of them. Worker-limit refusals are not decisions of a window and are not here.
-//! The counting functions are pure and work on plain slices.
+//! Each entry is `(time since the mock started, model or none, what happened, tokens)`,
+//! in the order the windows took them (they are recorded under the global window's lock,
+//! so times never go backwards). What happened is an admission (with the tokens charged
+//! on arrival: the request's under `reserved`, 0 under `actual`), a refusal and which
+//! limit refused (requests, tokens, or a request too large for the token window), or a
+//! charge at the end of an answer (`actual`), which is not a decision. The log keeps the
+//! last [`LOG_CAP`] entries (a charge above `u32::MAX` tokens is logged as that); totals
+//! count all of them exactly. Worker-limit refusals are not decisions of a window and are
+//! not here. The counting functions are pure and work on plain slices.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Decisions kept in memory (16 bytes each).
+/// Entries kept in memory (16 bytes each).
 pub const LOG_CAP: usize = 1_000_000;
 
 /// Distinct model names the log tells apart; later ones are counted as [`OTHER_MODELS`].
@@ -30,6 +35,38 @@ pub struct WindowCount {
     pub refused: u64,
 }
 
+/// Tokens charged in one fixed window, and the refusals of the token limit in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct TokenCount {
+    pub index: u64,
+    pub tokens: u64,
+    /// 429s of the token limit, too-large requests included.
+    pub refused: u64,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Requests,
+    Tokens,
+    /// Larger than the whole token window: it never fits.
+    TooLarge,
+}
+
+/// What the judge records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Admitted by every window, charged `tokens` on arrival.
+    Admitted {
+        tokens: u64,
+    },
+    Refused(Cause),
+    /// Tokens charged when an answer ended (`actual`): not a decision.
+    Charged {
+        tokens: u64,
+    },
+}
+
 /// Which decisions a question is about.
 #[derive(Debug, Clone, Copy)]
 pub enum Filter<'a> {
@@ -43,23 +80,65 @@ pub struct Verdicts {
     pub windows: Vec<WindowCount>,
     pub max_in_rolling: usize,
     pub admitted: u64,
+    /// Every refusal of a window, whichever limit it was.
     pub refused: u64,
-    /// Decisions of this filter no longer in the log (the first windows are then short).
+    /// Refusals of a request window.
+    pub refused_requests: u64,
+    /// Refusals of the token window, too-large requests included.
+    pub refused_tokens: u64,
+    /// Requests larger than the whole token window (also in `refused_tokens`).
+    pub too_large: u64,
+    /// Entries of this filter no longer in the log (the first windows are then short).
     pub dropped: u64,
+    pub tokens: TokenVerdicts,
+}
+
+/// The tokens part of [`Verdicts`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenVerdicts {
+    /// Tokens charged per fixed window, windows 0 through now.
+    pub windows: Vec<TokenCount>,
+    /// The most tokens charged in any rolling window.
+    pub max_in_rolling: u64,
+    /// Tokens charged since start.
+    pub charged: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Admitted,
+    RefusedRequests,
+    RefusedTokens,
+    TooLarge,
+    Charged,
+}
+
+impl Kind {
+    fn is_decision(self) -> bool {
+        self != Self::Charged
+    }
+
+    fn is_token_refusal(self) -> bool {
+        matches!(self, Self::RefusedTokens | Self::TooLarge)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     nanos: u64,
+    tokens: u32,
     /// 0: no model; otherwise an index + 1 into `Log::names`.
-    model: u32,
-    admitted: bool,
+    model: u16,
+    kind: Kind,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     admitted: u64,
     refused: u64,
+    refused_tokens: u64,
+    too_large: u64,
+    tokens: u64,
     dropped: u64,
 }
 
@@ -67,7 +146,7 @@ struct Tally {
 struct Log {
     entries: VecDeque<Entry>,
     names: Vec<Arc<str>>,
-    ids: HashMap<Arc<str>, u32>,
+    ids: HashMap<Arc<str>, u16>,
     /// Per model id (0: no model).
     tallies: Vec<Tally>,
     all: Tally,
@@ -95,35 +174,52 @@ impl Judge {
         self.start
     }
 
-    /// Records a decision taken at `at` about a request for `model`.
-    pub fn record(&self, at: Instant, model: Option<&str>, admitted: bool) {
+    /// Records what happened at `at` to a request for `model`.
+    pub fn record(&self, at: Instant, model: Option<&str>, event: Event) {
         let nanos =
             u64::try_from(at.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
+        let (kind, tokens) = match event {
+            Event::Admitted { tokens } => (Kind::Admitted, tokens),
+            Event::Refused(Cause::Requests) => (Kind::RefusedRequests, 0),
+            Event::Refused(Cause::Tokens) => (Kind::RefusedTokens, 0),
+            Event::Refused(Cause::TooLarge) => (Kind::TooLarge, 0),
+            Event::Charged { tokens } => (Kind::Charged, tokens),
+        };
         let mut guard = self.log.lock();
         let log = &mut *guard;
         let model = model.map_or(0, |m| log.id(m));
-        for t in [&mut log.all, &mut log.tallies[model as usize]] {
-            if admitted {
-                t.admitted += 1;
-            } else {
-                t.refused += 1;
+        for t in [&mut log.all, &mut log.tallies[usize::from(model)]] {
+            t.tokens = t.tokens.saturating_add(tokens);
+            match kind {
+                Kind::Admitted => t.admitted += 1,
+                Kind::Charged => {}
+                refused => {
+                    t.refused += 1;
+                    if refused.is_token_refusal() {
+                        t.refused_tokens += 1;
+                    }
+                    if refused == Kind::TooLarge {
+                        t.too_large += 1;
+                    }
+                }
             }
         }
         if log.entries.len() >= LOG_CAP {
             if let Some(old) = log.entries.pop_front() {
                 log.all.dropped += 1;
-                log.tallies[old.model as usize].dropped += 1;
+                log.tallies[usize::from(old.model)].dropped += 1;
             }
         }
         log.entries.push_back(Entry {
             nanos,
+            tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
             model,
-            admitted,
+            kind,
         });
     }
 
-    /// Counts per fixed `window` from start to `now`, the most admissions in any rolling
-    /// `window`, and the totals, for the decisions `filter` selects.
+    /// Counts per fixed `window` from start to `now`, the most admissions and tokens in
+    /// any rolling `window`, and the totals, for the decisions `filter` selects.
     pub fn verdicts(&self, filter: Filter<'_>, window: Duration, now: Instant) -> Verdicts {
         let now =
             u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
@@ -132,31 +228,51 @@ impl Judge {
         let (wanted, tally) = match filter {
             Filter::All => (None, log.all),
             Filter::Model(m) => match log.find(m) {
-                Some(id) => (Some(id), log.tallies[id as usize]),
-                None => (Some(u32::MAX), Tally::default()),
+                Some(id) => (Some(id), log.tallies[usize::from(id)]),
+                None => (Some(u16::MAX), Tally::default()),
             },
         };
-        let decisions: Vec<(u64, bool)> = log
+        let entries: Vec<Entry> = log
             .entries
             .iter()
-            .filter(|e| match wanted {
-                None => true,
-                Some(w) => w == e.model,
-            })
-            .map(|e| (e.nanos, e.admitted))
+            .filter(|e| wanted.is_none_or(|w| w == e.model))
+            .copied()
             .collect();
         drop(log);
+        let decisions: Vec<(u64, bool)> = entries
+            .iter()
+            .filter(|e| e.kind.is_decision())
+            .map(|e| (e.nanos, e.kind == Kind::Admitted))
+            .collect();
         let admissions: Vec<u64> = decisions
             .iter()
             .filter(|(_, a)| *a)
             .map(|(t, _)| *t)
+            .collect();
+        let charges: Vec<(u64, u64)> = entries
+            .iter()
+            .filter(|e| e.tokens > 0)
+            .map(|e| (e.nanos, u64::from(e.tokens)))
+            .collect();
+        let token_refusals: Vec<u64> = entries
+            .iter()
+            .filter(|e| e.kind.is_token_refusal())
+            .map(|e| e.nanos)
             .collect();
         Verdicts {
             windows: window_counts(&decisions, window, now),
             max_in_rolling: max_in_rolling(&admissions, window),
             admitted: tally.admitted,
             refused: tally.refused,
+            refused_requests: tally.refused - tally.refused_tokens,
+            refused_tokens: tally.refused_tokens,
+            too_large: tally.too_large,
             dropped: tally.dropped,
+            tokens: TokenVerdicts {
+                windows: token_counts(&charges, &token_refusals, window, now),
+                max_in_rolling: max_tokens_in_rolling(&charges, window),
+                charged: tally.tokens,
+            },
         }
     }
 
@@ -169,14 +285,30 @@ impl Judge {
     pub fn admitted_total(&self) -> u64 {
         self.log.lock().all.admitted
     }
+
+    /// Tokens charged since start.
+    pub fn tokens_total(&self) -> u64 {
+        self.log.lock().all.tokens
+    }
+
+    /// Refusals since start of a request window, of the token window (too-large
+    /// requests included), and of those the too-large ones.
+    pub fn refusals(&self) -> (u64, u64, u64) {
+        let all = self.log.lock().all;
+        (
+            all.refused - all.refused_tokens,
+            all.refused_tokens,
+            all.too_large,
+        )
+    }
 }
 
 impl Log {
-    fn find(&self, model: &str) -> Option<u32> {
+    fn find(&self, model: &str) -> Option<u16> {
         self.ids.get(model).copied()
     }
 
-    fn id(&mut self, model: &str) -> u32 {
+    fn id(&mut self, model: &str) -> u16 {
         if let Some(id) = self.find(model) {
             return id;
         }
@@ -189,7 +321,8 @@ impl Log {
         };
         self.names.push(Arc::clone(&name));
         self.tallies.push(Tally::default());
-        let id = self.names.len() as u32;
+        // At most NAME_CAP + 1 names, far below u16::MAX.
+        let id = self.names.len() as u16;
         self.ids.insert(name, id);
         id
     }
@@ -234,6 +367,55 @@ pub fn max_in_rolling(admissions: &[u64], window: u64) -> usize {
             first += 1;
         }
         best = best.max(last + 1 - first);
+    }
+    best
+}
+
+/// Tokens charged and token refusals per fixed window of `window` nanoseconds, windows 0
+/// through the one holding `now`. `charges` are `(nanos since start, tokens)`,
+/// `refusals` the times of the token window's refusals.
+pub fn token_counts(
+    charges: &[(u64, u64)],
+    refusals: &[u64],
+    window: u64,
+    now: u64,
+) -> Vec<TokenCount> {
+    let window = window.max(1);
+    let last = charges
+        .iter()
+        .map(|(t, _)| *t)
+        .chain(refusals.iter().copied())
+        .max()
+        .unwrap_or(0)
+        .max(now)
+        / window;
+    let mut counts: Vec<TokenCount> = (0..=last)
+        .map(|index| TokenCount {
+            index,
+            ..TokenCount::default()
+        })
+        .collect();
+    for (t, n) in charges {
+        let c = &mut counts[(t / window) as usize];
+        c.tokens = c.tokens.saturating_add(*n);
+    }
+    for t in refusals {
+        counts[(t / window) as usize].refused += 1;
+    }
+    counts
+}
+
+/// The most tokens charged in any rolling window of `window` nanoseconds: two charges
+/// share a window when they are less than `window` apart. `charges` are sorted by time.
+pub fn max_tokens_in_rolling(charges: &[(u64, u64)], window: u64) -> u64 {
+    let (mut best, mut sum, mut first) = (0u64, 0u64, 0);
+    for (t, n) in charges {
+        sum = sum.saturating_add(*n);
+        while t - charges[first].0 >= window {
+            sum -= charges[first].1;
+            first += 1;
+        }
+        best = best.max(sum);
     }
     best
 }
@@ -289,10 +471,11 @@ mod tests {
         let t0 = Instant::now();
         let j = Judge::new(t0);
         let at = |ms| t0 + Duration::from_millis(ms);
-        j.record(at(0), Some("a"), true);
-        j.record(at(10), Some("b"), true);
-        j.record(at(20), Some("a"), false);
-        j.record(at(1200), None, true);
+        let yes = Event::Admitted { tokens: 0 };
+        j.record(at(0), Some("a"), yes);
+        j.record(at(10), Some("b"), yes);
+        j.record(at(20), Some("a"), Event::Refused(Cause::Requests));
+        j.record(at(1200), None, yes);
         let s = Duration::from_secs(1);
         let all = j.verdicts(Filter::All, s, at(1500));
         assert_eq!((all.admitted, all.refused, all.max_in_rolling), (3, 1, 2));
@@ -312,5 +495,52 @@ mod tests {
         assert_eq!((none.admitted, none.max_in_rolling), (0, 0));
         assert!(none.windows.iter().all(|w| w.admitted + w.refused == 0));
         assert_eq!((j.admitted_total(), j.refused_total()), (3, 1));
+    }
+
+    #[test]
+    fn tokens_are_counted_per_window_and_at_their_worst_in_any_rolling_window() {
+        let t0 = Instant::now();
+        let j = Judge::new(t0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        j.record(at(100), Some("a"), Event::Admitted { tokens: 300 });
+        j.record(at(900), Some("a"), Event::Admitted { tokens: 0 }); // actual: later
+        j.record(at(950), Some("b"), Event::Refused(Cause::Tokens));
+        j.record(at(1050), Some("a"), Event::Charged { tokens: 500 });
+        j.record(at(1100), None, Event::Refused(Cause::TooLarge));
+        j.record(at(1200), None, Event::Refused(Cause::Requests));
+        let s = Duration::from_secs(1);
+        let v = j.verdicts(Filter::All, s, at(1500));
+        assert_eq!(
+            (
+                v.admitted,
+                v.refused,
+                v.refused_requests,
+                v.refused_tokens,
+                v.too_large
+            ),
+            (2, 3, 1, 2, 1)
+        );
+        assert_eq!(v.max_in_rolling, 2, "a charge is not an admission");
+        assert_eq!(v.windows[1].admitted + v.windows[1].refused, 2);
+        let t = v.tokens;
+        assert_eq!((t.charged, t.max_in_rolling), (800, 800), "950 ms apart");
+        let w = |index, tokens, refused| TokenCount {
+            index,
+            tokens,
+            refused,
+        };
+        assert_eq!(t.windows, vec![w(0, 300, 1), w(1, 500, 1)]);
+        let a = j.verdicts(Filter::Model("a"), Duration::from_millis(900), at(1500));
+        assert_eq!((a.tokens.charged, a.tokens.max_in_rolling), (800, 500));
+        assert_eq!(j.tokens_total(), 800);
+        assert_eq!(j.refusals(), (1, 2, 1));
+        let c = [(0, 5), (10, 7), (20, 1)];
+        assert_eq!(max_tokens_in_rolling(&c, 11), 12);
+        assert_eq!(
+            max_tokens_in_rolling(&c, 10),
+            7,
+            "exactly a window apart: gone"
+        );
+        assert_eq!(max_tokens_in_rolling(&[], 10), 0);
     }
 }

@@ -17,6 +17,9 @@ pub struct Knobs {
     pub tokens: usize,
     pub status: Option<StatusCode>,
     pub reset_after: Option<usize>,
+    /// `x-mock-refuse-include-usage: 1`: answer 400 to a body with `stream_options`, as
+    /// some models do (also per model, `--refuse-include-usage`).
+    pub refuse_stream_options: bool,
 }
 
 impl Knobs {
@@ -43,6 +46,7 @@ impl Knobs {
             reset_after: num("x-mock-reset-after")
                 .map(|n| n as usize)
                 .or(config.reset_after),
+            refuse_stream_options: num("x-mock-refuse-include-usage").is_some_and(|n| n != 0),
         }
     }
 }

@@ -225,6 +225,18 @@ impl Window {
         }
     }
 
+    /// What is left of the window at `now` (after `prune(now)`) without admitting: what
+    /// a refusal by another limit reports about this one.
+    pub(super) fn peek(&self, now: Instant) -> Quota {
+        Quota {
+            remaining: self.max.saturating_sub(self.times.len()),
+            reset: self.times.front().map_or(Duration::ZERO, |oldest| {
+                self.window
+                    .saturating_sub(now.saturating_duration_since(*oldest))
+            }),
+        }
+    }
+
     pub(super) fn state(&self) -> LimitState {
         LimitState {
             max: self.is_limited().then_some(self.max),

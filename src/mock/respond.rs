@@ -1,4 +1,13 @@
 //! Response bodies of the simulated upstream, in the shapes OpenAI clients parse.
+//!
+//! Every JSON chat completion and embedding carries `usage` with the mock's own counts
+//! (`count.rs`). A stream sends usage only when asked (`stream_options.include_usage`),
+//! as OpenAI does: then every chunk carries `"usage": null` and one more chunk, with
+//! `choices: []` and the whole `usage`, comes before `data: [DONE]`. `n` choices are
+//! generated (a stream interleaves them per token), each its token knob capped by
+//! `max_tokens`, ending `"length"` when the cap cut it short. Under `actual` charging, the
+//! answer's [`Meter`] is charged before its last bytes leave: a client that has read the
+//! whole answer finds it in the window.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +20,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::admit::Meter;
+use super::count::Ask;
 use super::knobs::Knobs;
 use super::stats::MockStats;
 use crate::body::BoxError;
@@ -85,44 +96,113 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn parse(body: &[u8]) -> Result<Value, String> {
+/// A request body as JSON, or the message of the 400 it gets.
+pub(super) fn parse(body: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
-pub async fn chat(stats: &MockStats, body: &[u8], knobs: &Knobs) -> Response<MockBody> {
-    let req = match parse(body) {
+/// The 400 a model that refuses `stream_options` gives (OpenAI's wording for a field it
+/// does not know).
+pub fn stream_options_refused() -> Response<MockBody> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+            "param": "stream_options",
+            "code": null,
+        }}),
+    )
+}
+
+/// What a chat answer generates, from the request and the knobs.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    prompt: u64,
+    per_choice: usize,
+    n: usize,
+    finish: &'static str,
+    include_usage: bool,
+}
+
+impl Plan {
+    fn new(ask: &Ask, knobs: &Knobs) -> Self {
+        Self {
+            prompt: ask.prompt,
+            // At most the knob, itself at most 100,000.
+            per_choice: ask.per_choice(knobs.tokens) as usize,
+            n: ask.n as usize,
+            finish: if ask.capped(knobs.tokens) {
+                "length"
+            } else {
+                "stop"
+            },
+            include_usage: ask.include_usage,
+        }
+    }
+
+    fn completion(&self) -> u64 {
+        (self.per_choice as u64).saturating_mul(self.n as u64)
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion(),
+            "total_tokens": self.prompt.saturating_add(self.completion())
+        })
+    }
+}
+
+/// A chat completion for the parsed request `req` (its [`Ask`] read from it).
+pub async fn chat(
+    stats: &MockStats,
+    req: &Result<Value, String>,
+    ask: &Ask,
+    knobs: &Knobs,
+    meter: Option<Meter>,
+) -> Response<MockBody> {
+    let req = match req {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let model = req["model"]
         .as_str()
         .unwrap_or("meta/llama-3.1-8b-instruct")
         .to_owned();
     let id = format!("chatcmpl-mock-{:016x}", fastrand::u64(..));
+    let plan = Plan::new(ask, knobs);
     if req["stream"].as_bool() == Some(true) {
         stats.streams.fetch_add(1, Ordering::Relaxed);
-        return stream(id, model, knobs.clone());
+        return stream(id, model, knobs.clone(), plan, meter);
     }
     if !knobs.latency.is_zero() {
         tokio::time::sleep(knobs.latency).await;
     }
-    let content: String = (0..knobs.tokens).map(|i| WORDS[i % WORDS.len()]).collect();
+    let content: String = (0..plan.per_choice)
+        .map(|i| WORDS[i % WORDS.len()])
+        .collect();
+    let choices: Vec<Value> = (0..plan.n)
+        .map(|index| {
+            json!({
+                "index": index,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": plan.finish
+            })
+        })
+        .collect();
     let answer = json!({
             "id": id,
             "object": "chat.completion",
             "created": now_secs(),
             "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop"
-            }],
-            "usage": {
-                "prompt_tokens": body.len() / 4,
-                "completion_tokens": knobs.tokens,
-                "total_tokens": body.len() / 4 + knobs.tokens
-            }
+            "choices": choices,
+            "usage": plan.usage()
     });
+    if let Some(mut m) = meter {
+        m.add(plan.prompt.saturating_add(plan.completion()));
+        m.settle();
+    }
     match knobs.reset_after {
         Some(_) => cut_short(&answer),
         None => json_response(StatusCode::OK, &answer),
@@ -144,58 +224,100 @@ fn cut_short(v: &Value) -> Response<MockBody> {
     resp
 }
 
-fn chunk(id: &str, model: &str, created: u64, delta: Value, finish: Option<&str>) -> Bytes {
-    let v = json!({
+/// One SSE chunk; `usage` is added only when the client asked for usage.
+fn chunk(id: &str, model: &str, created: u64, choices: Value, usage: Option<Value>) -> Bytes {
+    let mut v = json!({
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+        "choices": choices
     });
+    if let Some(u) = usage {
+        v["usage"] = u;
+    }
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-/// An SSE completion: role chunk, one chunk per token, a final chunk, `[DONE]`.
-fn stream(id: String, model: String, knobs: Knobs) -> Response<MockBody> {
+/// What a stream's frame is, for its pacing and its charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Start,
+    /// A token's chunk; `first` of the choices for that token (the delay goes before it).
+    Token {
+        first: bool,
+    },
+    /// After the last token: the finish chunks, the usage chunk, `[DONE]`.
+    End,
+}
+
+/// An SSE completion: role chunks, one chunk per token and choice, the finish chunks, the
+/// usage chunk when asked for, `[DONE]`.
+fn stream(
+    id: String,
+    model: String,
+    knobs: Knobs,
+    plan: Plan,
+    meter: Option<Meter>,
+) -> Response<MockBody> {
     let (tx, body) = channel(4);
     tokio::task::spawn_local(async move {
-        let created = now_secs();
-        let mut frames = Vec::with_capacity(knobs.tokens + 3);
-        frames.push(chunk(
-            &id,
-            &model,
-            created,
-            json!({"role": "assistant", "content": ""}),
-            None,
-        ));
-        for i in 0..knobs.tokens {
-            frames.push(chunk(
-                &id,
-                &model,
-                created,
-                json!({"content": WORDS[i % WORDS.len()]}),
-                None,
-            ));
+        let mut meter = meter;
+        if let Some(m) = meter.as_mut() {
+            m.add(plan.prompt);
         }
-        frames.push(chunk(&id, &model, created, json!({}), Some("stop")));
-        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        for (n, frame) in frames.into_iter().enumerate() {
+        let created = now_secs();
+        let null = plan.include_usage.then_some(Value::Null);
+        let one = |index: usize, delta: Value, finish: Option<&str>| {
+            let choice = json!([{"index": index, "delta": delta, "finish_reason": finish}]);
+            chunk(&id, &model, created, choice, null.clone())
+        };
+        let one = &one;
+        // Made as they are sent: `n` × the token knob can be millions of chunks.
+        let starts = (0..plan.n).map(|index| {
+            let role = json!({"role": "assistant", "content": ""});
+            (Step::Start, one(index, role, None))
+        });
+        let tokens = (0..plan.per_choice).flat_map(|i| {
+            (0..plan.n).map(move |index| {
+                let delta = json!({"content": WORDS[i % WORDS.len()]});
+                (Step::Token { first: index == 0 }, one(index, delta, None))
+            })
+        });
+        let ends = (0..plan.n).map(|index| (Step::End, one(index, json!({}), Some(plan.finish))));
+        let usage = plan.include_usage.then(|| {
+            let usage = chunk(&id, &model, created, json!([]), Some(plan.usage()));
+            (Step::End, usage)
+        });
+        let done = (Step::End, Bytes::from_static(b"data: [DONE]\n\n"));
+        let frames = starts
+            .chain(tokens)
+            .chain(ends)
+            .chain(usage)
+            .chain(std::iter::once(done));
+        for (n, (step, frame)) in frames.into_iter().enumerate() {
             if knobs.reset_after == Some(n) {
                 reset(&tx, "simulated reset mid-stream").await;
-                return;
+                return; // the meter, dropped, charges what was sent
             }
-            let wait = if n == 0 {
-                knobs.latency
-            } else if n <= knobs.tokens {
-                knobs.token_delay
-            } else {
-                Duration::ZERO
+            let wait = match step {
+                _ if n == 0 => knobs.latency,
+                Step::Token { first: true } => knobs.token_delay,
+                _ => Duration::ZERO,
             };
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
+            if step == Step::End {
+                if let Some(m) = meter.take() {
+                    m.settle();
+                }
+            }
             if tx.send(Ok(Frame::data(frame))).await.is_err() {
                 return; // client gone
+            }
+            if let (Step::Token { .. }, Some(m)) = (step, meter.as_mut()) {
+                m.add(1);
             }
         }
     });
@@ -209,10 +331,16 @@ fn stream(id: String, model: String, knobs: Knobs) -> Response<MockBody> {
     r
 }
 
-pub async fn embeddings(body: &[u8], knobs: &Knobs) -> Response<MockBody> {
-    let req = match parse(body) {
+/// Embeddings for the parsed request `req`; usage is its prompt count.
+pub async fn embeddings(
+    req: &Result<Value, String>,
+    ask: &Ask,
+    knobs: &Knobs,
+    meter: Option<Meter>,
+) -> Response<MockBody> {
+    let req = match req {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let inputs: Vec<String> = match &req["input"] {
         Value::String(s) => vec![s.clone()],
@@ -249,13 +377,17 @@ pub async fn embeddings(body: &[u8], knobs: &Knobs) -> Response<MockBody> {
             json!({"object": "embedding", "index": i, "embedding": v})
         })
         .collect();
+    if let Some(mut m) = meter {
+        m.add(ask.prompt);
+        m.settle();
+    }
     json_response(
         StatusCode::OK,
         &json!({
             "object": "list",
             "data": data,
             "model": req["model"].as_str().unwrap_or("nvidia/nv-embedqa-e5-v5"),
-            "usage": {"prompt_tokens": body.len() / 4, "total_tokens": body.len() / 4}
+            "usage": {"prompt_tokens": ask.prompt, "total_tokens": ask.prompt}
         }),
     )
 }

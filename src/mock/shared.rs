@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +28,8 @@ pub struct Seen {
 pub struct MockShared {
     pub config: MockConfig,
     pub stats: MockStats,
-    pub(super) gate: Gate,
+    /// Shared with the answers that charge tokens when they end ([`super::admit::Meter`]).
+    pub(super) gate: Arc<Gate>,
     pub(super) headers: HeaderPolicy,
     /// The start-up window, for limits set without one.
     pub(super) window: Duration,

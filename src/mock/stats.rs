@@ -13,4 +13,6 @@ pub struct MockStats {
     pub errors: AtomicU64,
     pub unauthorized: AtomicU64,
     pub streams: AtomicU64,
+    /// 400s to `stream_options` (`x-mock-refuse-include-usage`, `--refuse-include-usage`).
+    pub stream_options_refused: AtomicU64,
 }

@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use super::*;
 
+mod tokens;
+
 const S: Duration = Duration::from_secs(1);
 
 struct Answer {
@@ -408,7 +410,7 @@ async fn control_endpoint_rejects_bad_input_with_a_message_naming_the_field() {
     let m = start(three_per_six_seconds());
     let cases = [
         ("not json", "invalid JSON"),
-        (r#"{"window_secs": 6}"#, "missing field `rpm`"),
+        (r#"{"window_secs": 6}"#, r#"needs "rpm" or "tpm""#),
         (r#"{"rpm": -1}"#, "rpm must be a number >= 0"),
         (r#"{"rpm": 30, "window_secs": 0}"#, "window_secs must be"),
         (r#"{"rpm": 30, "window": 6}"#, "unknown field `window`"),

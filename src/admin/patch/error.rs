@@ -52,7 +52,7 @@ pub const MESSAGES: &[&str] = &[
     "<path>: <number> is out of range; accepted: <what>",
     "log_level: <\"value\"> is not a level; accepted: one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
     "unknown provider <\"name\">; configured: <names>",
-    "the patch changes nothing: send at least one of rate_rpm, bucket_capacity, queue_max_size, low_priority_timeout, request_timeout, fallback_enabled_passthrough, log_level, providers",
+    "the patch changes nothing: send at least one of rate_rpm, bucket_capacity, queue_max_size, low_priority_timeout, tokens_per_minute, request_timeout, fallback_enabled_passthrough, log_level, providers",
 ];
 
 impl PatchError {

@@ -12,6 +12,7 @@ fn hot() -> Hot {
         bucket_capacity: 1,
         queue_max_size: 64,
         low_priority_timeout: Duration::from_secs(30),
+        tokens_per_minute: 0,
     };
     Hot {
         version: 3,
@@ -50,6 +51,39 @@ fn top_level_fields_apply_to_every_provider_and_named_ones_win() {
             "providers.openai.queue_max_size"
         ]
     );
+}
+
+#[test]
+fn tokens_per_minute_is_set_per_provider_turned_off_by_0_and_refused_past_its_bound() {
+    let patch = parse(
+        br#"{"tokens_per_minute": 30000, "providers": {"openai": {"tokens_per_minute": 0}}}"#,
+    )
+    .unwrap();
+    let new = patch.apply_to(&hot(), &NAMES).unwrap();
+    assert_eq!(new.defaults.tokens_per_minute, 30_000);
+    assert_eq!(new.providers[0].tokens_per_minute, 30_000);
+    assert_eq!(new.providers[1].tokens_per_minute, 0, "0: no token budget");
+    let changed: Vec<String> = diff(&hot(), &new, &NAMES)
+        .into_iter()
+        .map(|c| c.field)
+        .collect();
+    assert_eq!(
+        changed,
+        ["tokens_per_minute", "providers.nvidia.tokens_per_minute"]
+    );
+    for (body, got) in [
+        (&br#"{"tokens_per_minute": 10000000001}"#[..], "10000000001"),
+        (br#"{"tokens_per_minute": 1.5}"#, "1.5"),
+        (br#"{"tokens_per_minute": -1}"#, "-1"),
+    ] {
+        let err = parse(body).unwrap().apply_to(&hot(), &NAMES).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "tokens_per_minute: {got} is out of range; accepted: an integer from 0 to 10000000000"
+            )
+        );
+    }
 }
 
 #[test]
@@ -281,7 +315,7 @@ fn a_provider_entry_of_the_wrong_type_says_what_it_accepts() {
         .to_string();
     assert_eq!(
         got,
-        "providers.nvidia: wrong type: expected an object; accepted: an object with rate_rpm, bucket_capacity, queue_max_size or low_priority_timeout"
+        "providers.nvidia: wrong type: expected an object; accepted: an object with rate_rpm, bucket_capacity, queue_max_size, low_priority_timeout or tokens_per_minute"
     );
     let got = parse(br#"{"providers": {"a\nb": {"rate_rpm": "x"}}}"#)
         .unwrap_err()

@@ -49,6 +49,7 @@ fn the_rows_list_the_fields_of_the_value_types_in_order() {
             "bucket_capacity",
             "queue_max_size",
             "low_priority_timeout",
+            "tokens_per_minute",
             "request_timeout",
             "fallback_enabled_passthrough",
             "log_level"
@@ -98,6 +99,7 @@ fn each_field_applies_as_its_row_says() {
         ("SIDECAR_BUCKET_CAPACITY", "2"),
         ("SIDECAR_QUEUE_MAX_SIZE", "65"),
         ("SIDECAR_LOW_PRIORITY_TIMEOUT", "31"),
+        ("SIDECAR_TOKENS_PER_MINUTE", "30000"),
         ("SIDECAR_REQUEST_TIMEOUT", "121"),
         ("SIDECAR_FALLBACK_ENABLED_PASSTHROUGH", "true"),
         ("SIDECAR_LOG_LEVEL", "debug"),
@@ -107,6 +109,7 @@ fn each_field_applies_as_its_row_says() {
         Applies::Limiter,
         Applies::QueueBound,
         Applies::PerRequest,
+        Applies::TokenBudget,
         Applies::LogFilter,
     ];
     for (f, &(var, value)) in FIELDS.iter().zip(cases) {

@@ -19,12 +19,7 @@ use std::time::Duration;
 /// Tokens per `window` for `tpm` tokens per minute: `floor(tpm × window / 60 s)`, at
 /// least 1.
 pub fn per_window_tokens(tpm: u64, window: Duration) -> u64 {
-    let n = (tpm as f64 * window.as_secs_f64() / 60.0).floor();
-    if n.is_finite() && n >= 1.0 {
-        n.min(u64::MAX as f64) as u64
-    } else {
-        1
-    }
+    crate::limiter::learn::tokens_per_window(tpm, window).unwrap_or(1)
 }
 
 /// Why the token limit changed: the reason in the log line.

@@ -9,11 +9,13 @@
 //! - `metrics.rs`: `/metrics` and its samples;
 //! - `ledger.rs`: the request ledger and the end-of-scenario checks;
 //! - `judge.rs`: the simulated provider's fixed-window time line;
+//! - `flood.rs`: closed-loop clients sending a mix of chats, and the usage they were told;
 //! - `process.rs`: tools, the sidecar's binary, and waiting for a run to end;
 //! - `redis.rs`: a real Redis and sidecar replicas as processes.
 #![allow(dead_code, unused_imports)]
 
 mod client;
+mod flood;
 mod judge;
 mod ledger;
 mod metrics;
@@ -24,6 +26,7 @@ mod stack;
 mod wait;
 
 pub use client::*;
+pub use flood::*;
 pub use judge::*;
 pub use ledger::*;
 pub use metrics::*;

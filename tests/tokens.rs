@@ -216,12 +216,24 @@ fn mean_tokens(windows: &[TokenCount]) -> f64 {
 
 // === the sidecar's side ===
 
-/// `sidecar_tokens_total{provider, kind}` of a `/metrics` scrape.
+/// `sidecar_tokens_total{provider="nvidia",kind}` of a `/metrics` scrape, whatever the
+/// order of its labels.
 fn tokens_metric(text: &str, kind: &str) -> Option<f64> {
-    sample(
-        text,
-        &format!("sidecar_tokens_total{{provider=\"{PROVIDER}\",kind=\"{kind}\"}}"),
-    )
+    let labels = [
+        format!("provider=\"{PROVIDER}\""),
+        format!("kind=\"{kind}\""),
+    ];
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let inner = series
+            .strip_prefix("sidecar_tokens_total{")?
+            .strip_suffix('}')?;
+        let mut found: Vec<&str> = inner.split(',').collect();
+        found.sort_unstable();
+        let mut wanted: Vec<&str> = labels.iter().map(String::as_str).collect();
+        wanted.sort_unstable();
+        (found == wanted).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// The sidecar's settled tokens, read until they equal `charged` (settlement may trail
@@ -750,4 +762,21 @@ async fn a_token_429_moves_the_token_budget_and_leaves_the_learned_request_limit
     assert!(broken.is_empty(), "{}\n{report}", broken.join("\n"));
     assert_ledger(&s, sent_to(s.addr)).await;
     s.stop();
+}
+
+// === the harness's readers ===
+
+#[test]
+fn the_harness_reads_figures_through_separators_and_token_series_in_any_label_order() {
+    assert_eq!(
+        integers("Limit 12,000 tokens, estimate 20 007; 1,2 and 120000."),
+        vec![12_000, 20_007, 1, 2, 120_000]
+    );
+    let text = "# TYPE sidecar_tokens counter\n\
+                sidecar_tokens_total{provider=\"nvidia\",kind=\"settled\"} 85448\n\
+                sidecar_tokens_total{kind=\"prompt\",provider=\"nvidia\"} 40894\n\
+                sidecar_tokens_total{provider=\"other\",kind=\"completion\"} 1\n";
+    assert_eq!(tokens_metric(text, "settled"), Some(85_448.0));
+    assert_eq!(tokens_metric(text, "prompt"), Some(40_894.0));
+    assert_eq!(tokens_metric(text, "completion"), None);
 }

@@ -577,6 +577,19 @@ async fn a_single_process_snapshot_has_no_cluster_object() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_budget_the_snapshot_has_no_tokens_object() {
+    let s = stack(unlimited_mock(), &[INTERVAL_ENV]);
+    assert!(s.app.providers[0].limiter.token_budget().is_none());
+    // Counts alone (as a budget turned off leaves them) do not make a token panel.
+    s.app.providers[0].stats.settle_tokens(10, 10, Some((6, 4)));
+    let (p, text) = first_provider(s.addr).await;
+    assert!(p.get("tokens").is_none(), "{p}");
+    assert!(!text.contains("\"tokens\""), "{text}");
+    assert_ledger(&s, sent_to(s.addr)).await;
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_mode_the_snapshot_and_the_stream_carry_the_replicas_view_of_the_budget() {
     const PASSWORD: &str = "r3dis-pass-dashboard-5be0";
     // Nothing listens there and no budget task runs: the replica's first view of the

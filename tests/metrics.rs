@@ -1198,6 +1198,103 @@ async fn the_metrics_listener_serves_get_metrics_only_and_the_proxy_does_not_ser
 /// A password in the Redis URL of the cluster tests: it must never show.
 const REDIS_PASSWORD: &str = "r3dis-pass-metrics-91d2";
 
+/// Every family the token budget adds to `/metrics` once a provider counted tokens,
+/// with its type (the budget's gauges need the budget itself).
+const TOKEN_COUNT_FAMILIES: [(&str, &str); 2] = [
+    ("sidecar_tokens_total", "counter"),
+    ("sidecar_token_estimate_ratio", "histogram"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_without_token_budgets_exposes_no_token_series() {
+    let s = stack(unlimited_mock(), &[]);
+    assert!(s
+        .app
+        .providers
+        .iter()
+        .all(|p| p.limiter.token_budget().is_none()));
+    assert_eq!(s.chat(&[], CHAT).await.status, 200);
+    let text = scrape_text(s.metrics_addr).await;
+    let tokens: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sidecar_token"))
+        .collect();
+    assert!(
+        tokens.is_empty(),
+        "token lines without a budget: {tokens:?}"
+    );
+    let m = parse(&text).unwrap_or_else(|e| panic!("the exposition does not parse: {e}\n{text}"));
+    assert_eq!(
+        m.value(
+            "sidecar_dropped_total",
+            &[NVIDIA, ("reason", "tokens_too_large")]
+        ),
+        0.0
+    );
+    assert_ledger(&s, sent_to(s.addr)).await;
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_tokens_show_by_kind_with_the_estimate_ratio_and_pass_promtool() {
+    let s = stack(unlimited_mock(), &[]);
+    let stats = &s.app.providers[0].stats;
+    // What the proxy reports as it settles reservations: ratios 1.0, 1.5 and 0.5, one
+    // answer without usage, and a request larger than a whole window refused.
+    stats.settle_tokens(100, 100, Some((60, 40)));
+    stats.settle_tokens(300, 250, Some((150, 50)));
+    stats.settle_tokens(40, 40, Some((80, 0)));
+    stats.settle_tokens(70, 70, None);
+    stats.refuse_tokens_too_large();
+    let text = scrape_text(s.metrics_addr).await;
+    let m = parse(&text).unwrap_or_else(|e| panic!("the exposition does not parse: {e}\n{text}"));
+    for (family, ty) in TOKEN_COUNT_FAMILIES {
+        assert_eq!(
+            m.types.get(family).map(String::as_str),
+            Some(ty),
+            "{family}: {}",
+            m.dump(family)
+        );
+    }
+    for (kind, want) in [
+        ("prompt", 290.0),
+        ("completion", 90.0),
+        ("estimated", 510.0),
+        ("settled", 460.0),
+    ] {
+        assert_eq!(
+            m.value("sidecar_tokens_total", &[NVIDIA, ("kind", kind)]),
+            want,
+            "{kind}"
+        );
+    }
+    let r = m.histogram("sidecar_token_estimate_ratio", &[NVIDIA]);
+    assert_eq!(r.count, 3.0);
+    assert_eq!(r.sum, 3.0);
+    let at = |le: f64| r.buckets.iter().find(|b| b.0 == le).map(|b| b.1);
+    assert_eq!(at(0.5), Some(1.0));
+    assert_eq!(at(0.9), Some(1.0));
+    assert_eq!(at(1.0), Some(2.0));
+    assert_eq!(at(1.5), Some(3.0));
+    assert_eq!(r.buckets.len(), 11, "10 bounds plus +Inf: {:?}", r.buckets);
+    assert_eq!(
+        m.value(
+            "sidecar_dropped_total",
+            &[NVIDIA, ("reason", "tokens_too_large")]
+        ),
+        1.0
+    );
+    // No budget on this provider: its gauges stay out.
+    assert!(!text.contains("sidecar_token_budget_"), "{text}");
+    if let Some((ok, report)) = promtool_check(&text) {
+        assert!(
+            ok,
+            "promtool check metrics failed:\n{report}\n--- exposition ---\n{text}"
+        );
+    }
+    s.stop();
+}
+
 /// Redis for the cluster tests: a URL on which nothing listens (the replica stays in
 /// fallback mode with the backend down), password included.
 fn dead_redis_url() -> String {

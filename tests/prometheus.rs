@@ -1,8 +1,9 @@
 //! A real Prometheus scrapes the sidecar under traffic: the latency histogram gives a
 //! plausible p99 through `histogram_quantile`, and every metric the Grafana dashboard
-//! and the alerting rules use exists (in Prometheus and in a direct scrape). A second
-//! sidecar in cluster mode (`redis_url` set, Redis never reached) serves the shared
-//! budget's series; Prometheus loads the alerting rules, and the lost backend makes
+//! and the alerting rules use exists (in Prometheus and in a direct scrape). The first
+//! sidecar has a token budget, for the dashboard's Tokens row; a second sidecar in
+//! cluster mode (`redis_url` set, Redis never reached) serves the shared budget's
+//! series. Prometheus loads the alerting rules, and the lost backend makes
 //! `SidecarBudgetBackendDown` pending for it. `promtool` checks the rules and runs their
 //! unit tests (`deploy/prometheus/alerts_test.yml`).
 //!
@@ -295,13 +296,18 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
     let Some(binary) = find_tool("prometheus", "apt-get install prometheus") else {
         return;
     };
+    // A token budget far above the traffic, so the dashboard's Tokens row has series.
     let s = stack(
         MockConfig {
             rpm: 0.0,
             latency_ms: MOCK_LATENCY_MS,
             ..MockConfig::default()
         },
-        &[],
+        &[("SIDECAR_TOKENS_PER_MINUTE", "10000000000")],
+    );
+    assert!(
+        s.app.providers[0].limiter.token_budget().is_some(),
+        "SIDECAR_TOKENS_PER_MINUTE gives the provider's limiter a token budget"
     );
     // Cluster mode with a Redis that never answers (nothing listens on the port).
     let dead_redis = format!("redis://:never-shown-pw@127.0.0.1:{}/0", free_port());
@@ -447,6 +453,17 @@ async fn a_real_prometheus_scrapes_the_sidecar_and_finds_every_metric_the_dashbo
         assert!(
             from_dashboard.contains(name),
             "the dashboard's Cluster row uses {name}"
+        );
+    }
+    for name in [
+        "sidecar_tokens_total",
+        "sidecar_token_budget_remaining",
+        "sidecar_token_budget_limit",
+        "sidecar_token_estimate_ratio_bucket",
+    ] {
+        assert!(
+            from_dashboard.contains(name),
+            "the dashboard's Tokens row uses {name}"
         );
     }
     assert!(from_alerts.contains("sidecar_budget_backend_up"));

@@ -10,7 +10,7 @@ use crate::budget::ClusterView;
 use crate::limiter::{DropReason, Mode, PauseReason, RetreatState, Source};
 use crate::metrics::Outcome;
 use crate::priority::Priority;
-use crate::snapshot::{ClusterPanel, PacingPanel, Panel, Point, Snapshot};
+use crate::snapshot::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, TokenPanel};
 
 /// Encodes `snap` (sequence `seq`) for `app`'s providers.
 pub fn encode(app: &App, snap: &Snapshot, seq: u64) -> Vec<u8> {
@@ -98,6 +98,9 @@ struct ProviderView<'a> {
     /// Cluster mode only (absent when the provider paces alone).
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<Cluster>,
+    /// Token budget only (absent when the provider has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<Tokens>,
 }
 
 #[derive(Serialize)]
@@ -351,6 +354,74 @@ impl Cluster {
     }
 }
 
+/// The provider's token budget, tokens per window, and its token counts since start
+/// (the same numbers as `sidecar_token_budget_*` and `sidecar_tokens_total{kind}`).
+#[derive(Serialize)]
+struct Tokens {
+    /// Allowed now (the lowest of the configured, stated and learned limits), and
+    /// configured.
+    limit: u64,
+    ceiling: u64,
+    /// `null` until the provider states its limit.
+    stated: Option<u64>,
+    /// Charged in the rolling window (reservations included); what is left of the limit.
+    charged: u64,
+    remaining: u64,
+    /// Estimated tokens of the requests parked in the queue.
+    waiting: u64,
+    /// Seconds left of a hold after a 429 about tokens; `null` when not held.
+    held_s: Option<f64>,
+    /// Since start, by kind: reported by the provider (prompt, completion), reserved at
+    /// admission (estimated), charged in the end (settled).
+    totals: TokenTotals,
+    /// Refused because the estimate exceeds a whole window.
+    refused_too_large: u64,
+    /// `estimate ÷ actual` over the settlements with usage: their number and mean
+    /// (`null` before the first).
+    estimate_ratio: EstimateRatio,
+}
+
+#[derive(Serialize)]
+struct TokenTotals {
+    prompt: u64,
+    completion: u64,
+    estimated: u64,
+    settled: u64,
+}
+
+#[derive(Serialize)]
+struct EstimateRatio {
+    count: u64,
+    mean: Option<f64>,
+}
+
+impl Tokens {
+    /// `None` when the provider has no token budget.
+    fn new(t: &TokenPanel) -> Option<Self> {
+        let round = |x: f64| (x * 1e3).round() / 1e3;
+        (t.present != 0).then(|| Self {
+            limit: t.limit,
+            ceiling: t.ceiling,
+            stated: (t.stated != 0).then_some(t.stated),
+            charged: t.charged,
+            remaining: t.remaining,
+            waiting: t.waiting,
+            held_s: (t.held_s > 0.0).then(|| round(t.held_s)),
+            totals: TokenTotals {
+                prompt: t.prompt,
+                completion: t.completion,
+                estimated: t.estimated,
+                settled: t.settled,
+            },
+            refused_too_large: t.refused_too_large,
+            estimate_ratio: EstimateRatio {
+                count: t.ratio_count,
+                mean: opt(t.ratio_mean).map(round),
+            },
+        })
+    }
+}
+
 #[derive(Serialize)]
 struct Requests {
     /// Routed to the provider; of those, admitted through the bucket, sent through.
@@ -496,6 +567,7 @@ impl<'a> ProviderView<'a> {
                 ceiling_rpm: series(|pt| pt.ceiling_rpm),
             },
             cluster: None,
+            tokens: Tokens::new(&p.tokens),
         }
     }
 }

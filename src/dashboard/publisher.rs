@@ -12,9 +12,12 @@ use bytemuck::Zeroable;
 
 use crate::app::App;
 use crate::budget::{Budget, ClusterView};
-use crate::limiter::{DropReason, Mode, PacingView, Source};
+use crate::limiter::{DropReason, Mode, PacingView, Source, TokenView};
 use crate::metrics::{Outcome, ProviderSeries};
-use crate::snapshot::{ClusterPanel, PacingPanel, Panel, Point, Snapshot, HISTORY, MAX_PROVIDERS};
+use crate::snapshot::{
+    ClusterPanel, PacingPanel, Panel, Point, Snapshot, TokenPanel, HISTORY, MAX_PROVIDERS,
+};
+use crate::stats::StatsSnapshot;
 
 /// A provider's pacing view at clock time `now`, as the snapshot holds it.
 fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
@@ -37,6 +40,32 @@ fn pacing_panel(v: &PacingView, now: u64) -> PacingPanel {
             .map_or(0.0, |(_, until)| secs(until.saturating_sub(now))),
         sent_in_window: u64::from(v.sent_in_window),
         changes: v.changes,
+    }
+}
+
+/// A provider's token budget at clock time `now` and its counts, as the snapshot holds
+/// them (zero without a budget).
+pub fn token_panel(view: Option<&TokenView>, stats: &StatsSnapshot, now: u64) -> TokenPanel {
+    let Some(v) = view else {
+        return TokenPanel::zeroed();
+    };
+    let t = &stats.tokens;
+    TokenPanel {
+        present: 1,
+        limit: v.limit,
+        ceiling: v.ceiling,
+        stated: v.stated.unwrap_or(0),
+        charged: v.charged,
+        remaining: v.remaining,
+        waiting: v.waiting,
+        held_s: v.held_until.saturating_sub(now) as f64 / 1e9,
+        prompt: t.prompt,
+        completion: t.completion,
+        estimated: t.estimated,
+        settled: t.settled,
+        refused_too_large: stats.refused_tokens_too_large,
+        ratio_count: t.ratio_count(),
+        ratio_mean: t.ratio_mean().unwrap_or(f64::NAN),
     }
 }
 
@@ -196,6 +225,11 @@ impl Publisher {
                 wait_count: wait.count(),
                 pacing: pacing_panel(&s.pacing, clock_now),
                 cluster: cluster_panel(provider.budget.as_deref()),
+                tokens: token_panel(
+                    provider.limiter.token_view(clock_now).as_ref(),
+                    &s.stats,
+                    clock_now,
+                ),
                 history: p.history,
             };
             let h = &mut self.history[i];

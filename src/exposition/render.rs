@@ -4,7 +4,8 @@
 //! Nothing here runs on the request path: a scrape drains the workers' shards
 //! ([`crate::metrics::Metrics::collect`]) and copies each provider's atomics. Labels are
 //! `provider` and small fixed sets (route, outcome, kind, priority, reason, state,
-//! source; in cluster mode also result, mode, budget and replica: see [`super::cluster`]),
+//! source; in cluster mode also result, mode, budget and replica: see [`super::cluster`];
+//! token kinds: see `tokens.rs`),
 //! never the model: model names come from clients, so per-model detail stays in the JSON
 //! logs.
 
@@ -183,7 +184,7 @@ impl Collector for AppCollector {
         let mut f = family(
             &mut enc,
             "sidecar_dropped",
-            "Requests the sidecar did not send: queue_full (refused or sent to passthrough), low_priority_deadline, timeout (waited past the request timeout), client_gone (left the queue).",
+            "Requests the sidecar did not send: queue_full (refused or sent to passthrough), low_priority_deadline, timeout (waited past the request timeout), client_gone (left the queue), tokens_too_large (refused: the token estimate exceeds the whole budget of a window).",
             MetricType::Counter,
         )?;
         for (name, s) in names.iter().zip(&snaps) {
@@ -192,6 +193,7 @@ impl Collector for AppCollector {
                 ("low_priority_deadline", s.stats.dropped_low_priority),
                 ("timeout", s.stats.dropped_timeout),
                 ("client_gone", s.queue.dropped(DropReason::ClientGone)),
+                ("tokens_too_large", s.stats.refused_tokens_too_large),
             ] {
                 f.counter(&[("provider", name), ("reason", reason)], v)?;
             }
@@ -257,6 +259,8 @@ impl Collector for AppCollector {
         }
 
         pacing(&mut enc, &names, &snaps, now)?;
+        // Token budgets only: a sidecar where no provider has one writes none of it.
+        super::tokens::encode(&mut enc, &super::tokens::collect(app, &snaps, now))?;
         // Cluster mode only: a sidecar pacing alone has no budget and writes none of it.
         super::cluster::encode(&mut enc, &super::cluster::collect(app))?;
 

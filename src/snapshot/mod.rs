@@ -93,6 +93,8 @@ pub struct Panel {
     pub pacing: PacingPanel,
     /// The shared budget (cluster mode); all zero when the provider paces alone.
     pub cluster: ClusterPanel,
+    /// The token budget; all zero when the provider has none.
+    pub tokens: TokenPanel,
     /// Oldest first; the first `Snapshot::history_len` points are valid.
     pub history: [Point; HISTORY],
 }
@@ -164,6 +166,40 @@ pub struct ClusterPanel {
     pub round_trip_p99_ms: f64,
     /// Seconds Redis had not answered at its last failed call; `NaN` while it answers.
     pub down_for_s: f64,
+}
+
+/// A provider's token budget at one tick ([`crate::limiter::TokenView`], tokens per
+/// provider window) and its token counts since start ([`crate::stats::TokenCounts`]).
+/// `present` is 0 (and so is everything else) when the provider has no token budget.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq)]
+pub struct TokenPanel {
+    pub present: u64,
+    /// Allowed now, and as configured.
+    pub limit: u64,
+    pub ceiling: u64,
+    /// Stated by the provider; 0: not stated.
+    pub stated: u64,
+    /// Charged in the rolling window (reservations included), and what is left of the
+    /// limit.
+    pub charged: u64,
+    pub remaining: u64,
+    /// Estimated tokens of the requests parked in the queue.
+    pub waiting: u64,
+    /// Seconds left of a hold after a 429 about tokens (0: not held).
+    pub held_s: f64,
+    /// Totals since start: reported by the provider, estimated at admission, charged
+    /// in the end.
+    pub prompt: u64,
+    pub completion: u64,
+    pub estimated: u64,
+    pub settled: u64,
+    /// Requests refused because their estimate exceeds a whole window.
+    pub refused_too_large: u64,
+    /// Settlements with usage, and their mean `estimate ÷ actual`; `NaN` before the
+    /// first.
+    pub ratio_count: u64,
+    pub ratio_mean: f64,
 }
 
 /// Everything the dashboard shows, at one tick.

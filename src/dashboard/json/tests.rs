@@ -1,5 +1,5 @@
 use super::*;
-use crate::dashboard::publisher::cluster_numbers;
+use crate::dashboard::publisher::{cluster_numbers, token_panel};
 use crate::exposition::cluster::tests::{hist, view};
 
 #[test]
@@ -77,4 +77,104 @@ fn before_redis_answers_the_record_generation_and_percentiles_are_null() {
     assert!(json["round_trip_ms"]["p50"].is_null(), "{json}");
     assert!(json["round_trip_ms"]["p99"].is_null(), "{json}");
     assert_eq!(json["down_for_secs"], 2.5);
+}
+
+/// A provider's stats after three settlements (ratios 1.0 and 1.5; one without usage)
+/// and a refusal.
+fn token_stats() -> crate::stats::StatsSnapshot {
+    let s = crate::stats::ProviderStats::default();
+    s.settle_tokens(100, 100, Some((60, 40)));
+    s.settle_tokens(300, 250, Some((150, 50)));
+    s.settle_tokens(70, 70, None);
+    s.refuse_tokens_too_large();
+    s.snapshot()
+}
+
+#[test]
+fn a_token_budget_becomes_the_tokens_object_the_dashboard_reads() {
+    let now = 5_000_000_000;
+    let v = crate::limiter::TokenView {
+        limit: 8_000,
+        ceiling: 10_000,
+        stated: Some(8_000),
+        waiting: 1_200,
+        charged: 4_500,
+        remaining: 3_500,
+        held_until: now + 1_250_000_000,
+    };
+    let panel = token_panel(Some(&v), &token_stats(), now);
+    let json = serde_json::to_value(Tokens::new(&panel).expect("a budget")).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "limit": 8000,
+            "ceiling": 10000,
+            "stated": 8000,
+            "charged": 4500,
+            "remaining": 3500,
+            "waiting": 1200,
+            "held_s": 1.25,
+            "totals": {"prompt": 210, "completion": 90, "estimated": 470, "settled": 420},
+            "refused_too_large": 1,
+            "estimate_ratio": {"count": 2, "mean": 1.25},
+        })
+    );
+}
+
+#[test]
+fn before_any_settlement_or_statement_the_tokens_object_has_nulls_not_zeros() {
+    let v = crate::limiter::TokenView {
+        limit: 10_000,
+        ceiling: 10_000,
+        ..Default::default()
+    };
+    let panel = token_panel(Some(&v), &crate::stats::StatsSnapshot::default(), 7);
+    let json = serde_json::to_value(Tokens::new(&panel).expect("a budget")).unwrap();
+    for key in ["stated", "held_s"] {
+        assert!(json[key].is_null(), "{key}: {json}");
+    }
+    assert!(json["estimate_ratio"]["mean"].is_null(), "{json}");
+    assert_eq!(json["estimate_ratio"]["count"], 0);
+    assert_eq!(json["remaining"], 0);
+    assert_eq!(json["limit"], 10_000);
+}
+
+#[test]
+fn a_provider_without_a_token_budget_has_no_tokens_object_even_with_counts() {
+    let panel = token_panel(None, &token_stats(), 0);
+    assert_eq!(
+        panel,
+        <crate::snapshot::TokenPanel as bytemuck::Zeroable>::zeroed()
+    );
+    assert!(Tokens::new(&panel).is_none());
+}
+
+#[test]
+fn the_published_snapshot_carries_the_token_budget_of_a_provider_holding_one() {
+    use crate::limiter::{Limiter, Pacing, RetreatConfig};
+    use std::sync::Arc;
+    let mut app = crate::app::App::new(crate::config::testing::config("", &[]));
+    let now = app.clock.now_nanos();
+    let budgeted =
+        Limiter::with_pacing(40.0, 1, 8, RetreatConfig::default(), Pacing::default(), now)
+            .with_token_budget(6_000);
+    Arc::get_mut(&mut app).expect("the only handle").providers[0].limiter = Arc::new(budgeted);
+    app.providers[0]
+        .stats
+        .settle_tokens(300, 250, Some((150, 50)));
+    let mut publisher = crate::dashboard::Publisher::new(Arc::clone(&app));
+    let snap = *publisher.build(std::time::Instant::now());
+    let json: serde_json::Value = serde_json::from_slice(&encode(&app, &snap, 2)).unwrap();
+    let t = &json["providers"][0]["tokens"];
+    assert_eq!(t["limit"], 6_000, "{json}");
+    assert_eq!(t["ceiling"], 6_000);
+    assert_eq!(t["remaining"], 6_000);
+    assert_eq!(
+        t["totals"],
+        serde_json::json!({"prompt": 150, "completion": 50, "estimated": 300, "settled": 250})
+    );
+    assert_eq!(
+        t["estimate_ratio"],
+        serde_json::json!({"count": 1, "mean": 1.5})
+    );
 }

@@ -24,6 +24,27 @@ use crate::stats::{ProviderStats, StatsSnapshot};
 use crate::upstream::{bearer, Connector};
 
 /// One upstream provider and the state it owns.
+/// The per-model corrections of a provider's token estimates. They may go down to half
+/// the fixed ratio's estimate, not only up: `bytes_per_token` (3) over-counts most text
+/// by a quarter to a half, and every token over-reserved while a request runs is one
+/// the window does not fill (measured: 91 % of the limit filled at a fixed bytes / 3,
+/// against a provider counting bytes / 4; 95 % and more once the estimate matches).
+/// Learned from settled usage as mean + 2 deviations, an estimate stays above most of
+/// what the provider counts; one that falls short is settled at the provider's count.
+fn token_ratios() -> crate::tokens::RatioTable {
+    use crate::tokens::{ratio::DEFAULT_MODELS, Factor, RatioRules, RatioTable};
+    RatioTable::new(
+        DEFAULT_MODELS,
+        RatioRules {
+            floor: Factor::from_scaled(Factor::SCALE / 2),
+            ..RatioRules::default()
+        },
+    )
+}
+
+/// Most models remembered as refusing `stream_options` (names cut to 256 bytes).
+pub const USAGE_REFUSED_KEPT: usize = 1024;
+
 #[derive(Debug)]
 pub struct Provider {
     /// Position in `App::providers` (and in `Hot::providers`).
@@ -39,6 +60,12 @@ pub struct Provider {
     /// Cluster mode: the budget shared with other replicas through Redis.
     pub budget: Option<Arc<crate::budget::Budget>>,
     pub stats: ProviderStats,
+    /// Per-model corrections of token estimates, learned from settled usage (`None`:
+    /// no token budget).
+    pub token_ratios: Option<crate::tokens::RatioTable>,
+    /// Models that answered 400 to `stream_options` the sidecar added (`request_usage`):
+    /// asked no more.
+    usage_refused: dashmap::DashSet<String>,
     /// Clock time (+1, so 0 means never) of the last upstream answer below 500.
     last_success: AtomicU64,
 }
@@ -91,6 +118,11 @@ impl Provider {
                     Some(b) => l.leased(b.pot()),
                     None => l,
                 };
+                // Before the model scopes: each model's limiter gets a budget of its own.
+                let l = match config.tokens_per_window() {
+                    Some(n) => l.with_token_budget(n),
+                    None => l,
+                };
                 match config.limit_scope {
                     LimitScope::Key => l,
                     LimitScope::Model => l.model_scoped(crate::limiter::scopes::MAX_MODELS),
@@ -98,12 +130,27 @@ impl Provider {
             }),
             budget,
             stats: ProviderStats::default(),
+            usage_refused: dashmap::DashSet::new(),
+            token_ratios: config.tokens_per_window().map(|_| token_ratios()),
             name,
             auth_header: config.api_key.as_ref().and_then(bearer),
             host_header: HeaderValue::from_str(config.upstream.authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             config,
             last_success: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `model` refused the `stream_options` the sidecar adds for usage.
+    pub fn refuses_usage(&self, model: &str) -> bool {
+        !self.usage_refused.is_empty() && self.usage_refused.contains(model)
+    }
+
+    /// `model` answered 400 to the `stream_options` the sidecar added: not asked again
+    /// (at most [`USAGE_REFUSED_KEPT`] models are remembered).
+    pub fn remember_usage_refused(&self, model: &str) {
+        if self.usage_refused.len() < USAGE_REFUSED_KEPT {
+            self.usage_refused.insert(model.to_owned());
         }
     }
 

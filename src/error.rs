@@ -75,6 +75,13 @@ pub enum ProxyError {
     LowPriorityDropped { provider: String, waited: Duration },
     #[error("request waited {waited:?} in the {provider} queue without a token before the request timeout")]
     QueueTimeout { provider: String, waited: Duration },
+    #[error("request too large for provider {provider}'s token limit: it is estimated at {estimate} tokens (prompt and completion bound), and the provider allows {limit} tokens per {window:?}; lower max_tokens or shorten the prompt")]
+    TokensTooLarge {
+        provider: String,
+        limit: u64,
+        estimate: u64,
+        window: Duration,
+    },
     #[error("provider {provider} shares its budget through Redis, which this replica has not reached for longer than redis_fallback_for: nothing is sent with the shared key until it answers again; retry after {retry_after:?}")]
     BudgetUnavailable {
         provider: String,
@@ -89,7 +96,9 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } | Self::MethodNotForwarded { .. } => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::TokensTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BadBody { .. }
             | Self::InvalidPriority(_)
@@ -123,6 +132,7 @@ impl ProxyError {
             | Self::MethodNotForwarded { .. }
             | Self::Framing(_)
             | Self::BodyTooLarge { .. }
+            | Self::TokensTooLarge { .. }
             | Self::HeadersTooLarge { .. }
             | Self::InvalidPriority(_)
             | Self::BadRequest { .. }
@@ -140,6 +150,7 @@ impl ProxyError {
             }
             Self::Framing(e) => ("invalid_request_error", e.code()),
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::TokensTooLarge { .. } => ("invalid_request_error", "tokens_exceed_limit"),
             Self::HeadersTooLarge { .. } => ("invalid_request_error", "headers_too_large"),
             Self::BadBody { .. } => ("invalid_request_error", "bad_request_body"),
             Self::InvalidPriority(_) => ("invalid_request_error", "invalid_priority"),
@@ -207,6 +218,22 @@ mod tests {
         assert_eq!(v["error"]["code"], "upstream_timeout");
         assert!(v["error"]["message"].as_str().unwrap().contains("nvidia"));
         assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn a_request_over_the_token_budget_is_a_413_naming_the_limit_and_the_estimate() {
+        let e = ProxyError::TokensTooLarge {
+            provider: "nvidia".into(),
+            limit: 1_000,
+            estimate: 4_096,
+            window: Duration::from_secs(60),
+        };
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e.retry_after(), None, "waiting does not cure it");
+        let v: serde_json::Value = serde_json::from_slice(&e.json()).unwrap();
+        assert_eq!(v["error"]["code"], "tokens_exceed_limit");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("4096") && msg.contains("1000"), "{msg}");
     }
 
     #[test]

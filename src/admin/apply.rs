@@ -79,6 +79,9 @@ pub(super) fn apply(app: &App, old: &Hot, new: &Hot) {
         if a.differs(b, Applies::QueueBound) {
             provider.limiter.set_queue_max(b.queue_max_size);
         }
+        if a.differs(b, Applies::TokenBudget) {
+            set_tokens(provider, b.tokens_per_minute);
+        }
     }
     if old.differs(new, Applies::LogFilter) {
         if let Some(handle) = app.log_level.get() {
@@ -87,6 +90,27 @@ pub(super) fn apply(app: &App, old: &Hot, new: &Hot) {
             }
         }
     }
+}
+
+/// A new `tokens_per_minute` into the provider's token budget; 0 lifts the limit. A
+/// provider started without a budget gets none at run time (the request path would
+/// have to start estimating): that takes a restart, and says so.
+fn set_tokens(provider: &crate::app::Provider, tokens_per_minute: u64) {
+    if provider.limiter.token_budget().is_none() {
+        if tokens_per_minute > 0 {
+            tracing::warn!(
+                provider = &*provider.name,
+                tokens_per_minute,
+                "tokens_per_minute set at run time on a provider started without it: \
+                 it takes effect at the next restart"
+            );
+        }
+        return;
+    }
+    let per_window =
+        crate::limiter::learn::tokens_per_window(tokens_per_minute, provider.config.window)
+            .unwrap_or(u64::MAX / 4);
+    provider.limiter.set_token_limit(per_window);
 }
 
 /// Writes an applied change to the audit log.

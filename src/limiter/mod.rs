@@ -44,7 +44,7 @@ pub use guard::{Claim, Margin, WindowGuard};
 pub use learn::{Change, Source};
 pub use lease::{LeasePot, Mode};
 pub use pacing::Pacing;
-pub use provider::{Decision, Limiter, Permit, Reservation, TokenSignals};
+pub use provider::{Decision, Limiter, Permit, Reservation, Settlement, TokenSignals};
 pub use queue::{DropReason, Flow, Grant, QueueCounts, QueueFull, Ticket, WaitQueues};
 pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
 pub use signal::{Answer, Quota, Refusal, TokenQuota, TokenRefusal};

@@ -32,9 +32,7 @@ use super::queue::{Grant, QueueFull, Ticket, WaitQueues};
 use super::retreat::{AnswerCounts, RetreatConfig};
 use super::scopes::{self, Scoped};
 use super::sync::Mutex;
-use super::token_budget::TokenBudget;
-
-pub use tokens::{Reservation, TokenSignals};
+use super::token_budget::{Reserved, Sent, TokenBudget};
 
 /// What admission decided.
 #[derive(Debug)]
@@ -87,7 +85,7 @@ pub struct Limiter {
     token_signals: TokenSignals,
     /// The last token limit the provider's headers stated (tpm; 0: none).
     token_header_limit: AtomicU64,
-    token_inbox: SegQueue<tokens::TokenEvent>,
+    token_inbox: SegQueue<TokenEvent>,
 }
 
 /// A claim held by a request on its way upstream, with its token reservation: stamped
@@ -96,7 +94,9 @@ pub struct Limiter {
 pub struct Permit<'a> {
     limiter: &'a Limiter,
     claim: Claim,
-    tokens: Option<Reservation<'a>>,
+    /// Boxed: a permit is moved through the request path's layers, and a request
+    /// without a token cost (every one, when no budget is set) should not carry the room.
+    tokens: Option<Box<Reservation<'a>>>,
     sent_at: Option<u64>,
 }
 
@@ -107,7 +107,7 @@ impl<'a> Permit<'a> {
         Self {
             limiter,
             claim: grant.claim,
-            tokens: grant.tokens.map(|r| Reservation::new(limiter, r)),
+            tokens: grant.tokens.map(|r| Box::new(Reservation::new(limiter, r))),
             sent_at: None,
         }
     }
@@ -133,12 +133,12 @@ impl<'a> Permit<'a> {
     /// no token cost, or it was taken already). Taken before the permit is stamped, it
     /// is stamped by its own [`Reservation::stamp`].
     pub fn take_tokens(&mut self) -> Option<Reservation<'a>> {
-        self.tokens.take()
+        self.tokens.take().map(|r| *r)
     }
 
     /// The token reservation, to read or report an answer to.
     pub fn tokens(&self) -> Option<&Reservation<'a>> {
-        self.tokens.as_ref()
+        self.tokens.as_deref()
     }
 
     /// Not sent after all: the window slot, the token and the reserved token cost go
@@ -316,4 +316,42 @@ impl Scoped for Limiter {
     fn set_queue_bound(&self, max: usize) {
         self.queues.set_max(max);
     }
+}
+
+// The token types the limiter holds, defined here so that `tokens.rs` (their
+// behaviour) imports them and not the other way round.
+
+/// Tokens reserved for a request: given back if it is never sent, settled once after.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    limiter: &'a Limiter,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum State {
+    Reserved(Reserved),
+    Sent(Sent),
+    Done,
+}
+
+/// A sent reservation that owns its limiter (see [`Reservation::detach`]): settled
+/// once, by value, when the answer ends; dropped unsettled, the estimate stays charged.
+#[derive(Debug)]
+pub struct Settlement {
+    limiter: Arc<Limiter>,
+    sent: Sent,
+}
+
+/// Whether the provider showed a token limit while the budget is off.
+#[derive(Debug, Default)]
+pub struct TokenSignals(AtomicU8);
+
+/// What the request path reports about tokens to the controller.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum TokenEvent {
+    /// The provider stated its limit, tokens per minute.
+    Stated { limit_tpm: u64 },
+    /// A 429 about tokens on a send dated `sent_at` of `cost` tokens (if known).
+    Refused { sent_at: u64, cost: Option<u64> },
 }

@@ -523,10 +523,57 @@ fn lowered(body: &[u8]) -> Vec<u8> {
     body[..body.len().min(SCAN_LIMIT)].to_ascii_lowercase()
 }
 
+#[cfg(all(test, not(sidecar_loom)))]
 mod tokens;
 
-use tokens::TOO_LARGE;
-pub use tokens::{token_refusal, TokenRefusal};
+// What a 429 about tokens says in its message (OpenAI's): "Rate limit reached for M in
+// organization O on tokens per min (TPM): Limit 30000, Used 29000, Requested 2000.
+// Please try again in 2s." gives the limit per minute, the used and requested counts
+// and the wait; "Request too large for M … on tokens per min (TPM): Limit 30000,
+// Requested 36055" is a request that never fits, whatever the wait. Figures are read
+// only from a per-minute message (a TPD message's limit is per day); the wait from any.
+
+/// The figures of a 429 about tokens (`refusal` as [`classify`] told it; `None`
+/// for any other answer). Only the first [`SCAN_LIMIT`] bytes of `body` are read.
+#[inline]
+pub fn token_refusal(refusal: Option<Refusal>, body: &[u8]) -> Option<TokenRefusal> {
+    if refusal != Some(Refusal::Tokens) {
+        return None;
+    }
+    read_token_refusal(body)
+}
+
+#[cold]
+fn read_token_refusal(body: &[u8]) -> Option<TokenRefusal> {
+    let text = lowered(body);
+    let per_minute = memmem::find(&text, b"tokens per min").is_some();
+    let figure = |label: &[u8]| per_minute.then(|| labelled_count(&text, label)).flatten();
+    Some(TokenRefusal {
+        limit_tpm: figure(b"limit ").filter(|&n| n > 0),
+        used: figure(b"used "),
+        requested: figure(b"requested "),
+        too_large: memmem::find(&text, TOO_LARGE).is_some(),
+        try_again: try_again(&text),
+    })
+}
+
+/// OpenAI's message for a request larger than the whole per-minute budget.
+const TOO_LARGE: &[u8] = b"request too large";
+
+/// The figures of a 429 about tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenRefusal {
+    /// "Limit 30000" of a tokens-per-minute message.
+    pub limit_tpm: Option<u64>,
+    /// "Used 29000".
+    pub used: Option<u64>,
+    /// "Requested 2000".
+    pub requested: Option<u64>,
+    /// "Request too large": it never fits; waiting does not help.
+    pub too_large: bool,
+    /// "Please try again in 2s".
+    pub try_again: Option<Duration>,
+}
 
 #[cfg(all(test, not(sidecar_loom)))]
 mod tests;

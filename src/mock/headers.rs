@@ -19,7 +19,8 @@
 //! A 429 of the token limit names it as OpenAI does, in any dialect but `--bare-429`:
 //! `error.type` `tokens`, code `rate_limit_exceeded`, "Rate limit reached for M in
 //! organization org-mock on tokens per min (TPM): Limit L, Used U, Requested R. Please try
-//! again in 1.8s." with the window's figures (per minute when the window is 60 s), or for
+//! again in 1.8s." (the limit per minute, as `x-ratelimit-limit-tokens` says it; used and
+//! requested are the window's tokens), or for
 //! a request larger than the whole window "Request too large for M … Limit L, Requested
 //! R." with no `Retry-After` (it never fits). A request window's 429 keeps its plain body.
 //!
@@ -141,7 +142,7 @@ fn tokens_limited(
         Some(wait) => format!(
             "Rate limit reached for {model} in organization {ORGANIZATION} on tokens per min \
              (TPM): Limit {}, Used {}, Requested {}. Please try again in {}.",
-            r.max,
+            tokens::per_minute(r.max, r.window),
             r.used,
             r.requested,
             go_duration(wait)
@@ -150,7 +151,8 @@ fn tokens_limited(
             "Request too large for {model} in organization {ORGANIZATION} on tokens per min \
              (TPM): Limit {}, Requested {}. The input or output tokens must be reduced in \
              order to run successfully.",
-            r.max, r.requested
+            tokens::per_minute(r.max, r.window),
+            r.requested
         ),
     };
     let mut resp = json_response(

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::tokens::Priced;
 use crate::app::{App, Provider};
 use crate::error::ProxyError;
 use crate::hot::Hot;
-use crate::limiter::{Decision, DropReason, Grant, Limiter, Permit, Ticket};
+use crate::limiter::{Cost, Decision, DropReason, Grant, Limiter, Permit, Ticket};
 use crate::metrics::Lane;
 use crate::priority::Priority;
 use crate::record::Record;
@@ -52,17 +53,19 @@ enum Stage {
 }
 
 /// Decides the route of a new request: through its model's limiter first (`scope`,
-/// when limits are per model), then the key's.
+/// when limits are per model), then the key's. A request `priced` reserves its token
+/// estimate in the limiter whose budget it counts in.
 pub async fn admit<'a>(
     app: &App,
     hot: &Hot,
     provider: &'a Provider,
     scope: Option<&'a Limiter>,
+    priced: Option<&Priced>,
     record: &mut Record,
     deadline: Instant,
 ) -> Result<Admitted<'a>, ProxyError> {
     ProviderStats::inc(&provider.stats.total);
-    through(app, hot, provider, scope, record, deadline, false).await
+    through(app, hot, provider, scope, priced, record, deadline, false).await
 }
 
 /// Parks a request the upstream answered 429 at the head of its priority and waits.
@@ -71,35 +74,44 @@ pub async fn readmit<'a>(
     hot: &Hot,
     provider: &'a Provider,
     scope: Option<&'a Limiter>,
+    priced: Option<&Priced>,
     record: &mut Record,
     deadline: Instant,
 ) -> Result<Admitted<'a>, ProxyError> {
-    through(app, hot, provider, scope, record, deadline, true).await
+    through(app, hot, provider, scope, priced, record, deadline, true).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn through<'a>(
     app: &App,
     hot: &Hot,
     provider: &'a Provider,
     scope: Option<&'a Limiter>,
+    priced: Option<&Priced>,
     record: &mut Record,
     deadline: Instant,
     retry: bool,
 ) -> Result<Admitted<'a>, ProxyError> {
     let mut requeue = retry;
+    let on_model = priced.is_some_and(|p| p.on_model);
+    let cost = priced.map(|p| p.cost);
+    let (model_cost, key_cost) = if on_model { (cost, None) } else { (None, cost) };
     loop {
         let model = match scope {
-            Some(m) => match stage(app, hot, provider, m, record, deadline, requeue).await? {
-                Stage::Claim(c) => Some(Permit::new(m, c)),
-                Stage::Passthrough => return Ok(passthrough(provider)),
-            },
+            Some(m) => {
+                match stage(app, hot, provider, m, model_cost, record, deadline, requeue).await? {
+                    Stage::Claim(c) => Some(Permit::new(m, c)),
+                    Stage::Passthrough => return Ok(passthrough(provider)),
+                }
+            }
             None => None,
         };
         let key = &provider.limiter;
-        let claim = match stage(app, hot, provider, key, record, deadline, requeue).await? {
-            Stage::Claim(c) => Permit::new(key, c),
-            Stage::Passthrough => return Ok(passthrough(provider)),
-        };
+        let claim =
+            match stage(app, hot, provider, key, key_cost, record, deadline, requeue).await? {
+                Stage::Claim(c) => Permit::new(key, c),
+                Stage::Passthrough => return Ok(passthrough(provider)),
+            };
         // While this request waited for the key, a 429 may have taught its model a lower
         // limit: a model claim granted under the old one would be sent into a window
         // now known to be full. It goes back to the head of its model's queue instead
@@ -119,31 +131,42 @@ async fn through<'a>(
     }
 }
 
-/// One limiter's admission: the fast path, or a parked wait.
+/// One limiter's admission (with the token `cost` its budget reserves, if any): the
+/// fast path, or a parked wait.
+#[allow(clippy::too_many_arguments)]
 async fn stage(
     app: &App,
     hot: &Hot,
     provider: &Provider,
     limiter: &Limiter,
+    cost: Option<Cost>,
     record: &mut Record,
     deadline: Instant,
     retry: bool,
 ) -> Result<Stage, ProxyError> {
     let now = app.clock.now_nanos();
     let parked = if retry {
-        // No token cost yet: the request path estimates none.
-        limiter.requeue(record.priority, None, now)
+        limiter.requeue(record.priority, cost, now)
     } else {
-        match limiter.admit(record.priority, None, now) {
+        match limiter.admit(record.priority, cost, now) {
             Decision::Admitted(claim) => return Ok(Stage::Claim(claim)),
             Decision::Queued(t) => Ok(t),
             Decision::Full(full) => Err(full),
-            // Unreachable without a token cost: the request path estimates none yet.
-            Decision::Isolated | Decision::TooLarge { .. } => {
+            Decision::Isolated => {
                 ProviderStats::inc(&provider.stats.rate_limited);
                 return Err(ProxyError::BudgetUnavailable {
                     provider: provider.name.to_string(),
                     retry_after: BUDGET_RETRY_AFTER,
+                });
+            }
+            // Larger than a whole window's budget: waiting cannot cure it.
+            Decision::TooLarge { limit, estimate } => {
+                provider.stats.refuse_tokens_too_large();
+                return Err(ProxyError::TokensTooLarge {
+                    provider: provider.name.to_string(),
+                    limit,
+                    estimate,
+                    window: limiter.pacing().window,
                 });
             }
         }
@@ -158,9 +181,16 @@ async fn stage(
             });
         }
     };
-    if let Some(decided) =
-        beyond_deadline(hot, provider, limiter, record, &mut ticket, deadline, now)
-    {
+    if let Some(decided) = beyond_deadline(
+        hot,
+        provider,
+        limiter,
+        cost,
+        record,
+        &mut ticket,
+        deadline,
+        now,
+    ) {
         return decided;
     }
     // Boxed: only parked requests pay for the waiting future's size.
@@ -173,17 +203,22 @@ async fn stage(
 /// A parked request the queue ahead of it could not serve before its deadline, at the
 /// rate paced now: refused at once (or sent through when fallback is on). `None`: it
 /// may wait.
+#[allow(clippy::too_many_arguments)]
 fn beyond_deadline(
     hot: &Hot,
     provider: &Provider,
     limiter: &Limiter,
+    cost: Option<Cost>,
     record: &Record,
     ticket: &mut Ticket,
     deadline: Instant,
     now: u64,
 ) -> Option<Result<Stage, ProxyError>> {
     let ahead = limiter.queues.ahead_of(record.priority).saturating_sub(1);
-    let expected = limiter.expected_wait(ahead, now);
+    // Requests, or its tokens, whichever frees later.
+    let expected = limiter
+        .expected_wait(ahead, now)
+        .max(limiter.token_wait(cost, now));
     // Time to send it must be left (a request granted later is not sent).
     let mut budget = deadline
         .saturating_duration_since(Instant::now())

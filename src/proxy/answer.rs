@@ -18,7 +18,7 @@ use tokio::time::Sleep;
 
 use crate::app::Provider;
 use crate::limiter::signal::{self, Dialect};
-use crate::limiter::{Answer, Limiter, Permit, Refusal};
+use crate::limiter::{Answer, Limiter, Permit, Quota, Refusal};
 use crate::metrics::ErrorKind;
 use crate::record::Record;
 use crate::stats::ProviderStats;
@@ -28,13 +28,16 @@ use crate::upstream::RespBody;
 pub const REFUSAL_PREFIX: usize = 4096;
 
 /// Records the answer `head` (and the start of its body, `prefix`) to a request sent on
-/// the claims `key` (and `model`, when limits are per model), at clock time `now`. Returns whether
-/// it is a 429 that waiting could cure (not a billing refusal), so the request may be
-/// parked again and re-sent.
+/// the claims `key` (and `model`, when limits are per model), at clock time `now`, that
+/// reserved `tokens` (its estimate, when its provider has a token budget). Returns
+/// whether it is a 429 that waiting could cure (not a billing refusal, not a request too
+/// large ever to fit), so the request may be parked again and re-sent.
+#[allow(clippy::too_many_arguments)]
 pub fn on_upstream_answer(
     provider: &Provider,
     scope: Option<&Limiter>,
     (key, model): (Option<Permit<'_>>, Option<Permit<'_>>),
+    tokens: Option<u64>,
     head: &Parts,
     prefix: &[u8],
     record: &mut Record,
@@ -61,20 +64,42 @@ pub fn on_upstream_answer(
     match (model, scope) {
         (Some(m), Some(model)) => {
             limiter.observe(now, &answer);
+            // The request quota is the key's; a token quota is the model's, whose
+            // budget the request was charged to.
             let own = Answer {
-                quota: None,
+                quota: answer.quota.and_then(|q| q.tokens).map(|t| Quota {
+                    tokens: Some(t),
+                    ..Quota::default()
+                }),
                 ..answer
             };
             model.observe(now, &own);
-            model.learn(now, sent_at, m.count(), &own);
+            model.learn_costed(now, sent_at, m.count(), tokens, &own);
+            hint_token_setting(provider, model);
         }
-        _ => limiter.on_answer(now, sent_at, sent_count, &answer),
+        _ => limiter.on_answer_with_tokens(now, sent_at, sent_count, tokens, &answer),
     }
+    hint_token_setting(provider, limiter);
     if !refused {
         return false;
     }
     ProviderStats::inc(&provider.stats.upstream_429);
-    answer.refusal != Some(Refusal::Billing)
+    answer.refusal != Some(Refusal::Billing) && !answer.token_refusal.is_some_and(|t| t.too_large)
+}
+
+/// The provider showed a token limit (headers, a 429 about tokens) while no token
+/// budget is set: said once, with the setting that paces it.
+fn hint_token_setting(provider: &Provider, limiter: &Limiter) {
+    let signals = limiter.token_signals();
+    if signals.seen() && signals.take_first() {
+        tracing::warn!(
+            provider = &*provider.name,
+            "the provider limits tokens per minute (its rate-limit headers or a 429 say so), \
+             and tokens_per_minute is not set: requests are paced, tokens are not, so its \
+             token limit may still answer 429; set tokens_per_minute (SIDECAR_TOKENS_PER_MINUTE) \
+             for this provider"
+        );
+    }
 }
 
 /// What an upstream answer says about the provider's limits.
@@ -160,6 +185,7 @@ mod tests {
             p,
             None,
             (Some(permit), None),
+            None,
             &answer(status),
             prefix,
             &mut rec,
@@ -198,7 +224,16 @@ mod tests {
         let p = &app.providers[0];
         let mut rec = record();
         let now = app.clock.now_nanos();
-        let retry = on_upstream_answer(p, None, (None, None), &answer(429), b"", &mut rec, now);
+        let retry = on_upstream_answer(
+            p,
+            None,
+            (None, None),
+            None,
+            &answer(429),
+            b"",
+            &mut rec,
+            now,
+        );
         assert!(!retry);
         assert_eq!(p.stats.upstream_429.load(Ordering::Relaxed), 1);
     }

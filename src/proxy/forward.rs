@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -22,10 +23,12 @@ use super::answer::{on_upstream_answer, read_prefix, REFUSAL_PREFIX};
 use super::ctx::Ctx;
 use super::outgoing::Outgoing;
 use super::route::Routed;
+use super::tokens::Priced;
 use crate::app::Provider;
 use crate::config::UpstreamUrl;
 use crate::error::ProxyError;
 use crate::hot::Hot;
+use crate::limiter::Settlement;
 use crate::metrics::Lane;
 use crate::record::Record;
 use crate::stats::ProviderStats;
@@ -45,15 +48,32 @@ pub struct Forwarded {
     pub prefix: Bytes,
     /// When the last attempt was sent.
     pub sent_at: Instant,
+    /// The answered attempt's token reservation, to settle when the body ends (boxed:
+    /// one word when there is none).
+    pub tokens: Option<Box<Settlement>>,
+    /// The answered attempt asked for the stream's usage chunk on the client's behalf.
+    pub asked_usage: bool,
 }
 
-/// Sends `out` to `routed.provider` on the claims `admitted` holds, until an answer
-/// that is not retried.
+/// The request as sent: as the client wrote it, and (`request_usage`) with the stream's
+/// usage chunk asked for, which goes first. A model that answers 400 to the latter is
+/// remembered, and the request is sent again as the client wrote it.
+#[derive(Clone, Copy)]
+pub struct Bodies<'o, 'r> {
+    pub plain: &'o Outgoing<'r>,
+    pub asked: Option<&'o Outgoing<'r>>,
+}
+
+/// Sends `out` to `routed.provider` on the claims `admitted` holds (and the token
+/// reservation of `cost`, when its provider has a token budget), until an answer that
+/// is not retried.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward<'a>(
     ctx: &Ctx<'_>,
     hot: &Hot,
-    out: &Outgoing<'_>,
+    bodies: Bodies<'_, '_>,
     routed: &'a Routed<'a>,
+    cost: Option<&Priced>,
     admitted: &mut Admitted<'a>,
     record: &mut Record,
     deadline: &mut Deadline<'_>,
@@ -61,8 +81,10 @@ pub async fn forward<'a>(
     let app = ctx.app;
     let provider = routed.provider;
     let scope = routed.scope.as_deref();
-    let rest = &out.parts.uri.path()["/v1/".len()..];
+    let rest = &bodies.plain.parts.uri.path()["/v1/".len()..];
+    let mut asking = bodies.asked;
     loop {
+        let out = asking.unwrap_or(bodies.plain);
         let target = match admitted.route {
             Lane::Passthrough => provider
                 .config
@@ -122,18 +144,63 @@ pub async fn forward<'a>(
         } else {
             Bytes::new()
         };
+        // The reservation rides in whichever claim's limiter holds the budget.
+        let (tokens, owner) = match admitted.model.as_mut().and_then(|p| p.take_tokens()) {
+            Some(r) => (Some(r), routed.scope.as_ref()),
+            None => (
+                admitted.key.as_mut().and_then(|p| p.take_tokens()),
+                Some(&provider.limiter),
+            ),
+        };
+        let reserved = tokens.as_ref().map(|r| r.cost().total());
         let claims = (admitted.key.take(), admitted.model.take());
         let now = app.clock.now_nanos();
-        let retryable = on_upstream_answer(provider, scope, claims, &head, &prefix, record, now);
-        if retryable && may_retry && Instant::now() < deadline.at {
-            record.retries += 1;
-            ProviderStats::inc(&provider.stats.retries);
-            drop((head, body));
+        let retryable = on_upstream_answer(
+            provider, scope, claims, reserved, &head, &prefix, record, now,
+        );
+        if asking.is_some() && head.status == StatusCode::BAD_REQUEST {
+            // The model refuses `stream_options`, as some do: remembered, and the
+            // request goes again as the client wrote it (the refused send keeps its
+            // place in the window and its estimate).
+            if let Some(p) = cost {
+                provider.remember_usage_refused(&p.model);
+                tracing::info!(
+                    provider = &*provider.name,
+                    model = %p.model,
+                    "the model refused stream_options.include_usage: its streams settle at their estimate"
+                );
+            }
+            asking = None;
+            drop((head, body, tokens));
+            if admitted.route == Lane::Passthrough {
+                // Unmetered: sent again at once.
+                continue;
+            }
             *admitted = Box::pin(admit::readmit(
                 app,
                 hot,
                 provider,
                 scope,
+                cost,
+                record,
+                deadline.at,
+            ))
+            .await?;
+            record.route = admitted.route;
+            continue;
+        }
+        if retryable && may_retry && Instant::now() < deadline.at {
+            record.retries += 1;
+            ProviderStats::inc(&provider.stats.retries);
+            // The refused attempt keeps its estimate charged (dropped unsettled): the
+            // provider may have counted it.
+            drop((head, body, tokens));
+            *admitted = Box::pin(admit::readmit(
+                app,
+                hot,
+                provider,
+                scope,
+                cost,
                 record,
                 deadline.at,
             ))
@@ -146,6 +213,11 @@ pub async fn forward<'a>(
             body,
             prefix,
             sent_at,
+            tokens: tokens
+                .zip(owner)
+                .and_then(|(r, l)| r.detach(Arc::clone(l)))
+                .map(Box::new),
+            asked_usage: asking.is_some(),
         });
     }
 }

@@ -25,11 +25,14 @@ mod request;
 mod respond;
 mod route;
 mod stream;
+mod tokens;
 
 pub use ctx::Ctx;
 pub use stream::UpstreamBody;
 
 use crate::server::RequestBody;
+use std::sync::Arc;
+
 use http::request::Parts;
 use http::{HeaderValue, Response};
 
@@ -116,12 +119,22 @@ pub async fn handle(
 
     let routed = route::route(app, &body, &mut record);
     let provider = routed.provider;
+    let scope = routed.scope.as_deref();
+    // With a token budget: the estimate its admission reserves.
+    let priced = tokens::price(
+        provider,
+        scope,
+        &body,
+        parts.uri.path(),
+        record.model.as_deref(),
+    );
 
     let admitted = admit::admit(
         app,
         &hot,
         provider,
-        routed.scope.as_deref(),
+        scope,
+        priced.as_deref(),
         &mut record,
         at,
     );
@@ -141,18 +154,66 @@ pub async fn handle(
         parts,
         body: &body,
     };
+    // `request_usage`: the stream's usage chunk asked for on the client's behalf.
+    let asking = priced
+        .as_deref()
+        .filter(|p| tokens::asks_usage(provider, p))
+        .and_then(|_| tokens::with_include_usage(&body));
+    let asked = asking
+        .as_ref()
+        .map(|b| asked_outgoing(parts, b, provider, request_id));
     let sent = forward::forward(
         ctx,
         &hot,
-        &out,
+        forward::Bodies {
+            plain: &out,
+            asked: asked.as_ref(),
+        },
         &routed,
+        priced.as_deref(),
         &mut admitted,
         &mut record,
         &mut deadline,
     );
     match sent.await {
-        Ok(fwd) => respond::respond(app, provider, fwd, record, &body, routed.model_read)
-            .map(|b| Answer::Upstream(Box::new(b))),
+        Ok(mut fwd) => {
+            let tokens = fwd.tokens.take().zip(priced);
+            let asked_usage = fwd.asked_usage;
+            let mut resp = respond::respond(app, provider, fwd, record, &body, routed.model_read);
+            if let Some((settlement, priced)) = tokens {
+                let sse = resp.body().is_sse();
+                resp.body_mut().settle_with(tokens::Settle::new(
+                    Arc::clone(ctx.app),
+                    provider.index,
+                    *settlement,
+                    *priced,
+                    sse,
+                    asked_usage,
+                ));
+            }
+            resp.map(|b| Answer::Upstream(Box::new(b)))
+        }
         Err(e) => local_error(record, e).map(Answer::Local),
+    }
+}
+
+/// The request as sent when the sidecar asks for the stream's usage chunk: `body` is the
+/// client's with `stream_options.include_usage` added.
+#[cold]
+fn asked_outgoing<'r>(
+    parts: &'r Parts,
+    body: &'r bytes::Bytes,
+    provider: &'r crate::app::Provider,
+    request_id: &'r HeaderValue,
+) -> Outgoing<'r> {
+    Outgoing {
+        rules: Rules::new(
+            &parts.headers,
+            provider.auth_header.as_ref(),
+            request_id,
+            body.len(),
+        ),
+        parts,
+        body,
     }
 }

@@ -39,6 +39,8 @@ pub struct Rules<'r> {
 }
 
 impl<'r> Rules<'r> {
+    // Inlined: out of line (it has two callers) it cost about 240 instructions a request.
+    #[inline(always)]
     pub fn new(
         headers: &'r HeaderMap,
         auth: Option<&'r HeaderValue>,

@@ -29,6 +29,9 @@ pub fn respond(
         body: incoming,
         prefix,
         sent_at,
+        // Taken by the caller, which hands them to the body.
+        tokens: _,
+        asked_usage: _,
     } = fwd;
     if !model_read && head.status.is_server_error() {
         // A failure is logged at `warn` with its model even when the access log is off.

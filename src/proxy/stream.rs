@@ -23,6 +23,8 @@ use crate::record::{End, Record};
 use crate::reply;
 use crate::upstream::RespBody;
 
+use super::tokens::Settle;
+
 enum State {
     Streaming,
     /// An error frame was sent to an SSE client. hyper drops unflushed output when a
@@ -52,6 +54,8 @@ pub struct UpstreamBody {
     tail: [u8; 2],
     /// The start of the body, already read by the proxy (a 429's, to classify it).
     prefix: Option<Bytes>,
+    /// The request's token reservation, settled from the usage the body carries.
+    tokens: Option<Box<Settle>>,
 }
 
 impl UpstreamBody {
@@ -77,7 +81,19 @@ impl UpstreamBody {
             bytes: 0,
             tail: *b"\n\n",
             prefix: None,
+            tokens: None,
         }
+    }
+
+    /// Whether the answer is an event stream.
+    pub fn is_sse(&self) -> bool {
+        self.sse
+    }
+
+    /// The request's token reservation is settled by this body: from the usage it
+    /// carries, whenever and however it ends.
+    pub fn settle_with(&mut self, settle: Settle) {
+        self.tokens = Some(Box::new(settle));
     }
 
     /// The body's first bytes were read already: they are sent first.
@@ -93,6 +109,9 @@ impl UpstreamBody {
     }
 
     fn finish(&mut self, end: End) {
+        if let Some(t) = self.tokens.take() {
+            t.end();
+        }
         if let Some(r) = self.record.take() {
             r.finish(end, self.bytes);
         }
@@ -135,6 +154,20 @@ impl UpstreamBody {
         out.extend_from_slice(&json);
         out.extend_from_slice(b"\n\n");
         Bytes::from(out)
+    }
+
+    /// A piece of the body through the token settlement (which reads its usage, and
+    /// may hold back or cut a usage chunk); at the `end`, with what it still held.
+    fn through_tokens(&mut self, data: Bytes, end: bool) -> Bytes {
+        let Some(t) = self.tokens.as_mut() else {
+            return data;
+        };
+        let data = t.pass(data);
+        match end.then(|| t.flush()).flatten() {
+            Some(rest) if data.is_empty() => rest,
+            Some(rest) => [data, rest].concat().into(),
+            None => data,
+        }
     }
 
     fn note_data(&mut self, data: &Bytes) {
@@ -209,8 +242,10 @@ impl Body for UpstreamBody {
             if let Some(r) = this.record.as_mut() {
                 r.first_byte.get_or_insert(this.last_frame);
             }
+            let end = this.inner.is_end_stream();
+            let data = this.through_tokens(data, end);
             this.note_data(&data);
-            if this.inner.is_end_stream() {
+            if end {
                 this.complete();
             }
             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -218,16 +253,28 @@ impl Body for UpstreamBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.last_frame = Instant::now();
-                if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    if let Some(r) = this.record.as_mut().filter(|_| !data.is_empty()) {
-                        r.first_byte.get_or_insert(this.last_frame);
-                    }
-                    this.note_data(&data);
-                }
                 // hyper stops polling once a Content-Length body is complete, so the end
                 // is detected here rather than by waiting for `None`.
-                if this.inner.is_end_stream() {
+                let end = this.inner.is_end_stream();
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        let came = !data.is_empty();
+                        let data = this.through_tokens(data, end);
+                        if came && data.is_empty() && !end {
+                            // All of it held back (an event not ended yet) or cut:
+                            // nothing to write; the next piece is read at once.
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        if let Some(r) = this.record.as_mut().filter(|_| !data.is_empty()) {
+                            r.first_byte.get_or_insert(this.last_frame);
+                        }
+                        this.note_data(&data);
+                        Frame::data(data)
+                    }
+                    Err(other) => other,
+                };
+                if end {
                     this.complete();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -237,6 +284,12 @@ impl Body for UpstreamBody {
                 this.fail(cx, End::UpstreamError, msg)
             }
             Poll::Ready(None) => {
+                // What the token settlement held back of an unended last event.
+                if let Some(rest) = this.tokens.as_mut().and_then(|t| t.flush()) {
+                    this.note_data(&rest);
+                    this.complete();
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
                 this.complete();
                 Poll::Ready(None)
             }

@@ -77,7 +77,9 @@ impl Limiter {
         self.learn_costed(now, sent_at, count, None, answer);
     }
 
-    fn learn_costed(
+    /// [`Self::learn`] for a request that reserved `tokens` here (a model's limiter,
+    /// when limits are per model).
+    pub fn learn_costed(
         &self,
         now: u64,
         sent_at: u64,

@@ -15,30 +15,16 @@
 //! With the budget off, these signals are only remembered ([`TokenSignals`]), so the
 //! proxy can suggest the setting once, and a token 429 pauses admission as before.
 
-use std::sync::atomic::{AtomicU8, Ordering as StdOrdering};
+use std::sync::atomic::Ordering as StdOrdering;
+use std::sync::Arc;
 
-use super::Limiter;
+use super::{Limiter, Reservation, Settlement, State, TokenEvent, TokenSignals};
 use crate::clock::nanos;
 use crate::limiter::control::{Control, Note};
 use crate::limiter::signal::Answer;
 use crate::limiter::token_budget::{
-    per_window_tokens, Charge, Cost, Reserved, Sent, Settled, TokenBudget, TokenLearner, TokenView,
-    Usage,
+    per_window_tokens, Charge, Cost, Reserved, Settled, TokenBudget, TokenLearner, TokenView, Usage,
 };
-
-/// Tokens reserved for a request: given back if it is never sent, settled once after.
-#[derive(Debug)]
-pub struct Reservation<'a> {
-    limiter: &'a Limiter,
-    state: State,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum State {
-    Reserved(Reserved),
-    Sent(Sent),
-    Done,
-}
 
 impl<'a> Reservation<'a> {
     pub(super) fn new(limiter: &'a Limiter, r: Reserved) -> Self {
@@ -115,6 +101,45 @@ impl<'a> Reservation<'a> {
     }
 }
 
+impl Reservation<'_> {
+    /// The sent reservation, carried past the request's borrow of its limiter (by the
+    /// answer's body, which outlives the request): `limiter` is the one it came from.
+    /// `None` when it was never sent (every token then goes back) or already settled.
+    pub fn detach(mut self, limiter: Arc<Limiter>) -> Option<Settlement> {
+        debug_assert!(std::ptr::eq(self.limiter, &*limiter), "its own limiter");
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Sent(sent) => Some(Settlement { limiter, sent }),
+            State::Reserved(r) => {
+                self.give_back(r);
+                None
+            }
+            State::Done => None,
+        }
+    }
+}
+
+impl Settlement {
+    /// The cost estimated at admission.
+    pub fn cost(&self) -> Cost {
+        self.sent.cost
+    }
+
+    /// As [`Reservation::settle`] for a sent reservation.
+    pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
+        let settled = charge.settled(self.sent.cost, usage);
+        if let Some(b) = &self.limiter.tokens {
+            b.settle(&mut self.sent, settled);
+        }
+        if settled < self.sent.cost.total() {
+            self.limiter.wake_if_waiting();
+        }
+        Settled {
+            estimate: self.sent.cost.total(),
+            settled,
+        }
+    }
+}
+
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if let State::Reserved(r) = self.state {
@@ -122,10 +147,6 @@ impl Drop for Reservation<'_> {
         }
     }
 }
-
-/// Whether the provider showed a token limit while the budget is off.
-#[derive(Debug, Default)]
-pub struct TokenSignals(AtomicU8);
 
 const UNSEEN: u8 = 0;
 const SEEN: u8 = 1;
@@ -152,15 +173,6 @@ impl TokenSignals {
             .compare_exchange(SEEN, TOLD, StdOrdering::Relaxed, StdOrdering::Relaxed)
             .is_ok()
     }
-}
-
-/// What the request path reports about tokens to the controller.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) enum TokenEvent {
-    /// The provider stated its limit, tokens per minute.
-    Stated { limit_tpm: u64 },
-    /// A 429 about tokens on a send dated `sent_at` of `cost` tokens (if known).
-    Refused { sent_at: u64, cost: Option<u64> },
 }
 
 impl Limiter {

@@ -84,7 +84,7 @@ async fn reserved_charges_prompt_and_bound_on_arrival_and_refuses_what_would_not
     assert!(
         message.starts_with(
             "Rate limit reached for m in organization org-mock on tokens per min (TPM): \
-             Limit 60, Used 60, Requested 20. Please try again in "
+             Limit 600, Used 60, Requested 20. Please try again in "
         ),
         "{message}"
     );
@@ -136,7 +136,7 @@ async fn a_request_larger_than_the_window_is_too_large_under_either_model() {
             r.json(),
             json!({"error": {
                 "message": "Request too large for big/model in organization org-mock on \
-                    tokens per min (TPM): Limit 60, Requested 61. The input or output \
+                    tokens per min (TPM): Limit 600, Requested 61. The input or output \
                     tokens must be reduced in order to run successfully.",
                 "type": "tokens", "param": null, "code": "rate_limit_exceeded"}})
         );
@@ -178,7 +178,7 @@ async fn actual_admits_below_the_limit_and_charges_what_was_generated_at_the_end
     assert_eq!(r.status, 429);
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(
-        message.contains("Limit 60, Used 79, Requested 23."),
+        message.contains("Limit 600, Used 79, Requested 23."),
         "{message}"
     );
     // 79 - 23 (the first, which leaves first) = 56 < 60: the first's departure admits.
@@ -472,7 +472,7 @@ async fn control_endpoint_sets_the_token_limit_keeping_history_and_reports_token
     let r = post(&m, &twenty, &[]).await;
     assert_eq!(r.status, 429, "20 on record + 20 > 30");
     assert!(
-        r.body.contains("Limit 30, Used 20, Requested 20"),
+        r.body.contains("Limit 300, Used 20, Requested 20"),
         "{}",
         r.body
     );

@@ -158,10 +158,10 @@ pub async fn forward<'a>(
         let retryable = on_upstream_answer(
             provider, scope, claims, reserved, &head, &prefix, record, now,
         );
-        if asking.is_some() && head.status == StatusCode::BAD_REQUEST {
+        let refused_usage = asking.is_some() && head.status == StatusCode::BAD_REQUEST;
+        if refused_usage {
             // The model refuses `stream_options`, as some do: remembered, and the
-            // request goes again as the client wrote it (the refused send keeps its
-            // place in the window and its estimate).
+            // request goes again as the client wrote it.
             if let Some(p) = cost {
                 provider.remember_usage_refused(&p.model);
                 tracing::info!(
@@ -171,54 +171,40 @@ pub async fn forward<'a>(
                 );
             }
             asking = None;
-            drop((head, body, tokens));
-            if admitted.route == Lane::Passthrough {
-                // Unmetered: sent again at once.
-                continue;
-            }
-            *admitted = Box::pin(admit::readmit(
-                app,
-                hot,
-                provider,
-                scope,
-                cost,
-                record,
-                deadline.at,
-            ))
-            .await?;
-            record.route = admitted.route;
-            continue;
-        }
-        if retryable && may_retry && Instant::now() < deadline.at {
+        } else if retryable && may_retry && Instant::now() < deadline.at {
             record.retries += 1;
             ProviderStats::inc(&provider.stats.retries);
-            // The refused attempt keeps its estimate charged (dropped unsettled): the
-            // provider may have counted it.
-            drop((head, body, tokens));
-            *admitted = Box::pin(admit::readmit(
-                app,
-                hot,
-                provider,
-                scope,
-                cost,
-                record,
-                deadline.at,
-            ))
-            .await?;
-            record.route = admitted.route;
+        } else {
+            return Ok(Forwarded {
+                head,
+                body,
+                prefix,
+                sent_at,
+                tokens: tokens
+                    .zip(owner)
+                    .and_then(|(r, l)| r.detach(Arc::clone(l)))
+                    .map(Box::new),
+                asked_usage: asking.is_some(),
+            });
+        }
+        // Sent again. The refused attempt keeps its place in the window and its
+        // estimate (dropped unsettled): the provider may have counted it.
+        drop((head, body, tokens));
+        if refused_usage && admitted.route == Lane::Passthrough {
+            // Unmetered: sent again at once.
             continue;
         }
-        return Ok(Forwarded {
-            head,
-            body,
-            prefix,
-            sent_at,
-            tokens: tokens
-                .zip(owner)
-                .and_then(|(r, l)| r.detach(Arc::clone(l)))
-                .map(Box::new),
-            asked_usage: asking.is_some(),
-        });
+        *admitted = Box::pin(admit::readmit(
+            app,
+            hot,
+            provider,
+            scope,
+            cost,
+            record,
+            deadline.at,
+        ))
+        .await?;
+        record.route = admitted.route;
     }
 }
 

@@ -144,13 +144,17 @@ pub async fn forward<'a>(
         } else {
             Bytes::new()
         };
-        // The reservation rides in whichever claim's limiter holds the budget.
-        let (tokens, owner) = match admitted.model.as_mut().and_then(|p| p.take_tokens()) {
-            Some(r) => (Some(r), routed.scope.as_ref()),
-            None => (
-                admitted.key.as_mut().and_then(|p| p.take_tokens()),
-                Some(&provider.limiter),
-            ),
+        // The reservation rides in whichever claim's limiter holds the budget (none
+        // without a token cost: nothing to look for).
+        let (tokens, owner) = match cost {
+            None => (None, None),
+            Some(_) => match admitted.model.as_mut().and_then(|p| p.take_tokens()) {
+                Some(r) => (Some(r), routed.scope.as_ref()),
+                None => (
+                    admitted.key.as_mut().and_then(|p| p.take_tokens()),
+                    Some(&provider.limiter),
+                ),
+            },
         };
         let reserved = tokens.as_ref().map(|r| r.cost().total());
         let claims = (admitted.key.take(), admitted.model.take());

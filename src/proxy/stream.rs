@@ -158,10 +158,16 @@ impl UpstreamBody {
 
     /// A piece of the body through the token settlement (which reads its usage, and
     /// may hold back or cut a usage chunk); at the `end`, with what it still held.
+    #[inline(always)]
     fn through_tokens(&mut self, data: Bytes, end: bool) -> Bytes {
-        let Some(t) = self.tokens.as_mut() else {
-            return data;
-        };
+        match self.tokens.as_mut() {
+            None => data,
+            Some(t) => Self::settling(t, data, end),
+        }
+    }
+
+    #[cold]
+    fn settling(t: &mut Settle, data: Bytes, end: bool) -> Bytes {
         let data = t.pass(data);
         match end.then(|| t.flush()).flatten() {
             Some(rest) if data.is_empty() => rest,

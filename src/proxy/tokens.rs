@@ -190,8 +190,13 @@ impl Settle {
     pub fn pass(&mut self, data: Bytes) -> Bytes {
         match &mut self.usage {
             UsageFrom::Stream(s) => s.pass(data),
-            UsageFrom::Json(..) => {
-                self.frame(&data);
+            UsageFrom::Json(frames, len) => {
+                // Kept (shared, not copied) to read `usage` once the body is whole.
+                *len += data.len();
+                match frames {
+                    Some(f) if *len <= JSON_KEPT => f.push(data.clone()),
+                    _ => *frames = None,
+                }
                 data
             }
         }
@@ -202,21 +207,6 @@ impl Settle {
         match &mut self.usage {
             UsageFrom::Stream(s) => s.flush(),
             UsageFrom::Json(..) => None,
-        }
-    }
-
-    fn frame(&mut self, data: &Bytes) {
-        match &mut self.usage {
-            UsageFrom::Stream(s) => {
-                s.pass(data.clone());
-            }
-            UsageFrom::Json(frames, len) => {
-                *len += data.len();
-                match frames {
-                    Some(f) if *len <= JSON_KEPT => f.push(data.clone()),
-                    _ => *frames = None,
-                }
-            }
         }
     }
 

@@ -4,26 +4,37 @@
 -- replica reads, decides and writes across round trips. All keys of a budget share one
 -- hash tag (one Cluster slot). Times are Redis milliseconds.
 --
--- KEYS: gen, cfg, log, tot, live, share, demand, seeded, clock
+-- KEYS: gen, cfg, log, tot, live, share, demand, seeded, clock, tlog, tcnt, ttot
 --   gen     generation id; missing = the state was lost (restart, failover, flush)
---   cfg     the versioned record (hash): configuration, learned limit, retreat, pause, GCRA
+--   cfg     the versioned record (hash): configuration, learned limit, retreat, pause, GCRA,
+--           token limit, learned token limit, token hold
 --   log     zset of grants: member "rid|seq|count", score = grant time
 --   tot     hash: "all" and each replica's sum of the counts in `log`
 --   live    zset rid -> last heartbeat
---   share   hash rid -> the share (per window) the replica falls back to without Redis
+--   share   hash rid -> the share (per window) the replica falls back to without Redis,
+--           and "rid|t" -> its token share
 --   demand  hash rid -> requests offered per window
 --   seeded  set of replicas that reported their own recent sends in this generation
 --   clock   never set in service: tests set it to run the script on a fake clock
+--   tlog    zset of token grants: member "rid|t<seq>" (seeded: "rid|ts<seq>.<i>"),
+--           score = grant time
+--   tcnt    hash: token grant member -> its count (settlement changes counts, so they
+--           are not in the member's name)
+--   ttot    hash: "all" and each replica's sum of the counts in `tlog`
 -- ARGV: op, rid, gen_known, version_known, then the op's own arguments.
 --
--- Reply (every op): { status, now, gen, version, granted, member, wait_ms, ttl_ms, live,
---   share, learning, limit, rpm, factor, probing, pause_until, pause_reason, reserved,
---   record (flat field/value list when version_known differs, else empty),
---   shares (flat rid/count list when asked, else empty), start_in (ms until a lease
---   may be used) }
+-- Reply (every op, `lost` included): { status, now, gen, version, granted, member,
+--   wait_ms, ttl_ms, live, share, learning, limit, rpm, factor, probing, pause_until,
+--   pause_reason, reserved, record (flat field/value list when version_known differs,
+--   else empty), shares (flat rid/count list when asked, else empty), start_in (ms until
+--   a lease may be used), tokens_share (the token limit over the live replicas, 0 without
+--   a token budget), tokens_limit_now (the token limit kept now) }
+--   A `tlease` reply's granted/member/wait_ms/ttl_ms are about tokens; `share`, `limit`,
+--   `reserved` and `shares` are always about requests.
 
 local K_GEN, K_CFG, K_LOG, K_TOT, K_LIVE, K_SHARE, K_DEMAND, K_SEEDED =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_TLOG, K_TCNT, K_TTOT = KEYS[10], KEYS[11], KEYS[12]
 local op, rid, gen_known, ver_known = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or -1
 
 local t = redis.call('TIME')
@@ -194,6 +205,105 @@ local function give_back(member, n)
   return n
 end
 
+-- === Tokens: a token grant counts from its grant for a span, like a request grant ===
+
+-- The token limit per window kept now: the learned one while it is lower. 0: no shared
+-- token budget (a learned limit alone makes none: nothing configured one).
+local function tlimit()
+  local c = num(cfg.tokens_limit, 0)
+  local l = num(cfg.tokens_learned, 0)
+  if l > 0 and l < c then return l end
+  return c
+end
+
+local function trid_of(member)
+  return string.match(member, '^(.*)|t[^|]*$') or ''
+end
+
+-- Fields per HMGET/HDEL: unpack's stack holds a few thousand values at most.
+local SLICE = 1000
+
+-- Drops token grants that left the span, keeping the totals.
+local function ttrim()
+  local cutoff = now - span()
+  local old = redis.call('ZRANGEBYSCORE', K_TLOG, '-inf', cutoff)
+  if #old == 0 then return end
+  local by = {}
+  local all = 0
+  for i = 1, #old, SLICE do
+    local j = math.min(i + SLICE - 1, #old)
+    local counts = redis.call('HMGET', K_TCNT, unpack(old, i, j))
+    for k = 1, j - i + 1 do
+      local c = num(counts[k], 0)
+      local r = trid_of(old[i + k - 1])
+      by[r] = (by[r] or 0) + c
+      all = all + c
+    end
+    redis.call('HDEL', K_TCNT, unpack(old, i, j))
+  end
+  redis.call('ZREMRANGEBYSCORE', K_TLOG, '-inf', cutoff)
+  for r, c in pairs(by) do
+    if redis.call('HINCRBY', K_TTOT, r, -c) <= 0 then redis.call('HDEL', K_TTOT, r) end
+  end
+  if redis.call('HINCRBY', K_TTOT, 'all', -all) < 0 then redis.call('HSET', K_TTOT, 'all', 0) end
+end
+
+local function tgrant(r, member, score, c)
+  redis.call('ZADD', K_TLOG, score, member)
+  redis.call('HSET', K_TCNT, member, c)
+  redis.call('HINCRBY', K_TTOT, 'all', c)
+  redis.call('HINCRBY', K_TTOT, r, c)
+end
+
+-- Moves a token grant's count by `d` (never below 0), keeping the totals; returns the new
+-- count. A grant that left the span is not moved (nil): the provider's count of its sends
+-- left its window with it.
+local function tmove(member, d)
+  if member == nil or member == '' then return nil end
+  if not redis.call('ZSCORE', K_TLOG, member) then return nil end
+  local c = num(redis.call('HGET', K_TCNT, member), 0)
+  if c + d < 0 then d = -c end
+  if d ~= 0 then
+    redis.call('HSET', K_TCNT, member, c + d)
+    local r = trid_of(member)
+    if redis.call('HINCRBY', K_TTOT, 'all', d) < 0 then redis.call('HSET', K_TTOT, 'all', 0) end
+    if redis.call('HINCRBY', K_TTOT, r, d) <= 0 then redis.call('HDEL', K_TTOT, r) end
+  end
+  return c + d
+end
+
+-- Gives back `n` unused tokens of a token lease (never sent, so never counted by the
+-- provider); a lease given back whole leaves the log.
+local function tgive_back(member, n)
+  if n <= 0 then return end
+  if tmove(member, -n) == 0 then
+    redis.call('ZREM', K_TLOG, member)
+    redis.call('HDEL', K_TCNT, member)
+  end
+end
+
+-- When the oldest grants of the log (all replicas', or `only`'s) that add up to `need`
+-- tokens were made: walked oldest first, a page at a time, stopping once enough is found.
+-- nil: the log does not hold that many.
+local PAGE = 128
+local function tfreed_at(need, only)
+  local freed, from = 0, 0
+  while true do
+    local page = redis.call('ZRANGE', K_TLOG, from, from + PAGE - 1, 'WITHSCORES')
+    if #page == 0 then return nil end
+    local ms = {}
+    for i = 1, #page, 2 do ms[#ms + 1] = page[i] end
+    local counts = redis.call('HMGET', K_TCNT, unpack(ms))
+    for k = 1, #ms do
+      if only == nil or trid_of(ms[k]) == only then
+        freed = freed + num(counts[k], 0)
+        if freed >= need then return num(page[2 * k], now) end
+      end
+    end
+    from = from + PAGE
+  end
+end
+
 -- Live replicas, and the shares reserved for those that vanished: they may still be
 -- sending on their fallback share for `fallback_for_ms`, plus a window for those sends
 -- to leave the provider's count.
@@ -202,15 +312,19 @@ local function members()
   local dead = redis.call('ZRANGEBYSCORE', K_LIVE, '-inf', gone_before)
   for _, r in ipairs(dead) do
     redis.call('ZREM', K_LIVE, r)
-    redis.call('HDEL', K_SHARE, r)
+    redis.call('HDEL', K_SHARE, r, r .. '|t')
     redis.call('HDEL', K_DEMAND, r)
     redis.call('SREM', K_SEEDED, r)
   end
   local live = redis.call('ZRANGEBYSCORE', K_LIVE, now - HB_TTL, '+inf')
   local vanished = redis.call('ZRANGEBYSCORE', K_LIVE, '(' .. gone_before, '(' .. (now - HB_TTL))
-  local reserved = 0
-  for _, r in ipairs(vanished) do reserved = reserved + num(redis.call('HGET', K_SHARE, r), 0) end
-  return live, reserved
+  local reserved, treserved = 0, 0
+  for _, r in ipairs(vanished) do
+    local s = redis.call('HMGET', K_SHARE, r, r .. '|t')
+    reserved = reserved + num(s[1], 0)
+    treserved = treserved + num(s[2], 0)
+  end
+  return live, reserved, treserved
 end
 
 local function end_probe()
@@ -237,11 +351,12 @@ local function pause(until_, reason)
   end
 end
 
-local live_n, share_n, reserved_n, learning_n = 0, 0, 0, 0
+local live_n, share_n, reserved_n, learning_n, treserved_n = 0, 0, 0, 0, 0
 local function refresh_members()
-  local live, reserved = members()
+  local live, reserved, treserved = members()
   live_n = #live
   reserved_n = reserved
+  treserved_n = treserved
   local n = live_n
   if n < 1 then n = 1 end
   share_n = math.floor(limit() / n)
@@ -259,6 +374,9 @@ local function flat_cfg()
   return out
 end
 
+-- Per window: this replica's part of the token limit (what it records as its share).
+local function tshare() return math.floor(tlimit() / math.max(live_n, 1)) end
+
 local start_in = 0
 local lease_ttl = nil
 local function reply(status, gen, granted, member, wait, shares)
@@ -266,7 +384,7 @@ local function reply(status, gen, granted, member, wait, shares)
   return { status, now, gen or '', num(cfg.version, 0), granted or 0, member or '',
     math.floor(wait or 0), lease_ttl or ttl(), live_n, share_n, learning_n, limit(),
     tostring(rpm()), tostring(factor()), probing() and 1 or 0, num(cfg.pause_until, 0),
-    cfg.pause_reason or '', reserved_n, flat_cfg(), shares or {}, start_in }
+    cfg.pause_reason or '', reserved_n, flat_cfg(), shares or {}, start_in, tshare(), tlimit() }
 end
 
 -- === join: create the record (or read it), start a generation if the state was lost ===
@@ -275,7 +393,7 @@ if op == 'join' then
   local new_gen = false
   if not gen then
     -- Whatever is left of an old generation cannot be trusted: start empty.
-    redis.call('DEL', K_LOG, K_TOT, K_SEEDED)
+    redis.call('DEL', K_LOG, K_TOT, K_SEEDED, K_TLOG, K_TCNT, K_TTOT)
     gen = tostring(now)
     redis.call('SET', K_GEN, gen)
     new_gen = true
@@ -311,7 +429,7 @@ end
 -- Every other op needs the generation the replica knows.
 local gen = redis.call('GET', K_GEN)
 if not gen or not load_cfg() then
-  return { 'lost', now, '', 0, 0, '', 0, 20, 0, 0, 0, 0, '0', '1', 0, 0, '', 0, {}, {}, 0 }
+  return { 'lost', now, '', 0, 0, '', 0, 20, 0, 0, 0, 0, '0', '1', 0, 0, '', 0, {}, {}, 0, 0, 0 }
 end
 if gen ~= gen_known and op ~= 'seed' and op ~= 'leave' then
   refresh_members()
@@ -320,17 +438,29 @@ end
 
 if op == 'seed' then
   -- ARGV[5] = the generation seeded, then (age_ms, count) pairs: this replica's own sends
-  -- still in the span, from its local send log.
+  -- still in the span, from its local send log; then, optionally, the literal `tokens` and
+  -- (age_ms, tokens) pairs: the tokens those sends counted.
   if ARGV[5] ~= gen then
     refresh_members()
     return reply('gen', gen, 0, '', 0, {})
   end
   trim()
+  ttrim()
   local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
-  for i = 6, #ARGV - 1, 2 do
-    local age, c = num(ARGV[i], 0), math.floor(num(ARGV[i + 1], 0))
-    if c > 0 then
-      add_grant(rid, rid .. '|s' .. seq .. '.' .. i .. '|' .. c, now - age, c)
+  local tokens = false
+  local i = 6
+  while i <= #ARGV do
+    if ARGV[i] == 'tokens' and not tokens then
+      tokens = true
+      i = i + 1
+    else
+      local age, c = num(ARGV[i], 0), math.floor(num(ARGV[i + 1], 0))
+      if c > 0 and tokens then
+        tgrant(rid, rid .. '|ts' .. seq .. '.' .. i, now - age, c)
+      elseif c > 0 then
+        add_grant(rid, rid .. '|s' .. seq .. '.' .. i .. '|' .. c, now - age, c)
+      end
+      i = i + 2
     end
   end
   redis.call('SADD', K_SEEDED, rid)
@@ -342,7 +472,7 @@ end
 if op == 'leave' then
   give_back(ARGV[5], num(ARGV[6], 0))
   redis.call('ZREM', K_LIVE, rid)
-  redis.call('HDEL', K_SHARE, rid)
+  redis.call('HDEL', K_SHARE, rid, rid .. '|t')
   redis.call('HDEL', K_DEMAND, rid)
   refresh_members()
   return reply('left', gen, 0, '', 0, {})
@@ -466,9 +596,77 @@ if op == 'lease' then
   return reply('ok', gen, granted, member, wait, shares)
 end
 
+if op == 'tlease' then
+  -- ARGV: 5 want (tokens), 6 least (the smallest useful grant: the cost of the request
+  -- waiting first), 7 token member to give back, 8 how many, 9 live replicas this replica
+  -- last knew, then (member, signed delta) pairs: settlement's corrections of granted
+  -- counts to what the provider counted.
+  local want = math.floor(num(ARGV[5], 0))
+  local least = math.max(1, math.min(math.floor(num(ARGV[6], 1)), want))
+  redis.call('ZADD', K_LIVE, now, rid)
+  ttrim()
+  tgive_back(ARGV[7], math.floor(num(ARGV[8], 0)))
+  for i = 10, #ARGV - 1, 2 do
+    local d = math.floor(num(ARGV[i + 1], 0))
+    if d ~= 0 then tmove(ARGV[i], d) end
+  end
+  refresh_members()
+  local lim = tlimit()
+  -- What this replica may still be sending alone if it vanishes, reserved by the others.
+  if lim > 0 then
+    redis.call('HSET', K_SHARE, rid .. '|t', tshare())
+  else
+    redis.call('HDEL', K_SHARE, rid .. '|t')
+  end
+  if want <= 0 then return reply('ok', gen, 0, '', 0, {}) end
+  -- No shared token budget: nothing to grant (nor to seed or hold); ask again in a window,
+  -- when the configuration may have given one.
+  if lim <= 0 then return reply('ok', gen, 0, '', window(), {}) end
+  local hold = num(cfg.tokens_hold_until, 0)
+  if hold > now then return reply('ok', gen, 0, '', hold - now, {}) end
+  if learning_n == 1 and redis.call('SISMEMBER', K_SEEDED, rid) == 0 then
+    return reply('seed', gen, 0, '', 0, {})
+  end
+  -- A request that costs more than a whole window's limit is never granted here.
+  if lim < least then return reply('ok', gen, 0, '', window(), {}) end
+  local total = num(redis.call('HGET', K_TTOT, 'all'), 0)
+  local mine = num(redis.call('HGET', K_TTOT, rid), 0)
+  local room = lim - total - treserved_n
+  local g = math.min(want, room)
+  local cap = nil
+  if learning_n == 1 then
+    cap = math.floor(lim / math.max(live_n, num(ARGV[9], 1), 1)) - mine
+    if cap < g then g = cap end
+  end
+  if g < least then
+    -- Less than the request at the head needs: nothing (a part would only sit in the pot).
+    -- Back when enough of the log has left the span, or (while learning) this replica's
+    -- own grants have or learning mode ends, whichever binds.
+    local wait = 0
+    if room < least then
+      local at = tfreed_at(least - room)
+      -- The log cannot free enough: vanished replicas' reserves bind; ask in a window.
+      wait = at and (at + span() - now) or window()
+    end
+    if cap ~= nil and cap < least then
+      local w = num(cfg.learning_until, now) - now
+      local at = tfreed_at(least - cap, rid)
+      if at and at + span() - now < w then w = at + span() - now end
+      wait = math.max(wait, w)
+    end
+    return reply('ok', gen, 0, '', math.max(wait, 1), {})
+  end
+  local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+  local member = rid .. '|t' .. seq
+  -- Usable at once: the request's tokens are the provider's count, not a pace.
+  tgrant(rid, member, now, g)
+  return reply('ok', gen, g, member, 0, {})
+end
+
 if op == 'refused' then
-  -- ARGV: 5 kind (rate | retreat | quota | header), 6 sent_at (Redis ms) or the header's
-  -- per-window limit, 7 retry_after_ms (-1: none) or the quota's reset
+  -- ARGV: 5 kind (rate | retreat | quota | header | tokens | theader), 6 sent_at (Redis
+  -- ms) or the stated per-window limit (requests for header, tokens for tokens/theader;
+  -- -1: none stated), 7 retry_after_ms (-1: none) or the quota's reset or the token hold
   local kind = ARGV[5]
   local a = num(ARGV[6], now)
   local retry = num(ARGV[7], -1)
@@ -522,16 +720,37 @@ if op == 'refused' then
       set('changes', num(cfg.changes, 0) + 1)
       bump()
     end
+  elseif kind == 'tokens' or kind == 'theader' then
+    -- The provider's token limit: learned as stated (a token 429 is not counted back from
+    -- the log like a request 429: settlement already keeps the log to the provider's
+    -- counts). Requests' limit, pause and retreat stay as they are.
+    local l = math.floor(num(ARGV[6], -1))
+    if l >= 1 and l ~= num(cfg.tokens_learned, 0) then
+      set('tokens_learned', l)
+      set('tokens_source', kind == 'tokens' and 'tokens_429' or 'header')
+      set('changes', num(cfg.changes, 0) + 1)
+      bump()
+    end
+    if kind == 'tokens' then
+      -- Token leases wait out the hold; requests that cost no tokens do not.
+      if retry < 0 then retry = num(cfg.default_pause_ms, 1000) end
+      local until_ = math.floor(now + retry)
+      if until_ > num(cfg.tokens_hold_until, 0) then
+        set('tokens_hold_until', until_)
+        bump()
+      end
+    end
   end
   refresh_members()
   return reply('ok', gen, 0, '', 0, {})
 end
 
 if op == 'configure' then
-  -- ARGV: field/value pairs (rate_rpm, capacity, fallback).
+  -- ARGV: field/value pairs (rate_rpm, capacity, fallback, tokens_limit).
   for i = 5, #ARGV - 1, 2 do
     local f = ARGV[i]
     if f == 'rate_rpm' or f == 'capacity' or f == 'fallback' then set(f, ARGV[i + 1]) end
+    if f == 'tokens_limit' then set(f, math.max(0, math.floor(num(ARGV[i + 1], 0)))) end
   end
   bump()
   refresh_members()
@@ -541,6 +760,8 @@ end
 if op == 'forget' then
   set('learned', 0)
   set('source', 'config')
+  set('tokens_learned', 0)
+  set('tokens_source', 'config')
   set('probe_until', 0)
   set('probe_peak', 0)
   set('changes', num(cfg.changes, 0) + 1)

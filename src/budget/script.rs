@@ -4,6 +4,19 @@
 //! names its keys, passes arguments and decodes the reply. redis-rs's [`redis::Script`]
 //! calls it by EVALSHA and loads it again when Redis answers NOSCRIPT (after a restart,
 //! a failover or `SCRIPT FLUSH`).
+//!
+//! Ops and their own arguments (after op, rid, generation known, version known):
+//! - `join`: field/value pairs of the record to create (`tokens_limit` among them).
+//! - `seed`: the generation, (age ms, requests) pairs, then optionally the literal
+//!   `tokens` and (age ms, tokens) pairs.
+//! - `lease`: want, demand, queued, give-back member, how many, live known, shares (0/1).
+//! - `tlease`: want (tokens), least (the cost of the request waiting first), give-back
+//!   member, how many, live known, then (member, signed delta) settlement pairs. Its
+//!   reply's `granted`, `member`, `wait` and `ttl` are about tokens; a grant is usable at
+//!   once.
+//! - `refused`: kind (`rate`, `retreat`, `quota`, `header`, `tokens`, `theader`), then
+//!   sent-at or the stated limit, then retry-after, the quota's reset or the token hold.
+//! - `configure` (`rate_rpm`, `capacity`, `fallback`, `tokens_limit`), `forget`, `leave`.
 
 use std::time::Duration;
 
@@ -19,7 +32,7 @@ pub fn script() -> redis::Script {
 
 /// The keys of one budget, all under one hash tag (one Redis Cluster slot).
 #[derive(Debug, Clone)]
-pub struct Keys([String; 9]);
+pub struct Keys([String; 12]);
 
 impl Keys {
     pub fn new(prefix: &str, budget: &str) -> Self {
@@ -35,10 +48,14 @@ impl Keys {
             k("seeded"),
             // Only tests set it (a fake clock for the script).
             k("clock"),
+            // Token grants, their counts (settlement changes them) and their totals.
+            k("tlog"),
+            k("tcnt"),
+            k("ttot"),
         ])
     }
 
-    pub fn all(&self) -> &[String; 9] {
+    pub fn all(&self) -> &[String; 12] {
         &self.0
     }
 }
@@ -76,6 +93,10 @@ pub struct Reply {
     pub shares: Vec<(String, u32)>,
     /// How long until the granted lease may be used (it was scheduled behind others).
     pub start_in: Duration,
+    /// Per window: the token limit over the live replicas (0: no shared token budget).
+    pub tokens_share: u64,
+    /// Per window: the token limit the cluster keeps to now (0: no shared token budget).
+    pub tokens_limit: u64,
 }
 
 /// Why a reply could not be read.
@@ -155,6 +176,9 @@ impl Reply {
                 .map(|(k, v)| (k, small(v.parse::<i64>().unwrap_or(0))))
                 .collect(),
             start_in: Duration::from_millis(non_negative(int(&f[20]))),
+            // A script loaded before token budgets answers 21 fields: none.
+            tokens_share: f.get(21).map_or(0, |v| non_negative(int(v))),
+            tokens_limit: f.get(22).map_or(0, |v| non_negative(int(v))),
         })
     }
 
@@ -171,6 +195,10 @@ impl Reply {
                 "learned" => r.learned = f() as u32,
                 "source" => r.source.clone_from(v),
                 "changes" => r.changes = f() as u64,
+                "tokens_limit" => r.tokens_limit = f() as u64,
+                "tokens_learned" => r.tokens_learned = f() as u64,
+                "tokens_source" => r.tokens_source.clone_from(v),
+                "tokens_hold_until" => r.tokens_hold_until_ms = f() as u64,
                 _ => {}
             }
         }
@@ -191,6 +219,9 @@ impl Reply {
         }
         if r.source.is_empty() {
             r.source = "config".to_owned();
+        }
+        if r.tokens_source.is_empty() {
+            r.tokens_source = "config".to_owned();
         }
     }
 }
@@ -229,6 +260,20 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// A reply of `ok` with `record` and everything else zero, `extra` fields appended.
+    fn reply_with(record: &[&str], extra: &[Value]) -> Value {
+        let mut f = vec![bulk("ok"), Value::Int(1_000), bulk("g"), Value::Int(4)];
+        f.extend([Value::Int(0), bulk(""), Value::Int(0), Value::Int(60)]);
+        f.extend((0..4).map(|_| Value::Int(0)));
+        f.extend([bulk("0"), bulk("1"), Value::Int(0), Value::Int(0), bulk("")]);
+        f.push(Value::Int(0));
+        f.push(Value::Array(record.iter().map(|s| bulk(s)).collect()));
+        f.push(Value::Array(Vec::new()));
+        f.push(Value::Int(0));
+        f.extend_from_slice(extra);
+        Value::Array(f)
     }
 
     #[test]
@@ -284,6 +329,36 @@ mod tests {
             (3, 40.0, 30, 40)
         );
         assert_eq!(rec.source, "learned_429");
+        assert_eq!((r.tokens_share, r.tokens_limit), (0, 0), "a 21-field reply");
+        assert_eq!(rec.tokens_source, "config");
+    }
+
+    #[test]
+    fn parses_the_token_budget() {
+        let record = [
+            "tokens_limit",
+            "90000",
+            "tokens_learned",
+            "60000",
+            "tokens_source",
+            "tokens_429",
+            "tokens_hold_until",
+            "1500",
+        ];
+        let v = reply_with(&record, &[Value::Int(20_000), Value::Int(60_000)]);
+        let r = Reply::parse(&v).unwrap();
+        assert_eq!((r.tokens_share, r.tokens_limit), (20_000, 60_000));
+        let mut rec = Record::default();
+        r.update(&mut rec);
+        assert_eq!(
+            (
+                rec.tokens_limit,
+                rec.tokens_learned,
+                rec.tokens_hold_until_ms
+            ),
+            (90_000, 60_000, 1_500)
+        );
+        assert_eq!((rec.tokens_source.as_str(), rec.version), ("tokens_429", 4));
     }
 
     #[test]

@@ -28,8 +28,16 @@ pub struct Record {
     /// Redis milliseconds until which admission is paused (0: not paused), and why.
     pub pause_until_ms: u64,
     pub pause_reason: String,
-    /// Limit changes the cluster has made.
+    /// Limit changes the cluster has made (of requests and tokens).
     pub changes: u64,
+    /// Per window: the configured token limit (0: no shared token budget) and the learned
+    /// one (0: none).
+    pub tokens_limit: u64,
+    pub tokens_learned: u64,
+    /// Where the learned token limit came from: config, header or tokens_429.
+    pub tokens_source: String,
+    /// Redis milliseconds until which token leases are held after a token 429 (past: none).
+    pub tokens_hold_until_ms: u64,
 }
 
 /// Lease round trips by result, since start.

@@ -52,6 +52,7 @@ pub(crate) fn view() -> ClusterView {
         pause_until_ms: 0,
         pause_reason: String::new(),
         changes: 2,
+        ..Record::default()
     };
     v.generation = "g-1".into();
     v.leases = LeaseCounts {

@@ -12,6 +12,29 @@ use redis::aio::MultiplexedConnection;
 
 const W: u64 = 6_000;
 const T0: u64 = 1_000_000_000;
+/// How long a grant counts: the window, no margin, and the lease time (1% of the window,
+/// at least 20 ms).
+const SPAN: u64 = W + 60;
+/// Past the first generation's learning mode.
+const AFTER: u64 = T0 + 2 * W;
+
+// Indexes in `Keys::all()`.
+const CLOCK: usize = 8;
+const SHARE: usize = 5;
+const TLOG: usize = 9;
+const TCNT: usize = 10;
+const TTOT: usize = 11;
+
+/// What a `tlease` carries besides want and least.
+#[derive(Default)]
+struct Extra<'a> {
+    /// A token lease's member and how many of its tokens go back unused.
+    back: (&'a str, u64),
+    /// Live replicas this replica last knew.
+    live: u32,
+    /// Settlement: (member, tokens the provider counted more (+) or fewer (-)).
+    adjust: &'a [(&'a str, i64)],
+}
 
 struct Budget {
     conn: MultiplexedConnection,
@@ -33,7 +56,7 @@ impl Budget {
 
     async fn at(&mut self, now: u64, rid: &str, op: &str, args: &[String]) -> Reply {
         let _: () = redis::cmd("SET")
-            .arg(&self.keys.all()[8])
+            .arg(&self.keys.all()[CLOCK])
             .arg(now)
             .query_async(&mut self.conn)
             .await
@@ -57,6 +80,17 @@ impl Budget {
 
     /// Creates the budget: `rate_rpm` over a 6 s window, no margin, the given capacity.
     async fn join(&mut self, now: u64, rid: &str, rate_rpm: f64, capacity: u32) -> Reply {
+        self.join_with(now, rid, rate_rpm, capacity, &[]).await
+    }
+
+    async fn join_with(
+        &mut self,
+        now: u64,
+        rid: &str,
+        rate_rpm: f64,
+        capacity: u32,
+        extra: &[(&str, String)],
+    ) -> Reply {
         let args: Vec<String> = [
             ("rate_rpm", rate_rpm.to_string()),
             ("capacity", capacity.to_string()),
@@ -73,6 +107,7 @@ impl Budget {
             ("fallback_for_ms", "10000".into()),
         ]
         .into_iter()
+        .chain(extra.iter().cloned())
         .flat_map(|(k, v)| [k.to_owned(), v])
         .collect();
         let r = self.at(now, rid, "join", &args).await;
@@ -116,9 +151,97 @@ impl Budget {
     }
 
     async fn refused(&mut self, now: u64, rid: &str, kind: &str, a: u64, retry_ms: i64) -> Reply {
-        let args = [kind.to_owned(), a.to_string(), retry_ms.to_string()];
+        self.refused_raw(now, rid, kind, a as i64, retry_ms).await
+    }
+
+    async fn refused_raw(&mut self, now: u64, rid: &str, kind: &str, a: i64, retry: i64) -> Reply {
+        let args = [kind.to_owned(), a.to_string(), retry.to_string()];
         self.at(now, rid, "refused", &args).await
     }
+
+    /// Seeds `rid` with its recent requests and, after the literal `tokens`, its tokens.
+    async fn seed_tokens(
+        &mut self,
+        now: u64,
+        rid: &str,
+        requests: &[(u64, u64)],
+        tokens: &[(u64, u64)],
+    ) -> Reply {
+        let mut args = vec![self.gen.clone()];
+        let pairs = |p: &[(u64, u64)]| -> Vec<String> {
+            p.iter()
+                .flat_map(|(age, n)| [age.to_string(), n.to_string()])
+                .collect()
+        };
+        args.extend(pairs(requests));
+        args.push("tokens".into());
+        args.extend(pairs(tokens));
+        self.at(now, rid, "seed", &args).await
+    }
+
+    /// A token lease of `want` for `rid`, whose request waiting first costs `least`.
+    async fn tlease(&mut self, now: u64, rid: &str, want: u64, least: u64) -> Reply {
+        self.tlease_with(now, rid, want, least, Extra::default())
+            .await
+    }
+
+    async fn tlease_with(
+        &mut self,
+        now: u64,
+        rid: &str,
+        want: u64,
+        least: u64,
+        x: Extra<'_>,
+    ) -> Reply {
+        let mut args = vec![
+            want.to_string(),
+            least.to_string(),
+            x.back.0.to_owned(),
+            x.back.1.to_string(),
+            x.live.to_string(),
+        ];
+        for (m, d) in x.adjust {
+            args.push((*m).to_owned());
+            args.push(d.to_string());
+        }
+        self.at(now, rid, "tlease", &args).await
+    }
+
+    async fn hget(&mut self, key: usize, field: &str) -> Option<String> {
+        redis::cmd("HGET")
+            .arg(&self.keys.all()[key])
+            .arg(field)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap()
+    }
+
+    /// Tokens counted in the log: `all`, or one replica's.
+    async fn ttot(&mut self, field: &str) -> u64 {
+        self.hget(TTOT, field)
+            .await
+            .map_or(0, |v| v.parse().unwrap())
+    }
+
+    /// One token grant's count (`None`: not in the log).
+    async fn tcount(&mut self, member: &str) -> Option<u64> {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&self.keys.all()[TLOG])
+            .arg(member)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        let count = self.hget(TCNT, member).await;
+        assert_eq!(score.is_some(), count.is_some(), "{member}: log and counts");
+        count.map(|c| c.parse().unwrap())
+    }
+}
+
+/// The record's fields as the reply carried them.
+fn record(r: &Reply) -> nvidia_sidecar::budget::Record {
+    let mut rec = nvidia_sidecar::budget::Record::default();
+    r.update(&mut rec);
+    rec
 }
 
 /// Grants made: (usable from, count).
@@ -140,6 +263,19 @@ fn most_in_any_window(grants: &[(u64, u32)], window: u64) -> u32 {
 async fn ready(b: &mut Budget, rids: &[&str], rate_rpm: f64, capacity: u32) {
     let r = b.join(T0, rids[0], rate_rpm, capacity).await;
     assert_eq!(r.status, "created");
+    seed_all(b, rids).await;
+}
+
+/// As [`ready`], at 600 RPM, with a shared budget of `tokens_limit` tokens a window.
+async fn ready_tokens(b: &mut Budget, rids: &[&str], tokens_limit: u64) {
+    let extra = [("tokens_limit", tokens_limit.to_string())];
+    let r = b.join_with(T0, rids[0], 600.0, 60, &extra).await;
+    assert_eq!(r.status, "created");
+    assert_eq!(r.tokens_limit, tokens_limit);
+    seed_all(b, rids).await;
+}
+
+async fn seed_all(b: &mut Budget, rids: &[&str]) {
     for rid in rids {
         let r = b.lease(T0, rid, 1, 0.0).await;
         assert_eq!(r.status, "seed", "a replica that has not seeded must first");
@@ -457,4 +593,394 @@ async fn a_429_from_before_a_new_generation_teaches_nothing() {
     // Nor does a 429 for a send in a window the log holds nothing of.
     let r = b.refused(gen_at + 20, "a", "rate", gen_at + 15, -1).await;
     assert_eq!(r.limit, 60);
+}
+
+// === Token leases ===
+
+#[tokio::test]
+async fn token_leases_are_granted_up_to_the_limit_then_wait_for_the_oldest_grant() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b"], 1_000).await;
+    let r = b.tlease(AFTER, "a", 400, 100).await;
+    assert_eq!((r.status.as_str(), r.granted), ("ok", 400));
+    assert!(r.member.starts_with("a|t"), "{}", r.member);
+    assert_eq!((r.ttl.as_millis(), r.start_in.as_millis()), (60, 0));
+    assert_eq!(b.tcount(&r.member).await, Some(400));
+    assert_eq!(b.tlease(AFTER + 100, "b", 400, 100).await.granted, 400);
+    // 200 left: less than wanted, but more than the request at the head costs.
+    assert_eq!(b.tlease(AFTER + 200, "a", 400, 100).await.granted, 200);
+    assert_eq!(
+        (b.ttot("all").await, b.ttot("a").await, b.ttot("b").await),
+        (1_000, 600, 400)
+    );
+    // Full: back when the oldest grant (400, enough for 50) leaves the span.
+    let r = b.tlease(AFTER + 300, "b", 300, 50).await;
+    assert_eq!(r.granted, 0);
+    assert_eq!(r.wait.as_millis() as u64, AFTER + SPAN - (AFTER + 300));
+    // It has: its 400 are room again ("a" heartbeats, or its share would be reserved).
+    b.tlease(AFTER + SPAN, "a", 0, 0).await;
+    let r = b.tlease(AFTER + SPAN, "b", 500, 50).await;
+    assert_eq!(r.granted, 400);
+    assert_eq!(b.ttot("all").await, 1_000);
+}
+
+#[tokio::test]
+async fn a_grant_smaller_than_the_request_at_the_head_is_not_made() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    for i in 0..3 {
+        assert_eq!(b.tlease(AFTER + i * 100, "a", 300, 300).await.granted, 300);
+    }
+    // 100 left, but the head request costs 150: nothing, although there is room.
+    let r = b.tlease(AFTER + 300, "a", 200, 150).await;
+    assert_eq!(r.granted, 0);
+    assert_eq!(r.wait.as_millis() as u64, AFTER + SPAN - (AFTER + 300));
+    assert_eq!(b.ttot("all").await, 900, "nothing taken");
+    // 500 needs 400 more than the room: the two oldest grants must leave.
+    let r = b.tlease(AFTER + 300, "a", 500, 500).await;
+    assert_eq!(r.granted, 0);
+    assert_eq!(
+        r.wait.as_millis() as u64,
+        AFTER + 100 + SPAN - (AFTER + 300)
+    );
+    // The head request costs 100: granted.
+    assert_eq!(b.tlease(AFTER + 300, "a", 200, 100).await.granted, 100);
+}
+
+#[tokio::test]
+async fn tokens_given_back_or_settled_lower_are_room_at_once() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b"], 1_000).await;
+    let m1 = b.tlease(AFTER, "a", 600, 600).await.member;
+    let m2 = b.tlease(AFTER, "b", 400, 400).await.member;
+    assert_eq!(b.tlease(AFTER + 10, "a", 100, 1).await.granted, 0, "full");
+    // "a" sent only 400 of its 600; "b"'s answer counted 100 fewer than reserved.
+    let back = Extra {
+        back: (&m1, 200),
+        ..Extra::default()
+    };
+    b.tlease_with(AFTER + 20, "a", 0, 0, back).await;
+    let fewer = Extra {
+        adjust: &[(&m2, -100)],
+        ..Extra::default()
+    };
+    b.tlease_with(AFTER + 30, "b", 0, 0, fewer).await;
+    assert_eq!(
+        (b.tcount(&m1).await, b.tcount(&m2).await),
+        (Some(400), Some(300))
+    );
+    assert_eq!(
+        (b.ttot("all").await, b.ttot("a").await, b.ttot("b").await),
+        (700, 400, 300)
+    );
+    assert_eq!(b.tlease(AFTER + 40, "a", 300, 300).await.granted, 300);
+    // A lease given back whole leaves the log; more than it holds is all it holds.
+    let all_back = Extra {
+        back: (&m1, 5_000),
+        ..Extra::default()
+    };
+    b.tlease_with(AFTER + 50, "a", 0, 0, all_back).await;
+    assert_eq!(b.tcount(&m1).await, None);
+    assert_eq!((b.ttot("all").await, b.ttot("a").await), (600, 300));
+}
+
+#[tokio::test]
+async fn tokens_settled_higher_take_room() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    let m = b.tlease(AFTER, "a", 500, 500).await.member;
+    // The provider counted 300 more than the lease held (a longer completion).
+    let more = Extra {
+        adjust: &[(&m, 300)],
+        ..Extra::default()
+    };
+    let r = b.tlease_with(AFTER + 10, "a", 300, 300, more).await;
+    assert_eq!(r.granted, 0, "the settlement is counted before the grant");
+    assert_eq!((b.tcount(&m).await, b.ttot("all").await), (Some(800), 800));
+    assert_eq!(b.tlease(AFTER + 20, "a", 300, 200).await.granted, 200);
+    // A correction below zero stops at zero.
+    let fewer = Extra {
+        adjust: &[(&m, -5_000)],
+        ..Extra::default()
+    };
+    b.tlease_with(AFTER + 30, "a", 0, 0, fewer).await;
+    assert_eq!((b.tcount(&m).await, b.ttot("all").await), (Some(0), 200));
+}
+
+#[tokio::test]
+async fn a_settlement_of_a_grant_that_left_the_span_is_ignored() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    let m = b.tlease(AFTER, "a", 1_000, 1_000).await.member;
+    let r = b.tlease(AFTER + SPAN - 1, "a", 1_000, 1_000).await;
+    assert_eq!((r.granted, r.wait.as_millis()), (0, 1));
+    // A span after its grant, it is trimmed: its late settlement counts nothing.
+    let late = Extra {
+        adjust: &[(&m, 300)],
+        ..Extra::default()
+    };
+    let r = b.tlease_with(AFTER + SPAN, "a", 1_000, 1_000, late).await;
+    assert_eq!(r.granted, 1_000, "the whole limit is room again");
+    assert_eq!(b.tcount(&m).await, None);
+    assert_eq!((b.ttot("all").await, b.ttot("a").await), (1_000, 1_000));
+}
+
+#[tokio::test]
+async fn a_token_429_holds_token_leases_and_teaches_the_stated_limit() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b"], 1_000).await;
+    let before = b.tlease(AFTER, "a", 0, 0).await;
+    let r = b.refused(AFTER + 10, "a", "tokens", 600, 2_000).await;
+    assert!(r.version > before.version, "the record changed");
+    assert_eq!(r.tokens_limit, 600);
+    let rec = record(&r);
+    assert_eq!(
+        (
+            rec.tokens_limit,
+            rec.tokens_learned,
+            rec.tokens_hold_until_ms
+        ),
+        (1_000, 600, AFTER + 10 + 2_000)
+    );
+    assert_eq!((rec.tokens_source.as_str(), rec.changes), ("tokens_429", 1));
+    // The other replica is held too, for what is left of the hold.
+    let r = b.tlease(AFTER + 510, "b", 100, 100).await;
+    assert_eq!((r.granted, r.wait.as_millis()), (0, 1_500));
+    // Requests are not: no pause, and their limit stays.
+    let r = b.lease(AFTER + 510, "b", 1, 100.0).await;
+    assert_eq!((r.granted, r.limit, r.pause_until_ms), (1, 60, 0));
+    // After the hold, the learned limit binds: 700 is never granted, 600 is.
+    let r = b.tlease(AFTER + 2_010, "b", 700, 700).await;
+    assert_eq!((r.granted, r.wait.as_millis() as u64), (0, W));
+    assert_eq!(b.tlease(AFTER + 2_010, "b", 700, 100).await.granted, 600);
+    // A 429 that states nothing: the default pause, the learned limit unchanged.
+    let r = b.refused_raw(AFTER + 3_000, "a", "tokens", -1, -1).await;
+    let rec = record(&r);
+    assert_eq!(
+        (rec.tokens_learned, rec.tokens_hold_until_ms),
+        (600, AFTER + 3_000 + 1_000)
+    );
+    // A shorter hold never shortens a longer one.
+    let r = b.refused(AFTER + 3_100, "a", "tokens", 600, 10).await;
+    assert_eq!(record(&r).tokens_hold_until_ms, AFTER + 4_000);
+}
+
+#[tokio::test]
+async fn a_token_limit_stated_in_headers_is_learned() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    let r = b.refused(AFTER, "a", "theader", 800, -1).await;
+    let v = r.version;
+    assert_eq!(r.tokens_limit, 800);
+    let rec = record(&r);
+    assert_eq!(
+        (rec.tokens_learned, rec.tokens_source.as_str()),
+        (800, "header")
+    );
+    assert_eq!(rec.tokens_hold_until_ms, 0, "a header holds nothing");
+    // The same limit again changes nothing.
+    assert_eq!(
+        b.refused(AFTER + 10, "a", "theader", 800, -1).await.version,
+        v
+    );
+    // Above the configured limit: kept, but the configured limit binds.
+    let r = b.refused(AFTER + 20, "a", "theader", 5_000, -1).await;
+    assert_eq!((record(&r).tokens_learned, r.tokens_limit), (5_000, 1_000));
+    assert_eq!(r.limit, 60, "the request limit is not a token limit");
+}
+
+#[tokio::test]
+async fn forget_resets_the_learned_token_limit() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    b.refused(AFTER, "a", "tokens", 600, 0).await;
+    let r = b.at(AFTER + 10, "a", "forget", &[]).await;
+    assert_eq!(r.tokens_limit, 1_000);
+    let rec = record(&r);
+    assert_eq!(
+        (rec.tokens_learned, rec.tokens_source.as_str()),
+        (0, "config")
+    );
+}
+
+#[tokio::test]
+async fn learning_mode_asks_for_the_seed_then_caps_each_replica_at_its_token_share() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    let extra = [("tokens_limit", "1000".to_owned())];
+    b.join_with(T0, "a", 600.0, 60, &extra).await;
+    let r = b.tlease(T0 + 100, "a", 500, 100).await;
+    assert_eq!((r.status.as_str(), r.granted), ("seed", 0));
+    // "a" sent 5 requests counting 300 tokens a second ago; "b" nothing.
+    let r = b
+        .seed_tokens(T0 + 100, "a", &[(1_000, 5)], &[(1_000, 300)])
+        .await;
+    assert_eq!(r.status, "seeded");
+    b.seed_tokens(T0 + 100, "b", &[], &[]).await;
+    assert_eq!((b.ttot("all").await, b.ttot("a").await), (300, 300));
+    assert_eq!(
+        b.hget(3, "a").await.as_deref(),
+        Some("5"),
+        "requests seeded too"
+    );
+    // Two live: each at most 500 in learning mode, less what it seeded.
+    let r = b.tlease(T0 + 200, "a", 500, 100).await;
+    assert_eq!(r.granted, 200);
+    let r = b.tlease(T0 + 300, "a", 100, 50).await;
+    assert_eq!(r.granted, 0);
+    // Back when its seeded tokens (sent at T0 - 900) leave the span, before learning ends.
+    assert_eq!(r.wait.as_millis() as u64, T0 - 900 + SPAN - (T0 + 300));
+    // A replica that knew four live takes at most a quarter.
+    let four = Extra {
+        live: 4,
+        ..Extra::default()
+    };
+    assert_eq!(
+        b.tlease_with(T0 + 400, "b", 500, 1, four).await.granted,
+        250
+    );
+    // After learning mode only the limit binds: 1,000 less the 450 granted since.
+    b.tlease(T0 + SPAN + 1, "a", 0, 0).await;
+    assert_eq!(b.tlease(T0 + SPAN + 1, "b", 600, 1).await.granted, 550);
+}
+
+#[tokio::test]
+async fn a_vanished_replicas_token_share_stays_reserved_then_is_freed() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b", "c"], 900).await;
+    let mut now = AFTER;
+    // Two rounds of heartbeats: the second records each share with three live.
+    for _ in 0..2 {
+        for rid in ["a", "b", "c"] {
+            b.tlease(now, rid, 0, 0).await;
+        }
+    }
+    let r = b.tlease(now, "c", 0, 0).await;
+    assert_eq!((r.live, r.tokens_share, r.tokens_limit), (3, 300, 900));
+    assert_eq!(b.hget(SHARE, "c|t").await.as_deref(), Some("300"));
+    // "c" goes silent: it may still send its 300 alone.
+    now += 4_000;
+    b.tlease(now, "b", 0, 0).await;
+    let r = b.tlease(now, "a", 900, 1).await;
+    assert_eq!((r.live, r.granted, r.tokens_share), (2, 600, 450));
+    let r = b.tlease(now, "b", 100, 1).await;
+    assert_eq!(r.granted, 0);
+    assert_eq!(
+        r.wait.as_millis() as u64,
+        SPAN,
+        "the only grant leaves first"
+    );
+    // fallback_for (10 s) + a span + 3 s later, it is forgotten, and its field with it.
+    now += 10_000 + SPAN + 3_000;
+    b.tlease(now, "b", 0, 0).await;
+    assert_eq!(b.tlease(now, "a", 900, 1).await.granted, 900);
+    assert_eq!(b.hget(SHARE, "c|t").await, None);
+    // A replica that leaves takes its token share with it.
+    assert!(b.hget(SHARE, "b|t").await.is_some());
+    b.at(now, "b", "leave", &["".into(), "0".into()]).await;
+    assert_eq!(b.hget(SHARE, "b|t").await, None);
+}
+
+#[tokio::test]
+async fn the_wait_walks_the_log_past_its_first_page() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    // 300 grants of 3, one a millisecond: 900 in the log.
+    for i in 0..300 {
+        assert_eq!(b.tlease(AFTER + i, "a", 3, 3).await.granted, 3);
+    }
+    // 500 needs 400 freed: the 134 oldest grants (402), the last granted at AFTER + 133.
+    let now = AFTER + 300;
+    let r = b.tlease(now, "a", 500, 500).await;
+    assert_eq!(r.granted, 0);
+    assert_eq!(r.wait.as_millis() as u64, AFTER + 133 + SPAN - now);
+    assert_eq!(b.ttot("all").await, 900);
+}
+
+#[tokio::test]
+async fn every_reply_carries_the_token_share_and_limit() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b"], 1_001).await;
+    b.lease(AFTER, "b", 0, 0.0).await;
+    let r = b.lease(AFTER, "a", 1, 100.0).await;
+    assert_eq!(r.granted, 1, "request leases as before");
+    let mut shares = r.shares.clone();
+    shares.sort();
+    assert_eq!(
+        shares,
+        [("a".into(), 1), ("all".into(), 1)],
+        "requests only"
+    );
+    assert_eq!((r.tokens_share, r.tokens_limit), (500, 1_001));
+    let r = b.refused(AFTER, "a", "header", 50, -1).await;
+    assert_eq!((r.tokens_share, r.tokens_limit), (500, 1_001));
+    // A generation's state lost: the short reply carries them too (as nothing).
+    let _: () = redis::cmd("DEL")
+        .arg(&b.keys.all()[0])
+        .query_async(&mut b.conn)
+        .await
+        .unwrap();
+    let r = b.tlease(AFTER + 10, "a", 100, 1).await;
+    assert_eq!(
+        (r.status.as_str(), r.tokens_share, r.tokens_limit),
+        ("lost", 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_new_generation_starts_the_token_log_empty() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    let m = b.tlease(AFTER, "a", 700, 1).await.member;
+    let old = b.gen.clone();
+    // Only the generation is lost (an eviction): the rest cannot be trusted.
+    let _: () = redis::cmd("DEL")
+        .arg(&b.keys.all()[0])
+        .query_async(&mut b.conn)
+        .await
+        .unwrap();
+    let r = b.join(AFTER + 10, "a", 600.0, 60).await;
+    assert_ne!(r.generation, old);
+    assert_eq!(r.tokens_limit, 1_000, "the record stays");
+    assert_eq!((b.tcount(&m).await, b.ttot("all").await), (None, 0));
+    // A caller still on the old generation is told so, and given nothing.
+    b.gen = old;
+    let r = b.tlease(AFTER + 20, "a", 100, 1).await;
+    assert_eq!((r.status.as_str(), r.granted), ("gen", 0));
+}
+
+#[tokio::test]
+async fn without_a_token_budget_tlease_grants_nothing_and_asks_again_in_a_window() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready(&mut b, &["a"], 600.0, 60).await;
+    let r = b.tlease(AFTER, "a", 100, 10).await;
+    assert_eq!((r.status.as_str(), r.granted), ("ok", 0));
+    assert_eq!(r.wait.as_millis() as u64, W);
+    assert_eq!((r.tokens_share, r.tokens_limit), (0, 0));
+    assert_eq!(
+        b.hget(SHARE, "a|t").await,
+        None,
+        "no token share to reserve"
+    );
+    // A learned limit alone makes no budget: nothing configured one.
+    let r = b.refused(AFTER + 10, "a", "theader", 800, -1).await;
+    assert_eq!(r.tokens_limit, 0);
+    // Configured at run time: granted.
+    let args = ["tokens_limit".to_owned(), "500".to_owned()];
+    let r = b.at(AFTER + 20, "a", "configure", &args).await;
+    assert_eq!((record(&r).tokens_limit, r.tokens_limit), (500, 500));
+    assert_eq!(b.tlease(AFTER + 30, "a", 100, 10).await.granted, 100);
 }

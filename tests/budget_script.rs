@@ -984,3 +984,92 @@ async fn without_a_token_budget_tlease_grants_nothing_and_asks_again_in_a_window
     assert_eq!((record(&r).tokens_limit, r.tokens_limit), (500, 500));
     assert_eq!(b.tlease(AFTER + 30, "a", 100, 10).await.granted, 100);
 }
+
+#[tokio::test]
+async fn a_grant_settled_to_nothing_leaves_the_log_without_error() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a"], 1_000).await;
+    let m = b.tlease(AFTER, "a", 500, 500).await.member;
+    let none = Extra {
+        adjust: &[(&m, -500)],
+        ..Extra::default()
+    };
+    b.tlease_with(AFTER + 10, "a", 0, 0, none).await;
+    assert_eq!((b.tcount(&m).await, b.ttot("all").await), (Some(0), 0));
+    // Trimmed a span later: a count of 0 moves no total (Redis refuses Lua's "-0").
+    let r = b.tlease(AFTER + SPAN, "a", 1_000, 1_000).await;
+    assert_eq!((r.status.as_str(), r.granted), ("ok", 1_000));
+    assert_eq!(b.tcount(&m).await, None);
+    assert_eq!((b.ttot("all").await, b.ttot("a").await), (1_000, 1_000));
+}
+
+#[tokio::test]
+async fn a_replica_refused_for_a_window_has_the_room_it_needs_held() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b", "c"], 1_000).await;
+    assert_eq!(b.tlease(AFTER, "a", 1_000, 1_000).await.granted, 1_000);
+    // b's head needs 800; it asks every second (the others heartbeat).
+    for k in 1..=6 {
+        let t = AFTER + k * 1_000;
+        assert_eq!(b.tlease(t, "b", 800, 800).await.granted, 0, "full at {k} s");
+        b.tlease(t, "a", 0, 0).await;
+        b.tlease(t, "c", 0, 0).await;
+    }
+    // a's grant has left the span; b has waited less than a window: c's smaller request
+    // passes it.
+    assert_eq!(b.tlease(AFTER + SPAN, "c", 300, 300).await.granted, 300);
+    let t = AFTER + 7_000;
+    assert_eq!(b.tlease(t, "b", 800, 800).await.granted, 0, "700 free");
+    // b has waited a window: its 800 are held against c, though 700 are free.
+    let r = b.tlease(t, "c", 300, 300).await;
+    assert_eq!(r.granted, 0, "held for b");
+    b.tlease(t, "a", 0, 0).await;
+    for k in 8..=12 {
+        let t = AFTER + k * 1_000;
+        assert_eq!(
+            b.tlease(t, "b", 800, 800).await.granted,
+            0,
+            "700 free at {k} s"
+        );
+        assert_eq!(b.tlease(t, "c", 300, 300).await.granted, 0, "held at {k} s");
+        b.tlease(t, "a", 0, 0).await;
+    }
+    // c's grant leaves too: b gets its 800 first.
+    assert_eq!(b.tlease(AFTER + 2 * SPAN, "b", 800, 800).await.granted, 800);
+    assert_eq!(
+        b.tlease(AFTER + 2 * SPAN, "c", 300, 300).await.granted,
+        0,
+        "200 left"
+    );
+}
+
+#[tokio::test]
+async fn while_others_wait_a_replica_takes_no_more_than_its_part() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready_tokens(&mut b, &["a", "b"], 1_000).await;
+    assert_eq!(b.tlease(AFTER, "a", 600, 600).await.granted, 600);
+    assert_eq!(
+        b.tlease(AFTER + 10, "b", 500, 500).await.granted,
+        0,
+        "400 free"
+    );
+    // b waits for room: a, past its half, gets none of the 400 free.
+    let r = b.tlease(AFTER + 20, "a", 100, 100).await;
+    assert_eq!(r.granted, 0, "a holds its part");
+    assert_eq!(
+        r.wait.as_millis() as u64,
+        SPAN - 20,
+        "until its own grant leaves"
+    );
+    // b, below its part, takes what it needs whole.
+    assert_eq!(b.tlease(AFTER + 30, "b", 400, 400).await.granted, 400);
+    // Nobody waits any more: a may take what is free (b heartbeats, or its share would be
+    // held as a vanished replica's).
+    for t in [AFTER + 3_000, AFTER + 6_000] {
+        b.tlease(t, "b", 0, 0).await;
+    }
+    assert_eq!(b.tlease(AFTER + SPAN, "a", 600, 600).await.granted, 600);
+}

@@ -24,12 +24,19 @@ pub(super) fn publish(app: &App, old: &Hot, new: &Hot) {
         };
         if a.rate_rpm != b.rate_rpm
             || a.bucket_capacity != b.bucket_capacity
+            || a.tokens_per_minute != b.tokens_per_minute
             || old.fallback_enabled_passthrough != new.fallback_enabled_passthrough
         {
             budget.command(crate::budget::Command::Configure {
                 rate_rpm: b.rate_rpm,
                 bucket_capacity: b.bucket_capacity,
                 fallback: new.fallback_enabled_passthrough,
+                tokens_per_minute: b.tokens_per_minute,
+                tokens_per_window: crate::limiter::learn::tokens_per_window(
+                    b.tokens_per_minute,
+                    provider.config.window,
+                )
+                .unwrap_or(0),
             });
         }
     }
@@ -37,7 +44,14 @@ pub(super) fn publish(app: &App, old: &Hot, new: &Hot) {
 
 /// Applies the shared budget's values for provider `index` here: a change made at
 /// another replica (or the budget's record, which wins over this replica's file).
-pub fn apply_cluster(app: &App, index: usize, rate_rpm: f64, bucket_capacity: u32, fallback: bool) {
+pub fn apply_cluster(
+    app: &App,
+    index: usize,
+    rate_rpm: f64,
+    bucket_capacity: u32,
+    fallback: bool,
+    tokens_per_minute: Option<u64>,
+) {
     let names = app.provider_names();
     let Ok((old, new)) = app.hot.update(
         |old| -> Result<Hot, std::convert::Infallible> {
@@ -45,6 +59,9 @@ pub fn apply_cluster(app: &App, index: usize, rate_rpm: f64, bucket_capacity: u3
             new.providers[index].rate_rpm = rate_rpm;
             new.providers[index].bucket_capacity = bucket_capacity;
             new.fallback_enabled_passthrough = fallback;
+            if let Some(t) = tokens_per_minute {
+                new.providers[index].tokens_per_minute = t;
+            }
             Ok(new)
         },
         |old, new| apply(app, old, new),

@@ -4,7 +4,7 @@
 -- replica reads, decides and writes across round trips. All keys of a budget share one
 -- hash tag (one Cluster slot). Times are Redis milliseconds.
 --
--- KEYS: gen, cfg, log, tot, live, share, demand, seeded, clock, tlog, tcnt, ttot
+-- KEYS: gen, cfg, log, tot, live, share, demand, seeded, clock, tlog, tcnt, ttot, twait
 --   gen     generation id; missing = the state was lost (restart, failover, flush)
 --   cfg     the versioned record (hash): configuration, learned limit, retreat, pause, GCRA,
 --           token limit, learned token limit, token hold
@@ -21,6 +21,8 @@
 --   tcnt    hash: token grant member -> its count (settlement changes counts, so they
 --           are not in the member's name)
 --   ttot    hash: "all" and each replica's sum of the counts in `tlog`
+--   twait   hash: rid -> "least|since|seen" of a replica whose token lease was refused for
+--           want of room: after a window of waiting, the room it needs is held for it
 -- ARGV: op, rid, gen_known, version_known, then the op's own arguments.
 --
 -- Reply (every op, `lost` included): { status, now, gen, version, granted, member,
@@ -34,7 +36,7 @@
 
 local K_GEN, K_CFG, K_LOG, K_TOT, K_LIVE, K_SHARE, K_DEMAND, K_SEEDED =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_TLOG, K_TCNT, K_TTOT = KEYS[10], KEYS[11], KEYS[12]
+local K_TLOG, K_TCNT, K_TTOT, K_TWAIT = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local op, rid, gen_known, ver_known = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or -1
 
 local t = redis.call('TIME')
@@ -242,10 +244,14 @@ local function ttrim()
     redis.call('HDEL', K_TCNT, unpack(old, i, j))
   end
   redis.call('ZREMRANGEBYSCORE', K_TLOG, '-inf', cutoff)
+  -- A count at 0 (a lease settled down to nothing) moves nothing: and Redis reads Lua's
+  -- "-0" as no integer at all.
   for r, c in pairs(by) do
-    if redis.call('HINCRBY', K_TTOT, r, -c) <= 0 then redis.call('HDEL', K_TTOT, r) end
+    if c > 0 and redis.call('HINCRBY', K_TTOT, r, -c) <= 0 then redis.call('HDEL', K_TTOT, r) end
   end
-  if redis.call('HINCRBY', K_TTOT, 'all', -all) < 0 then redis.call('HSET', K_TTOT, 'all', 0) end
+  if all > 0 and redis.call('HINCRBY', K_TTOT, 'all', -all) < 0 then
+    redis.call('HSET', K_TTOT, 'all', 0)
+  end
 end
 
 local function tgrant(r, member, score, c)
@@ -393,7 +399,7 @@ if op == 'join' then
   local new_gen = false
   if not gen then
     -- Whatever is left of an old generation cannot be trusted: start empty.
-    redis.call('DEL', K_LOG, K_TOT, K_SEEDED, K_TLOG, K_TCNT, K_TTOT)
+    redis.call('DEL', K_LOG, K_TOT, K_SEEDED, K_TLOG, K_TCNT, K_TTOT, K_TWAIT)
     gen = tostring(now)
     redis.call('SET', K_GEN, gen)
     new_gen = true
@@ -474,6 +480,7 @@ if op == 'leave' then
   redis.call('ZREM', K_LIVE, rid)
   redis.call('HDEL', K_SHARE, rid, rid .. '|t')
   redis.call('HDEL', K_DEMAND, rid)
+  redis.call('HDEL', K_TWAIT, rid)
   refresh_members()
   return reply('left', gen, 0, '', 0, {})
 end
@@ -608,7 +615,17 @@ if op == 'tlease' then
   tgive_back(ARGV[7], math.floor(num(ARGV[8], 0)))
   for i = 10, #ARGV - 1, 2 do
     local d = math.floor(num(ARGV[i + 1], 0))
-    if d ~= 0 then tmove(ARGV[i], d) end
+    local late = tonumber(string.match(ARGV[i], '^%+(%d+)$') or '')
+    if late ~= nil then
+      -- "+<ms>": tokens sent after their lease time, counted again from `ms` (the send
+      -- less a lease time), so they stay in the log while the provider counts them.
+      if d > 0 and late > now - span() then
+        local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+        tgrant(rid, rid .. '|tx' .. seq, math.min(late, now), d)
+      end
+    elseif d ~= 0 then
+      tmove(ARGV[i], d)
+    end
   end
   refresh_members()
   local lim = tlimit()
@@ -632,16 +649,52 @@ if op == 'tlease' then
   local total = num(redis.call('HGET', K_TTOT, 'all'), 0)
   local mine = num(redis.call('HGET', K_TTOT, rid), 0)
   local room = lim - total - treserved_n
+  -- No starvation across replicas, as within one: a replica refused for want of room
+  -- leaves a claim; once a claim has waited a window, the room it needs is held for it
+  -- against every replica whose own claim is younger (or that has none). Claims not
+  -- asked again within two heartbeats are dropped.
+  local my_since = nil
+  local claims = redis.call('HGETALL', K_TWAIT)
+  local parsed = {}
+  for i = 1, #claims, 2 do
+    local l, since, seen = string.match(claims[i + 1], '^(%d+)|(%d+)|(%d+)$')
+    l, since, seen = tonumber(l), tonumber(since), tonumber(seen)
+    if l == nil or now - seen > 2 * 1000 then
+      redis.call('HDEL', K_TWAIT, claims[i])
+    elseif claims[i] == rid then
+      my_since = since
+    else
+      parsed[#parsed + 1] = { l, since }
+    end
+  end
+  local held = 0
+  for _, c in ipairs(parsed) do
+    if now - c[2] >= window() and (my_since == nil or c[2] < my_since) then held = held + c[1] end
+  end
+  room = room - held
   local g = math.min(want, room)
   local cap = nil
   if learning_n == 1 then
     cap = math.floor(lim / math.max(live_n, num(ARGV[9], 1), 1)) - mine
-    if cap < g then g = cap end
+  end
+  -- While other replicas wait for room, one that holds its equal part of the limit over
+  -- the span takes no more (what one does not want, the others may take), so the first
+  -- to ask once room frees does not take it all; one below its part may take up to it,
+  -- or its head's whole cost.
+  if #parsed > 0 then
+    local part = math.floor(lim / (#parsed + 1))
+    local fair = 0
+    if mine < part then fair = math.max(part - mine, least) end
+    if cap == nil or fair < cap then cap = fair end
+  end
+  if cap ~= nil and cap < g then g = cap end
+  if g < least and room < least then
+    redis.call('HSET', K_TWAIT, rid, least .. '|' .. (my_since or now) .. '|' .. now)
   end
   if g < least then
     -- Less than the request at the head needs: nothing (a part would only sit in the pot).
-    -- Back when enough of the log has left the span, or (while learning) this replica's
-    -- own grants have or learning mode ends, whichever binds.
+    -- Back when enough of the log has left the span, or (while learning, or held to its
+    -- part) this replica's own grants have or learning mode ends, whichever binds.
     local wait = 0
     if room < least then
       local at = tfreed_at(least - room)
@@ -649,10 +702,11 @@ if op == 'tlease' then
       wait = at and (at + span() - now) or window()
     end
     if cap ~= nil and cap < least then
-      local w = num(cfg.learning_until, now) - now
+      local w = nil
+      if learning_n == 1 then w = num(cfg.learning_until, now) - now end
       local at = tfreed_at(least - cap, rid)
-      if at and at + span() - now < w then w = at + span() - now end
-      wait = math.max(wait, w)
+      if at and (w == nil or at + span() - now < w) then w = at + span() - now end
+      wait = math.max(wait, w or window())
     end
     return reply('ok', gen, 0, '', math.max(wait, 1), {})
   end
@@ -660,6 +714,7 @@ if op == 'tlease' then
   local member = rid .. '|t' .. seq
   -- Usable at once: the request's tokens are the provider's count, not a pace.
   tgrant(rid, member, now, g)
+  if my_since ~= nil then redis.call('HDEL', K_TWAIT, rid) end
   return reply('ok', gen, g, member, 0, {})
 end
 
@@ -746,11 +801,14 @@ if op == 'refused' then
 end
 
 if op == 'configure' then
-  -- ARGV: field/value pairs (rate_rpm, capacity, fallback, tokens_limit).
+  -- ARGV: field/value pairs (rate_rpm, capacity, fallback, tokens_limit, tokens_per_minute:
+  -- the setting as given, for replicas to show and adopt; tokens_limit is its window's).
   for i = 5, #ARGV - 1, 2 do
     local f = ARGV[i]
     if f == 'rate_rpm' or f == 'capacity' or f == 'fallback' then set(f, ARGV[i + 1]) end
-    if f == 'tokens_limit' then set(f, math.max(0, math.floor(num(ARGV[i + 1], 0)))) end
+    if f == 'tokens_limit' or f == 'tokens_per_minute' then
+      set(f, math.max(0, math.floor(num(ARGV[i + 1], 0))))
+    end
   end
   bump()
   refresh_members()

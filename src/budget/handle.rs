@@ -19,6 +19,14 @@ pub enum Command {
         rate_rpm: f64,
         bucket_capacity: u32,
         fallback: bool,
+        /// `tokens_per_minute`, and the tokens of the provider's window it allows.
+        tokens_per_minute: u64,
+        tokens_per_window: u64,
+    },
+    /// The token setting alone: this replica's, for a budget created without one.
+    Tokens {
+        tokens_per_minute: u64,
+        tokens_per_window: u64,
     },
     Forget,
 }

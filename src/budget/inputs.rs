@@ -61,6 +61,8 @@ pub struct SharedSettings {
     pub rate_rpm: f64,
     pub bucket_capacity: u32,
     pub fallback: bool,
+    /// `None`: the cluster's record has no token setting (each replica keeps its own).
+    pub tokens_per_minute: Option<u64>,
 }
 
 impl SharedSettings {
@@ -71,6 +73,7 @@ impl SharedSettings {
             rate_rpm: h.rate_rpm,
             bucket_capacity: h.bucket_capacity,
             fallback: hot.fallback_enabled_passthrough,
+            tokens_per_minute: Some(h.tokens_per_minute),
         }
     }
 
@@ -80,6 +83,7 @@ impl SharedSettings {
             rate_rpm: record.rate_rpm,
             bucket_capacity: record.bucket_capacity,
             fallback: record.fallback,
+            tokens_per_minute: record.tokens_per_minute,
         }
     }
 }

@@ -16,7 +16,8 @@
 //!   once.
 //! - `refused`: kind (`rate`, `retreat`, `quota`, `header`, `tokens`, `theader`), then
 //!   sent-at or the stated limit, then retry-after, the quota's reset or the token hold.
-//! - `configure` (`rate_rpm`, `capacity`, `fallback`, `tokens_limit`), `forget`, `leave`.
+//! - `configure` (`rate_rpm`, `capacity`, `fallback`, `tokens_limit`, `tokens_per_minute`),
+//!   `forget`, `leave`.
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub fn script() -> redis::Script {
 
 /// The keys of one budget, all under one hash tag (one Redis Cluster slot).
 #[derive(Debug, Clone)]
-pub struct Keys([String; 12]);
+pub struct Keys([String; 13]);
 
 impl Keys {
     pub fn new(prefix: &str, budget: &str) -> Self {
@@ -48,14 +49,16 @@ impl Keys {
             k("seeded"),
             // Only tests set it (a fake clock for the script).
             k("clock"),
-            // Token grants, their counts (settlement changes them) and their totals.
+            // Token grants, their counts (settlement changes them), their totals, and the
+            // claims of replicas refused for want of room.
             k("tlog"),
             k("tcnt"),
             k("ttot"),
+            k("twait"),
         ])
     }
 
-    pub fn all(&self) -> &[String; 12] {
+    pub fn all(&self) -> &[String; 13] {
         &self.0
     }
 }
@@ -199,6 +202,7 @@ impl Reply {
                 "tokens_learned" => r.tokens_learned = f() as u64,
                 "tokens_source" => r.tokens_source.clone_from(v),
                 "tokens_hold_until" => r.tokens_hold_until_ms = f() as u64,
+                "tokens_per_minute" => r.tokens_per_minute = Some(f() as u64),
                 _ => {}
             }
         }

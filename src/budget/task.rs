@@ -16,6 +16,7 @@ mod fallback;
 mod join;
 mod lease;
 mod report;
+mod tokens;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -103,6 +104,8 @@ pub struct Task {
     last_counts: (u64, u64, Instant),
     /// The cluster's per-window limit in the last reply.
     last_limit: u32,
+    /// Token leases (when the cluster keeps a token budget).
+    tl: tokens::TokenLeases,
 }
 
 impl Task {
@@ -149,6 +152,7 @@ impl Task {
             offered: 0.0,
             last_counts: (0, 0, now),
             last_limit: u32::MAX,
+            tl: tokens::TokenLeases::new(now),
         }
     }
 
@@ -210,6 +214,7 @@ impl Task {
                 self.pending.push_back(op);
             }
         }
+        self.token_reports();
         let now = Instant::now();
         if self.mode != Mode::Shared && now < self.retry_at {
             self.check_isolation();
@@ -252,6 +257,7 @@ impl Task {
         } else if heartbeat_due || self.give_back.is_some() {
             self.lease_call(settings, 0, queued, true).await;
         }
+        self.token_step(settings).await;
     }
 
     fn next_wake(&self) -> Duration {
@@ -270,6 +276,16 @@ impl Task {
         if self.mode == Mode::Fallback {
             let down = self.last_ok.unwrap_or(self.started).elapsed();
             next = next.min(self.fallback_for.saturating_sub(down));
+        }
+        if let Some(d) = self.tl.adjust_due() {
+            next = next.min(d);
+        } else if self.b.pot.token_pot.has_adjustments() {
+            next = next.min(tokens::ADJUST_EVERY);
+        }
+        let tokens = &self.b.pot.token_pot;
+        if tokens.tokens() > 0 {
+            let left = tokens.expires().saturating_sub(self.clock.now_nanos());
+            next = next.min(Duration::from_nanos(left));
         }
         next.max(Duration::from_millis(1))
     }

@@ -38,6 +38,9 @@ pub struct Record {
     pub tokens_source: String,
     /// Redis milliseconds until which token leases are held after a token 429 (past: none).
     pub tokens_hold_until_ms: u64,
+    /// `tokens_per_minute` as configured for the cluster (`None`: the record has none,
+    /// each replica keeps its own).
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// Lease round trips by result, since start.
@@ -53,6 +56,9 @@ pub struct LeaseCounts {
     pub returned: u64,
     /// The call failed or timed out.
     pub error: u64,
+    /// Token leases only: sends made after their lease's time, counted again from their
+    /// send.
+    pub late: u64,
 }
 
 impl LeaseCounts {
@@ -92,6 +98,8 @@ pub struct ClusterView {
     /// The first window of a generation: each replica at most its share.
     pub learning: bool,
     pub leases: LeaseCounts,
+    /// Token leases (the shared token budget), by result; `returned` in tokens.
+    pub token_leases: LeaseCounts,
     /// Script calls made to Redis, since start.
     pub round_trips: u64,
     /// Requests this replica admitted with leased tokens, since start (as of the last
@@ -116,6 +124,7 @@ impl ClusterView {
             generation: String::new(),
             learning: false,
             leases: LeaseCounts::default(),
+            token_leases: LeaseCounts::default(),
             round_trips: 0,
             admitted: 0,
             down_for: None,

@@ -12,7 +12,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 
 use super::family::{family, Res};
-use crate::budget::ClusterView;
+use crate::budget::{ClusterView, LeaseCounts};
 use crate::limiter::Mode;
 use crate::metrics::series::hdr_buckets;
 
@@ -122,6 +122,23 @@ pub fn encode(enc: &mut DescriptorEncoder, budgets: &[Budgeted]) -> Res {
     for b in budgets {
         for (result, n) in b.view.leases.labelled() {
             f.counter(&[("provider", b.provider), ("result", result)], n)?;
+        }
+    }
+    if budgets
+        .iter()
+        .any(|b| b.view.token_leases != LeaseCounts::default())
+    {
+        let mut f = family(
+            enc,
+            "sidecar_budget_token_leases",
+            "Token lease calls to Redis (the shared token budget) by result, as sidecar_budget_leases; returned counts unused tokens given back, late the sends written after their lease's time (counted again from their send).",
+            MetricType::Counter,
+        )?;
+        for b in budgets {
+            let late = ("late", b.view.token_leases.late);
+            for (result, n) in b.view.token_leases.labelled().into_iter().chain([late]) {
+                f.counter(&[("provider", b.provider), ("result", result)], n)?;
+            }
         }
     }
     let counters: [(&str, &str, CountView); 2] = [

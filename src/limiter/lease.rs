@@ -14,6 +14,7 @@ use crossbeam_utils::CachePadded;
 
 use super::control::Event;
 use super::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use super::token_lease::{TokenPot, TokenReport};
 
 /// How a replica in cluster mode gets its tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +71,9 @@ pub struct LeasePot {
     waker: AtomicWaker,
     /// What the provider answered, for the task to report to the shared budget.
     pub(crate) outbox: SegQueue<Event>,
+    /// Tokens of the token budget, leased as the requests are (when the cluster keeps
+    /// a token budget for this provider).
+    pub token_pot: TokenPot,
 }
 
 impl Default for LeasePot {
@@ -93,6 +97,7 @@ impl LeasePot {
             kick: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             outbox: SegQueue::new(),
+            token_pot: TokenPot::new(),
         }
     }
 
@@ -158,6 +163,23 @@ impl LeasePot {
     pub fn wake(&self) {
         self.kick.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// `cost` tokens of the leased token budget at `now` (see [`TokenPot::take`]); the
+    /// task is asked for more when the pot is short.
+    #[inline]
+    pub fn take_tokens(&self, cost: u64, now: u64) -> Option<u32> {
+        let got = self.token_pot.take(cost, now);
+        if got.is_none() {
+            self.ask();
+        }
+        got
+    }
+
+    /// Reports what the provider said of its token limit to the shared budget.
+    pub fn report_tokens(&self, r: TokenReport) {
+        self.token_pot.report(r);
+        self.wake();
     }
 
     /// Reports `ev` to the shared budget.

@@ -20,7 +20,8 @@
 //! and [`retreat`] count; [`learn`] and [`signal`] decide from numbers and answers; [`control`] holds
 //! the controller's state and messages; [`provider`] joins them into one [`Limiter`]
 //! (admission, the controller step); [`scopes`] and [`lease`] give it per-model limits
-//! and cluster tokens; [`dispatch`] runs it. This file only declares and re-exports.
+//! and cluster tokens ([`token_lease`]: the token budget's); [`dispatch`] runs it. This
+//! file only declares and re-exports.
 
 pub mod bucket;
 pub mod control;
@@ -36,6 +37,7 @@ pub mod scopes;
 pub mod signal;
 pub(crate) mod sync;
 pub mod token_budget;
+pub mod token_lease;
 pub mod window;
 
 pub use bucket::TokenBucket;
@@ -49,3 +51,4 @@ pub use queue::{DropReason, Flow, Grant, QueueCounts, QueueFull, Ticket, WaitQue
 pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
 pub use signal::{Answer, Quota, Refusal, TokenQuota, TokenRefusal};
 pub use token_budget::{Charge, Cost, Settled, TokenBudget, TokenView, Usage};
+pub use token_lease::{Adjustment, TokenPot, TokenReport};

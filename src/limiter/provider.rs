@@ -86,6 +86,9 @@ pub struct Limiter {
     /// The last token limit the provider's headers stated (tpm; 0: none).
     token_header_limit: AtomicU64,
     token_inbox: SegQueue<TokenEvent>,
+    /// Cluster mode: the most tokens per window the shared budget lets this replica
+    /// charge (`u64::MAX`: no cap).
+    token_cap: AtomicU64,
 }
 
 /// A claim held by a request on its way upstream, with its token reservation: stamped
@@ -197,6 +200,7 @@ impl Limiter {
             token_signals: TokenSignals::default(),
             token_header_limit: AtomicU64::new(0),
             token_inbox: SegQueue::new(),
+            token_cap: AtomicU64::new(u64::MAX),
         }
     }
 

@@ -89,6 +89,8 @@ pub struct Reserved {
     pub cost: Cost,
     /// The time it was decided at (its charge is never dated earlier).
     pub at: u64,
+    /// Cluster mode: the shared budget's lease its tokens were also taken from (0: none).
+    pub lease: u32,
 }
 
 /// A reservation sent: its charge, and the sub-window it is recorded in.
@@ -99,6 +101,8 @@ pub struct Sent {
     pub charged: u64,
     /// The time the charge is dated at.
     pub at: u64,
+    /// As [`Reserved::lease`].
+    pub lease: u32,
     sub: u64,
 }
 
@@ -207,7 +211,11 @@ impl TokenBudget {
         // One larger than the whole budget needs an empty span.
         let need = pending - c + c.min(limit);
         if need.saturating_add(sum.charged) <= limit {
-            return Ok(Reserved { cost, at: sum.at });
+            return Ok(Reserved {
+                cost,
+                at: sum.at,
+                lease: 0,
+            });
         }
         // Relaxed: it publishes nothing; a reader that still counts it only refuses more.
         self.pending.fetch_sub(c, Ordering::Relaxed);
@@ -255,6 +263,7 @@ impl TokenBudget {
             cost: r.cost,
             charged: c,
             at,
+            lease: r.lease,
             sub,
         }
     }

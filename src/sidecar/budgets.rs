@@ -51,6 +51,7 @@ impl budget::Settings for App {
             shared.rate_rpm,
             shared.bucket_capacity,
             shared.fallback,
+            shared.tokens_per_minute,
         );
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::{req, send};
@@ -210,5 +211,71 @@ pub async fn one_chat(addr: SocketAddr, chat: &Chat, cap: u64, tally: &Tally) ->
             add(&tally.other, 1);
             0
         }
+    }
+}
+
+/// A chat of the flood's mix, as the provider counts it (prompt = bytes ÷ 4 + 3 per
+/// message; completion bound = `max_tokens`, else the model's cap), about 585 tokens on
+/// average:
+///
+/// - 40 % short: one message of 20 to 200 bytes, `max_tokens` 16 to 64 (about 80);
+/// - 30 % medium: a system and a user message, 400 to 1,600 bytes, `max_tokens` 128 to
+///   512 (about 570);
+/// - 15 % long: three messages, 2,000 to 6,000 bytes, `max_tokens` 512 to 1,500 (about
+///   2,000, at most 3,010: a quarter of the window);
+/// - 15 % without `max_tokens` (the default bound applies): 100 to 2,000 bytes.
+///
+/// One in ten is streamed with `stream_options.include_usage`. A chat that states
+/// `max_tokens` asks the mock to generate 8 to 600 tokens (`x-mock-tokens`), so under
+/// `actual` many leave part of their bound unused; one that states none generates the
+/// model's cap, which is what a `reserved` provider charges it.
+pub fn mixed_chat(rng: &mut fastrand::Rng) -> Chat {
+    let kind = rng.u32(0..100);
+    let (messages, max_tokens): (Vec<(&str, String)>, Option<u64>) = match kind {
+        0..40 => (
+            vec![("user", prose(rng.usize(20..=200)))],
+            Some(rng.u64(16..=64)),
+        ),
+        40..70 => (
+            vec![
+                ("system", prose(rng.usize(100..=400))),
+                ("user", prose(rng.usize(300..=1200))),
+            ],
+            Some(rng.u64(128..=512)),
+        ),
+        70..85 => (
+            vec![
+                ("system", prose(rng.usize(200..=600))),
+                ("user", prose(rng.usize(1600..=4400))),
+                ("assistant", prose(rng.usize(200..=1000))),
+            ],
+            Some(rng.u64(512..=1500)),
+        ),
+        _ => {
+            let mut m = vec![("user", prose(rng.usize(100..=1500)))];
+            if rng.bool() {
+                m.insert(0, ("system", prose(rng.usize(0..=500))));
+            }
+            (m, None)
+        }
+    };
+    let stream = rng.u32(0..10) == 0;
+    let mut extra = serde_json::Map::new();
+    if let Some(m) = max_tokens {
+        extra.insert("max_tokens".into(), json!(m));
+    }
+    if stream {
+        extra.insert("stream".into(), json!(true));
+        extra.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let mut headers = Vec::new();
+    if max_tokens.is_some() {
+        headers.push(("x-mock-tokens".to_owned(), rng.u64(8..=600).to_string()));
+    }
+    Chat {
+        body: chat_body(&messages, serde_json::Value::Object(extra)),
+        headers,
+        stream,
+        max_tokens,
     }
 }

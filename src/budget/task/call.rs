@@ -153,6 +153,9 @@ impl Task {
             self.limiter
                 .set_cluster(Some(self.pacing(r.limit, r.rpm)), now);
         }
+        if r.status != "lost" {
+            self.on_token_reply(r);
+        }
         let shares: Vec<(Arc<str>, u32)> = r
             .shares
             .iter()
@@ -214,7 +217,9 @@ impl Task {
         let local = SharedSettings::local(&settings.current(), self.b.index);
         let differs = (local.rate_rpm - r.rate_rpm).abs() > 1e-9
             || local.bucket_capacity != r.bucket_capacity
-            || local.fallback != r.fallback;
+            || local.fallback != r.fallback
+            || r.tokens_per_minute
+                .is_some_and(|t| Some(t) != local.tokens_per_minute);
         if differs {
             settings.adopt(
                 self.b.index,

@@ -67,6 +67,7 @@ impl Task {
         };
         self.limiter
             .set_cluster(Some(pacing), self.clock.now_nanos());
+        self.apply_token_cap();
         self.limiter.wake_dispatcher();
         let mode = self.mode;
         self.b.update(|v| {

@@ -39,6 +39,24 @@ impl Task {
         .into_iter()
         .flat_map(|(k, v)| [k.to_owned(), v])
         .collect();
+        // The token setting as given and its window's tokens: the cluster's after Redis
+        // lost the record, else this replica's.
+        let tokens = if self.joined {
+            self.record
+                .tokens_per_minute
+                .map(|t| (t, self.record.tokens_limit))
+        } else {
+            let t = settings.current().providers[self.b.index].tokens_per_minute;
+            Some((t, self.configured_tokens(settings)))
+        };
+        if let Some((per_minute, per_window)) = tokens.filter(|&(_, w)| w > 0) {
+            args.extend([
+                "tokens_per_minute".to_owned(),
+                per_minute.to_string(),
+                "tokens_limit".to_owned(),
+                per_window.to_string(),
+            ]);
+        }
         if self.joined && self.record.learned > 0 {
             args.extend([
                 "learned".to_owned(),
@@ -89,6 +107,27 @@ impl Task {
                 local.fallback, self.record.fallback
             ));
         }
+        match (local.tokens_per_minute, self.record.tokens_per_minute) {
+            (Some(mine), Some(theirs)) if mine != theirs => {
+                diffs.push(format!("tokens_per_minute {mine} -> {theirs}"));
+            }
+            (Some(mine), None) if mine > 0 => {
+                // A budget made without a token setting (by a replica without one, or
+                // before the cluster shared tokens) takes this replica's.
+                let per_window = self.configured_tokens(settings);
+                tracing::info!(
+                    provider = &*self.b.provider,
+                    tokens_per_minute = mine,
+                    "the shared budget had no token setting: this replica's is now the cluster's"
+                );
+                self.pending
+                    .push_back(super::Op::from(crate::budget::Command::Tokens {
+                        tokens_per_minute: mine,
+                        tokens_per_window: per_window,
+                    }));
+            }
+            _ => {}
+        }
         if !self.record.window.is_zero() && window != self.record.window {
             diffs.push(format!(
                 "provider_window {}s -> {}s (used for the shared window now; locally after a restart with the same value)",
@@ -122,6 +161,7 @@ impl Task {
     pub(super) async fn seed(&mut self, settings: &dyn Settings, gen: &str) -> Option<()> {
         let mut args = vec![gen.to_owned()];
         args.extend(self.sends_by_bucket(None));
+        args.extend(self.tokens_by_bucket(None));
         let old = std::mem::replace(&mut self.gen, gen.to_owned());
         match self.raw(settings, "seed", self.version, &args).await {
             Some(r) if r.status == "seeded" => {
@@ -151,6 +191,7 @@ impl Task {
     ) -> Option<()> {
         let mut args = vec![self.gen.clone()];
         args.extend(self.sends_by_bucket(Some(since)));
+        args.extend(self.tokens_by_bucket(Some(since)));
         let version = self.version;
         self.raw(settings, "seed", version, &args).await.map(|_| ())
     }

@@ -63,6 +63,8 @@ impl From<Command> for Op {
                 rate_rpm,
                 bucket_capacity,
                 fallback,
+                tokens_per_minute,
+                tokens_per_window,
             } => Op {
                 name: "configure",
                 args: vec![
@@ -72,6 +74,22 @@ impl From<Command> for Op {
                     bucket_capacity.to_string(),
                     "fallback".into(),
                     u8::from(fallback).to_string(),
+                    "tokens_per_minute".into(),
+                    tokens_per_minute.to_string(),
+                    "tokens_limit".into(),
+                    tokens_per_window.to_string(),
+                ],
+            },
+            Command::Tokens {
+                tokens_per_minute,
+                tokens_per_window,
+            } => Op {
+                name: "configure",
+                args: vec![
+                    "tokens_per_minute".into(),
+                    tokens_per_minute.to_string(),
+                    "tokens_limit".into(),
+                    tokens_per_window.to_string(),
                 ],
             },
             Command::Forget => Op {

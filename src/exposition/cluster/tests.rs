@@ -61,6 +61,7 @@ pub(crate) fn view() -> ClusterView {
         empty: 3,
         returned: 4,
         error: 1,
+        late: 0,
     };
     v.round_trips = 17;
     v.admitted = 40;
@@ -313,4 +314,48 @@ fn shares_list_every_live_replica_once_sorted_with_this_one() {
     alone.shares.retain(|(r, _)| &**r != "host-a-12-00ff");
     assert_eq!(shares(&alone)[0], ("host-a-12-00ff", 0));
     assert_eq!(shares(&alone).len(), 3);
+}
+
+#[test]
+fn token_leases_are_written_only_once_a_token_lease_was_asked_for() {
+    let plain = render(vec![Budgeted {
+        provider: "nvidia",
+        view: view(),
+        round_trips: hist(&[200]),
+    }]);
+    assert!(!plain.contains("sidecar_budget_token_leases"), "{plain}");
+    let mut v = view();
+    v.token_leases = LeaseCounts {
+        granted: 9,
+        empty: 4,
+        returned: 1_200,
+        late: 2,
+        ..LeaseCounts::default()
+    };
+    let text = render(vec![Budgeted {
+        provider: "nvidia",
+        view: v,
+        round_trips: hist(&[200]),
+    }]);
+    assert!(
+        text.contains("# TYPE sidecar_budget_token_leases_total counter\n"),
+        "{text}"
+    );
+    let series = |r: &str| {
+        sample(
+            &text,
+            &format!("sidecar_budget_token_leases_total{{provider=\"nvidia\",result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        ["granted", "partial", "empty", "returned", "error", "late"].map(series),
+        [
+            Some(9.0),
+            Some(0.0),
+            Some(4.0),
+            Some(1_200.0),
+            Some(0.0),
+            Some(2.0)
+        ]
+    );
 }

@@ -170,7 +170,14 @@ impl Limiter {
             _ => None,
         };
         match self.try_take(now) {
-            Some(claim) => Ok(Grant { claim, tokens }),
+            Some(claim) => {
+                let mut tokens = tokens;
+                if !self.take_leased_tokens(&mut tokens, now) {
+                    self.give_back(Grant { claim, tokens }, now);
+                    return Err(Short::Tokens);
+                }
+                Ok(Grant { claim, tokens })
+            }
             None => {
                 self.give_back_tokens(tokens);
                 Err(Short::Requests)
@@ -178,9 +185,32 @@ impl Limiter {
         }
     }
 
-    fn give_back_tokens(&self, tokens: Option<Reserved>) {
+    /// Cluster mode, when the shared budget keeps a token budget: `r`'s cost taken from
+    /// the leased tokens as well, its lease noted in it. `false`: the pot is short (its
+    /// task is asked for more and wakes the dispatcher when they come).
+    #[inline]
+    fn take_leased_tokens(&self, r: &mut Option<Reserved>, now: u64) -> bool {
+        let (Some(pot), Some(r)) = (&self.lease, r.as_mut()) else {
+            return true;
+        };
+        if pot.mode() != Mode::Shared || !pot.token_pot.enabled() {
+            return true;
+        }
+        match pot.take_tokens(r.cost.total(), now) {
+            Some(lease) => {
+                r.lease = lease;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn give_back_tokens(&self, tokens: Option<Reserved>) {
         if let (Some(r), Some(b)) = (tokens, &self.tokens) {
             b.give_back(r);
+            if let Some(pot) = &self.lease {
+                pot.token_pot.put_back(r.lease, r.cost.total());
+            }
         }
     }
 
@@ -255,6 +285,12 @@ impl Limiter {
                     wait
                 });
             };
+            let mut tokens = tokens;
+            if !self.take_leased_tokens(&mut tokens, now) {
+                self.give_back(Grant { claim, tokens }, now);
+                // The budget task wakes the dispatcher when the next lease comes.
+                return Some(LEASE_POLL);
+            }
             if let Err(g) = stage.grant(p, pos, Grant { claim, tokens }) {
                 // That waiter cancelled meanwhile: nothing was used.
                 self.give_back(g, now);

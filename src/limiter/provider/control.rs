@@ -305,7 +305,7 @@ impl Limiter {
         self.header_limit.store(0, StdOrdering::Relaxed);
         if let (Some(l), Some(b)) = (c.tokens.as_mut(), &self.tokens) {
             l.forget();
-            b.set_limit(l.limit());
+            b.set_limit(self.capped_tokens(l.limit()));
             self.token_header_limit.store(0, StdOrdering::Relaxed);
         }
         if let Some(ch) = ch {

@@ -21,10 +21,13 @@ use std::sync::Arc;
 use super::{Limiter, Reservation, Settlement, State, TokenEvent, TokenSignals};
 use crate::clock::nanos;
 use crate::limiter::control::{Control, Note};
+use crate::limiter::lease::{LeasePot, Mode};
 use crate::limiter::signal::Answer;
 use crate::limiter::token_budget::{
-    per_window_tokens, Charge, Cost, Reserved, Settled, TokenBudget, TokenLearner, TokenView, Usage,
+    per_window_tokens, Charge, Cost, Reserved, Sent, Settled, TokenBudget, TokenLearner, TokenView,
+    Usage,
 };
+use crate::limiter::token_lease::TokenReport;
 
 impl<'a> Reservation<'a> {
     pub(super) fn new(limiter: &'a Limiter, r: Reserved) -> Self {
@@ -64,6 +67,9 @@ impl<'a> Reservation<'a> {
     pub fn stamp(&mut self, now: u64) {
         if let State::Reserved(r) = self.state {
             self.state = State::Sent(self.budget().send(r, now));
+            if let Some(pot) = self.limiter.lease.as_deref() {
+                pot.token_pot.sent(r.lease, r.cost.total(), now);
+            }
         }
     }
 
@@ -80,23 +86,13 @@ impl<'a> Reservation<'a> {
                     settled: 0,
                 }
             }
-            State::Sent(mut s) => {
-                let settled = charge.settled(s.cost, usage);
-                self.budget().settle(&mut s, settled);
-                if settled < s.cost.total() {
-                    self.limiter.wake_if_waiting();
-                }
-                Settled {
-                    estimate: s.cost.total(),
-                    settled,
-                }
-            }
+            State::Sent(mut s) => self.limiter.settle_sent(&mut s, usage, charge),
             State::Done => Settled::default(),
         }
     }
 
     fn give_back(&self, r: Reserved) {
-        self.budget().give_back(r);
+        self.limiter.give_back_tokens(Some(r));
         self.limiter.wake_if_waiting();
     }
 }
@@ -126,17 +122,7 @@ impl Settlement {
 
     /// As [`Reservation::settle`] for a sent reservation.
     pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
-        let settled = charge.settled(self.sent.cost, usage);
-        if let Some(b) = &self.limiter.tokens {
-            b.settle(&mut self.sent, settled);
-        }
-        if settled < self.sent.cost.total() {
-            self.limiter.wake_if_waiting();
-        }
-        Settled {
-            estimate: self.sent.cost.total(),
-            settled,
-        }
+        self.limiter.settle_sent(&mut self.sent, usage, charge)
     }
 }
 
@@ -201,6 +187,27 @@ impl Limiter {
         &self.token_signals
     }
 
+    /// Settles a sent reservation: the charge where it was dated, and in cluster mode
+    /// the change reported against the lease its tokens came from.
+    fn settle_sent(&self, s: &mut Sent, usage: Option<Usage>, charge: Charge) -> Settled {
+        let settled = charge.settled(s.cost, usage);
+        let estimate = s.cost.total();
+        if let Some(b) = &self.tokens {
+            b.settle(s, settled);
+        }
+        if let Some(pot) = &self.lease {
+            let delta = i128::from(settled) - i128::from(estimate);
+            pot.token_pot.adjust(
+                s.lease,
+                delta.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+            );
+        }
+        if settled < estimate {
+            self.wake_if_waiting();
+        }
+        Settled { estimate, settled }
+    }
+
     pub(super) fn wake_if_waiting(&self) {
         if !self.queues.is_empty() {
             self.wake_dispatcher();
@@ -223,6 +230,11 @@ impl Limiter {
                 && self.token_header_limit.swap(tpm, StdOrdering::Relaxed) != tpm
             {
                 self.report_tokens(TokenEvent::Stated { limit_tpm: tpm });
+                if let Some(pot) = self.shared_tokens() {
+                    pot.report_tokens(TokenReport::Stated {
+                        per_window: per_window_tokens(tpm, self.pacing.window),
+                    });
+                }
             }
         }
         let limit_tpm = t
@@ -270,6 +282,14 @@ impl Limiter {
             .or_else(|| answer.quota.and_then(|q| q.tokens).and_then(|t| t.reset))
             .unwrap_or(self.default_pause);
         budget.hold(now.saturating_add(nanos(wait)));
+        if let Some(pot) = self.shared_tokens() {
+            pot.report_tokens(TokenReport::Refused {
+                stated: stated
+                    .and_then(|s| s.limit_tpm)
+                    .map(|tpm| per_window_tokens(tpm, self.pacing.window)),
+                hold: Some(wait),
+            });
+        }
         if stated.and_then(|s| s.limit_tpm).is_none() {
             self.report_tokens(TokenEvent::Refused { sent_at, cost });
         }
@@ -299,8 +319,9 @@ impl Limiter {
                 note(Note::Tokens(ch));
             }
         }
-        if budget.limit() != learner.limit() {
-            budget.set_limit(learner.limit());
+        let limit = self.capped_tokens(learner.limit());
+        if budget.limit() != limit {
+            budget.set_limit(limit);
             self.wake_dispatcher();
         }
     }
@@ -314,9 +335,45 @@ impl Limiter {
         let mut c = self.control.lock();
         if let (Some(l), Some(b)) = (c.tokens.as_mut(), &self.tokens) {
             l.set_ceiling(per_window);
-            b.set_limit(l.limit());
+            b.set_limit(self.capped_tokens(l.limit()));
             self.wake_dispatcher();
         }
+    }
+
+    /// Cluster mode: the most tokens per window the shared budget lets this replica
+    /// charge (the cluster's limit while shared, its share of it on fallback); `None`
+    /// lifts the cap. Below what this limiter learned, it is the limit.
+    pub fn set_token_cap(&self, cap: Option<u64>) {
+        // Relaxed: read under the controller's lock, which publishes the limit.
+        self.token_cap
+            .store(cap.unwrap_or(u64::MAX), StdOrdering::Relaxed);
+        let c = self.control.lock();
+        if let (Some(l), Some(b)) = (c.tokens.as_ref(), &self.tokens) {
+            b.set_limit(self.capped_tokens(l.limit()));
+            self.wake_dispatcher();
+        }
+    }
+
+    /// Cluster mode: the shared budget holds token admission until `until` (a token
+    /// 429 another replica had).
+    pub fn hold_tokens(&self, until: u64) {
+        if let Some(b) = &self.tokens {
+            if until > b.held_until() {
+                b.hold(until);
+            }
+        }
+    }
+
+    pub(super) fn capped_tokens(&self, limit: u64) -> u64 {
+        limit.min(self.token_cap.load(StdOrdering::Relaxed))
+    }
+
+    /// The shared budget's token pot, when the cluster keeps a token budget and this
+    /// replica uses it now.
+    fn shared_tokens(&self) -> Option<&LeasePot> {
+        self.lease
+            .as_deref()
+            .filter(|p| p.mode() == Mode::Shared && p.token_pot.enabled())
     }
 
     /// How long until a request of `cost` would fit the token budget (zero when it

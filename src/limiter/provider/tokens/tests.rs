@@ -505,3 +505,93 @@ fn stress_no_window_over_the_limit_and_every_reservation_settled() {
     }
     assert!(now > 5 * 60 * S, "several windows went by");
 }
+
+/// A budgeted limiter in cluster mode, on the shared budget, whose cluster keeps a token
+/// budget: request tokens in hand, no token lease yet.
+fn leased(tokens: u64) -> (Arc<crate::limiter::LeasePot>, Limiter) {
+    use crate::limiter::{LeasePot, Mode};
+    let pot = Arc::new(LeasePot::new());
+    pot.fill(1_000, 0, u64::MAX, 0);
+    pot.set_mode(Mode::Shared);
+    pot.token_pot.set_enabled(true);
+    let l = budgeted(tokens).leased(Arc::clone(&pot));
+    (pot, l)
+}
+
+#[test]
+fn in_cluster_mode_a_cost_is_taken_from_a_token_lease_and_its_changes_go_to_that_lease() {
+    use crate::limiter::token_lease::Adjustment;
+    let (pot, l) = leased(10_000);
+    let tokens = &pot.token_pot;
+    // No token lease in hand: parked, and the cost is what the task must lease.
+    let mut t = queued(l.admit(Priority::Normal, cost(600), 0));
+    assert_eq!(tokens.take_short(), 600);
+    assert!(l.dispatch(0).is_some(), "still short");
+    assert_eq!(tokens.take_short(), 600, "asked again by the dispatcher");
+    tokens.fill(7, 1_000, u64::MAX);
+    l.dispatch(0);
+    let g = granted(&mut t).expect("granted once lease 7 came");
+    assert_eq!(g.tokens.map(|r| r.lease), Some(7));
+    assert_eq!(tokens.tokens(), 400);
+    // Settled lower (actual usage): the difference goes back to lease 7.
+    let mut p = Permit::new(&l, g);
+    p.stamp(0);
+    let used = Usage {
+        prompt: 200,
+        completion: 100,
+    };
+    p.take_tokens().unwrap().settle(Some(used), Charge::Actual);
+    assert_eq!(
+        tokens.next_adjustment(),
+        Some(Adjustment {
+            lease: 7,
+            delta: -300
+        })
+    );
+    // A reservation dropped unsent while its lease is in hand goes back into the pot.
+    let g = admitted(l.admit(Priority::Normal, cost(300), S));
+    assert_eq!(tokens.tokens(), 100);
+    drop(Permit::new(&l, g));
+    assert_eq!(tokens.tokens(), 400);
+    assert_eq!(tokens.next_adjustment(), None);
+    // More than the lease holds: refused at the fast path, nothing kept.
+    let t2 = queued(l.admit(Priority::Normal, cost(500), S));
+    assert_eq!(tokens.tokens(), 400, "nothing taken");
+    assert_eq!(tokens.take_short(), 500);
+    drop(t2);
+}
+
+#[test]
+fn in_cluster_mode_on_fallback_no_token_lease_is_needed() {
+    use crate::limiter::Mode;
+    let (pot, l) = leased(10_000);
+    pot.set_mode(Mode::Fallback);
+    let g = admitted(l.admit(Priority::Normal, cost(600), 0));
+    assert_eq!(g.tokens.map(|r| r.lease), Some(0), "the local budget only");
+    assert_eq!(pot.token_pot.take_short(), 0);
+}
+
+#[test]
+fn the_cluster_caps_the_token_limit_and_lifting_the_cap_restores_it() {
+    let l = budgeted(10_000);
+    l.set_token_cap(Some(4_000));
+    assert_eq!(l.token_view(0).unwrap().limit, 4_000);
+    assert!(matches!(
+        l.admit(Priority::Normal, cost(5_000), 0),
+        Decision::TooLarge { limit: 4_000, .. }
+    ));
+    l.set_token_cap(Some(20_000));
+    assert_eq!(
+        l.token_view(0).unwrap().limit,
+        10_000,
+        "never above the learned"
+    );
+    l.set_token_cap(None);
+    assert_eq!(l.token_view(0).unwrap().limit, 10_000);
+    l.hold_tokens(5 * S);
+    assert!(queued_or_held(&l));
+}
+
+fn queued_or_held(l: &Limiter) -> bool {
+    matches!(l.admit(Priority::Normal, cost(10), S), Decision::Queued(_))
+}

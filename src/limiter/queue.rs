@@ -22,136 +22,31 @@
 //! dequeued (granted) and dropped (cancelled, by [`DropReason`]). So for each priority
 //! `enqueued = dequeued + dropped + depth` whenever no waiter is settling at that
 //! moment (a read racing a settlement may see one request in neither place).
+//!
+//! Layout: `waiter.rs` is one waiter and its settlement, `lane.rs` the lanes and the
+//! counts a settlement moves, `stage.rs` the dispatcher's staging; this file the bound,
+//! parking, the ticket and the view of the totals.
 
-use std::fmt;
+mod lane;
+mod stage;
+mod waiter;
+
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU8;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 
-use super::guard::Claim;
-use super::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
-use super::token_budget::{Cost, Reserved};
+use super::sync::{AtomicUsize, Ordering};
+use super::token_budget::Cost;
 use crate::priority::Priority;
-
-const WAITING: u8 = 0;
-const GRANTED: u8 = 1;
-const CANCELLED: u8 = 2;
-
-/// One parked request.
-#[derive(Debug)]
-pub struct Waiter {
-    state: AtomicU8,
-    waker: AtomicWaker,
-    priority: Priority,
-    /// Its token cost (`None`: none counted).
-    cost: Option<Cost>,
-    /// When it was parked (clock nanoseconds).
-    parked_at: u64,
-    /// What the grant carries: set once, before the state turns GRANTED, read by the
-    /// waiter after it sees GRANTED.
-    grant: OnceLock<Grant>,
-}
-
-/// What a grant carries: the window-guard claim, and the tokens reserved for the
-/// request's cost when it has one and the limiter a token budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    pub claim: Claim,
-    pub tokens: Option<Reserved>,
-}
-
-impl From<Claim> for Grant {
-    fn from(claim: Claim) -> Self {
-        Self {
-            claim,
-            tokens: None,
-        }
-    }
-}
-
-/// What the dispatcher sees of a staged waiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Parked {
-    pub cost: Option<Cost>,
-    pub parked_at: u64,
-}
-
-impl Waiter {
-    /// WAITING → `to`, once. AcqRel: the winner's view of the queue counters is
-    /// ordered with the loser's.
-    fn settle(&self, to: u8) -> bool {
-        self.state
-            .compare_exchange(
-                WAITING,
-                to,
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-            )
-            .is_ok()
-    }
-
-    fn is_granted(&self) -> bool {
-        self.state.load(std::sync::atomic::Ordering::Acquire) == GRANTED
-    }
-
-    fn is_waiting(&self) -> bool {
-        // Acquire: as `is_granted`; a stale WAITING only makes the grant's CAS fail.
-        self.state.load(std::sync::atomic::Ordering::Acquire) == WAITING
-    }
-}
-
-#[derive(Debug, Default)]
-struct Lane {
-    front: SegQueue<Arc<Waiter>>,
-    back: SegQueue<Arc<Waiter>>,
-    depth: AtomicUsize,
-    /// Totals since start: parked, granted, cancelled (`DropReason as usize`).
-    enqueued: AtomicU64,
-    dequeued: AtomicU64,
-    dropped: [AtomicU64; DropReason::ALL.len()],
-}
-
-/// Why a waiter left the queue without a grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// The client went away (its ticket was dropped while it waited).
-    ClientGone,
-    /// A low-priority request's `low_priority_timeout` passed.
-    LowPriorityDeadline,
-    /// The request timeout passed.
-    Timeout,
-    /// Taken out right after parking: the queue ahead of it could not be served before
-    /// its deadline at the rate paced now (refused at once, or sent to passthrough).
-    BeyondDeadline,
-    /// The shutdown grace period ended.
-    Shutdown,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 5] = [
-        Self::ClientGone,
-        Self::LowPriorityDeadline,
-        Self::Timeout,
-        Self::BeyondDeadline,
-        Self::Shutdown,
-    ];
-
-    /// The `reason` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientGone => "client_gone",
-            Self::LowPriorityDeadline => "low_priority_deadline",
-            Self::Timeout => "timeout",
-            Self::BeyondDeadline => "beyond_deadline",
-            Self::Shutdown => "shutdown",
-        }
-    }
-}
+pub use lane::DropReason;
+use lane::Lanes;
+use stage::Staging;
+pub use stage::{Parked, Stage};
+use waiter::CANCELLED;
+pub use waiter::{Grant, Waiter};
 
 /// The queue is at its bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,43 +58,12 @@ pub struct QueueFull {
 /// A provider's wait queues.
 #[derive(Debug)]
 pub struct WaitQueues {
-    lanes: [Lane; 3],
-    total: AtomicUsize,
-    /// The token cost of the live waiters.
-    waiting_cost: AtomicU64,
+    lanes: Lanes,
     max: AtomicUsize,
     /// Grants whose ticket was dropped before it saw them: claims and tokens to give back.
     unused_grants: SegQueue<Grant>,
-    /// The dispatcher's staged waiters (only the consumer locks it).
-    staged: Mutex<[Staged; 3]>,
-}
-
-/// One priority's waiters popped by the dispatcher and not yet settled, in grant order:
-/// those put back, then new ones.
-#[derive(Debug, Default)]
-struct Staged {
-    front: std::collections::VecDeque<Arc<Waiter>>,
-    back: std::collections::VecDeque<Arc<Waiter>>,
-}
-
-impl Staged {
-    fn len(&self) -> usize {
-        self.front.len() + self.back.len()
-    }
-
-    fn get(&self, pos: usize) -> Option<&Arc<Waiter>> {
-        self.front
-            .get(pos)
-            .or_else(|| self.back.get(pos.checked_sub(self.front.len())?))
-    }
-
-    fn remove(&mut self, pos: usize) -> Option<Arc<Waiter>> {
-        if pos < self.front.len() {
-            self.front.remove(pos)
-        } else {
-            self.back.remove(pos - self.front.len())
-        }
-    }
+    /// The dispatcher's staged waiters (only the consumer locks them).
+    staging: Staging,
 }
 
 /// One priority's totals since start.
@@ -243,12 +107,10 @@ impl QueueCounts {
 impl WaitQueues {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
-            lanes: Default::default(),
-            total: AtomicUsize::new(0),
-            waiting_cost: AtomicU64::new(0),
+            lanes: Lanes::default(),
             max: AtomicUsize::new(max),
             unused_grants: SegQueue::new(),
-            staged: Mutex::new(Default::default()),
+            staging: Staging::new(),
         })
     }
 
@@ -256,7 +118,7 @@ impl WaitQueues {
     pub fn len(&self) -> usize {
         // Acquire: pairs with the Release decrements so a zero means the waiters'
         // settlement is visible.
-        self.total.load(Ordering::Acquire)
+        self.lanes.total.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -264,12 +126,12 @@ impl WaitQueues {
     }
 
     pub fn depth(&self, p: Priority) -> usize {
-        self.lanes[p as usize].depth.load(Ordering::Relaxed)
+        self.lanes.lane(p).depth.load(Ordering::Relaxed)
     }
 
     /// Live waiters at priority `p` or higher: those a new `p` request would wait behind.
     pub fn ahead_of(&self, p: Priority) -> usize {
-        self.lanes[..=p as usize]
+        self.lanes.by_priority[..=p as usize]
             .iter()
             .map(|l| l.depth.load(Ordering::Relaxed))
             .sum()
@@ -285,13 +147,13 @@ impl WaitQueues {
 
     pub fn counts(&self) -> QueueCounts {
         // Relaxed throughout: statistics, ordered with nothing.
-        let flow = self.lanes.each_ref().map(|l| Flow {
+        let flow = self.lanes.by_priority.each_ref().map(|l| Flow {
             enqueued: l.enqueued.load(Ordering::Relaxed),
             dequeued: l.dequeued.load(Ordering::Relaxed),
             dropped: l.dropped.each_ref().map(|d| d.load(Ordering::Relaxed)),
         });
         QueueCounts {
-            depth: [0, 1, 2].map(|i| self.lanes[i].depth.load(Ordering::Relaxed)),
+            depth: Priority::ALL.map(|p| self.depth(p)),
             total: self.len(),
             max: self.max(),
             flow,
@@ -304,19 +166,15 @@ impl WaitQueues {
     /// Reserves one slot under the bound: one CAS loop, never past `max`.
     fn reserve(&self) -> bool {
         let max = self.max.load(Ordering::Relaxed);
-        let mut cur = self.total.load(Ordering::Relaxed);
+        let total = &self.lanes.total;
+        let mut cur = total.load(Ordering::Relaxed);
         loop {
             if cur >= max {
                 return false;
             }
             // Relaxed: the count orders nothing else; the waiter itself is published by
             // the SegQueue push that follows.
-            match self.total.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
+            match total.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
@@ -326,19 +184,7 @@ impl WaitQueues {
     /// The token cost of the live waiters.
     pub fn waiting_cost(&self) -> u64 {
         // Relaxed: a statistic.
-        self.waiting_cost.load(Ordering::Relaxed)
-    }
-
-    /// Releases a slot of a waiter that settled (granted or cancelled).
-    fn release(&self, w: &Waiter) {
-        let p = w.priority;
-        if let Some(c) = w.cost {
-            // Relaxed: a statistic.
-            self.waiting_cost.fetch_sub(c.total(), Ordering::Relaxed);
-        }
-        self.lanes[p as usize].depth.fetch_sub(1, Ordering::Relaxed);
-        // Release: pairs with `len`'s Acquire.
-        self.total.fetch_sub(1, Ordering::Release);
+        self.lanes.waiting_cost.load(Ordering::Relaxed)
     }
 
     /// Parks a request with no token cost. `front` puts it at the head of its priority
@@ -361,19 +207,14 @@ impl WaitQueues {
                 ahead: self.ahead_of(p),
             });
         }
-        let waiter = Arc::new(Waiter {
-            state: AtomicU8::new(WAITING),
-            waker: AtomicWaker::new(),
-            priority: p,
-            cost,
-            parked_at: now,
-            grant: OnceLock::new(),
-        });
+        let waiter = Arc::new(Waiter::new(p, cost, now));
         if let Some(c) = cost {
             // Relaxed: a statistic.
-            self.waiting_cost.fetch_add(c.total(), Ordering::Relaxed);
+            self.lanes
+                .waiting_cost
+                .fetch_add(c.total(), Ordering::Relaxed);
         }
-        let lane = &self.lanes[p as usize];
+        let lane = self.lanes.lane(p);
         lane.depth.fetch_add(1, Ordering::Relaxed);
         lane.enqueued.fetch_add(1, Ordering::Relaxed);
         if front {
@@ -396,10 +237,7 @@ impl WaitQueues {
     /// The dispatcher's view of the waiters, to choose whom to grant. Only the
     /// dispatcher calls it (the lock is never contended; producers never take it).
     pub fn stage(&self) -> Stage<'_> {
-        Stage {
-            queues: self,
-            staged: self.staged.lock(),
-        }
+        self.staging.lock(&self.lanes)
     }
 
     /// Grants `grant` to the highest-priority live waiter (put back before new within
@@ -415,87 +253,6 @@ impl WaitQueues {
             }
         }
         Err(grant)
-    }
-}
-
-/// The dispatcher's staged waiters, locked while it decides.
-pub struct Stage<'q> {
-    queues: &'q WaitQueues,
-    #[cfg(not(sidecar_loom))]
-    staged: parking_lot::MutexGuard<'q, [Staged; 3]>,
-    #[cfg(sidecar_loom)]
-    staged: loom::sync::MutexGuard<'q, [Staged; 3]>,
-}
-
-impl Stage<'_> {
-    /// The highest priority with a live waiter, its lane staged with up to `look` live
-    /// waiters in grant order (tombstones dropped); `None` when nobody waits.
-    pub fn top(&mut self, look: usize) -> Option<Priority> {
-        Priority::ALL
-            .into_iter()
-            .find(|&p| self.fill(p, look.max(1)) > 0)
-    }
-
-    /// Stages priority `p`'s waiters; returns how many are staged.
-    fn fill(&mut self, p: Priority, look: usize) -> usize {
-        let lane = &self.queues.lanes[p as usize];
-        let staged = &mut self.staged[p as usize];
-        // Put back after a 429: after those staged earlier, before every new one.
-        while let Some(w) = lane.front.pop() {
-            staged.front.push_back(w);
-        }
-        staged.front.retain(|w| w.is_waiting());
-        staged.back.retain(|w| w.is_waiting());
-        while staged.len() < look {
-            match lane.back.pop() {
-                Some(w) if w.is_waiting() => staged.back.push_back(w),
-                Some(_) => {}
-                None => break,
-            }
-        }
-        staged.len()
-    }
-
-    /// Staged waiters of priority `p`.
-    pub fn len(&self, p: Priority) -> usize {
-        self.staged[p as usize].len()
-    }
-
-    /// The `pos`-th staged waiter of priority `p` (0: the head).
-    pub fn parked(&self, p: Priority, pos: usize) -> Option<Parked> {
-        self.staged[p as usize].get(pos).map(|w| Parked {
-            cost: w.cost,
-            parked_at: w.parked_at,
-        })
-    }
-
-    /// Grants the `pos`-th staged waiter of priority `p` and wakes it; gives the grant
-    /// back if that waiter cancelled meanwhile (it is dropped either way).
-    pub fn grant(&mut self, p: Priority, pos: usize, grant: Grant) -> Result<(), Grant> {
-        let Some(w) = self.staged[p as usize].remove(pos) else {
-            return Err(grant);
-        };
-        // Set before the CAS: a waiter that sees GRANTED finds it. A waiter that
-        // cancelled first leaves it unread; the waiter is dropped.
-        let _ = w.grant.set(grant);
-        if w.settle(GRANTED) {
-            self.queues.release(&w);
-            self.queues.lanes[p as usize]
-                .dequeued
-                .fetch_add(1, Ordering::Relaxed);
-            w.waker.wake();
-            Ok(())
-        } else {
-            Err(grant)
-        }
-    }
-}
-
-impl fmt::Debug for Stage<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stage")
-            .field("staged", &Priority::ALL.map(|p| self.len(p)))
-            .finish()
     }
 }
 
@@ -518,8 +275,8 @@ impl Ticket {
         self.done = true;
         if self.waiter.settle(CANCELLED) {
             let p = self.waiter.priority;
-            self.queues.release(&self.waiter);
-            self.queues.lanes[p as usize].dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+            self.queues.lanes.release(&self.waiter);
+            self.queues.lanes.lane(p).dropped[why as usize].fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::testing::{is_granted, poll_with, CountingWaker};
 use super::*;
-use crate::limiter::guard::{Margin, WindowGuard};
+use crate::limiter::guard::{Claim, Margin, WindowGuard};
 
 /// A claim from a guard that never binds, for grants in queue-only tests.
 fn claim() -> Claim {

@@ -7,10 +7,13 @@
 //! never overshot under concurrency; a shrunk `max` refuses new arrivals until the
 //! depth falls under it, and never drops anyone already queued.
 //!
-//! A waiter is live until it is granted or cancelled; both are one CAS on its state,
-//! so exactly one of them wins and the depth counters move exactly once. A cancelled
-//! waiter (client gone, deadline passed) stays in the `SegQueue` as a tombstone and is
-//! skipped by [`WaitQueues::grant_next`] without consuming a token.
+//! A waiter is live until it is granted, refused or cancelled; each is one CAS on its
+//! state, so exactly one of them wins, the depth counters move exactly once and its
+//! ticket resolves to exactly one answer. A cancelled waiter (client gone, deadline
+//! passed) stays in the `SegQueue` as a tombstone and is skipped by
+//! [`WaitQueues::grant_next`] without consuming a token. A refusal ([`TooLarge`]) is
+//! for a waiter whose token cost the limit fell below while it waited (see
+//! [`Stage::refuse_larger_than`]).
 //!
 //! The dispatcher is the only consumer. It stages popped waiters in lanes of its own
 //! ([`Stage`], behind a mutex no producer takes) so that it can look past the head of a
@@ -19,7 +22,7 @@
 //! `provider/admit.rs`). Within a priority the order stays: put back, then new.
 //!
 //! The queue keeps its own totals per priority, moved by the same winner: enqueued,
-//! dequeued (granted) and dropped (cancelled, by [`DropReason`]). So for each priority
+//! dequeued (granted) and dropped (cancelled or refused, by [`DropReason`]). So for each priority
 //! `enqueued = dequeued + dropped + depth` whenever no waiter is settling at that
 //! moment (a read racing a settlement may see one request in neither place).
 //!
@@ -46,7 +49,7 @@ use lane::Lanes;
 use stage::Staging;
 pub use stage::{Parked, Stage};
 use waiter::CANCELLED;
-pub use waiter::{Grant, Waiter};
+pub use waiter::{Grant, TooLarge, Waiter};
 
 /// The queue is at its bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,8 +259,9 @@ impl WaitQueues {
     }
 }
 
-/// A queued request's claim: a future that resolves when the request is granted.
-/// Dropping it before then cancels the wait and frees its slot at once.
+/// A queued request's claim: a future that resolves when the request is granted (or
+/// refused: [`TooLarge`]). Dropping it before then cancels the wait and frees its slot
+/// at once.
 #[derive(Debug)]
 pub struct Ticket {
     queues: Arc<WaitQueues>,
@@ -266,8 +270,9 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Cancels the wait, counted as dropped for `why`; `false` if the grant came first
-    /// (the caller then owns a token, and the request counts as dequeued).
+    /// Cancels the wait, counted as dropped for `why`; `false` if the dispatcher's
+    /// answer came first ([`Ticket::answer`]: after a grant the caller owns a token, and
+    /// the request counts as dequeued).
     pub fn cancel(&mut self, why: DropReason) -> bool {
         if self.done {
             return false;
@@ -291,8 +296,8 @@ impl Ticket {
 
     fn leave(&mut self, why: DropReason) {
         if !self.done && !self.cancel(why) {
-            if let Some(c) = self.waiter.grant.get() {
-                self.queues.unused_grants.push(*c);
+            if let Some(Ok(g)) = self.waiter.answer() {
+                self.queues.unused_grants.push(g);
             }
         }
     }
@@ -301,39 +306,40 @@ impl Ticket {
         self.waiter.priority
     }
 
+    /// The dispatcher's answer, once given (after a `cancel` that lost to it).
+    pub fn answer(&self) -> Option<Result<Grant, TooLarge>> {
+        self.waiter.answer()
+    }
+
     /// The grant, once granted (after a `cancel` that lost to it).
     pub fn grant(&self) -> Option<Grant> {
-        self.waiter
-            .is_granted()
-            .then(|| self.waiter.grant.get().copied())
-            .flatten()
+        self.answer().and_then(Result::ok)
     }
 }
 
 impl Ticket {
-    /// The grant of a granted waiter.
-    fn granted(&mut self) -> Option<Grant> {
-        if !self.waiter.is_granted() {
-            return None;
-        }
+    /// The answer of an answered waiter, taken: the ticket is done.
+    fn answered(&mut self) -> Option<Result<Grant, TooLarge>> {
+        let answer = self.waiter.answer()?;
         self.done = true;
-        self.waiter.grant.get().copied()
+        Some(answer)
     }
 }
 
 impl Future for Ticket {
-    /// The window-guard claim (and reserved tokens) that came with the grant.
-    type Output = Grant;
+    /// The window-guard claim (and reserved tokens) that came with the grant, or the
+    /// refusal of a request the token limit fell below.
+    type Output = Result<Grant, TooLarge>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
-        if let Some(c) = self.granted() {
-            return Poll::Ready(c);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(a) = self.answered() {
+            return Poll::Ready(a);
         }
         self.waiter.waker.register(cx.waker());
-        // Re-check after registering: a grant between the check and the registration
+        // Re-check after registering: an answer between the check and the registration
         // would otherwise be missed.
-        match self.granted() {
-            Some(c) => Poll::Ready(c),
+        match self.answered() {
+            Some(a) => Poll::Ready(a),
             None => Poll::Pending,
         }
     }

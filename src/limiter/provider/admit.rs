@@ -11,7 +11,8 @@
 //! it the head goes first; if its cost does not fit the token budget yet, a request
 //! behind it whose cost fits may pass, but only until the head has waited one window:
 //! from then on nothing passes it and the budget that frees up is its own. A request
-//! whose cost is larger than the whole budget of a window is refused at admission.
+//! whose cost is larger than the whole budget of a window is refused at admission, or
+//! by the dispatcher when the limit falls below it while it waits.
 
 use std::sync::atomic::Ordering as StdOrdering;
 use std::time::Duration;
@@ -232,12 +233,17 @@ impl Limiter {
     }
 
     /// Grants tokens to waiters while tokens, window slots and their token costs are
-    /// free. Returns how long until the next grant could be due when waiters remain.
+    /// free, and refuses those whose cost the token limit fell below. Returns how long
+    /// until the next grant could be due when waiters remain.
     pub fn dispatch(&self, now: u64) -> Option<Duration> {
         while let Some(g) = self.queues.take_unused_grant() {
             self.give_back(g, now);
         }
         let mut stage = self.queues.stage();
+        if let Some(b) = &self.tokens {
+            // A limit fallen below a parked request's cost: it is refused, as at admission.
+            stage.refuse_larger_than(b.limit());
+        }
         loop {
             let look = if self.tokens.is_some() { LOOK_PAST } else { 1 };
             let p = stage.top(look)?;

@@ -24,15 +24,19 @@ pub enum DropReason {
     BeyondDeadline,
     /// The shutdown grace period ended.
     Shutdown,
+    /// The token limit fell below its cost while it waited: refused (413), as it would
+    /// be at admission.
+    TokensTooLarge,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         Self::ClientGone,
         Self::LowPriorityDeadline,
         Self::Timeout,
         Self::BeyondDeadline,
         Self::Shutdown,
+        Self::TokensTooLarge,
     ];
 
     /// The `reason` label.
@@ -43,6 +47,7 @@ impl DropReason {
             Self::Timeout => "timeout",
             Self::BeyondDeadline => "beyond_deadline",
             Self::Shutdown => "shutdown",
+            Self::TokensTooLarge => "tokens_too_large",
         }
     }
 }
@@ -53,7 +58,7 @@ pub(super) struct Lane {
     pub(super) front: SegQueue<Arc<Waiter>>,
     pub(super) back: SegQueue<Arc<Waiter>>,
     pub(super) depth: AtomicUsize,
-    /// Totals since start: parked, granted, cancelled (`DropReason as usize`).
+    /// Totals since start: parked, granted, left without a grant (`DropReason as usize`).
     pub(super) enqueued: AtomicU64,
     pub(super) dequeued: AtomicU64,
     pub(super) dropped: [AtomicU64; DropReason::ALL.len()],
@@ -75,7 +80,7 @@ impl Lanes {
         &self.by_priority[p as usize]
     }
 
-    /// Releases a slot of a waiter that settled (granted or cancelled).
+    /// Releases a slot of a waiter that settled (granted, refused or cancelled).
     pub(super) fn release(&self, w: &Waiter) {
         if let Some(c) = w.cost {
             // Relaxed: a statistic.

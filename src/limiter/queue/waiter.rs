@@ -1,5 +1,6 @@
-//! One parked request: its state, settled once by one CAS (granted by the dispatcher or
-//! cancelled by its ticket, whichever comes first), and what a grant carries to it.
+//! One parked request: its state, settled once by one CAS (granted or refused by the
+//! dispatcher, or cancelled by its ticket, whichever comes first), and the answer the
+//! dispatcher carries to it.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -13,6 +14,7 @@ use crate::priority::Priority;
 pub(super) const WAITING: u8 = 0;
 pub(super) const GRANTED: u8 = 1;
 pub(super) const CANCELLED: u8 = 2;
+pub(super) const REFUSED: u8 = 3;
 
 /// One parked request.
 #[derive(Debug)]
@@ -24,9 +26,9 @@ pub struct Waiter {
     pub(super) cost: Option<Cost>,
     /// When it was parked (clock nanoseconds).
     pub(super) parked_at: u64,
-    /// What the grant carries: set once, before the state turns GRANTED, read by the
-    /// waiter after it sees GRANTED.
-    pub(super) grant: OnceLock<Grant>,
+    /// The dispatcher's answer: set once, before the state turns GRANTED or REFUSED,
+    /// read by the waiter after it sees either.
+    pub(super) answer: OnceLock<Result<Grant, TooLarge>>,
 }
 
 /// What a grant carries: the window-guard claim, and the tokens reserved for the
@@ -46,6 +48,17 @@ impl From<Claim> for Grant {
     }
 }
 
+/// The refusal of a parked request whose token cost no longer fits the whole budget of a
+/// window (the limit fell below it while it waited): waiting cannot cure it, as for a
+/// request refused at admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge {
+    /// The token limit per window when it was refused.
+    pub limit: u64,
+    /// Its token cost.
+    pub estimate: u64,
+}
+
 impl Waiter {
     pub(super) fn new(priority: Priority, cost: Option<Cost>, parked_at: u64) -> Self {
         Self {
@@ -54,7 +67,7 @@ impl Waiter {
             priority,
             cost,
             parked_at,
-            grant: OnceLock::new(),
+            answer: OnceLock::new(),
         }
     }
 
@@ -66,12 +79,17 @@ impl Waiter {
             .is_ok()
     }
 
-    pub(super) fn is_granted(&self) -> bool {
-        self.state.load(Ordering::Acquire) == GRANTED
+    /// The dispatcher's answer, once the state says it was given.
+    pub(super) fn answer(&self) -> Option<Result<Grant, TooLarge>> {
+        // Acquire: pairs with the settling CAS, so the answer set before it is seen.
+        match self.state.load(Ordering::Acquire) {
+            GRANTED | REFUSED => self.answer.get().copied(),
+            _ => None,
+        }
     }
 
     pub(super) fn is_waiting(&self) -> bool {
-        // Acquire: as `is_granted`; a stale WAITING only makes the grant's CAS fail.
+        // Acquire: as `answer`; a stale WAITING only makes the dispatcher's CAS fail.
         self.state.load(Ordering::Acquire) == WAITING
     }
 }

@@ -56,6 +56,8 @@ pub use waiter::{Grant, TooLarge, Waiter};
 pub struct QueueFull {
     /// Live waiters at or above the refused request's priority.
     pub ahead: usize,
+    /// Their token cost.
+    pub tokens: u64,
 }
 
 /// A provider's wait queues.
@@ -186,8 +188,17 @@ impl WaitQueues {
 
     /// The token cost of the live waiters.
     pub fn waiting_cost(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.lanes.waiting_cost.load(Ordering::Relaxed)
+        self.cost_ahead_of(Priority::Low)
+    }
+
+    /// The token cost of the live waiters at priority `p` or higher (see
+    /// [`Self::ahead_of`]).
+    pub fn cost_ahead_of(&self, p: Priority) -> u64 {
+        self.lanes.by_priority[..=p as usize]
+            .iter()
+            // Relaxed: an estimate, ordered with nothing.
+            .map(|l| l.cost.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Parks a request with no token cost. `front` puts it at the head of its priority
@@ -208,16 +219,15 @@ impl WaitQueues {
         if !self.reserve() {
             return Err(QueueFull {
                 ahead: self.ahead_of(p),
+                tokens: self.cost_ahead_of(p),
             });
         }
         let waiter = Arc::new(Waiter::new(p, cost, now));
-        if let Some(c) = cost {
-            // Relaxed: a statistic.
-            self.lanes
-                .waiting_cost
-                .fetch_add(c.total(), Ordering::Relaxed);
-        }
         let lane = self.lanes.lane(p);
+        if let Some(c) = cost {
+            // Relaxed: an estimate's input, ordered with nothing.
+            lane.cost.fetch_add(c.total(), Ordering::Relaxed);
+        }
         lane.depth.fetch_add(1, Ordering::Relaxed);
         lane.enqueued.fetch_add(1, Ordering::Relaxed);
         if front {

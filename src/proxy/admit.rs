@@ -171,10 +171,12 @@ async fn stage(
     let mut ticket = match parked {
         Ok(t) => t,
         Err(full) => {
+            // The tokens ahead of it, with its own.
+            let tokens = full.tokens.saturating_add(cost.map_or(0, |c| c.total()));
             return overflow(hot, provider, || ProxyError::QueueFull {
                 provider: provider.name.to_string(),
                 ahead: full.ahead,
-                retry_after: limiter.retry_after(full.ahead, now),
+                retry_after: limiter.retry_after(full.ahead, tokens, now),
             });
         }
     };
@@ -225,9 +227,11 @@ fn beyond_deadline(
     now: u64,
 ) -> Option<Result<Stage, ProxyError>> {
     let ahead = limiter.queues.ahead_of(record.priority).saturating_sub(1);
-    // Requests, or its tokens, whichever frees later.
+    // Requests, or the tokens ahead with its own (it is parked: they count it), or its
+    // own cost's wait, whichever frees later.
+    let tokens = limiter.queues.cost_ahead_of(record.priority);
     let expected = limiter
-        .expected_wait(ahead, now)
+        .expected_wait(ahead, tokens, now)
         .max(limiter.token_wait(cost, now));
     // Time to send it must be left (a request granted later is not sent).
     let mut budget = deadline

@@ -58,6 +58,8 @@ pub(super) struct Lane {
     pub(super) front: SegQueue<Arc<Waiter>>,
     pub(super) back: SegQueue<Arc<Waiter>>,
     pub(super) depth: AtomicUsize,
+    /// The token cost of its live waiters.
+    pub(super) cost: AtomicU64,
     /// Totals since start: parked, granted, left without a grant (`DropReason as usize`).
     pub(super) enqueued: AtomicU64,
     pub(super) dequeued: AtomicU64,
@@ -71,8 +73,6 @@ pub(super) struct Lanes {
     pub(super) by_priority: [Lane; 3],
     /// Live waiters of all priorities.
     pub(super) total: AtomicUsize,
-    /// The token cost of the live waiters.
-    pub(super) waiting_cost: AtomicU64,
 }
 
 impl Lanes {
@@ -82,11 +82,12 @@ impl Lanes {
 
     /// Releases a slot of a waiter that settled (granted, refused or cancelled).
     pub(super) fn release(&self, w: &Waiter) {
+        let lane = self.lane(w.priority);
         if let Some(c) = w.cost {
-            // Relaxed: a statistic.
-            self.waiting_cost.fetch_sub(c.total(), Ordering::Relaxed);
+            // Relaxed: an estimate's input, ordered with nothing.
+            lane.cost.fetch_sub(c.total(), Ordering::Relaxed);
         }
-        self.lane(w.priority).depth.fetch_sub(1, Ordering::Relaxed);
+        lane.depth.fetch_sub(1, Ordering::Relaxed);
         // Release: pairs with `WaitQueues::len`'s Acquire.
         self.total.fetch_sub(1, Ordering::Release);
     }

@@ -92,15 +92,24 @@ fn the_bound_is_never_exceeded_and_a_refusal_counts_those_at_or_above_its_priori
     assert_eq!(q.len(), 4);
     assert_eq!(
         q.enqueue(Priority::High, false).unwrap_err(),
-        QueueFull { ahead: 1 }
+        QueueFull {
+            ahead: 1,
+            tokens: 0
+        }
     );
     assert_eq!(
         q.enqueue(Priority::Normal, true).unwrap_err(),
-        QueueFull { ahead: 3 }
+        QueueFull {
+            ahead: 3,
+            tokens: 0
+        }
     );
     assert_eq!(
         q.enqueue(Priority::Low, false).unwrap_err(),
-        QueueFull { ahead: 4 }
+        QueueFull {
+            ahead: 4,
+            tokens: 0
+        }
     );
     let c = q.counts();
     assert_eq!((c.depth, c.total, c.max, c.enqueued), ([1, 2, 1], 4, 4, 4));

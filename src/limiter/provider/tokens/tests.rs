@@ -256,6 +256,10 @@ fn a_request_put_back_after_a_429_goes_before_new_ones_with_its_cost() {
 
 mod refused;
 
+// === `Retry-After` and the deadline estimate with tokens ahead: `tests/retry_after.rs` ===
+
+mod retry_after;
+
 // === what answers teach ===
 
 #[test]

@@ -30,7 +30,7 @@ fn value(text: &str, series: &str) -> u64 {
 
 /// The queue's totals in a scrape, per priority, checked against each other and the
 /// depth gauge: `enqueued = dequeued + dropped + depth`.
-fn flow_in(text: &str, priority: Priority) -> (u64, u64, [u64; 5]) {
+fn flow_in(text: &str, priority: Priority) -> (u64, u64, [u64; 6]) {
     let labels = format!("provider=\"nvidia\",priority=\"{}\"", priority.as_str());
     let enqueued = value(text, &format!("sidecar_queue_enqueued_total{{{labels}}}"));
     let dequeued = value(text, &format!("sidecar_queue_dequeued_total{{{labels}}}"));
@@ -116,17 +116,17 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
 
     let text = s.scrape().await;
     let (enq, deq, dropped) = flow_in(&text, Priority::High);
-    assert_eq!((enq, deq, dropped), (2, 2, [0; 5]));
+    assert_eq!((enq, deq, dropped), (2, 2, [0; 6]));
     let (enq, deq, dropped) = flow_in(&text, Priority::Normal);
     assert_eq!((enq, deq), (2, 0));
     assert_eq!(
         dropped,
-        [1, 0, 1, 0, 0],
-        "client_gone, low_priority_deadline, timeout, beyond_deadline, shutdown"
+        [1, 0, 1, 0, 0, 0],
+        "client_gone, low_priority_deadline, timeout, beyond_deadline, shutdown, tokens_too_large"
     );
     let (enq, deq, dropped) = flow_in(&text, Priority::Low);
     assert_eq!((enq, deq), (2, 0));
-    assert_eq!(dropped, [0, 1, 0, 1, 0]);
+    assert_eq!(dropped, [0, 1, 0, 1, 0, 0]);
     // The requests the sidecar did not send, by why: the one whose client left is there
     // once (the queue's own count), the one refused at once counts as queue_full.
     for (reason, want) in [
@@ -166,6 +166,7 @@ async fn queue_totals_count_every_way_out_once_in_metrics_and_the_snapshot() {
                 "low_priority_deadline": 1,
                 "shutdown": 0,
                 "timeout": 1,
+                "tokens_too_large": 0,
             },
         })
     );

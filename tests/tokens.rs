@@ -594,6 +594,81 @@ async fn a_chat_larger_than_a_window_of_tokens_is_refused_at_once_with_413_and_n
     s.stop();
 }
 
+/// A chat parked for the budget when the token limit falls below its estimate (an admin
+/// change: 12,000 a window to 3,000) gets the same 413 as at admission, naming the new
+/// limit and its estimate, at once and never sent; a parked chat that still fits the
+/// lower limit waits on and is sent. Counted once, as `tokens_too_large`, in both the
+/// sidecar's and the queue's drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_chat_the_token_limit_falls_below_is_refused_with_413_and_never_sent() {
+    const ADMIN: &str = "Bearer adm-t0ken-tokens-19";
+    let mut env = budgeted("reserved");
+    env.push(("SIDECAR_ADMIN_TOKEN", &ADMIN[7..]));
+    let s = stack(
+        provider(L, TokenCharge::Reserved, MockConfig::default()),
+        &env,
+    );
+    let queues = &s.app.providers[0].limiter.queues;
+    let short = |max_tokens: u64| {
+        chat_body(
+            &[("user", "hi".to_owned())],
+            json!({ "max_tokens": max_tokens }),
+        )
+    };
+    let a = s.chat(&[], &short(11_000)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // About 5,007 and 2,007 tokens: neither fits the 1,000 left; both park.
+    let (addr, body) = (s.addr, short(5_000));
+    let big = tokio::spawn(async move {
+        call(addr, req("POST", addr, "/v1/chat/completions", &[], &body)).await
+    });
+    wait_until("the large chat to park", || queues.len() == 1).await;
+    let fits = spawn_chat(s.addr, &[], &short(2_000));
+    wait_until("both chats to park", || queues.len() == 2).await;
+
+    // 30,000 a minute: 3,000 a window.
+    let changed = admin_patch(
+        s.addr,
+        ADMIN,
+        r#"{"providers": {"nvidia": {"tokens_per_minute": 30000}}}"#,
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    let big = big.await.expect("the chat ran");
+    let still_waiting = queues.len() == 1 && !fits.is_finished();
+    big.assert_error(413, "tokens_exceed_limit");
+    let message = big.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let figures = integers(&message);
+    assert!(
+        figures.contains(&3_000),
+        "the message names no limit (3,000 a window): {message}"
+    );
+    assert!(
+        figures.iter().any(|n| (5_000..=5_100).contains(n)),
+        "the message names no estimate (about 5,007): {message}"
+    );
+    assert!(still_waiting, "the chat that fits 3,000 did not wait on");
+    let metrics = s.scrape().await;
+    for series in [
+        format!("sidecar_dropped_total{{provider=\"{PROVIDER}\",reason=\"tokens_too_large\"}}"),
+        format!(
+            "sidecar_queue_dropped_total{{provider=\"{PROVIDER}\",priority=\"normal\",reason=\"tokens_too_large\"}}"
+        ),
+    ] {
+        assert_eq!(sample(&metrics, &series), Some(1.0), "{series}");
+    }
+
+    // The first chat leaves the window (6 s): the one that fits goes.
+    assert_eq!(fits.await.expect("the chat ran"), 200);
+    assert_eq!(s.mock.requests(), 2, "the refused chat was never sent");
+    assert_eq!(queues.counts().abandoned, 1);
+    assert_ledger(&s, sent_to(s.addr)).await;
+    s.stop();
+}
+
 // === a token 429 ===
 
 /// The provider allows half the tokens the sidecar is told (6,000 a window against

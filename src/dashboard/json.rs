@@ -455,7 +455,7 @@ struct Queue {
     dequeued: u64,
     dropped: u64,
     /// By reason (`client_gone`, `low_priority_deadline`, `timeout`, `beyond_deadline`,
-    /// `shutdown`).
+    /// `shutdown`, `tokens_too_large`).
     dropped_by_reason: BTreeMap<&'static str, u64>,
 }
 

@@ -45,7 +45,7 @@ pub(super) fn queue_flow(
     let mut f = family(
         enc,
         "sidecar_queue_dropped",
-        "Requests taken out of the queue without a token, by priority and reason: client_gone, low_priority_deadline, timeout (the request timeout), beyond_deadline (the queue ahead could not be served in time), shutdown.",
+        "Requests taken out of the queue without a token, by priority and reason: client_gone, low_priority_deadline, timeout (the request timeout), beyond_deadline (the queue ahead could not be served in time), shutdown, tokens_too_large (the token limit fell below its estimate while it waited).",
         MetricType::Counter,
     )?;
     for (name, s) in names.iter().zip(snaps) {

@@ -184,7 +184,7 @@ impl Collector for AppCollector {
         let mut f = family(
             &mut enc,
             "sidecar_dropped",
-            "Requests the sidecar did not send: queue_full (refused or sent to passthrough), low_priority_deadline, timeout (waited past the request timeout), client_gone (left the queue), tokens_too_large (refused: the token estimate exceeds the whole budget of a window).",
+            "Requests the sidecar did not send: queue_full (refused or sent to passthrough), low_priority_deadline, timeout (waited past the request timeout), client_gone (left the queue), tokens_too_large (refused: the token estimate exceeds the whole budget of a window, at admission or while parked).",
             MetricType::Counter,
         )?;
         for (name, s) in names.iter().zip(&snaps) {

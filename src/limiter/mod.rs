@@ -47,7 +47,7 @@ pub use learn::{Change, Source};
 pub use lease::{LeasePot, Mode};
 pub use pacing::Pacing;
 pub use provider::{Decision, Limiter, Permit, Reservation, Settlement, TokenSignals};
-pub use queue::{DropReason, Flow, Grant, QueueCounts, QueueFull, Ticket, WaitQueues};
+pub use queue::{DropReason, Flow, Grant, QueueCounts, QueueFull, Ticket, TooLarge, WaitQueues};
 pub use retreat::{AnswerCounts, Retreat, RetreatConfig, RetreatState, RetreatView, Transition};
 pub use signal::{Answer, Quota, Refusal, TokenQuota, TokenRefusal};
 pub use token_budget::{Charge, Cost, Settled, TokenBudget, TokenView, Usage};

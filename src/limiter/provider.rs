@@ -40,7 +40,8 @@ pub enum Decision {
     /// A token, a window slot and the request's token cost were free and nobody
     /// waited: go now.
     Admitted(Grant),
-    /// Parked: await the ticket (it resolves to the claim).
+    /// Parked: await the ticket (it resolves to the claim, or to a refusal when the token
+    /// limit falls below the request's cost while it waits).
     Queued(Ticket),
     /// The queue is at its bound.
     Full(QueueFull),

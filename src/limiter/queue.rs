@@ -7,10 +7,13 @@
 //! never overshot under concurrency; a shrunk `max` refuses new arrivals until the
 //! depth falls under it, and never drops anyone already queued.
 //!
-//! A waiter is live until it is granted or cancelled; both are one CAS on its state,
-//! so exactly one of them wins and the depth counters move exactly once. A cancelled
-//! waiter (client gone, deadline passed) stays in the `SegQueue` as a tombstone and is
-//! skipped by [`WaitQueues::grant_next`] without consuming a token.
+//! A waiter is live until it is granted, refused or cancelled; each is one CAS on its
+//! state, so exactly one of them wins, the depth counters move exactly once and its
+//! ticket resolves to exactly one answer. A cancelled waiter (client gone, deadline
+//! passed) stays in the `SegQueue` as a tombstone and is skipped by
+//! [`WaitQueues::grant_next`] without consuming a token. A refusal ([`TooLarge`]) is
+//! for a waiter whose token cost the limit fell below while it waited (see
+//! [`Stage::refuse_larger_than`]).
 //!
 //! The dispatcher is the only consumer. It stages popped waiters in lanes of its own
 //! ([`Stage`], behind a mutex no producer takes) so that it can look past the head of a
@@ -19,187 +22,53 @@
 //! `provider/admit.rs`). Within a priority the order stays: put back, then new.
 //!
 //! The queue keeps its own totals per priority, moved by the same winner: enqueued,
-//! dequeued (granted) and dropped (cancelled, by [`DropReason`]). So for each priority
+//! dequeued (granted) and dropped (cancelled or refused, by [`DropReason`]). So for each priority
 //! `enqueued = dequeued + dropped + depth` whenever no waiter is settling at that
 //! moment (a read racing a settlement may see one request in neither place).
+//!
+//! Layout: `waiter.rs` is one waiter and its settlement, `lane.rs` the lanes and the
+//! counts a settlement moves, `stage.rs` the dispatcher's staging; this file the bound,
+//! parking, the ticket and the view of the totals.
 
-use std::fmt;
+mod lane;
+mod stage;
+mod waiter;
+
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU8;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
 
-use super::guard::Claim;
-use super::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
-use super::token_budget::{Cost, Reserved};
+use super::sync::{AtomicUsize, Ordering};
+use super::token_budget::Cost;
 use crate::priority::Priority;
-
-const WAITING: u8 = 0;
-const GRANTED: u8 = 1;
-const CANCELLED: u8 = 2;
-
-/// One parked request.
-#[derive(Debug)]
-pub struct Waiter {
-    state: AtomicU8,
-    waker: AtomicWaker,
-    priority: Priority,
-    /// Its token cost (`None`: none counted).
-    cost: Option<Cost>,
-    /// When it was parked (clock nanoseconds).
-    parked_at: u64,
-    /// What the grant carries: set once, before the state turns GRANTED, read by the
-    /// waiter after it sees GRANTED.
-    grant: OnceLock<Grant>,
-}
-
-/// What a grant carries: the window-guard claim, and the tokens reserved for the
-/// request's cost when it has one and the limiter a token budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    pub claim: Claim,
-    pub tokens: Option<Reserved>,
-}
-
-impl From<Claim> for Grant {
-    fn from(claim: Claim) -> Self {
-        Self {
-            claim,
-            tokens: None,
-        }
-    }
-}
-
-/// What the dispatcher sees of a staged waiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Parked {
-    pub cost: Option<Cost>,
-    pub parked_at: u64,
-}
-
-impl Waiter {
-    /// WAITING → `to`, once. AcqRel: the winner's view of the queue counters is
-    /// ordered with the loser's.
-    fn settle(&self, to: u8) -> bool {
-        self.state
-            .compare_exchange(
-                WAITING,
-                to,
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-            )
-            .is_ok()
-    }
-
-    fn is_granted(&self) -> bool {
-        self.state.load(std::sync::atomic::Ordering::Acquire) == GRANTED
-    }
-
-    fn is_waiting(&self) -> bool {
-        // Acquire: as `is_granted`; a stale WAITING only makes the grant's CAS fail.
-        self.state.load(std::sync::atomic::Ordering::Acquire) == WAITING
-    }
-}
-
-#[derive(Debug, Default)]
-struct Lane {
-    front: SegQueue<Arc<Waiter>>,
-    back: SegQueue<Arc<Waiter>>,
-    depth: AtomicUsize,
-    /// Totals since start: parked, granted, cancelled (`DropReason as usize`).
-    enqueued: AtomicU64,
-    dequeued: AtomicU64,
-    dropped: [AtomicU64; DropReason::ALL.len()],
-}
-
-/// Why a waiter left the queue without a grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// The client went away (its ticket was dropped while it waited).
-    ClientGone,
-    /// A low-priority request's `low_priority_timeout` passed.
-    LowPriorityDeadline,
-    /// The request timeout passed.
-    Timeout,
-    /// Taken out right after parking: the queue ahead of it could not be served before
-    /// its deadline at the rate paced now (refused at once, or sent to passthrough).
-    BeyondDeadline,
-    /// The shutdown grace period ended.
-    Shutdown,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 5] = [
-        Self::ClientGone,
-        Self::LowPriorityDeadline,
-        Self::Timeout,
-        Self::BeyondDeadline,
-        Self::Shutdown,
-    ];
-
-    /// The `reason` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientGone => "client_gone",
-            Self::LowPriorityDeadline => "low_priority_deadline",
-            Self::Timeout => "timeout",
-            Self::BeyondDeadline => "beyond_deadline",
-            Self::Shutdown => "shutdown",
-        }
-    }
-}
+pub use lane::DropReason;
+use lane::Lanes;
+use stage::Staging;
+pub use stage::{Parked, Stage};
+use waiter::CANCELLED;
+pub use waiter::{Grant, TooLarge, Waiter};
 
 /// The queue is at its bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull {
     /// Live waiters at or above the refused request's priority.
     pub ahead: usize,
+    /// Their token cost.
+    pub tokens: u64,
 }
 
 /// A provider's wait queues.
 #[derive(Debug)]
 pub struct WaitQueues {
-    lanes: [Lane; 3],
-    total: AtomicUsize,
-    /// The token cost of the live waiters.
-    waiting_cost: AtomicU64,
+    lanes: Lanes,
     max: AtomicUsize,
     /// Grants whose ticket was dropped before it saw them: claims and tokens to give back.
     unused_grants: SegQueue<Grant>,
-    /// The dispatcher's staged waiters (only the consumer locks it).
-    staged: Mutex<[Staged; 3]>,
-}
-
-/// One priority's waiters popped by the dispatcher and not yet settled, in grant order:
-/// those put back, then new ones.
-#[derive(Debug, Default)]
-struct Staged {
-    front: std::collections::VecDeque<Arc<Waiter>>,
-    back: std::collections::VecDeque<Arc<Waiter>>,
-}
-
-impl Staged {
-    fn len(&self) -> usize {
-        self.front.len() + self.back.len()
-    }
-
-    fn get(&self, pos: usize) -> Option<&Arc<Waiter>> {
-        self.front
-            .get(pos)
-            .or_else(|| self.back.get(pos.checked_sub(self.front.len())?))
-    }
-
-    fn remove(&mut self, pos: usize) -> Option<Arc<Waiter>> {
-        if pos < self.front.len() {
-            self.front.remove(pos)
-        } else {
-            self.back.remove(pos - self.front.len())
-        }
-    }
+    /// The dispatcher's staged waiters (only the consumer locks them).
+    staging: Staging,
 }
 
 /// One priority's totals since start.
@@ -243,12 +112,10 @@ impl QueueCounts {
 impl WaitQueues {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
-            lanes: Default::default(),
-            total: AtomicUsize::new(0),
-            waiting_cost: AtomicU64::new(0),
+            lanes: Lanes::default(),
             max: AtomicUsize::new(max),
             unused_grants: SegQueue::new(),
-            staged: Mutex::new(Default::default()),
+            staging: Staging::new(),
         })
     }
 
@@ -256,7 +123,7 @@ impl WaitQueues {
     pub fn len(&self) -> usize {
         // Acquire: pairs with the Release decrements so a zero means the waiters'
         // settlement is visible.
-        self.total.load(Ordering::Acquire)
+        self.lanes.total.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -264,12 +131,12 @@ impl WaitQueues {
     }
 
     pub fn depth(&self, p: Priority) -> usize {
-        self.lanes[p as usize].depth.load(Ordering::Relaxed)
+        self.lanes.lane(p).depth.load(Ordering::Relaxed)
     }
 
     /// Live waiters at priority `p` or higher: those a new `p` request would wait behind.
     pub fn ahead_of(&self, p: Priority) -> usize {
-        self.lanes[..=p as usize]
+        self.lanes.by_priority[..=p as usize]
             .iter()
             .map(|l| l.depth.load(Ordering::Relaxed))
             .sum()
@@ -285,13 +152,13 @@ impl WaitQueues {
 
     pub fn counts(&self) -> QueueCounts {
         // Relaxed throughout: statistics, ordered with nothing.
-        let flow = self.lanes.each_ref().map(|l| Flow {
+        let flow = self.lanes.by_priority.each_ref().map(|l| Flow {
             enqueued: l.enqueued.load(Ordering::Relaxed),
             dequeued: l.dequeued.load(Ordering::Relaxed),
             dropped: l.dropped.each_ref().map(|d| d.load(Ordering::Relaxed)),
         });
         QueueCounts {
-            depth: [0, 1, 2].map(|i| self.lanes[i].depth.load(Ordering::Relaxed)),
+            depth: Priority::ALL.map(|p| self.depth(p)),
             total: self.len(),
             max: self.max(),
             flow,
@@ -304,19 +171,15 @@ impl WaitQueues {
     /// Reserves one slot under the bound: one CAS loop, never past `max`.
     fn reserve(&self) -> bool {
         let max = self.max.load(Ordering::Relaxed);
-        let mut cur = self.total.load(Ordering::Relaxed);
+        let total = &self.lanes.total;
+        let mut cur = total.load(Ordering::Relaxed);
         loop {
             if cur >= max {
                 return false;
             }
             // Relaxed: the count orders nothing else; the waiter itself is published by
             // the SegQueue push that follows.
-            match self.total.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
+            match total.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
@@ -325,20 +188,17 @@ impl WaitQueues {
 
     /// The token cost of the live waiters.
     pub fn waiting_cost(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.waiting_cost.load(Ordering::Relaxed)
+        self.cost_ahead_of(Priority::Low)
     }
 
-    /// Releases a slot of a waiter that settled (granted or cancelled).
-    fn release(&self, w: &Waiter) {
-        let p = w.priority;
-        if let Some(c) = w.cost {
-            // Relaxed: a statistic.
-            self.waiting_cost.fetch_sub(c.total(), Ordering::Relaxed);
-        }
-        self.lanes[p as usize].depth.fetch_sub(1, Ordering::Relaxed);
-        // Release: pairs with `len`'s Acquire.
-        self.total.fetch_sub(1, Ordering::Release);
+    /// The token cost of the live waiters at priority `p` or higher (see
+    /// [`Self::ahead_of`]).
+    pub fn cost_ahead_of(&self, p: Priority) -> u64 {
+        self.lanes.by_priority[..=p as usize]
+            .iter()
+            // Relaxed: an estimate, ordered with nothing.
+            .map(|l| l.cost.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Parks a request with no token cost. `front` puts it at the head of its priority
@@ -359,21 +219,15 @@ impl WaitQueues {
         if !self.reserve() {
             return Err(QueueFull {
                 ahead: self.ahead_of(p),
+                tokens: self.cost_ahead_of(p),
             });
         }
-        let waiter = Arc::new(Waiter {
-            state: AtomicU8::new(WAITING),
-            waker: AtomicWaker::new(),
-            priority: p,
-            cost,
-            parked_at: now,
-            grant: OnceLock::new(),
-        });
+        let waiter = Arc::new(Waiter::new(p, cost, now));
+        let lane = self.lanes.lane(p);
         if let Some(c) = cost {
-            // Relaxed: a statistic.
-            self.waiting_cost.fetch_add(c.total(), Ordering::Relaxed);
+            // Relaxed: an estimate's input, ordered with nothing.
+            lane.cost.fetch_add(c.total(), Ordering::Relaxed);
         }
-        let lane = &self.lanes[p as usize];
         lane.depth.fetch_add(1, Ordering::Relaxed);
         lane.enqueued.fetch_add(1, Ordering::Relaxed);
         if front {
@@ -396,10 +250,7 @@ impl WaitQueues {
     /// The dispatcher's view of the waiters, to choose whom to grant. Only the
     /// dispatcher calls it (the lock is never contended; producers never take it).
     pub fn stage(&self) -> Stage<'_> {
-        Stage {
-            queues: self,
-            staged: self.staged.lock(),
-        }
+        self.staging.lock(&self.lanes)
     }
 
     /// Grants `grant` to the highest-priority live waiter (put back before new within
@@ -418,89 +269,9 @@ impl WaitQueues {
     }
 }
 
-/// The dispatcher's staged waiters, locked while it decides.
-pub struct Stage<'q> {
-    queues: &'q WaitQueues,
-    #[cfg(not(sidecar_loom))]
-    staged: parking_lot::MutexGuard<'q, [Staged; 3]>,
-    #[cfg(sidecar_loom)]
-    staged: loom::sync::MutexGuard<'q, [Staged; 3]>,
-}
-
-impl Stage<'_> {
-    /// The highest priority with a live waiter, its lane staged with up to `look` live
-    /// waiters in grant order (tombstones dropped); `None` when nobody waits.
-    pub fn top(&mut self, look: usize) -> Option<Priority> {
-        Priority::ALL
-            .into_iter()
-            .find(|&p| self.fill(p, look.max(1)) > 0)
-    }
-
-    /// Stages priority `p`'s waiters; returns how many are staged.
-    fn fill(&mut self, p: Priority, look: usize) -> usize {
-        let lane = &self.queues.lanes[p as usize];
-        let staged = &mut self.staged[p as usize];
-        // Put back after a 429: after those staged earlier, before every new one.
-        while let Some(w) = lane.front.pop() {
-            staged.front.push_back(w);
-        }
-        staged.front.retain(|w| w.is_waiting());
-        staged.back.retain(|w| w.is_waiting());
-        while staged.len() < look {
-            match lane.back.pop() {
-                Some(w) if w.is_waiting() => staged.back.push_back(w),
-                Some(_) => {}
-                None => break,
-            }
-        }
-        staged.len()
-    }
-
-    /// Staged waiters of priority `p`.
-    pub fn len(&self, p: Priority) -> usize {
-        self.staged[p as usize].len()
-    }
-
-    /// The `pos`-th staged waiter of priority `p` (0: the head).
-    pub fn parked(&self, p: Priority, pos: usize) -> Option<Parked> {
-        self.staged[p as usize].get(pos).map(|w| Parked {
-            cost: w.cost,
-            parked_at: w.parked_at,
-        })
-    }
-
-    /// Grants the `pos`-th staged waiter of priority `p` and wakes it; gives the grant
-    /// back if that waiter cancelled meanwhile (it is dropped either way).
-    pub fn grant(&mut self, p: Priority, pos: usize, grant: Grant) -> Result<(), Grant> {
-        let Some(w) = self.staged[p as usize].remove(pos) else {
-            return Err(grant);
-        };
-        // Set before the CAS: a waiter that sees GRANTED finds it. A waiter that
-        // cancelled first leaves it unread; the waiter is dropped.
-        let _ = w.grant.set(grant);
-        if w.settle(GRANTED) {
-            self.queues.release(&w);
-            self.queues.lanes[p as usize]
-                .dequeued
-                .fetch_add(1, Ordering::Relaxed);
-            w.waker.wake();
-            Ok(())
-        } else {
-            Err(grant)
-        }
-    }
-}
-
-impl fmt::Debug for Stage<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stage")
-            .field("staged", &Priority::ALL.map(|p| self.len(p)))
-            .finish()
-    }
-}
-
-/// A queued request's claim: a future that resolves when the request is granted.
-/// Dropping it before then cancels the wait and frees its slot at once.
+/// A queued request's claim: a future that resolves when the request is granted (or
+/// refused: [`TooLarge`]). Dropping it before then cancels the wait and frees its slot
+/// at once.
 #[derive(Debug)]
 pub struct Ticket {
     queues: Arc<WaitQueues>,
@@ -509,8 +280,9 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Cancels the wait, counted as dropped for `why`; `false` if the grant came first
-    /// (the caller then owns a token, and the request counts as dequeued).
+    /// Cancels the wait, counted as dropped for `why`; `false` if the dispatcher's
+    /// answer came first ([`Ticket::answer`]: after a grant the caller owns a token, and
+    /// the request counts as dequeued).
     pub fn cancel(&mut self, why: DropReason) -> bool {
         if self.done {
             return false;
@@ -518,8 +290,8 @@ impl Ticket {
         self.done = true;
         if self.waiter.settle(CANCELLED) {
             let p = self.waiter.priority;
-            self.queues.release(&self.waiter);
-            self.queues.lanes[p as usize].dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+            self.queues.lanes.release(&self.waiter);
+            self.queues.lanes.lane(p).dropped[why as usize].fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false
@@ -534,8 +306,8 @@ impl Ticket {
 
     fn leave(&mut self, why: DropReason) {
         if !self.done && !self.cancel(why) {
-            if let Some(c) = self.waiter.grant.get() {
-                self.queues.unused_grants.push(*c);
+            if let Some(Ok(g)) = self.waiter.answer() {
+                self.queues.unused_grants.push(g);
             }
         }
     }
@@ -544,39 +316,40 @@ impl Ticket {
         self.waiter.priority
     }
 
+    /// The dispatcher's answer, once given (after a `cancel` that lost to it).
+    pub fn answer(&self) -> Option<Result<Grant, TooLarge>> {
+        self.waiter.answer()
+    }
+
     /// The grant, once granted (after a `cancel` that lost to it).
     pub fn grant(&self) -> Option<Grant> {
-        self.waiter
-            .is_granted()
-            .then(|| self.waiter.grant.get().copied())
-            .flatten()
+        self.answer().and_then(Result::ok)
     }
 }
 
 impl Ticket {
-    /// The grant of a granted waiter.
-    fn granted(&mut self) -> Option<Grant> {
-        if !self.waiter.is_granted() {
-            return None;
-        }
+    /// The answer of an answered waiter, taken: the ticket is done.
+    fn answered(&mut self) -> Option<Result<Grant, TooLarge>> {
+        let answer = self.waiter.answer()?;
         self.done = true;
-        self.waiter.grant.get().copied()
+        Some(answer)
     }
 }
 
 impl Future for Ticket {
-    /// The window-guard claim (and reserved tokens) that came with the grant.
-    type Output = Grant;
+    /// The window-guard claim (and reserved tokens) that came with the grant, or the
+    /// refusal of a request the token limit fell below.
+    type Output = Result<Grant, TooLarge>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
-        if let Some(c) = self.granted() {
-            return Poll::Ready(c);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(a) = self.answered() {
+            return Poll::Ready(a);
         }
         self.waiter.waker.register(cx.waker());
-        // Re-check after registering: a grant between the check and the registration
+        // Re-check after registering: an answer between the check and the registration
         // would otherwise be missed.
-        match self.granted() {
-            Some(c) => Poll::Ready(c),
+        match self.answered() {
+            Some(a) => Poll::Ready(a),
             None => Poll::Pending,
         }
     }

@@ -7,8 +7,10 @@
 //! `Retry-After`, or takes the passthrough route when fallback is on. So does a request
 //! that the queue ahead of it, drained at the rate paced now (the learned limit, not the
 //! configured one), could not serve before its deadline: it is refused at once with an
-//! honest `Retry-After` instead of waiting for a 504. A client that leaves while parked
-//! drops its ticket: the slot frees at once and no token is spent.
+//! honest `Retry-After` instead of waiting for a 504. A request whose token estimate is
+//! larger than the whole token budget of a window is refused (413) at admission, or
+//! while parked if the limit falls below it. A client that leaves while parked drops its
+//! ticket: the slot frees at once and no token is spent.
 
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ use super::tokens::Priced;
 use crate::app::{App, Provider};
 use crate::error::ProxyError;
 use crate::hot::Hot;
-use crate::limiter::{Cost, Decision, DropReason, Grant, Limiter, Permit, Ticket};
+use crate::limiter::{Cost, Decision, DropReason, Grant, Limiter, Permit, Ticket, TooLarge};
 use crate::metrics::Lane;
 use crate::priority::Priority;
 use crate::record::Record;
@@ -42,6 +44,8 @@ pub struct Admitted<'a> {
 /// How a parked request's wait ended, when it did not fail.
 enum Waited {
     Granted(Grant),
+    /// The token limit fell below the request's cost while it waited.
+    TooLarge(TooLarge),
     /// A low-priority request's deadline passed (the caller picks 503 or passthrough).
     LowPriorityDeadline,
 }
@@ -159,25 +163,20 @@ async fn stage(
                     retry_after: BUDGET_RETRY_AFTER,
                 });
             }
-            // Larger than a whole window's budget: waiting cannot cure it.
             Decision::TooLarge { limit, estimate } => {
-                provider.stats.refuse_tokens_too_large();
-                return Err(ProxyError::TokensTooLarge {
-                    provider: provider.name.to_string(),
-                    limit,
-                    estimate,
-                    window: limiter.pacing().window,
-                });
+                return Err(too_large(provider, limiter, TooLarge { limit, estimate }));
             }
         }
     };
     let mut ticket = match parked {
         Ok(t) => t,
         Err(full) => {
+            // The tokens ahead of it, with its own.
+            let tokens = full.tokens.saturating_add(cost.map_or(0, |c| c.total()));
             return overflow(hot, provider, || ProxyError::QueueFull {
                 provider: provider.name.to_string(),
                 ahead: full.ahead,
-                retry_after: limiter.retry_after(full.ahead, now),
+                retry_after: limiter.retry_after(full.ahead, tokens, now),
             });
         }
     };
@@ -196,7 +195,20 @@ async fn stage(
     // Boxed: only parked requests pay for the waiting future's size.
     match Box::pin(wait(app, hot, provider, ticket, record, deadline)).await? {
         Waited::Granted(claim) => Ok(Stage::Claim(claim)),
+        Waited::TooLarge(t) => Err(too_large(provider, limiter, t)),
         Waited::LowPriorityDeadline => Ok(Stage::Passthrough),
+    }
+}
+
+/// Larger than a whole window's token budget (at admission, or the limit fell below it
+/// while it waited): waiting cannot cure it.
+fn too_large(provider: &Provider, limiter: &Limiter, t: TooLarge) -> ProxyError {
+    provider.stats.refuse_tokens_too_large();
+    ProxyError::TokensTooLarge {
+        provider: provider.name.to_string(),
+        limit: t.limit,
+        estimate: t.estimate,
+        window: limiter.pacing().window,
     }
 }
 
@@ -215,9 +227,11 @@ fn beyond_deadline(
     now: u64,
 ) -> Option<Result<Stage, ProxyError>> {
     let ahead = limiter.queues.ahead_of(record.priority).saturating_sub(1);
-    // Requests, or its tokens, whichever frees later.
+    // Requests, or the tokens ahead with its own (it is parked: they count it), or its
+    // own cost's wait, whichever frees later.
+    let tokens = limiter.queues.cost_ahead_of(record.priority);
     let expected = limiter
-        .expected_wait(ahead, now)
+        .expected_wait(ahead, tokens, now)
         .max(limiter.token_wait(cost, now));
     // Time to send it must be left (a request granted later is not sent).
     let mut budget = deadline
@@ -230,8 +244,11 @@ fn beyond_deadline(
         return None;
     }
     if !ticket.cancel(DropReason::BeyondDeadline) {
-        // Granted meanwhile: it goes.
-        return ticket.grant().map(|c| Ok(Stage::Claim(c)));
+        // Answered meanwhile: granted, it goes; refused, the 413.
+        return ticket.answer().map(|a| match a {
+            Ok(claim) => Ok(Stage::Claim(claim)),
+            Err(t) => Err(too_large(provider, limiter, t)),
+        });
     }
     Some(overflow(hot, provider, || {
         ProxyError::QueueBeyondDeadline {
@@ -288,13 +305,13 @@ async fn wait(
         DropReason::Timeout
     };
     let outcome = tokio::select! {
-        claim = &mut ticket => Ok(Waited::Granted(claim)),
+        answer = &mut ticket => Ok(Waited::from(answer)),
         () = tokio::time::sleep_until(until) => {
             if ticket.cancel(why) {
                 Err(until)
             } else {
-                // The grant won the race with the deadline.
-                ticket.grant().map(Waited::Granted).ok_or(until)
+                // The dispatcher's answer won the race with the deadline.
+                ticket.answer().map(Waited::from).ok_or(until)
             }
         }
         () = app.shutdown.hard_stop.cancelled() => {
@@ -323,6 +340,15 @@ async fn wait(
                 provider: provider.name.to_string(),
                 waited: round_ms(waited),
             })
+        }
+    }
+}
+
+impl From<Result<Grant, TooLarge>> for Waited {
+    fn from(answer: Result<Grant, TooLarge>) -> Self {
+        match answer {
+            Ok(claim) => Self::Granted(claim),
+            Err(t) => Self::TooLarge(t),
         }
     }
 }

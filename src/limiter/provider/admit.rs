@@ -11,7 +11,8 @@
 //! it the head goes first; if its cost does not fit the token budget yet, a request
 //! behind it whose cost fits may pass, but only until the head has waited one window:
 //! from then on nothing passes it and the budget that frees up is its own. A request
-//! whose cost is larger than the whole budget of a window is refused at admission.
+//! whose cost is larger than the whole budget of a window is refused at admission, or
+//! by the dispatcher when the limit falls below it while it waits.
 
 use std::sync::atomic::Ordering as StdOrdering;
 use std::time::Duration;
@@ -262,12 +263,17 @@ impl Limiter {
     }
 
     /// Grants tokens to waiters while tokens, window slots and their token costs are
-    /// free. Returns how long until the next grant could be due when waiters remain.
+    /// free, and refuses those whose cost the token limit fell below. Returns how long
+    /// until the next grant could be due when waiters remain.
     pub fn dispatch(&self, now: u64) -> Option<Duration> {
         while let Some(g) = self.queues.take_unused_grant() {
             self.give_back(g, now);
         }
         let mut stage = self.queues.stage();
+        if let Some(b) = &self.tokens {
+            // A limit fallen below a parked request's cost: it is refused, as at admission.
+            stage.refuse_larger_than(b.limit());
+        }
         loop {
             let look = if self.tokens.is_some() { LOOK_PAST } else { 1 };
             let p = stage.top(look)?;
@@ -364,21 +370,37 @@ impl Limiter {
         (bucket, bucket.max(guard))
     }
 
-    /// How long a request would wait with `ahead` waiters granted before it: the
-    /// current wait, then one bucket interval each for the first window's worth, and
-    /// the guard's share of the span each after that.
-    pub fn expected_wait(&self, ahead: usize, now: u64) -> Duration {
+    /// How long a request would wait with `ahead` waiters granted before it, and
+    /// `tokens` of token cost to pass the token budget before it goes (theirs and its
+    /// own): the requests' drain (the current wait, then one bucket interval each for
+    /// the first window's worth, and the guard's share of the span each after that),
+    /// or the tokens' when longer ([`Self::token_drain`]).
+    pub fn expected_wait(&self, ahead: usize, tokens: u64, now: u64) -> Duration {
         let (bucket, guarded) = self.intervals();
         let within = ahead.min(self.guard.limit() as usize);
         let beyond = ahead - within;
         let secs = bucket * within as f64 + guarded * beyond as f64;
-        self.wait_time(now) + Duration::from_secs_f64(secs)
+        let requests = self.wait_time(now) + Duration::from_secs_f64(secs);
+        requests.max(self.token_drain(tokens, now))
+    }
+
+    /// The time for `tokens` to pass the token budget at its rate, the limit per span
+    /// (a budget kept full passes no faster), after a hold (a token 429's); zero without
+    /// a budget or tokens.
+    fn token_drain(&self, tokens: u64, now: u64) -> Duration {
+        let Some(b) = self.tokens.as_ref().filter(|_| tokens > 0) else {
+            return Duration::ZERO;
+        };
+        let nanos = u128::from(tokens) * u128::from(b.span_nanos()) / u128::from(b.limit());
+        let held = b.held_until().saturating_sub(now);
+        Duration::from_nanos(held.saturating_add(u64::try_from(nanos).unwrap_or(u64::MAX)))
     }
 
     /// `Retry-After` for a refused request: the time for the queue ahead of it (and it)
-    /// to drain at the rate paced now.
-    pub fn retry_after(&self, ahead: usize, now: u64) -> Duration {
-        self.expected_wait(ahead, now)
+    /// to drain at the rate paced now, `tokens` (theirs and its own) through the token
+    /// budget as well.
+    pub fn retry_after(&self, ahead: usize, tokens: u64, now: u64) -> Duration {
+        self.expected_wait(ahead, tokens, now)
             .max(Duration::from_secs_f64(self.intervals().0))
     }
 }

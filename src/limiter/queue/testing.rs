@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use super::Ticket;
+use super::{Grant, Ticket, TooLarge};
 
 /// A waker that counts its wake-ups.
 #[derive(Default)]
@@ -31,7 +31,15 @@ pub fn poll_with(ticket: &mut Ticket, waker: &Waker) -> Poll<()> {
         .map(|_| ())
 }
 
-pub fn is_granted(ticket: &mut Ticket) -> bool {
+/// The ticket's answer, if it has one when polled now.
+pub fn answer(ticket: &mut Ticket) -> Option<Result<Grant, TooLarge>> {
     let waker = Waker::from(Arc::new(CountingWaker::default()));
-    poll_with(ticket, &waker).is_ready()
+    match Pin::new(ticket).poll(&mut Context::from_waker(&waker)) {
+        Poll::Ready(a) => Some(a),
+        Poll::Pending => None,
+    }
+}
+
+pub fn is_granted(ticket: &mut Ticket) -> bool {
+    matches!(answer(ticket), Some(Ok(_)))
 }

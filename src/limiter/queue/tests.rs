@@ -1,12 +1,12 @@
-//! Queue order, bound and cancellation, on explicit grants.
+//! Queue order, bound, cancellation and refusals, on explicit grants.
 
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use super::testing::{is_granted, poll_with, CountingWaker};
+use super::testing::{answer, is_granted, poll_with, CountingWaker};
 use super::*;
-use crate::limiter::guard::{Margin, WindowGuard};
+use crate::limiter::guard::{Claim, Margin, WindowGuard};
 
 /// A claim from a guard that never binds, for grants in queue-only tests.
 fn claim() -> Claim {
@@ -92,15 +92,24 @@ fn the_bound_is_never_exceeded_and_a_refusal_counts_those_at_or_above_its_priori
     assert_eq!(q.len(), 4);
     assert_eq!(
         q.enqueue(Priority::High, false).unwrap_err(),
-        QueueFull { ahead: 1 }
+        QueueFull {
+            ahead: 1,
+            tokens: 0
+        }
     );
     assert_eq!(
         q.enqueue(Priority::Normal, true).unwrap_err(),
-        QueueFull { ahead: 3 }
+        QueueFull {
+            ahead: 3,
+            tokens: 0
+        }
     );
     assert_eq!(
         q.enqueue(Priority::Low, false).unwrap_err(),
-        QueueFull { ahead: 4 }
+        QueueFull {
+            ahead: 4,
+            tokens: 0
+        }
     );
     let c = q.counts();
     assert_eq!((c.depth, c.total, c.max, c.enqueued), ([1, 2, 1], 4, 4, 4));
@@ -240,7 +249,7 @@ fn the_queue_counts_each_leaving_once_by_priority_and_reason() {
     assert_eq!(f(Priority::Low).dequeued, 0);
     assert_eq!(
         f(Priority::Low).dropped,
-        [0, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0],
         "low_priority_deadline and timeout"
     );
     assert_eq!((c.enqueued, c.dequeued, c.abandoned), (5, 1, 3));
@@ -256,4 +265,106 @@ fn the_queue_counts_each_leaving_once_by_priority_and_reason() {
     }
     drop(stays);
     assert_eq!(q.counts().dropped(DropReason::ClientGone), 2);
+}
+
+fn tokens(n: u64) -> Option<Cost> {
+    Some(Cost {
+        prompt: n,
+        completion: 0,
+    })
+}
+
+#[test]
+fn a_limit_falling_below_waiters_refuses_each_once_and_keeps_the_others_in_order() {
+    let q = WaitQueues::new(8);
+    let mut tickets: Vec<_> = [("a", 1), ("big1", 9), ("b", 1), ("c", 5), ("big2", 6)]
+        .into_iter()
+        .map(|(label, n)| {
+            (
+                label,
+                q.park(Priority::Normal, false, tokens(n), 0).unwrap(),
+            )
+        })
+        .collect();
+    let mut free = q.enqueue(Priority::Low, false).unwrap();
+    q.stage().refuse_larger_than(5);
+    let c = q.counts();
+    assert_eq!((c.total, c.dropped(DropReason::TokensTooLarge)), (4, 2));
+    assert_eq!(q.waiting_cost(), 7);
+    for (label, t) in &mut tickets {
+        let want = match *label {
+            "big1" => Some(Err(TooLarge {
+                limit: 5,
+                estimate: 9,
+            })),
+            "big2" => Some(Err(TooLarge {
+                limit: 5,
+                estimate: 6,
+            })),
+            _ => None,
+        };
+        assert_eq!(answer(t), want, "{label}");
+    }
+    tickets.retain(|(label, _)| !label.starts_with("big"));
+    {
+        let mut stage = q.stage();
+        assert_eq!(stage.top(1), Some(Priority::Normal));
+        assert_eq!(
+            stage.len(Priority::Normal),
+            1,
+            "the look is kept after a sweep"
+        );
+    }
+    let order: Vec<_> = (0..3).map(|_| grant_one(&q, &mut tickets)).collect();
+    assert_eq!(order, ["a", "b", "c"]);
+    assert!(q.grant_next(claim()).is_ok());
+    assert!(
+        is_granted(&mut free),
+        "a waiter without a cost is never refused"
+    );
+}
+
+#[test]
+fn a_refused_waiter_is_answered_once_and_a_cancel_first_wins_over_a_refusal() {
+    let q = WaitQueues::new(4);
+    let mut refused = q.park(Priority::High, true, tokens(10), 0).unwrap();
+    let mut gone = q.park(Priority::High, false, tokens(10), 0).unwrap();
+    assert!(gone.cancel(DropReason::Timeout));
+    q.stage().refuse_larger_than(9);
+    assert!(
+        !refused.cancel(DropReason::ClientGone),
+        "the refusal came first"
+    );
+    assert!(matches!(answer(&mut refused), Some(Err(_))));
+    assert_eq!(refused.grant(), None);
+    drop((refused, gone));
+    let c = q.counts();
+    assert_eq!(
+        (c.total, c.abandoned, c.dropped(DropReason::TokensTooLarge)),
+        (0, 2, 1)
+    );
+    assert_eq!(q.take_unused_grant(), None, "no grant to give back");
+}
+
+#[test]
+fn only_a_fall_sweeps_and_a_waiter_parked_after_it_is_refused_when_staged() {
+    let q = WaitQueues::new(4);
+    q.stage().refuse_larger_than(5);
+    // Parked after the fall (a retry skips admission's check): still in its lane.
+    let mut late = q.park(Priority::Low, true, tokens(8), 0).unwrap();
+    q.stage().refuse_larger_than(5);
+    assert_eq!(answer(&mut late), None, "no fall: no sweep");
+    assert_eq!(q.stage().top(1), None, "refused as it is staged");
+    assert!(matches!(
+        answer(&mut late),
+        Some(Err(TooLarge {
+            limit: 5,
+            estimate: 8
+        }))
+    ));
+    // A raise refuses nothing; waiters fit it.
+    q.stage().refuse_larger_than(100);
+    let mut fits = q.park(Priority::Low, false, tokens(50), 0).unwrap();
+    assert!(q.grant_next(claim()).is_ok());
+    assert!(is_granted(&mut fits));
 }

@@ -78,7 +78,13 @@ fn admit_refuses_at_the_bound_with_those_ahead() {
     let _a = queued(l.admit(Priority::Low, None, 0));
     let _b = queued(l.admit(Priority::Normal, None, 0));
     match l.admit(Priority::Normal, None, 0) {
-        Decision::Full(full) => assert_eq!(full, QueueFull { ahead: 1 }),
+        Decision::Full(full) => assert_eq!(
+            full,
+            QueueFull {
+                ahead: 1,
+                tokens: 0
+            }
+        ),
         other => panic!("expected Full, got {other:?}"),
     }
 }

@@ -255,18 +255,18 @@ fn a_probe_lifts_the_guard_to_the_ceiling_only_while_requests_wait() {
 #[test]
 fn retry_after_is_the_drain_time_at_the_rate_paced_now() {
     let l = limiter(60.0, 1, 4);
-    assert_eq!(l.retry_after(0, 0), Duration::from_secs(1));
-    assert_eq!(l.retry_after(4, 0), Duration::from_secs(4));
-    assert!(l.retry_after(9, 0) > l.retry_after(8, 0));
+    assert_eq!(l.retry_after(0, 0, 0), Duration::from_secs(1));
+    assert_eq!(l.retry_after(4, 0, 0), Duration::from_secs(4));
+    assert!(l.retry_after(9, 0, 0) > l.retry_after(8, 0, 0));
     // Past a window's worth (60), the guard spaces sends over 60.3 s: 1.005 s each.
-    assert_eq!(l.retry_after(70, 0), Duration::from_millis(70_050));
+    assert_eq!(l.retry_after(70, 0, 0), Duration::from_millis(70_050));
     // A pause comes first.
     l.bucket.pause_until(30 * S);
-    assert_eq!(l.retry_after(2, 0), Duration::from_secs(32));
+    assert_eq!(l.retry_after(2, 0, 0), Duration::from_secs(32));
     // At a learned lower limit the drain is slower: 30 per minute, 2 s each.
     let l = limiter(60.0, 1, 4);
     l.restore(30, 0);
-    assert_eq!(l.retry_after(4, 0), Duration::from_secs(8));
+    assert_eq!(l.retry_after(4, 0, 0), Duration::from_secs(8));
 }
 
 #[test]

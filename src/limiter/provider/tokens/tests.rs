@@ -252,6 +252,14 @@ fn a_request_put_back_after_a_429_goes_before_new_ones_with_its_cost() {
     assert!(!is_granted(&mut new));
 }
 
+// === a limit fallen below a parked request's cost: `tests/refused.rs` ===
+
+mod refused;
+
+// === `Retry-After` and the deadline estimate with tokens ahead: `tests/retry_after.rs` ===
+
+mod retry_after;
+
 // === what answers teach ===
 
 #[test]

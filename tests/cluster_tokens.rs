@@ -23,7 +23,7 @@ use std::time::Duration;
 use nvidia_sidecar::mock::{MockConfig, MockServer, TokenCharge, TokenCount};
 
 use common::redis::{Redis, Replica};
-use common::{flood, judge_epoch, mixed_chat, until, Flood, Tally};
+use common::{admin_config, admin_patch, flood, judge_epoch, mixed_chat, until, Flood, Tally};
 
 const W: Duration = Duration::from_secs(6);
 /// Requests per window the provider allows (and the replicas' ceiling): 1,000 RPM.
@@ -34,6 +34,8 @@ const TPM: &str = "120000";
 /// The model's completion cap: the bound of a chat that states no `max_tokens`.
 const CAP: u64 = 256;
 const REPLICAS: usize = 3;
+const ADMIN_TOKEN: &str = "cluster-tokens-admin-token-6c1e";
+const BEARER: &str = "Bearer cluster-tokens-admin-token-6c1e";
 /// Closed-loop clients per replica.
 const CLIENTS: usize = 6;
 
@@ -72,6 +74,7 @@ fn replicas(mock: &MockServer, redis: &Redis, charge: &str) -> Vec<Replica> {
         ("SIDECAR_TOKENS_PER_MINUTE", TPM),
         ("SIDECAR_TOKEN_CHARGE", charge),
         ("SIDECAR_DEFAULT_COMPLETION_TOKENS", "256"),
+        ("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN),
     ];
     (0..REPLICAS)
         .map(|i| Replica::start(&format!("r{i}"), &env))
@@ -261,4 +264,57 @@ async fn three_replicas_share_a_reserved_token_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_an_actual_token_limit() {
     three_replicas_share_the_token_limit("actual", TokenCharge::Actual, "actual").await;
+}
+
+/// `tokens_per_minute` changed through the admin API at one replica reaches every
+/// replica: the cluster's record, each replica's configuration and its token budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_setting_changed_at_one_replica_reaches_all() {
+    let _serial = SERIAL.lock().await;
+    let redis = Redis::start();
+    let mock = provider(TokenCharge::Reserved);
+    let replicas = replicas(&mock, &redis, "reserved");
+    all_shared(&replicas).await;
+
+    let a = admin_patch(replicas[1].addr, BEARER, r#"{"tokens_per_minute": 60000}"#).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let mut broken = Vec::new();
+    let mut report = String::new();
+    for r in &replicas {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let (config, limit) = loop {
+            let v = admin_config(r.addr, &[("authorization", BEARER)]).await;
+            let p = v["providers"]["nvidia"].clone();
+            let text = common::metrics_text(r.metrics).await;
+            let limit = text
+                .lines()
+                .find(|l| l.starts_with("sidecar_token_budget_limit{"))
+                .and_then(|l| l.rsplit_once(' '))
+                .and_then(|(_, v)| v.parse::<f64>().ok());
+            let done = p["tokens_per_minute"].as_u64() == Some(60_000) && limit == Some(6_000.0);
+            if done || tokio::time::Instant::now() > deadline {
+                break (p, limit);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        report.push_str(&format!(
+            "{}: tokens_per_minute {}, token budget limit {limit:?}, cluster tokens {}\n",
+            r.name, config["tokens_per_minute"], config["cluster"]["record"]["tokens"]
+        ));
+        if config["tokens_per_minute"].as_u64() != Some(60_000) || limit != Some(6_000.0) {
+            broken.push(format!("{} did not take the new setting", r.name));
+        }
+        if config["cluster"]["record"]["tokens"]["configured"].as_u64() != Some(6_000) {
+            broken.push(format!("{} shows no shared 6,000 a window", r.name));
+        }
+    }
+    println!("{report}");
+    let in_redis = redis.cli(
+        None,
+        &["HGET", "nvidia-sidecar:{nvidia}:cfg", "tokens_limit"],
+    );
+    assert_eq!(in_redis.trim(), "6000", "the cluster's record\n{report}");
+    assert!(broken.is_empty(), "{}\n{report}", broken.join("\n"));
+    drop(replicas);
+    mock.stop();
 }

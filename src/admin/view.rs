@@ -137,6 +137,16 @@ pub fn cluster(v: &ClusterView) -> Value {
             "pause_reason": (r.pause_until_ms != 0 && !r.pause_reason.is_empty())
                 .then_some(r.pause_reason.as_str()),
             "changes": r.changes,
+            // The shared token budget (null: none): tokens per window.
+            "tokens": (r.tokens_limit > 0).then(|| json!({
+                "tokens_per_minute": r.tokens_per_minute,
+                "configured": r.tokens_limit,
+                "learned": (r.tokens_learned > 0).then_some(r.tokens_learned),
+                "source": r.tokens_source,
+                "leases": v.token_leases.labelled().into_iter()
+                    .chain([("late", v.token_leases.late)])
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            })),
         })
     });
     let shares: serde_json::Map<String, Value> = crate::exposition::cluster::shares(v)

@@ -318,3 +318,92 @@ async fn a_token_setting_changed_at_one_replica_reaches_all() {
     drop(replicas);
     mock.stop();
 }
+
+/// Redis is killed with SIGKILL for two windows of the flood, then started again empty.
+/// The replicas keep serving on their fallback share of the token limit, go back to the
+/// shared budget in a new generation seeded with their recent token charges, and the
+/// provider refuses at most one request per replica across the loss (what was in hand
+/// when it happened); every settlement made meanwhile still adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_restarted_keeps_the_token_limit() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = Redis::start();
+    let mock = provider(TokenCharge::Reserved);
+    let replicas = replicas(&mock, &redis, "reserved");
+    all_shared(&replicas).await;
+
+    let t0 = judge_epoch(&mock);
+    let floods: Vec<Flood> = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| flood(r.addr, CLIENTS, 24_000 + 100 * i as u64, CAP, mixed_chat))
+        .collect();
+    until(t0, W * 2).await;
+    redis.kill9();
+    let mut broken = Vec::new();
+    for r in &replicas {
+        let fallback = "Redis is unreachable: this replica sends at most its fallback share";
+        if let Err(e) = r.wait_for(fallback, 0, Duration::from_secs(5)).await {
+            broken.push(e);
+        }
+    }
+    until(t0, W * 4).await;
+    let during = mock.refused_for_tokens();
+    redis.restart();
+    for r in &replicas {
+        for needle in [
+            "Redis answers again: back on the shared budget",
+            "the shared budget starts a new generation",
+        ] {
+            if let Err(e) = r.wait_for(needle, 0, Duration::from_secs(15)).await {
+                broken.push(e);
+            }
+        }
+    }
+    until(t0, W * 7).await;
+    let tokens = mock.token_window_counts(W);
+    let mut tallies = Vec::new();
+    for f in floods {
+        tallies.push(f.stop(Duration::from_secs(40)).await);
+    }
+    let worst = mock.max_tokens_in_rolling(W);
+    let refused = mock.refused_for_tokens() + mock.refused_for_requests();
+    let charged = mock.tokens_total();
+    let each = settled(&replicas, charged).await;
+    let sum_settled: u64 = each.iter().map(|v| v.unwrap_or(0)).sum();
+    let report = format!(
+        "{}most in any rolling 6 s: {worst}; provider 429s: {refused} ({during} during the \
+         outage); charged {charged}, settled {each:?}\n{}",
+        table(&tokens),
+        tallies
+            .iter()
+            .map(|t| t.summary())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!("{report}");
+    if refused > REPLICAS as u64 {
+        broken.push(format!(
+            "{refused} provider 429s, over one per replica across the loss"
+        ));
+    }
+    for (i, t) in tallies.iter().enumerate() {
+        if Tally::get(&t.other) > 0 || Tally::get(&t.too_many) > 0 {
+            broken.push(format!("r{i}: not every answer was 200: {}", t.summary()));
+        }
+    }
+    if sum_settled != charged {
+        broken.push(format!(
+            "the replicas settled {sum_settled} tokens, the provider charged {charged}"
+        ));
+    }
+    let logs: Vec<String> = replicas.iter().map(Replica::notable).collect();
+    assert!(
+        broken.is_empty(),
+        "{}\n{report}\n{}",
+        broken.join("\n"),
+        logs.join("\n")
+    );
+    drop(replicas);
+    mock.stop();
+}

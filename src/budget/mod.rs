@@ -10,6 +10,11 @@
 //! the window and the margin have passed, so in steady state the cluster never sends
 //! more than the limit in any window.
 //!
+//! A provider with `tokens_per_minute` shares its token budget the same way: a second
+//! log in the same script, token leases for a second pot
+//! ([`crate::limiter::TokenPot`]), each reservation's later changes reported against the
+//! lease it came from (see `task/tokens.rs`).
+//!
 //! When Redis is lost the replica falls back to the limit divided by the replicas it last
 //! saw (its local bucket and guard), and after `redis_fallback_for` stops sending with the
 //! shared key, while Redis keeps that long a vanished replica's share reserved. A Redis

@@ -147,7 +147,7 @@ impl Limiter {
         while let Some(ev) = self.inbox.pop() {
             self.apply(&mut c, ev, note);
         }
-        self.control_tokens(&mut c, note);
+        self.control_tokens(&mut c, now, note);
         let window = nanos(self.pacing.window);
         let demand_at = self.demand_at.load(StdOrdering::Relaxed);
         let demand = demand_at != 0 && now.saturating_sub(demand_at - 1) < window;

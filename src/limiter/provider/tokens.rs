@@ -173,7 +173,11 @@ impl Limiter {
             span,
             std::time::Duration::from_nanos(margin / 4),
         ));
-        self.control.lock().tokens = Some(TokenLearner::new(per_window, self.pacing.window));
+        self.control.lock().tokens = Some(TokenLearner::new(
+            per_window,
+            self.pacing.window,
+            self.pacing.probe_interval,
+        ));
         self
     }
 
@@ -302,7 +306,7 @@ impl Limiter {
     }
 
     /// The controller's part: applies token events and publishes the token limit.
-    pub(super) fn control_tokens(&self, c: &mut Control, note: &mut dyn FnMut(Note)) {
+    pub(super) fn control_tokens(&self, c: &mut Control, now: u64, note: &mut dyn FnMut(Note)) {
         let (Some(budget), Some(learner)) = (&self.tokens, c.tokens.as_mut()) else {
             while self.token_inbox.pop().is_some() {}
             return;
@@ -312,12 +316,16 @@ impl Limiter {
                 TokenEvent::Stated { limit_tpm } => learner.on_stated(limit_tpm),
                 TokenEvent::Refused { sent_at, cost } => {
                     let charged = budget.charged_in(sent_at, nanos(self.pacing.window));
-                    learner.on_refused(charged, cost)
+                    learner.on_refused(charged, cost, now)
                 }
             };
             if let Some(ch) = change {
                 note(Note::Tokens(ch));
             }
+        }
+        // Relaxed read of the queues' token cost: a hint, as the request side's demand.
+        if let Some(ch) = learner.tick(now, self.queues.waiting_cost() > 0) {
+            note(Note::Tokens(ch));
         }
         let limit = self.capped_tokens(learner.limit());
         if budget.limit() != limit {

@@ -31,7 +31,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use common::redis::{run_to_exit, Redis, Replica};
+use common::redis::{all_shared, run_to_exit, Redis, Replica};
 use common::{
     admin_config, admin_patch, call, judge_epoch, req, sample, until, ADMIN_CONFIG, CHAT,
 };
@@ -101,18 +101,6 @@ fn replicas(n: usize, env: &[(String, String)]) -> Vec<Replica> {
     (0..n)
         .map(|i| start_replica(&format!("r{i}"), env))
         .collect()
-}
-
-/// Waits until every replica says it is on the shared budget.
-async fn all_shared(replicas: &[Replica]) {
-    for r in replicas {
-        if let Err(e) = r
-            .wait_for("on the shared budget", 0, Duration::from_secs(20))
-            .await
-        {
-            panic!("{e}\n{}", r.notable());
-        }
-    }
 }
 
 /// The index of the judge's next window that starts at least 200 ms from now.

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use nvidia_sidecar::mock::{MockConfig, MockServer, TokenCharge, TokenCount};
 
-use common::redis::{Redis, Replica};
+use common::redis::{all_shared, Redis, Replica};
 use common::{admin_config, admin_patch, flood, judge_epoch, mixed_chat, until, Flood, Tally};
 
 const W: Duration = Duration::from_secs(6);
@@ -79,17 +79,6 @@ fn replicas(mock: &MockServer, redis: &Redis, charge: &str) -> Vec<Replica> {
     (0..REPLICAS)
         .map(|i| Replica::start(&format!("r{i}"), &env))
         .collect()
-}
-
-async fn all_shared(replicas: &[Replica]) {
-    for r in replicas {
-        if let Err(e) = r
-            .wait_for("on the shared budget", 0, Duration::from_secs(20))
-            .await
-        {
-            panic!("{e}\n{}", r.notable());
-        }
-    }
 }
 
 /// `sidecar_tokens_total{provider="nvidia",kind}` of a replica's `/metrics`.
@@ -156,6 +145,92 @@ fn table(tokens: &[TokenCount]) -> String {
     out
 }
 
+/// Closed-loop clients of the mix at every replica (`CLIENTS` each), seeded from `seed`.
+fn flood_all(replicas: &[Replica], seed: u64) -> Vec<Flood> {
+    replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| flood(r.addr, CLIENTS, seed + 100 * i as u64, CAP, mixed_chat))
+        .collect()
+}
+
+/// What a flood came to: the judge's figures (read when the clients stop) and each
+/// replica's answers and settled tokens.
+struct Finished {
+    tokens: Vec<TokenCount>,
+    worst: u64,
+    refused_tokens: u64,
+    refused_requests: u64,
+    charged: u64,
+    settled: Vec<Option<u64>>,
+    tallies: Vec<std::sync::Arc<Tally>>,
+}
+
+impl Finished {
+    /// Stops the clients (after reading the judge's windows) and reads the rest.
+    async fn read(mock: &MockServer, replicas: &[Replica], floods: Vec<Flood>) -> Self {
+        let tokens = mock.token_window_counts(W);
+        let mut tallies = Vec::new();
+        for f in floods {
+            tallies.push(f.stop(Duration::from_secs(40)).await);
+        }
+        let charged = mock.tokens_total();
+        Self {
+            tokens,
+            worst: mock.max_tokens_in_rolling(W),
+            refused_tokens: mock.refused_for_tokens(),
+            refused_requests: mock.refused_for_requests(),
+            charged,
+            settled: settled(replicas, charged).await,
+            tallies,
+        }
+    }
+
+    fn settled_sum(&self) -> u64 {
+        self.settled.iter().map(|v| v.unwrap_or(0)).sum()
+    }
+
+    /// The clients' answers, one line per replica.
+    fn answers(&self) -> String {
+        let lines: Vec<String> = self.tallies.iter().map(|t| t.summary()).collect();
+        lines.join("\n")
+    }
+
+    /// What every flood promises: each answer a 200 and each replica served, the
+    /// settlements adding up to the provider's charges.
+    fn check(&self, broken: &mut Vec<String>) {
+        let get = Tally::get;
+        for (i, t) in self.tallies.iter().enumerate() {
+            if get(&t.too_many) > 0 || get(&t.other) > 0 {
+                broken.push(format!("r{i}: not every answer was 200: {}", t.summary()));
+            }
+            if get(&t.ok) == 0 {
+                broken.push(format!("r{i} served nothing"));
+            }
+        }
+        if self.settled_sum() != self.charged {
+            broken.push(format!(
+                "the replicas settled {} tokens, the provider charged {}",
+                self.settled_sum(),
+                self.charged
+            ));
+        }
+    }
+}
+
+/// Fails with what broke, the report and the replicas' notable log lines; else stops.
+fn conclude(broken: &[String], report: &str, replicas: Vec<Replica>, mock: MockServer) {
+    let logs: Vec<String> = replicas.iter().map(Replica::notable).collect();
+    assert!(
+        broken.is_empty(),
+        "{}\n{report}\n{}",
+        broken.join("\n"),
+        logs.join("\n")
+    );
+    drop(replicas);
+    mock.stop();
+}
+
 /// Three replicas, each told the whole token limit, flooded with the mix for seven
 /// windows: no provider 429, at most `L` tokens in any rolling window as the provider
 /// counts them, on average at least `fill` of `L` charged a window after the first, and
@@ -168,59 +243,45 @@ async fn three_replicas_share_the_token_limit(label: &str, charge: TokenCharge, 
     all_shared(&replicas).await;
 
     let t0 = judge_epoch(&mock);
-    let floods: Vec<Flood> = replicas
-        .iter()
-        .enumerate()
-        .map(|(i, r)| flood(r.addr, CLIENTS, 23_000 + 100 * i as u64, CAP, mixed_chat))
-        .collect();
+    let floods = flood_all(&replicas, 23_000);
     until(t0, W * 7).await;
-    let tokens = mock.token_window_counts(W);
-    let mut tallies = Vec::new();
-    for f in floods {
-        tallies.push(f.stop(Duration::from_secs(40)).await);
-    }
-    let worst = mock.max_tokens_in_rolling(W);
-    let (refused_tokens, refused_requests) =
-        (mock.refused_for_tokens(), mock.refused_for_requests());
-    let charged = mock.tokens_total();
-    let each = settled(&replicas, charged).await;
-    let sum_settled: u64 = each.iter().map(|v| v.unwrap_or(0)).sum();
-    let report = table(&tokens);
-    let end = tokens.len().saturating_sub(1);
-    let full = &tokens[1.min(end)..end];
+    let f = Finished::read(&mock, &replicas, floods).await;
+    let end = f.tokens.len().saturating_sub(1);
+    let full = &f.tokens[1.min(end)..end];
     let mean = full.iter().map(|w| w.tokens as f64).sum::<f64>() / full.len().max(1) as f64;
-    let get = Tally::get;
-    let mut answers: Vec<String> = tallies.iter().map(|t| t.summary()).collect();
+    let mut leases = Vec::new();
     for r in &replicas {
-        answers.push(format!(
+        leases.push(format!(
             "{} token leases: {}",
             r.name,
             token_leases(r.metrics).await
         ));
     }
-    println!(
+    let (worst, charged) = (f.worst, f.charged);
+    let report = format!(
         "{label}: {REPLICAS} replicas x {CLIENTS} clients, {L} tokens and {N} requests per 6 s\n\
-         {report}mean of windows 1..: {mean:.0} ({:.1} %); most in any rolling 6 s: {worst}\n\
-         provider 429s: {refused_tokens} tokens, {refused_requests} requests\n\
-         provider charged {charged}; replicas settled {each:?} (sum {sum_settled})\n{}",
+         {}mean of windows 1..: {mean:.0} ({:.1} %); most in any rolling 6 s: {worst}\n\
+         provider 429s: {} tokens, {} requests\n\
+         provider charged {charged}; replicas settled {:?} (sum {})\n{}\n{}",
+        table(&f.tokens),
         100.0 * mean / L as f64,
-        answers.join("\n")
+        f.refused_tokens,
+        f.refused_requests,
+        f.settled,
+        f.settled_sum(),
+        f.answers(),
+        leases.join("\n")
     );
+    println!("{report}");
 
     let mut broken = Vec::new();
-    if refused_tokens + refused_requests > 0 {
+    if f.refused_tokens + f.refused_requests > 0 {
         broken.push(format!(
-            "provider 429s: {refused_tokens} of the token limit, {refused_requests} of the request limit"
+            "provider 429s: {} of the token limit, {} of the request limit",
+            f.refused_tokens, f.refused_requests
         ));
     }
-    for (i, t) in tallies.iter().enumerate() {
-        if get(&t.too_many) > 0 || get(&t.other) > 0 {
-            broken.push(format!("r{i}: not every answer was 200: {}", t.summary()));
-        }
-        if get(&t.ok) == 0 {
-            broken.push(format!("r{i} served nothing"));
-        }
-    }
+    f.check(&mut broken);
     if worst > L {
         broken.push(format!("{worst} tokens in one rolling window, over {L}"));
     }
@@ -233,27 +294,14 @@ async fn three_replicas_share_the_token_limit(label: &str, charge: TokenCharge, 
         ));
     }
     // Equal clients at every replica: none is starved (each gets at least half of an
-    // equal part of what was charged; runs give 26 to 36 %).
-    for (i, v) in each.iter().enumerate() {
+    // equal part of what was charged; runs give 23 to 37 %).
+    for (i, v) in f.settled.iter().enumerate() {
         let part = v.unwrap_or(0) as f64 / charged.max(1) as f64;
         if part < 0.5 / REPLICAS as f64 {
             broken.push(format!("r{i} settled {:.1} % of the tokens", 100.0 * part));
         }
     }
-    if sum_settled != charged {
-        broken.push(format!(
-            "the replicas settled {sum_settled} tokens, the provider charged {charged}"
-        ));
-    }
-    let logs: Vec<String> = replicas.iter().map(Replica::notable).collect();
-    assert!(
-        broken.is_empty(),
-        "{}\n{report}\n{}",
-        broken.join("\n"),
-        logs.join("\n")
-    );
-    drop(replicas);
-    mock.stop();
+    conclude(&broken, &report, replicas, mock);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,11 +381,7 @@ async fn redis_killed_then_restarted_keeps_the_token_limit() {
     all_shared(&replicas).await;
 
     let t0 = judge_epoch(&mock);
-    let floods: Vec<Flood> = replicas
-        .iter()
-        .enumerate()
-        .map(|(i, r)| flood(r.addr, CLIENTS, 24_000 + 100 * i as u64, CAP, mixed_chat))
-        .collect();
+    let floods = flood_all(&replicas, 24_000);
     until(t0, W * 2).await;
     redis.kill9();
     let mut broken = Vec::new();
@@ -361,25 +405,16 @@ async fn redis_killed_then_restarted_keeps_the_token_limit() {
         }
     }
     until(t0, W * 7).await;
-    let tokens = mock.token_window_counts(W);
-    let mut tallies = Vec::new();
-    for f in floods {
-        tallies.push(f.stop(Duration::from_secs(40)).await);
-    }
-    let worst = mock.max_tokens_in_rolling(W);
-    let refused = mock.refused_for_tokens() + mock.refused_for_requests();
-    let charged = mock.tokens_total();
-    let each = settled(&replicas, charged).await;
-    let sum_settled: u64 = each.iter().map(|v| v.unwrap_or(0)).sum();
+    let f = Finished::read(&mock, &replicas, floods).await;
+    let refused = f.refused_tokens + f.refused_requests;
     let report = format!(
-        "{}most in any rolling 6 s: {worst}; provider 429s: {refused} ({during} during the \
-         outage); charged {charged}, settled {each:?}\n{}",
-        table(&tokens),
-        tallies
-            .iter()
-            .map(|t| t.summary())
-            .collect::<Vec<_>>()
-            .join("\n")
+        "{}most in any rolling 6 s: {}; provider 429s: {refused} ({during} during the \
+         outage); charged {}, settled {:?}\n{}",
+        table(&f.tokens),
+        f.worst,
+        f.charged,
+        f.settled,
+        f.answers()
     );
     println!("{report}");
     if refused > REPLICAS as u64 {
@@ -387,23 +422,6 @@ async fn redis_killed_then_restarted_keeps_the_token_limit() {
             "{refused} provider 429s, over one per replica across the loss"
         ));
     }
-    for (i, t) in tallies.iter().enumerate() {
-        if Tally::get(&t.other) > 0 || Tally::get(&t.too_many) > 0 {
-            broken.push(format!("r{i}: not every answer was 200: {}", t.summary()));
-        }
-    }
-    if sum_settled != charged {
-        broken.push(format!(
-            "the replicas settled {sum_settled} tokens, the provider charged {charged}"
-        ));
-    }
-    let logs: Vec<String> = replicas.iter().map(Replica::notable).collect();
-    assert!(
-        broken.is_empty(),
-        "{}\n{report}\n{}",
-        broken.join("\n"),
-        logs.join("\n")
-    );
-    drop(replicas);
-    mock.stop();
+    f.check(&mut broken);
+    conclude(&broken, &report, replicas, mock);
 }

@@ -422,3 +422,15 @@ pub fn run_to_exit(env: &[(&str, &str)]) -> Exited {
         &format!("the binary with {env:?}"),
     )
 }
+
+/// Waits until every replica says it is on the shared budget (at most 20 s each).
+pub async fn all_shared(replicas: &[Replica]) {
+    for r in replicas {
+        if let Err(e) = r
+            .wait_for("on the shared budget", 0, Duration::from_secs(20))
+            .await
+        {
+            panic!("{e}\n{}", r.notable());
+        }
+    }
+}

@@ -201,8 +201,22 @@ impl Task {
     /// ends (ms) and its sends, for buckets with any.
     fn sends_by_bucket(&self, since: Option<u64>) -> Vec<String> {
         let guard = &self.limiter.guard;
+        self.by_bucket(guard.span_nanos(), since, |end, len| {
+            u64::from(guard.sent_in(end, len))
+        })
+    }
+
+    /// What `count(end, len)` counts in [`SEED_BUCKETS`] buckets of `span` counted back
+    /// from now (or since clock time `since`): pairs of how long ago each bucket ends
+    /// (ms) and its count, for buckets with any.
+    pub(super) fn by_bucket(
+        &self,
+        span: u64,
+        since: Option<u64>,
+        count: impl Fn(u64, u64) -> u64,
+    ) -> Vec<String> {
         let now = self.clock.now_nanos();
-        let bucket = (guard.span_nanos() / SEED_BUCKETS).max(1);
+        let bucket = (span / SEED_BUCKETS).max(1);
         let mut pairs = Vec::new();
         for i in 0..SEED_BUCKETS {
             let end = now.saturating_sub(i * bucket);
@@ -211,7 +225,7 @@ impl Task {
                 Some(since) => bucket.min(end - since),
                 None => bucket,
             };
-            let n = guard.sent_in(end, len);
+            let n = count(end, len);
             if n > 0 {
                 pairs.push((i * bucket / 1_000_000).to_string());
                 pairs.push(n.to_string());

@@ -342,26 +342,12 @@ impl Task {
         let Some(budget) = self.limiter.token_budget() else {
             return Vec::new();
         };
-        let now = self.clock.now_nanos();
-        let buckets = super::SEED_BUCKETS;
-        let bucket = (budget.span_nanos() / buckets).max(1);
-        let mut pairs = vec!["tokens".to_owned()];
-        for i in 0..buckets {
-            let end = now.saturating_sub(i * bucket);
-            let len = match since {
-                Some(since) if end <= since => break,
-                Some(since) => bucket.min(end - since),
-                None => bucket,
-            };
-            let n = budget.charged_in(end, len);
-            if n > 0 {
-                pairs.push((i * bucket / 1_000_000).to_string());
-                pairs.push(n.to_string());
-            }
+        let pairs = self.by_bucket(budget.span_nanos(), since, |end, len| {
+            budget.charged_in(end, len)
+        });
+        if pairs.is_empty() {
+            return pairs;
         }
-        if pairs.len() == 1 {
-            pairs.clear();
-        }
-        pairs
+        std::iter::once("tokens".to_owned()).chain(pairs).collect()
     }
 }

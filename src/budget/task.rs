@@ -15,6 +15,7 @@ mod call;
 mod fallback;
 mod join;
 mod lease;
+mod leases;
 mod report;
 mod tokens;
 
@@ -105,7 +106,7 @@ pub struct Task {
     /// The cluster's per-window limit in the last reply.
     last_limit: u32,
     /// Token leases (when the cluster keeps a token budget).
-    tl: tokens::TokenLeases,
+    tl: leases::TokenLeases,
 }
 
 impl Task {
@@ -152,7 +153,7 @@ impl Task {
             offered: 0.0,
             last_counts: (0, 0, now),
             last_limit: u32::MAX,
-            tl: tokens::TokenLeases::new(now),
+            tl: leases::TokenLeases::new(now),
         }
     }
 
@@ -280,7 +281,7 @@ impl Task {
         if let Some(d) = self.tl.adjust_due() {
             next = next.min(d);
         } else if self.b.pot.token_pot.has_adjustments() {
-            next = next.min(tokens::ADJUST_EVERY);
+            next = next.min(leases::ADJUST_EVERY);
         }
         let tokens = &self.b.pot.token_pot;
         if tokens.tokens() > 0 {

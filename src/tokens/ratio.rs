@@ -106,11 +106,12 @@ impl Learned {
             | self.samples.min(15) << (3 * FIELD_BITS)
     }
 
-    /// `max(floor, peak)`, the peak rounded up to a Factor step; the floor until a
-    /// sample is in.
+    /// `max(floor, peak)`, the peak rounded up to a Factor step; the fixed ratio's
+    /// (1, or the floor if that is higher) until a sample is in: a floor below 1 lets
+    /// learning shrink over-estimates, it never cuts a model's first reservations.
     fn factor(self, floor: Factor) -> Factor {
         if self.samples == 0 {
-            return floor;
+            return floor.max(Factor::ONE);
         }
         let peak = self.peak.div_ceil(UNIT / u64::from(Factor::SCALE));
         Factor::from_scaled(peak as u32).max(floor)
@@ -171,7 +172,8 @@ impl RatioTable {
         }
     }
 
-    /// The factor for `model`'s estimates: the floor until it has settled a sample.
+    /// The factor for `model`'s estimates: the fixed ratio's until it has settled a
+    /// sample.
     pub fn factor(&self, model: &str) -> Factor {
         let word = self
             .state(model, false)

@@ -121,7 +121,7 @@ impl Task {
                     "the shared budget had no token setting: this replica's is now the cluster's"
                 );
                 self.pending
-                    .push_back(super::Op::from(crate::budget::Command::Tokens {
+                    .push_back(super::Op::from(crate::budget::handle::Command::Tokens {
                         tokens_per_minute: mine,
                         tokens_per_window: per_window,
                     }));

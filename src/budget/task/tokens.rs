@@ -8,9 +8,8 @@
 //! whole or nothing: a part of it could not send the request). Changes of a lease's
 //! charge (a reservation given back, a settlement above or below the estimate, the
 //! unused rest of a lease) are reported as signed adjustments of that lease, summed per
-//! lease and carried by the next call, at most [`ADJUST_EVERY`] after the first.
+//! lease and carried by the next call, at most `leases::ADJUST_EVERY` after the first.
 
-use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{nanos, Op, Task, HEARTBEAT};
@@ -18,76 +17,6 @@ use crate::budget::inputs::Settings;
 use crate::budget::script::Reply;
 use crate::limiter::learn::tokens_per_window;
 use crate::limiter::{Mode, TokenReport};
-
-/// The longest a settled request's change waits for a call to carry it.
-pub(super) const ADJUST_EVERY: Duration = Duration::from_millis(20);
-
-/// This replica's token leases.
-#[derive(Debug)]
-pub(super) struct TokenLeases {
-    /// Leases granted within the last span, by their number in the pot: where a
-    /// reservation's later change is reported.
-    recent: VecDeque<(u32, String, Instant)>,
-    next: u32,
-    /// Changes not reported yet, by lease number.
-    pending: HashMap<u32, i64>,
-    /// Late sends not reported yet: Redis milliseconds to count them from, and tokens.
-    late: Vec<(u64, u64)>,
-    pending_since: Option<Instant>,
-    /// The largest cost the pot was short for, until a lease covers it.
-    short: u64,
-    retry_at: Instant,
-    /// Tokens taken per second (sampled like the requests' rate).
-    rate: f64,
-    last: (u64, Instant),
-    /// The cluster's token limit and this replica's share, per window (0: unknown).
-    limit: u64,
-    share: u64,
-    /// The cap last given to the limiter.
-    cap: Option<Option<u64>>,
-}
-
-impl TokenLeases {
-    pub(super) fn new(now: Instant) -> Self {
-        Self {
-            recent: VecDeque::new(),
-            next: 0,
-            pending: HashMap::new(),
-            late: Vec::new(),
-            pending_since: None,
-            short: 0,
-            retry_at: now,
-            rate: 0.0,
-            last: (0, now),
-            limit: 0,
-            share: 0,
-            cap: None,
-        }
-    }
-
-    fn member_of(&self, lease: u32) -> Option<&str> {
-        self.recent
-            .iter()
-            .rev()
-            .find(|(n, ..)| *n == lease)
-            .map(|(_, m, _)| m.as_str())
-    }
-
-    fn number(&mut self) -> u32 {
-        self.next = if self.next >= crate::limiter::token_lease::MAX_LEASE {
-            1
-        } else {
-            self.next + 1
-        };
-        self.next
-    }
-
-    /// Whether a change has waited long enough for a call of its own.
-    pub(super) fn adjust_due(&self) -> Option<Duration> {
-        self.pending_since
-            .map(|t| ADJUST_EVERY.saturating_sub(t.elapsed()))
-    }
-}
 
 impl Task {
     /// Whether the cluster keeps a token budget this replica takes part in.

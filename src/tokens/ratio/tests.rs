@@ -17,9 +17,11 @@ fn scaled(t: &RatioTable, model: &str) -> u32 {
 }
 
 #[test]
-fn an_unseen_model_gets_the_floor() {
+fn an_unseen_model_gets_the_fixed_ratio_whatever_the_floor() {
     let t = RatioTable::default();
     assert_eq!(t.factor("gpt-4o"), Factor::ONE);
+    // A floor under 1 lets learning shrink over-estimates; a model's first requests
+    // are still reserved at the fixed ratio, never below it.
     let low = RatioTable::new(
         4,
         RatioRules {
@@ -27,7 +29,15 @@ fn an_unseen_model_gets_the_floor() {
             ..RatioRules::default()
         },
     );
-    assert_eq!(scaled(&low, "m"), 512);
+    assert_eq!(low.factor("m"), Factor::ONE);
+    let high = RatioTable::new(
+        4,
+        RatioRules {
+            floor: Factor::from_scaled(1_536),
+            ..RatioRules::default()
+        },
+    );
+    assert_eq!(scaled(&high, "m"), 1_536);
 }
 
 #[test]

@@ -9,8 +9,13 @@
 //! reads need the token even from loopback): the page asks for the token at once,
 //! explains what is needed when refused it, and with it shows and changes the
 //! configuration, keeping the token in `sessionStorage` only.
+//! A third puts a provider with a token budget beside one without: the "Token budget"
+//! card shows the window's limit, remaining and charged tokens, the settled and reported
+//! totals and the too-large refusals, figure for figure as `/metrics` has them, and the
+//! provider without a budget has no such card.
 //! Screenshots land in `target/dashboard.png`, `target/dashboard-admin.png`,
-//! `target/dashboard-stale.png` and `target/dashboard-token-needed.png`.
+//! `target/dashboard-stale.png`, `target/dashboard-token-needed.png` and
+//! `target/dashboard-tokens.png`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (CI installs them in `.ci/run`);
 //! without them the tests are skipped under a bare `cargo test` and fail under
@@ -1288,4 +1293,471 @@ async fn remote_scenario(c: Client, driver: SocketAddr) {
     tokio::task::spawn_blocking(move || stack.stop())
         .await
         .expect("the sidecar stops");
+}
+
+// === the token budget card ===
+
+/// Tokens per window of the token budget: `tokens_per_minute = 12000` on the default
+/// 60 s window. A window this long holds every charge of the scenario until it ends, so
+/// "charged in the window" is the chats' settled tokens both when the page is read and
+/// when `/metrics` is scraped; on a 6 s window the charges would leave it while the
+/// test reads the page, and the figures would race the clock.
+const TOKEN_LIMIT: u64 = 12_000;
+/// The chats sent through the token budget: prompt bytes and `max_tokens`.
+const TOKEN_CHATS: [(usize, u64); 3] = [(400, 100), (1_200, 500), (2_000, 1_000)];
+/// A chat for the provider without a token budget (routed by its model).
+const PLAIN_CHAT: &str =
+    r#"{"model":"mistralai/mixtral-8x7b","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// The "Token budget" card of nvidia as the page shows it, its texts as shown, and what
+/// the page has of the provider without a budget; read in one script run.
+#[derive(Debug, Deserialize)]
+struct TokenCard {
+    status: Option<String>,
+    /// `(card id, its provider section's id, shown)` of every token card on the page.
+    cards: Vec<(String, String, bool)>,
+    shown: bool,
+    title: Option<String>,
+    remaining: Option<String>,
+    limit: Option<String>,
+    /// The window the limit is for ("per 60 s window").
+    window: Option<String>,
+    /// The remaining figure's whole line, as read ("9491 of 12000 tokens per 60 s window").
+    remaining_line: Option<String>,
+    charged: Option<String>,
+    /// The charged meter's width ("20.9%").
+    fill: Option<String>,
+    detail: Option<String>,
+    settled: Option<String>,
+    estimated: Option<String>,
+    usage: Option<String>,
+    refused: Option<String>,
+    ratio: Option<String>,
+    ratio_count: Option<String>,
+    /// The provider without a budget: its section's cards, and its requests total.
+    plain_cards: Vec<String>,
+    plain_total: Option<String>,
+}
+
+const READ_TOKEN_CARD: &str = r#"
+const text = id => { const e = document.getElementById(id); return e ? e.textContent.trim() : null; };
+const card = document.getElementById('token-budget-nvidia');
+const fill = card ? card.querySelector('.meter-fill') : null;
+const plain = document.getElementById('provider-plain');
+return {
+  status: text('status'),
+  cards: Array.from(document.querySelectorAll('.c-token-budget')).map(c => {
+    const section = c.closest('section.provider');
+    return [c.id, section ? section.id : '', !c.hidden];
+  }),
+  shown: !!card && !card.hidden,
+  title: card ? card.querySelector('h3').textContent.trim() : null,
+  remaining: text('card-nvidia-token-remaining'),
+  limit: text('card-nvidia-token-limit'),
+  window: text('card-nvidia-token-window'),
+  remaining_line: (() => {
+    const e = document.getElementById('card-nvidia-token-remaining');
+    return e && e.parentElement ? e.parentElement.innerText.replace(/\s+/g, ' ').trim() : null;
+  })(),
+  charged: text('card-nvidia-token-charged'),
+  fill: fill ? fill.style.width : null,
+  detail: text('card-nvidia-token-detail'),
+  settled: text('card-nvidia-token-settled'),
+  estimated: text('card-nvidia-token-estimated'),
+  usage: text('card-nvidia-token-usage'),
+  refused: text('card-nvidia-token-refused'),
+  ratio: text('card-nvidia-token-ratio'),
+  ratio_count: text('card-nvidia-token-ratio-count'),
+  plain_cards: plain ? Array.from(plain.querySelectorAll('.card > h3')).map(h => h.textContent.trim()) : [],
+  plain_total: text('card-plain-requests-total'),
+};
+"#;
+
+/// A whole number as the page writes it, thousands separators read through.
+fn shown_int(s: Option<&str>) -> Option<u64> {
+    let digits: String = s?
+        .chars()
+        .filter(|c| !matches!(c, ',' | ' ' | '\u{202f}' | '\u{a0}'))
+        .collect();
+    digits.parse().ok()
+}
+
+impl TokenCard {
+    fn remaining(&self) -> Option<u64> {
+        shown_int(self.remaining.as_deref())
+    }
+
+    fn limit(&self) -> Option<u64> {
+        shown_int(self.limit.as_deref())
+    }
+
+    fn charged(&self) -> Option<u64> {
+        shown_int(self.charged.as_deref())
+    }
+
+    fn settled(&self) -> Option<u64> {
+        shown_int(self.settled.as_deref())
+    }
+
+    fn estimated(&self) -> Option<u64> {
+        shown_int(self.estimated.as_deref())
+    }
+
+    /// "reported: prompt P · completion C".
+    fn reported(&self) -> Option<(u64, u64)> {
+        let t = self.usage.as_deref()?.strip_prefix("reported: prompt ")?;
+        let (prompt, completion) = t.split_once(" · completion ")?;
+        Some((shown_int(Some(prompt))?, shown_int(Some(completion))?))
+    }
+
+    /// "N refused: larger than a whole window"; the line is empty while none was.
+    fn refused(&self) -> Option<u64> {
+        match self.refused.as_deref()? {
+            "" => Some(0),
+            t => shown_int(Some(
+                t.strip_suffix(" refused: larger than a whole window")?,
+            )),
+        }
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        self.ratio.as_deref()?.parse().ok()
+    }
+
+    fn ratio_count(&self) -> Option<u64> {
+        shown_int(self.ratio_count.as_deref())
+    }
+
+    /// The meter's width as a fraction.
+    fn fill(&self) -> Option<f64> {
+        let pct: f64 = self.fill.as_deref()?.strip_suffix('%')?.parse().ok()?;
+        Some(pct / 100.0)
+    }
+
+    /// The card shows every figure of `m`, the scrape's.
+    fn shows(&self, m: &TokenMetrics) -> bool {
+        self.shown
+            && self.limit() == Some(m.limit)
+            && self.remaining() == Some(m.remaining)
+            && self.charged() == Some(m.limit - m.remaining)
+            && self.settled() == Some(m.settled)
+            && self.estimated() == Some(m.estimated)
+            && self.reported() == Some((m.prompt, m.completion))
+            && self.refused() == Some(m.too_large)
+            && self.ratio_count() == Some(m.ratio_count)
+    }
+}
+
+/// nvidia's token figures in one `/metrics` scrape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TokenMetrics {
+    limit: u64,
+    ceiling: u64,
+    remaining: u64,
+    waiting: u64,
+    settled: u64,
+    estimated: u64,
+    prompt: u64,
+    completion: u64,
+    too_large: u64,
+    ratio_count: u64,
+    ratio_sum: f64,
+}
+
+impl TokenMetrics {
+    fn read(text: &str) -> Self {
+        let get = |series: &str| {
+            sample(text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+        };
+        let int = |series: &str| get(series) as u64;
+        let tokens = |kind: &str| {
+            int(&format!(
+                r#"sidecar_tokens_total{{provider="nvidia",kind="{kind}"}}"#
+            ))
+        };
+        Self {
+            limit: int(r#"sidecar_token_budget_limit{provider="nvidia"}"#),
+            ceiling: int(r#"sidecar_token_budget_ceiling{provider="nvidia"}"#),
+            remaining: int(r#"sidecar_token_budget_remaining{provider="nvidia"}"#),
+            waiting: int(r#"sidecar_token_waiting{provider="nvidia"}"#),
+            settled: tokens("settled"),
+            estimated: tokens("estimated"),
+            prompt: tokens("prompt"),
+            completion: tokens("completion"),
+            too_large: int(r#"sidecar_dropped_total{provider="nvidia",reason="tokens_too_large"}"#),
+            ratio_count: int(r#"sidecar_token_estimate_ratio_count{provider="nvidia"}"#),
+            ratio_sum: get(r#"sidecar_token_estimate_ratio_sum{provider="nvidia"}"#),
+        }
+    }
+
+    fn ratio_mean(&self) -> Option<f64> {
+        (self.ratio_count > 0).then(|| self.ratio_sum / self.ratio_count as f64)
+    }
+}
+
+/// Polls the page, and `/metrics` with it, until the card shows every figure of the
+/// scrape taken in the same round and `cond` holds for that scrape; returns both.
+async fn until_card_shows_metrics(
+    c: &Client,
+    metrics_addr: SocketAddr,
+    what: &str,
+    cond: impl Fn(&TokenMetrics) -> bool,
+) -> (TokenCard, TokenMetrics) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let m = TokenMetrics::read(&metrics_text(metrics_addr).await);
+        let card: TokenCard = read(c, READ_TOKEN_CARD).await;
+        if cond(&m) && card.shows(&m) {
+            return (card, m);
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {DEADLINE:?} waiting for {what}; /metrics says {m:#?}, \
+             the page shows {card:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The provider without a budget has its cards but no token card; the one token card
+/// on the page is nvidia's.
+fn only_nvidia_has_a_token_card(card: &TokenCard) {
+    assert_eq!(
+        card.cards,
+        [(
+            "token-budget-nvidia".to_owned(),
+            "provider-nvidia".to_owned(),
+            true
+        )],
+        "one token card, nvidia's: {card:#?}"
+    );
+    assert!(
+        card.plain_cards.iter().any(|t| t == "Requests"),
+        "the provider without a budget is on the page: {card:#?}"
+    );
+    assert!(
+        !card.plain_cards.iter().any(|t| t == "Token budget"),
+        "no token card for a provider without a token budget: {card:#?}"
+    );
+}
+
+#[test]
+fn the_token_budget_card_shows_the_window_and_the_totals_metrics_shows_and_only_for_a_budget() {
+    in_chromium(token_budget_scenario);
+}
+
+/// Two providers: nvidia with a token budget of 12,000 a window, "plain" without one.
+/// The card starts at a full window; chats of known sizes settle, a chat larger than the
+/// window is refused 413; the card follows, figure for figure with `/metrics`.
+async fn token_budget_scenario(c: Client, driver: SocketAddr) {
+    let session = c
+        .session_id()
+        .await
+        .expect("session id")
+        .expect("an open session");
+    // The provider counts tokens too (12,000 a minute, reserved on arrival), in its own
+    // rule, and reports each answer's usage; its plain dialect states no token limit.
+    let budgeted = common::mock(MockConfig {
+        rpm: 0.0,
+        tpm: TOKEN_LIMIT as f64,
+        window_secs: 60.0,
+        ..MockConfig::default()
+    });
+    let plain = common::mock(unlimited_mock());
+    let toml = format!(
+        r#"
+        default_provider = "nvidia"
+        snapshot_interval = 0.2
+        rate_rpm = 6000
+        bucket_capacity = 100
+        provider_window = 60
+        [[providers]]
+        name = "nvidia"
+        upstream_url = "{}"
+        api_key = "{PROVIDER_KEY}"
+        models = ["meta/*"]
+        tokens_per_minute = {TOKEN_LIMIT}
+        token_charge = "reserved"
+        [[providers]]
+        name = "plain"
+        upstream_url = "{}"
+        api_key = "key-plain"
+        models = ["mistralai/*"]
+        "#,
+        budgeted.base_url(),
+        plain.base_url()
+    );
+    let app = nvidia_sidecar::app::App::new(config_from_toml(&toml));
+    let sidecar = nvidia_sidecar::sidecar::start(app).expect("sidecar starts");
+    let (addr, metrics_addr) = (sidecar.local_addr, sidecar.metrics_addr);
+    forget_sent(addr);
+    c.goto(&format!("http://{addr}/api/dashboard"))
+        .await
+        .expect("open the dashboard");
+
+    // 1. Before any traffic: a whole window left, nothing charged or settled.
+    let (card, m) = until_card_shows_metrics(&c, metrics_addr, "the card of a full window", |m| {
+        m.settled == 0
+    })
+    .await;
+    println!("token card at start: {card:?}");
+    assert_eq!(card.status.as_deref(), Some("live"), "{card:#?}");
+    assert_eq!(card.title.as_deref(), Some("Token budget"), "{card:#?}");
+    assert_eq!(
+        (m.limit, m.ceiling, m.remaining),
+        (TOKEN_LIMIT, TOKEN_LIMIT, TOKEN_LIMIT),
+        "{m:#?}"
+    );
+    assert_eq!(card.charged(), Some(0), "{card:#?}");
+    assert_eq!(
+        card.window.as_deref(),
+        Some("per 60 s window"),
+        "the limit says its window: {card:#?}"
+    );
+    assert_eq!(card.fill(), Some(0.0), "{card:#?}");
+    assert_eq!(
+        card.refused.as_deref(),
+        Some(""),
+        "no refusal line yet: {card:#?}"
+    );
+    assert_eq!(card.ratio.as_deref(), Some("—"), "no usage yet: {card:#?}");
+    only_nvidia_has_a_token_card(&card);
+
+    // 2. Chats of known sizes, one after another. Charged as the provider charges
+    //    (`reserved`): the prompt it reported plus the `max_tokens` bound.
+    let mut expected = (0, 0, 0); // settled, prompt, completion
+    for (bytes, max_tokens) in TOKEN_CHATS {
+        let body = chat_body(
+            &[("user", prose(bytes))],
+            json!({ "max_tokens": max_tokens }),
+        );
+        let a = call(addr, req("POST", addr, "/v1/chat/completions", &[], &body)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let (prompt, completion) = usage_of(&a.body, false)
+            .unwrap_or_else(|| panic!("the answer reports its usage: {}", a.text()));
+        expected.0 += prompt + max_tokens;
+        expected.1 += prompt;
+        expected.2 += completion;
+    }
+    // Its bound alone is larger than the window's whole budget: refused at once.
+    let big = chat_body(
+        &[("user", "hi".to_owned())],
+        json!({ "max_tokens": 20_000 }),
+    );
+    call(addr, req("POST", addr, "/v1/chat/completions", &[], &big))
+        .await
+        .assert_error(413, "tokens_exceed_limit");
+    let a = call(
+        addr,
+        req("POST", addr, "/v1/chat/completions", &[], PLAIN_CHAT),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(
+        (budgeted.requests(), plain.requests()),
+        (TOKEN_CHATS.len() as u64, 1),
+        "the refused chat never reached the provider"
+    );
+    let (settled, prompt, completion) = expected;
+    println!("sent {TOKEN_CHATS:?}: settled {settled}, prompt {prompt}, completion {completion}");
+
+    // 3. The same card, updated from the stream: the figures /metrics has once the
+    //    chats are settled (settlement may trail the answer's last byte by a moment).
+    let (card, m) = until_card_shows_metrics(&c, metrics_addr, "the settled chats", |m| {
+        m.settled == settled && m.too_large == 1
+    })
+    .await;
+    println!("token card after the chats: {card:?}");
+    println!("/metrics: {m:?}");
+    assert_eq!(
+        (m.prompt, m.completion),
+        (prompt, completion),
+        "the usage the answers reported: {m:#?}"
+    );
+    assert_eq!(
+        (m.limit, m.ceiling, m.waiting),
+        (TOKEN_LIMIT, TOKEN_LIMIT, 0),
+        "{m:#?}"
+    );
+    // Every charge is still in the window, the refused chat's not at all.
+    assert_eq!(m.remaining, TOKEN_LIMIT - settled, "{m:#?}");
+    assert_eq!(card.limit(), Some(TOKEN_LIMIT), "{card:#?}");
+    assert_eq!(card.remaining(), Some(TOKEN_LIMIT - settled), "{card:#?}");
+    assert_eq!(card.charged(), Some(settled), "{card:#?}");
+    assert_eq!(
+        card.remaining_line.as_deref(),
+        Some(
+            format!(
+                "{} of {TOKEN_LIMIT} tokens per 60 s window",
+                TOKEN_LIMIT - settled
+            )
+            .as_str()
+        ),
+        "{card:#?}"
+    );
+    assert_eq!(card.settled(), Some(settled), "{card:#?}");
+    assert_eq!(card.refused(), Some(1), "{card:#?}");
+    assert!(
+        card.fill()
+            .is_some_and(|f| (f - settled as f64 / TOKEN_LIMIT as f64).abs() < 0.001),
+        "the meter is charged ÷ limit: {card:#?}"
+    );
+    assert_eq!(
+        card.detail.as_deref(),
+        Some(format!("ceiling {TOKEN_LIMIT}").as_str()),
+        "no stated limit, nothing waiting, no hold: {card:#?}"
+    );
+    // Each answer reported its usage: one estimate ÷ usage sample each.
+    assert_eq!(m.ratio_count, TOKEN_CHATS.len() as u64, "{m:#?}");
+    let mean = m.ratio_mean().expect("a mean over the answers with usage");
+    assert!(
+        card.ratio().is_some_and(|r| (r - mean).abs() <= 0.006),
+        "the mean estimate ÷ usage is {mean:.3}: {card:#?}"
+    );
+    // The provider without a budget served its chat, and still has no token card.
+    let card: TokenCard = poll(
+        &c,
+        READ_TOKEN_CARD,
+        "the chat of the provider without a budget",
+        DEADLINE,
+        |v: &TokenCard| v.plain_total.as_deref() == Some("1"),
+    )
+    .await;
+    only_nvidia_has_a_token_card(&card);
+
+    // The provider without a budget has no `tokens` in the snapshot and no token
+    // series in /metrics.
+    let snap = snapshot_until(addr, "both providers", |v| {
+        v["providers"].as_array().is_some_and(|p| p.len() == 2)
+    })
+    .await;
+    for p in snap["providers"].as_array().expect("providers") {
+        let has_tokens = p.get("tokens").is_some();
+        assert_eq!(has_tokens, p["name"] == "nvidia", "{p:#}");
+    }
+    let text = metrics_text(metrics_addr).await;
+    let plain_token_series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("sidecar_token") && l.contains(r#"provider="plain""#))
+        .collect();
+    assert!(plain_token_series.is_empty(), "{plain_token_series:#?}");
+
+    // 4. A picture of the card (after the meter's transition).
+    c.execute(
+        "document.getElementById('token-budget-nvidia').scrollIntoView({block: 'center'});",
+        vec![],
+    )
+    .await
+    .expect("scroll to the token card");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    screenshot(&c, "dashboard-tokens.png").await;
+
+    let log = browser_log(driver, &session).await;
+    assert_no_console_errors("with a token budget", &log, |_| false);
+    assert_ledger_at(addr, metrics_addr, sent_to(addr)).await;
+    tokio::task::spawn_blocking(move || sidecar.stop())
+        .await
+        .expect("the sidecar stops");
+    budgeted.stop();
+    plain.stop();
 }

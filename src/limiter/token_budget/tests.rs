@@ -140,6 +140,23 @@ fn only_pending_reservations_in_the_way_wait_the_pending_wait() {
 }
 
 #[test]
+fn a_head_keeps_the_deadline_it_was_first_given_until_another_head_comes() {
+    let b = budget(1_000);
+    assert_eq!(b.head_deadline(5 * S, 70 * S), 70 * S);
+    assert_eq!(
+        b.head_deadline(5 * S, 90 * S),
+        70 * S,
+        "the first one stays"
+    );
+    assert_eq!(
+        b.head_deadline(6 * S, 95 * S),
+        95 * S,
+        "a new head, a new deadline"
+    );
+    assert_eq!(b.head_deadline(6 * S, 99 * S), 95 * S);
+}
+
+#[test]
 fn a_lowered_limit_keeps_the_charges_and_admits_when_they_leave() {
     let b = budget(1_000);
     let r = b.try_reserve(cost(800, 0), 0).unwrap();

@@ -181,27 +181,105 @@ fn a_reservation_settled_before_it_was_sent_gives_everything_back() {
 
 // === the dispatcher's order ===
 
+/// Admits a request of `n` tokens queued behind others at `now`, grants it by
+/// dispatching at `now`, and sends it then.
+fn pass_queue(l: &Limiter, n: u64, now: u64) {
+    let mut t = queued(l.admit(Priority::Normal, cost(n), now));
+    l.dispatch(now);
+    let mut p = Permit::new(l, granted(&mut t).expect("it fits and passes"));
+    p.stamp(now);
+    drop(p.take_tokens());
+}
+
 #[test]
-fn a_smaller_request_passes_a_head_that_does_not_fit_until_the_head_has_waited_a_window() {
+fn a_head_that_waited_a_window_is_passed_only_by_what_leaves_it_room_when_it_fits() {
     let l = budgeted(1_000);
-    let _first = send(&l, 800, 0);
-    let mut big = queued(l.admit(Priority::Normal, cost(500), 0));
-    let mut small = queued(l.admit(Priority::Normal, cost(100), S));
-    assert!(l.dispatch(S).is_some());
-    assert!(!is_granted(&mut big));
-    let g = granted(&mut small).expect("the smaller one fits and passes");
-    let mut p = Permit::new(&l, g);
-    p.stamp(S);
-    // The head has now waited a window: the budget is held for it.
-    let mut late = queued(l.admit(Priority::Normal, cost(100), 61 * S));
-    assert_eq!(remaining(&l, 61 * S), 100, "it would fit");
+    let _a = send(&l, 450, 0);
+    let mut head = queued(l.admit(Priority::Normal, cost(700), 0));
+    // Young, the head is passed by whatever fits: 250 sent at 30 s (leaves at 90.45 s).
+    pass_queue(&l, 250, 30 * S);
+    assert!(!is_granted(&mut head));
+    // 61 s: the head has waited a window. It fits once the 450 of sub-window 0 leave
+    // (61.27 s), with 50 to spare then; 100 fit now, but with them the head would wait
+    // for the 250 sent at 30 s, past its deadline (61.27 s + 6 s).
+    let mut hundred = queued(l.admit(Priority::Normal, cost(100), 61 * S));
+    let mut fifty = queued(l.admit(Priority::Normal, cost(50), 61 * S));
+    assert_eq!(remaining(&l, 61 * S), 300, "both would fit");
     assert!(l.dispatch(61 * S).is_some());
-    assert!(!is_granted(&mut late), "held for the head");
-    assert!(!is_granted(&mut big));
-    // The first 800 leave the span: the head goes, then the one behind it.
-    assert_eq!(l.dispatch(62 * S), None);
-    assert!(is_granted(&mut big));
-    assert!(is_granted(&mut late));
+    assert!(!is_granted(&mut hundred), "held for the head");
+    assert!(is_granted(&mut fifty), "it leaves the head its room");
+    assert!(!is_granted(&mut head));
+    assert!(l.dispatch(62 * S).is_some());
+    assert!(is_granted(&mut head), "the head goes when its room is free");
+    assert!(!is_granted(&mut hundred));
+}
+
+#[test]
+fn a_held_head_may_be_made_to_fit_up_to_a_tenth_of_a_window_later_and_no_later() {
+    let l = budgeted(1_000);
+    let _a = send(&l, 450, 0);
+    let mut head = queued(l.admit(Priority::Normal, cost(700), 0));
+    pass_queue(&l, 100, 3 * S); // leaves at 64.19 s
+    pass_queue(&l, 150, 30 * S); // leaves at 90.45 s
+                                 // 61 s: held, the head fits at 61.27 s; its deadline is 67.27 s. 100 more make it
+                                 // wait for the 100 sent at 3 s (64.19 s): within the deadline, they pass. 100 more
+                                 // again would make it wait for the 150 sent at 30 s: held back.
+    let mut first = queued(l.admit(Priority::Normal, cost(100), 61 * S));
+    let mut second = queued(l.admit(Priority::Normal, cost(100), 61 * S));
+    assert!(l.dispatch(61 * S).is_some());
+    assert!(
+        is_granted(&mut first),
+        "the head still fits by its deadline"
+    );
+    assert!(
+        !is_granted(&mut second),
+        "it would push the head past its deadline"
+    );
+    // The deadline stays the one given when the head was first held.
+    assert!(l.dispatch(63 * S).is_some());
+    assert!(!is_granted(&mut second));
+    assert!(!is_granted(&mut head));
+    assert!(l.dispatch(65 * S).is_some());
+    assert!(is_granted(&mut head), "the head fits at 64.19 s");
+    assert!(!is_granted(&mut second));
+}
+
+#[test]
+fn every_waiter_that_waited_a_window_is_held_for_not_only_the_head() {
+    let l = budgeted(2_000);
+    let a = send(&l, 1_500, 0);
+    let mut first = queued(l.admit(Priority::Normal, cost(1_000), 0));
+    let mut second = queued(l.admit(Priority::Normal, cost(950), 0));
+    pass_queue(&l, 400, 8 * S); // both young, both passed: leaves at 69.05 s
+                                // Most of the 1,500 turn out unused: settled at 700, still in sub-window 0.
+    a.settle(
+        Some(Usage {
+            prompt: 700,
+            completion: 0,
+        }),
+        Charge::Actual,
+    );
+    // 61 s: 900 free now. The head fits at 61.27 s (1,600 free then), with 600 to
+    // spare by its deadline; the second, after it, once the 400 leave (69.05 s), with
+    // 50 to spare: 300 would delay the second, 50 do not.
+    let mut three_hundred = queued(l.admit(Priority::Normal, cost(300), 61 * S));
+    let mut fifty = queued(l.admit(Priority::Normal, cost(50), 61 * S));
+    assert_eq!(remaining(&l, 61 * S), 900);
+    assert!(l.dispatch(61 * S).is_some());
+    assert!(
+        !is_granted(&mut three_hundred),
+        "held for the second waiter"
+    );
+    assert!(is_granted(&mut fifty));
+    assert!(l.dispatch(62 * S).is_some());
+    assert!(is_granted(&mut first));
+    assert!(!is_granted(&mut second));
+    l.dispatch(70 * S);
+    assert!(
+        is_granted(&mut second),
+        "in its turn, by the time it was to fit"
+    );
+    assert!(!is_granted(&mut three_hundred));
 }
 
 #[test]

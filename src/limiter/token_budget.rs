@@ -8,8 +8,10 @@
 //! empty span (the caller refuses those at admission; this is for one parked before the
 //! limit fell). A reservation is pending from admission until it is sent (its charge is
 //! then dated at its send time, never earlier than the reservation) or given back.
-//! Settlement changes the charge where it was dated; a raise is what the provider
-//! counted, which admission could not have known.
+//! Settlement sets the charge to what the provider counted (a raise is what admission
+//! could not have known), dated as the provider dates it: at the send under `reserved`
+//! (counted on arrival), at the answer's end under `actual` (counted then; a charge
+//! moves there added first and taken from its send's sub-window after, `ring.rs`).
 //!
 //! **Increment-then-check**, as the window guard's sub-window counts: a reservation
 //! adds itself to `pending` (Acquire) and only then reads the charges; a send adds its
@@ -21,11 +23,12 @@
 //! `span / 62` longer than the span.
 //!
 //! **Why the guard's whole span.** A charge is dated at the send, as the guard dates a
-//! request, and the provider counts it on arrival (`reserved`) or when the answer ends
-//! (`actual`): what separates the two clocks is the same stamp-to-arrival skew the
-//! guard's margin is there for, and more under `actual`. A token-specific allowance
-//! smaller than the guard's would need a bound on that skew which the token path does
-//! not have. It costs the margin's share of the window (0.5 % by default).
+//! request, and a `reserved` provider counts it on arrival: what separates the two
+//! clocks is the same stamp-to-arrival skew the guard's margin is there for. A
+//! token-specific allowance smaller than the guard's would need a bound on that skew
+//! which the token path does not have. It costs the margin's share of the window (0.5 %
+//! by default). (An `actual` charge, dated at the end the sidecar sees, needs none, but
+//! while its answer runs it is dated at the send like the others.)
 //!
 //! **Why the oldest sub-window whole.** Counting it only until its latest charge leaves
 //! is possible (a latest send time per word), and was measured on the issue 19 floods:
@@ -33,8 +36,7 @@
 //! 6 `actual` ones, none in as many runs with it whole. The room it holds (up to a
 //! sub-window's charges, `span / 62` at most) is also what absorbs what admission cannot
 //! see: estimates short of the provider's count until they settle (learned ratios aim
-//! at the 95th percentile, not above every prompt), and `actual` answers that end past
-//! the margin.
+//! at the 95th percentile, not above every prompt).
 //!
 //! **Hold.** After a 429 about tokens, reservations are refused until the provider's
 //! reset; the learned limit itself is the controller's (`learn.rs`), published here.
@@ -300,12 +302,30 @@ impl TokenBudget {
         self.pending.fetch_sub(r.cost.total(), Ordering::Relaxed);
     }
 
-    /// Changes a sent charge to `charged`, where it was dated.
-    pub fn settle(&self, s: &mut Sent, charged: u64) {
-        let delta = i128::from(charged) - i128::from(s.charged);
-        let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
-        self.ring.adjust(s.sub, delta);
+    /// Settles a sent charge whose answer ended at `end`: what `charge` makes of `usage`
+    /// (the estimate without it). Under `reserved` it stays where it was dated (the
+    /// provider counted it on arrival); under `actual` it moves to `end` (the provider
+    /// counts it when the answer ends, which the sidecar sees no earlier). Returns the
+    /// tokens charged now.
+    pub fn settle(&self, s: &mut Sent, charge: Charge, usage: Option<Usage>, end: u64) -> u64 {
+        let charged = charge.settled(s.cost, usage);
+        match charge {
+            Charge::Reserved => {
+                let delta = i128::from(charged) - i128::from(s.charged);
+                let delta =
+                    i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
+                self.ring.adjust(s.sub, delta);
+            }
+            Charge::Actual => {
+                let at = end.max(s.at);
+                s.sub = self
+                    .ring
+                    .moved(s.sub, s.charged, at, charged, &self.contention);
+                s.at = at;
+            }
+        }
         s.charged = charged;
+        charged
     }
 
     /// Tokens the provider counted that the sidecar did not: charged at `now`.

@@ -4,8 +4,9 @@
 //! **A reservation** ([`Reservation`]) is made by admission (the fast path, or the
 //! dispatcher's grant) and travels in the [`Permit`](super::Permit). It is dated when
 //! the request is written upstream and settled once, by value, when the answer ends:
-//! [`Reservation::settle`]. Dropped unsent, it gives every token back at once; dropped
-//! sent and unsettled, the estimate stays charged.
+//! [`Reservation::settle`] (under `actual`, the charge moves to the answer's end). Dropped
+//! unsent, it gives every token back at once; dropped sent and unsettled, the estimate
+//! stays charged where it was sent.
 //!
 //! **Answers.** A 429 about tokens holds token admission until the provider's reset
 //! (requests without a token cost still go; the request rate is not touched) and goes to
@@ -67,10 +68,10 @@ impl<'a> Reservation<'a> {
         }
     }
 
-    /// The answer ended: the charge becomes what the provider counts (`charge`) from
-    /// its `usage` (`None`: the estimate stays), where it was dated. Never sent, every
-    /// token goes back (settled 0).
-    pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
+    /// The answer ended at `now`: the charge becomes what the provider counts
+    /// (`charge`) from its `usage` (`None`: the estimate stays), dated as the provider
+    /// dates it ([`TokenBudget::settle`]). Never sent, every token goes back (settled 0).
+    pub fn settle(mut self, usage: Option<Usage>, charge: Charge, now: u64) -> Settled {
         let state = std::mem::replace(&mut self.state, State::Done);
         match state {
             State::Reserved(r) => {
@@ -81,8 +82,7 @@ impl<'a> Reservation<'a> {
                 }
             }
             State::Sent(mut s) => {
-                let settled = charge.settled(s.cost, usage);
-                self.budget().settle(&mut s, settled);
+                let settled = self.budget().settle(&mut s, charge, usage, now);
                 if settled < s.cost.total() {
                     self.limiter.wake_if_waiting();
                 }
@@ -125,11 +125,11 @@ impl Settlement {
     }
 
     /// As [`Reservation::settle`] for a sent reservation.
-    pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
-        let settled = charge.settled(self.sent.cost, usage);
-        if let Some(b) = &self.limiter.tokens {
-            b.settle(&mut self.sent, settled);
-        }
+    pub fn settle(mut self, usage: Option<Usage>, charge: Charge, now: u64) -> Settled {
+        let settled = match &self.limiter.tokens {
+            Some(b) => b.settle(&mut self.sent, charge, usage, now),
+            None => charge.settled(self.sent.cost, usage),
+        };
         if settled < self.sent.cost.total() {
             self.limiter.wake_if_waiting();
         }

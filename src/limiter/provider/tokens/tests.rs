@@ -122,11 +122,11 @@ fn settling_under_reserved_keeps_the_bound_and_under_actual_gives_unused_back() 
         prompt: 2_500,
         completion: 100,
     });
-    let s = r.settle(used, Charge::Reserved);
+    let s = r.settle(used, Charge::Reserved, 0);
     assert_eq!((s.estimate, s.settled), (4_000, 4_500));
     assert_eq!(remaining(&l, S), 5_500);
     let r = send(&l, 4_000, S);
-    let s = r.settle(used, Charge::Actual);
+    let s = r.settle(used, Charge::Actual, S);
     assert_eq!((s.estimate, s.settled), (4_000, 2_600));
     assert_eq!(remaining(&l, 2 * S), 10_000 - 4_500 - 2_600);
 }
@@ -152,21 +152,30 @@ fn a_reservation_dropped_unsent_gives_back_and_one_dropped_sent_keeps_its_estima
 }
 
 #[test]
-fn settlement_fixes_the_charge_where_it_was_sent_not_when_it_settles() {
-    let l = budgeted(1_000);
-    let r = send(&l, 1_000, 0);
-    // Settled a minute later, at a smaller charge: it still leaves with the window of
-    // its send, and the room it gave back is there at once.
-    let s = r.settle(
-        Some(Usage {
-            prompt: 100,
-            completion: 0,
-        }),
-        Charge::Actual,
-    );
+fn settlement_dates_a_reserved_charge_at_its_send_and_an_actual_one_at_its_end() {
+    let l = budgeted(2_000);
+    let used = Some(Usage {
+        prompt: 100,
+        completion: 0,
+    });
+    // Both sent at 0 and settled at 30 s, at smaller charges: the room given back is
+    // there at once. The reserved one (100 + its bound of 500) leaves with its send's
+    // window; the actual one (100) with its end's, as the provider counts it.
+    let s = send(&l, 1_000, 0).settle(used, Charge::Reserved, 30 * S);
+    assert_eq!(s.settled, 600);
+    let s = send(&l, 1_000, 0).settle(used, Charge::Actual, 30 * S);
     assert_eq!(s.settled, 100);
-    assert_eq!(remaining(&l, 59 * S), 900);
-    assert_eq!(remaining(&l, 62 * S), 1_000, "gone with its send's window");
+    assert_eq!(remaining(&l, 59 * S), 1_300);
+    assert_eq!(
+        remaining(&l, 62 * S),
+        1_900,
+        "the reserved one gone with its send's"
+    );
+    assert_eq!(
+        remaining(&l, 92 * S),
+        2_000,
+        "the actual one with its end's"
+    );
 }
 
 #[test]
@@ -174,7 +183,7 @@ fn a_reservation_settled_before_it_was_sent_gives_everything_back() {
     let l = budgeted(1_000);
     let mut p = Permit::new(&l, admitted(l.admit(Priority::Normal, cost(600), 0)));
     let r = p.take_tokens().unwrap();
-    assert_eq!(r.settle(None, Charge::Reserved).settled, 0);
+    assert_eq!(r.settle(None, Charge::Reserved, 0).settled, 0);
     assert_eq!(remaining(&l, 0), 1_000);
     p.stamp(0);
 }
@@ -258,6 +267,7 @@ fn every_waiter_that_waited_a_window_is_held_for_not_only_the_head() {
             completion: 0,
         }),
         Charge::Actual,
+        0,
     );
     // 61 s: 900 free now. The head fits at 61.27 s (1,600 free then), with 600 to
     // spare by its deadline; the second, after it, once the 400 leave (69.05 s), with
@@ -544,7 +554,8 @@ fn stress_no_window_over_the_limit_and_every_reservation_settled() {
                     } else {
                         Charge::Reserved
                     };
-                    let s = r.settle(Some(usage), charge);
+                    // The answer ends at once (later ends are the move's, tested alone).
+                    let s = r.settle(Some(usage), charge, sent_at);
                     assert!(s.settled <= s.estimate);
                     log.lock().push((sent_at, s.settled));
                     settled += 1;

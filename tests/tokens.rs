@@ -342,12 +342,14 @@ async fn a_mixed_flood_is_paced_by_tokens_and_settled_exactly(
     if full.len() < 6 {
         broken.push(format!("{} full windows after the first", full.len()));
     }
-    // Issue 19 asks for 95 %; runs measure 92 to 96 % (the budget counts over the window
-    // plus its margin, the oldest sub-window whole, and holds room for a large head that
-    // waited a window): 90 % is what holds on a loaded machine, and the gap is open work.
-    if mean < 0.90 * L as f64 {
+    // Issue 19's 95 %. Measured (5 runs each): 98.2 to 99.7 % under `reserved`, 96.5 to
+    // 98.4 % under `actual`, and 97.7 and 98.7 % with a release build beside them. What
+    // is left: the span's margin (0.5 %), the oldest sub-window counted whole (up to
+    // 1.6 %; it also absorbs estimates short of the provider's count), and the room
+    // kept for waiters that have waited a window.
+    if mean < 0.95 * L as f64 {
         broken.push(format!(
-            "{mean:.0} tokens charged per window on average, under 90 % of {L}"
+            "{mean:.0} tokens charged per window on average, under 95 % of {L}"
         ));
     }
     if settled != Some(charged as f64) {

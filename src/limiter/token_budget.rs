@@ -8,8 +8,10 @@
 //! empty span (the caller refuses those at admission; this is for one parked before the
 //! limit fell). A reservation is pending from admission until it is sent (its charge is
 //! then dated at its send time, never earlier than the reservation) or given back.
-//! Settlement changes the charge where it was dated; a raise is what the provider
-//! counted, which admission could not have known.
+//! Settlement sets the charge to what the provider counted (a raise is what admission
+//! could not have known), dated as the provider dates it: at the send under `reserved`
+//! (counted on arrival), at the answer's end under `actual` (counted then; a charge
+//! moves there added first and taken from its send's sub-window after, `ring.rs`).
 //!
 //! **Increment-then-check**, as the window guard's sub-window counts: a reservation
 //! adds itself to `pending` (Acquire) and only then reads the charges; a send adds its
@@ -20,8 +22,28 @@
 //! `ring.rs`; the oldest sub-window is counted whole, so a charge holds its room up to
 //! `span / 62` longer than the span.
 //!
+//! **Why the guard's whole span.** A charge is dated at the send, as the guard dates a
+//! request, and a `reserved` provider counts it on arrival: what separates the two
+//! clocks is the same stamp-to-arrival skew the guard's margin is there for. A
+//! token-specific allowance smaller than the guard's would need a bound on that skew
+//! which the token path does not have. It costs the margin's share of the window (0.5 %
+//! by default). (An `actual` charge, dated at the end the sidecar sees, needs none, but
+//! while its answer runs it is dated at the send like the others.)
+//!
+//! **Why the oldest sub-window whole.** Counting it only until its latest charge leaves
+//! is possible (a latest send time per word), and was measured on the issue 19 floods:
+//! a provider 429 in 2 of 6 `reserved` runs and a rolling window over the limit in 2 of
+//! 6 `actual` ones, none in as many runs with it whole. The room it holds (up to a
+//! sub-window's charges, `span / 62` at most) is also what absorbs what admission cannot
+//! see: estimates short of the provider's count until they settle (learned ratios aim
+//! at the 95th percentile, not above every prompt).
+//!
 //! **Hold.** After a 429 about tokens, reservations are refused until the provider's
 //! reset; the learned limit itself is the controller's (`learn.rs`), published here.
+//!
+//! **The head held for.** The dispatcher holds the budget for a waiter that has waited
+//! a window and gives it a deadline to fit by (`Limiter::choose`); the budget keeps that
+//! deadline, for the one head at a time, so it stays the one first given.
 //!
 //! The budget never reads a clock: every time is the caller's, in clock nanoseconds.
 
@@ -145,6 +167,8 @@ pub struct TokenBudget {
     ring: Ring,
     /// Token admission refused before this time (a 429 about tokens).
     hold_until: AtomicU64,
+    /// The held head (its parking time) and the deadline it was given.
+    head: [AtomicU64; 2],
     contention: AtomicU64,
 }
 
@@ -160,6 +184,7 @@ impl TokenBudget {
             pending: CachePadded::new(AtomicU64::new(0)),
             ring: Ring::new(span),
             hold_until: AtomicU64::new(0),
+            head: [AtomicU64::new(u64::MAX), AtomicU64::new(0)],
             contention: AtomicU64::new(0),
         }
     }
@@ -189,6 +214,18 @@ impl TokenBudget {
     pub fn held_until(&self) -> u64 {
         // Relaxed: as in `hold`.
         self.hold_until.load(Ordering::Relaxed)
+    }
+
+    /// The deadline of the head parked at `parked_at` the dispatcher holds the budget
+    /// for: `deadline` the first time it asks about that head, the same answer after.
+    pub fn head_deadline(&self, parked_at: u64, deadline: u64) -> u64 {
+        // Relaxed: only the dispatcher reads and writes them, under the stage's lock.
+        if self.head[0].load(Ordering::Relaxed) == parked_at {
+            return self.head[1].load(Ordering::Relaxed);
+        }
+        self.head[0].store(parked_at, Ordering::Relaxed);
+        self.head[1].store(deadline, Ordering::Relaxed);
+        deadline
     }
 
     /// Reserves `cost` at `now`, or says how long until it could succeed if nothing
@@ -274,12 +311,30 @@ impl TokenBudget {
         self.pending.fetch_sub(r.cost.total(), Ordering::Relaxed);
     }
 
-    /// Changes a sent charge to `charged`, where it was dated.
-    pub fn settle(&self, s: &mut Sent, charged: u64) {
-        let delta = i128::from(charged) - i128::from(s.charged);
-        let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
-        self.ring.adjust(s.sub, delta);
+    /// Settles a sent charge whose answer ended at `end`: what `charge` makes of `usage`
+    /// (the estimate without it). Under `reserved` it stays where it was dated (the
+    /// provider counted it on arrival); under `actual` it moves to `end` (the provider
+    /// counts it when the answer ends, which the sidecar sees no earlier). Returns the
+    /// tokens charged now.
+    pub fn settle(&self, s: &mut Sent, charge: Charge, usage: Option<Usage>, end: u64) -> u64 {
+        let charged = charge.settled(s.cost, usage);
+        match charge {
+            Charge::Reserved => {
+                let delta = i128::from(charged) - i128::from(s.charged);
+                let delta =
+                    i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
+                self.ring.adjust(s.sub, delta);
+            }
+            Charge::Actual => {
+                let at = end.max(s.at);
+                s.sub = self
+                    .ring
+                    .moved(s.sub, s.charged, at, charged, &self.contention);
+                s.at = at;
+            }
+        }
         s.charged = charged;
+        charged
     }
 
     /// Tokens the provider counted that the sidecar did not: charged at `now`.
@@ -293,6 +348,13 @@ impl TokenBudget {
     /// reservations not counted).
     pub fn charged_in(&self, at: u64, span: u64) -> u64 {
         self.ring.sum(at, span).charged
+    }
+
+    /// Room left at `at` (a later time) if nothing more is reserved or sent until then:
+    /// the limit less what is pending and the charges that still count then.
+    pub fn room_at(&self, at: u64) -> u64 {
+        let charged = self.pending() + self.ring.sum(at, self.span).charged;
+        self.limit().saturating_sub(charged)
     }
 
     /// Reserved and not yet sent.

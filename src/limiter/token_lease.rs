@@ -192,23 +192,26 @@ impl TokenPot {
         }
     }
 
-    /// `tokens` of lease `lease` were sent at `now`: reported when after the lease's
-    /// time (a request granted in time but written late, on a busy machine).
+    /// `tokens` of lease `lease` were sent (or, under `actual`, charged) at `now`:
+    /// reported when after the lease's time (a request granted in time but written late
+    /// on a busy machine, an answer that ended later). `true`: reported.
     #[inline]
-    pub fn sent(&self, lease: u32, tokens: u64, now: u64) {
+    pub fn sent(&self, lease: u32, tokens: u64, now: u64) -> bool {
         if lease == 0 {
-            return;
+            return false;
         }
         // Relaxed: the expiry was stored before the lease's tokens were published (the
         // word's AcqRel swap, read by the take that this send follows).
         let expires = self.expiries[lease as usize % EXPIRIES].load(Ordering::Relaxed);
-        if now > expires {
+        let late = now > expires;
+        if late {
             self.late.push(LateSend {
                 lease,
                 tokens,
                 at: now,
             });
         }
+        late
     }
 
     /// For the task: the next late send to report.

@@ -240,6 +240,7 @@ impl Settle {
                 completion: u.completion,
             }),
             charge_of(p.config.token_charge),
+            app.clock.now_nanos(),
         );
         p.stats.settle_tokens(
             settled.estimate,

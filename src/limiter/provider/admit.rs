@@ -9,10 +9,12 @@
 //!
 //! **Token costs in the queue.** The dispatcher grants the highest priority first. Within
 //! it the head goes first; if its cost does not fit the token budget yet, a request
-//! behind it whose cost fits may pass, but only until the head has waited one window:
-//! from then on nothing passes it and the budget that frees up is its own. A request
-//! whose cost is larger than the whole budget of a window is refused at admission, or
-//! by the dispatcher when the limit falls below it while it waits.
+//! behind it whose cost fits may pass. Once the head has waited one window the budget
+//! that frees up is its own: it is given a deadline (when it could fit then, plus a
+//! tenth of the window), and only a request that still lets it fit by then may pass
+//! (`choose`). A request whose cost is larger than the whole budget of a window is
+//! refused at admission, or by the dispatcher when the limit falls below it while it
+//! waits.
 
 use std::sync::atomic::Ordering as StdOrdering;
 use std::time::Duration;
@@ -305,19 +307,24 @@ impl Limiter {
     }
 
     /// Whom of priority `p`'s staged waiters to grant, with the tokens reserved for it:
-    /// the head if its cost fits; else, while the head has waited less than a window,
-    /// the first behind it whose cost fits. Otherwise the wait for the head's cost.
+    /// the head if its cost fits; else the first behind it whose cost fits and who
+    /// leaves each waiter in front of it that has waited a window its room by the time
+    /// it was to fit (the head: its deadline). Otherwise the wait for the head's cost.
     fn choose(
         &self,
         stage: &Stage<'_>,
         p: Priority,
         now: u64,
     ) -> Result<(usize, Option<Reserved>), Duration> {
+        /// How much later than it could fit when first held the head may be made to fit
+        /// by those passing it: a tenth of the window.
+        const SLACK_PER_WINDOW: u64 = 10;
         let Some(budget) = &self.tokens else {
             return Ok((0, None));
         };
+        let cost = |pos: usize| stage.parked(p, pos).and_then(|w| w.cost);
         let fits = |pos: usize| -> Result<Option<Reserved>, Duration> {
-            match stage.parked(p, pos).and_then(|w| w.cost) {
+            match cost(pos) {
                 None => Ok(None),
                 Some(c) => budget.try_reserve(c, now).map(Some),
             }
@@ -326,16 +333,54 @@ impl Limiter {
             Ok(r) => return Ok((0, r)),
             Err(wait) => wait,
         };
-        let head = stage.parked(p, 0).map_or(now, |w| w.parked_at);
-        if now.saturating_sub(head) >= nanos(self.pacing.window) {
-            // Held for the head: what frees up is its own.
-            return Err(head_wait);
+        let window = nanos(self.pacing.window);
+        let limit = budget.limit();
+        let held = |pos: usize| {
+            stage
+                .parked(p, pos)
+                .is_some_and(|w| now.saturating_sub(w.parked_at) >= window)
+        };
+        let total = |pos: usize| cost(pos).map_or(0, |c| c.total());
+        // A waiter that has waited a window is held for: what frees up is its own (and
+        // of those held in front of it) but for what a waiter behind can take and still
+        // leave it its room when it was to fit (a charge made now counts then too). The
+        // head gets a deadline when first held, when it could fit then plus the slack;
+        // one behind it, when it could fit now, after those in front. Only what one span
+        // of the budget can serve is held for; the young may be passed freely.
+        let (mut ahead, mut spare) = (0u64, u64::MAX);
+        // The waiter at `pos`, to fit `by`, joins those held for.
+        let hold = |(ahead, spare): (u64, u64), pos: usize, by: u64| {
+            let ahead = ahead.saturating_add(total(pos));
+            (ahead, spare.min(budget.room_at(by).saturating_sub(ahead)))
+        };
+        if held(0) {
+            let head = stage.parked(p, 0).map_or(now, |w| w.parked_at);
+            let fits_at = now.saturating_add(nanos(head_wait));
+            let by = budget
+                .head_deadline(head, fits_at.saturating_add(window / SLACK_PER_WINDOW))
+                .max(fits_at);
+            (ahead, spare) = hold((ahead, spare), 0, by);
         }
         let mut wait = head_wait;
+        let mut holding = true;
         for pos in 1..stage.len(p) {
-            match fits(pos) {
-                Ok(r) => return Ok((pos, r)),
-                Err(d) => wait = wait.min(d),
+            if total(pos) <= spare {
+                match fits(pos) {
+                    Ok(r) => return Ok((pos, r)),
+                    Err(d) => wait = wait.min(d),
+                }
+            }
+            if !held(pos) {
+                continue;
+            }
+            holding &= ahead.saturating_add(total(pos)) <= limit;
+            if holding {
+                let both = Cost {
+                    prompt: ahead.saturating_add(total(pos)),
+                    completion: 0,
+                };
+                let by = now.saturating_add(nanos(budget.wait_time(both, now)));
+                (ahead, spare) = hold((ahead, spare), pos, by);
             }
         }
         Err(wait)

@@ -4,8 +4,9 @@
 //! **A reservation** ([`Reservation`]) is made by admission (the fast path, or the
 //! dispatcher's grant) and travels in the [`Permit`](super::Permit). It is dated when
 //! the request is written upstream and settled once, by value, when the answer ends:
-//! [`Reservation::settle`]. Dropped unsent, it gives every token back at once; dropped
-//! sent and unsettled, the estimate stays charged.
+//! [`Reservation::settle`] (under `actual`, the charge moves to the answer's end). Dropped
+//! unsent, it gives every token back at once; dropped sent and unsettled, the estimate
+//! stays charged where it was sent.
 //!
 //! **Answers.** A 429 about tokens holds token admission until the provider's reset
 //! (requests without a token cost still go; the request rate is not touched) and goes to
@@ -73,10 +74,10 @@ impl<'a> Reservation<'a> {
         }
     }
 
-    /// The answer ended: the charge becomes what the provider counts (`charge`) from
-    /// its `usage` (`None`: the estimate stays), where it was dated. Never sent, every
-    /// token goes back (settled 0).
-    pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
+    /// The answer ended at `now`: the charge becomes what the provider counts
+    /// (`charge`) from its `usage` (`None`: the estimate stays), dated as the provider
+    /// dates it ([`TokenBudget::settle`]). Never sent, every token goes back (settled 0).
+    pub fn settle(mut self, usage: Option<Usage>, charge: Charge, now: u64) -> Settled {
         let state = std::mem::replace(&mut self.state, State::Done);
         match state {
             State::Reserved(r) => {
@@ -86,7 +87,7 @@ impl<'a> Reservation<'a> {
                     settled: 0,
                 }
             }
-            State::Sent(mut s) => self.limiter.settle_sent(&mut s, usage, charge),
+            State::Sent(mut s) => self.limiter.settle_sent(&mut s, usage, charge, now),
             State::Done => Settled::default(),
         }
     }
@@ -121,8 +122,8 @@ impl Settlement {
     }
 
     /// As [`Reservation::settle`] for a sent reservation.
-    pub fn settle(mut self, usage: Option<Usage>, charge: Charge) -> Settled {
-        self.limiter.settle_sent(&mut self.sent, usage, charge)
+    pub fn settle(mut self, usage: Option<Usage>, charge: Charge, now: u64) -> Settled {
+        self.limiter.settle_sent(&mut self.sent, usage, charge, now)
     }
 }
 
@@ -191,20 +192,27 @@ impl Limiter {
         &self.token_signals
     }
 
-    /// Settles a sent reservation: the charge where it was dated, and in cluster mode
-    /// the change reported against the lease its tokens came from.
-    fn settle_sent(&self, s: &mut Sent, usage: Option<Usage>, charge: Charge) -> Settled {
-        let settled = charge.settled(s.cost, usage);
+    /// Settles a sent reservation ended at `now`: the charge where the budget dates it,
+    /// and in cluster mode the change reported against the lease its tokens came from.
+    /// Under `actual` the provider counts the charge at the answer's end; an end past
+    /// the lease's time moves it in the shared log too (counted again from the end,
+    /// taken from the lease), as the budget moves it here.
+    fn settle_sent(&self, s: &mut Sent, usage: Option<Usage>, charge: Charge, now: u64) -> Settled {
         let estimate = s.cost.total();
-        if let Some(b) = &self.tokens {
-            b.settle(s, settled);
-        }
+        let settled = match &self.tokens {
+            Some(b) => b.settle(s, charge, usage, now),
+            None => charge.settled(s.cost, usage),
+        };
         if let Some(pot) = &self.lease {
-            let delta = i128::from(settled) - i128::from(estimate);
-            pot.token_pot.adjust(
-                s.lease,
-                delta.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
-            );
+            let clamp = |d: i128| d.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+            let mut delta = i128::from(settled) - i128::from(estimate);
+            if charge == Charge::Actual
+                && usage.is_some()
+                && pot.token_pot.sent(s.lease, settled, now)
+            {
+                delta -= i128::from(settled);
+            }
+            pot.token_pot.adjust(s.lease, clamp(delta));
         }
         if settled < estimate {
             self.wake_if_waiting();

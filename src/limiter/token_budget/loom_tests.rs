@@ -87,6 +87,34 @@ fn loom_a_charge_racing_a_later_sub_window_on_its_word_is_never_lost() {
 }
 
 #[test]
+fn loom_a_charge_moved_to_its_answers_end_is_counted_by_a_racing_reservation() {
+    loom::model(|| {
+        let b = budget(10);
+        let r = b.try_reserve(cost(6), NOW).unwrap();
+        let mut sent = b.send(r, NOW);
+        let mover = {
+            let b = Arc::clone(&b);
+            // Ends 2 sub-windows later: moved to another word.
+            thread::spawn(move || {
+                b.settle(&mut sent, Charge::Actual, None, NOW + 2 * S);
+            })
+        };
+        let other = {
+            let b = Arc::clone(&b);
+            thread::spawn(move || b.try_reserve(cost(6), NOW + 2 * S).is_ok())
+        };
+        mover.join().unwrap();
+        assert!(!other.join().unwrap(), "6 + 6 over a limit of 10");
+        assert_eq!(b.charged_in(NOW + 2 * S, SPAN), 6);
+        assert_eq!(
+            b.charged_in(NOW + SPAN + S, SPAN),
+            6,
+            "counted from its end"
+        );
+    });
+}
+
+#[test]
 fn loom_a_settlement_racing_a_send_keeps_both() {
     loom::model(|| {
         let b = budget(100);
@@ -95,7 +123,17 @@ fn loom_a_settlement_racing_a_send_keeps_both() {
         let r2 = b.try_reserve(cost(20), NOW).unwrap();
         let settler = {
             let b = Arc::clone(&b);
-            thread::spawn(move || b.settle(&mut first, 4))
+            thread::spawn(move || {
+                b.settle(
+                    &mut first,
+                    Charge::Reserved,
+                    Some(Usage {
+                        prompt: 4,
+                        completion: 0,
+                    }),
+                    NOW,
+                );
+            })
         };
         let sender = {
             let b = Arc::clone(&b);

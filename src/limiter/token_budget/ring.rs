@@ -9,11 +9,15 @@
 //! word of the sub-window the charge was recorded in, if it still holds that tag (else
 //! the charge has left every span and the adjustment is moot).
 //!
-//! **Reads.** The tokens charged in the sub-windows overlapping `(at - span, at]`, the
-//! oldest whole: K loads. A word tagged after `at`'s sub-window means another thread's
-//! clock is ahead, and may have replaced a word this read needed: the read is made again
-//! at that sub-window's start (decided later, as the window guard does), where the word
-//! replaced has left the span.
+//! **Moves.** A charge settled under `actual` moves to the answer's end: added to the
+//! later sub-window first, then taken from its old word (Release).
+//!
+//! **Reads.** The tokens charged in the sub-windows overlapping `(at - span, at]` (the
+//! oldest whole): K loads, oldest sub-window first (Acquire), so a read that sees a
+//! moved charge gone from its old word sees it in its new one. A word tagged after
+//! `at`'s sub-window means another thread's clock is ahead, and may have replaced a word
+//! this read needed: the read is made again at that sub-window's start (decided later,
+//! as the window guard does), where the word replaced has left the span.
 
 use crate::limiter::sync::{AtomicU64, Ordering};
 
@@ -110,7 +114,7 @@ impl Ring {
             return;
         }
         let word = self.word(index);
-        // Relaxed: as in `charge`; a refund publishes nothing a reader must see first.
+        // Relaxed: only the start of the CAS loop.
         let mut cur = word.load(Ordering::Relaxed);
         loop {
             if (cur >> 32) as u32 != tag_of(index) {
@@ -118,11 +122,29 @@ impl Ring {
             }
             let amount = (cur & LOW).saturating_add_signed(delta);
             let next = pack(tag_of(index), amount);
-            match word.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            // Release: a charge moved away from here (`moved`) was added to its later
+            // word first; a read that sees it gone from here sees it there.
+            match word.compare_exchange_weak(cur, next, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(actual) => cur = actual,
             }
         }
+    }
+
+    /// Moves `from_amount` recorded in sub-window `from` to `time`, as `amount`: added
+    /// at `time` first, then taken from `from`, so a read counts it at least once.
+    /// Returns the sub-window it is recorded in now.
+    pub fn moved(
+        &self,
+        from: u64,
+        from_amount: u64,
+        time: u64,
+        amount: u64,
+        contention: &AtomicU64,
+    ) -> u64 {
+        let to = self.charge(time, amount, contention);
+        self.adjust(from, -i64::try_from(from_amount).unwrap_or(i64::MAX));
+        to
     }
 
     /// Tokens charged in the sub-windows overlapping `(at - span, at]` (the oldest
@@ -145,9 +167,12 @@ impl Ring {
         let back = cur - lo;
         let mut charged = 0u64;
         let mut later = None;
-        for word in self.words.iter() {
-            // Relaxed: ordered by the caller's Acquire on `pending`.
-            let w = word.load(Ordering::Relaxed);
+        // Oldest first: lo, lo + 1, ..., cur, then the words of other sub-windows.
+        for i in lo..lo + K as u64 {
+            // Acquire: pairs with `adjust`'s Release, so a charge seen gone from an older
+            // word is seen in the later one it moved to. Sends' charges are ordered by
+            // the caller's Acquire on `pending`.
+            let w = self.word(i).load(Ordering::Acquire);
             let tag = (w >> 32) as u32;
             if tag == 0 {
                 continue;

@@ -58,7 +58,7 @@ fn a_send_is_never_dated_before_its_reservation() {
 }
 
 #[test]
-fn settlement_under_reserved_keeps_the_completion_bound() {
+fn settlement_under_reserved_keeps_the_completion_bound_where_it_was_sent() {
     let b = budget(10_000);
     let r = b.try_reserve(cost(1_000, 2_000), 0).unwrap();
     let mut s = b.send(r, 0);
@@ -66,31 +66,64 @@ fn settlement_under_reserved_keeps_the_completion_bound() {
         prompt: 1_200,
         completion: 50,
     });
-    let settled = Charge::Reserved.settled(s.cost, actual);
+    let settled = b.settle(&mut s, Charge::Reserved, actual, 10 * S);
     assert_eq!(settled, 3_200, "actual prompt + the bound");
-    b.settle(&mut s, settled);
+    assert_eq!(
+        s.at, 0,
+        "dated at its send: the provider counted it on arrival"
+    );
     assert_eq!(b.charged_in(S, SPAN), 3_200);
+    assert_eq!(
+        b.charged_in(S + SPAN, SPAN),
+        0,
+        "gone with its send's sub-window"
+    );
 }
 
 #[test]
-fn settlement_under_actual_gives_unused_tokens_back_where_they_were_charged() {
+fn settlement_under_actual_gives_unused_tokens_back_and_dates_the_charge_at_the_end() {
     let b = budget(10_000);
     let r = b.try_reserve(cost(1_000, 8_000), 0).unwrap();
     let mut s = b.send(r, 5 * S);
     assert!(b.try_reserve(cost(2_000, 0), 6 * S).is_err());
-    let settled = Charge::Actual.settled(
-        s.cost,
-        Some(Usage {
-            prompt: 900,
-            completion: 100,
-        }),
+    let usage = Some(Usage {
+        prompt: 900,
+        completion: 100,
+    });
+    // The answer ends at 9.5 s: the provider counts its 1,000 tokens from then.
+    assert_eq!(
+        b.settle(&mut s, Charge::Actual, usage, 9 * S + S / 2),
+        1_000
     );
-    assert_eq!(settled, 1_000);
-    b.settle(&mut s, settled);
-    assert!(b.try_reserve(cost(9_000, 0), 6 * S).is_ok());
-    // The settled charge stays dated in its own sub-window (5 s) and leaves with it.
-    assert_eq!(b.charged_in(6 * S, SPAN), 1_000);
-    assert_eq!(b.charged_in(6 * S + SPAN, SPAN), 0);
+    assert_eq!(s.at, 9 * S + S / 2);
+    let rest = b.try_reserve(cost(9_000, 0), 10 * S).unwrap();
+    b.send(rest, 10 * S);
+    assert_eq!(b.charged_in(10 * S, SPAN), 10_000);
+    // Its send's sub-window (5 s) leaving takes nothing off: it left with the move.
+    assert_eq!(
+        b.charged_in(6 * S + SPAN, SPAN),
+        10_000,
+        "counted from its end, not its send"
+    );
+    assert_eq!(
+        b.charged_in(10 * S + SPAN, SPAN),
+        9_000,
+        "gone with its end's"
+    );
+}
+
+#[test]
+fn an_actual_charge_moved_to_its_end_never_dates_before_its_send() {
+    let b = budget(10_000);
+    let r = b.try_reserve(cost(100, 100), 0).unwrap();
+    let mut s = b.send(r, 5 * S);
+    b.settle(&mut s, Charge::Actual, None, 4 * S);
+    assert_eq!(
+        (s.at, s.charged),
+        (5 * S, 200),
+        "a stale end: dated at the send"
+    );
+    assert_eq!(b.charged_in(5 * S, SPAN), 200);
 }
 
 #[test]
@@ -137,6 +170,23 @@ fn only_pending_reservations_in_the_way_wait_the_pending_wait() {
         b.try_reserve(cost(1, 0), 0),
         Err(Duration::from_millis(250))
     );
+}
+
+#[test]
+fn a_head_keeps_the_deadline_it_was_first_given_until_another_head_comes() {
+    let b = budget(1_000);
+    assert_eq!(b.head_deadline(5 * S, 70 * S), 70 * S);
+    assert_eq!(
+        b.head_deadline(5 * S, 90 * S),
+        70 * S,
+        "the first one stays"
+    );
+    assert_eq!(
+        b.head_deadline(6 * S, 95 * S),
+        95 * S,
+        "a new head, a new deadline"
+    );
+    assert_eq!(b.head_deadline(6 * S, 99 * S), 95 * S);
 }
 
 #[test]
@@ -207,8 +257,8 @@ fn stress_no_span_over_the_limit_and_every_reservation_settled() {
                         prompt: c.prompt,
                         completion: (rng >> 40) % (c.completion + 1),
                     };
-                    let to = charge.settled(s.cost, Some(usage));
-                    b.settle(&mut s, to);
+                    // The answer ends at once (later ends are the move's, tested alone).
+                    let to = b.settle(&mut s, charge, Some(usage), sent_at);
                     log.lock().push((s.at, to));
                     settled += 1;
                 }

@@ -122,11 +122,11 @@ fn settling_under_reserved_keeps_the_bound_and_under_actual_gives_unused_back() 
         prompt: 2_500,
         completion: 100,
     });
-    let s = r.settle(used, Charge::Reserved);
+    let s = r.settle(used, Charge::Reserved, 0);
     assert_eq!((s.estimate, s.settled), (4_000, 4_500));
     assert_eq!(remaining(&l, S), 5_500);
     let r = send(&l, 4_000, S);
-    let s = r.settle(used, Charge::Actual);
+    let s = r.settle(used, Charge::Actual, S);
     assert_eq!((s.estimate, s.settled), (4_000, 2_600));
     assert_eq!(remaining(&l, 2 * S), 10_000 - 4_500 - 2_600);
 }
@@ -152,21 +152,30 @@ fn a_reservation_dropped_unsent_gives_back_and_one_dropped_sent_keeps_its_estima
 }
 
 #[test]
-fn settlement_fixes_the_charge_where_it_was_sent_not_when_it_settles() {
-    let l = budgeted(1_000);
-    let r = send(&l, 1_000, 0);
-    // Settled a minute later, at a smaller charge: it still leaves with the window of
-    // its send, and the room it gave back is there at once.
-    let s = r.settle(
-        Some(Usage {
-            prompt: 100,
-            completion: 0,
-        }),
-        Charge::Actual,
-    );
+fn settlement_dates_a_reserved_charge_at_its_send_and_an_actual_one_at_its_end() {
+    let l = budgeted(2_000);
+    let used = Some(Usage {
+        prompt: 100,
+        completion: 0,
+    });
+    // Both sent at 0 and settled at 30 s, at smaller charges: the room given back is
+    // there at once. The reserved one (100 + its bound of 500) leaves with its send's
+    // window; the actual one (100) with its end's, as the provider counts it.
+    let s = send(&l, 1_000, 0).settle(used, Charge::Reserved, 30 * S);
+    assert_eq!(s.settled, 600);
+    let s = send(&l, 1_000, 0).settle(used, Charge::Actual, 30 * S);
     assert_eq!(s.settled, 100);
-    assert_eq!(remaining(&l, 59 * S), 900);
-    assert_eq!(remaining(&l, 62 * S), 1_000, "gone with its send's window");
+    assert_eq!(remaining(&l, 59 * S), 1_300);
+    assert_eq!(
+        remaining(&l, 62 * S),
+        1_900,
+        "the reserved one gone with its send's"
+    );
+    assert_eq!(
+        remaining(&l, 92 * S),
+        2_000,
+        "the actual one with its end's"
+    );
 }
 
 #[test]
@@ -174,34 +183,113 @@ fn a_reservation_settled_before_it_was_sent_gives_everything_back() {
     let l = budgeted(1_000);
     let mut p = Permit::new(&l, admitted(l.admit(Priority::Normal, cost(600), 0)));
     let r = p.take_tokens().unwrap();
-    assert_eq!(r.settle(None, Charge::Reserved).settled, 0);
+    assert_eq!(r.settle(None, Charge::Reserved, 0).settled, 0);
     assert_eq!(remaining(&l, 0), 1_000);
     p.stamp(0);
 }
 
 // === the dispatcher's order ===
 
+/// Admits a request of `n` tokens queued behind others at `now`, grants it by
+/// dispatching at `now`, and sends it then.
+fn pass_queue(l: &Limiter, n: u64, now: u64) {
+    let mut t = queued(l.admit(Priority::Normal, cost(n), now));
+    l.dispatch(now);
+    let mut p = Permit::new(l, granted(&mut t).expect("it fits and passes"));
+    p.stamp(now);
+    drop(p.take_tokens());
+}
+
 #[test]
-fn a_smaller_request_passes_a_head_that_does_not_fit_until_the_head_has_waited_a_window() {
+fn a_head_that_waited_a_window_is_passed_only_by_what_leaves_it_room_when_it_fits() {
     let l = budgeted(1_000);
-    let _first = send(&l, 800, 0);
-    let mut big = queued(l.admit(Priority::Normal, cost(500), 0));
-    let mut small = queued(l.admit(Priority::Normal, cost(100), S));
-    assert!(l.dispatch(S).is_some());
-    assert!(!is_granted(&mut big));
-    let g = granted(&mut small).expect("the smaller one fits and passes");
-    let mut p = Permit::new(&l, g);
-    p.stamp(S);
-    // The head has now waited a window: the budget is held for it.
-    let mut late = queued(l.admit(Priority::Normal, cost(100), 61 * S));
-    assert_eq!(remaining(&l, 61 * S), 100, "it would fit");
+    let _a = send(&l, 450, 0);
+    let mut head = queued(l.admit(Priority::Normal, cost(700), 0));
+    // Young, the head is passed by whatever fits: 250 sent at 30 s (leaves at 90.45 s).
+    pass_queue(&l, 250, 30 * S);
+    assert!(!is_granted(&mut head));
+    // 61 s: the head has waited a window. It fits once the 450 of sub-window 0 leave
+    // (61.27 s), with 50 to spare then; 100 fit now, but with them the head would wait
+    // for the 250 sent at 30 s, past its deadline (61.27 s + 6 s).
+    let mut hundred = queued(l.admit(Priority::Normal, cost(100), 61 * S));
+    let mut fifty = queued(l.admit(Priority::Normal, cost(50), 61 * S));
+    assert_eq!(remaining(&l, 61 * S), 300, "both would fit");
     assert!(l.dispatch(61 * S).is_some());
-    assert!(!is_granted(&mut late), "held for the head");
-    assert!(!is_granted(&mut big));
-    // The first 800 leave the span: the head goes, then the one behind it.
-    assert_eq!(l.dispatch(62 * S), None);
-    assert!(is_granted(&mut big));
-    assert!(is_granted(&mut late));
+    assert!(!is_granted(&mut hundred), "held for the head");
+    assert!(is_granted(&mut fifty), "it leaves the head its room");
+    assert!(!is_granted(&mut head));
+    assert!(l.dispatch(62 * S).is_some());
+    assert!(is_granted(&mut head), "the head goes when its room is free");
+    assert!(!is_granted(&mut hundred));
+}
+
+#[test]
+fn a_held_head_may_be_made_to_fit_up_to_a_tenth_of_a_window_later_and_no_later() {
+    let l = budgeted(1_000);
+    let _a = send(&l, 450, 0);
+    let mut head = queued(l.admit(Priority::Normal, cost(700), 0));
+    pass_queue(&l, 100, 3 * S); // leaves at 64.19 s
+    pass_queue(&l, 150, 30 * S); // leaves at 90.45 s
+                                 // 61 s: held, the head fits at 61.27 s; its deadline is 67.27 s. 100 more make it
+                                 // wait for the 100 sent at 3 s (64.19 s): within the deadline, they pass. 100 more
+                                 // again would make it wait for the 150 sent at 30 s: held back.
+    let mut first = queued(l.admit(Priority::Normal, cost(100), 61 * S));
+    let mut second = queued(l.admit(Priority::Normal, cost(100), 61 * S));
+    assert!(l.dispatch(61 * S).is_some());
+    assert!(
+        is_granted(&mut first),
+        "the head still fits by its deadline"
+    );
+    assert!(
+        !is_granted(&mut second),
+        "it would push the head past its deadline"
+    );
+    // The deadline stays the one given when the head was first held.
+    assert!(l.dispatch(63 * S).is_some());
+    assert!(!is_granted(&mut second));
+    assert!(!is_granted(&mut head));
+    assert!(l.dispatch(65 * S).is_some());
+    assert!(is_granted(&mut head), "the head fits at 64.19 s");
+    assert!(!is_granted(&mut second));
+}
+
+#[test]
+fn every_waiter_that_waited_a_window_is_held_for_not_only_the_head() {
+    let l = budgeted(2_000);
+    let a = send(&l, 1_500, 0);
+    let mut first = queued(l.admit(Priority::Normal, cost(1_000), 0));
+    let mut second = queued(l.admit(Priority::Normal, cost(950), 0));
+    pass_queue(&l, 400, 8 * S); // both young, both passed: leaves at 69.05 s
+                                // Most of the 1,500 turn out unused: settled at 700, still in sub-window 0.
+    a.settle(
+        Some(Usage {
+            prompt: 700,
+            completion: 0,
+        }),
+        Charge::Actual,
+        0,
+    );
+    // 61 s: 900 free now. The head fits at 61.27 s (1,600 free then), with 600 to
+    // spare by its deadline; the second, after it, once the 400 leave (69.05 s), with
+    // 50 to spare: 300 would delay the second, 50 do not.
+    let mut three_hundred = queued(l.admit(Priority::Normal, cost(300), 61 * S));
+    let mut fifty = queued(l.admit(Priority::Normal, cost(50), 61 * S));
+    assert_eq!(remaining(&l, 61 * S), 900);
+    assert!(l.dispatch(61 * S).is_some());
+    assert!(
+        !is_granted(&mut three_hundred),
+        "held for the second waiter"
+    );
+    assert!(is_granted(&mut fifty));
+    assert!(l.dispatch(62 * S).is_some());
+    assert!(is_granted(&mut first));
+    assert!(!is_granted(&mut second));
+    l.dispatch(70 * S);
+    assert!(
+        is_granted(&mut second),
+        "in its turn, by the time it was to fit"
+    );
+    assert!(!is_granted(&mut three_hundred));
 }
 
 #[test]
@@ -474,7 +562,8 @@ fn stress_no_window_over_the_limit_and_every_reservation_settled() {
                     } else {
                         Charge::Reserved
                     };
-                    let s = r.settle(Some(usage), charge);
+                    // The answer ends at once (later ends are the move's, tested alone).
+                    let s = r.settle(Some(usage), charge, sent_at);
                     assert!(s.settled <= s.estimate);
                     log.lock().push((sent_at, s.settled));
                     settled += 1;
@@ -548,7 +637,9 @@ fn in_cluster_mode_a_cost_is_taken_from_a_token_lease_and_its_changes_go_to_that
         prompt: 200,
         completion: 100,
     };
-    p.take_tokens().unwrap().settle(Some(used), Charge::Actual);
+    p.take_tokens()
+        .unwrap()
+        .settle(Some(used), Charge::Actual, 0);
     assert_eq!(
         tokens.next_adjustment(),
         Some(Adjustment {
@@ -602,4 +693,39 @@ fn the_cluster_caps_the_token_limit_and_lifting_the_cap_restores_it() {
 
 fn queued_or_held(l: &Limiter) -> bool {
     matches!(l.admit(Priority::Normal, cost(10), S), Decision::Queued(_))
+}
+
+#[test]
+fn in_cluster_mode_an_actual_charge_ending_after_its_lease_moves_to_the_end() {
+    use crate::limiter::token_lease::{Adjustment, LateSend};
+    let (pot, l) = leased(10_000);
+    let tokens = &pot.token_pot;
+    tokens.fill(3, 1_000, 100);
+    let g = admitted(l.admit(Priority::Normal, cost(600), 0));
+    let mut p = Permit::new(&l, g);
+    p.stamp(0);
+    let used = Usage {
+        prompt: 200,
+        completion: 100,
+    };
+    // Ended at 5 s, long after lease 3's time: the 300 charged leave lease 3 (with the
+    // 300 unused) and are counted again from the end.
+    p.take_tokens()
+        .unwrap()
+        .settle(Some(used), Charge::Actual, 5 * S);
+    assert_eq!(
+        tokens.next_late(),
+        Some(LateSend {
+            lease: 3,
+            tokens: 300,
+            at: 5 * S
+        })
+    );
+    assert_eq!(
+        tokens.next_adjustment(),
+        Some(Adjustment {
+            lease: 3,
+            delta: -600
+        })
+    );
 }

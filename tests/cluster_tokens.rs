@@ -84,17 +84,7 @@ fn replicas(mock: &MockServer, redis: &Redis, charge: &str) -> Vec<Replica> {
 /// `sidecar_tokens_total{provider="nvidia",kind}` of a replica's `/metrics`.
 async fn tokens_metric(metrics: SocketAddr, kind: &str) -> Option<u64> {
     let text = common::metrics_text(metrics).await;
-    text.lines().find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let inner = series
-            .strip_prefix("sidecar_tokens_total{")?
-            .strip_suffix('}')?;
-        let mut labels: Vec<&str> = inner.split(',').collect();
-        labels.sort_unstable();
-        (labels == [format!("kind=\"{kind}\"").as_str(), "provider=\"nvidia\""])
-            .then(|| value.parse::<f64>().ok().map(|v| v as u64))
-            .flatten()
-    })
+    common::tokens_total(&text, "nvidia", kind).map(|v| v as u64)
 }
 
 /// `sidecar_budget_token_leases_total{result}` of a replica, for each result.

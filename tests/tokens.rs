@@ -149,24 +149,9 @@ fn mean_tokens(windows: &[TokenCount]) -> f64 {
 
 // === the sidecar's side ===
 
-/// `sidecar_tokens_total{provider="nvidia",kind}` of a `/metrics` scrape, whatever the
-/// order of its labels.
+/// `sidecar_tokens_total{provider="nvidia",kind}` of a `/metrics` scrape.
 fn tokens_metric(text: &str, kind: &str) -> Option<f64> {
-    let labels = [
-        format!("provider=\"{PROVIDER}\""),
-        format!("kind=\"{kind}\""),
-    ];
-    text.lines().find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let inner = series
-            .strip_prefix("sidecar_tokens_total{")?
-            .strip_suffix('}')?;
-        let mut found: Vec<&str> = inner.split(',').collect();
-        found.sort_unstable();
-        let mut wanted: Vec<&str> = labels.iter().map(String::as_str).collect();
-        wanted.sort_unstable();
-        (found == wanted).then(|| value.parse().ok()).flatten()
-    })
+    tokens_total(text, PROVIDER, kind)
 }
 
 /// The sidecar's settled tokens, read until they equal `charged` (settlement may trail

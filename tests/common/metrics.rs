@@ -19,3 +19,22 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         (n == series).then(|| v.parse().expect("a number"))
     })
 }
+
+/// `sidecar_tokens_total{provider, kind}` in a `/metrics` text, whatever the order of
+/// its labels.
+pub fn tokens_total(text: &str, provider: &str, kind: &str) -> Option<f64> {
+    let mut wanted = [
+        format!("provider=\"{provider}\""),
+        format!("kind=\"{kind}\""),
+    ];
+    wanted.sort_unstable();
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let inner = series
+            .strip_prefix("sidecar_tokens_total{")?
+            .strip_suffix('}')?;
+        let mut found: Vec<&str> = inner.split(',').collect();
+        found.sort_unstable();
+        (found == wanted).then(|| value.parse().ok()).flatten()
+    })
+}

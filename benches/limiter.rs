@@ -281,7 +281,16 @@ fn admit_fast_path(c: &mut Criterion) {
     // Cluster mode with a lease in hand: the token comes from the leased pot.
     let pot = std::sync::Arc::new(nvidia_sidecar::limiter::LeasePot::new());
     pot.set_mode(nvidia_sidecar::limiter::Mode::Shared);
-    pot.fill(u32::MAX, 0, u64::MAX, 0);
+    pot.fill(
+        nvidia_sidecar::limiter::PotLease {
+            number: 1,
+            tokens: u32::MAX,
+            not_before: 0,
+            expires: u64::MAX,
+            covers_until: u64::MAX,
+        },
+        0,
+    );
     let leased = Limiter::new(ALWAYS_RPM, ALWAYS_CAPACITY, 64, RetreatConfig::default())
         .leased(std::sync::Arc::clone(&pot));
     g.bench_function("limiter_admit_cluster_lease_in_hand", |b| {

@@ -410,12 +410,12 @@ mod tests {
             admit(&l, S).is_none(),
             "no leased token: nothing is sent, though the local bucket is full"
         );
-        pot.fill(1, 0, u64::MAX, 0);
+        pot.fill(crate::limiter::PotLease::open(1, 1), 0);
         let p = admit(&l, S).expect("the leased token");
         assert_eq!(pot.tokens(), 0, "taken from the shared budget's lease");
         drop(p);
         pot.set_mode(Mode::Isolated);
-        pot.fill(1, 0, u64::MAX, 0);
+        pot.fill(crate::limiter::PotLease::open(1, 1), 0);
         assert!(
             admit(&l, S).is_none(),
             "cut off from the budget: nothing is sent"

@@ -150,6 +150,17 @@ impl Budget {
         self.at(now, rid, "lease", &args).await
     }
 
+    /// A lease call of `rid` that reports sends made after their lease's time, at
+    /// `late` (Redis ms), and asks for nothing.
+    async fn late_sends(&mut self, now: u64, rid: &str, late: &[u64]) -> Reply {
+        let mut args: Vec<String> = ["0", "100", "0", "", "0", "1", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(late.iter().map(u64::to_string));
+        self.at(now, rid, "lease", &args).await
+    }
+
     async fn refused(&mut self, now: u64, rid: &str, kind: &str, a: u64, retry_ms: i64) -> Reply {
         self.refused_raw(now, rid, kind, a as i64, retry_ms).await
     }
@@ -347,6 +358,44 @@ async fn unused_tokens_go_back() {
         .await;
     let all = r.shares.iter().find(|(k, _)| k == "all").unwrap().1;
     assert_eq!(all, 30, "20 of 50 given back");
+}
+
+/// A request written after its lease's time (a busy machine) is counted again from its
+/// send: the provider counts it for a window from then, after its grant left the log.
+#[tokio::test]
+async fn a_late_send_is_counted_again_from_its_send() {
+    let redis = Redis::start();
+    let mut b = Budget::new(&redis).await;
+    ready(&mut b, &["a"], 600.0, 60).await;
+    let all = |r: &Reply| {
+        r.shares
+            .iter()
+            .find(|(k, _)| k == "all")
+            .map_or(0, |(_, n)| *n)
+    };
+    let r = b.lease(AFTER, "a", 1, 100.0).await;
+    assert_eq!(r.granted, 1, "{r:?}");
+    let sent = AFTER + 500;
+    let r = b.late_sends(sent + 5, "a", &[sent]).await;
+    assert_eq!(all(&r), 2, "the grant and its late send: {r:?}");
+    // The grant's span ends (its score may be moved back by up to a lease time).
+    let r = b.late_sends(AFTER + SPAN + 1, "a", &[]).await;
+    assert_eq!(all(&r), 1, "the late send still counts: {r:?}");
+    let r = b.late_sends(sent + W + 1, "a", &[]).await;
+    assert_eq!(
+        all(&r),
+        1,
+        "while the provider counts it, and the margin after: {r:?}"
+    );
+    let r = b.late_sends(sent + SPAN + 1, "a", &[]).await;
+    assert_eq!(all(&r), 0, "then it leaves: {r:?}");
+    let now = sent + 3 * SPAN;
+    let r = b.late_sends(now, "a", &[now - SPAN - 1, now + 1_000]).await;
+    assert_eq!(
+        all(&r),
+        1,
+        "a send older than a span is past counting; one reported ahead of Redis's clock counts from now: {r:?}"
+    );
 }
 
 #[tokio::test]

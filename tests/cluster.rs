@@ -533,6 +533,19 @@ async fn learned_limits(replicas: &[Replica]) -> Vec<u64> {
     out
 }
 
+/// `sidecar_budget_leases_total{result="late"}` of each replica: requests written after
+/// their lease's time, counted again from their send (a busy machine).
+async fn late_sends(replicas: &[Replica]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for r in replicas {
+        let (_, text) = get_text(r.metrics, "/metrics", &[]).await;
+        let series =
+            format!("sidecar_budget_leases_total{{provider=\"{PROVIDER}\",result=\"late\"}}");
+        out.push(sample(&text, &series).map_or(u64::MAX, |v| v as u64));
+    }
+    out
+}
+
 // === the scenarios ===
 
 /// Replicas with offered loads in the ratio `weights`, 3N per window in total, for five
@@ -956,6 +969,7 @@ async fn redis_killed_then_restarted() {
     let (outcomes, _) = load.stop(None).await;
     let modes = modes.stop().await;
     let learned = learned_limits(&replicas).await;
+    let late_sent = late_sends(&replicas).await;
     let counts = mock.window_counts(W);
     let worst = mock.max_in_rolling(W);
     let refused = mock.refused_total();
@@ -993,7 +1007,7 @@ async fn redis_killed_then_restarted() {
          max in any rolling 6 s: {worst}; provider 429s: {refused} (during the outage {during_outage}; at {:?} s)\n\
          200s per replica during the outage ({outage_secs:.1} s): {served_outage:?}; after the restart: {served_after:?}\n\
          'Redis lost the state' said {lost_said} times; backend_up while down {down_metric:?}, after {up_metric:?}\n\
-         learned limit at the end per replica: {learned:?} (0: none)\nmodes seen (judge time):\n{modes}{}",
+         learned limit at the end per replica: {learned:?} (0: none); sends after their lease's time: {late_sent:?}\nmodes seen (judge time):\n{modes}{}",
         2 * N,
         killed.as_secs_f64(),
         restarted.as_secs_f64(),
@@ -1115,6 +1129,7 @@ async fn redis_stopped_with_sigstop_pushes_no_request_past_its_deadline() {
     let (outcomes, unfinished) = load.stop(Some(timeout + Duration::from_secs(2))).await;
     let modes = modes.stop().await;
     let learned = learned_limits(&replicas).await;
+    let late_sent = late_sends(&replicas).await;
     let refused = mock.refused_total();
     let worst = mock.max_in_rolling(W);
     let counts = mock.window_counts(W);
@@ -1136,7 +1151,7 @@ async fn redis_stopped_with_sigstop_pushes_no_request_past_its_deadline() {
          {} requests ({in_freeze} sent while frozen): latency p50 {:?} p99 {:?} max {:?}; \
          {} past 5 s, {no_answer} unanswered, {} still out 6 s after the load stopped\n\
          provider 429s: {refused} (at {:?} s); max in any rolling 6 s: {worst}\n\
-         learned limit at the end per replica: {learned:?} (0: none)\nmodes seen (judge time):\n{modes}{}",
+         learned limit at the end per replica: {learned:?} (0: none); sends after their lease's time: {late_sent:?}\nmodes seen (judge time):\n{modes}{}",
         2 * N,
         frozen.as_secs_f64(),
         thawed.as_secs_f64(),

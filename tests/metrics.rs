@@ -1383,7 +1383,7 @@ async fn cluster_mode_before_redis_answers_shows_fallback_a_backend_down_and_pas
         ),
         1.0
     );
-    for result in ["granted", "partial", "empty", "returned", "error"] {
+    for result in ["granted", "partial", "empty", "returned", "error", "late"] {
         assert_eq!(
             m.value("sidecar_budget_leases_total", &[NVIDIA, ("result", result)]),
             0.0,

@@ -487,7 +487,8 @@ end
 
 if op == 'lease' then
   -- ARGV: 5 want, 6 demand (offered per window), 7 requests waiting, 8 member to give back,
-  -- 9 how many, 10 live replicas this replica last knew, 11 want the shares (0/1)
+  -- 9 how many, 10 live replicas this replica last knew, 11 want the shares (0/1), then
+  -- the times (Redis ms) of sends made after their lease's time
   local want = math.floor(num(ARGV[5], 0))
   local demand = num(ARGV[6], 0)
   local queued = math.floor(num(ARGV[7], 0))
@@ -496,6 +497,16 @@ if op == 'lease' then
   redis.call('HSET', K_DEMAND, rid, tostring(demand))
   trim()
   give_back(ARGV[8], num(ARGV[9], 0))
+  for i = 12, #ARGV do
+    -- A request granted in time but written after its lease's time (a busy machine):
+    -- its grant may leave the log before the provider stops counting it, so it is
+    -- counted again from its send.
+    local at = math.floor(num(ARGV[i], 0))
+    if at > now - span() then
+      local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
+      add_grant(rid, rid .. '|l' .. seq .. '|1', math.min(at, now), 1)
+    end
+  end
   end_probe()
   local live = refresh_members()
   redis.call('HSET', K_SHARE, rid, share_n)
@@ -617,8 +628,8 @@ if op == 'tlease' then
     local d = math.floor(num(ARGV[i + 1], 0))
     local late = tonumber(string.match(ARGV[i], '^%+(%d+)$') or '')
     if late ~= nil then
-      -- "+<ms>": tokens sent after their lease time, counted again from `ms` (the send
-      -- less a lease time), so they stay in the log while the provider counts them.
+      -- "+<ms>": tokens sent after their lease time, counted again from `ms` (the send),
+      -- so they stay in the log while the provider counts them.
       if d > 0 and late > now - span() then
         local seq = redis.call('HINCRBY', K_CFG, 'seq', 1)
         tgrant(rid, rid .. '|tx' .. seq, math.min(late, now), d)

@@ -97,7 +97,11 @@ pub struct Task {
     fallback_since: Option<u64>,
     // Leases.
     lease: Option<Lease>,
+    /// The number of the last lease put into the pot.
+    lease_number: u32,
     give_back: Option<(String, u32)>,
+    /// Sends made after their lease's time (Redis ms), for the next lease call.
+    late_sends: Vec<u64>,
     pending: VecDeque<Op>,
     // Rates of this replica (per second), from the pot's counters.
     rate: f64,
@@ -147,7 +151,9 @@ impl Task {
             down_since: None,
             fallback_since: None,
             lease: None,
+            lease_number: 0,
             give_back: None,
+            late_sends: Vec::new(),
             pending: VecDeque::new(),
             rate: 0.0,
             offered: 0.0,
@@ -216,6 +222,7 @@ impl Task {
             }
         }
         self.token_reports();
+        self.collect_late_sends();
         let now = Instant::now();
         if self.mode != Mode::Shared && now < self.retry_at {
             self.check_isolation();
@@ -255,7 +262,7 @@ impl Task {
             let max = (self.record.limit / 100).max(1);
             let want = (queued as f64 + steady).clamp(1.0, f64::from(max)) as u32;
             self.lease_call(settings, want, queued, heartbeat_due).await;
-        } else if heartbeat_due || self.give_back.is_some() {
+        } else if heartbeat_due || self.give_back.is_some() || !self.late_sends.is_empty() {
             self.lease_call(settings, 0, queued, true).await;
         }
         self.token_step(settings).await;

@@ -56,8 +56,8 @@ pub struct LeaseCounts {
     pub returned: u64,
     /// The call failed or timed out.
     pub error: u64,
-    /// Token leases only: sends made after their lease's time, counted again from their
-    /// send.
+    /// Sends made after their lease's time (a busy machine between the grant and the
+    /// write), counted again from their send.
     pub late: u64,
 }
 

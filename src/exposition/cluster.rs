@@ -116,11 +116,12 @@ pub fn encode(enc: &mut DescriptorEncoder, budgets: &[Budgeted]) -> Res {
     let mut f = family(
         enc,
         "sidecar_budget_leases",
-        "Lease calls to Redis by result: granted (all that was asked for), partial (less, but some), empty (none: the shared budget is spent for now, or paused), error (the call failed or timed out); returned counts unused tokens given back, not calls.",
+        "Lease calls to Redis by result: granted (all that was asked for), partial (less, but some), empty (none: the shared budget is spent for now, or paused), error (the call failed or timed out); returned counts unused tokens given back, not calls; late the requests written after their lease's time (counted again from their send).",
         MetricType::Counter,
     )?;
     for b in budgets {
-        for (result, n) in b.view.leases.labelled() {
+        let late = ("late", b.view.leases.late);
+        for (result, n) in b.view.leases.labelled().into_iter().chain([late]) {
             f.counter(&[("provider", b.provider), ("result", result)], n)?;
         }
     }

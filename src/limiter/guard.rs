@@ -119,6 +119,9 @@ pub struct Claim {
     /// Sends (pending + stamped) in the span including this one: exact in exact mode,
     /// an upper bound in sub-window mode.
     pub count: u32,
+    /// The number of the shared budget's lease its token came from (cluster mode; 0:
+    /// the local bucket's).
+    pub lease: u32,
 }
 
 /// Never more than `limit` sends in any rolling span; see the module doc.
@@ -271,6 +274,7 @@ impl WindowGuard {
         Ok(Claim {
             slot,
             count: u32::try_from(count).unwrap_or(u32::MAX),
+            lease: 0,
         })
     }
 

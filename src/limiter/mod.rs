@@ -44,7 +44,7 @@ pub use bucket::TokenBucket;
 pub use control::{ClusterPacing, Event, Note, PacingView, PauseReason};
 pub use guard::{Claim, Margin, WindowGuard};
 pub use learn::{Change, Source};
-pub use lease::{LeasePot, Mode};
+pub use lease::{LeasePot, Mode, PotLease};
 pub use pacing::Pacing;
 pub use provider::{Decision, Limiter, Permit, Reservation, Settlement, TokenSignals};
 pub use queue::{DropReason, Flow, Grant, QueueCounts, QueueFull, Ticket, TooLarge, WaitQueues};

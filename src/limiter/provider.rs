@@ -119,6 +119,11 @@ impl<'a> Permit<'a> {
     /// The request is being written upstream now (its token charge is dated now too).
     pub fn stamp(&mut self, now: u64) {
         self.sent_at = Some(self.limiter.guard.stamp(self.claim.slot, now));
+        if self.claim.lease != 0 {
+            if let Some(pot) = self.limiter.lease.as_deref() {
+                pot.sent(self.claim.lease, now);
+            }
+        }
         if let Some(r) = &mut self.tokens {
             r.stamp(now);
         }

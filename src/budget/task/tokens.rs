@@ -142,13 +142,13 @@ impl Task {
             self.note_change(a.lease, a.delta);
         }
         while let Some(l) = self.b.pot.token_pot.next_late() {
-            // Counted again from a lease time before the send, in Redis time: they stay
-            // in the log for the window and margin after it.
+            // Counted again from the send, in Redis time: they stay in the log for the
+            // window, the margin and a lease time after it (the lease time is not taken
+            // off: the one last heard of may be longer than the cluster's now).
             let at_ms = i64::try_from(l.at / 1_000_000).unwrap_or(i64::MAX) + self.offset_ms;
-            let from = at_ms - i64::try_from(self.ttl.as_millis()).unwrap_or(0);
             self.tl
                 .late
-                .push((u64::try_from(from).unwrap_or(0), l.tokens));
+                .push((u64::try_from(at_ms).unwrap_or(0), l.tokens));
             self.tl.pending_since.get_or_insert_with(Instant::now);
             self.b.update(|v| v.token_leases.late += 1);
         }

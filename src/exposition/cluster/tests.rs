@@ -61,7 +61,7 @@ pub(crate) fn view() -> ClusterView {
         empty: 3,
         returned: 4,
         error: 1,
-        late: 0,
+        late: 5,
     };
     v.round_trips = 17;
     v.admitted = 40;
@@ -127,6 +127,10 @@ fn every_series_of_a_budget_is_written_with_its_value() {
         (
             format!("sidecar_budget_leases_total{{{p},result=\"error\"}}"),
             1.0,
+        ),
+        (
+            format!("sidecar_budget_leases_total{{{p},result=\"late\"}}"),
+            5.0,
         ),
         (format!("sidecar_cluster_mode{{{p},mode=\"shared\"}}"), 1.0),
         (

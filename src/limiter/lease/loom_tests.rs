@@ -15,27 +15,37 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 
 /// The lease pot: two admissions take tokens (one gives its token back, as when the
 /// window guard refuses) while the budget task drains the pot and fills it with the next
-/// lease. Every token ends up exactly once: taken, returned to the task, or in the pot.
+/// lease. Every token ends up exactly once: taken, returned to the task, or in the pot;
+/// and a token of lease 1 given back never lands in lease 2.
 #[test]
 fn loom_lease_tokens_are_taken_or_returned_exactly_once() {
     model(|| {
         let pot = Arc::new(LeasePot::new());
-        pot.fill(2, 0, u64::MAX, 0);
+        pot.fill(PotLease::open(1, 2), 0);
         let a = {
             let p = Arc::clone(&pot);
-            thread::spawn(move || u32::from(p.try_take(1)))
+            thread::spawn(move || p.try_take(1))
         };
         let b = {
             let p = Arc::clone(&pot);
             thread::spawn(move || {
-                if p.try_take(1) {
-                    p.put_back();
+                if let Some(n) = p.try_take(1) {
+                    p.put_back(n);
                 }
             })
         };
-        let returned = pot.drain() + pot.fill(1, 0, u64::MAX, 0);
-        let taken = a.join().unwrap();
+        let returned = pot.drain() + pot.fill(PotLease::open(2, 1), 0);
+        let took = a.join().unwrap();
         b.join().unwrap();
+        assert!(took.is_none_or(|n| n == 1 || n == 2));
+        // `taken` counts a's token and b's when its lease was gone at the give-back.
+        let taken = u32::try_from(pot.counts().0).unwrap();
         assert_eq!(taken + returned + pot.tokens(), 3, "2 leased, then 1");
+        let lease_2_taken = u32::from(took == Some(2));
+        assert_eq!(
+            pot.tokens() + lease_2_taken,
+            1,
+            "lease 2 holds its own token only"
+        );
     });
 }

@@ -71,13 +71,14 @@ impl Limiter {
             Mode::Shared => {
                 // Relaxed: the pause is also enforced by the shared budget; this one only
                 // keeps tokens in hand from going out during it.
-                if self.pause_until.load(StdOrdering::Relaxed) > now || !pot.try_take(now) {
+                if self.pause_until.load(StdOrdering::Relaxed) > now {
                     return None;
                 }
+                let lease = pot.try_take(now)?;
                 match self.guard.try_claim(now) {
-                    Ok(c) => Some(c),
+                    Ok(c) => Some(Claim { lease, ..c }),
                     Err(_) => {
-                        pot.put_back();
+                        pot.put_back(lease);
                         None
                     }
                 }
@@ -240,7 +241,7 @@ impl Limiter {
     fn give_back(&self, grant: Grant, now: u64) {
         self.guard.release(grant.claim.slot);
         match &self.lease {
-            Some(pot) if pot.mode() == Mode::Shared => pot.put_back(),
+            Some(pot) if grant.claim.lease != 0 => pot.put_back(grant.claim.lease),
             _ => self.bucket.refund(now),
         }
         self.give_back_tokens(grant.tokens);

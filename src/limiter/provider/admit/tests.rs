@@ -157,6 +157,86 @@ fn a_grant_dropped_before_it_was_seen_gives_its_token_back() {
     assert_eq!(l.bucket.tokens(S), 0.0);
 }
 
+/// Cluster mode: a grant its waiter left unseen (its deadline won the race) comes back
+/// at the next dispatch, often after the task put the next lease in the pot. Its token
+/// is of the lease it was taken from: added to the next lease, it would go out after
+/// its own grant stopped counting it in the shared log (one over the provider's limit).
+#[test]
+fn in_cluster_mode_an_unused_grant_returns_to_its_own_lease_only() {
+    use crate::limiter::{LeasePot, Mode, PotLease};
+    let pot = std::sync::Arc::new(LeasePot::new());
+    pot.set_mode(Mode::Shared);
+    let l = limiter(60.0, 10, 4).leased(std::sync::Arc::clone(&pot));
+    let lease = |number, tokens, from: u64| PotLease {
+        number,
+        tokens,
+        not_before: from,
+        expires: from + 50 * MS,
+        covers_until: from + 60 * MS,
+    };
+    pot.fill(lease(1, 1, 0), 0);
+    let unseen = l.queues.enqueue(Priority::Normal, false).unwrap();
+    assert_eq!(l.dispatch(0), None);
+    assert_eq!(pot.tokens(), 0, "granted lease 1's token");
+    drop(unseen);
+    pot.fill(lease(2, 1, 60 * MS), 0);
+    assert_eq!(l.dispatch(60 * MS), None);
+    assert_eq!(
+        pot.tokens(),
+        1,
+        "lease 2 holds its own token only: lease 1's stays spent"
+    );
+    // Back while its lease is in hand, it is taken again with that lease's number.
+    let Decision::Admitted(g) = l.admit(Priority::Normal, None, 60 * MS) else {
+        panic!("lease 2's token")
+    };
+    assert_eq!(g.claim.lease, 2);
+    l.refund(g.claim, 61 * MS);
+    assert_eq!(pot.tokens(), 1, "given back into lease 2");
+    assert_eq!(
+        l.bucket.tokens(61 * MS),
+        10.0,
+        "the local bucket is not touched"
+    );
+}
+
+/// Cluster mode: a request written after the time its lease's grant covers (a busy
+/// machine between the grant and the write) is reported for the shared log to count it
+/// again from its send; one written in time is not.
+#[test]
+fn in_cluster_mode_a_send_written_after_its_lease_time_is_reported() {
+    use crate::limiter::{LeasePot, Mode, Permit, PotLease};
+    let pot = std::sync::Arc::new(LeasePot::new());
+    pot.set_mode(Mode::Shared);
+    let l = limiter(60.0, 10, 4).leased(std::sync::Arc::clone(&pot));
+    pot.fill(
+        PotLease {
+            number: 3,
+            tokens: 2,
+            not_before: 0,
+            expires: 50 * MS,
+            covers_until: 60 * MS,
+        },
+        0,
+    );
+    for (written, late) in [(60 * MS, None), (90 * MS, Some(90 * MS))] {
+        let Decision::Admitted(g) = l.admit(Priority::Normal, None, 40 * MS) else {
+            panic!("a token of lease 3")
+        };
+        let mut p = Permit::new(&l, g);
+        p.stamp(written);
+        assert_eq!(pot.next_late(), late, "written at {written}");
+    }
+    // The local bucket's sends (fallback mode) have no lease to be late for.
+    pot.set_mode(Mode::Fallback);
+    let Decision::Admitted(g) = l.admit(Priority::Normal, None, 40 * MS) else {
+        panic!("a token of the local bucket")
+    };
+    assert_eq!(g.claim.lease, 0);
+    Permit::new(&l, g).stamp(10 * S);
+    assert_eq!(pot.next_late(), None);
+}
+
 /// The dispatcher's loop on a manual clock: it wakes `lateness[k % len]` after each
 /// wait `dispatch` asked for, until `end`. Returns the time of every grant.
 fn late_dispatcher(l: &Limiter, clock: &ManualClock, lateness: &[Duration], end: u64) -> Vec<u64> {

@@ -608,7 +608,7 @@ fn stress_no_window_over_the_limit_and_every_reservation_settled() {
 fn leased(tokens: u64) -> (Arc<crate::limiter::LeasePot>, Limiter) {
     use crate::limiter::{LeasePot, Mode};
     let pot = Arc::new(LeasePot::new());
-    pot.fill(1_000, 0, u64::MAX, 0);
+    pot.fill(crate::limiter::PotLease::open(1, 1_000), 0);
     pot.set_mode(Mode::Shared);
     pot.token_pot.set_enabled(true);
     let l = budgeted(tokens).leased(Arc::clone(&pot));
